@@ -1,0 +1,19 @@
+"""MM-Rec operators: fused recurrent-memory kernels registered as torch.ops.mmrec.*.
+
+    import mmrec_ops
+    h = mmrec_ops.scan(gamma, x)          # torch.ops.mmrec.scan
+    p = mmrec_ops.cumprod(gamma)          # scan without x: cumulative product
+
+The compiled library (mmrec_ops._C) is required; importing this package
+without it raises ImportError with build instructions.
+"""
+
+from ._library import load_library
+from ._version import __version__
+
+_C = load_library()
+
+if _C is not None:  # None only inside `python -m mmrec_ops.check`, which reports why
+    from .ops.scan import cumprod, scan
+
+__all__ = ["__version__", "cumprod", "scan"]

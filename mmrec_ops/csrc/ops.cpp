@@ -1,0 +1,47 @@
+// The mmrec operator schemas (the one place they are defined) and the Python
+// module `mmrec_ops._C` that carries the library into the process.
+//
+// Kernels live beside their op: csrc/<op>.cpp registers the CPU kernel,
+// mmrec_ops/ops/<op>.py the fake, CUDA (Triton) and autograd kernels.
+
+#include <Python.h>
+#include <torch/library.h>
+
+#define MMREC_STRINGIFY_(x) #x
+#define MMREC_STRINGIFY(x) MMREC_STRINGIFY_(x)
+
+TORCH_LIBRARY(mmrec, m) {
+  // h_t = gamma_t * h_{t-1} + x_t over dim 1 (t = T-1 .. 0 when reverse).
+  // x omitted: x = 0; h0 omitted: 1 without x (cumulative product), else 0.
+  m.def("scan(Tensor gamma, Tensor? x=None, Tensor? h0=None, bool reverse=False) -> Tensor");
+  // Gradients of scan from the saved output h. has_x says whether x was
+  // given, which fixes the implicit h0 (0 with x, 1 without).
+  m.def(
+      "scan_backward(Tensor grad_h, Tensor gamma, Tensor h, Tensor? h0, bool has_x, bool reverse) "
+      "-> (Tensor grad_gamma, Tensor grad_x, Tensor grad_h0)");
+}
+
+extern "C" {
+// `import mmrec_ops._C` loads this shared object, and with it the
+// TORCH_LIBRARY registrations above: libtorch is already in the process
+// because mmrec_ops imports torch first, so no LD_LIBRARY_PATH is needed.
+PyObject* PyInit__C(void) {
+  static PyModuleDef module_def = {
+      PyModuleDef_HEAD_INIT,
+      "_C",
+      "MM-Rec compiled operator library (registers torch.ops.mmrec.*).",
+      -1,
+      nullptr,
+  };
+  PyObject* module = PyModule_Create(&module_def);
+  if (module == nullptr) {
+    return nullptr;
+  }
+  if (PyModule_AddStringConstant(module, "built_with_torch", MMREC_STRINGIFY(MMREC_TORCH_VERSION)) < 0 ||
+      PyModule_AddStringConstant(module, "built_version", MMREC_STRINGIFY(MMREC_VERSION)) < 0) {
+    Py_DECREF(module);
+    return nullptr;
+  }
+  return module;
+}
+}

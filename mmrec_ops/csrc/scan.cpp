@@ -1,0 +1,313 @@
+// CPU kernels of mmrec::scan and mmrec::scan_backward.
+//
+//   forward:  h_t = gamma_t * h_{t-1} + x_t                 (h_{-1} = h0)
+//   backward: dx_t = dh_t + gamma_{t+1} * dx_{t+1}           (a reverse scan)
+//             dgamma_t = dx_t * h_{t-1},  dh0 = gamma_0 * dx_0
+// (with reverse=True, "t+1" and "t-1" swap roles).
+//
+// Each task owns one (batch, channel-group, channel-chunk) and walks time with
+// its running state in a float32 (float64 for float64) buffer, so every input
+// element is read once and every output written once; tasks run in parallel
+// with at::parallel_for, and the loop over a contiguous chunk vectorises.
+
+#include "common.h"
+
+#include <torch/library.h>
+
+namespace mmrec {
+namespace {
+
+constexpr const char* kScan = "mmrec::scan";
+constexpr const char* kScanBackward = "mmrec::scan_backward";
+
+// Base pointer plus [B, T, G, C] strides of one tensor.
+template <typename T>
+struct View {
+  T* data;
+  Strides4 s;
+  T* at(int64_t b, int64_t t, int64_t g, int64_t c) const {
+    return data + b * s.b + t * s.t + g * s.g + c * s.c;
+  }
+};
+
+template <typename T>
+View<T> make_view(const Tensor& tensor, const ChannelLayout& layout, size_t k, bool per_step) {
+  Strides4 s;
+  s.b = tensor.stride(0);
+  s.t = per_step ? 0 : tensor.stride(1);
+  s.g = layout.strides[k][0];
+  s.c = layout.strides[k][1];
+  return {static_cast<T*>(tensor.data_ptr()), s};
+}
+
+// Task index -> (b, g, first channel, channel count).
+struct Tiling {
+  int64_t B, G, C, chunk, n_chunks;
+  Tiling(int64_t B_, int64_t G_, int64_t C_) : B(B_), G(G_), C(C_) {
+    chunk = channel_chunk(B * G, C);
+    n_chunks = (C + chunk - 1) / chunk;
+  }
+  int64_t tasks() const {
+    return B * G * n_chunks;
+  }
+  void locate(int64_t task, int64_t& b, int64_t& g, int64_t& c0, int64_t& n) const {
+    const int64_t chunk_idx = task % n_chunks;
+    g = (task / n_chunks) % G;
+    b = task / (n_chunks * G);
+    c0 = chunk_idx * chunk;
+    n = std::min(chunk, C - c0);
+  }
+};
+
+// A task's n channels starting at c0 of channel group g in batch b.
+struct Run {
+  int64_t b, g, c0, n;
+};
+
+// Visits i = 0 .. n-1, or n-1 .. 0 when kDescending. A pass that walks time
+// backwards visits channels backwards too, so that memory is read as one
+// monotone descending stream, which the hardware prefetcher follows; rows
+// descending but channels ascending ran 2.5x slower on 2 cores (measured).
+template <bool kDescending, typename Body>
+inline void for_each_channel(int64_t n, Body&& body) {
+  if constexpr (kDescending) {
+    for (int64_t i = n - 1; i >= 0; --i) {
+      body(i);
+    }
+  } else {
+    for (int64_t i = 0; i < n; ++i) {
+      body(i);
+    }
+  }
+}
+
+// Loads the initial state of a run: h0, or the implicit constant.
+template <typename acc_t, typename scalar_t>
+void load_initial(const View<const scalar_t>* h0, const Run& run, acc_t implicit, acc_t* out) {
+  for (int64_t i = 0; i < run.n; ++i) {
+    out[i] = h0 ? static_cast<acc_t>(*h0->at(run.b, 0, run.g, run.c0 + i)) : implicit;
+  }
+}
+
+// One time step, h = gamma * h + x, over a run. kUnit: every channel stride
+// is 1, which lets the compiler vectorise.
+template <bool kUnit, bool kHasX, bool kDescending, typename scalar_t, typename acc_t>
+inline void forward_step(
+    const scalar_t* __restrict__ gamma, int64_t gs, const scalar_t* __restrict__ x, int64_t xs,
+    scalar_t* __restrict__ out, acc_t* __restrict__ state, int64_t n) {
+  for_each_channel<kDescending>(n, [&](int64_t i) {
+    acc_t h = static_cast<acc_t>(gamma[kUnit ? i : i * gs]) * state[i];
+    if constexpr (kHasX) {
+      h += static_cast<acc_t>(x[kUnit ? i : i * xs]);
+    }
+    state[i] = h;
+    out[i] = static_cast<scalar_t>(h);
+  });
+}
+
+template <typename scalar_t, bool kUnit, bool kHasX, bool kReverse>
+void scan_forward_tasks(
+    const Tiling& tiling, int64_t T, const View<const scalar_t>& gamma, const View<const scalar_t>& x,
+    const View<const scalar_t>* h0, const View<scalar_t>& out) {
+  using acc_t = at::opmath_type<scalar_t>;
+  at::parallel_for(0, tiling.tasks(), 1, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> state(tiling.chunk);
+    for (int64_t task = begin; task < end; ++task) {
+      Run r;
+      tiling.locate(task, r.b, r.g, r.c0, r.n);
+      load_initial(h0, r, kHasX ? acc_t(0) : acc_t(1), state.data());
+      for (int64_t step = 0; step < T; ++step) {
+        const int64_t t = kReverse ? T - 1 - step : step;
+        forward_step<kUnit, kHasX, kReverse>(
+            gamma.at(r.b, t, r.g, r.c0), gamma.s.c, x.at(r.b, t, r.g, r.c0), x.s.c, out.at(r.b, t, r.g, r.c0),
+            state.data(), r.n);
+      }
+    }
+  });
+}
+
+// One step of the adjoint scan: acc = dh + gamma_next * acc, then the
+// gradients of x and gamma at this step. hprev is h one step earlier in the
+// forward direction (h0 at the first step, a float buffer of stride 1).
+template <bool kUnit, bool kDescending, typename scalar_t, typename acc_t, typename hprev_t>
+inline void backward_step(
+    const scalar_t* __restrict__ grad_h, int64_t dhs, const scalar_t* __restrict__ gamma, int64_t gs,
+    const hprev_t* __restrict__ hprev, int64_t hs, scalar_t* __restrict__ grad_x,
+    scalar_t* __restrict__ grad_gamma, acc_t* __restrict__ acc, acc_t* __restrict__ gamma_next, int64_t n) {
+  for_each_channel<kDescending>(n, [&](int64_t i) {
+    const acc_t a = static_cast<acc_t>(grad_h[kUnit ? i : i * dhs]) + gamma_next[i] * acc[i];
+    acc[i] = a;
+    grad_x[i] = static_cast<scalar_t>(a);
+    grad_gamma[i] = static_cast<scalar_t>(a * static_cast<acc_t>(hprev[kUnit ? i : i * hs]));
+    gamma_next[i] = static_cast<acc_t>(gamma[kUnit ? i : i * gs]);
+  });
+}
+
+template <typename scalar_t, bool kUnit, bool kReverse>
+void scan_backward_tasks(
+    const Tiling& tiling, int64_t T, bool has_x, const View<const scalar_t>& grad_h,
+    const View<const scalar_t>& gamma, const View<const scalar_t>& h, const View<const scalar_t>* h0,
+    const View<scalar_t>& grad_gamma, const View<scalar_t>& grad_x, const View<scalar_t>& grad_h0) {
+  using acc_t = at::opmath_type<scalar_t>;
+  // The adjoint walks time against the forward direction.
+  constexpr bool kDescending = !kReverse;
+  at::parallel_for(0, tiling.tasks(), 1, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> acc(tiling.chunk), gamma_next(tiling.chunk), initial(tiling.chunk);
+    for (int64_t task = begin; task < end; ++task) {
+      Run r;
+      tiling.locate(task, r.b, r.g, r.c0, r.n);
+      std::fill(acc.begin(), acc.end(), acc_t(0));
+      std::fill(gamma_next.begin(), gamma_next.end(), acc_t(0));
+      load_initial(h0, r, has_x ? acc_t(0) : acc_t(1), initial.data());
+      for (int64_t step = 0; step < T; ++step) {
+        const int64_t t = kReverse ? step : T - 1 - step;
+        const int64_t t_prev = kReverse ? t + 1 : t - 1;  // forward predecessor of t
+        const auto dh = grad_h.at(r.b, t, r.g, r.c0);
+        const auto g = gamma.at(r.b, t, r.g, r.c0);
+        const auto dx = grad_x.at(r.b, t, r.g, r.c0);
+        const auto dg = grad_gamma.at(r.b, t, r.g, r.c0);
+        if (step == T - 1) {
+          backward_step<false, kDescending>(
+              dh, grad_h.s.c, g, gamma.s.c, initial.data(), int64_t(1), dx, dg, acc.data(), gamma_next.data(), r.n);
+        } else {
+          backward_step<kUnit, kDescending>(
+              dh, grad_h.s.c, g, gamma.s.c, h.at(r.b, t_prev, r.g, r.c0), h.s.c, dx, dg, acc.data(),
+              gamma_next.data(), r.n);
+        }
+      }
+      scalar_t* dh0 = grad_h0.at(r.b, 0, r.g, r.c0);
+      for (int64_t i = 0; i < r.n; ++i) {
+        dh0[i * grad_h0.s.c] = static_cast<scalar_t>(gamma_next[i] * acc[i]);
+      }
+    }
+  });
+}
+
+void check_scan_inputs(
+    const char* op, const Tensor& gamma, const std::optional<Tensor>& x, const std::optional<Tensor>& h0) {
+  check_floating(gamma, op, "gamma");
+  TORCH_CHECK_VALUE(
+      gamma.dim() >= 2, op, ": expected gamma of shape [B, T, ...] (at least 2 dims), got ", gamma.sizes());
+  if (x) {
+    check_like(*x, gamma, op, "x", "gamma");
+    check_shape(*x, gamma.sizes(), op, "x");
+  }
+  if (h0) {
+    check_like(*h0, gamma, op, "h0", "gamma");
+    check_shape(*h0, step_shape(gamma.sizes()), op, "h0");
+  }
+}
+
+// Channel strides of h0, or, when h0 is omitted, ones that add no constraint
+// to the fold (gamma's own).
+IntArrayRef h0_channel_strides(const Tensor& h0, const Tensor& gamma) {
+  return h0.defined() ? step_channel_strides(h0) : seq_channel_strides(gamma);
+}
+
+// Folds the channel dims of all tensors in one layout; if they cannot fold
+// to two dims (an exotic layout of 3+ unfoldable dims), the inputs are made
+// contiguous, which always folds.
+template <typename Fold>
+ChannelLayout fold_or_contiguous(Fold fold, std::vector<Tensor*> inputs) {
+  ChannelLayout layout = fold();
+  if (!layout.ok) {
+    for (Tensor* t : inputs) {
+      if (t->defined()) {
+        *t = t->contiguous();
+      }
+    }
+    layout = fold();
+  }
+  TORCH_INTERNAL_ASSERT(layout.ok);
+  return layout;
+}
+
+Tensor scan_cpu(
+    const Tensor& gamma_in, const std::optional<Tensor>& x_in, const std::optional<Tensor>& h0_in, bool reverse) {
+  check_scan_inputs(kScan, gamma_in, x_in, h0_in);
+  Tensor gamma = gamma_in;
+  Tensor x = x_in.value_or(gamma_in);  // stands in for an omitted x: same strides, never read
+  Tensor h0 = h0_in.value_or(Tensor());
+  Tensor out = at::empty(gamma.sizes(), gamma.options());
+  const auto sizes = gamma.sizes();
+  auto fold = [&] {
+    return fold_channels(
+        sizes.slice(2), {seq_channel_strides(gamma), seq_channel_strides(x), seq_channel_strides(out),
+                         h0_channel_strides(h0, gamma)});
+  };
+  const ChannelLayout layout = fold_or_contiguous(fold, {&gamma, &x, &h0});
+  const Tiling tiling(sizes[0], layout.G, layout.C);
+  const bool unit = layout.strides[0][1] == 1 && layout.strides[1][1] == 1;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, gamma.scalar_type(), "mmrec_scan_cpu", [&] {
+    const auto g = make_view<const scalar_t>(gamma, layout, 0, false);
+    const auto xv = make_view<const scalar_t>(x, layout, 1, false);
+    const auto o = make_view<scalar_t>(out, layout, 2, false);
+    const auto h0v = h0.defined() ? make_view<const scalar_t>(h0, layout, 3, true) : View<const scalar_t>{};
+    const View<const scalar_t>* h0p = h0.defined() ? &h0v : nullptr;
+    const int64_t T = sizes[1];
+    // Template flags: unit channel stride, x given, reverse.
+    using Launch = void (*)(
+        const Tiling&, int64_t, const View<const scalar_t>&, const View<const scalar_t>&,
+        const View<const scalar_t>*, const View<scalar_t>&);
+    const Launch variants[2][2][2] = {
+        {{scan_forward_tasks<scalar_t, false, false, false>, scan_forward_tasks<scalar_t, false, false, true>},
+         {scan_forward_tasks<scalar_t, false, true, false>, scan_forward_tasks<scalar_t, false, true, true>}},
+        {{scan_forward_tasks<scalar_t, true, false, false>, scan_forward_tasks<scalar_t, true, false, true>},
+         {scan_forward_tasks<scalar_t, true, true, false>, scan_forward_tasks<scalar_t, true, true, true>}}};
+    variants[unit][x_in.has_value()][reverse](tiling, T, g, xv, h0p, o);
+  });
+  return out;
+}
+
+std::tuple<Tensor, Tensor, Tensor> scan_backward_cpu(
+    const Tensor& grad_h_in, const Tensor& gamma_in, const Tensor& h_in, const std::optional<Tensor>& h0_in,
+    bool has_x, bool reverse) {
+  check_scan_inputs(kScanBackward, gamma_in, std::nullopt, h0_in);
+  check_like(grad_h_in, gamma_in, kScanBackward, "grad_h", "gamma");
+  check_shape(grad_h_in, gamma_in.sizes(), kScanBackward, "grad_h");
+  check_like(h_in, gamma_in, kScanBackward, "h", "gamma");
+  check_shape(h_in, gamma_in.sizes(), kScanBackward, "h");
+  Tensor grad_h = grad_h_in, gamma = gamma_in, h = h_in;
+  Tensor h0 = h0_in.value_or(Tensor());
+  const auto sizes = gamma.sizes();
+  Tensor grad_gamma = at::empty(sizes, gamma.options());
+  Tensor grad_x = at::empty(sizes, gamma.options());
+  Tensor grad_h0 = at::empty(step_shape(sizes), gamma.options());
+  auto fold = [&] {
+    return fold_channels(
+        sizes.slice(2), {seq_channel_strides(grad_h), seq_channel_strides(gamma), seq_channel_strides(h),
+                         seq_channel_strides(grad_gamma), h0_channel_strides(h0, gamma)});
+  };
+  const ChannelLayout layout = fold_or_contiguous(fold, {&grad_h, &gamma, &h, &h0});
+  const Tiling tiling(sizes[0], layout.G, layout.C);
+  const bool unit = layout.strides[0][1] == 1 && layout.strides[1][1] == 1 && layout.strides[2][1] == 1;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, gamma.scalar_type(), "mmrec_scan_backward_cpu", [&] {
+    const auto dh = make_view<const scalar_t>(grad_h, layout, 0, false);
+    const auto g = make_view<const scalar_t>(gamma, layout, 1, false);
+    const auto hv = make_view<const scalar_t>(h, layout, 2, false);
+    // grad_gamma, grad_x and grad_h0 are contiguous, so they share one fold.
+    const auto dg = make_view<scalar_t>(grad_gamma, layout, 3, false);
+    const auto dx = make_view<scalar_t>(grad_x, layout, 3, false);
+    const auto dh0 = make_view<scalar_t>(grad_h0, layout, 3, true);
+    const auto h0v = h0.defined() ? make_view<const scalar_t>(h0, layout, 4, true) : View<const scalar_t>{};
+    const View<const scalar_t>* h0p = h0.defined() ? &h0v : nullptr;
+    const int64_t T = sizes[1];
+    using Launch = void (*)(
+        const Tiling&, int64_t, bool, const View<const scalar_t>&, const View<const scalar_t>&,
+        const View<const scalar_t>&, const View<const scalar_t>*, const View<scalar_t>&, const View<scalar_t>&,
+        const View<scalar_t>&);
+    const Launch variants[2][2] = {
+        {scan_backward_tasks<scalar_t, false, false>, scan_backward_tasks<scalar_t, false, true>},
+        {scan_backward_tasks<scalar_t, true, false>, scan_backward_tasks<scalar_t, true, true>}};
+    variants[unit][reverse](tiling, T, has_x, dh, g, hv, h0p, dg, dx, dh0);
+  });
+  return {grad_gamma, grad_x, grad_h0};
+}
+
+}  // namespace
+}  // namespace mmrec
+
+TORCH_LIBRARY_IMPL(mmrec, CPU, m) {
+  m.impl("scan", &mmrec::scan_cpu);
+  m.impl("scan_backward", &mmrec::scan_backward_cpu);
+}

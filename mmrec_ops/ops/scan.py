@@ -1,0 +1,94 @@
+"""mmrec::scan, the first-order linear recurrence, and its backward op.
+
+Registers, for the schemas in csrc/ops.cpp: the fake kernels (shapes for
+torch.compile) and the autograd formula. The CPU kernels are C++ (csrc/scan.cpp).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ._checks import check_floating, check_like, check_shape, step_shape
+
+SCAN = "mmrec::scan"
+SCAN_BACKWARD = "mmrec::scan_backward"
+
+
+def scan(gamma: Tensor, x: Tensor | None = None, h0: Tensor | None = None, reverse: bool = False) -> Tensor:
+    """Linear recurrence over time (dim 1), computed in one pass.
+
+        h_t = gamma_t * h_{t-1} + x_t        t = 0 .. T-1,  h_{-1} = h0
+
+    With ``reverse=True`` time runs backwards: ``h_t = gamma_t * h_{t+1} + x_t``.
+
+    Args:
+        gamma: decay, ``[B, T, ...]`` (e.g. ``[B, T, D]`` or ``[B, T, H, d]``), any strides.
+        x: input of gamma's shape, dtype and device; omitted means x = 0.
+        h0: initial state ``[B, ...]`` (one time step); omitted means 0 when x is
+            given and 1 when it is not, so ``scan(gamma)`` is the cumulative product.
+        reverse: scan from t = T-1 down to 0.
+
+    Returns:
+        h, a new contiguous tensor of gamma's shape and dtype. Accumulation is in
+        float32 (float64 for float64 inputs). Differentiable in gamma, x and h0.
+    """
+    return torch.ops.mmrec.scan.default(gamma, x, h0, reverse)
+
+
+def cumprod(gamma: Tensor, reverse: bool = False) -> Tensor:
+    """Cumulative product over time: ``out_t = prod_{i <= t} gamma_i`` (``i >= t`` if reverse).
+
+    ``gamma``: ``[B, T, ...]``. Equal to ``scan(gamma)``; underflow gives 0, never NaN.
+    """
+    return torch.ops.mmrec.scan.default(gamma, None, None, reverse)
+
+
+def check_scan_args(op: str, gamma: Tensor, x: Tensor | None, h0: Tensor | None) -> None:
+    """The checks of csrc/scan.cpp, for the kernels written in Python."""
+    check_floating(gamma, op, "gamma")
+    if gamma.dim() < 2:
+        raise ValueError(f"{op}: expected gamma of shape [B, T, ...] (at least 2 dims), got {list(gamma.shape)}")
+    if x is not None:
+        check_like(x, gamma, op, "x", "gamma")
+        check_shape(x, gamma.shape, op, "x")
+    if h0 is not None:
+        check_like(h0, gamma, op, "h0", "gamma")
+        check_shape(h0, step_shape(gamma.shape), op, "h0")
+
+
+def check_scan_backward_args(grad_h: Tensor, gamma: Tensor, h: Tensor, h0: Tensor | None) -> None:
+    check_scan_args(SCAN_BACKWARD, gamma, None, h0)
+    for name, t in (("grad_h", grad_h), ("h", h)):
+        check_like(t, gamma, SCAN_BACKWARD, name, "gamma")
+        check_shape(t, gamma.shape, SCAN_BACKWARD, name)
+
+
+@torch.library.register_fake(SCAN)
+def _scan_fake(gamma, x=None, h0=None, reverse=False):
+    check_scan_args(SCAN, gamma, x, h0)
+    return gamma.new_empty(gamma.shape)
+
+
+@torch.library.register_fake(SCAN_BACKWARD)
+def _scan_backward_fake(grad_h, gamma, h, h0, has_x, reverse):
+    check_scan_backward_args(grad_h, gamma, h, h0)
+    return gamma.new_empty(gamma.shape), gamma.new_empty(gamma.shape), gamma.new_empty(step_shape(gamma.shape))
+
+
+def _scan_setup_context(ctx, inputs, output):
+    gamma, x, h0, reverse = inputs
+    ctx.save_for_backward(gamma, output, h0)
+    ctx.has_x = x is not None
+    ctx.reverse = reverse
+
+
+def _scan_backward(ctx, grad_h):
+    gamma, h, h0 = ctx.saved_tensors
+    grad_gamma, grad_x, grad_h0 = torch.ops.mmrec.scan_backward.default(
+        grad_h, gamma, h, h0, ctx.has_x, ctx.reverse
+    )
+    return grad_gamma, grad_x if ctx.has_x else None, grad_h0 if h0 is not None else None, None
+
+
+torch.library.register_autograd(SCAN, _scan_backward, setup_context=_scan_setup_context)
