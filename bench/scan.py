@@ -1,0 +1,238 @@
+"""Benchmark of torch.ops.mmrec.scan against the memory floor and baselines, side by side.
+
+    python bench/scan.py                       # CPU, [4, 4096, 8, 64] float32
+    python bench/scan.py --device cuda         # CUDA, [8, 4096, 16, 64] bfloat16 and float32
+
+Rows: the memory floor (a device copy moving the same bytes the scan must
+read and write), mmrec.scan in [B, T, H, d] and as a transposed [B, H, T, d]
+view, the cumulative-product mode against torch.cumprod, a Python loop over
+time, and on CUDA PyTorch's compiled associative_scan and, when installed,
+accelerated-scan and flash-linear-attention's HGRN chunk kernel (each in its
+own layout, same element count). Forward and forward+backward; median times.
+Prints a Markdown table and writes it, with the raw numbers, device and
+versions, to --out (.md and .json).
+
+On CPU, glibc returns freed blocks over 32 MB to the OS, so every op that
+allocates a fresh output of this size pays page faults on it (about 8 ms per
+33 MB tensor here: more than the scan itself). By default the benchmark makes
+glibc keep freed memory (mallopt), as the allocators PyTorch's CPU tuning
+guide recommends (jemalloc, tcmalloc) do; every row runs under the same
+setting. --glibc-default measures without it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import datetime
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import mmrec_ops  # noqa: E402
+from mmrec_ops.reference import scan_reference  # noqa: E402
+
+
+def keep_freed_memory() -> None:
+    """Make glibc reuse large freed blocks instead of unmapping them."""
+    libc = ctypes.CDLL("libc.so.6")
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    libc.mallopt(m_mmap_threshold, 1 << 30)
+    libc.mallopt(m_trim_threshold, (1 << 31) - 1)
+
+
+def median_time_ms(fn, device: str, warmup: int, repeats: int) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    if device == "cuda":
+        for _ in range(repeats):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end))
+    else:
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def forward_backward(fn, inputs):
+    """A callable running fn forward and backward (gradients of every input)."""
+    leaves = [t.detach().requires_grad_() for t in inputs]
+
+    def run():
+        out = fn(*leaves)
+        torch.autograd.grad(out, leaves, torch.ones_like(out))
+
+    return run
+
+
+def copy_floor(numel: int, dtype, device):
+    """A device copy that reads and writes `numel` elements in all: the bytes floor."""
+    src = torch.randn(numel // 2, dtype=dtype, device=device)
+    dst = torch.empty_like(src)
+    return lambda: dst.copy_(src)
+
+
+def contenders(B, T, H, d, dtype, device):
+    """(name, forward callable, forward+backward callable or None, note)."""
+    n = B * T * H * d
+    gamma = torch.rand(B, T, H, d, dtype=dtype, device=device)
+    x = torch.randn(B, T, H, d, dtype=dtype, device=device)
+    gamma_bhtd = torch.rand(B, H, T, d, dtype=dtype, device=device).transpose(1, 2)
+    x_bhtd = torch.randn(B, H, T, d, dtype=dtype, device=device).transpose(1, 2)
+    rows = [
+        # forward: read gamma, x, write h = 3n; backward: read grad, gamma, h, write dgamma, dx = 5n
+        ("memory floor (copy of the same bytes)", copy_floor(3 * n, dtype, device), copy_floor(8 * n, dtype, device),
+         "3 tensors fwd, 8 fwd+bwd"),
+        ("mmrec.scan [B,T,H,d]", lambda: mmrec_ops.scan(gamma, x),
+         forward_backward(mmrec_ops.scan, (gamma, x)), ""),
+        ("mmrec.scan [B,H,T,d] as transposed view", lambda: mmrec_ops.scan(gamma_bhtd, x_bhtd),
+         forward_backward(mmrec_ops.scan, (gamma_bhtd, x_bhtd)), ""),
+        ("mmrec.cumprod (x omitted)", lambda: mmrec_ops.cumprod(gamma),
+         forward_backward(mmrec_ops.cumprod, (gamma,)), ""),
+        ("torch.cumprod (x omitted)", lambda: torch.cumprod(gamma, 1),
+         forward_backward(lambda g: torch.cumprod(g, 1), (gamma,)), ""),
+        ("Python loop over t", lambda: scan_reference(gamma, x), None, "forward only"),
+    ]
+    if device == "cuda":
+        rows += cuda_peers(B, T, H, d, dtype, device)
+    return rows
+
+
+def cuda_peers(B, T, H, d, dtype, device):
+    rows = []
+    from torch._higher_order_ops.associative_scan import associative_scan
+
+    def combine(left, right):
+        (a1, b1), (a2, b2) = left, right
+        return a1 * a2, a2 * b1 + b2
+
+    compiled_assoc = torch.compile(lambda g, u: associative_scan(combine, (g, u), dim=1, combine_mode="pointwise")[1])
+    gamma = torch.rand(B, T, H * d, dtype=dtype, device=device)
+    x = torch.randn(B, T, H * d, dtype=dtype, device=device)
+    rows.append(("torch associative_scan, compiled", lambda: compiled_assoc(gamma, x), None, "[B,T,D]"))
+    try:
+        from accelerated_scan.triton import scan as accelerated_scan
+    except ImportError:
+        rows.append(("accelerated-scan (Triton)", None, None, "not installed"))
+    else:
+        g_bdt = torch.rand(B, H * d, T, dtype=dtype, device=device)
+        x_bdt = torch.randn(B, H * d, T, dtype=dtype, device=device)
+        rows.append(("accelerated-scan (Triton)", lambda: accelerated_scan(g_bdt, x_bdt),
+                     forward_backward(accelerated_scan, (g_bdt, x_bdt)), "[B,D,T]"))
+    try:
+        from fla.ops.hgrn import chunk_hgrn
+    except ImportError:
+        rows.append(("fla HGRN chunk", None, None, "not installed"))
+    else:
+        log_g = torch.rand(B, T, H * d, dtype=dtype, device=device).log()
+
+        def hgrn(u, g):
+            return chunk_hgrn(u, g)[0]
+
+        rows.append(("fla HGRN chunk", lambda: hgrn(x, log_g), forward_backward(hgrn, (x, log_g)), "[B,T,D], log gates"))
+    return rows
+
+
+def versions(device: str) -> dict:
+    info = {
+        "date": datetime.date.today().isoformat(),
+        "torch": torch.__version__,
+        "mmrec": mmrec_ops.__version__,
+        "python": platform.python_version(),
+        "threads": torch.get_num_threads(),
+        "cpu": platform.processor() or platform.machine(),
+    }
+    if device == "cuda":
+        import triton
+
+        info["device"] = torch.cuda.get_device_name()
+        info["triton"] = triton.__version__
+    else:
+        info["device"] = f"CPU, {torch.get_num_threads()} threads"
+    return info
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--shape", type=int, nargs=4, metavar=("B", "T", "H", "d"), help="default: per device")
+    parser.add_argument("--dtypes", nargs="+", help="default: float32 on CPU, bfloat16 float32 on CUDA")
+    parser.add_argument("--repeats", type=int, default=None)
+    parser.add_argument("--skip-slow", action="store_true", help="skip the Python loop")
+    parser.add_argument("--glibc-default", action="store_true", help="keep glibc's default of unmapping large frees")
+    parser.add_argument("--out", type=Path, default=None, help="output stem (writes .json and .md)")
+    args = parser.parse_args()
+
+    device = args.device
+    if device == "cpu" and not args.glibc_default:
+        keep_freed_memory()
+    shape = args.shape or ([4, 4096, 8, 64] if device == "cpu" else [8, 4096, 16, 64])
+    dtypes = args.dtypes or (["float32"] if device == "cpu" else ["bfloat16", "float32"])
+    repeats = args.repeats or (20 if device == "cpu" else 100)
+    info = versions(device)
+    info.update(shape=shape, allocator="glibc default" if args.glibc_default or device == "cuda" else "freed memory kept")
+
+    results = []
+    for dtype_name in dtypes:
+        dtype = getattr(torch, dtype_name)
+        torch.manual_seed(0)
+        for name, fwd, fwdbwd, note in contenders(*shape, dtype, device):
+            row = {"dtype": dtype_name, "name": name, "note": note, "fwd_ms": None, "fwdbwd_ms": None}
+            slow = name.startswith("Python loop")
+            if fwd is not None and not (slow and args.skip_slow):
+                reps = 3 if slow else repeats
+                row["fwd_ms"] = median_time_ms(fwd, device, 1 if slow else 3, reps)
+                if fwdbwd is not None:
+                    row["fwdbwd_ms"] = median_time_ms(fwdbwd, device, 1 if slow else 3, reps)
+            results.append(row)
+            print(f"{dtype_name:9} {name:42} fwd {row['fwd_ms']}  fwd+bwd {row['fwdbwd_ms']}", file=sys.stderr)
+
+    table = render(results, info, device)
+    print(table)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.with_suffix(".json").write_text(json.dumps({"info": info, "results": results}, indent=2))
+        args.out.with_suffix(".md").write_text(table + "\n")
+
+
+def render(results, info, device) -> str:
+    unit, scale = ("us", 1e3) if device == "cuda" else ("ms", 1.0)
+    lines = [
+        f"scan benchmark: [B, T, H, d] = {info['shape']} on {info['device']}; torch {info['torch']}"
+        + (f", Triton {info['triton']}" if "triton" in info else "")
+        + f"; {info['date']}; allocator: {info['allocator']}",
+        "",
+        f"| dtype | | fwd ({unit}) | fwd+bwd ({unit}) | fwd / floor | fwd+bwd / fwd floor | note |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    floors = {r["dtype"]: r["fwd_ms"] for r in results if r["name"].startswith("memory floor")}
+
+    def fmt(ms):
+        return "-" if ms is None else f"{ms * scale:.1f}" if ms * scale < 100 else f"{ms * scale:.0f}"
+
+    for r in results:
+        floor = floors.get(r["dtype"])
+        ratio_f = f"{r['fwd_ms'] / floor:.2f}x" if r["fwd_ms"] and floor else "-"
+        ratio_b = f"{r['fwdbwd_ms'] / floor:.2f}x" if r["fwdbwd_ms"] and floor else "-"
+        lines.append(
+            f"| {r['dtype']} | {r['name']} | {fmt(r['fwd_ms'])} | {fmt(r['fwdbwd_ms'])} | {ratio_f} | {ratio_b} | {r['note']} |"
+        )
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,101 @@
+"""Loading the compiled library, the mandatory-library rule, the check tool."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import mmrec_ops
+
+pytestmark = pytest.mark.packaging
+
+PACKAGE_DIR = Path(mmrec_ops.__file__).parent
+
+
+def clean_env(**extra) -> dict:
+    """The environment without any library-path or preload tricks."""
+    env = {k: v for k, v in os.environ.items() if k not in ("LD_LIBRARY_PATH", "LD_PRELOAD", "PYTHONPATH")}
+    env.update(extra)
+    return env
+
+
+def run_python(args, cwd, env) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_import_in_fresh_process_without_ld_library_path(tmp_path):
+    code = "import torch, mmrec_ops; print(mmrec_ops.cumprod(torch.full((1, 3, 2), 0.5))[0, :, 0].tolist())"
+    result = run_python(["-c", code], cwd=tmp_path, env=clean_env(PYTHONPATH=str(PACKAGE_DIR.parent)))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[0.5, 0.25, 0.125]"
+
+
+# An editable install's import hook would still find mmrec_ops._C in the
+# working tree for a copy of the package; this drops it, so that the copy is
+# truly without a library.
+DROP_EDITABLE_FINDER = """
+import sys
+sys.meta_path[:] = [f for f in sys.meta_path if "editable" not in getattr(f, "__module__", "").lower()]
+"""
+
+
+@pytest.fixture
+def package_without_library(tmp_path) -> Path:
+    """A folder holding a copy of the mmrec_ops sources with no compiled library in it."""
+    shutil.copytree(PACKAGE_DIR, tmp_path / "mmrec_ops", ignore=shutil.ignore_patterns("_C*.so", "__pycache__"))
+    (tmp_path / "sitecustomize.py").write_text(DROP_EDITABLE_FINDER)
+    return tmp_path
+
+
+def test_missing_library_raises_import_error_with_build_instructions(package_without_library):
+    env = clean_env(PYTHONPATH=str(package_without_library))
+    result = run_python(["-c", "import mmrec_ops"], cwd=package_without_library, env=env)
+    assert result.returncode != 0
+    assert "ImportError" in result.stderr
+    assert "could not be loaded" in result.stderr
+    assert "python setup.py build_ext --inplace" in result.stderr
+
+
+def test_check_tool_reports_missing_library_with_exit_status_1(package_without_library):
+    env = clean_env(PYTHONPATH=str(package_without_library))
+    result = run_python(["-m", "mmrec_ops.check", "--json"], cwd=package_without_library, env=env)
+    assert result.returncode == 1, result.stderr
+    report = json.loads(result.stdout)
+    assert report["library"]["loaded"] is False
+    assert report["ok"] is False
+    assert any("not loaded" in problem for problem in report["problems"])
+    assert not report["ops"]["scan"]["CPU"]
+
+
+def test_check_tool_reports_library_and_dispatch_keys(tmp_path):
+    result = run_python(
+        ["-m", "mmrec_ops.check", "--json"], cwd=tmp_path, env=clean_env(PYTHONPATH=str(PACKAGE_DIR.parent))
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    report = json.loads(result.stdout)
+    library = report["library"]
+    assert library["loaded"] and report["ok"]
+    path = Path(library["path"])
+    assert path == Path(mmrec_ops._C.__file__)
+    assert library["size_bytes"] == path.stat().st_size
+    assert library["sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
+    assert library["built_with_torch"] == torch.__version__
+    assert library["built_version"] == mmrec_ops.__version__
+    for op in ("scan", "scan_backward"):
+        assert report["ops"][op]["CPU"] and report["ops"][op]["Meta"]
+    assert report["ops"]["scan"]["Autograd"]
+
+
+def test_check_tool_human_readable(tmp_path):
+    result = run_python(["-m", "mmrec_ops.check"], cwd=tmp_path, env=clean_env(PYTHONPATH=str(PACKAGE_DIR.parent)))
+    assert result.returncode == 0, result.stdout + result.stderr
+    for text in ("mmrec_ops._C", "loaded", "SHA256", "mmrec::scan", "mmrec::scan_backward", "OK"):
+        assert text in result.stdout
