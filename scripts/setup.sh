@@ -13,7 +13,7 @@ VENV=${MMREC_VENV:-.venv}
 [ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
 PY="$VENV/bin/python"
 
-"$PY" -m pip install --quiet --upgrade pip setuptools wheel ninja
+"$PY" -m pip install --quiet --upgrade pip setuptools wheel ninja numpy
 # torch first, from a pinned version only when there is none: the library is
 # compiled against whichever torch is installed (>= 2.11).
 if ! "$PY" -c "import torch" 2>/dev/null; then
