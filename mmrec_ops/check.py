@@ -25,12 +25,11 @@ import torch
 import mmrec_ops
 from mmrec_ops import _library
 
-# Dispatch keys each operator must have. CUDA kernels are Triton launchers,
-# registered from Python; their absence is reported, and required only on a
-# machine that has a CUDA device.
+# Dispatch keys each operator must have (CUDA kernels are Triton launchers,
+# registered from Python, and run only where a CUDA device and Triton are).
 REQUIRED_KEYS = {
-    "scan": ("CPU", "Meta", "Autograd"),
-    "scan_backward": ("CPU", "Meta"),
+    "scan": ("CPU", "CUDA", "Meta", "Autograd"),
+    "scan_backward": ("CPU", "CUDA", "Meta"),
 }
 REPORTED_KEYS = ("CPU", "CUDA", "Meta", "Autograd")
 

@@ -4,6 +4,13 @@ import random
 import pytest
 import torch
 
+# Without a GPU, Triton kernels can only run in Triton's interpreter, on CPU
+# tensors (the `triton` tests). Triton reads this when it is first imported
+# (its own library of @triton.jit helpers is decorated then), so it is set
+# here, before anything imports Triton.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 
 @pytest.fixture(autouse=True)
 def fresh_seed():

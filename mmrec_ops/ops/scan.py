@@ -1,7 +1,8 @@
 """mmrec::scan, the first-order linear recurrence, and its backward op.
 
 Registers, for the schemas in csrc/ops.cpp: the fake kernels (shapes for
-torch.compile) and the autograd formula. The CPU kernels are C++ (csrc/scan.cpp).
+torch.compile), the CUDA kernels (Triton launchers, triton/scan.py) and the
+autograd formula. The CPU kernels are C++ (csrc/scan.cpp).
 """
 
 from __future__ import annotations
@@ -74,6 +75,29 @@ def _scan_fake(gamma, x=None, h0=None, reverse=False):
 def _scan_backward_fake(grad_h, gamma, h, h0, has_x, reverse):
     check_scan_backward_args(grad_h, gamma, h, h0)
     return gamma.new_empty(gamma.shape), gamma.new_empty(gamma.shape), gamma.new_empty(step_shape(gamma.shape))
+
+
+def _triton_scan():
+    """The Triton launchers, imported on first CUDA use (CPU-only runs never import Triton)."""
+    try:
+        from ..triton import scan as triton_scan
+    except ImportError as err:
+        raise RuntimeError(
+            f"mmrec::scan on CUDA tensors needs a working Triton (pip install triton); importing it failed: {err}"
+        ) from err
+    return triton_scan
+
+
+@torch.library.register_kernel(SCAN, "cuda")
+def _scan_cuda(gamma, x=None, h0=None, reverse=False):
+    check_scan_args(SCAN, gamma, x, h0)
+    return _triton_scan().scan_forward(gamma, x, h0, reverse)
+
+
+@torch.library.register_kernel(SCAN_BACKWARD, "cuda")
+def _scan_backward_cuda(grad_h, gamma, h, h0, has_x, reverse):
+    check_scan_backward_args(grad_h, gamma, h, h0)
+    return _triton_scan().scan_backward(grad_h, gamma, h, h0, has_x, reverse)
 
 
 def _scan_setup_context(ctx, inputs, output):
