@@ -140,7 +140,7 @@ inline IntArrayRef step_channel_strides(const Tensor& t) {
   return t.strides().slice(1);
 }
 
-// Channels per task for `rows` independent (b, g) rows of C channels each.
+// Channels per task for `rows` independent batch rows of L channels each.
 // Whole rows are best: a task then reads each time step's channels as one
 // contiguous run, and the hardware prefetcher streams them (measured: splitting
 // a 2 KB row in halves made the contiguous scan 2.4x slower on 2 cores). Rows

@@ -40,28 +40,45 @@ View<T> make_view(const Tensor& tensor, const ChannelLayout& layout, size_t k, b
   return {static_cast<T*>(tensor.data_ptr()), s};
 }
 
-// Task index -> (b, g, first channel, channel count).
+// The work of one task: batch b and the channels [f0, f0 + n) of the
+// flattened [G, C] channels (f = g * C + c).
+struct Task {
+  int64_t b, f0, n;
+};
+
+// Splits the work into tasks: one per batch row when there are enough rows,
+// each walking all its channels per time step, so that every tensor, whatever
+// its layout, is read as a few long monotone streams (a contiguous row, or one
+// run per group g of a transposed view).
 struct Tiling {
   int64_t B, G, C, chunk, n_chunks;
   Tiling(int64_t B_, int64_t G_, int64_t C_) : B(B_), G(G_), C(C_) {
-    chunk = channel_chunk(B * G, C);
-    n_chunks = (C + chunk - 1) / chunk;
+    chunk = channel_chunk(B, G * C);
+    n_chunks = (G * C + chunk - 1) / chunk;
   }
   int64_t tasks() const {
-    return B * G * n_chunks;
+    return B * n_chunks;
   }
-  void locate(int64_t task, int64_t& b, int64_t& g, int64_t& c0, int64_t& n) const {
-    const int64_t chunk_idx = task % n_chunks;
-    g = (task / n_chunks) % G;
-    b = task / (n_chunks * G);
-    c0 = chunk_idx * chunk;
-    n = std::min(chunk, C - c0);
+  Task task(int64_t index) const {
+    const int64_t f0 = (index % n_chunks) * chunk;
+    return {index / n_chunks, f0, std::min(chunk, G * C - f0)};
   }
-};
-
-// A task's n channels starting at c0 of channel group g in batch b.
-struct Run {
-  int64_t b, g, c0, n;
+  // Calls body(g, c0, len, offset) for each run of contiguous channels
+  // [c0, c0 + len) of group g in the task (offset: its place in the task),
+  // last group first when kDescending.
+  template <bool kDescending, typename Body>
+  void for_each_run(const Task& task, Body&& body) const {
+    if (task.n == 0) {
+      return;
+    }
+    const int64_t g_first = task.f0 / C, g_last = (task.f0 + task.n - 1) / C;
+    for (int64_t k = 0; k <= g_last - g_first; ++k) {
+      const int64_t g = kDescending ? g_last - k : g_first + k;
+      const int64_t c0 = std::max<int64_t>(task.f0 - g * C, 0);
+      const int64_t c1 = std::min<int64_t>(C, task.f0 + task.n - g * C);
+      body(g, c0, c1 - c0, g * C + c0 - task.f0);
+    }
+  }
 };
 
 // Visits i = 0 .. n-1, or n-1 .. 0 when kDescending. A pass that walks time
@@ -81,12 +98,15 @@ inline void for_each_channel(int64_t n, Body&& body) {
   }
 }
 
-// Loads the initial state of a run: h0, or the implicit constant.
+// Loads a task's initial state: h0, or the implicit constant.
 template <typename acc_t, typename scalar_t>
-void load_initial(const View<const scalar_t>* h0, const Run& run, acc_t implicit, acc_t* out) {
-  for (int64_t i = 0; i < run.n; ++i) {
-    out[i] = h0 ? static_cast<acc_t>(*h0->at(run.b, 0, run.g, run.c0 + i)) : implicit;
-  }
+void load_initial(
+    const Tiling& tiling, const View<const scalar_t>* h0, const Task& task, acc_t implicit, acc_t* out) {
+  tiling.for_each_run<false>(task, [&](int64_t g, int64_t c0, int64_t n, int64_t offset) {
+    for (int64_t i = 0; i < n; ++i) {
+      out[offset + i] = h0 ? static_cast<acc_t>(*h0->at(task.b, 0, g, c0 + i)) : implicit;
+    }
+  });
 }
 
 // One time step, h = gamma * h + x, over a run. kUnit: every channel stride
@@ -112,15 +132,17 @@ void scan_forward_tasks(
   using acc_t = at::opmath_type<scalar_t>;
   at::parallel_for(0, tiling.tasks(), 1, [&](int64_t begin, int64_t end) {
     std::vector<acc_t> state(tiling.chunk);
-    for (int64_t task = begin; task < end; ++task) {
-      Run r;
-      tiling.locate(task, r.b, r.g, r.c0, r.n);
-      load_initial(h0, r, kHasX ? acc_t(0) : acc_t(1), state.data());
+    for (int64_t index = begin; index < end; ++index) {
+      const Task task = tiling.task(index);
+      const int64_t b = task.b;
+      load_initial(tiling, h0, task, kHasX ? acc_t(0) : acc_t(1), state.data());
       for (int64_t step = 0; step < T; ++step) {
         const int64_t t = kReverse ? T - 1 - step : step;
-        forward_step<kUnit, kHasX, kReverse>(
-            gamma.at(r.b, t, r.g, r.c0), gamma.s.c, x.at(r.b, t, r.g, r.c0), x.s.c, out.at(r.b, t, r.g, r.c0),
-            state.data(), r.n);
+        tiling.for_each_run<kReverse>(task, [&](int64_t g, int64_t c0, int64_t n, int64_t offset) {
+          forward_step<kUnit, kHasX, kReverse>(
+              gamma.at(b, t, g, c0), gamma.s.c, x.at(b, t, g, c0), x.s.c, out.at(b, t, g, c0),
+              state.data() + offset, n);
+        });
       }
     }
   });
@@ -153,32 +175,37 @@ void scan_backward_tasks(
   constexpr bool kDescending = !kReverse;
   at::parallel_for(0, tiling.tasks(), 1, [&](int64_t begin, int64_t end) {
     std::vector<acc_t> acc(tiling.chunk), gamma_next(tiling.chunk), initial(tiling.chunk);
-    for (int64_t task = begin; task < end; ++task) {
-      Run r;
-      tiling.locate(task, r.b, r.g, r.c0, r.n);
+    for (int64_t index = begin; index < end; ++index) {
+      const Task task = tiling.task(index);
+      const int64_t b = task.b;
       std::fill(acc.begin(), acc.end(), acc_t(0));
       std::fill(gamma_next.begin(), gamma_next.end(), acc_t(0));
-      load_initial(h0, r, has_x ? acc_t(0) : acc_t(1), initial.data());
+      load_initial(tiling, h0, task, has_x ? acc_t(0) : acc_t(1), initial.data());
       for (int64_t step = 0; step < T; ++step) {
         const int64_t t = kReverse ? step : T - 1 - step;
         const int64_t t_prev = kReverse ? t + 1 : t - 1;  // forward predecessor of t
-        const auto dh = grad_h.at(r.b, t, r.g, r.c0);
-        const auto g = gamma.at(r.b, t, r.g, r.c0);
-        const auto dx = grad_x.at(r.b, t, r.g, r.c0);
-        const auto dg = grad_gamma.at(r.b, t, r.g, r.c0);
-        if (step == T - 1) {
-          backward_step<false, kDescending>(
-              dh, grad_h.s.c, g, gamma.s.c, initial.data(), int64_t(1), dx, dg, acc.data(), gamma_next.data(), r.n);
-        } else {
-          backward_step<kUnit, kDescending>(
-              dh, grad_h.s.c, g, gamma.s.c, h.at(r.b, t_prev, r.g, r.c0), h.s.c, dx, dg, acc.data(),
-              gamma_next.data(), r.n);
+        tiling.for_each_run<kDescending>(task, [&](int64_t g, int64_t c0, int64_t n, int64_t offset) {
+          const auto dh = grad_h.at(b, t, g, c0);
+          const auto gm = gamma.at(b, t, g, c0);
+          const auto dx = grad_x.at(b, t, g, c0);
+          const auto dg = grad_gamma.at(b, t, g, c0);
+          acc_t* a = acc.data() + offset;
+          acc_t* gn = gamma_next.data() + offset;
+          if (step == T - 1) {
+            backward_step<false, kDescending>(
+                dh, grad_h.s.c, gm, gamma.s.c, initial.data() + offset, int64_t(1), dx, dg, a, gn, n);
+          } else {
+            backward_step<kUnit, kDescending>(
+                dh, grad_h.s.c, gm, gamma.s.c, h.at(b, t_prev, g, c0), h.s.c, dx, dg, a, gn, n);
+          }
+        });
+      }
+      tiling.for_each_run<false>(task, [&](int64_t g, int64_t c0, int64_t n, int64_t offset) {
+        scalar_t* dh0 = grad_h0.at(b, 0, g, c0);
+        for (int64_t i = 0; i < n; ++i) {
+          dh0[i * grad_h0.s.c] = static_cast<scalar_t>(gamma_next[offset + i] * acc[offset + i]);
         }
-      }
-      scalar_t* dh0 = grad_h0.at(r.b, 0, r.g, r.c0);
-      for (int64_t i = 0; i < r.n; ++i) {
-        dh0[i * grad_h0.s.c] = static_cast<scalar_t>(gamma_next[i] * acc[i]);
-      }
+      });
     }
   });
 }

@@ -156,6 +156,20 @@ def test_scan_gradients_strided(layout, reverse, device):
 @pytest.mark.grad
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("reverse", [False, True], ids=["forward", "reverse"])
+@pytest.mark.parametrize("shape", [(1, 7, 3, 50), (2, 23, 3, 6)], ids=["B1_split_groups", "B2"])
+def test_scan_mixed_layouts(shape, reverse, device):
+    """Each tensor in its own layout: gamma a transposed [B, H, T, d] view, x
+    contiguous, h0 a slice; B = 1 makes the CPU kernel split the channels of
+    one batch row across threads mid-group."""
+    gamma = make_seq(shape, "BHTd_transposed", device, torch.float32, "gamma")
+    x = make_seq(shape, "contiguous", device, torch.float32, "x")
+    h0 = torch.randn(shape[0], shape[2], 2 * shape[3], device=device)[..., ::2]
+    check_gradients(gamma, x, h0, reverse, torch.float32, torch.randn(shape, device=device))
+
+
+@pytest.mark.grad
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("reverse", [False, True], ids=["forward", "reverse"])
 @pytest.mark.parametrize("mode", MODES, ids=[m[0] for m in MODES])
 @pytest.mark.parametrize("layout", ["contiguous", "BHTd_transposed"])
 def test_scan_gradcheck(layout, mode, reverse, device):
