@@ -14,6 +14,12 @@
 
 #include <torch/library.h>
 
+#include <cstdint>
+#include <type_traits>
+#if defined(__SSE2__)
+#include <emmintrin.h>
+#endif
+
 namespace mmrec {
 namespace {
 
@@ -109,26 +115,77 @@ void load_initial(
   });
 }
 
+// Outputs at least this large are written with non-temporal (streaming)
+// stores: they will not stay in cache for the next op anyway, and streaming
+// skips reading each output line before it is overwritten, a third of the
+// forward's memory traffic (measured on 2 cores: 30-50% faster).
+constexpr int64_t kStreamingBytes = 8 << 20;
+
+// dst[i] = a[i] (* b[i]) for i < n, with streaming stores (call stream_fence()
+// before the data is read by another thread).
+inline void stream_store(float* dst, const float* a, const float* b, int64_t n) {
+#if defined(__SSE2__)
+  int64_t i = 0;
+  for (; i < n && (reinterpret_cast<uintptr_t>(dst + i) & 15) != 0; ++i) {
+    dst[i] = b ? a[i] * b[i] : a[i];
+  }
+  if (b) {
+    for (; i + 4 <= n; i += 4) {
+      _mm_stream_ps(dst + i, _mm_mul_ps(_mm_loadu_ps(a + i), _mm_loadu_ps(b + i)));
+    }
+  } else {
+    for (; i + 4 <= n; i += 4) {
+      _mm_stream_ps(dst + i, _mm_loadu_ps(a + i));
+    }
+  }
+  for (; i < n; ++i) {
+    dst[i] = b ? a[i] * b[i] : a[i];
+  }
+#else
+  for (int64_t i = 0; i < n; ++i) {
+    dst[i] = b ? a[i] * b[i] : a[i];
+  }
+#endif
+}
+
+inline void stream_fence() {
+#if defined(__SSE2__)
+  _mm_sfence();
+#endif
+}
+
+// Streaming applies to float32 runs of unit stride (the common, large case).
+template <typename scalar_t, bool kUnit>
+constexpr bool kCanStream = kUnit && std::is_same_v<scalar_t, float>;
+
 // One time step, h = gamma * h + x, over a run. kUnit: every channel stride
 // is 1, which lets the compiler vectorise.
 template <bool kUnit, bool kHasX, bool kDescending, typename scalar_t, typename acc_t>
 inline void forward_step(
     const scalar_t* __restrict__ gamma, int64_t gs, const scalar_t* __restrict__ x, int64_t xs,
-    scalar_t* __restrict__ out, acc_t* __restrict__ state, int64_t n) {
-  for_each_channel<kDescending>(n, [&](int64_t i) {
+    scalar_t* __restrict__ out, acc_t* __restrict__ state, int64_t n, bool stream) {
+  auto update = [&](int64_t i) {
     acc_t h = static_cast<acc_t>(gamma[kUnit ? i : i * gs]) * state[i];
     if constexpr (kHasX) {
       h += static_cast<acc_t>(x[kUnit ? i : i * xs]);
     }
     state[i] = h;
-    out[i] = static_cast<scalar_t>(h);
-  });
+    return h;
+  };
+  if constexpr (kCanStream<scalar_t, kUnit>) {
+    if (stream) {
+      for_each_channel<kDescending>(n, update);
+      stream_store(out, state, nullptr, n);
+      return;
+    }
+  }
+  for_each_channel<kDescending>(n, [&](int64_t i) { out[i] = static_cast<scalar_t>(update(i)); });
 }
 
 template <typename scalar_t, bool kUnit, bool kHasX, bool kReverse>
 void scan_forward_tasks(
     const Tiling& tiling, int64_t T, const View<const scalar_t>& gamma, const View<const scalar_t>& x,
-    const View<const scalar_t>* h0, const View<scalar_t>& out) {
+    const View<const scalar_t>* h0, const View<scalar_t>& out, bool stream) {
   using acc_t = at::opmath_type<scalar_t>;
   at::parallel_for(0, tiling.tasks(), 1, [&](int64_t begin, int64_t end) {
     std::vector<acc_t> state(tiling.chunk);
@@ -141,10 +198,11 @@ void scan_forward_tasks(
         tiling.for_each_run<kReverse>(task, [&](int64_t g, int64_t c0, int64_t n, int64_t offset) {
           forward_step<kUnit, kHasX, kReverse>(
               gamma.at(b, t, g, c0), gamma.s.c, x.at(b, t, g, c0), x.s.c, out.at(b, t, g, c0),
-              state.data() + offset, n);
+              state.data() + offset, n, stream);
         });
       }
     }
+    stream_fence();
   });
 }
 
@@ -155,13 +213,26 @@ template <bool kUnit, bool kDescending, typename scalar_t, typename acc_t, typen
 inline void backward_step(
     const scalar_t* __restrict__ grad_h, int64_t dhs, const scalar_t* __restrict__ gamma, int64_t gs,
     const hprev_t* __restrict__ hprev, int64_t hs, scalar_t* __restrict__ grad_x,
-    scalar_t* __restrict__ grad_gamma, acc_t* __restrict__ acc, acc_t* __restrict__ gamma_next, int64_t n) {
-  for_each_channel<kDescending>(n, [&](int64_t i) {
+    scalar_t* __restrict__ grad_gamma, acc_t* __restrict__ acc, acc_t* __restrict__ gamma_next, int64_t n,
+    bool stream) {
+  auto update = [&](int64_t i) {
     const acc_t a = static_cast<acc_t>(grad_h[kUnit ? i : i * dhs]) + gamma_next[i] * acc[i];
     acc[i] = a;
+    gamma_next[i] = static_cast<acc_t>(gamma[kUnit ? i : i * gs]);
+    return a;
+  };
+  if constexpr (kCanStream<scalar_t, kUnit> && std::is_same_v<hprev_t, float>) {
+    if (stream) {
+      for_each_channel<kDescending>(n, update);
+      stream_store(grad_x, acc, nullptr, n);
+      stream_store(grad_gamma, acc, hprev, n);
+      return;
+    }
+  }
+  for_each_channel<kDescending>(n, [&](int64_t i) {
+    const acc_t a = update(i);
     grad_x[i] = static_cast<scalar_t>(a);
     grad_gamma[i] = static_cast<scalar_t>(a * static_cast<acc_t>(hprev[kUnit ? i : i * hs]));
-    gamma_next[i] = static_cast<acc_t>(gamma[kUnit ? i : i * gs]);
   });
 }
 
@@ -169,7 +240,7 @@ template <typename scalar_t, bool kUnit, bool kReverse>
 void scan_backward_tasks(
     const Tiling& tiling, int64_t T, bool has_x, const View<const scalar_t>& grad_h,
     const View<const scalar_t>& gamma, const View<const scalar_t>& h, const View<const scalar_t>* h0,
-    const View<scalar_t>& grad_gamma, const View<scalar_t>& grad_x, const View<scalar_t>& grad_h0) {
+    const View<scalar_t>& grad_gamma, const View<scalar_t>& grad_x, const View<scalar_t>& grad_h0, bool stream) {
   using acc_t = at::opmath_type<scalar_t>;
   // The adjoint walks time against the forward direction.
   constexpr bool kDescending = !kReverse;
@@ -192,11 +263,11 @@ void scan_backward_tasks(
           acc_t* a = acc.data() + offset;
           acc_t* gn = gamma_next.data() + offset;
           if (step == T - 1) {
-            backward_step<false, kDescending>(
-                dh, grad_h.s.c, gm, gamma.s.c, initial.data() + offset, int64_t(1), dx, dg, a, gn, n);
+            backward_step<kUnit, kDescending>(
+                dh, grad_h.s.c, gm, gamma.s.c, initial.data() + offset, int64_t(1), dx, dg, a, gn, n, stream);
           } else {
             backward_step<kUnit, kDescending>(
-                dh, grad_h.s.c, gm, gamma.s.c, h.at(b, t_prev, g, c0), h.s.c, dx, dg, a, gn, n);
+                dh, grad_h.s.c, gm, gamma.s.c, h.at(b, t_prev, g, c0), h.s.c, dx, dg, a, gn, n, stream);
           }
         });
       }
@@ -207,6 +278,7 @@ void scan_backward_tasks(
         }
       });
     }
+    stream_fence();
   });
 }
 
@@ -275,13 +347,13 @@ Tensor scan_cpu(
     // Template flags: unit channel stride, x given, reverse.
     using Launch = void (*)(
         const Tiling&, int64_t, const View<const scalar_t>&, const View<const scalar_t>&,
-        const View<const scalar_t>*, const View<scalar_t>&);
+        const View<const scalar_t>*, const View<scalar_t>&, bool);
     const Launch variants[2][2][2] = {
         {{scan_forward_tasks<scalar_t, false, false, false>, scan_forward_tasks<scalar_t, false, false, true>},
          {scan_forward_tasks<scalar_t, false, true, false>, scan_forward_tasks<scalar_t, false, true, true>}},
         {{scan_forward_tasks<scalar_t, true, false, false>, scan_forward_tasks<scalar_t, true, false, true>},
          {scan_forward_tasks<scalar_t, true, true, false>, scan_forward_tasks<scalar_t, true, true, true>}}};
-    variants[unit][x_in.has_value()][reverse](tiling, T, g, xv, h0p, o);
+    variants[unit][x_in.has_value()][reverse](tiling, T, g, xv, h0p, o, out.nbytes() >= kStreamingBytes);
   });
   return out;
 }
@@ -322,11 +394,11 @@ std::tuple<Tensor, Tensor, Tensor> scan_backward_cpu(
     using Launch = void (*)(
         const Tiling&, int64_t, bool, const View<const scalar_t>&, const View<const scalar_t>&,
         const View<const scalar_t>&, const View<const scalar_t>*, const View<scalar_t>&, const View<scalar_t>&,
-        const View<scalar_t>&);
+        const View<scalar_t>&, bool);
     const Launch variants[2][2] = {
         {scan_backward_tasks<scalar_t, false, false>, scan_backward_tasks<scalar_t, false, true>},
         {scan_backward_tasks<scalar_t, true, false>, scan_backward_tasks<scalar_t, true, true>}};
-    variants[unit][reverse](tiling, T, has_x, dh, g, hv, h0p, dg, dx, dh0);
+    variants[unit][reverse](tiling, T, has_x, dh, g, hv, h0p, dg, dx, dh0, grad_x.nbytes() >= kStreamingBytes);
   });
   return {grad_gamma, grad_x, grad_h0};
 }

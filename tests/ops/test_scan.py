@@ -153,6 +153,20 @@ def test_scan_gradients_strided(layout, reverse, device):
     check_gradients(gamma, x, h0, reverse, torch.float32, torch.randn(6, device=device).expand(gamma.shape))
 
 
+@pytest.mark.ops
+@pytest.mark.grad
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("reverse", [False, True], ids=["forward", "reverse"])
+@pytest.mark.parametrize("layout", ["contiguous", "BHTd_transposed"])
+def test_scan_large_outputs(layout, reverse, device):
+    """Outputs over 8 MiB, which the CPU kernels write with streaming stores;
+    a channel count of 1025 leaves rows unaligned to 16 bytes."""
+    shape = (2, 1024, 1, 1025)
+    gamma, x, h0 = make_scan_inputs(shape, device, torch.float32, True, True, layout)
+    assert gamma.numel() * 4 >= 8 << 20
+    check_gradients(gamma, x, h0, reverse, torch.float32, torch.randn(shape, device=device))
+
+
 @pytest.mark.grad
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("reverse", [False, True], ids=["forward", "reverse"])
