@@ -1,0 +1,1 @@
+"""Triton (CUDA) kernels of the mmrec operators."""

@@ -1,0 +1,475 @@
+"""Triton kernels of mmrec::scan and mmrec::scan_backward (CUDA).
+
+    forward   h_t = gamma_t * h_{t-1} + x_t                  (reverse: h_{t+1})
+    backward  dx_t = grad_h_t + gamma_{t+1} * dx_{t+1}        (reverse: t-1)
+              dgamma_t = dx_t * h_{t-1},  grad_h0 = gamma_0 * dx_0
+
+Layout. A sequence tensor is [B, T, ...]. The trailing channel dims of all the
+tensors of one call are folded jointly into at most two dims [G, C], each with
+one stride per tensor (the inputs are made contiguous only when more than two
+groups remain), so a contiguous [B, T, H, d] is [B, T, 1, H*d] and its
+[B, H, T, d].transpose(1, 2) view is [B, T, H, d] with time stride d.
+
+Kernels. One program per (b, g, block of BLOCK_C channels) walks time in
+tiles of BLOCK_T steps, in the order in which the recurrence runs (a reverse
+scan loads its tiles with descending time indices, so the in-tile scan always
+runs along increasing tile rows). A tile is scanned with tl.associative_scan on
+the affine maps h -> a * h + b, composed as (a1, b1), (a2, b2) -> (a1 a2, a2 b1 + b2),
+then the carry of the previous tile is folded in (h = A * carry + B) and the
+last row becomes the next carry. Rows past the end are padded with the
+identity map (1, 0), so the last row of every tile holds the carry. The next
+tile's loads are issued before the current tile is scanned (a register double
+buffer), which keeps two tiles of loads in flight per program. The backward is
+one fused kernel: the reverse scan of grad_h with gamma shifted by one step,
+the product dgamma = dx * h_prev with h shifted by one step (h0 at the
+boundary), and grad_h0 = gamma_first * dx_first after the last tile.
+Accumulation is in float32 (float64 for float64 inputs); outputs are new
+contiguous tensors in the inputs' dtype.
+
+This module does not import mmrec_ops: the callers validate the arguments.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+__all__ = ["scan_forward", "scan_backward"]
+
+
+@triton.jit
+def _affine_combine(a1, b1, a2, b2):
+    # Apply (a1, b1) first, then (a2, b2): h -> a2 * (a1 * h + b1) + b2.
+    return a1 * a2, a2 * b1 + b2
+
+
+@triton.jit
+def _affine_combine_excl(a1, b1, e1a, e1b, a2, b2, e2a, e2b):
+    # Elements are (whole segment, segment without its last step), both affine
+    # maps; a single step (a, b) starts as ((a, b), identity). The second part of
+    # an inclusive scan is then the exclusive scan.
+    return a1 * a2, a2 * b1 + b2, a1 * e2a, e2a * b1 + e2b
+
+
+@triton.jit
+def _mul_combine_excl(a1, e1, a2, e2):
+    return a1 * a2, a1 * e2
+
+
+@triton.jit
+def _cast_out(v, ptr, SOFT_BF16: tl.constexpr):
+    # v cast to the element type of ptr. SOFT_BF16 (the interpreter only, whose
+    # float32 -> bfloat16 cast truncates) rounds to nearest even by hand, as the
+    # GPU's conversion does.
+    if SOFT_BF16:
+        bits = v.to(tl.uint32, bitcast=True)
+        bits = bits + 0x7FFF + ((bits >> 16) & 1)
+        return (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    else:
+        return v.to(ptr.dtype.element_ty)
+
+
+@triton.jit
+def _tile_scan(a, b, carry, r, n, R: tl.constexpr, NT: tl.constexpr, HAS_B: tl.constexpr):
+    """Scan of one tile [R, NT, BLOCK_C], step s = s0 + n * R + r, carry [1, 1, BLOCK_C].
+
+    Each thread holds the R consecutive steps of its (n, channels): they are
+    scanned in registers, the NT chunk totals across the threads (one scan that
+    also yields the exclusive prefix), and the two are combined. Returns the
+    tile's values and the carry for the next tile (the value at the last step).
+    """
+    last_r = r == R - 1
+    if HAS_B:
+        pa, pb = tl.associative_scan((a, b), 0, _affine_combine)
+        ta = tl.sum(tl.where(last_r, pa, 0.0), axis=0, keep_dims=True)
+        tb = tl.sum(tl.where(last_r, pb, 0.0), axis=0, keep_dims=True)
+        ia, ib, ea, eb = tl.associative_scan(
+            (ta, tb, tl.full(ta.shape, 1.0, ta.dtype), tl.zeros(ta.shape, ta.dtype)), 1, _affine_combine_excl)
+        h = pa * (ea * carry + eb) + pb
+        carry = tl.sum(tl.where(n == NT - 1, ia * carry + ib, 0.0), axis=1, keep_dims=True)
+    else:
+        pa = tl.cumprod(a, 0)
+        ta = tl.sum(tl.where(last_r, pa, 0.0), axis=0, keep_dims=True)
+        ia, ea = tl.associative_scan((ta, tl.full(ta.shape, 1.0, ta.dtype)), 1, _mul_combine_excl)
+        h = pa * (ea * carry)
+        carry = tl.sum(tl.where(n == NT - 1, ia, 0.0), axis=1, keep_dims=True) * carry
+    return h, carry
+
+
+@triton.jit
+def _steps(s0, T, r, n, R: tl.constexpr, REVERSE: tl.constexpr):
+    # Processing steps s of the tile at s0, their validity and time indices.
+    s = s0 + n * R + r
+    if REVERSE:
+        t = T - 1 - s
+    else:
+        t = s
+    return s, s < T, t.to(tl.int64)
+
+
+@triton.jit
+def _fwd_load(g_base, x_base, s0, T, g_st, x_st, r, n, cm,
+              R: tl.constexpr, HAS_X: tl.constexpr, REVERSE: tl.constexpr):
+    s, valid, t = _steps(s0, T, r, n, R, REVERSE)
+    m = valid & cm
+    a = tl.load(g_base + t * g_st, mask=m, other=1.0)
+    if HAS_X:
+        b = tl.load(x_base + t * x_st, mask=m, other=0.0)
+    else:
+        b = a
+    return a, b
+
+
+@triton.jit
+def _fwd_tile(a, b, carry, o_base, s0, T, o_st, r, n, cm,
+              R: tl.constexpr, NT: tl.constexpr, HAS_X: tl.constexpr, REVERSE: tl.constexpr,
+              ACC: tl.constexpr, SOFT_BF16: tl.constexpr):
+    h, carry = _tile_scan(a.to(ACC), b.to(ACC), carry, r, n, R, NT, HAS_X)
+    s, valid, t = _steps(s0, T, r, n, R, REVERSE)
+    tl.store(o_base + t * o_st, _cast_out(h, o_base, SOFT_BF16), mask=valid & cm)
+    return carry
+
+
+@triton.jit(do_not_specialize=["T"])
+def _scan_fwd_kernel(
+    g_ptr, x_ptr, h0_ptr, o_ptr,
+    T, G, C, NCB,
+    g_sb, g_st, g_sg, g_sc,
+    x_sb, x_st, x_sg, x_sc,
+    h0_sb, h0_sg, h0_sc,
+    o_sb, o_st, o_sg, o_sc,
+    HAS_X: tl.constexpr, HAS_H0: tl.constexpr, H0_VALUE: tl.constexpr,
+    REVERSE: tl.constexpr, ACC: tl.constexpr,
+    R: tl.constexpr, NT: tl.constexpr, BLOCK_C: tl.constexpr, PREFETCH: tl.constexpr,
+    NUM_STAGES: tl.constexpr, SOFT_BF16: tl.constexpr,
+):
+    BLOCK_T: tl.constexpr = R * NT
+    pid = tl.program_id(0)
+    cb = pid % NCB
+    bg = pid // NCB
+    g = (bg % G).to(tl.int64)
+    b = (bg // G).to(tl.int64)
+    r = tl.arange(0, R)[:, None, None]
+    n = tl.arange(0, NT)[None, :, None]
+    cols = cb * BLOCK_C + tl.arange(0, BLOCK_C)[None, None, :]
+    cm = cols < C
+    c64 = cols.to(tl.int64)
+
+    g_base = g_ptr + (b * g_sb + g * g_sg) + c64 * g_sc
+    x_base = x_ptr + (b * x_sb + g * x_sg) + c64 * x_sc
+    o_base = o_ptr + (b * o_sb + g * o_sg) + c64 * o_sc
+
+    if HAS_H0:
+        carry = tl.load(h0_ptr + (b * h0_sb + g * h0_sg) + c64 * h0_sc, mask=cm, other=0.0).to(ACC)
+    else:
+        carry = tl.full([1, 1, BLOCK_C], H0_VALUE, ACC)
+
+    if PREFETCH:
+        a_n, b_n = _fwd_load(g_base, x_base, 0, T, g_st, x_st, r, n, cm, R, HAS_X, REVERSE)
+        for s0 in range(0, T, BLOCK_T):
+            a_c = a_n
+            b_c = b_n
+            a_n, b_n = _fwd_load(g_base, x_base, s0 + BLOCK_T, T, g_st, x_st, r, n, cm, R, HAS_X, REVERSE)
+            carry = _fwd_tile(a_c, b_c, carry, o_base, s0, T, o_st, r, n, cm,
+                              R, NT, HAS_X, REVERSE, ACC, SOFT_BF16)
+    else:
+        for s0 in tl.range(0, T, BLOCK_T, num_stages=NUM_STAGES):
+            a_c, b_c = _fwd_load(g_base, x_base, s0, T, g_st, x_st, r, n, cm, R, HAS_X, REVERSE)
+            carry = _fwd_tile(a_c, b_c, carry, o_base, s0, T, o_st, r, n, cm,
+                              R, NT, HAS_X, REVERSE, ACC, SOFT_BF16)
+
+
+@triton.jit
+def _bwd_load(gh_base, g_base, h_base, s0, T, gh_st, g_st, h_st, r, n, cm,
+              R: tl.constexpr, REVERSE: tl.constexpr):
+    # The backward visits time in the opposite order of the forward: step s is
+    # t = map(s). a(s) = gamma at the time visited at step s - 1 (the forward's
+    # next time), hp(s) = h at the time visited at step s + 1 (the forward's
+    # previous time).
+    s, valid, t = _steps(s0, T, r, n, R, not REVERSE)
+    if REVERSE:
+        t_next = t - 1   # the forward ran t = T-1 .. 0
+        t_prev = t + 1
+    else:
+        t_next = t + 1
+        t_prev = t - 1
+    gh = tl.load(gh_base + t * gh_st, mask=valid & cm, other=0.0)
+    a = tl.load(g_base + t_next * g_st, mask=((s >= 1) & valid) & cm, other=1.0)
+    hp = tl.load(h_base + t_prev * h_st, mask=(s + 1 < T) & cm, other=0.0)
+    return gh, a, hp
+
+
+@triton.jit
+def _bwd_tile(gh, a, hp, carry, h0v, dg_base, dx_base, s0, T, o_st, r, n, cm,
+              R: tl.constexpr, NT: tl.constexpr, REVERSE: tl.constexpr, ACC: tl.constexpr,
+              SOFT_BF16: tl.constexpr):
+    dx, carry = _tile_scan(a.to(ACC), gh.to(ACC), carry, r, n, R, NT, True)
+    s, valid, t = _steps(s0, T, r, n, R, not REVERSE)
+    hp = tl.where(s == T - 1, h0v, hp.to(ACC))
+    m = valid & cm
+    tl.store(dg_base + t * o_st, _cast_out(dx * hp, dg_base, SOFT_BF16), mask=m)
+    tl.store(dx_base + t * o_st, _cast_out(dx, dx_base, SOFT_BF16), mask=m)
+    return carry
+
+
+@triton.jit(do_not_specialize=["T"])
+def _scan_bwd_kernel(
+    gh_ptr, g_ptr, h_ptr, h0_ptr, dg_ptr, dx_ptr, dh0_ptr,
+    T, G, C, NCB,
+    gh_sb, gh_st, gh_sg, gh_sc,
+    g_sb, g_st, g_sg, g_sc,
+    h_sb, h_st, h_sg, h_sc,
+    h0_sb, h0_sg, h0_sc,
+    o_sb, o_st, o_sg, o_sc,
+    d0_sb, d0_sg, d0_sc,
+    HAS_H0: tl.constexpr, H0_VALUE: tl.constexpr,
+    REVERSE: tl.constexpr, ACC: tl.constexpr,
+    R: tl.constexpr, NT: tl.constexpr, BLOCK_C: tl.constexpr, PREFETCH: tl.constexpr,
+    NUM_STAGES: tl.constexpr, SOFT_BF16: tl.constexpr,
+):
+    BLOCK_T: tl.constexpr = R * NT
+    pid = tl.program_id(0)
+    cb = pid % NCB
+    bg = pid // NCB
+    g = (bg % G).to(tl.int64)
+    b = (bg // G).to(tl.int64)
+    r = tl.arange(0, R)[:, None, None]
+    n = tl.arange(0, NT)[None, :, None]
+    cols = cb * BLOCK_C + tl.arange(0, BLOCK_C)[None, None, :]
+    cm = cols < C
+    c64 = cols.to(tl.int64)
+
+    gh_base = gh_ptr + (b * gh_sb + g * gh_sg) + c64 * gh_sc
+    g_base = g_ptr + (b * g_sb + g * g_sg) + c64 * g_sc
+    h_base = h_ptr + (b * h_sb + g * h_sg) + c64 * h_sc
+    dg_base = dg_ptr + (b * o_sb + g * o_sg) + c64 * o_sc
+    dx_base = dx_ptr + (b * o_sb + g * o_sg) + c64 * o_sc
+
+    if HAS_H0:
+        h0v = tl.load(h0_ptr + (b * h0_sb + g * h0_sg) + c64 * h0_sc, mask=cm, other=0.0).to(ACC)
+    else:
+        h0v = tl.full([1, 1, BLOCK_C], H0_VALUE, ACC)
+    carry = tl.zeros([1, 1, BLOCK_C], ACC)
+
+    if PREFETCH:
+        gh_n, a_n, hp_n = _bwd_load(gh_base, g_base, h_base, 0, T, gh_st, g_st, h_st, r, n, cm, R, REVERSE)
+        for s0 in range(0, T, BLOCK_T):
+            gh_c = gh_n
+            a_c = a_n
+            hp_c = hp_n
+            gh_n, a_n, hp_n = _bwd_load(gh_base, g_base, h_base, s0 + BLOCK_T, T, gh_st, g_st, h_st,
+                                        r, n, cm, R, REVERSE)
+            carry = _bwd_tile(gh_c, a_c, hp_c, carry, h0v, dg_base, dx_base, s0, T, o_st, r, n, cm,
+                              R, NT, REVERSE, ACC, SOFT_BF16)
+    else:
+        for s0 in tl.range(0, T, BLOCK_T, num_stages=NUM_STAGES):
+            gh_c, a_c, hp_c = _bwd_load(gh_base, g_base, h_base, s0, T, gh_st, g_st, h_st, r, n, cm, R, REVERSE)
+            carry = _bwd_tile(gh_c, a_c, hp_c, carry, h0v, dg_base, dx_base, s0, T, o_st, r, n, cm,
+                              R, NT, REVERSE, ACC, SOFT_BF16)
+
+    # grad_h0 = gamma at the forward's first time * dx there (the last step visited).
+    g_first_ptr = g_ptr + (b * g_sb + g * g_sg) + c64 * g_sc
+    if REVERSE:
+        g_first_ptr += (T - 1).to(tl.int64) * g_st
+    g_first = tl.load(g_first_ptr, mask=cm, other=0.0).to(ACC)
+    tl.store(dh0_ptr + (b * d0_sb + g * d0_sg) + c64 * d0_sc,
+             _cast_out(g_first * carry, dh0_ptr, SOFT_BF16), mask=cm)
+
+
+# ----------------------------------------------------------------------------
+# Host side: stride folding, block sizes, launches.
+
+
+def _contiguous_strides(sizes) -> list[int]:
+    strides, acc = [], 1
+    for n in reversed(sizes):
+        strides.append(acc)
+        acc *= n
+    return strides[::-1]
+
+
+def _fold(sizes, stride_lists):
+    """Fold the channel dims ``sizes`` jointly over all tensors.
+
+    ``stride_lists``: one list of channel strides (len(sizes)) per tensor.
+    Returns (G, C, [(stride_g, stride_c) per tensor]) or None when more than
+    two groups remain.
+    """
+    groups = []  # [size, [stride per tensor]], innermost first
+    for d in reversed(range(len(sizes))):
+        n = sizes[d]
+        if n == 1:
+            continue
+        if groups:
+            gsize, gstrides = groups[-1]
+            if all(st[d] == gs * gsize for st, gs in zip(stride_lists, gstrides)):
+                groups[-1][0] = gsize * n
+                continue
+        groups.append([n, [st[d] for st in stride_lists]])
+    if len(groups) > 2:
+        return None
+    k = len(stride_lists)
+    if not groups:
+        return 1, 1, [(0, 0)] * k
+    if len(groups) == 1:
+        (C, sc), = groups
+        return 1, C, [(0, c) for c in sc]
+    (C, sc), (G, sg) = groups
+    return G, C, list(zip(sg, sc))
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def _num_sms(t: Tensor) -> int:
+    if t.is_cuda:
+        return _sm_count(t.device.index if t.device.index is not None else torch.cuda.current_device())
+    return 132
+
+
+# Under TRITON_INTERPRET=1 (CPU tensors) the kernels run in numpy, where a
+# scan costs one Python call per tile element: use small tiles there.
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "yes", "on")
+
+# Tuning knobs, per element size in bytes: the widest channel block and the
+# steps each thread scans in registers (R); warps per program.
+_MAX_BLOCK_C = {8: 32, 4: 64, 2: 64}
+_ROWS = {8: 4, 4: 8, 2: 8}
+_NUM_WARPS = 4
+_PREFETCH = True
+_NUM_STAGES = 1  # software pipelining of the loads by Triton when not PREFETCH
+_MIN_PROGRAMS_PER_SM = 1
+_INTERPRET_CONFIG = (16, 4, 4)  # (largest BLOCK_C, R, NT) under the interpreter
+
+
+def _config(B: int, G: int, C: int, elem_size: int, sms: int):
+    """(BLOCK_C, R, NT, num_warps): tiles of R * NT steps by BLOCK_C channels."""
+    if _INTERPRET:
+        max_c, rows, nt = _INTERPRET_CONFIG
+        return min(triton.next_power_of_2(C), max_c), rows, nt, 1
+    vec = max(16 // elem_size, 1)  # elements of one 16-byte access
+    block_c = min(triton.next_power_of_2(C), _MAX_BLOCK_C[elem_size], 32 * vec)
+    # Narrow the channel block (down to one 16-byte vector) while the grid is
+    # too small to give every SM a program.
+    while block_c > vec and B * G * triton.cdiv(C, block_c) < _MIN_PROGRAMS_PER_SM * sms:
+        block_c //= 2
+    num_warps = _NUM_WARPS
+    # Threads cover the channels with 16-byte vectors, the rest of the CTA's
+    # threads go along time (NT of them), each holding R consecutive steps.
+    threads_c = max(1, block_c // vec)
+    nt = 32 * num_warps // threads_c
+    return block_c, _ROWS[elem_size], nt, num_warps
+
+
+def _acc_dtype(dtype: torch.dtype):
+    return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+def scan_forward(gamma: Tensor, x: Tensor | None, h0: Tensor | None, reverse: bool) -> Tensor:
+    B, T = gamma.shape[0], gamma.shape[1]
+    sizes = list(gamma.shape[2:])
+    out = torch.empty(gamma.shape, dtype=gamma.dtype, device=gamma.device)
+    if out.numel() == 0:
+        return out
+
+    def fold():
+        lists = [list(gamma.stride()[2:])]
+        if x is not None:
+            lists.append(list(x.stride()[2:]))
+        if h0 is not None:
+            lists.append(list(h0.stride()[1:]))
+        lists.append(_contiguous_strides(sizes))
+        return _fold(sizes, lists)
+
+    folded = fold()
+    if folded is None:
+        gamma = gamma.contiguous()
+        x = x.contiguous() if x is not None else None
+        h0 = h0.contiguous() if h0 is not None else None
+        folded = fold()
+    G, C, fs = folded
+    fs = list(fs)
+    g_f = fs.pop(0)
+    x_f = fs.pop(0) if x is not None else (0, 0)
+    h0_f = fs.pop(0) if h0 is not None else (0, 0)
+    o_f = fs.pop(0)
+
+    block_c, rows, nt, num_warps = _config(B, G, C, gamma.element_size(), _num_sms(gamma))
+    ncb = triton.cdiv(C, block_c)
+    grid = (B * G * ncb,)
+    x_arg = x if x is not None else gamma
+    h0_arg = h0 if h0 is not None else gamma
+    _scan_fwd_kernel[grid](
+        gamma, x_arg, h0_arg, out,
+        T, G, C, ncb,
+        gamma.stride(0), gamma.stride(1), g_f[0], g_f[1],
+        x.stride(0) if x is not None else 0, x.stride(1) if x is not None else 0, x_f[0], x_f[1],
+        h0.stride(0) if h0 is not None else 0, h0_f[0], h0_f[1],
+        out.stride(0), out.stride(1), o_f[0], o_f[1],
+        HAS_X=x is not None, HAS_H0=h0 is not None, H0_VALUE=0.0 if x is not None else 1.0,
+        REVERSE=bool(reverse), ACC=_acc_dtype(gamma.dtype),
+        R=rows, NT=nt, BLOCK_C=block_c, PREFETCH=_PREFETCH, NUM_STAGES=_NUM_STAGES,
+        SOFT_BF16=_INTERPRET and gamma.dtype == torch.bfloat16,
+        num_warps=num_warps,
+    )
+    return out
+
+
+def scan_backward(grad_h: Tensor, gamma: Tensor, h: Tensor, h0: Tensor | None, has_x: bool,
+                  reverse: bool) -> tuple[Tensor, Tensor, Tensor]:
+    B, T = gamma.shape[0], gamma.shape[1]
+    sizes = list(gamma.shape[2:])
+    step_shape = [B, *sizes]
+    grad_gamma = torch.empty(gamma.shape, dtype=gamma.dtype, device=gamma.device)
+    grad_x = torch.empty(gamma.shape, dtype=gamma.dtype, device=gamma.device)
+    if T == 0:
+        return grad_gamma, grad_x, torch.zeros(step_shape, dtype=gamma.dtype, device=gamma.device)
+    grad_h0 = torch.empty(step_shape, dtype=gamma.dtype, device=gamma.device)
+    if grad_gamma.numel() == 0:
+        return grad_gamma, grad_x, grad_h0
+
+    def fold():
+        lists = [list(grad_h.stride()[2:]), list(gamma.stride()[2:]), list(h.stride()[2:])]
+        if h0 is not None:
+            lists.append(list(h0.stride()[1:]))
+        lists.append(_contiguous_strides(sizes))
+        return _fold(sizes, lists)
+
+    folded = fold()
+    if folded is None:
+        grad_h, gamma, h = grad_h.contiguous(), gamma.contiguous(), h.contiguous()
+        h0 = h0.contiguous() if h0 is not None else None
+        folded = fold()
+    G, C, fs = folded
+    fs = list(fs)
+    gh_f, g_f, h_f = fs.pop(0), fs.pop(0), fs.pop(0)
+    h0_f = fs.pop(0) if h0 is not None else (0, 0)
+    o_f = fs.pop(0)  # grad_gamma, grad_x and grad_h0 share the channel strides
+
+    block_c, rows, nt, num_warps = _config(B, G, C, gamma.element_size(), _num_sms(gamma))
+    ncb = triton.cdiv(C, block_c)
+    grid = (B * G * ncb,)
+    h0_arg = h0 if h0 is not None else gamma
+    _scan_bwd_kernel[grid](
+        grad_h, gamma, h, h0_arg, grad_gamma, grad_x, grad_h0,
+        T, G, C, ncb,
+        grad_h.stride(0), grad_h.stride(1), gh_f[0], gh_f[1],
+        gamma.stride(0), gamma.stride(1), g_f[0], g_f[1],
+        h.stride(0), h.stride(1), h_f[0], h_f[1],
+        h0.stride(0) if h0 is not None else 0, h0_f[0], h0_f[1],
+        grad_gamma.stride(0), grad_gamma.stride(1), o_f[0], o_f[1],
+        grad_h0.stride(0), o_f[0], o_f[1],
+        HAS_H0=h0 is not None, H0_VALUE=0.0 if has_x else 1.0,
+        REVERSE=bool(reverse), ACC=_acc_dtype(gamma.dtype),
+        R=rows, NT=nt, BLOCK_C=block_c, PREFETCH=_PREFETCH, NUM_STAGES=_NUM_STAGES,
+        SOFT_BF16=_INTERPRET and gamma.dtype == torch.bfloat16,
+        num_warps=num_warps,
+    )
+    return grad_gamma, grad_x, grad_h0
