@@ -122,29 +122,45 @@ void load_initial(
 constexpr int64_t kStreamingBytes = 8 << 20;
 
 // dst[i] = a[i] (* b[i]) for i < n, with streaming stores (call stream_fence()
-// before the data is read by another thread).
+// before the data is read by another thread). Visits i in descending order
+// when kDescending, like the pass that calls it (see for_each_channel).
+template <bool kDescending>
 inline void stream_store(float* dst, const float* a, const float* b, int64_t n) {
+  auto one = [&](int64_t i) { dst[i] = b ? a[i] * b[i] : a[i]; };
 #if defined(__SSE2__)
-  int64_t i = 0;
-  for (; i < n && (reinterpret_cast<uintptr_t>(dst + i) & 15) != 0; ++i) {
-    dst[i] = b ? a[i] * b[i] : a[i];
+  // [lo, hi): the part of the run whose 16-byte vectors are aligned in dst.
+  int64_t lo = 0;
+  while (lo < n && (reinterpret_cast<uintptr_t>(dst + lo) & 15) != 0) {
+    ++lo;
   }
-  if (b) {
-    for (; i + 4 <= n; i += 4) {
-      _mm_stream_ps(dst + i, _mm_mul_ps(_mm_loadu_ps(a + i), _mm_loadu_ps(b + i)));
+  const int64_t hi = lo + (n - lo) / 4 * 4;
+  auto four = [&](int64_t i) {
+    const __m128 v = b ? _mm_mul_ps(_mm_loadu_ps(a + i), _mm_loadu_ps(b + i)) : _mm_loadu_ps(a + i);
+    _mm_stream_ps(dst + i, v);
+  };
+  if constexpr (kDescending) {
+    for (int64_t i = n - 1; i >= hi; --i) {
+      one(i);
+    }
+    for (int64_t i = hi - 4; i >= lo; i -= 4) {
+      four(i);
+    }
+    for (int64_t i = lo - 1; i >= 0; --i) {
+      one(i);
     }
   } else {
-    for (; i + 4 <= n; i += 4) {
-      _mm_stream_ps(dst + i, _mm_loadu_ps(a + i));
+    for (int64_t i = 0; i < lo; ++i) {
+      one(i);
+    }
+    for (int64_t i = lo; i < hi; i += 4) {
+      four(i);
+    }
+    for (int64_t i = hi; i < n; ++i) {
+      one(i);
     }
   }
-  for (; i < n; ++i) {
-    dst[i] = b ? a[i] * b[i] : a[i];
-  }
 #else
-  for (int64_t i = 0; i < n; ++i) {
-    dst[i] = b ? a[i] * b[i] : a[i];
-  }
+  for_each_channel<kDescending>(n, one);
 #endif
 }
 
@@ -175,7 +191,7 @@ inline void forward_step(
   if constexpr (kCanStream<scalar_t, kUnit>) {
     if (stream) {
       for_each_channel<kDescending>(n, update);
-      stream_store(out, state, nullptr, n);
+      stream_store<kDescending>(out, state, nullptr, n);
       return;
     }
   }
@@ -224,8 +240,8 @@ inline void backward_step(
   if constexpr (kCanStream<scalar_t, kUnit> && std::is_same_v<hprev_t, float>) {
     if (stream) {
       for_each_channel<kDescending>(n, update);
-      stream_store(grad_x, acc, nullptr, n);
-      stream_store(grad_gamma, acc, hprev, n);
+      stream_store<kDescending>(grad_x, acc, nullptr, n);
+      stream_store<kDescending>(grad_gamma, acc, hprev, n);
       return;
     }
   }
