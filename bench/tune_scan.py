@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import statistics
 import sys
 from pathlib import Path
 
@@ -21,7 +20,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import mmrec_ops  # noqa: E402
+import mmrec_ops  # noqa: E402,F401  (registers the ops the check uses)
+from bench.scan import median_time_ms  # noqa: E402
 from mmrec_ops.triton import scan as triton_scan  # noqa: E402
 
 KNOBS = {
@@ -29,21 +29,6 @@ KNOBS = {
     "_ROWS": [4, 8, 16],
     "_NUM_WARPS": [4, 8],
 }
-
-
-def time_us(fn, repeats=20, inner=10):
-    fn()
-    torch.cuda.synchronize()
-    samples = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(inner):
-            fn()
-        end.record()
-        torch.cuda.synchronize()
-        samples.append(start.elapsed_time(end) * 1e3 / inner)
-    return statistics.median(samples)
 
 
 def rel_err(a, b):
@@ -71,8 +56,8 @@ def main():
             out = triton_scan.scan_forward(gamma, x, None, False)
             bwd = triton_scan.scan_backward(grad, gamma, h, None, True, False)
             err = max(rel_err(out.cpu(), ref), *(rel_err(a.cpu(), b) for a, b in zip(bwd[:2], ref_bwd[:2])))
-            fwd_us = time_us(lambda: triton_scan.scan_forward(gamma, x, None, False))
-            bwd_us = time_us(lambda: triton_scan.scan_backward(grad, gamma, h, None, True, False))
+            fwd_us = 1e3 * median_time_ms(lambda: triton_scan.scan_forward(gamma, x, None, False), "cuda", 1, 20)
+            bwd_us = 1e3 * median_time_ms(lambda: triton_scan.scan_backward(grad, gamma, h, None, True, False), "cuda", 1, 20)
             row = {"dtype": str(dtype), **config, "fwd_us": fwd_us, "bwd_us": bwd_us, "err_vs_cpu": err}
             results.append(row)
             print(json.dumps(row), flush=True)
