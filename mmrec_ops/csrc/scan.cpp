@@ -5,10 +5,10 @@
 //             dgamma_t = dx_t * h_{t-1},  dh0 = gamma_0 * dx_0
 // (with reverse=True, "t+1" and "t-1" swap roles).
 //
-// Each task owns one (batch, channel-group, channel-chunk) and walks time with
+// Each task owns a batch row (or a range of its channels) and walks time with
 // its running state in a float32 (float64 for float64) buffer, so every input
 // element is read once and every output written once; tasks run in parallel
-// with at::parallel_for, and the loop over a contiguous chunk vectorises.
+// with at::parallel_for, and the loop over contiguous channels vectorises.
 
 #include "common.h"
 

@@ -153,6 +153,18 @@ def test_scan_gradients_strided(layout, reverse, device):
     check_gradients(gamma, x, h0, reverse, torch.float32, torch.randn(6, device=device).expand(gamma.shape))
 
 
+@pytest.mark.grad
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("reverse", [False, True], ids=["forward", "reverse"])
+def test_scan_unfoldable_layout(reverse, device):
+    """Three channel dims whose strides fold into no fewer than three groups
+    (the kernels then copy the inputs to contiguous ones)."""
+    gamma = torch.rand(2, 4, 3, 5, 2, device=device).permute(0, 3, 2, 1, 4)
+    x = torch.randn(2, 4, 3, 5, 2, device=device).permute(0, 3, 2, 1, 4)
+    assert gamma.shape == (2, 5, 3, 4, 2)
+    check_gradients(gamma, x, torch.randn(2, 3, 4, 2, device=device), reverse, torch.float32, torch.randn(gamma.shape, device=device))
+
+
 @pytest.mark.ops
 @pytest.mark.grad
 @pytest.mark.parametrize("device", DEVICES)

@@ -88,3 +88,10 @@ def test_triton_scan_long_tiles(interpreted):
     gamma, x, h0 = make_scan_inputs((1, 300, 4), "cpu", torch.float32, True, True)
     for reverse in (False, True):
         check_against_reference(interpreted, gamma, x, h0, reverse, torch.float32)
+
+
+def test_triton_scan_unfoldable_layout(interpreted):
+    """Channel strides that fold into three groups: the launchers copy to contiguous."""
+    gamma = torch.rand(2, 4, 3, 5, 2).permute(0, 3, 2, 1, 4)
+    x = torch.randn(2, 4, 3, 5, 2).permute(0, 3, 2, 1, 4)
+    check_against_reference(interpreted, gamma, x, torch.randn(2, 3, 4, 2), False, torch.float32)
