@@ -29,7 +29,7 @@ from mmrec_ops import _library
 # registered from Python, and run only where a CUDA device and Triton are).
 REQUIRED_KEYS = {
     "scan": ("CPU", "CUDA", "Meta", "Autograd"),
-    "scan_backward": ("CPU", "CUDA", "Meta"),
+    "scan_backward": ("CPU", "CUDA", "Meta", "Autograd"),
 }
 REPORTED_KEYS = ("CPU", "CUDA", "Meta", "Autograd")
 

@@ -116,3 +116,56 @@ def _scan_backward(ctx, grad_h):
 
 
 torch.library.register_autograd(SCAN, _scan_backward, setup_context=_scan_setup_context)
+
+
+def _shift(y: Tensor, fill: Tensor, later: bool, reverse: bool) -> Tensor:
+    """out_t = y at the step before t in the scan's direction (later=False), or
+    at the step after it (later=True); the step with no such neighbour gets
+    fill ([B, ...])."""
+    if later == reverse:  # out_t = y_{t-1}
+        return torch.cat([fill.unsqueeze(1), y[:, :-1]], dim=1)
+    return torch.cat([y[:, 1:], fill.unsqueeze(1)], dim=1)
+
+
+def _add_at_step(y: Tensor, t: int, value: Tensor) -> Tensor:
+    y = y.clone()
+    y[:, t] += value
+    return y
+
+
+def _scan_backward_setup_context(ctx, inputs, output):
+    grad_h, gamma, h, h0, has_x, reverse = inputs
+    ctx.save_for_backward(gamma, h, h0, output[1])
+    ctx.has_x = has_x
+    ctx.reverse = reverse
+
+
+def _scan_backward_backward(ctx, u_gamma, u_x, u_h0):
+    """Double backward. scan_backward computes dx = adjoint scan of grad_h,
+    dgamma_t = dx_t * h_prev(t) and dh0 = gamma_first * dx_first; with v the
+    upstream gradient reaching dx through all three, the adjoint of the
+    adjoint scan is the forward scan a = scan(gamma, v), so that
+    grad_h <- a, gamma_t <- a_prev(t) * dx_t (and gamma_first <- u_h0 * dx_first),
+    h_s <- u_gamma_next(s) * dx_next(s), h0 <- u_gamma_first * dx_first."""
+    gamma, h, h0, dx = ctx.saved_tensors
+    reverse = ctx.reverse
+    zeros_seq, zeros_step = torch.zeros_like(gamma), gamma.new_zeros(step_shape(gamma.shape))
+    u_gamma = zeros_seq if u_gamma is None else u_gamma
+    u_x = zeros_seq if u_x is None else u_x
+    u_h0 = zeros_step if u_h0 is None else u_h0
+    if gamma.shape[1] == 0:
+        return zeros_seq, zeros_seq, zeros_seq, None if h0 is None else zeros_step, None, None
+    first = -1 if reverse else 0
+    implicit_h0 = torch.full_like(zeros_step, 0.0 if ctx.has_x else 1.0)
+    h_prev = _shift(h, implicit_h0 if h0 is None else h0, later=False, reverse=reverse)
+    v = u_x + u_gamma * h_prev
+    a = torch.ops.mmrec.scan.default(gamma, _add_at_step(v, first, u_h0 * gamma[:, first]), None, reverse)
+    grad_gamma = _add_at_step(_shift(a, zeros_step, later=False, reverse=reverse) * dx, first, u_h0 * dx[:, first])
+    grad_h = _shift(u_gamma * dx, zeros_step, later=True, reverse=reverse)
+    grad_h0 = None if h0 is None else u_gamma[:, first] * dx[:, first]
+    return a, grad_gamma, grad_h, grad_h0, None, None
+
+
+torch.library.register_autograd(
+    SCAN_BACKWARD, _scan_backward_backward, setup_context=_scan_backward_setup_context
+)

@@ -219,14 +219,33 @@ def test_scan_opcheck(requires_grad, dtype, device):
         torch.library.opcheck(torch.ops.mmrec.scan.default, args, kwargs)
 
 
+@pytest.mark.grad
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("reverse", [False, True], ids=["forward", "reverse"])
+@pytest.mark.parametrize("mode", MODES, ids=[m[0] for m in MODES])
+def test_scan_gradgradcheck(mode, reverse, device):
+    """Second derivatives, through scan_backward's own autograd formula."""
+    _, with_x, with_h0 = mode
+    inputs = make_scan_inputs((2, 5, 3), device, torch.float64, with_x, with_h0)
+    leaves = [t.detach().requires_grad_() for t in inputs if t is not None]
+
+    def fn(*args):
+        it = iter(args)
+        return mmrec_ops.scan(*(next(it) if t is not None else None for t in inputs), reverse=reverse)
+
+    assert torch.autograd.gradgradcheck(fn, leaves)
+
+
 @pytest.mark.opcheck
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
-def test_scan_backward_opcheck(dtype, device):
+@pytest.mark.parametrize("requires_grad", [False, True], ids=["no_grad", "requires_grad"])
+def test_scan_backward_opcheck(requires_grad, dtype, device):
     for (gamma, x, h0), kwargs in scan_samples(device, dtype, requires_grad=False):
         h = mmrec_ops.scan(gamma, x, h0, **kwargs)
         grad_h = torch.randn_like(h)
-        args = (grad_h, gamma, h, h0, x is not None, kwargs["reverse"])
+        tensors = [t.requires_grad_(requires_grad) if t is not None else None for t in (grad_h, gamma, h, h0)]
+        args = (*tensors, x is not None, kwargs["reverse"])
         torch.library.opcheck(torch.ops.mmrec.scan_backward.default, args)
 
 
