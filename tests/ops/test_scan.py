@@ -359,6 +359,15 @@ def test_scan_bad_inputs_raise_clear_errors(case, kernel):
 
 
 @pytest.mark.ops
+def test_scan_mixed_devices_raise_clear_errors():
+    """A tensor on another device (meta stands in for one on machines without a GPU)."""
+    with pytest.raises(ValueError, match=r"x to be on the device of gamma \(cpu\), got meta"):
+        torch.ops.mmrec.scan(torch.rand(2, 3, 4), torch.rand(2, 3, 4, device="meta"))
+    with pytest.raises(ValueError, match=r"h0 to be on the device of gamma \(meta\), got cpu"):
+        torch.ops.mmrec.scan(torch.rand(2, 3, 4, device="meta"), None, torch.rand(2, 4))
+
+
+@pytest.mark.ops
 def test_scan_backward_bad_inputs():
     g = torch.rand(2, 5, 3)
     with pytest.raises(ValueError, match=r"grad_h of shape \[2, 5, 3\]"):
