@@ -71,6 +71,17 @@ def reference_with_grads(gamma, x, h0, reverse, grad_h):
     return out.detach(), grads
 
 
+def scan_of_given(inputs, reverse):
+    """(fn, leaves): scan as a function of the inputs that are not None, for gradcheck."""
+    leaves = [t.detach().requires_grad_() for t in inputs if t is not None]
+
+    def fn(*args):
+        given = iter(args)
+        return mmrec_ops.scan(*(next(given) if t is not None else None for t in inputs), reverse=reverse)
+
+    return fn, leaves
+
+
 def scan_samples(device, dtype, requires_grad):
     """(args, kwargs) for opcheck: every mode, both directions, odd sizes, a transposed view."""
     samples = []
@@ -201,13 +212,7 @@ def test_scan_mixed_layouts(shape, reverse, device):
 def test_scan_gradcheck(layout, mode, reverse, device):
     _, with_x, with_h0 = mode
     inputs = make_scan_inputs((2, 6, 2, 3), device, torch.float64, with_x, with_h0, layout)
-    leaves = [t.detach().requires_grad_() for t in inputs if t is not None]
-
-    def fn(*args):
-        it = iter(args)
-        return mmrec_ops.scan(*(next(it) if t is not None else None for t in inputs), reverse=reverse)
-
-    assert torch.autograd.gradcheck(fn, leaves)
+    assert torch.autograd.gradcheck(*scan_of_given(inputs, reverse))
 
 
 @pytest.mark.opcheck
@@ -227,13 +232,7 @@ def test_scan_gradgradcheck(mode, reverse, device):
     """Second derivatives, through scan_backward's own autograd formula."""
     _, with_x, with_h0 = mode
     inputs = make_scan_inputs((2, 5, 3), device, torch.float64, with_x, with_h0)
-    leaves = [t.detach().requires_grad_() for t in inputs if t is not None]
-
-    def fn(*args):
-        it = iter(args)
-        return mmrec_ops.scan(*(next(it) if t is not None else None for t in inputs), reverse=reverse)
-
-    assert torch.autograd.gradgradcheck(fn, leaves)
+    assert torch.autograd.gradgradcheck(*scan_of_given(inputs, reverse))
 
 
 @pytest.mark.opcheck
