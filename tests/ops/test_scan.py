@@ -94,6 +94,15 @@ def scan_samples(device, dtype, requires_grad):
     return samples
 
 
+def check_forward(gamma, x, h0, reverse, dtype):
+    """scan (NaN-poisoned outputs) against the float64 loop on upcast copies."""
+    with nan_poison():
+        out = mmrec_ops.scan(gamma, x, h0, reverse=reverse)
+    assert out.dtype == dtype and out.shape == gamma.shape and out.is_contiguous()
+    ref = scan_reference(*(t.double().cpu() if t is not None else None for t in (gamma, x, h0)), reverse=reverse)
+    assert_close_rel(out, ref, output_tolerance(dtype))
+
+
 @pytest.mark.ops
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -103,11 +112,7 @@ def scan_samples(device, dtype, requires_grad):
 def test_scan_matches_reference(shape, mode, reverse, dtype, device):
     _, with_x, with_h0 = mode
     gamma, x, h0 = make_scan_inputs(shape[1], device, dtype, with_x, with_h0)
-    with nan_poison():
-        out = mmrec_ops.scan(gamma, x, h0, reverse=reverse)
-    assert out.dtype == dtype and out.shape == gamma.shape and out.is_contiguous()
-    ref = scan_reference(*(t.double().cpu() if t is not None else None for t in (gamma, x, h0)), reverse=reverse)
-    assert_close_rel(out, ref, output_tolerance(dtype))
+    check_forward(gamma, x, h0, reverse, dtype)
 
 
 @pytest.mark.ops
@@ -120,10 +125,7 @@ def test_scan_strided_inputs(mode, layout, reverse, dtype, device):
     _, with_x, with_h0 = mode
     gamma, x, h0 = make_scan_inputs((2, 23, 3, 6), device, dtype, with_x, with_h0, layout)
     assert not gamma.is_contiguous()
-    with nan_poison():
-        out = mmrec_ops.scan(gamma, x, h0, reverse=reverse)
-    ref = scan_reference(*(t.double().cpu() if t is not None else None for t in (gamma, x, h0)), reverse=reverse)
-    assert_close_rel(out, ref, output_tolerance(dtype))
+    check_forward(gamma, x, h0, reverse, dtype)
 
 
 def check_gradients(gamma, x, h0, reverse, dtype, grad_h):
