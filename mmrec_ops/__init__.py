@@ -3,6 +3,7 @@
     import mmrec_ops
     h = mmrec_ops.scan(gamma, x)          # torch.ops.mmrec.scan
     p = mmrec_ops.cumprod(gamma)          # scan without x: cumulative product
+    h = mmrec_ops.recurrence(z, gamma, W) # torch.ops.mmrec.recurrence
 
 The compiled library (mmrec_ops._C) is required; importing this package
 without it raises ImportError with build instructions.
@@ -14,6 +15,7 @@ from ._version import __version__
 _C = load_library()
 
 if _C is not None:  # None only inside `python -m mmrec_ops.check`, which reports why
+    from .ops.recurrence import recurrence
     from .ops.scan import cumprod, scan
 
-__all__ = ["__version__", "cumprod", "scan"]
+__all__ = ["__version__", "cumprod", "recurrence", "scan"]

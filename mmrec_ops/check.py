@@ -30,6 +30,9 @@ from mmrec_ops import _library
 REQUIRED_KEYS = {
     "scan": ("CPU", "CUDA", "Meta", "Autograd"),
     "scan_backward": ("CPU", "CUDA", "Meta", "Autograd"),
+    "recurrence": ("CPU", "CUDA", "Meta", "Autograd"),
+    # No second derivatives of the recurrence: its backward has no Autograd kernel.
+    "recurrence_backward": ("CPU", "CUDA", "Meta"),
 }
 REPORTED_KEYS = ("CPU", "CUDA", "Meta", "Autograd")
 
@@ -158,10 +161,11 @@ def render(report: dict) -> str:
     ):
         value = lib.get(key)
         lines.append(f"  {label:<17} {value if value is not None else '-'}")
-    lines += ["", f"{'operators':<24}" + "  ".join(f"{k:<8}" for k in REPORTED_KEYS)]
+    width = max(len("mmrec::" + name) for name in report["ops"]) + 2
+    lines += ["", f"{'operators':<{width + 2}}" + "  ".join(f"{k:<8}" for k in REPORTED_KEYS)]
     for name, keys in report["ops"].items():
         marks = "  ".join(f"{'yes' if keys[k] else 'no':<8}" for k in REPORTED_KEYS)
-        lines.append(f"  {'mmrec::' + name:<22}{marks}")
+        lines.append(f"  {'mmrec::' + name:<{width}}{marks}")
     triton, cuda = report["triton"], report["cuda"]
     lines += [
         "",

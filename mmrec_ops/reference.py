@@ -31,3 +31,24 @@ def scan_reference(gamma: Tensor, x: Tensor | None = None, h0: Tensor | None = N
     if not outputs:
         return gamma.new_empty(gamma.shape)
     return torch.stack(outputs, dim=1)
+
+
+def recurrence_reference(
+    z: Tensor, gamma: Tensor, weight: Tensor, bias: Tensor | None = None, h0: Tensor | None = None
+) -> Tensor:
+    """h_t = z_t * sigmoid(W h_{t-1} + b) + gamma_t * h_{t-1} per head; see ``mmrec_ops.recurrence``.
+
+    z, gamma: ``[B, T, H, d]``; weight: ``[H, d, d]`` (row = output unit);
+    bias: ``[H, d]``; h0: ``[B, H, d]``, omitted means 0.
+    """
+    h = torch.zeros_like(z[:, 0] if z.shape[1] > 0 else z.sum(1)) if h0 is None else h0
+    outputs = []
+    for t in range(z.shape[1]):
+        pre = torch.einsum("hoi,bhi->bho", weight, h)
+        if bias is not None:
+            pre = pre + bias
+        h = z[:, t] * torch.sigmoid(pre) + gamma[:, t] * h
+        outputs.append(h)
+    if not outputs:
+        return z.new_empty(z.shape)
+    return torch.stack(outputs, dim=1)

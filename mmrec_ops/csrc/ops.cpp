@@ -19,6 +19,14 @@ TORCH_LIBRARY(mmrec, m) {
   m.def(
       "scan_backward(Tensor grad_h, Tensor gamma, Tensor h, Tensor? h0, bool has_x, bool reverse) "
       "-> (Tensor grad_gamma, Tensor grad_x, Tensor grad_h0)");
+  // Per head: h_t = z_t * sigmoid(W h_{t-1} + b) + gamma_t * h_{t-1}, h_{-1} = h0 (default 0).
+  // z, gamma: [B, T, H, d]; weight: [H, d, d] (row = output unit); bias: [H, d]; h0: [B, H, d].
+  m.def("recurrence(Tensor z, Tensor gamma, Tensor weight, Tensor? bias=None, Tensor? h0=None) -> Tensor");
+  // Gradients of recurrence (BPTT, one reverse pass) from the saved output h.
+  // grad_bias and grad_h0 are returned whether or not bias and h0 were given.
+  m.def(
+      "recurrence_backward(Tensor grad_h, Tensor z, Tensor gamma, Tensor weight, Tensor? bias, Tensor? h0, "
+      "Tensor h) -> (Tensor grad_z, Tensor grad_gamma, Tensor grad_weight, Tensor grad_bias, Tensor grad_h0)");
 }
 
 extern "C" {

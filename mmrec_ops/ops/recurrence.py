@@ -1,0 +1,125 @@
+"""mmrec::recurrence, the exact MM-Rec core formula, and its backward op.
+
+Registers, for the schemas in csrc/ops.cpp: the fake kernels (shapes for
+torch.compile), the CUDA kernels (Triton launchers, triton/recurrence.py) and
+the autograd formula. The CPU kernels are C++ (csrc/recurrence.cpp).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ._checks import check_floating, check_like, check_shape
+
+RECURRENCE = "mmrec::recurrence"
+RECURRENCE_BACKWARD = "mmrec::recurrence_backward"
+
+
+def recurrence(
+    z: Tensor, gamma: Tensor, weight: Tensor, bias: Tensor | None = None, h0: Tensor | None = None
+) -> Tensor:
+    """The gated recurrence of MM-Rec, per head, fused over the whole sequence.
+
+        h_t = z_t * sigmoid(W h_{t-1} + b) + gamma_t * h_{t-1}        t = 0 .. T-1,  h_{-1} = h0
+
+    Nonlinear in h, so sequential in t: one kernel walks the sequence with each
+    head's d x d weight on chip (C++ on CPU, Triton on CUDA).
+
+    Args:
+        z: input, ``[B, T, H, d]``, any strides.
+        gamma: decay, ``[B, T, H, d]``, z's dtype and device.
+        weight: ``[H, d, d]``, row = output unit (``W h`` is ``einsum('hoi,bhi->bho')``).
+        bias: ``[H, d]``; omitted means 0.
+        h0: initial state ``[B, H, d]``; omitted means 0.
+
+    All tensors share one dtype (float32, float64, bfloat16 or float16; cast the
+    weight to z's dtype under autocast) and device.
+
+    Returns:
+        h, a new contiguous ``[B, T, H, d]`` tensor in z's dtype, accumulated in
+        float32 (float64 for float64). Differentiable in z, gamma, weight, bias and
+        h0 (backward through time in one reverse pass, ``mmrec::recurrence_backward``).
+    """
+    return torch.ops.mmrec.recurrence.default(z, gamma, weight, bias, h0)
+
+
+def check_recurrence_args(
+    op: str, z: Tensor, gamma: Tensor, weight: Tensor, bias: Tensor | None, h0: Tensor | None
+) -> None:
+    """The checks of csrc/recurrence.cpp, for the kernels written in Python."""
+    check_floating(z, op, "z")
+    if z.dim() != 4:
+        raise ValueError(f"{op}: expected z of shape [B, T, H, d] (4 dims), got {list(z.shape)}")
+    B, _, H, d = z.shape
+    check_like(gamma, z, op, "gamma", "z")
+    check_shape(gamma, z.shape, op, "gamma")
+    check_like(weight, z, op, "weight", "z")
+    check_shape(weight, (H, d, d), op, "weight")
+    if bias is not None:
+        check_like(bias, z, op, "bias", "z")
+        check_shape(bias, (H, d), op, "bias")
+    if h0 is not None:
+        check_like(h0, z, op, "h0", "z")
+        check_shape(h0, (B, H, d), op, "h0")
+
+
+def check_recurrence_backward_args(grad_h, z, gamma, weight, bias, h0, h) -> None:
+    check_recurrence_args(RECURRENCE_BACKWARD, z, gamma, weight, bias, h0)
+    for name, t in (("grad_h", grad_h), ("h", h)):
+        check_like(t, z, RECURRENCE_BACKWARD, name, "z")
+        check_shape(t, z.shape, RECURRENCE_BACKWARD, name)
+
+
+@torch.library.register_fake(RECURRENCE)
+def _recurrence_fake(z, gamma, weight, bias=None, h0=None):
+    check_recurrence_args(RECURRENCE, z, gamma, weight, bias, h0)
+    return z.new_empty(z.shape)
+
+
+@torch.library.register_fake(RECURRENCE_BACKWARD)
+def _recurrence_backward_fake(grad_h, z, gamma, weight, bias, h0, h):
+    check_recurrence_backward_args(grad_h, z, gamma, weight, bias, h0, h)
+    B, _, H, d = z.shape
+    return z.new_empty(z.shape), z.new_empty(z.shape), z.new_empty((H, d, d)), z.new_empty((H, d)), z.new_empty((B, H, d))
+
+
+def _triton_recurrence():
+    """The Triton launchers, imported on first CUDA use (CPU-only runs never import Triton)."""
+    try:
+        from ..triton import recurrence as triton_recurrence
+    except ImportError as err:
+        raise RuntimeError(
+            f"mmrec::recurrence on CUDA tensors needs a working Triton (pip install triton); importing it failed: {err}"
+        ) from err
+    return triton_recurrence
+
+
+@torch.library.register_kernel(RECURRENCE, "cuda")
+def _recurrence_cuda(z, gamma, weight, bias=None, h0=None):
+    check_recurrence_args(RECURRENCE, z, gamma, weight, bias, h0)
+    return _triton_recurrence().recurrence_forward(z, gamma, weight, bias, h0)
+
+
+@torch.library.register_kernel(RECURRENCE_BACKWARD, "cuda")
+def _recurrence_backward_cuda(grad_h, z, gamma, weight, bias, h0, h):
+    check_recurrence_backward_args(grad_h, z, gamma, weight, bias, h0, h)
+    return _triton_recurrence().recurrence_backward(grad_h, z, gamma, weight, bias, h0, h)
+
+
+def _recurrence_setup_context(ctx, inputs, output):
+    z, gamma, weight, bias, h0 = inputs
+    ctx.save_for_backward(z, gamma, weight, bias, h0, output)
+
+
+def _recurrence_backward(ctx, grad_h):
+    z, gamma, weight, bias, h0, h = ctx.saved_tensors
+    grad_z, grad_gamma, grad_weight, grad_bias, grad_h0 = torch.ops.mmrec.recurrence_backward.default(
+        grad_h, z, gamma, weight, bias, h0, h
+    )
+    return grad_z, grad_gamma, grad_weight, grad_bias if bias is not None else None, grad_h0 if h0 is not None else None
+
+
+# recurrence_backward has no autograd formula of its own: second derivatives of
+# the recurrence are not supported (autograd says so if one asks for them).
+torch.library.register_autograd(RECURRENCE, _recurrence_backward, setup_context=_recurrence_setup_context)

@@ -1,0 +1,266 @@
+"""torch.ops.mmrec.recurrence and recurrence_backward against the float64 loop reference.
+
+Inputs are drawn in the regime the model runs in: gamma in (0, 1), z standard
+normal, W with entries of scale 1/sqrt(d) (spectral norm about 2, times the
+gate's slope of at most 1/4), so the recurrence is contractive and an error
+made at one step does not grow along the sequence. In that regime the
+tolerances of tests/helpers.py hold for the same reasons as for the scan: the
+kernels keep the state in float32, so a low-precision output carries one
+rounding (output_tolerance), and a gradient carries the rounding of the saved
+h_{t-1} it reads (and of the gate recomputed from it, damped by the slope
+above) plus its own (grad_tolerance).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
+
+import mmrec_ops
+from mmrec_ops.reference import recurrence_reference
+from tests.helpers import DEVICES, DTYPES, assert_close_rel, grad_tolerance, nan_poison, output_tolerance
+
+# (name, [B, T, H, d]): T = 1, prime T, d not a power of two, d = 64 (the common case), d > 64.
+SHAPES = [
+    ("T1", (3, 1, 2, 5)),
+    ("primeT_d7", (2, 13, 3, 7)),
+    ("d16", (2, 8, 2, 16)),
+    ("d24", (1, 17, 2, 24)),
+    ("d64", (2, 9, 2, 64)),
+    ("d80", (2, 5, 1, 80)),
+]
+# (name, bias given, h0 given)
+MODES = [("plain", False, False), ("bias", True, False), ("h0", False, True), ("bias_h0", True, True)]
+NAMES = ("z", "gamma", "weight", "bias", "h0")
+
+
+def draw(shape, device, dtype, kind="normal"):
+    values = torch.rand(shape, dtype=torch.float64) if kind == "gamma" else torch.randn(shape, dtype=torch.float64)
+    return values.to(device=device, dtype=dtype)
+
+
+def make_inputs(shape, device, dtype, with_bias=True, with_h0=True, strided=False):
+    """(z, gamma, weight, bias, h0). strided: z and gamma as [B, H, T, d] tensors
+    seen through .transpose(1, 2), the weight as a per-head transpose, bias and
+    h0 as every other element of wider tensors."""
+    B, T, H, d = shape
+    if strided:
+        z = draw((B, H, T, d), device, dtype).transpose(1, 2)
+        gamma = draw((B, H, T, d), device, dtype, "gamma").transpose(1, 2)
+        weight = (draw((H, d, d), device, torch.float64) / d**0.5).to(dtype).transpose(1, 2)
+        bias = draw((H, 2 * d), device, dtype)[:, ::2] if with_bias else None
+        h0 = draw((B, H, 2 * d), device, dtype)[..., ::2] if with_h0 else None
+    else:
+        z = draw(shape, device, dtype)
+        gamma = draw(shape, device, dtype, "gamma")
+        weight = (draw((H, d, d), device, torch.float64) / d**0.5).to(dtype)
+        bias = draw((H, d), device, dtype) if with_bias else None
+        h0 = draw((B, H, d), device, dtype) if with_h0 else None
+    return z, gamma, weight, bias, h0
+
+
+def given(inputs):
+    return [(name, t) for name, t in zip(NAMES, inputs) if t is not None]
+
+
+def reference_with_grads(inputs, grad_h):
+    """Output and gradients (of the inputs that are not None) of the float64 loop on upcast copies."""
+    leaves = [None if t is None else t.detach().double().cpu().requires_grad_() for t in inputs]
+    out = recurrence_reference(*leaves)
+    wrt = [t for t in leaves if t is not None]
+    if out.numel() == 0:
+        return out.detach(), [torch.zeros_like(t) for t in wrt]
+    return out.detach(), torch.autograd.grad(out, wrt, grad_h.double().cpu(), allow_unused=True)
+
+
+def check_forward(inputs, dtype):
+    with nan_poison():
+        out = mmrec_ops.recurrence(*inputs)
+    assert out.dtype == dtype and out.shape == inputs[0].shape and out.is_contiguous()
+    ref = recurrence_reference(*(None if t is None else t.double().cpu() for t in inputs))
+    assert_close_rel(out, ref, output_tolerance(dtype))
+
+
+def check_gradients(inputs, dtype, grad_h):
+    leaves = [None if t is None else t.detach().requires_grad_() for t in inputs]
+    with nan_poison():
+        out = mmrec_ops.recurrence(*leaves)
+        grads = torch.autograd.grad(out, [t for t in leaves if t is not None], grad_h)
+    ref_out, ref_grads = reference_with_grads(inputs, grad_h)
+    assert_close_rel(out, ref_out, output_tolerance(dtype))
+    for (name, leaf), grad, ref in zip(given(leaves), grads, ref_grads):
+        assert grad.dtype == dtype and grad.shape == leaf.shape
+        assert_close_rel(grad, ref, grad_tolerance(dtype), what=f"grad of {name}")
+
+
+@pytest.mark.ops
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("mode", MODES, ids=[m[0] for m in MODES])
+@pytest.mark.parametrize("shape", SHAPES, ids=[s[0] for s in SHAPES])
+def test_recurrence_matches_reference(shape, mode, dtype, device):
+    _, with_bias, with_h0 = mode
+    check_forward(make_inputs(shape[1], device, dtype, with_bias, with_h0), dtype)
+
+
+@pytest.mark.grad
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("mode", MODES, ids=[m[0] for m in MODES])
+@pytest.mark.parametrize("shape", SHAPES, ids=[s[0] for s in SHAPES])
+def test_recurrence_gradients_match_reference(shape, mode, dtype, device):
+    _, with_bias, with_h0 = mode
+    inputs = make_inputs(shape[1], device, dtype, with_bias, with_h0)
+    check_gradients(inputs, dtype, draw(shape[1], device, dtype))
+
+
+@pytest.mark.ops
+@pytest.mark.grad
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", [(2, 11, 3, 6), (1, 4, 2, 64)], ids=["d6", "d64"])
+def test_recurrence_strided_inputs(shape, dtype, device):
+    inputs = make_inputs(shape, device, dtype, strided=True)
+    assert not any(t.is_contiguous() for t in inputs)
+    check_forward(inputs, dtype)
+    B, T, H, d = shape
+    check_gradients(inputs, dtype, draw((B, H, T, d), device, dtype).transpose(1, 2))
+
+
+@pytest.mark.ops
+@pytest.mark.parametrize("device", DEVICES)
+def test_recurrence_float32_accuracy_over_long_sequences(device):
+    """float32 keeps 1e-5 (relative, in norm) over 4096 steps with gamma close to
+    1, where errors carry the longest."""
+    inputs = list(make_inputs((1, 4096, 2, 16), device, torch.float32))
+    inputs[1] = (1 - 0.01 * draw(inputs[1].shape, device, torch.float64, "gamma")).float()
+    check_forward(inputs, torch.float32)
+
+
+@pytest.mark.grad
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("mode", MODES, ids=[m[0] for m in MODES])
+@pytest.mark.parametrize("strided", [False, True], ids=["contiguous", "strided"])
+def test_recurrence_gradcheck(strided, mode, device):
+    _, with_bias, with_h0 = mode
+    inputs = make_inputs((2, 5, 2, 3), device, torch.float64, with_bias, with_h0, strided)
+    leaves = [t.detach().requires_grad_() for _, t in given(inputs)]
+
+    def fn(*args):
+        values = iter(args)
+        return mmrec_ops.recurrence(*(None if t is None else next(values) for t in inputs))
+
+    assert torch.autograd.gradcheck(fn, leaves)
+
+
+def recurrence_samples(device, dtype, requires_grad):
+    """(args, kwargs) for opcheck: every mode, T = 1, odd d, a strided layout."""
+    samples = []
+    for shape, strided in [((2, 7, 2, 5), False), ((2, 4, 3, 8), True), ((3, 1, 1, 4), False)]:
+        for _, with_bias, with_h0 in MODES:
+            inputs = make_inputs(shape, device, dtype, with_bias, with_h0, strided)
+            args = tuple(None if t is None else t.requires_grad_(requires_grad) for t in inputs)
+            samples.append((args, {}))
+    return samples
+
+
+@pytest.mark.opcheck
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("requires_grad", [False, True], ids=["no_grad", "requires_grad"])
+def test_recurrence_opcheck(requires_grad, dtype, device):
+    for args, kwargs in recurrence_samples(device, dtype, requires_grad):
+        torch.library.opcheck(torch.ops.mmrec.recurrence.default, args, kwargs)
+
+
+@pytest.mark.opcheck
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_recurrence_backward_opcheck(dtype, device):
+    """Without requires_grad: recurrence_backward has no autograd formula
+    (no second derivatives of the recurrence)."""
+    for args, _ in recurrence_samples(device, dtype, requires_grad=False):
+        h = mmrec_ops.recurrence(*args)
+        torch.library.opcheck(torch.ops.mmrec.recurrence_backward.default, (torch.randn_like(h), *args, h))
+
+
+@pytest.mark.compile
+@pytest.mark.parametrize("device", DEVICES)
+def test_recurrence_compiles_without_graph_break(device):
+    torch._dynamo.reset()
+
+    def loss_fn(z, gamma, weight, bias, h0):
+        h = mmrec_ops.recurrence(torch.tanh(z), torch.sigmoid(gamma), weight, bias, h0)
+        return h.square().mean()
+
+    compiled = torch.compile(loss_fn, fullgraph=True, dynamic=True)
+    for T in (5, 11):
+        inputs = [t.requires_grad_() for t in make_inputs((2, T, 3, 4), device, torch.float32)]
+        expected = loss_fn(*inputs)
+        expected_grads = torch.autograd.grad(expected, inputs)
+        actual = compiled(*inputs)
+        actual_grads = torch.autograd.grad(actual, inputs)
+        assert_close_rel(actual.detach(), expected.detach(), 1e-6)
+        for a, e in zip(actual_grads, expected_grads):
+            assert_close_rel(a, e, 1e-6, what="compiled gradient")
+
+
+@pytest.mark.ops
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("shape", [(2, 0, 3, 4), (0, 5, 3, 4), (0, 0, 2, 2)], ids=["T0", "B0", "B0T0"])
+def test_recurrence_empty(shape, device):
+    leaves = [t.requires_grad_() for t in make_inputs(shape, device, torch.float32)]
+    out = mmrec_ops.recurrence(*leaves)
+    assert out.shape == shape
+    grads = torch.autograd.grad(out, leaves, torch.ones_like(out))
+    for leaf, grad in zip(leaves, grads):
+        assert grad.shape == leaf.shape
+        assert torch.equal(grad, torch.zeros_like(leaf)), "nothing reaches an output when T = 0 or B = 0"
+
+
+def bad_recurrence_inputs():
+    z, g, w, b, h0 = make_inputs((2, 5, 3, 4), "cpu", torch.float32)
+    return [
+        ("int_z", (z.long(), g, w), "z to be float32"),
+        ("z_rank3", (z[0], g[0], w), r"z of shape \[B, T, H, d\]"),
+        ("gamma_dtype", (z, g.double(), w), "gamma to have the dtype of z"),
+        ("gamma_shape", (z, g[:, :4], w), r"gamma of shape \[2, 5, 3, 4\]"),
+        ("weight_dtype", (z, g, w.half()), "weight to have the dtype of z"),
+        ("weight_shape", (z, g, w[:, :3]), r"weight of shape \[3, 4, 4\]"),
+        ("bias_shape", (z, g, w, b[:2]), r"bias of shape \[3, 4\]"),
+        ("h0_shape", (z, g, w, b, h0[:, :, :3]), r"h0 of shape \[2, 3, 4\]"),
+        ("h0_dtype", (z, g, w, None, h0.bfloat16()), "h0 to have the dtype of z"),
+    ]
+
+
+@pytest.mark.ops
+@pytest.mark.parametrize("kernel", ["cpu", "fake"])
+@pytest.mark.parametrize("case", bad_recurrence_inputs(), ids=[c[0] for c in bad_recurrence_inputs()])
+def test_recurrence_bad_inputs_raise_clear_errors(case, kernel):
+    _, args, message = case
+    if kernel == "fake":
+        mode = FakeTensorMode()
+        args = tuple(mode.from_tensor(a) if a is not None else None for a in args)
+        with mode, pytest.raises(ValueError, match=message):
+            torch.ops.mmrec.recurrence(*args)
+    else:
+        with pytest.raises(ValueError, match=message):
+            torch.ops.mmrec.recurrence(*args)
+
+
+@pytest.mark.ops
+def test_recurrence_mixed_devices_raise_clear_errors():
+    """A tensor on another device (meta stands in for one on machines without a GPU)."""
+    z, g, w, _, _ = make_inputs((2, 5, 3, 4), "cpu", torch.float32)
+    with pytest.raises(ValueError, match=r"weight to be on the device of z \(cpu\), got meta"):
+        torch.ops.mmrec.recurrence(z, g, w.to("meta"))
+
+
+@pytest.mark.ops
+def test_recurrence_backward_bad_inputs():
+    z, g, w, b, h0 = make_inputs((2, 5, 3, 4), "cpu", torch.float32)
+    with pytest.raises(ValueError, match=r"grad_h of shape \[2, 5, 3, 4\]"):
+        torch.ops.mmrec.recurrence_backward(z[:, :4], z, g, w, b, h0, z)
+    with pytest.raises(ValueError, match="h to have the dtype of z"):
+        torch.ops.mmrec.recurrence_backward(z, z, g, w, b, h0, z.double())
