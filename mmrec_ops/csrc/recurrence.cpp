@@ -12,8 +12,8 @@
 // call into a zero-padded float buffer of ~16 KB (d = 64), stays in L1 for the
 // whole sequence. The backward recomputes the gate from the saved h_{t-1}
 // rather than storing it (one more matvec per step, no extra [B, T, H, d]
-// tensor), writes da_t to a float buffer, and forms dW and db from it with one
-// batched GEMM after the sequential pass. The step loops are compiled twice,
+// tensor), writes da_t and h_{t-1} to float buffers, and forms dW and db from
+// them with one batched GEMM after the sequential pass. The step loops are compiled twice,
 // for baseline x86-64 and for AVX2 + FMA, and the faster one is picked at run
 // time: the build itself targets baseline x86-64 so that the wheel runs
 // anywhere.
@@ -163,7 +163,8 @@ template <typename scalar_t, typename acc_t>
 struct BackwardProblem : Problem<scalar_t, acc_t> {
   Seq<const scalar_t> grad_h, h;
   scalar_t *grad_z, *grad_gamma, *grad_h0;  // contiguous
-  acc_t* grad_pre;                          // da: contiguous [B, T, H, d]
+  // da and h_{t-1}, head-major [H, B, T, d], the operands of the GEMM for dW.
+  acc_t *grad_pre, *h_prev;
 };
 
 template <typename scalar_t, typename acc_t>
@@ -218,6 +219,7 @@ MMREC_INLINE void backward_task(const BackwardProblem<scalar_t, acc_t>& p, int64
     load(p.grad_h.at(b, t, head), p.grad_h.sd, d, grad);
     pre_activation(p, head, h_prev, pre);
     const int64_t offset = ((b * p.T + t) * p.H + head) * d;
+    const int64_t head_major = ((head * p.B + b) * p.T + t) * d;
 #pragma omp simd
     for (int64_t o = 0; o < d; ++o) {
       const acc_t s = sigmoid(pre[o]);
@@ -225,7 +227,8 @@ MMREC_INLINE void backward_task(const BackwardProblem<scalar_t, acc_t>& p, int64
       p.grad_z[offset + o] = static_cast<scalar_t>(g * s);
       p.grad_gamma[offset + o] = static_cast<scalar_t>(g * h_prev[o]);
       grad_pre[o] = g * z[o] * s * (acc_t(1) - s);
-      p.grad_pre[offset + o] = grad_pre[o];
+      p.grad_pre[head_major + o] = grad_pre[o];
+      p.h_prev[head_major + o] = h_prev[o];
       carry[o] = gamma[o] * g;
     }
     matvec_accumulate(w_out_major, grad_pre, carry, n);
@@ -398,7 +401,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> recurrence_backward_cpu(
   const Tensor w_in_major = padded_weight(weight, acc, n, /*in_major=*/true);
   const Tensor w_out_major = padded_weight(weight, acc, n, /*in_major=*/false);
   const Tensor b = padded_bias(bias, weight, acc, n);
-  Tensor grad_pre = at::empty({B, T, H, d}, options.dtype(acc));
+  Tensor grad_pre = at::empty({H, B * T, d}, options.dtype(acc));
+  Tensor h_prev = at::empty({H, B * T, d}, options.dtype(acc));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, z.scalar_type(), "mmrec_recurrence_backward", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     BackwardProblem<scalar_t, acc_t> p;
@@ -409,14 +413,12 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> recurrence_backward_cpu(
     p.grad_gamma = grad_gamma.data_ptr<scalar_t>();
     p.grad_h0 = grad_h0.data_ptr<scalar_t>();
     p.grad_pre = grad_pre.data_ptr<acc_t>();
+    p.h_prev = h_prev.data_ptr<acc_t>();
     at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) { backward_tasks(p, begin, end); });
   });
   // dW[h] = sum over (b, t) of da h_prev^T: one GEMM per head, [d, B*T] x [B*T, d].
-  Tensor h_first = h0.has_value() ? h0->unsqueeze(1) : at::zeros({B, 1, H, d}, options);
-  Tensor h_prev = at::cat({h_first, h.narrow(1, 0, T - 1)}, 1).to(acc);
-  Tensor grad_weight = at::bmm(grad_pre.permute({2, 3, 0, 1}).reshape({H, d, B * T}),
-                               h_prev.permute({2, 0, 1, 3}).reshape({H, B * T, d}));
-  Tensor grad_bias = grad_pre.sum({0, 1});
+  Tensor grad_weight = at::bmm(grad_pre.transpose(1, 2), h_prev);
+  Tensor grad_bias = grad_pre.sum(1);
   return {grad_z, grad_gamma, grad_weight.to(z.scalar_type()), grad_bias.to(z.scalar_type()), grad_h0};
 }
 
