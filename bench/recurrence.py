@@ -1,0 +1,200 @@
+"""Benchmark of torch.ops.mmrec.recurrence against recurrent baselines, side by side.
+
+    python bench/recurrence.py                       # CPU, float32 [B, T, H, d] = [4, 512, 8, 64]
+    python bench/recurrence.py --device cuda         # CUDA, bfloat16 [16, 1024, 12, 64] and [8, 1024, 16, 64]
+
+Rows, forward and forward+backward (gradients of every input), median times:
+mmrec.recurrence through the op (torch.ops.mmrec.recurrence with autograd) in
+[B, T, H, d] and as a transposed [B, H, T, d] view; on CUDA the bare Triton
+launchers (no dispatch, no autograd: forward, then the backward kernel); the
+PyTorch eager loop over time that the original model ran
+(mmrec_ops.reference.recurrence_reference); torch.nn.GRU with hidden size H*d
+(cuDNN on CUDA: a dense recurrence, 3 gates, against our block-diagonal one);
+and FlashRNN's fused Triton LSTM (H heads of d, its published comparison
+shape) when it is installed. Prints a Markdown table and writes it, with the
+raw numbers, device and versions, to --out (.md and .json).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import mmrec_ops  # noqa: E402
+from bench.scan import forward_backward, keep_freed_memory, median_time_ms, versions  # noqa: E402
+from mmrec_ops.reference import recurrence_reference  # noqa: E402
+
+CPU_SHAPES = [[4, 512, 8, 64]]
+CUDA_SHAPES = [[16, 1024, 12, 64], [8, 1024, 16, 64]]
+
+
+def model_inputs(B, T, H, d, dtype, device, layout="BTHd"):
+    """(z, gamma, weight, bias, h0) in the model's regime: z standard normal,
+    gamma in (0, 1), W of scale 1/sqrt(d)."""
+    def draw(shape, kind="normal"):
+        values = torch.rand(shape, device=device) if kind == "gamma" else torch.randn(shape, device=device)
+        return values.to(dtype)
+
+    if layout == "BHTd":
+        z = draw((B, H, T, d)).transpose(1, 2)
+        gamma = draw((B, H, T, d), "gamma").transpose(1, 2)
+    else:
+        z, gamma = draw((B, T, H, d)), draw((B, T, H, d), "gamma")
+    weight = (torch.randn(H, d, d, device=device) / d**0.5).to(dtype)
+    return z, gamma, weight, draw((H, d)), draw((B, H, d))
+
+
+def launchers_forward_backward(inputs):
+    """Forward then backward through the bare Triton launchers, upstream gradient made once."""
+    from mmrec_ops.triton import recurrence as triton_recurrence
+
+    grad_h = torch.randn_like(triton_recurrence.recurrence_forward(*inputs))
+
+    def run():
+        h = triton_recurrence.recurrence_forward(*inputs)
+        triton_recurrence.recurrence_backward(grad_h, *inputs, h)
+
+    return run
+
+
+def gru_rows(B, T, H, d, dtype, device):
+    gru = torch.nn.GRU(H * d, H * d, batch_first=True, device=device, dtype=dtype)
+    x = torch.randn(B, T, H * d, device=device, dtype=dtype, requires_grad=True)
+    leaves = [x, *gru.parameters()]
+    grad_out = torch.randn(B, T, H * d, device=device, dtype=dtype)
+
+    def fwd():
+        with torch.no_grad():
+            return gru(x)[0]
+
+    def fwdbwd():
+        torch.autograd.grad(gru(x)[0], leaves, grad_out)
+
+    engine = "cuDNN" if device == "cuda" else "ATen"
+    return [(f"torch.nn.GRU, hidden {H * d} ({engine})", fwd, fwdbwd, "dense, 3 gates")]
+
+
+def flashrnn_rows(B, T, H, d, dtype, device):
+    name = "FlashRNN fused Triton LSTM"
+    if device != "cuda":
+        return []
+    try:
+        from flashrnn import flashrnn
+    except ImportError:
+        return [(name, None, None, "not installed")]
+    # FlashRNN's layout: Wx [B, T, gates, heads, d], R [gates, heads, d, d], b [gates, heads, d].
+    gates = 4
+    wx = torch.randn(B, T, gates, H, d, device=device, dtype=dtype)
+    r = (torch.randn(gates, H, d, d, device=device) / d**0.5).to(dtype)
+    b = torch.randn(gates, H, d, device=device, dtype=dtype)
+    dtype_name = str(dtype).removeprefix("torch.")
+
+    def lstm(wx, r, b):
+        return flashrnn(wx, r, b, function="lstm", backend="triton_fused", dtype=dtype_name)[0]
+
+    return [(name, lambda: lstm(wx, r, b), forward_backward(lstm, (wx, r, b)), "LSTM, 4 gates")]
+
+
+def contenders(B, T, H, d, dtype, device):
+    """(name, forward callable, forward+backward callable or None, note)."""
+    inputs = model_inputs(B, T, H, d, dtype, device)
+    inputs_bhtd = model_inputs(B, T, H, d, dtype, device, "BHTd")
+    rows = [
+        ("mmrec.recurrence (op) [B,T,H,d]", lambda: mmrec_ops.recurrence(*inputs),
+         forward_backward(mmrec_ops.recurrence, inputs), "bias and h0 given"),
+        ("mmrec.recurrence (op) [B,H,T,d] as transposed view", lambda: mmrec_ops.recurrence(*inputs_bhtd),
+         forward_backward(mmrec_ops.recurrence, inputs_bhtd), ""),
+    ]
+    if device == "cuda":
+        from mmrec_ops.triton import recurrence as triton_recurrence
+
+        rows.append(("Triton launchers, bare", lambda: triton_recurrence.recurrence_forward(*inputs),
+                     launchers_forward_backward(inputs), "no dispatch, no autograd"))
+    rows.append(("PyTorch eager loop over t", lambda: recurrence_reference(*inputs),
+                 forward_backward(recurrence_reference, inputs), "the original model's loop"))
+    rows += gru_rows(B, T, H, d, dtype, device)
+    rows += flashrnn_rows(B, T, H, d, dtype, device)
+    return rows
+
+
+def render(results, info, device) -> str:
+    unit, scale = ("us", 1e3) if device == "cuda" else ("ms", 1.0)
+    lines = [
+        f"recurrence benchmark on {info['device']}; torch {info['torch']}"
+        + (f", Triton {info['triton']}" if "triton" in info else "")
+        + f"; {info['date']}",
+        "",
+        f"| dtype | [B, T, H, d] | | fwd ({unit}) | fwd+bwd ({unit}) | fwd / mmrec op | fwd+bwd / mmrec op | note |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    ours = {(r["dtype"], str(r["shape"])): r for r in results if r["name"].startswith("mmrec.recurrence (op) [B,T")}
+
+    def fmt(ms):
+        return "-" if ms is None else f"{ms * scale:.3g}" if ms * scale < 100 else f"{ms * scale:.0f}"
+
+    def ratio(r, key):
+        base = ours.get((r["dtype"], str(r["shape"])), {}).get(key)
+        return f"{r[key] / base:.2f}x" if r[key] and base else "-"
+
+    for r in results:
+        lines.append(
+            f"| {r['dtype']} | {r['shape']} | {r['name']} | {fmt(r['fwd_ms'])} | {fmt(r['fwdbwd_ms'])} "
+            f"| {ratio(r, 'fwd_ms')} | {ratio(r, 'fwdbwd_ms')} | {r['note']} |"
+        )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--shape", type=int, nargs=4, action="append", metavar=("B", "T", "H", "d"),
+                        help="repeatable; default: per device (see the module docstring)")
+    parser.add_argument("--dtype", nargs="+", help="default: float32 on CPU, bfloat16 on CUDA")
+    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--skip-slow", action="store_true", help="skip the PyTorch eager loop")
+    parser.add_argument("--out", type=Path, default=None, help="output stem (writes .json and .md)")
+    args = parser.parse_args()
+
+    device = args.device
+    if device == "cpu":
+        keep_freed_memory()  # see bench/scan.py: every row runs under the same allocator setting
+    shapes = args.shape or (CPU_SHAPES if device == "cpu" else CUDA_SHAPES)
+    dtypes = args.dtype or (["float32"] if device == "cpu" else ["bfloat16"])
+    info = versions(device)
+    info.update(shapes=shapes)
+
+    results = []
+    for dtype_name in dtypes:
+        dtype = getattr(torch, dtype_name)
+        for shape in shapes:
+            torch.manual_seed(0)
+            for name, fwd, fwdbwd, note in contenders(*shape, dtype, device):
+                row = {"dtype": dtype_name, "shape": shape, "name": name, "note": note,
+                       "fwd_ms": None, "fwdbwd_ms": None}
+                slow = name.startswith("PyTorch eager loop")
+                if fwd is not None and not (slow and args.skip_slow):
+                    # The eager loop takes ~0.2-0.7 s a call on a GPU (10 calls a sample there).
+                    warmup, reps = ((1, 1 if device == "cuda" else 3) if slow else (3, args.repeats))
+                    row["fwd_ms"] = median_time_ms(fwd, device, warmup, reps)
+                    if fwdbwd is not None:
+                        row["fwdbwd_ms"] = median_time_ms(fwdbwd, device, warmup, reps)
+                results.append(row)
+                print(f"{dtype_name:9} {shape} {name:52} fwd {row['fwd_ms']}  fwd+bwd {row['fwdbwd_ms']}",
+                      file=sys.stderr, flush=True)
+
+    table = render(results, info, device)
+    print(table)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.with_suffix(".json").write_text(json.dumps({"info": info, "results": results}, indent=2))
+        args.out.with_suffix(".md").write_text(table + "\n")
+
+
+if __name__ == "__main__":
+    main()
