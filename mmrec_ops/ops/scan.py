@@ -7,6 +7,8 @@ autograd formula. The CPU kernels are C++ (csrc/scan.cpp).
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import Tensor
 
@@ -77,6 +79,7 @@ def _scan_backward_fake(grad_h, gamma, h, h0, has_x, reverse):
     return gamma.new_empty(gamma.shape), gamma.new_empty(gamma.shape), gamma.new_empty(step_shape(gamma.shape))
 
 
+@functools.cache
 def _triton_scan():
     """The Triton launchers, imported on first CUDA use (CPU-only runs never import Triton)."""
     try:

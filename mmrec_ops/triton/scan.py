@@ -40,7 +40,12 @@ view alike (within 5%): bfloat16 forward ~115 us, backward ~140-150 us; float32
 forward ~148 us, backward ~240 us (a device copy moves 2.9 TB/s there). The
 kernels are bound by the scan's instructions (warp shuffles, shared memory and
 selects, ~55 thread instructions per element; one to two programs per SM),
-not by memory, for bfloat16.
+not by memory, for bfloat16. Through the op (bench/scan.py on 2026-11-24,
+bench/results/scan_cuda_h100.md): bfloat16 forward 158 us contiguous and 123 us
+as the transposed view, forward+backward 0.99 / 0.92 ms; float32 161 / 163 us
+and 0.70 / 0.77 ms. Forward+backward through autograd takes about four times
+the kernels' own time above: the rest is the host path (dispatch, autograd, the
+Python launchers), which has not been profiled on the GPU machine.
 
 This module does not import mmrec_ops: the callers validate the arguments.
 """
