@@ -11,9 +11,11 @@
 // (float64 for float64) buffer; the head's d x d weight, converted once per
 // call into a zero-padded float buffer of ~16 KB (d = 64), stays in L1 for the
 // whole sequence. The backward recomputes the gate from the saved h_{t-1}
-// rather than storing it (one more matvec per step, no extra [B, T, H, d]
-// tensor), writes da_t and h_{t-1} to float buffers, and forms dW and db from
-// them with one batched GEMM after the sequential pass. The step loops are compiled twice,
+// rather than storing it: the pre-activations of all steps do not depend on
+// the reverse pass, so one batched GEMM computes them before it, and the
+// sequential part is left with one matvec per step (W^T da), as the forward.
+// It writes da_t to a float buffer and forms dW and db from it with one more
+// batched GEMM after the pass. The step loops are compiled twice,
 // for baseline x86-64 and for AVX2 + FMA, and the faster one is picked at run
 // time: the build itself targets baseline x86-64 so that the wheel runs
 // anywhere.
@@ -161,10 +163,11 @@ struct ForwardProblem : Problem<scalar_t, acc_t> {
 
 template <typename scalar_t, typename acc_t>
 struct BackwardProblem : Problem<scalar_t, acc_t> {
-  Seq<const scalar_t> grad_h, h;
+  Seq<const scalar_t> grad_h;
   scalar_t *grad_z, *grad_gamma, *grad_h0;  // contiguous
-  // da and h_{t-1}, head-major [H, B, T, d], the operands of the GEMM for dW.
-  acc_t *grad_pre, *h_prev;
+  // Head-major [H, B, T, d]: h_{t-1} and a_t = W h_{t-1} + b (inputs), da_t (output).
+  const acc_t *h_prev, *pre;
+  acc_t* grad_pre;
 };
 
 template <typename scalar_t, typename acc_t>
@@ -204,22 +207,16 @@ MMREC_INLINE void forward_task(const ForwardProblem<scalar_t, acc_t>& p, int64_t
 template <typename scalar_t, typename acc_t>
 MMREC_INLINE void backward_task(const BackwardProblem<scalar_t, acc_t>& p, int64_t b, int64_t head) {
   const int64_t d = p.d, n = p.n;
-  std::vector<acc_t> buffers(7 * n, acc_t(0));
-  acc_t *carry = buffers.data(), *h_prev = carry + n, *pre = h_prev + n, *z = pre + n, *gamma = z + n,
-        *grad = gamma + n, *grad_pre = grad + n;
+  std::vector<acc_t> buffers(5 * n, acc_t(0));
+  acc_t *carry = buffers.data(), *z = carry + n, *gamma = z + n, *grad = gamma + n, *grad_pre = grad + n;
   const acc_t* w_out_major = p.w_out_major + head * n * n;
   for (int64_t t = p.T - 1; t >= 0; --t) {
-    if (t > 0) {
-      load(p.h.at(b, t - 1, head), p.h.sd, d, h_prev);
-    } else {
-      load_h0(p, b, head, h_prev);
-    }
     load(p.z.at(b, t, head), p.z.sd, d, z);
     load(p.gamma.at(b, t, head), p.gamma.sd, d, gamma);
     load(p.grad_h.at(b, t, head), p.grad_h.sd, d, grad);
-    pre_activation(p, head, h_prev, pre);
     const int64_t offset = ((b * p.T + t) * p.H + head) * d;
     const int64_t head_major = ((head * p.B + b) * p.T + t) * d;
+    const acc_t *h_prev = p.h_prev + head_major, *pre = p.pre + head_major;
 #pragma omp simd
     for (int64_t o = 0; o < d; ++o) {
       const acc_t s = sigmoid(pre[o]);
@@ -228,7 +225,6 @@ MMREC_INLINE void backward_task(const BackwardProblem<scalar_t, acc_t>& p, int64
       p.grad_gamma[offset + o] = static_cast<scalar_t>(g * h_prev[o]);
       grad_pre[o] = g * z[o] * s * (acc_t(1) - s);
       p.grad_pre[head_major + o] = grad_pre[o];
-      p.h_prev[head_major + o] = h_prev[o];
       carry[o] = gamma[o] * g;
     }
     matvec_accumulate(w_out_major, grad_pre, carry, n);
@@ -341,6 +337,20 @@ at::ScalarType acc_type(at::ScalarType dtype) {
   return dtype == at::kDouble ? at::kDouble : at::kFloat;
 }
 
+// h_{t-1} for every step, head-major [H, B * T, d] in the accumulation dtype:
+// h0 (or 0) at t = 0, the saved h shifted by one step after.
+Tensor head_major_h_prev(const Tensor& h, const std::optional<Tensor>& h0, at::ScalarType acc) {
+  const int64_t B = h.size(0), T = h.size(1), H = h.size(2), d = h.size(3);
+  Tensor h_prev = at::empty({H, B, T, d}, h.options().dtype(acc));
+  if (h0.has_value()) {
+    h_prev.select(2, 0).copy_(h0->permute({1, 0, 2}));
+  } else {
+    h_prev.select(2, 0).zero_();
+  }
+  h_prev.narrow(2, 1, T - 1).copy_(h.narrow(1, 0, T - 1).permute({2, 0, 1, 3}));
+  return h_prev.view({H, B * T, d});
+}
+
 template <typename scalar_t, typename acc_t>
 void fill_problem(
     Problem<scalar_t, acc_t>& p, const Tensor& z, const Tensor& gamma, const std::optional<Tensor>& h0,
@@ -355,7 +365,7 @@ void fill_problem(
   p.h0 = step_view<const scalar_t>(h0);
   p.w_in_major = w_in_major.defined() ? w_in_major.data_ptr<acc_t>() : nullptr;
   p.w_out_major = w_out_major.defined() ? w_out_major.data_ptr<acc_t>() : nullptr;
-  p.bias = bias.data_ptr<acc_t>();
+  p.bias = bias.defined() ? bias.data_ptr<acc_t>() : nullptr;
 }
 
 Tensor recurrence_cpu(
@@ -398,22 +408,23 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> recurrence_backward_cpu(
     return {grad_z, grad_gamma, at::zeros_like(weight, options), at::zeros({H, d}, options), grad_h0};
   }
   const int64_t n = padded(d);
-  const Tensor w_in_major = padded_weight(weight, acc, n, /*in_major=*/true);
   const Tensor w_out_major = padded_weight(weight, acc, n, /*in_major=*/false);
-  const Tensor b = padded_bias(bias, weight, acc, n);
+  const Tensor h_prev = head_major_h_prev(h, h0, acc);
+  const Tensor pre = bias.has_value()
+      ? at::baddbmm(bias->to(acc).unsqueeze(1), h_prev, weight.to(acc).transpose(1, 2))
+      : at::bmm(h_prev, weight.to(acc).transpose(1, 2));
   Tensor grad_pre = at::empty({H, B * T, d}, options.dtype(acc));
-  Tensor h_prev = at::empty({H, B * T, d}, options.dtype(acc));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, z.scalar_type(), "mmrec_recurrence_backward", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     BackwardProblem<scalar_t, acc_t> p;
-    fill_problem(p, z, gamma, h0, w_in_major, w_out_major, b);
+    fill_problem(p, z, gamma, h0, Tensor(), w_out_major, Tensor());
     p.grad_h = seq_view<const scalar_t>(grad_h);
-    p.h = seq_view<const scalar_t>(h);
     p.grad_z = grad_z.data_ptr<scalar_t>();
     p.grad_gamma = grad_gamma.data_ptr<scalar_t>();
     p.grad_h0 = grad_h0.data_ptr<scalar_t>();
     p.grad_pre = grad_pre.data_ptr<acc_t>();
-    p.h_prev = h_prev.data_ptr<acc_t>();
+    p.h_prev = h_prev.const_data_ptr<acc_t>();
+    p.pre = pre.const_data_ptr<acc_t>();
     at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) { backward_tasks(p, begin, end); });
   });
   // dW[h] = sum over (b, t) of da h_prev^T: one GEMM per head, [d, B*T] x [B*T, d].
