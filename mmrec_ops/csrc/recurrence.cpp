@@ -53,7 +53,10 @@ int64_t padded(int64_t d) {
 // into the exponent bits. The clamp keeps 2^n a normal float; sigmoid has
 // saturated to float precision long before it matters.
 MMREC_INLINE float exp_vectorisable(float x) {
-  x = std::fmin(std::fmax(x, -87.0f), 88.0f);
+  // Comparisons, not std::fmin/fmax: those are library calls that stop the
+  // loop from vectorising (their NaN rules differ from minps/maxps).
+  x = x < -87.0f ? -87.0f : x;
+  x = x > 88.0f ? 88.0f : x;
   // Adding and subtracting 1.5 * 2^23 rounds to the nearest integer without
   // a call to nearbyint (not vectorised on baseline x86-64).
   const float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
