@@ -1,0 +1,86 @@
+"""MMRecConfig: the hyperparameters of an MM-Rec language model, with presets."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+MODES = ("exact", "parallel")
+
+# Chosen by measurement on the project's 2-core CPU (bench/results/model_cpu.md):
+# tiny pretrains usefully there in minutes; base is about 100M parameters.
+PRESETS = {
+    "tiny": dict(dim=128, n_layers=4, n_heads=4),
+    "small": dict(dim=512, n_layers=8, n_heads=8),
+    "base": dict(dim=768, n_layers=12, n_heads=12),
+}
+
+
+@dataclass
+class MMRecConfig:
+    """Hyperparameters of ``MMRecModel``; see DESIGN.md section 2.
+
+    Serialisable: ``MMRecConfig(**dataclasses.asdict(config)) == config``.
+
+    Fields:
+        vocab_size: token ids are in [0, vocab_size) (256: bytes).
+        dim: model width D.
+        n_layers: number of MMRecBlocks.
+        n_heads: heads H; the head width d = D / H.
+        mode: 'exact' (gate reads the state, mmrec.recurrence) or 'parallel'
+            (gate reads the input, mmrec.scan).
+        segment_len: S, tokens per level-0 memory entry.
+        n_levels: L, levels of the hierarchical memory; a level-l entry covers S * 4^l tokens.
+        level_slots: M_l, the most recent entries each level keeps.
+        persistent_slots: P >= 1 learned memory slots per block, always visible (so no
+            query attends to an empty set).
+        ffn_mult: hidden width of the feed-forward network, in multiples of D.
+        norm_eps: epsilon of the RMSNorms.
+        init_std: standard deviation of the embedding and projection weights at init.
+    """
+
+    vocab_size: int = 256
+    dim: int = 128
+    n_layers: int = 4
+    n_heads: int = 4
+    mode: str = "exact"
+    segment_len: int = 64
+    n_levels: int = 3
+    level_slots: int = 32
+    persistent_slots: int = 16
+    ffn_mult: int = 4
+    norm_eps: float = 1e-6
+    init_std: float = 0.02
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "dim", "n_layers", "n_heads", "segment_len", "n_levels",
+                     "level_slots", "persistent_slots", "ffn_mult"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"MMRecConfig.{name}: expected a positive int, got {value!r}")
+        for name in ("norm_eps", "init_std"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+                raise ValueError(f"MMRecConfig.{name}: expected a positive float, got {value!r}")
+        if self.mode not in MODES:
+            raise ValueError(f"MMRecConfig.mode: expected one of {MODES}, got {self.mode!r}")
+        if self.dim % self.n_heads != 0:
+            raise ValueError(
+                f"MMRecConfig.dim: expected a multiple of n_heads ({self.n_heads}), got {self.dim}"
+            )
+        if self.dim < 4:
+            raise ValueError(f"MMRecConfig.dim: expected at least 4 (MDI's hidden width is dim // 4), got {self.dim}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads
+
+    @classmethod
+    def preset(cls, name: str, **overrides) -> "MMRecConfig":
+        """A named configuration ('tiny', 'small', 'base') with any field overridden."""
+        if name not in PRESETS:
+            raise ValueError(f"MMRecConfig.preset: expected name in {sorted(PRESETS)}, got {name!r}")
+        unknown = set(overrides) - {f.name for f in dataclasses.fields(cls)}
+        if unknown:
+            raise ValueError(f"MMRecConfig.preset: unknown field(s) {sorted(unknown)}")
+        return cls(**{**PRESETS[name], **overrides})

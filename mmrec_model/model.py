@@ -1,0 +1,149 @@
+"""MMRecModel: the MM-Rec language model, with streaming state and generation."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .block import MMRecBlock
+from .config import MMRecConfig
+from .memory import BlockState, MemoryState
+
+
+class MMRecModel(nn.Module):
+    """Token embedding, ``n_layers`` MMRecBlocks, final RMSNorm, output head tied to the
+    embedding (DESIGN.md 2.3).
+
+        logits, state = model(ids)                       # ids [B, T] -> logits [B, T, V]
+        logits, state = model(more_ids, state)           # continues the same sequences
+        out = model.generate(prompt_ids, 100, temperature=0.8, top_k=40)
+
+    Running a sequence in one call, in chunks with the state carried, or token by token
+    gives the same logits (to float rounding).
+    """
+
+    def __init__(self, config: MMRecConfig):
+        super().__init__()
+        if not isinstance(config, MMRecConfig):
+            raise TypeError(f"MMRecModel: expected config to be an MMRecConfig, got {type(config).__name__}")
+        self.config = config
+        self.embed = nn.Embedding(config.vocab_size, config.dim)
+        nn.init.normal_(self.embed.weight, std=config.init_std)
+        self.blocks = nn.ModuleList(MMRecBlock(config) for _ in range(config.n_layers))
+        self.norm = nn.RMSNorm(config.dim, eps=config.norm_eps)
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def initial_state(self, batch_size: int, device: torch.device | str | None = None) -> MemoryState:
+        """The state before any token: zeros, position 0. Float32 (the parameters'
+        dtype) whatever the compute dtype, so long sums stay accurate under autocast."""
+        c = self.config
+        device = self.embed.weight.device if device is None else device
+        dtype = self.embed.weight.dtype
+        block = BlockState(
+            h=torch.zeros(batch_size, c.n_heads, c.head_dim, device=device, dtype=dtype),
+            memory=torch.zeros(batch_size, c.n_levels, c.level_slots, 2, c.dim, device=device, dtype=dtype),
+            sums=torch.zeros(batch_size, c.n_levels, 2, c.dim, device=device, dtype=dtype),
+        )
+        return MemoryState(
+            torch.zeros((), dtype=torch.int64, device=device), tuple(block for _ in self.blocks)
+        )
+
+    def forward(
+        self, ids: Tensor, state: MemoryState | None = None, chunk_size: int | None = None
+    ) -> tuple[Tensor, MemoryState]:
+        """ids ``[B, T]`` (int, in [0, vocab_size)) and the state after the tokens before them
+        (None: start of the sequences) -> (logits ``[B, T, vocab_size]``, state after ids).
+
+        ``chunk_size``: run the blocks on at most this many tokens at a time, carrying the
+        state (memory then scales with chunk_size, not T); the logits are the same.
+        """
+        self._check_inputs(ids, state, chunk_size)
+        if state is None:
+            state = self.initial_state(ids.shape[0], ids.device)
+        if chunk_size is None or ids.shape[1] <= chunk_size:
+            return self._forward_chunk(ids, state)
+        logits = []
+        for chunk in ids.split(chunk_size, dim=1):
+            chunk_logits, state = self._forward_chunk(chunk, state)
+            logits.append(chunk_logits)
+        return torch.cat(logits, dim=1), state
+
+    def _forward_chunk(self, ids: Tensor, state: MemoryState) -> tuple[Tensor, MemoryState]:
+        x = self.embed(ids)
+        blocks = []
+        for block, block_state in zip(self.blocks, state.blocks):
+            x, block_state = block(x, block_state, state.position)
+            blocks.append(block_state)
+        logits = F.linear(self.norm(x), self.embed.weight)
+        return logits, MemoryState(state.position + ids.shape[1], tuple(blocks))
+
+    def _check_inputs(self, ids: Tensor, state: MemoryState | None, chunk_size: int | None) -> None:
+        if not isinstance(ids, Tensor) or ids.dim() != 2 or ids.dtype.is_floating_point or ids.dtype.is_complex:
+            raise ValueError(f"MMRecModel: expected ids to be an integer tensor [B, T], got {_describe(ids)}")
+        if ids.shape[1] == 0:
+            raise ValueError("MMRecModel: expected ids with at least one token (T >= 1), got T = 0")
+        if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
+            raise ValueError(f"MMRecModel: expected chunk_size to be a positive int or None, got {chunk_size!r}")
+        if state is None:
+            return
+        if not isinstance(state, MemoryState) or len(state.blocks) != len(self.blocks):
+            raise ValueError(
+                f"MMRecModel: expected state to be a MemoryState with {len(self.blocks)} blocks "
+                "(from initial_state or a previous call), got " + type(state).__name__
+            )
+        if state.blocks[0].h.shape[0] != ids.shape[0]:
+            raise ValueError(
+                f"MMRecModel: expected state for batch size {ids.shape[0]} (that of ids), "
+                f"got one for {state.blocks[0].h.shape[0]}"
+            )
+
+    @torch.no_grad()
+    def generate(
+        self,
+        prompt_ids: Tensor,
+        max_new_tokens: int,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        state: MemoryState | None = None,
+    ) -> Tensor:
+        """Sample ``max_new_tokens`` tokens after ``prompt_ids`` ``[B, T0]`` -> ``[B, T0 + n]``
+        (prompt, then the new tokens).
+
+        The prompt is read once; each new token then costs one step of O(1) work on the
+        state. ``temperature = 0`` is greedy; ``top_k`` keeps the k most likely tokens.
+        ``state``: the state before the prompt (None: the prompt starts the sequences).
+        """
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+            raise ValueError(f"generate: expected max_new_tokens to be an int >= 0, got {max_new_tokens!r}")
+        if not temperature >= 0:
+            raise ValueError(f"generate: expected temperature >= 0, got {temperature!r}")
+        if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
+            raise ValueError(f"generate: expected top_k to be a positive int or None, got {top_k!r}")
+        logits, state = self(prompt_ids, state)
+        out = [prompt_ids]
+        for step in range(max_new_tokens):
+            token = _sample(logits[:, -1], temperature, top_k)
+            out.append(token)
+            if step + 1 < max_new_tokens:
+                logits, state = self(token, state)
+        return torch.cat(out, dim=1)
+
+
+def _sample(logits: Tensor, temperature: float, top_k: int | None) -> Tensor:
+    """One token per row of logits ``[B, V]`` -> ``[B, 1]``."""
+    if temperature == 0:
+        return logits.argmax(dim=-1, keepdim=True)
+    logits = logits.float() / temperature
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth = logits.topk(top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    return torch.multinomial(torch.softmax(logits, dim=-1), 1)
+
+
+def _describe(t) -> str:
+    if isinstance(t, Tensor):
+        return f"{t.dtype} tensor of shape {list(t.shape)}"
+    return type(t).__name__

@@ -1,0 +1,77 @@
+"""Small model configurations and float64 references shared by the model tests."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from mmrec_model import MMRecConfig
+from mmrec_ops.reference import recurrence_reference, scan_reference
+
+MODES = ["exact", "parallel"]
+
+
+def small_config(mode: str, **overrides) -> MMRecConfig:
+    """A fast configuration whose memory fills and wraps within a few hundred tokens:
+    segments of 8 tokens, levels of 8/32/128 tokens, 4 slots per level; d = 24 (not
+    a power of two)."""
+    fields = dict(
+        mode=mode, dim=72, n_layers=2, n_heads=3, segment_len=8, n_levels=3, level_slots=4, persistent_slots=3
+    )
+    return MMRecConfig.preset("tiny", **{**fields, **overrides})
+
+
+def next_token_loss(logits: Tensor, ids: Tensor) -> Tensor:
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
+
+
+def reference_visible(kv: Tensor, p: int, segment_len: int, n_levels: int, slots: int) -> Tensor:
+    """The memory entries token p may read, straight from DESIGN.md 2.2: kv ``[B, N, 2, D]``
+    holds the whole history; level-l entry i is the mean over tokens [i S 4^l, (i+1) S 4^l),
+    visible iff floor(j / 4^l) - M <= i < floor(j / 4^l) with j = floor(p / S).
+    Returns ``[B, n, 2, D]``."""
+    j = p // segment_len
+    entries = []
+    for level in range(n_levels):
+        width, newest = segment_len * 4**level, j // 4**level
+        for i in range(max(0, newest - slots), newest):
+            entries.append(kv[:, i * width : (i + 1) * width].mean(1))
+    if not entries:
+        return kv.new_zeros(kv.shape[0], 0, *kv.shape[2:])
+    return torch.stack(entries, dim=1)
+
+
+def reference_attention(q: Tensor, kv: Tensor) -> Tensor:
+    """Softmax attention of one token's queries q ``[B, H, d]`` over kv ``[B, K, 2, D]``
+    -> ``[B, H, d]``, per head, written out."""
+    B, H, d = q.shape
+    keys = kv[:, :, 0].unflatten(-1, (H, d))
+    values = kv[:, :, 1].unflatten(-1, (H, d))
+    weights = torch.softmax(torch.einsum("bhd,bkhd->bhk", q, keys) / math.sqrt(d), dim=-1)
+    return torch.einsum("bhk,bkhd->bhd", weights, values)
+
+
+def reference_block(block, x: Tensor, config: MMRecConfig) -> Tensor:
+    """MMRecBlock's forward from an empty state, as loops over time that follow
+    DESIGN.md 2.1-2.2 literally (the block's own submodules supply the weights)."""
+    B, T, D = x.shape
+    H, d = config.n_heads, config.head_dim
+    q, k, v, z = block.w_in(block.norm_mix(x)).chunk(4, dim=-1)
+    gamma = block.mdi(z, k).unflatten(-1, (H, d))
+    z = z.unflatten(-1, (H, d))
+    if config.mode == "exact":
+        h = recurrence_reference(z, gamma, block.gate_weight, block.gate_bias)
+    else:
+        gate = torch.sigmoid(torch.einsum("hoi,bthi->btho", block.gate_weight, z) + block.gate_bias)
+        h = scan_reference(gamma, z * gate)
+    kv = torch.stack([k, v], dim=2)
+    persistent = block.memory.persistent.unsqueeze(0).expand(B, -1, -1, -1)
+    m = []
+    for p in range(T):
+        seen = reference_visible(kv, p, config.segment_len, config.n_levels, config.level_slots)
+        m.append(reference_attention(q[:, p].unflatten(-1, (H, d)), torch.cat([persistent, seen], dim=1)))
+    y = x + block.w_out((h + torch.stack(m, dim=1)).flatten(-2))
+    return y + block.ffn(block.norm_ffn(y))

@@ -1,0 +1,154 @@
+"""MDI, multi-memory attention, HDS (the memory's visibility rule) and MMRecBlock,
+each against a float64 reference written from DESIGN.md."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import pytest
+import torch
+
+from mmrec_model import MDI, MemoryAttention, MMRecBlock, MMRecModel
+from mmrec_model.mdi import EPS, GAMMA_INIT
+from mmrec_model.memory import read_and_update
+from tests.helpers import FLOAT64_ACCUMULATION, assert_close_rel
+from tests.model.models import MODES, reference_attention, reference_block, reference_visible, small_config
+
+pytestmark = pytest.mark.model
+
+
+@pytest.mark.parametrize("dim", [4, 72, 128], ids=lambda d: f"D{d}")
+def test_mdi_shape_range_and_init(dim):
+    mdi = MDI(dim, init_std=0.02)
+    z, k = torch.randn(3, 11, dim), torch.randn(3, 11, dim)
+    gamma = mdi(z, k)
+    assert gamma.shape == (3, 11, dim)
+    # A fresh MDI decays by about GAMMA_INIT whatever the input: each sigmoid ~ sqrt(0.9).
+    assert abs(gamma.mean().item() - GAMMA_INIT) < 0.02, gamma.mean().item()
+    expected = EPS + (1 - 2 * EPS) * torch.sigmoid(mdi.A(z)) * torch.sigmoid(mdi.C(k))
+    assert torch.equal(gamma, expected)
+
+
+def test_mdi_gamma_stays_inside_open_interval():
+    mdi = MDI(8, init_std=0.02)
+    with torch.no_grad():
+        for mlp in (mdi.A, mdi.C):
+            mlp[2].weight.fill_(1.0)
+            mlp[2].bias.zero_()
+    huge = torch.linspace(-1e4, 1e4, 8 * 9).view(1, 9, 8)
+    for z, k in [(huge, huge), (-huge, -huge), (huge, -huge)]:
+        gamma = mdi(z, k)
+        assert (gamma > 0).all() and (gamma < 1).all()
+        assert gamma.min() >= EPS * (1 - 1e-6) and gamma.max() <= 1 - EPS * (1 - 1e-6)
+
+
+@pytest.mark.parametrize("T", [1, 13], ids=lambda t: f"T{t}")
+def test_memory_attention_against_reference(T):
+    B, H, d, K, P = 2, 3, 5, 7, 2
+    attention = MemoryAttention(H * d, P, init_std=0.02).double()
+    q = torch.randn(B, T, H, d, dtype=torch.float64)
+    candidates = torch.randn(B, K, 2, H * d, dtype=torch.float64)
+    mask = torch.rand(T, K) < 0.5
+    mask[0] = False  # a token that sees no memory reads the persistent slots alone
+    out = attention(q, candidates, mask)
+    persistent = attention.persistent.unsqueeze(0).expand(B, -1, -1, -1)
+    expected = torch.stack(
+        [reference_attention(q[:, t], torch.cat([persistent, candidates[:, mask[t]]], dim=1)) for t in range(T)],
+        dim=1,
+    )
+    assert out.shape == (B, T, H, d)
+    assert_close_rel(out, expected, FLOAT64_ACCUMULATION)
+
+
+def test_persistent_slots_learned_and_always_visible():
+    config = small_config("parallel", persistent_slots=5)
+    block = MMRecBlock(config)
+    assert block.memory.persistent.shape == (5, 2, config.dim)
+    assert block.memory.persistent.requires_grad
+    # Tokens of the first segment see no memory entry, only the persistent slots:
+    # the attention stays finite and depends on them.
+    model = MMRecModel(config)
+    ids = torch.randint(0, 256, (2, config.segment_len))
+    logits, _ = model(ids)
+    assert logits.isfinite().all()
+    logits.sum().backward()
+    assert all(b.memory.persistent.grad.abs().sum() > 0 for b in model.blocks)
+
+
+def match_entries(actual, expected, what):
+    """Assert that the rows of actual and expected ([B, n, 2, D]) are the same set of
+    entries (each row of one equal to exactly one row of the other)."""
+    assert actual.shape[1] == expected.shape[1], f"{what}: {actual.shape[1]} visible entries, expected {expected.shape[1]}"
+    if expected.shape[1] == 0:
+        return
+    a = actual.permute(1, 0, 2, 3).flatten(1)
+    e = expected.permute(1, 0, 2, 3).flatten(1)
+    close = torch.cdist(a, e) <= 1e-9 * e.norm(dim=1).max()
+    assert (close.sum(0) == 1).all() and (close.sum(1) == 1).all(), f"{what}: visible entries differ"
+
+
+CHUNK_SCHEDULES = {
+    "tokens": [1],
+    "mixed": [1, 3, 7, 16, 2, 29, 64],
+    "whole": [10_000],
+}
+
+
+@pytest.mark.parametrize("schedule", list(CHUNK_SCHEDULES), ids=str)
+def test_hds_visibility_rule(schedule):
+    """Each token sees exactly the entries DESIGN.md 2.2 allows (levels filled and
+    wrapped: S = 2, levels of 2/8/32 tokens, M = 3), whatever the chunking."""
+    S, L, M, B, D, N = 2, 3, 3, 2, 5, 230
+    kv = torch.randn(B, N, 2, D, dtype=torch.float64)
+    memory = torch.zeros(B, L, M, 2, D, dtype=torch.float64)
+    sums = torch.zeros(B, L, 2, D, dtype=torch.float64)
+    start = 0
+    for size in itertools.cycle(CHUNK_SCHEDULES[schedule]):
+        if start >= N:
+            break
+        chunk = kv[:, start : start + size]
+        candidates, mask, memory, sums = read_and_update(chunk, memory, sums, torch.tensor(start), S)
+        for t in range(chunk.shape[1]):
+            p = start + t
+            match_entries(candidates[:, mask[t]], reference_visible(kv, p, S, L, M), f"token {p}")
+        start += chunk.shape[1]
+
+
+@pytest.mark.grad
+@pytest.mark.parametrize("mode", MODES)
+def test_block_against_reference(mode):
+    """The whole block, outputs and gradients of every parameter and of x, in float64,
+    against the loops of reference_block (T prime, memory wrapped: S = 4, M = 3)."""
+    config = small_config(mode, segment_len=4, level_slots=3)
+    block = MMRecBlock(config).double()
+    model = MMRecModel(config).double()
+    x = torch.randn(2, 97, config.dim, dtype=torch.float64, requires_grad=True)
+    state = model.initial_state(2).blocks[0]
+    out, new_state = block(x, state, torch.tensor(0))
+    expected = reference_block(block, x, config)
+    assert out.shape == x.shape
+    assert_close_rel(out, expected, FLOAT64_ACCUMULATION)
+    grad_out = torch.randn_like(out)
+    wrt = [x, *block.parameters()]
+    grads = torch.autograd.grad(out, wrt, grad_out)
+    expected_grads = torch.autograd.grad(expected, wrt, grad_out)
+    names = ["x"] + [name for name, _ in block.named_parameters()]
+    for name, g, e in zip(names, grads, expected_grads):
+        assert_close_rel(g, e, FLOAT64_ACCUMULATION, f"grad of {name}")
+    assert new_state.h.shape == (2, config.n_heads, config.head_dim)
+    assert new_state.memory.shape == (2, config.n_levels, config.level_slots, 2, config.dim)
+    assert new_state.sums.shape == (2, config.n_levels, 2, config.dim)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "transposed"])
+def test_block_accepts_non_contiguous_input(layout):
+    config = small_config("exact")
+    block = MMRecBlock(config)
+    state = MMRecModel(config).initial_state(2).blocks[0]
+    x = torch.randn(2, 31, config.dim)
+    strided = x.transpose(0, 1).contiguous().transpose(0, 1) if layout == "transposed" else x
+    assert strided.is_contiguous() == (layout == "contiguous")
+    out, _ = block(strided, state, torch.tensor(5))
+    expected, _ = block(x, state, torch.tensor(5))
+    assert torch.equal(out, expected)

@@ -1,0 +1,90 @@
+"""The model on CUDA (Triton kernels): the same results as on CPU, chunked or not,
+eager and compiled. Skipped without a CUDA device."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from mmrec_model import MMRecModel
+from tests.helpers import assert_close_rel, grad_tolerance, output_tolerance
+from tests.model.models import MODES, next_token_loss, small_config
+
+pytestmark = [
+    pytest.mark.model,
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+]
+
+
+@pytest.fixture(autouse=True)
+def full_float32_matmuls():
+    """float32 products in float32 (not TF32), so CUDA and CPU differ by rounding order alone."""
+    previous = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32 = previous
+
+
+def loss_and_grads(model, ids, chunk_size=None):
+    model.zero_grad()
+    logits, _ = model(ids, chunk_size=chunk_size)
+    next_token_loss(logits, ids).backward()
+    return logits.detach().cpu(), [p.grad.cpu() for p in model.parameters()]
+
+
+@pytest.mark.grad
+@pytest.mark.parametrize("mode", MODES)
+def test_cuda_matches_cpu(mode):
+    model = MMRecModel(small_config(mode))
+    cuda_model = copy.deepcopy(model).cuda()
+    ids = torch.randint(0, 256, (2, 301))
+    expected_logits, expected_grads = loss_and_grads(model, ids)
+    for chunk_size in (None, 64):
+        logits, grads = loss_and_grads(cuda_model, ids.cuda(), chunk_size)
+        assert_close_rel(logits, expected_logits, output_tolerance(torch.float32), f"logits, chunks {chunk_size}")
+        for (name, _), g, e in zip(model.named_parameters(), grads, expected_grads):
+            assert_close_rel(g, e, grad_tolerance(torch.float32), f"grad of {name}, chunks {chunk_size}")
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_cuda_token_by_token(mode):
+    model = MMRecModel(small_config(mode)).cuda()
+    ids = torch.randint(0, 256, (2, 150), device="cuda")
+    with torch.no_grad():
+        full, _ = model(ids)
+        steps, state = [], None
+        for t in range(ids.shape[1]):
+            step, state = model(ids[:, t : t + 1], state)
+            steps.append(step)
+    assert_close_rel(torch.cat(steps, dim=1), full, output_tolerance(torch.float32), "logits, token by token")
+
+
+@pytest.mark.compile
+@pytest.mark.grad
+@pytest.mark.parametrize("mode", MODES)
+def test_cuda_compiled_matches_eager(mode):
+    torch._dynamo.reset()
+    model = MMRecModel(small_config(mode, n_layers=1)).cuda()
+    compiled = torch.compile(model, fullgraph=True)
+    for T in (13, 70):
+        ids = torch.randint(0, 256, (2, T), device="cuda")
+        logits, grads = loss_and_grads(compiled, ids)
+        expected_logits, expected_grads = loss_and_grads(model, ids)
+        assert_close_rel(logits, expected_logits, output_tolerance(torch.float32), f"logits, T = {T}")
+        for (name, _), g, e in zip(model.named_parameters(), grads, expected_grads):
+            assert_close_rel(g, e, grad_tolerance(torch.float32), f"grad of {name}, T = {T}")
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_cuda_bfloat16_autocast(mode):
+    model = MMRecModel(small_config(mode)).cuda()
+    ids = torch.randint(0, 256, (2, 100), device="cuda")
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        logits, state = model(ids)
+        loss = next_token_loss(logits, ids)
+    loss.backward()
+    assert logits.dtype == torch.bfloat16 and state.blocks[0].h.dtype == torch.float32
+    assert all(p.grad is not None and p.grad.isfinite().all() for p in model.parameters())

@@ -1,0 +1,53 @@
+"""Long sequences on CPU: 32K tokens in chunks of any size give the same logits, and
+streaming memory does not grow with the context."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from mmrec_model import MMRecConfig, MMRecModel
+from tests.helpers import assert_close_rel, output_tolerance
+
+pytestmark = [pytest.mark.model, pytest.mark.long]
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.parametrize("mode", ["exact", "parallel"])
+def test_32k_tokens_in_chunks_agree(mode):
+    """The tiny preset (S = 64, M = 32: levels 0, 1 and 2 wrap after 2K, 8K and 32K
+    tokens) over 32,768 tokens in chunks of 4096, 8192 and 16384."""
+    model = MMRecModel(MMRecConfig.preset("tiny", mode=mode))
+    ids = torch.randint(0, 256, (1, 32768))
+    with torch.no_grad():
+        runs = {size: model(ids, chunk_size=size) for size in (4096, 8192, 16384)}
+    logits, state = runs[16384]
+    assert logits.shape == (1, 32768, 256) and logits.isfinite().all()
+    assert state.position.item() == 32768
+    for size in (4096, 8192):
+        assert_close_rel(runs[size][0], logits, output_tolerance(torch.float32), f"logits, chunks of {size}")
+
+
+def streaming_peak_mib(n_tokens: int, chunk: int) -> float:
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "PYTHONPATH": str(ROOT)}
+    result = subprocess.run(
+        [sys.executable, "-m", "tests.model.stream_memory", str(n_tokens), str(chunk)],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert result.returncode == 0, result.stderr
+    return float(result.stdout.strip().splitlines()[-1])
+
+
+def test_streaming_memory_does_not_grow_with_context():
+    """Peak memory growth while streaming 131,072 tokens in chunks of 4096 stays
+    within 1.5x of that for 8,192 tokens (each measured in a fresh process)."""
+    short = streaming_peak_mib(8192, 4096)
+    long = streaming_peak_mib(131072, 4096)
+    print(f"peak memory growth: {short:.1f} MiB for 8,192 tokens, {long:.1f} MiB for 131,072")
+    assert long <= 1.5 * short, (short, long)
