@@ -1,0 +1,184 @@
+"""Byte-level text data for pretraining: the embedded corpus, `--data`, the split, batches.
+
+A corpus is one stream of bytes (token id = byte value, vocabulary 256): its
+documents concatenated in a fixed order with DOC_SEPARATOR between them. The
+last VAL_FRACTION of the stream is the validation split, the rest is the
+training split.
+
+Batches are windows of seq_len + 1 bytes at random offsets; input = window[:-1],
+target = window[1:]. The offsets of training step s are drawn from a generator
+seeded by (seed, s) alone, so the data position of a run is its step count:
+resuming needs no sampler state, and the global batch of a step is the same
+whatever the number of processes that share it (each takes its slice).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sysconfig
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+DOC_SEPARATOR = b"\n\n"
+VAL_FRACTION = 0.05
+# Folders of the standard library that are not its source proper: installed
+# packages, and test suites (full of deliberately odd encodings and data blobs).
+STDLIB_SKIPPED_DIRS = frozenset({"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__"})
+# Git's rule for binary files: a NUL byte among the first 8000.
+BINARY_SNIFF_BYTES = 8000
+VALIDATION_SEED = 20240229
+
+
+class DataError(ValueError):
+    """Data that cannot be used, with a message for the command line."""
+
+
+@dataclass(frozen=True)
+class Corpus:
+    """A byte corpus split for training.
+
+    train, val: uint8 tensors [N_train], [N_val]; source: where it came from;
+    sha256: fingerprint of the whole stream (a resumed run checks it).
+    """
+
+    train: torch.Tensor
+    val: torch.Tensor
+    source: str
+    sha256: str
+
+    def describe(self) -> str:
+        return f"{self.source}: {len(self.train):,} training bytes, {len(self.val):,} validation bytes"
+
+
+def stdlib_root() -> Path:
+    return Path(sysconfig.get_paths()["stdlib"])
+
+
+def stdlib_files(root: Path) -> list[Path]:
+    """The standard library's .py files under `root`, sorted, without tests and installed packages."""
+    found = []
+    for folder, subfolders, files in os.walk(root):
+        subfolders[:] = [name for name in subfolders if name not in STDLIB_SKIPPED_DIRS]
+        found.extend(Path(folder, name) for name in files if name.endswith(".py"))
+    return sorted(found, key=lambda path: path.relative_to(root).as_posix())
+
+
+def is_binary(blob: bytes) -> bool:
+    return b"\0" in blob[:BINARY_SNIFF_BYTES]
+
+
+def jsonl_texts(path: Path) -> list[bytes]:
+    """The `text` field of every record of a JSONL file, UTF-8 encoded."""
+    texts = []
+    with path.open(encoding="utf-8") as lines:
+        for number, line in enumerate(lines, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise DataError(f"--data {path}: line {number} is not valid JSON ({err.msg})") from None
+            if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+                raise DataError(f"--data {path}: line {number} has no string field 'text'")
+            texts.append(record["text"].encode("utf-8"))
+    return texts
+
+
+def file_documents(path: Path) -> list[bytes]:
+    """A .jsonl file gives one document per record; any other file is one document, its bytes."""
+    if path.suffix == ".jsonl":
+        return jsonl_texts(path)
+    return [path.read_bytes()]
+
+
+def folder_documents(folder: Path) -> list[bytes]:
+    """Every non-hidden, non-binary file under `folder`, in sorted path order."""
+    paths = sorted(
+        path
+        for path in folder.rglob("*")
+        if path.is_file() and not any(part.startswith(".") for part in path.relative_to(folder).parts)
+    )
+    documents = []
+    for path in paths:
+        documents.extend(doc for doc in file_documents(path) if not is_binary(doc))
+    return documents
+
+
+def read_documents(data: str | None) -> tuple[list[bytes], str]:
+    """The documents of `--data` (the standard library's source when None) and a description."""
+    if data is None:
+        root = stdlib_root()
+        description = f"Python {sysconfig.get_python_version()} standard library ({root})"
+        return [path.read_bytes() for path in stdlib_files(root)], description
+    path = Path(data)
+    if path.is_dir():
+        return folder_documents(path), str(path)
+    if path.is_file():
+        return file_documents(path), str(path)
+    raise DataError(f"--data {data}: no such file or folder")
+
+
+def load_corpus(data: str | None = None) -> Corpus:
+    """Reads and splits a corpus: the standard library's source when `data` is None,
+    else a text file, a JSONL file (field `text`) or a folder of text files."""
+    documents, source = read_documents(data)
+    stream = DOC_SEPARATOR.join(doc for doc in documents if doc)
+    if not stream:
+        raise DataError(f"--data {source}: holds no text")
+    n_val = max(1, int(len(stream) * VAL_FRACTION))
+    tensor = torch.frombuffer(bytearray(stream), dtype=torch.uint8)
+    return Corpus(
+        train=tensor[:-n_val],
+        val=tensor[-n_val:],
+        source=source,
+        sha256=hashlib.sha256(stream).hexdigest(),
+    )
+
+
+def check_window_fits(corpus: Corpus, seq_len: int) -> None:
+    """Both splits must hold at least one window of seq_len + 1 bytes."""
+    for name, split in (("training", corpus.train), ("validation", corpus.val)):
+        if len(split) < seq_len + 1:
+            raise DataError(
+                f"--seq-len {seq_len} needs windows of {seq_len + 1} bytes, but the {name} split of "
+                f"{corpus.source} holds only {len(split)} bytes; use more data or a smaller --seq-len"
+            )
+
+
+def step_generator(seed: int, step: int) -> torch.Generator:
+    """A generator that depends on (seed, step) only: the data position is the step."""
+    digest = hashlib.blake2b(f"{seed}:{step}".encode(), digest_size=8).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest, "little") >> 1)
+
+
+def windows(split: torch.Tensor, offsets: torch.Tensor, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inputs and targets [len(offsets), seq_len] (int64) of the windows starting at `offsets`."""
+    rows = split[offsets[:, None] + torch.arange(seq_len + 1)].long()
+    return rows[:, :-1], rows[:, 1:]
+
+
+def random_offsets(split: torch.Tensor, count: int, seq_len: int, generator: torch.Generator) -> torch.Tensor:
+    return torch.randint(0, len(split) - seq_len, (count,), generator=generator)
+
+
+def train_batch(
+    corpus: Corpus, step: int, seed: int, batch_size: int, seq_len: int, rank: int = 0, world_size: int = 1
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """This process's share of the global training batch of `step`.
+
+    All processes draw the same `batch_size` offsets; rank r takes rows
+    [r * b, (r + 1) * b), b = batch_size / world_size. Returns inputs and
+    targets [b, seq_len].
+    """
+    offsets = random_offsets(corpus.train, batch_size, seq_len, step_generator(seed, step))
+    share = batch_size // world_size
+    return windows(corpus.train, offsets[rank * share : (rank + 1) * share], seq_len)
+
+
+def validation_offsets(corpus: Corpus, count: int, seq_len: int) -> torch.Tensor:
+    """Fixed validation windows: the same for every run on this corpus, whatever its seed."""
+    return random_offsets(corpus.val, count, seq_len, torch.Generator().manual_seed(VALIDATION_SEED))

@@ -1,0 +1,202 @@
+"""`python -m mmrec_model.pretrain` in fresh processes: it learns, writes its run folder,
+resumes exactly, survives a kill during a checkpoint write and refuses bad input."""
+
+from __future__ import annotations
+
+import math
+import re
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from mmrec_model.pretrain import HELP
+from tests.pretrain.cli import REPO, SMALL, environment, load, metrics, pretrain, run_module, snapshot, succeeded
+
+pytestmark = pytest.mark.pretrain
+
+
+def test_learns_on_the_embedded_corpus_and_writes_its_run_folder(tmp_path, fresh_seed):
+    out = tmp_path / "run"
+    args = ["--dim", "64", "--n-heads", "4", "--n-layers", "2", "--seq-len", "72", "--batch-size", "8", "--lr", "3e-3",
+            "--steps", 40, "--eval-every", 20, "--eval-batches", 2, "--seed", fresh_seed, "--out", out,
+            "--device", "cpu"]  # fmt: skip
+    result = succeeded(pretrain(args, tmp_path))
+    val = metrics(out, "val")
+    assert [r["step"] for r in val] == [0, 20, 40]
+    # Untrained, the model predicts bytes about uniformly: ln 256 = 5.55 nats. Byte
+    # frequencies alone bring Python source to about 3.1 nats (measured: 2.98 after
+    # these 40 steps, seed 11); a model that does not learn stays near 5.5.
+    assert val[0]["loss"] == pytest.approx(math.log(256), abs=0.3)
+    assert val[-1]["loss"] < val[0]["loss"] - 1.5, val
+    assert all(r["bpb"] == pytest.approx(r["loss"] / math.log(2)) for r in val)
+    assert [r["step"] for r in metrics(out, "train")] == [10, 20, 30, 40]
+    assert "standard library" in result.stdout and "val bits/byte" in result.stdout
+    assert "40/40" in result.stderr and "tok_s=" in result.stderr  # the progress bar
+    checkpoint = load(out)
+    assert checkpoint["step"] == 40 and checkpoint["model_config"]["dim"] == 64
+    assert (out / "loss.png").read_bytes().startswith(b"\x89PNG")
+    sample = (out / "sample.txt").read_text()
+    assert sample.startswith("def ") and sample in result.stdout
+
+
+def run_args(corpus_file, seed, out, eval_every):
+    return [*SMALL, "--data", corpus_file, "--steps", 8, "--eval-every", eval_every, "--log-every", 1,
+            "--seed", seed, "--out", out]  # fmt: skip
+
+
+def untimed(records: list[dict]) -> list[dict]:
+    return [{k: v for k, v in r.items() if k != "tokens_per_s"} for r in records]
+
+
+def test_resume_continues_exactly(tmp_path, corpus_file, fresh_seed):
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    succeeded(pretrain(run_args(corpus_file, fresh_seed, straight, eval_every=4), tmp_path))
+    first = succeeded(pretrain([*run_args(corpus_file, fresh_seed, split, eval_every=4), "--stop-at", 4], tmp_path))
+    assert f"--resume {split}" in first.stdout
+    assert load(split)["step"] == 4
+    succeeded(pretrain(["--resume", split], tmp_path))
+    for split_name in ("train", "val"):  # every loss, to the last bit (timings aside)
+        assert untimed(metrics(split, split_name)) == untimed(metrics(straight, split_name))
+    assert len(metrics(split, "train")) == 8
+    a, b = load(straight), load(split)
+    assert a["step"] == b["step"] == 8
+    for key in ("model", "optimizer", "scheduler"):
+        torch.testing.assert_close(b[key], a[key], rtol=0, atol=0, msg=key)
+
+
+# Runs the command with torch.save replaced: its n-th call writes part of a
+# checkpoint and the process is killed (SIGKILL, as by the OOM killer) mid-file.
+KILL_DURING_SAVE = """
+import os, signal, sys, torch
+from mmrec_model.pretrain import main
+real_save, calls = torch.save, 0
+def save_then_die(obj, file, *args, **kwargs):
+    global calls
+    calls += 1
+    if calls < int(os.environ["KILL_AT_SAVE"]):
+        return real_save(obj, file, *args, **kwargs)
+    file.write(b"PK\\x03\\x04 first bytes of a checkpoint")
+    file.flush()
+    os.kill(os.getpid(), signal.SIGKILL)
+torch.save = save_then_die
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_kill_during_checkpoint_write_leaves_the_previous_checkpoint(tmp_path, corpus_file, fresh_seed):
+    out = tmp_path / "run"
+    args = run_args(corpus_file, fresh_seed, out, eval_every=3)
+    command = [sys.executable, "-c", KILL_DURING_SAVE, *map(str, args)]
+    # Saves happen at steps 0, 3, 6, 8: the third is killed.
+    env = environment(KILL_AT_SAVE="3")
+    killed = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    assert load(out)["step"] == 3
+    succeeded(pretrain(["--resume", out], tmp_path))
+    assert load(out)["step"] == 8
+    assert [r["step"] for r in metrics(out, "val")] == [0, 3, 6, 8]
+
+
+def write_garbage_checkpoint(folder: Path) -> None:
+    folder.mkdir()
+    (folder / "checkpoint.pt").write_bytes(b"\x00garbage, not a zip archive")
+
+
+BAD_INPUT = [
+    pytest.param(["--data", "{tmp}/missing.txt"], "--data .*missing.txt: no such file or folder", id="missing_data"),
+    pytest.param(["--data", "{tmp}/empty.txt"], "holds no text", id="empty_data"),
+    pytest.param(["--preset", "huge"], "--preset huge: .*expected name in", id="unknown_preset"),
+    pytest.param(["--seq-len", "5000"], "--seq-len 5000 needs windows of 5001 bytes", id="window_longer_than_split"),
+    pytest.param(["--dim", "30", "--n-heads", "4"], "multiple of n_heads", id="dim_not_multiple_of_heads"),
+    pytest.param(["--steps", "0"], "--steps: expected a positive integer, got 0", id="zero_steps"),
+    pytest.param(["--batch-size", "-2"], "--batch-size: expected a positive integer", id="negative_batch"),
+    pytest.param(["--lr", "0"], "--lr: expected a positive number", id="zero_lr"),
+    pytest.param(["--stop-at", "50"], r"--stop-at 50: expected a step in \(0, 6\]", id="stop_after_end"),
+    pytest.param(["--sample-prompt", ""], "--sample-prompt: expected at least one character", id="empty_prompt"),
+    pytest.param(["--device", "tpu"], "--device: expected auto, cpu or cuda", id="unknown_device"),
+    pytest.param(["--resume", "{tmp}/corrupt"], "not a readable checkpoint", id="corrupt_checkpoint"),
+    pytest.param(["--resume", "{tmp}/nowhere"], "no checkpoint there", id="missing_checkpoint"),
+]
+
+
+@pytest.mark.parametrize("extra, message", BAD_INPUT)
+def test_bad_input_exits_1_with_a_clear_message_and_writes_nothing(tmp_path, corpus_file, trained_run, extra, message):
+    (tmp_path / "empty.txt").write_bytes(b"")
+    write_garbage_checkpoint(tmp_path / "corrupt")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "notes.txt").write_text("a file of the user's")
+    before = snapshot(tmp_path)
+    args = [*SMALL, "--data", corpus_file, "--steps", 6, "--out", out, *[str(a).format(tmp=tmp_path) for a in extra]]
+    result = pretrain(args, tmp_path)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert result.stderr.startswith("mmrec-pretrain: error: ")
+    assert "Traceback" not in result.stderr
+    assert re.search(message, result.stderr), result.stderr
+    assert snapshot(tmp_path) == before
+
+
+def copy_run(trained_run: Path, tmp_path: Path) -> Path:
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    return run
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        pytest.param(["--lr", "0.5"], r"keeps its settings, .* --lr 0.5 \(saved: 0.005\)", id="changed_lr"),
+        pytest.param(["--data", "{tmp}/other.txt"], "--data .* \\(saved: ", id="changed_data"),
+        pytest.param([], r"nothing to train: the checkpoint is at step 6, the end of the run", id="already_finished"),
+    ],
+)
+def test_resume_refuses_a_different_run_and_writes_nothing(tmp_path, trained_run, extra, message):
+    run = copy_run(trained_run, tmp_path)
+    (tmp_path / "other.txt").write_text("other text " * 500)
+    before = snapshot(tmp_path)
+    result = pretrain(["--resume", run, *[str(a).format(tmp=tmp_path) for a in extra]], tmp_path)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert re.search(message, result.stderr), result.stderr
+    assert snapshot(tmp_path) == before
+
+
+def test_a_run_folder_is_never_reused_without_resume(tmp_path, corpus_file, trained_run):
+    run = copy_run(trained_run, tmp_path)
+    before = snapshot(tmp_path)
+    result = pretrain([*SMALL, "--data", corpus_file, "--steps", 6, "--out", run], tmp_path)
+    assert result.returncode == 1
+    assert f"already holds a run's checkpoint.pt; continue it with --resume {run}" in result.stderr
+    assert snapshot(tmp_path) == before
+
+
+def test_help_explains_every_option():
+    result = succeeded(pretrain(["--help"], REPO))
+    for name in HELP:
+        assert f"--{name.replace('_', '-')}" in result.stdout
+    for text in ("--resume", "standard library", "bfloat16", "torch.compile", "cosine"):
+        assert text in result.stdout
+
+
+# An editable install's import hook would still find mmrec_ops._C in the
+# working tree for the copied package; this drops it (as tests/test_packaging.py does).
+DROP_EDITABLE_FINDER = """
+import sys
+sys.meta_path[:] = [f for f in sys.meta_path if "editable" not in getattr(f, "__module__", "").lower()]
+"""
+
+
+@pytest.mark.parametrize("module", ["mmrec_model.pretrain", "mmrec_model.generate"])
+def test_missing_compiled_library_is_fatal_with_exit_status_1(tmp_path, module):
+    for package in ("mmrec_ops", "mmrec_model"):
+        shutil.copytree(REPO / package, tmp_path / package, ignore=shutil.ignore_patterns("_C*.so", "__pycache__"))
+    (tmp_path / "sitecustomize.py").write_text(DROP_EDITABLE_FINDER)
+    result = run_module(module, ["--help"], tmp_path, env=environment(PYTHONPATH=str(tmp_path)))
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "fatal" in result.stderr and "could not be loaded" in result.stderr
+    assert "python setup.py build_ext --inplace" in result.stderr
+    assert "Traceback" not in result.stderr

@@ -1,0 +1,99 @@
+"""The learning-rate schedule, the optimizer's groups and atomic checkpoint files."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from mmrec_model import checkpoint as C
+from mmrec_model.pretrain import MIN_LR_RATIO, TrainConfig, UsageError, lr_factor, make_optimizer, resumed_config
+
+pytestmark = pytest.mark.pretrain
+
+
+@pytest.mark.parametrize("warmup, steps", [(0, 1), (1, 2), (10, 97), (50, 50)])
+def test_schedule_warms_up_linearly_then_falls_by_cosine_to_a_tenth(warmup, steps):
+    factors = [lr_factor(s, warmup, steps) for s in range(steps)]
+    assert factors[:warmup] == pytest.approx([(s + 1) / warmup for s in range(warmup)])
+    if warmup < steps:
+        assert factors[warmup] == pytest.approx(1.0)
+        cosine = factors[warmup:]
+        assert all(a >= b for a, b in zip(cosine, cosine[1:]))
+        progress = (steps - 1 - warmup) / (steps - warmup)
+        expected = MIN_LR_RATIO + (1 - MIN_LR_RATIO) * 0.5 * (1 + math.cos(math.pi * progress))
+        assert factors[-1] == pytest.approx(expected)
+        assert lr_factor(steps, warmup, steps) == pytest.approx(MIN_LR_RATIO)
+
+
+def test_weight_decay_applies_to_matrices_only():
+    model = torch.nn.Sequential(torch.nn.Embedding(7, 5), torch.nn.Linear(5, 3), torch.nn.LayerNorm(3))
+    optimizer = make_optimizer(model, TrainConfig(weight_decay=0.25))
+    decayed, plain = optimizer.param_groups
+    assert decayed["weight_decay"] == 0.25 and plain["weight_decay"] == 0.0
+    assert {p.dim() for p in decayed["params"]} == {2}
+    assert {p.dim() for p in plain["params"]} == {1}
+    assert len(decayed["params"]) + len(plain["params"]) == len(list(model.parameters()))
+
+
+def test_resumed_run_keeps_its_settings_and_takes_where_to_run():
+    saved = TrainConfig(lr=1e-3, steps=40, eval_every=5)
+    checkpoint = {"train_config": vars(saved)}
+    resumed = resumed_config({"lr": 1e-3, "eval_every": 7, "device": "cpu", "stop_at": 30}, checkpoint)
+    assert (resumed.lr, resumed.steps, resumed.eval_every, resumed.device, resumed.stop_at) == (1e-3, 40, 7, "cpu", 30)
+    with pytest.raises(UsageError, match=r"--lr 0.01 \(saved: 0.001\)"):
+        resumed_config({"lr": 1e-2}, checkpoint)
+
+
+def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path):
+    path = tmp_path / "file.bin"
+    C.atomic_write(path, lambda f: f.write(b"old"))
+
+    def crash(file):
+        file.write(b"partial new")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        C.atomic_write(path, crash)
+    assert path.read_bytes() == b"old"
+    C.atomic_write(path, lambda f: f.write(b"new"))
+    assert path.read_bytes() == b"new"
+
+
+def make_checkpoint() -> dict:
+    return {
+        "format": C.CHECKPOINT_FORMAT, "step": 3, "model": {"w": torch.randn(2, 3)}, "model_config": {},
+        "train_config": {}, "optimizer": {}, "scheduler": {}, "rng": C.rng_states(), "data": {"sha256": ""},
+    }  # fmt: skip
+
+
+def test_checkpoint_round_trip_from_file_or_folder(tmp_path):
+    checkpoint = make_checkpoint()
+    C.save_checkpoint(tmp_path / C.CHECKPOINT_NAME, checkpoint)
+    for where in (tmp_path, tmp_path / C.CHECKPOINT_NAME):
+        loaded = C.load_checkpoint(where)
+        assert loaded["step"] == 3 and torch.equal(loaded["model"]["w"], checkpoint["model"]["w"])
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage", "not_a_checkpoint", "missing"])
+def test_unusable_checkpoint_is_a_clear_error(tmp_path, damage):
+    path = tmp_path / C.CHECKPOINT_NAME
+    C.save_checkpoint(path, make_checkpoint())
+    if damage == "truncated":
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    elif damage == "garbage":
+        path.write_bytes(b"this is not a checkpoint")
+    elif damage == "not_a_checkpoint":
+        torch.save({"weights": torch.ones(2)}, path)
+    else:
+        path.unlink()
+    with pytest.raises(C.CheckpointError, match=str(tmp_path)):
+        C.load_checkpoint(path)
+
+
+def test_checkpoint_with_pickled_code_is_refused(tmp_path):
+    path = tmp_path / C.CHECKPOINT_NAME
+    torch.save({**make_checkpoint(), "hook": print}, path)  # weights_only=False would import and call
+    with pytest.raises(C.CheckpointError, match="not a readable checkpoint"):
+        C.load_checkpoint(path)
