@@ -7,6 +7,7 @@ import contextlib
 
 import pytest
 import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
 
 # Unit roundoff u = 2^-p of a storage dtype with p significand bits (round to
 # nearest): the largest relative error of storing one exact value in it.
@@ -84,3 +85,15 @@ DEVICES = [
     pytest.param("cpu", id="cpu"),
     pytest.param("cuda", id="cuda", marks=[pytest.mark.gpu, _no_cuda]),
 ]
+
+
+def call_kernel(op, args, kernel: str):
+    """op(*args) on its CPU kernel (kernel="cpu") or on its fake kernel
+    (kernel="fake": the tensors become fake tensors), so that one test checks
+    the errors of both."""
+    if kernel == "fake":
+        mode = FakeTensorMode()
+        fake_args = tuple(mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args)
+        with mode:
+            return op(*fake_args)
+    return op(*args)

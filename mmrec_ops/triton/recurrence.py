@@ -61,24 +61,13 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from ._common import cast_out
+
 __all__ = ["recurrence_forward", "recurrence_backward", "MAX_HEAD_DIM"]
 
 # The largest head width d the kernels keep on chip (the weight tile and, in
 # the backward, the grad_W accumulator are [BLOCK_D, BLOCK_D] per program).
 MAX_HEAD_DIM = 128
-
-
-@triton.jit
-def _cast_out(v, ptr, SOFT_BF16: tl.constexpr):
-    # v cast to the element type of ptr. SOFT_BF16 (the interpreter only, whose
-    # float32 -> bfloat16 cast truncates) rounds to nearest even by hand, as the
-    # GPU's conversion does.
-    if SOFT_BF16:
-        bits = v.to(tl.uint32, bitcast=True)
-        bits = bits + 0x7FFF + ((bits >> 16) & 1)
-        return (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
-    else:
-        return v.to(ptr.dtype.element_ty)
 
 
 @triton.jit
@@ -143,7 +132,7 @@ def _fwd_step(h, zt, gt, wt, bias, h_base, t, h_st, m,
               SPLIT: tl.constexpr, LOW: tl.constexpr, SOFT_BF16: tl.constexpr):
     s = tl.sigmoid(_dot(h, wt, SPLIT, LOW) + bias)
     h = zt.to(h.dtype) * s + gt.to(h.dtype) * h
-    tl.store(h_base + tl.cast(t, tl.int64) * h_st, _cast_out(h, h_base, SOFT_BF16), mask=m)
+    tl.store(h_base + tl.cast(t, tl.int64) * h_st, cast_out(h, h_base, SOFT_BF16), mask=m)
     return h
 
 
@@ -227,8 +216,8 @@ def _bwd_step(c, dw, db, gh, zt, gt, hp, sg, wt, w, bias, dz_base, dg_base, t, o
     g = gh.to(ACC) + c
     hpa = hp.to(ACC)
     t64 = tl.cast(t, tl.int64)
-    tl.store(dz_base + t64 * o_st, _cast_out(g * s, dz_base, SOFT_BF16), mask=m)
-    tl.store(dg_base + t64 * o_st, _cast_out(g * hpa, dg_base, SOFT_BF16), mask=m)
+    tl.store(dz_base + t64 * o_st, cast_out(g * s, dz_base, SOFT_BF16), mask=m)
+    tl.store(dg_base + t64 * o_st, cast_out(g * hpa, dg_base, SOFT_BF16), mask=m)
     da = g * zt.to(ACC) * s * (1.0 - s)
     c = gt.to(ACC) * g + _dot(da, w, SPLIT, LOW)
     # grad_W[o, i] += sum_b da[b, o] * h_{t-1}[b, i]; h_{t-1} is exact in w's dtype.
@@ -313,7 +302,7 @@ def _recurrence_bwd_kernel(
                                   SPLIT, LOW, ACC, STORED_GATE, SOFT_BF16)
 
     # grad_h0 = c_0; this program's partial sums of grad_W and grad_b.
-    tl.store(dh0_ptr + rows * d0_sb + head * d0_sh + cols * d0_sd, _cast_out(c, dh0_ptr, SOFT_BF16), mask=m)
+    tl.store(dh0_ptr + rows * d0_sb + head * d0_sh + cols * d0_sd, cast_out(c, dh0_ptr, SOFT_BF16), mask=m)
     H = tl.num_programs(1)
     part = pid_b * H + head
     tl.store(dw_ptr + (part * BLOCK_D + ii) * BLOCK_D + cols, dw)

@@ -60,6 +60,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from ._common import cast_out
+
 __all__ = ["scan_forward", "scan_backward"]
 
 
@@ -80,19 +82,6 @@ def _affine_combine_excl(a1, b1, e1a, e1b, a2, b2, e2a, e2b):
 @triton.jit
 def _mul_combine_excl(a1, e1, a2, e2):
     return a1 * a2, a1 * e2
-
-
-@triton.jit
-def _cast_out(v, ptr, SOFT_BF16: tl.constexpr):
-    # v cast to the element type of ptr. SOFT_BF16 (the interpreter only, whose
-    # float32 -> bfloat16 cast truncates) rounds to nearest even by hand, as the
-    # GPU's conversion does.
-    if SOFT_BF16:
-        bits = v.to(tl.uint32, bitcast=True)
-        bits = bits + 0x7FFF + ((bits >> 16) & 1)
-        return (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
-    else:
-        return v.to(ptr.dtype.element_ty)
 
 
 @triton.jit
@@ -161,7 +150,7 @@ def _fwd_tile(a, b, carry, o_base, s0, T, o_st, r, n, cm,
               ACC: tl.constexpr, SOFT_BF16: tl.constexpr):
     h, carry = _tile_scan(a.to(ACC), b.to(ACC), carry, r, n, R, NT, HAS_X)
     s, valid, t = _steps(s0, T, r, n, R, REVERSE)
-    tl.store(o_base + t * o_st, _cast_out(h, o_base, SOFT_BF16), mask=valid & cm)
+    tl.store(o_base + t * o_st, cast_out(h, o_base, SOFT_BF16), mask=valid & cm)
     return carry
 
 
@@ -242,8 +231,8 @@ def _bwd_tile(gh, a, hp, carry, h0v, dg_base, dx_base, s0, T, o_st, r, n, cm,
     s, valid, t = _steps(s0, T, r, n, R, not REVERSE)
     hp = tl.where(s == T - 1, h0v, hp.to(ACC))
     m = valid & cm
-    tl.store(dg_base + t * o_st, _cast_out(dx * hp, dg_base, SOFT_BF16), mask=m)
-    tl.store(dx_base + t * o_st, _cast_out(dx, dx_base, SOFT_BF16), mask=m)
+    tl.store(dg_base + t * o_st, cast_out(dx * hp, dg_base, SOFT_BF16), mask=m)
+    tl.store(dx_base + t * o_st, cast_out(dx, dx_base, SOFT_BF16), mask=m)
     return carry
 
 
@@ -308,7 +297,7 @@ def _scan_bwd_kernel(
         g_first_ptr += (T - 1).to(tl.int64) * g_st
     g_first = tl.load(g_first_ptr, mask=cm, other=0.0).to(ACC)
     tl.store(dh0_ptr + (b * d0_sb + g * d0_sg) + c64 * d0_sc,
-             _cast_out(g_first * carry, dh0_ptr, SOFT_BF16), mask=cm)
+             cast_out(g_first * carry, dh0_ptr, SOFT_BF16), mask=cm)
 
 
 # ----------------------------------------------------------------------------

@@ -15,11 +15,18 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch._subclasses.fake_tensor import FakeTensorMode
 
 import mmrec_ops
 from mmrec_ops.reference import recurrence_reference
-from tests.helpers import DEVICES, DTYPES, assert_close_rel, grad_tolerance, nan_poison, output_tolerance
+from tests.helpers import (
+    DEVICES,
+    DTYPES,
+    assert_close_rel,
+    call_kernel,
+    grad_tolerance,
+    nan_poison,
+    output_tolerance,
+)
 
 # (name, [B, T, H, d]): T = 1, prime T, d not a power of two, d = 64 (the common case), d > 64.
 SHAPES = [
@@ -239,14 +246,8 @@ def bad_recurrence_inputs():
 @pytest.mark.parametrize("case", bad_recurrence_inputs(), ids=[c[0] for c in bad_recurrence_inputs()])
 def test_recurrence_bad_inputs_raise_clear_errors(case, kernel):
     _, args, message = case
-    if kernel == "fake":
-        mode = FakeTensorMode()
-        args = tuple(mode.from_tensor(a) if a is not None else None for a in args)
-        with mode, pytest.raises(ValueError, match=message):
-            torch.ops.mmrec.recurrence(*args)
-    else:
-        with pytest.raises(ValueError, match=message):
-            torch.ops.mmrec.recurrence(*args)
+    with pytest.raises(ValueError, match=message):
+        call_kernel(torch.ops.mmrec.recurrence, args, kernel)
 
 
 @pytest.mark.ops

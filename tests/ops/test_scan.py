@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch._subclasses.fake_tensor import FakeTensorMode
 
 import mmrec_ops
 from mmrec_ops.reference import scan_reference
@@ -13,6 +12,7 @@ from tests.helpers import (
     DTYPES,
     UNIT_ROUNDOFF,
     assert_close_rel,
+    call_kernel,
     grad_tolerance,
     nan_poison,
     output_tolerance,
@@ -349,14 +349,8 @@ def bad_scan_inputs():
 @pytest.mark.parametrize("case", bad_scan_inputs(), ids=[c[0] for c in bad_scan_inputs()])
 def test_scan_bad_inputs_raise_clear_errors(case, kernel):
     _, args, message = case
-    if kernel == "fake":
-        mode = FakeTensorMode()
-        args = tuple(mode.from_tensor(a) if a is not None else None for a in args)
-        with mode, pytest.raises(ValueError, match=message):
-            torch.ops.mmrec.scan(*args)
-    else:
-        with pytest.raises(ValueError, match=message):
-            torch.ops.mmrec.scan(*args)
+    with pytest.raises(ValueError, match=message):
+        call_kernel(torch.ops.mmrec.scan, args, kernel)
 
 
 @pytest.mark.ops
