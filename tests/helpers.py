@@ -97,3 +97,19 @@ def call_kernel(op, args, kernel: str):
         with mode:
             return op(*fake_args)
     return op(*args)
+
+
+def assert_compiled_matches_eager(loss_fn, input_sets) -> None:
+    """torch.compile(loss_fn, fullgraph=True, dynamic=True) gives eager's loss
+    and gradients on each set of inputs (all requiring grad): fullgraph makes
+    any graph break an error, and the sets differ in length."""
+    torch._dynamo.reset()
+    compiled = torch.compile(loss_fn, fullgraph=True, dynamic=True)
+    for inputs in input_sets:
+        expected = loss_fn(*inputs)
+        expected_grads = torch.autograd.grad(expected, inputs)
+        actual = compiled(*inputs)
+        actual_grads = torch.autograd.grad(actual, inputs)
+        assert_close_rel(actual.detach(), expected.detach(), 1e-6)
+        for a, e in zip(actual_grads, expected_grads):
+            assert_close_rel(a, e, 1e-6, what="compiled gradient")

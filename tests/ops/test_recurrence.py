@@ -22,6 +22,7 @@ from tests.helpers import (
     DEVICES,
     DTYPES,
     assert_close_rel,
+    assert_compiled_matches_eager,
     call_kernel,
     grad_tolerance,
     nan_poison,
@@ -195,22 +196,13 @@ def test_recurrence_backward_opcheck(dtype, device):
 @pytest.mark.compile
 @pytest.mark.parametrize("device", DEVICES)
 def test_recurrence_compiles_without_graph_break(device):
-    torch._dynamo.reset()
-
     def loss_fn(z, gamma, weight, bias, h0):
         h = mmrec_ops.recurrence(torch.tanh(z), torch.sigmoid(gamma), weight, bias, h0)
         return h.square().mean()
 
-    compiled = torch.compile(loss_fn, fullgraph=True, dynamic=True)
-    for T in (5, 11):
-        inputs = [t.requires_grad_() for t in make_inputs((2, T, 3, 4), device, torch.float32)]
-        expected = loss_fn(*inputs)
-        expected_grads = torch.autograd.grad(expected, inputs)
-        actual = compiled(*inputs)
-        actual_grads = torch.autograd.grad(actual, inputs)
-        assert_close_rel(actual.detach(), expected.detach(), 1e-6)
-        for a, e in zip(actual_grads, expected_grads):
-            assert_close_rel(a, e, 1e-6, what="compiled gradient")
+    assert_compiled_matches_eager(
+        loss_fn, [[t.requires_grad_() for t in make_inputs((2, T, 3, 4), device, torch.float32)] for T in (5, 11)]
+    )
 
 
 @pytest.mark.ops

@@ -12,6 +12,7 @@ from tests.helpers import (
     DTYPES,
     UNIT_ROUNDOFF,
     assert_close_rel,
+    assert_compiled_matches_eager,
     call_kernel,
     grad_tolerance,
     nan_poison,
@@ -253,22 +254,14 @@ def test_scan_backward_opcheck(requires_grad, dtype, device):
 @pytest.mark.compile
 @pytest.mark.parametrize("device", DEVICES)
 def test_scan_compiles_without_graph_break(device):
-    torch._dynamo.reset()
-
     def loss_fn(gamma, x, h0):
         h = mmrec_ops.scan(gamma, x, h0)
         return (h * mmrec_ops.cumprod(gamma, reverse=True)).square().mean()
 
-    compiled = torch.compile(loss_fn, fullgraph=True, dynamic=True)
-    for T in (5, 11):
-        inputs = [t.requires_grad_() for t in make_scan_inputs((2, T, 3, 4), device, torch.float32, True, True)]
-        expected = loss_fn(*inputs)
-        expected_grads = torch.autograd.grad(expected, inputs)
-        actual = compiled(*inputs)
-        actual_grads = torch.autograd.grad(actual, inputs)
-        assert_close_rel(actual.detach(), expected.detach(), 1e-6)
-        for a, e in zip(actual_grads, expected_grads):
-            assert_close_rel(a, e, 1e-6, what="compiled gradient")
+    assert_compiled_matches_eager(
+        loss_fn,
+        [[t.requires_grad_() for t in make_scan_inputs((2, T, 3, 4), device, torch.float32, True, True)] for T in (5, 11)],
+    )
 
 
 @pytest.mark.ops
