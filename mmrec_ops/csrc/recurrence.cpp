@@ -150,22 +150,23 @@ MMREC_INLINE void load(const scalar_t* src, int64_t stride, int64_t d, acc_t* ds
 
 // Everything a task needs; weights are float (double) buffers [H, n, n] with
 // n = padded(d), zero outside d x d, so padded lanes stay 0.
-template <typename scalar_t, typename acc_t>
+template <typename scalar_t>
 struct Problem {
   int64_t B, T, H, d, n;
-  Seq<const scalar_t> z, gamma, h0;
-  const acc_t* w_in_major;   // [H][i][o] = W[o][i]: a = W h walks it row by row
+  Seq<const scalar_t> z, gamma;
+};
+
+template <typename scalar_t, typename acc_t>
+struct ForwardProblem : Problem<scalar_t> {
+  Seq<const scalar_t> h0;
+  const acc_t* w_in_major;  // [H][i][o] = W[o][i]: a = W h walks it row by row
+  const acc_t* bias;        // [H][n]
+  scalar_t* out;            // contiguous [B, T, H, d]
+};
+
+template <typename scalar_t, typename acc_t>
+struct BackwardProblem : Problem<scalar_t> {
   const acc_t* w_out_major;  // [H][o][i] = W[o][i]: W^T da walks it row by row
-  const acc_t* bias;         // [H][n]
-};
-
-template <typename scalar_t, typename acc_t>
-struct ForwardProblem : Problem<scalar_t, acc_t> {
-  scalar_t* out;  // contiguous [B, T, H, d]
-};
-
-template <typename scalar_t, typename acc_t>
-struct BackwardProblem : Problem<scalar_t, acc_t> {
   Seq<const scalar_t> grad_h;
   scalar_t *grad_z, *grad_gamma, *grad_h0;  // contiguous
   // Head-major [H, B, T, d]: h_{t-1} and a_t = W h_{t-1} + b (inputs), da_t (output).
@@ -174,7 +175,7 @@ struct BackwardProblem : Problem<scalar_t, acc_t> {
 };
 
 template <typename scalar_t, typename acc_t>
-void load_h0(const Problem<scalar_t, acc_t>& p, int64_t b, int64_t head, acc_t* state) {
+void load_h0(const ForwardProblem<scalar_t, acc_t>& p, int64_t b, int64_t head, acc_t* state) {
   std::fill(state, state + p.n, acc_t(0));
   if (p.h0.data != nullptr) {
     load(p.h0.at(b, 0, head), p.h0.sd, p.d, state);
@@ -183,7 +184,7 @@ void load_h0(const Problem<scalar_t, acc_t>& p, int64_t b, int64_t head, acc_t* 
 
 // Gate pre-activation a = W h_prev + b into `pre`.
 template <typename scalar_t, typename acc_t>
-MMREC_INLINE void pre_activation(const Problem<scalar_t, acc_t>& p, int64_t head, const acc_t* h_prev, acc_t* pre) {
+MMREC_INLINE void pre_activation(const ForwardProblem<scalar_t, acc_t>& p, int64_t head, const acc_t* h_prev, acc_t* pre) {
   std::copy(p.bias + head * p.n, p.bias + (head + 1) * p.n, pre);
   matvec_accumulate(p.w_in_major + head * p.n * p.n, h_prev, pre, p.n);
 }
@@ -354,10 +355,8 @@ Tensor head_major_h_prev(const Tensor& h, const std::optional<Tensor>& h0, at::S
   return h_prev.view({H, B * T, d});
 }
 
-template <typename scalar_t, typename acc_t>
-void fill_problem(
-    Problem<scalar_t, acc_t>& p, const Tensor& z, const Tensor& gamma, const std::optional<Tensor>& h0,
-    const Tensor& w_in_major, const Tensor& w_out_major, const Tensor& bias) {
+template <typename scalar_t>
+void fill_problem(Problem<scalar_t>& p, const Tensor& z, const Tensor& gamma) {
   p.B = z.size(0);
   p.T = z.size(1);
   p.H = z.size(2);
@@ -365,10 +364,6 @@ void fill_problem(
   p.n = padded(p.d);
   p.z = seq_view<const scalar_t>(z);
   p.gamma = seq_view<const scalar_t>(gamma);
-  p.h0 = step_view<const scalar_t>(h0);
-  p.w_in_major = w_in_major.defined() ? w_in_major.data_ptr<acc_t>() : nullptr;
-  p.w_out_major = w_out_major.defined() ? w_out_major.data_ptr<acc_t>() : nullptr;
-  p.bias = bias.defined() ? bias.data_ptr<acc_t>() : nullptr;
 }
 
 Tensor recurrence_cpu(
@@ -386,7 +381,10 @@ Tensor recurrence_cpu(
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, z.scalar_type(), "mmrec_recurrence", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     ForwardProblem<scalar_t, acc_t> p;
-    fill_problem(p, z, gamma, h0, w_in_major, Tensor(), b);
+    fill_problem(p, z, gamma);
+    p.h0 = step_view<const scalar_t>(h0);
+    p.w_in_major = w_in_major.const_data_ptr<acc_t>();
+    p.bias = b.const_data_ptr<acc_t>();
     p.out = out.data_ptr<scalar_t>();
     at::parallel_for(0, p.B * p.H, 1, [&](int64_t begin, int64_t end) { forward_tasks(p, begin, end); });
   });
@@ -413,14 +411,14 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> recurrence_backward_cpu(
   const int64_t n = padded(d);
   const Tensor w_out_major = padded_weight(weight, acc, n, /*in_major=*/false);
   const Tensor h_prev = head_major_h_prev(h, h0, acc);
-  const Tensor pre = bias.has_value()
-      ? at::baddbmm(bias->to(acc).unsqueeze(1), h_prev, weight.to(acc).transpose(1, 2))
-      : at::bmm(h_prev, weight.to(acc).transpose(1, 2));
+  const Tensor w_t = weight.to(acc).transpose(1, 2);
+  const Tensor pre = bias.has_value() ? at::baddbmm(bias->to(acc).unsqueeze(1), h_prev, w_t) : at::bmm(h_prev, w_t);
   Tensor grad_pre = at::empty({H, B * T, d}, options.dtype(acc));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, z.scalar_type(), "mmrec_recurrence_backward", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     BackwardProblem<scalar_t, acc_t> p;
-    fill_problem(p, z, gamma, h0, Tensor(), w_out_major, Tensor());
+    fill_problem(p, z, gamma);
+    p.w_out_major = w_out_major.const_data_ptr<acc_t>();
     p.grad_h = seq_view<const scalar_t>(grad_h);
     p.grad_z = grad_z.data_ptr<scalar_t>();
     p.grad_gamma = grad_gamma.data_ptr<scalar_t>();
