@@ -11,6 +11,7 @@ import torch
 from torch import Tensor
 
 from ._checks import check_floating, check_like, check_shape
+from ._triton import triton_launchers
 
 RECURRENCE = "mmrec::recurrence"
 RECURRENCE_BACKWARD = "mmrec::recurrence_backward"
@@ -84,27 +85,16 @@ def _recurrence_backward_fake(grad_h, z, gamma, weight, bias, h0, h):
     return z.new_empty(z.shape), z.new_empty(z.shape), z.new_empty((H, d, d)), z.new_empty((H, d)), z.new_empty((B, H, d))
 
 
-def _triton_recurrence():
-    """The Triton launchers, imported on first CUDA use (CPU-only runs never import Triton)."""
-    try:
-        from ..triton import recurrence as triton_recurrence
-    except ImportError as err:
-        raise RuntimeError(
-            f"mmrec::recurrence on CUDA tensors needs a working Triton (pip install triton); importing it failed: {err}"
-        ) from err
-    return triton_recurrence
-
-
 @torch.library.register_kernel(RECURRENCE, "cuda")
 def _recurrence_cuda(z, gamma, weight, bias=None, h0=None):
     check_recurrence_args(RECURRENCE, z, gamma, weight, bias, h0)
-    return _triton_recurrence().recurrence_forward(z, gamma, weight, bias, h0)
+    return triton_launchers("recurrence").recurrence_forward(z, gamma, weight, bias, h0)
 
 
 @torch.library.register_kernel(RECURRENCE_BACKWARD, "cuda")
 def _recurrence_backward_cuda(grad_h, z, gamma, weight, bias, h0, h):
     check_recurrence_backward_args(grad_h, z, gamma, weight, bias, h0, h)
-    return _triton_recurrence().recurrence_backward(grad_h, z, gamma, weight, bias, h0, h)
+    return triton_launchers("recurrence").recurrence_backward(grad_h, z, gamma, weight, bias, h0, h)
 
 
 def _recurrence_setup_context(ctx, inputs, output):

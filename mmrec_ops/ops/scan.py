@@ -7,12 +7,11 @@ autograd formula. The CPU kernels are C++ (csrc/scan.cpp).
 
 from __future__ import annotations
 
-import functools
-
 import torch
 from torch import Tensor
 
 from ._checks import check_floating, check_like, check_shape, step_shape
+from ._triton import triton_launchers
 
 SCAN = "mmrec::scan"
 SCAN_BACKWARD = "mmrec::scan_backward"
@@ -79,28 +78,16 @@ def _scan_backward_fake(grad_h, gamma, h, h0, has_x, reverse):
     return gamma.new_empty(gamma.shape), gamma.new_empty(gamma.shape), gamma.new_empty(step_shape(gamma.shape))
 
 
-@functools.cache
-def _triton_scan():
-    """The Triton launchers, imported on first CUDA use (CPU-only runs never import Triton)."""
-    try:
-        from ..triton import scan as triton_scan
-    except ImportError as err:
-        raise RuntimeError(
-            f"mmrec::scan on CUDA tensors needs a working Triton (pip install triton); importing it failed: {err}"
-        ) from err
-    return triton_scan
-
-
 @torch.library.register_kernel(SCAN, "cuda")
 def _scan_cuda(gamma, x=None, h0=None, reverse=False):
     check_scan_args(SCAN, gamma, x, h0)
-    return _triton_scan().scan_forward(gamma, x, h0, reverse)
+    return triton_launchers("scan").scan_forward(gamma, x, h0, reverse)
 
 
 @torch.library.register_kernel(SCAN_BACKWARD, "cuda")
 def _scan_backward_cuda(grad_h, gamma, h, h0, has_x, reverse):
     check_scan_backward_args(grad_h, gamma, h, h0)
-    return _triton_scan().scan_backward(grad_h, gamma, h, h0, has_x, reverse)
+    return triton_launchers("scan").scan_backward(grad_h, gamma, h, h0, has_x, reverse)
 
 
 def _scan_setup_context(ctx, inputs, output):
