@@ -31,28 +31,15 @@ Inputs are those of tests/ops/test_recurrence.py (the model's regime: gamma in
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
 from mmrec_ops.reference import recurrence_reference
-from tests.helpers import DTYPES, assert_close_rel, grad_tolerance, nan_poison, output_tolerance
+from tests.helpers import DTYPES, INTERPRETER_ONLY, assert_close_rel, grad_tolerance, nan_poison, output_tolerance
 from tests.ops.test_recurrence import NAMES, draw, make_inputs, reference_with_grads
 
-pytestmark = [
-    pytest.mark.triton,
-    pytest.mark.skipif(torch.cuda.is_available(), reason="with a GPU, the gpu tests run these kernels compiled"),
-]
-
-
-@pytest.fixture(scope="module")
-def interpreted():
-    """The package's Triton launchers, running in Triton's interpreter (tests/conftest.py sets TRITON_INTERPRET=1)."""
-    assert os.environ.get("TRITON_INTERPRET") == "1", "the Triton interpreter is not enabled"
-    from mmrec_ops.triton import recurrence as triton_recurrence
-
-    return triton_recurrence
+pytestmark = [pytest.mark.triton, INTERPRETER_ONLY]
+OP = "recurrence"  # the launchers under test: mmrec_ops.triton.<OP> (the `interpreted` fixture)
 
 
 @pytest.fixture(params=[4, 0], ids=["pipelined", "prefetch"])

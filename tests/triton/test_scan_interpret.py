@@ -4,27 +4,14 @@ kernel fails CI, which has no GPU."""
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
-from tests.helpers import DTYPES, assert_close_rel, grad_tolerance, nan_poison, output_tolerance
+from tests.helpers import DTYPES, INTERPRETER_ONLY, assert_close_rel, grad_tolerance, nan_poison, output_tolerance
 from tests.ops.test_scan import MODES, make_scan_inputs, reference_with_grads
 
-pytestmark = [
-    pytest.mark.triton,
-    pytest.mark.skipif(torch.cuda.is_available(), reason="with a GPU, the gpu tests run these kernels compiled"),
-]
-
-
-@pytest.fixture(scope="module")
-def interpreted():
-    """The package's Triton launchers, running in Triton's interpreter (tests/conftest.py sets TRITON_INTERPRET=1)."""
-    assert os.environ.get("TRITON_INTERPRET") == "1", "the Triton interpreter is not enabled"
-    from mmrec_ops.triton import scan as triton_scan
-
-    return triton_scan
+pytestmark = [pytest.mark.triton, INTERPRETER_ONLY]
+OP = "scan"  # the launchers under test: mmrec_ops.triton.<OP> (the `interpreted` fixture)
 
 
 def run_both(interpreted, gamma, x, h0, reverse, grad_h):
