@@ -17,7 +17,6 @@ machine's load average before and after, to --out (.md and .json).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -29,7 +28,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.scan import keep_freed_memory, versions  # noqa: E402
+from bench.common import keep_freed_memory, versions, write_results  # noqa: E402
 from mmrec_model import MMRecConfig, MMRecModel  # noqa: E402
 
 
@@ -131,12 +130,7 @@ def main() -> None:
                     file=sys.stderr,
                 )
     info["load_after"] = os.getloadavg()[0]
-    table = render(results, info)
-    print(table)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.with_suffix(".json").write_text(json.dumps({"info": info, "results": results}, indent=2))
-        args.out.with_suffix(".md").write_text(table + "\n")
+    write_results(args.out, info, results, render(results, info))
 
 
 if __name__ == "__main__":

@@ -18,7 +18,6 @@ raw numbers, device and versions, to --out (.md and .json).
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -27,7 +26,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import mmrec_ops  # noqa: E402
-from bench.scan import forward_backward, keep_freed_memory, median_time_ms, versions  # noqa: E402
+from bench.common import forward_backward, keep_freed_memory, median_time_ms, versions, write_results  # noqa: E402
 from mmrec_ops.reference import recurrence_reference  # noqa: E402
 
 CPU_SHAPES = [[4, 512, 8, 64]]
@@ -188,12 +187,7 @@ def main() -> None:
                 print(f"{dtype_name:9} {shape} {name:52} fwd {row['fwd_ms']}  fwd+bwd {row['fwdbwd_ms']}",
                       file=sys.stderr, flush=True)
 
-    table = render(results, info, device)
-    print(table)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.with_suffix(".json").write_text(json.dumps({"info": info, "results": results}, indent=2))
-        args.out.with_suffix(".md").write_text(table + "\n")
+    write_results(args.out, info, results, render(results, info, device))
 
 
 if __name__ == "__main__":

@@ -23,13 +23,7 @@ setting. --glibc-default measures without it.
 from __future__ import annotations
 
 import argparse
-import ctypes
-import datetime
-import json
-import platform
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -37,53 +31,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import mmrec_ops  # noqa: E402
+from bench.common import forward_backward, keep_freed_memory, median_time_ms, versions, write_results  # noqa: E402
 from mmrec_ops.reference import scan_reference  # noqa: E402
-
-
-def keep_freed_memory() -> None:
-    """Make glibc reuse large freed blocks instead of unmapping them."""
-    libc = ctypes.CDLL("libc.so.6")
-    m_trim_threshold, m_mmap_threshold = -1, -3
-    libc.mallopt(m_mmap_threshold, 1 << 30)
-    libc.mallopt(m_trim_threshold, (1 << 31) - 1)
-
-
-def median_time_ms(fn, device: str, warmup: int, repeats: int) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    if device == "cuda":
-        # Each sample times several back-to-back calls between two events, so
-        # that the GPU queue runs ahead of Python's launch overhead.
-        inner = 10
-        torch.cuda.synchronize()
-        for _ in range(repeats):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            for _ in range(inner):
-                fn()
-            end.record()
-            torch.cuda.synchronize()
-            times.append(start.elapsed_time(end) / inner)
-    else:
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
-
-
-def forward_backward(fn, inputs):
-    """A callable running fn forward and backward (gradients of every input),
-    with an upstream gradient made once, outside the timed region."""
-    leaves = [t.detach().requires_grad_() for t in inputs]
-    with torch.no_grad():
-        grad_out = torch.randn_like(fn(*leaves))
-
-    def run():
-        torch.autograd.grad(fn(*leaves), leaves, grad_out)
-
-    return run
 
 
 def copy_floor(numel: int, dtype, device):
@@ -154,25 +103,6 @@ def cuda_peers(B, T, H, d, dtype, device):
     return rows
 
 
-def versions(device: str) -> dict:
-    info = {
-        "date": datetime.date.today().isoformat(),
-        "torch": torch.__version__,
-        "mmrec": mmrec_ops.__version__,
-        "python": platform.python_version(),
-        "threads": torch.get_num_threads(),
-        "cpu": platform.processor() or platform.machine(),
-    }
-    if device == "cuda":
-        import triton
-
-        info["device"] = torch.cuda.get_device_name()
-        info["triton"] = triton.__version__
-    else:
-        info["device"] = f"CPU, {torch.get_num_threads()} threads"
-    return info
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
@@ -208,12 +138,7 @@ def main() -> None:
             results.append(row)
             print(f"{dtype_name:9} {name:42} fwd {row['fwd_ms']}  fwd+bwd {row['fwdbwd_ms']}", file=sys.stderr)
 
-    table = render(results, info, device)
-    print(table)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.with_suffix(".json").write_text(json.dumps({"info": info, "results": results}, indent=2))
-        args.out.with_suffix(".md").write_text(table + "\n")
+    write_results(args.out, info, results, render(results, info, device))
 
 
 def render(results, info, device) -> str:

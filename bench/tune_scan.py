@@ -21,7 +21,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import mmrec_ops  # noqa: E402,F401  (registers the ops the check uses)
-from bench.scan import median_time_ms  # noqa: E402
+from bench.common import median_time_ms  # noqa: E402
 from mmrec_ops.triton import scan as triton_scan  # noqa: E402
 
 KNOBS = {

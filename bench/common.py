@@ -1,0 +1,89 @@
+"""What the benchmarks share: timing, the allocator setting, version info, output."""
+
+from __future__ import annotations
+
+import ctypes
+import datetime
+import json
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+import mmrec_ops
+
+
+def keep_freed_memory() -> None:
+    """Make glibc reuse large freed blocks instead of unmapping them."""
+    libc = ctypes.CDLL("libc.so.6")
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    libc.mallopt(m_mmap_threshold, 1 << 30)
+    libc.mallopt(m_trim_threshold, (1 << 31) - 1)
+
+
+def median_time_ms(fn, device: str, warmup: int, repeats: int) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    if device == "cuda":
+        # Each sample times several back-to-back calls between two events, so
+        # that the GPU queue runs ahead of Python's launch overhead.
+        inner = 10
+        torch.cuda.synchronize()
+        for _ in range(repeats):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(inner):
+                fn()
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end) / inner)
+    else:
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def forward_backward(fn, inputs):
+    """A callable running fn forward and backward (gradients of every input),
+    with an upstream gradient made once, outside the timed region."""
+    leaves = [t.detach().requires_grad_() for t in inputs]
+    with torch.no_grad():
+        grad_out = torch.randn_like(fn(*leaves))
+
+    def run():
+        torch.autograd.grad(fn(*leaves), leaves, grad_out)
+
+    return run
+
+
+def versions(device: str) -> dict:
+    info = {
+        "date": datetime.date.today().isoformat(),
+        "torch": torch.__version__,
+        "mmrec": mmrec_ops.__version__,
+        "python": platform.python_version(),
+        "threads": torch.get_num_threads(),
+        "cpu": platform.processor() or platform.machine(),
+    }
+    if device == "cuda":
+        import triton
+
+        info["device"] = torch.cuda.get_device_name()
+        info["triton"] = triton.__version__
+    else:
+        info["device"] = f"CPU, {torch.get_num_threads()} threads"
+    return info
+
+
+def write_results(out: Path | None, info: dict, results: list, table: str) -> None:
+    """Print the Markdown table; with an output stem, write it (.md) and the raw numbers (.json)."""
+    print(table)
+    if out:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.with_suffix(".json").write_text(json.dumps({"info": info, "results": results}, indent=2))
+        out.with_suffix(".md").write_text(table + "\n")
