@@ -73,7 +73,7 @@ class MMRecBlock(nn.Module):
         gamma = self.mdi(z, k)
         heads = (self.n_heads, -1)
         h = self.recurrence(z.unflatten(-1, heads), gamma.unflatten(-1, heads), state.h)
-        kv = torch.stack([k, v], dim=2).to(state.memory.dtype)
+        kv = torch.stack([k, v], dim=2)
         candidates, mask, memory, sums = read_and_update(kv, state.memory, state.sums, position, self.segment_len)
         m = self.memory(q.unflatten(-1, heads), candidates, mask)
         y = x + self.w_out((h + m.to(h.dtype)).flatten(-2))

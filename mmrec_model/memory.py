@@ -26,6 +26,7 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 import mmrec_ops
@@ -122,6 +123,41 @@ def reset_gamma(resets: Tensor, like: Tensor) -> Tensor:
     return gamma.view(1, -1, *([1] * (like.dim() - 2))).expand(like.shape)
 
 
+def segment_sums(kv: Tensor, carry: Tensor, position: Tensor, segment_len: int) -> LevelEntries:
+    """Level 0: the sums of keys and values over each S-token span the chunk's tokens fall in.
+
+    Args:
+        kv: ``[B, T, 2, D]``, keys and values of tokens [position, position + T).
+        carry: ``[B, 2, D]``, the running sum of the span in progress before the chunk.
+        position: int64 scalar, absolute position of the chunk's first token.
+
+    Returns the candidate entries ``first + k`` (``chunk_entry_slots``), sums in float32
+    (float64 for float64 kv), including the carry for the span in progress at the chunk's
+    start and partial sums for the one in progress at its end.
+
+    The chunk, zero-padded to T // S + 2 blocks of S tokens, is cut into blocks; the spans are
+    the blocks shifted by o = S - position % S tokens (o = S: the chunk starts a span). Each
+    block splits into a head (its first o tokens) and a tail, summed by two masked
+    reductions, and span k is tail_{k-1} + head_k (with the carry as tail_{-1}). That reads
+    kv once and writes only the sums, where a scan would write a running sum per token.
+    """
+    T = kv.shape[1]
+    n_slots = T // segment_len + 2  # as many blocks as candidate entries: the last ones are padding
+    acc = torch.float64 if kv.dtype == torch.float64 else torch.float32
+    blocks = F.pad(kv, (0, 0, 0, 0, 0, n_slots * segment_len - T)).unflatten(1, (n_slots, segment_len))
+    head_len = segment_len - position % segment_len
+    in_head = (torch.arange(segment_len, device=kv.device) < head_len).view(1, 1, -1, 1, 1)
+    heads = torch.where(in_head, blocks, 0).sum(2, dtype=acc)
+    tails = torch.where(in_head, 0, blocks).sum(2, dtype=acc)
+    # The last block is all padding, so rolling the tails by one block puts zeros first;
+    # the carry goes there instead (no slice of a size that could be 1: compile would
+    # specialise on it).
+    first = (torch.arange(n_slots, device=kv.device) == 0) & (head_len < segment_len)
+    sums = heads + tails.roll(1, dims=1) + torch.where(first.view(1, -1, 1, 1), carry.to(acc).unsqueeze(1), 0)
+    index, valid = chunk_entry_slots(position, T, segment_len)
+    return LevelEntries(index, valid, sums)
+
+
 def summarise(kv: Tensor, sums: Tensor, position: Tensor, segment_len: int) -> tuple[list[LevelEntries], Tensor]:
     """The entries that complete within a chunk, at every level, and the new running sums.
 
@@ -133,22 +169,19 @@ def summarise(kv: Tensor, sums: Tensor, position: Tensor, segment_len: int) -> t
     Returns:
         per level l, ``LevelEntries`` (sums over S 4^l tokens), and the new ``[B, L, 2, D]`` sums.
 
-    Level 0 is a running sum over tokens that restarts at every segment start
-    (``mmrec.scan`` with gamma = 0 there, 1 elsewhere; float32 accumulation over at
-    most S tokens), read at segment ends. Level l is the same running sum over the
-    level-(l-1) entries of the chunk, restarting at every fourth, read at every
+    Level 0 comes from ``segment_sums``; its new running sum is the sum of the span of the
+    chunk's last token. Level l is a running sum over the level-(l-1) entries of the chunk
+    (``mmrec.scan``, restarting at every fourth entry, float32 accumulation), read at every
     fourth; entries that are not valid add nothing.
     """
     T = kv.shape[1]
-    tokens = position + torch.arange(T, device=kv.device)
-    run = mmrec_ops.scan(reset_gamma(tokens % segment_len == 0, kv), kv, sums[:, 0])
-    index, valid = chunk_entry_slots(position, T, segment_len)
-    ends = only_valid((index + 1) * segment_len - 1 - position, valid)
-    levels = [LevelEntries(index, valid, run[:, ends])]
-    new_sums = [run[:, -1]]
+    level0 = segment_sums(kv, sums[:, 0], position, segment_len)
+    last = (position + T - 1) // segment_len - position // segment_len
+    levels = [level0]
+    new_sums = [level0.sums.index_select(1, last.view(1)).squeeze(1).to(sums.dtype)]
     for level in range(1, sums.shape[1]):
         below = levels[-1]
-        x = torch.where(below.valid.view(1, -1, 1, 1), below.sums, 0.0)
+        x = torch.where(below.valid.view(1, -1, 1, 1), below.sums, 0.0).to(sums.dtype)
         starts = below.valid & (below.index % BRANCHING == 0)
         run = mmrec_ops.scan(reset_gamma(starts, x), x, sums[:, level])
         index, valid = chunk_entry_slots(position, T, span_len(segment_len, level))
