@@ -1,0 +1,443 @@
+"""MM-Rec against a Transformer of the same width and depth on one GPU, side by side.
+
+    python bench/model_gpu.py --out bench/results/model_cuda_h100        # all sections
+    python bench/model_gpu.py --sections train --seq-lens 2048 8192      # a part
+    python bench/model_gpu.py --smoke --device cpu                       # tiny shapes, checks the script
+
+Contenders: MMRecModel ``base`` (12 layers, width 768) in modes parallel
+(mmrec.scan) and exact (mmrec.recurrence), and bench/transformer.py's GPT
+(12 layers, width 768, PyTorch SDPA with is_causal), each eager and compiled;
+bf16 autocast, float32 parameters, fused AdamW. "Compiled" is regional
+compilation: ``torch.compile`` of each block (they share one graph), the way
+PyTorch's docs recommend for stacks of identical layers; the rest (embedding,
+head, loss) stays eager.
+
+Sections:
+  train     training tokens/s and peak memory at each --seq-lens T with
+            --tokens-per-step tokens per optimizer step (batch = tokens / T);
+            MM-Rec also with the sequence run in chunks (--chunk-sizes).
+  generate  greedy decoding at batch 1 after a prompt of each --contexts length:
+            time per new token (eager; MM-Rec also compiled with CUDA graphs),
+            prompt (prefill) time, and the bytes of the state (MM-Rec) or KV
+            cache (Transformer) the next token reads.
+  quality   each model trained for the same steps on the same batches of the
+            embedded corpus (the standard library's source, bytes), then the
+            validation bits per byte on the same fixed windows.
+
+Writes a Markdown table per section, the raw numbers (JSON) and a PNG of
+throughput, memory, generation and loss curves to --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.common import versions, write_results  # noqa: E402
+from bench.transformer import KVCache, Transformer, TransformerConfig  # noqa: E402
+from mmrec_model import MMRecConfig, MMRecModel  # noqa: E402
+from mmrec_model.memory import BlockState, MemoryState  # noqa: E402
+from mmrec_model.data import load_corpus, train_batch, validation_offsets, windows  # noqa: E402
+from mmrec_model.pretrain import lr_factor  # noqa: E402
+
+ARCHS = ("transformer", "mmrec-parallel", "mmrec-exact")
+
+
+@dataclass
+class Sizes:
+    """The shapes a run uses (the full benchmark, or --smoke's tiny ones)."""
+
+    dim: int = 768
+    n_layers: int = 12
+    n_heads: int = 12
+    tokens_per_step: int = 65536
+    timed_steps: int = 5
+    decode_tokens: int = 64
+    prefill_chunk: int = 8192
+    quality_steps: int = 400
+    quality_batch: int = 16
+    quality_seq_len: int = 2048
+    quality_val_windows: int = 64
+    quality_lr: float = 1e-3
+    quality_log_every: int = 10
+
+
+SMOKE = Sizes(dim=64, n_layers=2, n_heads=2, tokens_per_step=512, timed_steps=2, decode_tokens=4,
+              prefill_chunk=128, quality_steps=4, quality_batch=2, quality_seq_len=128,
+              quality_val_windows=4, quality_log_every=2)
+
+
+# --- models -------------------------------------------------------------------------
+
+
+def build(arch: str, sizes: Sizes, device: str) -> torch.nn.Module:
+    torch.manual_seed(0)
+    if arch == "transformer":
+        model = Transformer(TransformerConfig(dim=sizes.dim, n_layers=sizes.n_layers, n_heads=sizes.n_heads))
+    else:
+        mode = arch.split("-")[1]
+        model = MMRecModel(MMRecConfig(dim=sizes.dim, n_layers=sizes.n_layers, n_heads=sizes.n_heads, mode=mode))
+    return model.to(device)
+
+
+def compile_blocks(model: torch.nn.Module) -> None:
+    """Regional compilation: every block through torch.compile (one shared graph).
+
+    Dynamo's caches are reset first, so that each measurement compiles its own static
+    graph (not a dynamic one left by an earlier length, nor eager past the recompile limit).
+    """
+    torch._dynamo.reset()
+    for block in model.blocks:
+        block.compile(fullgraph=True)
+
+
+def logits_of(model, ids: torch.Tensor, chunk_size: int | None = None) -> torch.Tensor:
+    if isinstance(model, MMRecModel):
+        return model(ids, chunk_size=chunk_size)[0]
+    return model(ids)
+
+
+def loss_of(model, ids, targets, chunk_size=None) -> torch.Tensor:
+    logits = logits_of(model, ids, chunk_size)
+    return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
+
+
+def autocast(device: str):
+    return torch.autocast(device, dtype=torch.bfloat16)
+
+
+def synchronize(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def reset_memory(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def peak_gib(device: str) -> float | None:
+    return torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else None
+
+
+# --- training throughput --------------------------------------------------------------
+
+
+def train_row(arch, compiled, T, chunk_size, sizes, device) -> dict:
+    row = {"arch": arch, "compiled": compiled, "T": T, "chunk_size": chunk_size, "batch": sizes.tokens_per_step // T}
+    model = build(arch, sizes, device)
+    if compiled:
+        compile_blocks(model)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device == "cuda")
+    ids = torch.randint(0, 256, (row["batch"], T + 1), device=device)
+    inputs, targets = ids[:, :-1], ids[:, 1:]
+
+    def step():
+        with autocast(device):
+            loss = loss_of(model, inputs, targets, chunk_size)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    try:
+        start = time.perf_counter()
+        step()  # compiles, when compiled
+        synchronize(device)
+        row["first_step_s"] = time.perf_counter() - start
+        step()
+        reset_memory(device)
+        times = []
+        for _ in range(sizes.timed_steps):
+            synchronize(device)
+            start = time.perf_counter()
+            step()
+            synchronize(device)
+            times.append(time.perf_counter() - start)
+        row["step_ms"] = 1e3 * statistics.median(times)
+        row["tokens_per_s"] = sizes.tokens_per_step / statistics.median(times)
+        row["peak_gib"] = peak_gib(device)
+    except torch.OutOfMemoryError:
+        row["error"] = "out of memory"
+    return row
+
+
+def train_section(args, sizes, device) -> list[dict]:
+    rows = []
+    for T in args.seq_lens:
+        for arch in args.archs:
+            for compiled in args.compiled:
+                chunks = [None] + ([c for c in args.chunk_sizes if c < T] if arch != "transformer" else [])
+                for chunk_size in chunks:
+                    row = train_row(arch, compiled, T, chunk_size, sizes, device)
+                    reset_memory(device)  # the row's model is gone: start the next from nothing
+                    print(row, file=sys.stderr, flush=True)
+                    rows.append(row)
+    return rows
+
+
+# --- generation -------------------------------------------------------------------------
+
+
+def state_bytes(state) -> int:
+    return sum(t.nbytes for block in state.blocks for t in block) + state.position.nbytes
+
+
+@torch.no_grad()
+def generate_row(arch, context, compiled, sizes, device) -> dict:
+    """Prompt of `context` random bytes, then sizes.decode_tokens greedy tokens, timed."""
+    row = {"arch": arch, "context": context, "compiled": compiled}
+    model = build(arch, sizes, device).eval()
+    prompt = torch.randint(0, 256, (1, context), device=device)
+    try:
+        with autocast(device):
+            start = time.perf_counter()
+            logits, next_logits, row["state_bytes"] = start_decoding(model, prompt, compiled, sizes, device)
+            synchronize(device)
+            row["prefill_s"] = time.perf_counter() - start
+            token = logits[:, -1:].argmax(-1)
+            for _ in range(3):  # warm-up (compiles, records CUDA graphs)
+                token = next_logits(token)[:, -1:].argmax(-1)
+            synchronize(device)
+            start = time.perf_counter()
+            for _ in range(sizes.decode_tokens):
+                token = next_logits(token)[:, -1:].argmax(-1)
+            synchronize(device)
+            row["ms_per_token"] = 1e3 * (time.perf_counter() - start) / sizes.decode_tokens
+    except torch.OutOfMemoryError:
+        row["error"] = "out of memory"
+    return row
+
+
+def start_decoding(model, prompt, compiled, sizes, device):
+    """Reads the prompt; returns its logits, a function token [1, 1] -> next logits, and
+    the bytes of what the next token reads (MM-Rec state, or KV cache). Compiled decoding
+    is MM-Rec's step through torch.compile(mode='reduce-overhead'), i.e. CUDA graphs."""
+    extra = sizes.decode_tokens + 3
+    if isinstance(model, MMRecModel):
+        logits, state = model(prompt, chunk_size=sizes.prefill_chunk)
+        if compiled:
+            torch._dynamo.reset()
+        step = torch.compile(model, mode="reduce-overhead", fullgraph=True) if compiled else model
+
+        def next_logits(token):
+            nonlocal state
+            out, state = step(token, state)
+            if compiled:
+                state = MemoryState(state.position.clone(), tuple(BlockState(*(t.clone() for t in b)) for b in state.blocks))
+            return out
+
+        return logits, next_logits, state_bytes(state)
+    if compiled:
+        raise NotImplementedError("compiled decoding is measured for MM-Rec only")
+    cache = KVCache(model.config, 1, prompt.shape[1] + extra, device, torch.bfloat16)
+    logits = model(prompt, cache)
+    return logits, lambda token: model(token, cache), cache.nbytes(prompt.shape[1])
+
+
+def generate_section(args, sizes, device) -> list[dict]:
+    rows = []
+    for context in args.contexts:
+        for arch in args.archs:
+            for compiled in args.compiled if arch != "transformer" else [0]:
+                row = generate_row(arch, context, bool(compiled), sizes, device)
+                reset_memory(device)
+                print(row, file=sys.stderr, flush=True)
+                rows.append(row)
+    return rows
+
+
+# --- quality ------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def validation_loss(model, corpus, sizes, device) -> float:
+    offsets = validation_offsets(corpus, sizes.quality_val_windows, sizes.quality_seq_len)
+    total = 0.0
+    model.eval()
+    for chunk in offsets.split(sizes.quality_batch):
+        inputs, targets = (t.to(device) for t in windows(corpus.val, chunk, sizes.quality_seq_len))
+        with autocast(device):
+            total += loss_of(model, inputs, targets).item() * len(chunk)
+    model.train()
+    return total / len(offsets)
+
+
+def quality_row(arch, corpus, sizes, device, seed: int) -> dict:
+    """Trains one model for sizes.quality_steps steps (AdamW, warmup then cosine,
+    clipping 1.0, compiled blocks) on the batches of `seed`; validation at the end."""
+    model = build(arch, sizes, device)
+    compile_blocks(model)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=sizes.quality_lr, betas=(0.9, 0.95),
+                                  weight_decay=0.1, fused=device == "cuda")
+    warmup = max(1, sizes.quality_steps // 10)
+    curve = []
+    start = time.perf_counter()
+    for step in range(sizes.quality_steps):
+        for group in optimizer.param_groups:
+            group["lr"] = sizes.quality_lr * lr_factor(step, warmup, sizes.quality_steps)
+        inputs, targets = (t.to(device) for t in train_batch(corpus, step, seed, sizes.quality_batch,
+                                                             sizes.quality_seq_len))
+        with autocast(device):
+            loss = loss_of(model, inputs, targets)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if step % sizes.quality_log_every == 0 or step == sizes.quality_steps - 1:
+            curve.append((step, loss.item()))
+    train_s = time.perf_counter() - start
+    val = validation_loss(model, corpus, sizes, device)
+    tokens = sizes.quality_steps * sizes.quality_batch * sizes.quality_seq_len
+    return {"arch": arch, "parameters": sum(p.numel() for p in model.parameters()), "tokens": tokens,
+            "train_s": train_s, "val_loss": val, "val_bpb": val / math.log(2), "curve": curve}
+
+
+def quality_section(args, sizes, device) -> list[dict]:
+    corpus = load_corpus(None)
+    rows = []
+    for arch in args.archs:
+        row = quality_row(arch, corpus, sizes, device, args.seed)
+        print({k: v for k, v in row.items() if k != "curve"}, file=sys.stderr, flush=True)
+        rows.append(row)
+    return rows
+
+
+# --- output ---------------------------------------------------------------------------------
+
+
+def fmt(value, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def render(results: dict, info: dict) -> str:
+    lines = [f"MM-Rec vs Transformer on {info['device']}; torch {info['torch']}"
+             + (f", Triton {info['triton']}" if "triton" in info else "") + f"; {info['date']}; bf16 autocast", ""]
+    if results.get("train"):
+        lines += ["Training (tokens/s, optimizer step included):", "",
+                  "| model | compiled | T | chunk | batch | tokens/s | step (ms) | peak (GiB) | first step (s) |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+        for r in results["train"]:
+            tps = r.get("error") or f"{r['tokens_per_s'] / 1e3:.1f}K"
+            lines.append(f"| {r['arch']} | {'yes' if r['compiled'] else 'no'} | {r['T']} | {r['chunk_size'] or '-'} "
+                         f"| {r['batch']} | {tps} | {fmt(r.get('step_ms'), '.1f')} | {fmt(r.get('peak_gib'), '.1f')} "
+                         f"| {fmt(r.get('first_step_s'), '.1f')} |")
+        lines.append("")
+    if results.get("generate"):
+        lines += ["Generation (batch 1, greedy; compiled: CUDA graphs):", "",
+                  "| model | compiled | context | ms / token | state or KV cache (MiB) | prompt (s) |",
+                  "|---|---|---|---|---|---|"]
+        for r in results["generate"]:
+            lines.append(f"| {r['arch']} | {'yes' if r['compiled'] else 'no'} | {r['context']} "
+                         f"| {r.get('error') or fmt(r.get('ms_per_token'), '.2f')} "
+                         f"| {fmt(r['state_bytes'] / 2**20 if 'state_bytes' in r else None, '.1f')} "
+                         f"| {fmt(r.get('prefill_s'), '.2f')} |")
+        lines.append("")
+    if results.get("quality"):
+        lines += ["Quality (same steps, batches and schedule; validation on the same windows):", "",
+                  "| model | parameters | training tokens | training time (s) | val loss | val bits/byte |",
+                  "|---|---|---|---|---|---|"]
+        for r in results["quality"]:
+            lines.append(f"| {r['arch']} | {r['parameters'] / 1e6:.1f}M | {r['tokens'] / 1e6:.1f}M | {r['train_s']:.0f} "
+                         f"| {r['val_loss']:.4f} | {r['val_bpb']:.4f} |")
+    return "\n".join(lines)
+
+
+def plot(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(2, 2, figsize=(12, 9))
+    (ax_tps, ax_mem), (ax_gen, ax_q) = axes
+    for (arch, compiled, chunk), rows in _series(results.get("train", []), ("arch", "compiled", "chunk_size")).items():
+        ok = [r for r in rows if "tokens_per_s" in r]
+        label = f"{arch}{' compiled' if compiled else ''}{f' chunk {chunk}' if chunk else ''}"
+        ax_tps.plot([r["T"] for r in ok], [r["tokens_per_s"] / 1e3 for r in ok], "o-", label=label)
+        if ok and ok[0]["peak_gib"] is not None:
+            ax_mem.plot([r["T"] for r in ok], [r["peak_gib"] for r in ok], "o-", label=label)
+    for (arch, compiled), rows in _series(results.get("generate", []), ("arch", "compiled")).items():
+        ok = [r for r in rows if "ms_per_token" in r]
+        name = f"{arch}{' compiled' if compiled else ''}"
+        if not compiled:
+            ax_gen.plot([r["context"] for r in ok], [r["state_bytes"] / 2**20 for r in ok], "o-", label=f"{arch} state MiB")
+        ax_gen.plot([r["context"] for r in ok], [r["ms_per_token"] for r in ok], "s--", label=f"{name} ms/token")
+    for r in results.get("quality", []):
+        steps, losses = zip(*r["curve"])
+        ax_q.plot(steps, [v / math.log(2) for v in losses], label=f"{r['arch']} (val {r['val_bpb']:.3f})")
+    titles = [("training tokens/s (K) vs T", "T"), ("peak memory (GiB) vs T", "T"),
+              ("generation: state MiB and ms/token vs context", "context"), ("training loss (bits/byte)", "step")]
+    for ax, (title, xlabel) in zip(axes.flat, titles):
+        ax.set_title(title)
+        ax.set_xlabel(xlabel)
+        if xlabel != "step":
+            ax.set_xscale("log", base=2)
+        if ax.lines:
+            ax.legend(fontsize=7)
+    ax_gen.set_yscale("log")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def _series(rows, keys):
+    series = {}
+    for r in rows:
+        series.setdefault(tuple(r[k] for k in keys), []).append(r)
+    return series
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
+    parser.add_argument("--sections", nargs="+", default=["train", "generate", "quality"],
+                        choices=["train", "generate", "quality"])
+    parser.add_argument("--archs", nargs="+", default=list(ARCHS), choices=ARCHS)
+    parser.add_argument("--seq-lens", type=int, nargs="+", default=None, help="training T (default 2048 8192 32768)")
+    parser.add_argument("--chunk-sizes", type=int, nargs="*", default=None,
+                        help="MM-Rec training also in chunks of these sizes (default 8192)")
+    parser.add_argument("--compiled", type=int, nargs="+", default=[0, 1], choices=[0, 1], help="eager (0), compiled (1)")
+    parser.add_argument("--contexts", type=int, nargs="+", default=None, help="generation contexts (default 2K 32K 128K)")
+    parser.add_argument("--quality-steps", type=int, default=None)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--smoke", action="store_true", help="tiny shapes: checks the script, measures nothing")
+    parser.add_argument("--out", type=Path, default=None, help="output stem (.md, .json, .png)")
+    parser.add_argument("--append", action="store_true",
+                        help="add this run's rows to those already in --out's .json (a benchmark split over calls)")
+    args = parser.parse_args()
+
+    sizes = SMOKE if args.smoke else Sizes()
+    if args.quality_steps:
+        sizes.quality_steps = args.quality_steps
+    args.seq_lens = args.seq_lens or ([128, 256] if args.smoke else [2048, 8192, 32768])
+    args.chunk_sizes = args.chunk_sizes if args.chunk_sizes is not None else ([128] if args.smoke else [8192])
+    args.contexts = args.contexts or ([64, 256] if args.smoke else [2048, 32768, 131072])
+    device = args.device
+    torch.backends.cuda.matmul.allow_tf32 = True
+    info = versions(device)
+    info.update(sizes=vars(sizes), smoke=args.smoke)
+
+    results = {}
+    if args.append and args.out and args.out.with_suffix(".json").exists():
+        results = json.loads(args.out.with_suffix(".json").read_text())["results"]
+    sections = {"train": train_section, "generate": generate_section, "quality": quality_section}
+    for name in args.sections:
+        results[name] = results.get(name, []) + sections[name](args, sizes, device)
+    write_results(args.out, info, results, render(results, info))
+    if args.out:
+        plot(results, args.out.with_suffix(".png"))
+
+
+if __name__ == "__main__":
+    main()

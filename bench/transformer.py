@@ -1,0 +1,105 @@
+"""The Transformer that bench/model_gpu.py compares MM-Rec with: a GPT of the same
+width and depth (byte vocabulary, PyTorch SDPA, RMSNorm, GELU FFN, tied head).
+
+Written for the comparison only, not part of the package. Causal self-attention
+runs through ``F.scaled_dot_product_attention(is_causal=True)`` (flash kernels on
+CUDA). Generation keeps a preallocated KV cache ``[B, H, T_max, d]`` per layer.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+@dataclass
+class TransformerConfig:
+    vocab_size: int = 256
+    dim: int = 768
+    n_layers: int = 12
+    n_heads: int = 12
+    ffn_mult: int = 4
+    norm_eps: float = 1e-6
+    init_std: float = 0.02
+
+
+class KVCache:
+    """Keys and values of the tokens seen so far, per layer ``[B, H, T_max, d]``."""
+
+    def __init__(self, config: TransformerConfig, batch_size: int, max_len: int, device, dtype):
+        d = config.dim // config.n_heads
+        shape = (batch_size, config.n_heads, max_len, d)
+        self.keys = [torch.empty(shape, device=device, dtype=dtype) for _ in range(config.n_layers)]
+        self.values = [torch.empty(shape, device=device, dtype=dtype) for _ in range(config.n_layers)]
+        self.length = 0
+
+    def nbytes(self, length: int | None = None) -> int:
+        """Bytes the cache of ``length`` tokens (default: those seen) holds."""
+        length = self.length if length is None else length
+        per_token = sum(t[:, :, :1].nbytes for t in self.keys + self.values)
+        return per_token * length
+
+
+class Block(nn.Module):
+    """x + Attn(RMSNorm(x)), then + FFN(RMSNorm(.)); x ``[B, T, D]``."""
+
+    def __init__(self, config: TransformerConfig):
+        super().__init__()
+        D = config.dim
+        self.n_heads = config.n_heads
+        self.norm_attn = nn.RMSNorm(D, eps=config.norm_eps)
+        self.qkv = nn.Linear(D, 3 * D, bias=False)
+        self.proj = nn.Linear(D, D, bias=False)
+        self.norm_ffn = nn.RMSNorm(D, eps=config.norm_eps)
+        self.ffn = nn.Sequential(nn.Linear(D, config.ffn_mult * D), nn.GELU(), nn.Linear(config.ffn_mult * D, D))
+        residual_std = config.init_std / math.sqrt(2 * config.n_layers)
+        nn.init.normal_(self.qkv.weight, std=config.init_std)
+        nn.init.normal_(self.proj.weight, std=residual_std)
+        nn.init.normal_(self.ffn[0].weight, std=config.init_std)
+        nn.init.zeros_(self.ffn[0].bias)
+        nn.init.normal_(self.ffn[2].weight, std=residual_std)
+        nn.init.zeros_(self.ffn[2].bias)
+
+    def forward(self, x: Tensor, cache: KVCache | None = None, layer: int = 0) -> Tensor:
+        q, k, v = (t.unflatten(-1, (self.n_heads, -1)).transpose(1, 2) for t in self.qkv(self.norm_attn(x)).chunk(3, -1))
+        if cache is None:
+            attn = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        else:
+            start, end = cache.length, cache.length + x.shape[1]
+            cache.keys[layer][:, :, start:end] = k
+            cache.values[layer][:, :, start:end] = v
+            keys, values = cache.keys[layer][:, :, :end], cache.values[layer][:, :, :end]
+            # One new token attends to every cached one; a longer chunk (the prompt,
+            # starting from an empty cache) is causal within itself.
+            attn = F.scaled_dot_product_attention(q, keys, values, is_causal=x.shape[1] > 1)
+        x = x + self.proj(attn.transpose(1, 2).flatten(-2))
+        return x + self.ffn(self.norm_ffn(x))
+
+
+class Transformer(nn.Module):
+    """ids ``[B, T]`` -> logits ``[B, T, vocab]``; with a ``KVCache``, continues its sequences."""
+
+    def __init__(self, config: TransformerConfig):
+        super().__init__()
+        self.config = config
+        self.embed = nn.Embedding(config.vocab_size, config.dim)
+        nn.init.normal_(self.embed.weight, std=config.init_std)
+        self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layers))
+        self.norm = nn.RMSNorm(config.dim, eps=config.norm_eps)
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def forward(self, ids: Tensor, cache: KVCache | None = None) -> Tensor:
+        if cache is not None and cache.length > 0 and ids.shape[1] > 1:
+            raise ValueError("Transformer: with a non-empty cache, expected one token per call")
+        x = self.embed(ids)
+        for layer, block in enumerate(self.blocks):
+            x = block(x, cache, layer)
+        if cache is not None:
+            cache.length += ids.shape[1]
+        return F.linear(self.norm(x), self.embed.weight)
