@@ -195,15 +195,15 @@ def state_bytes(state) -> int:
 
 
 @torch.no_grad()
-def generate_row(arch, context, compiled, sizes, device) -> dict:
-    """Prompt of `context` random bytes, then sizes.decode_tokens greedy tokens, timed."""
-    row = {"arch": arch, "context": context, "compiled": compiled}
-    model = build(arch, sizes, device).eval()
+def generate_row(model, step, context, sizes, device) -> dict:
+    """Prompt of `context` random bytes, then sizes.decode_tokens greedy tokens through
+    `step` (the model, or its compiled form), timed."""
+    row = {"context": context}
     prompt = torch.randint(0, 256, (1, context), device=device)
     try:
         with autocast(device):
             start = time.perf_counter()
-            logits, next_logits, row["state_bytes"] = start_decoding(model, prompt, compiled, sizes, device)
+            logits, next_logits, row["state_bytes"] = start_decoding(model, step, prompt, sizes, device)
             synchronize(device)
             row["prefill_s"] = time.perf_counter() - start
             token = logits[:, -1:].argmax(-1)
@@ -220,41 +220,42 @@ def generate_row(arch, context, compiled, sizes, device) -> dict:
     return row
 
 
-def start_decoding(model, prompt, compiled, sizes, device):
-    """Reads the prompt; returns its logits, a function token [1, 1] -> next logits, and
-    the bytes of what the next token reads (MM-Rec state, or KV cache). Compiled decoding
-    is MM-Rec's step through torch.compile(mode='reduce-overhead'), i.e. CUDA graphs."""
-    extra = sizes.decode_tokens + 3
+def start_decoding(model, step, prompt, sizes, device):
+    """Reads the prompt (eager); returns its logits, a function token [1, 1] -> next
+    logits, and the bytes of what the next token reads (MM-Rec state, or KV cache)."""
     if isinstance(model, MMRecModel):
         logits, state = model(prompt, chunk_size=sizes.prefill_chunk)
-        if compiled:
-            torch._dynamo.reset()
-        step = torch.compile(model, mode="reduce-overhead", fullgraph=True) if compiled else model
 
         def next_logits(token):
             nonlocal state
             out, state = step(token, state)
-            if compiled:
+            if step is not model:  # CUDA graph outputs are overwritten by the next replay
                 state = MemoryState(state.position.clone(), tuple(BlockState(*(t.clone() for t in b)) for b in state.blocks))
             return out
 
         return logits, next_logits, state_bytes(state)
-    if compiled:
-        raise NotImplementedError("compiled decoding is measured for MM-Rec only")
-    cache = KVCache(model.config, 1, prompt.shape[1] + extra, device, torch.bfloat16)
+    cache = KVCache(model.config, 1, prompt.shape[1] + sizes.decode_tokens + 3, device, torch.bfloat16)
     logits = model(prompt, cache)
     return logits, lambda token: model(token, cache), cache.nbytes(prompt.shape[1])
 
 
 def generate_section(args, sizes, device) -> list[dict]:
+    """Per model: eager decoding, and for MM-Rec its step compiled once with CUDA graphs
+    (torch.compile mode='reduce-overhead'; the position is a tensor, so every context
+    replays the same graph). The Transformer's cache length is a Python int, so it runs eager."""
     rows = []
-    for context in args.contexts:
-        for arch in args.archs:
-            for compiled in args.compiled if arch != "transformer" else [0]:
-                row = generate_row(arch, context, bool(compiled), sizes, device)
+    for arch in args.archs:
+        model = build(arch, sizes, device).eval()
+        for compiled in args.compiled if arch != "transformer" else [0]:
+            if compiled:
+                torch._dynamo.reset()
+            step = torch.compile(model, mode="reduce-overhead", fullgraph=True) if compiled else model
+            for context in args.contexts:
+                row = {"arch": arch, "compiled": bool(compiled), **generate_row(model, step, context, sizes, device)}
                 reset_memory(device)
                 print(row, file=sys.stderr, flush=True)
                 rows.append(row)
+        del model
     return rows
 
 
