@@ -53,6 +53,7 @@ def main():
             config = dict(zip(KNOBS, values))
             for name, value in config.items():
                 setattr(triton_scan, name, value if name != "_ROWS" else {8: value // 2 or 1, 4: value, 2: value})
+            triton_scan._clear_plans()  # the launch plans are cached per shape and knob values
             out = triton_scan.scan_forward(gamma, x, None, False)
             bwd = triton_scan.scan_backward(grad, gamma, h, None, True, False)
             err = max(rel_err(out.cpu(), ref), *(rel_err(a.cpu(), b) for a, b in zip(bwd[:2], ref_bwd[:2])))

@@ -99,9 +99,14 @@ def _scan_setup_context(ctx, inputs, output):
 
 def _scan_backward(ctx, grad_h):
     gamma, h, h0 = ctx.saved_tensors
-    grad_gamma, grad_x, grad_h0 = torch.ops.mmrec.scan_backward.default(
-        grad_h, gamma, h, h0, ctx.has_x, ctx.reverse
-    )
+    args = (grad_h, gamma, h, h0, ctx.has_x, ctx.reverse)
+    if torch.is_grad_enabled():  # create_graph: through scan_backward's own autograd (double backward)
+        grad_gamma, grad_x, grad_h0 = torch.ops.mmrec.scan_backward.default(*args)
+    else:
+        # What scan_backward's autograd kernel does with grad mode off, without
+        # its Python layer: dispatch straight to the kernel below autograd.
+        with torch._C._AutoDispatchBelowAutograd():
+            grad_gamma, grad_x, grad_h0 = torch.ops.mmrec.scan_backward.default(*args)
     return grad_gamma, grad_x if ctx.has_x else None, grad_h0 if h0 is not None else None, None
 
 

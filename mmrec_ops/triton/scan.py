@@ -40,12 +40,21 @@ view alike (within 5%): bfloat16 forward ~115 us, backward ~140-150 us; float32
 forward ~148 us, backward ~240 us (a device copy moves 2.9 TB/s there). The
 kernels are bound by the scan's instructions (warp shuffles, shared memory and
 selects, ~55 thread instructions per element; one to two programs per SM),
-not by memory, for bfloat16. Through the op (bench/scan.py on 2026-11-24,
-bench/results/scan_cuda_h100.md): bfloat16 forward 158 us contiguous and 123 us
-as the transposed view, forward+backward 0.99 / 0.92 ms; float32 161 / 163 us
-and 0.70 / 0.77 ms. Forward+backward through autograd takes about four times
-the kernels' own time above: the rest is the host path (dispatch, autograd, the
-Python launchers), which has not been profiled on the GPU machine.
+not by memory, for bfloat16. The same kernels by bench.common.median_time_ms
+on the launchers (10 calls between events; a diagnostic script on the H100, 2026-11-24):
+bfloat16 forward 114 us, backward 149 us; float32 147 / 238 us.
+
+Host path. A launch costs 17-29 us of host time (bare launcher, forward) and
+32-45 us (backward) on the H100 machine, against 66-79 and 99-111 us through
+JITFunction.run with the per-call folding of before: the launch plans are
+cached and launched directly (see "Host side" below). Forward+backward through
+autograd is still host-bound there (bfloat16: 388 us of host time per call on
+one machine instance, 595 us on another, for 263 us of kernels): torch's
+autograd engine runs CUDA backward nodes on its device thread, and that
+hand-off and back, plus torch.library's Python autograd wrapper, is most of
+what remains (on the same machine a tiny CUDA autograd.grad(a * b) cost 129 us
+of host time, an op with these registrations and empty kernels 170 us).
+Figures through the op: bench/results/scan_cuda_h100.md.
 
 This module does not import mmrec_ops: the callers validate the arguments.
 """
@@ -302,6 +311,23 @@ def _scan_bwd_kernel(
 
 # ----------------------------------------------------------------------------
 # Host side: stride folding, block sizes, launches.
+#
+# This runs on every call, so it is kept short: everything that follows from
+# the shapes, strides, dtype and flags (the folding, the block sizes, the grid,
+# the integer and constexpr kernel arguments) is one cached _Plan, and a plan
+# launches its compiled kernel through Triton's launcher directly (_Plan.launch)
+# rather than through JITFunction.run, which binds and specializes all ~30
+# arguments again on every call.
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _next_power_of_2(n: int) -> int:
+    # triton.next_power_of_2 and triton.cdiv are constexpr functions in Triton
+    # 3.6, several microseconds each when called from the host.
+    return 1 << max(n - 1, 0).bit_length()
 
 
 def _contiguous_strides(sizes) -> list[int]:
@@ -348,9 +374,8 @@ def _sm_count(device_index: int) -> int:
 
 
 def _num_sms(t: Tensor) -> int:
-    if t.is_cuda:
-        return _sm_count(t.device.index if t.device.index is not None else torch.cuda.current_device())
-    return 132
+    index = t.get_device()  # -1 for a CPU tensor (the interpreter)
+    return _sm_count(index) if index >= 0 else 132
 
 
 # Under TRITON_INTERPRET=1 (CPU tensors) the kernels run in numpy, where a
@@ -364,6 +389,7 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "y
 # channels, narrowed while the grid has fewer than _MIN_PROGRAMS_PER_SM programs
 # per SM. The forward lets Triton pipeline its loads (cp.async, _FWD_STAGES
 # deep); the backward prefetches the next tile into registers (0 stages).
+# The plans are cached: call _clear_plans() after changing a knob.
 _MAX_BLOCK_C = 64
 _TILE_ELEMS = {2: 4096, 4: 4096, 8: 2048}
 _NUM_WARPS = 4
@@ -383,13 +409,13 @@ def _config(B: int, G: int, C: int, elem_size: int, sms: int):
     """(BLOCK_C, R, NT, num_warps): tiles of R * NT steps by BLOCK_C channels."""
     if _INTERPRET:
         max_c, rows, nt = _INTERPRET_CONFIG
-        return min(triton.next_power_of_2(C), max_c), rows, nt, 1
+        return min(_next_power_of_2(C), max_c), rows, nt, 1
     vec = max(16 // elem_size, 1)  # elements of one 16-byte access
-    block_c = min(triton.next_power_of_2(C), _knob(_MAX_BLOCK_C, elem_size), 16 * vec)
+    block_c = min(_next_power_of_2(C), _knob(_MAX_BLOCK_C, elem_size), 16 * vec)
     # Narrow the channel block (down to one 16-byte vector) while the grid is
     # too small to give every SM a program.
     min_programs = _knob(_MIN_PROGRAMS_PER_SM, elem_size) * sms
-    while block_c > vec and B * G * triton.cdiv(C, block_c) < min_programs:
+    while block_c > vec and B * G * _cdiv(C, block_c) < min_programs:
         block_c //= 2
     num_warps = _knob(_NUM_WARPS, elem_size)
     rows = _knob(_ROWS, elem_size)
@@ -413,106 +439,194 @@ def _acc_dtype(dtype: torch.dtype):
     return tl.float64 if dtype == torch.float64 else tl.float32
 
 
-def scan_forward(gamma: Tensor, x: Tensor | None, h0: Tensor | None, reverse: bool) -> Tensor:
-    B, T = gamma.shape[0], gamma.shape[1]
-    sizes = list(gamma.shape[2:])
-    out = torch.empty(gamma.shape, dtype=gamma.dtype, device=gamma.device)
-    if out.numel() == 0:
-        return out
+def _triton_version() -> tuple[int, int]:
+    major, minor = triton.__version__.split(".")[:2]
+    return int(major), int(minor)
 
-    def fold():
-        lists = [list(gamma.stride()[2:])]
-        if x is not None:
-            lists.append(list(x.stride()[2:]))
-        if h0 is not None:
-            lists.append(list(h0.stride()[1:]))
-        lists.append(_contiguous_strides(sizes))
-        return _fold(sizes, lists)
 
-    folded = fold()
+# Direct launches use Triton's CompiledKernel.run with the calling convention
+# of JITFunction.run (grid, stream, function, packed metadata, launch metadata,
+# the launch hooks, then every kernel parameter, constexprs included), checked
+# in the sources of Triton 3.6 and 3.9; other versions launch through
+# JITFunction.run, as does the interpreter.
+_DIRECT_LAUNCH = not _INTERPRET and (3, 6) <= _triton_version() < (3, 10)
+if _DIRECT_LAUNCH:
+    from triton import knobs as _knobs
+    from triton.runtime import driver as _driver
+
+
+def _active(hook):
+    # Launch hooks are HookChains in Triton 3.6-3.9: active when they hold a call.
+    return hook is not None and bool(getattr(hook, "calls", True))
+
+
+class _Plan:
+    """One launch configuration of a kernel: grid, num_warps and the kernel
+    arguments that follow the tensors (integers, then constexprs), all fixed
+    by the plan's cache key; and the compiled kernels it has launched.
+
+    Triton specializes a compiled kernel on the dtypes of the pointers (fixed
+    by the plan), on the integer arguments (fixed by the plan) and on the
+    16-byte alignment of each pointer; the compiled kernels are therefore kept
+    by (device, alignment of each tensor). The first launch of a key goes
+    through JITFunction.run, which compiles or finds the kernel; later ones
+    call its launcher directly, with the launch hooks (profilers) when any is
+    set.
+    """
+
+    __slots__ = ("fn", "grid", "args", "num_warps", "kernels")
+
+    def __init__(self, fn, grid, ints, constexprs, num_warps):
+        self.fn = fn
+        self.grid = grid
+        self.args = (*ints, *constexprs)
+        self.num_warps = num_warps
+        self.kernels = {}
+
+    def launch(self, *tensors: Tensor) -> None:
+        if not _DIRECT_LAUNCH:
+            self.fn[self.grid](*tensors, *self.args, num_warps=self.num_warps)
+            return
+        drv = _driver.active
+        device = drv.get_current_device()
+        key = (device, *[t.data_ptr() % 16 == 0 for t in tensors])
+        compiled = self.kernels.get(key)
+        if compiled is None:
+            kernel = self.fn[self.grid](*tensors, *self.args, num_warps=self.num_warps)
+            kernel = kernel.result() if hasattr(kernel, "result") else kernel
+            self.kernels[key] = (kernel, kernel.run, kernel.function, kernel.packed_metadata)
+            return
+        kernel, run, function, packed_metadata = compiled
+        stream = drv.get_current_stream(device)
+        enter, leave = _knobs.runtime.launch_enter_hook, _knobs.runtime.launch_exit_hook
+        if _active(enter) or _active(leave):
+            meta = kernel.launch_metadata(self.grid, stream, *tensors, *self.args)
+        else:
+            meta = enter = leave = None
+        run(self.grid[0], 1, 1, stream, function, packed_metadata, meta, enter, leave, *tensors, *self.args)
+
+
+@functools.lru_cache(maxsize=512)
+def _forward_plan(shape, g_st, x_st, h0_st, dtype, sms, reverse) -> _Plan | None:
+    """The plan of scan_forward for gamma's shape and the strides of gamma, x
+    and h0 (None when omitted); None when the channel dims do not fold into
+    two groups."""
+    B, T, sizes = shape[0], shape[1], list(shape[2:])
+    o_st = _contiguous_strides(shape)  # the output is a new contiguous tensor
+    lists = [g_st[2:]]
+    if x_st is not None:
+        lists.append(x_st[2:])
+    if h0_st is not None:
+        lists.append(h0_st[1:])
+    lists.append(o_st[2:])
+    folded = _fold(sizes, lists)
     if folded is None:
-        gamma = gamma.contiguous()
-        x = x.contiguous() if x is not None else None
-        h0 = h0.contiguous() if h0 is not None else None
-        folded = fold()
+        return None
     G, C, fs = folded
     fs = list(fs)
     g_f = fs.pop(0)
-    x_f = fs.pop(0) if x is not None else (0, 0)
-    h0_f = fs.pop(0) if h0 is not None else (0, 0)
+    x_f = fs.pop(0) if x_st is not None else (0, 0)
+    h0_f = fs.pop(0) if h0_st is not None else (0, 0)
     o_f = fs.pop(0)
-
-    block_c, rows, nt, num_warps = _config(B, G, C, gamma.element_size(), _num_sms(gamma))
-    ncb = triton.cdiv(C, block_c)
+    block_c, rows, nt, num_warps = _config(B, G, C, dtype.itemsize, sms)
+    ncb = _cdiv(C, block_c)
     prefetch, stages = _pipelining(_FWD_STAGES)
-    grid = (B * G * ncb,)
-    x_arg = x if x is not None else gamma
-    h0_arg = h0 if h0 is not None else gamma
-    _scan_fwd_kernel[grid](
-        gamma, x_arg, h0_arg, out,
+    has_x, has_h0 = x_st is not None, h0_st is not None
+    ints = (
         T, G, C, ncb,
-        gamma.stride(0), gamma.stride(1), g_f[0], g_f[1],
-        x.stride(0) if x is not None else 0, x.stride(1) if x is not None else 0, x_f[0], x_f[1],
-        h0.stride(0) if h0 is not None else 0, h0_f[0], h0_f[1],
-        out.stride(0), out.stride(1), o_f[0], o_f[1],
-        HAS_X=x is not None, HAS_H0=h0 is not None, H0_VALUE=0.0 if x is not None else 1.0,
-        REVERSE=bool(reverse), ACC=_acc_dtype(gamma.dtype),
-        R=rows, NT=nt, BLOCK_C=block_c, PREFETCH=prefetch, NUM_STAGES=stages,
-        SOFT_BF16=_INTERPRET and gamma.dtype == torch.bfloat16,
-        num_warps=num_warps,
+        g_st[0], g_st[1], *g_f,
+        x_st[0] if has_x else 0, x_st[1] if has_x else 0, *x_f,
+        h0_st[0] if has_h0 else 0, *h0_f,
+        o_st[0], o_st[1], *o_f,
     )
+    constexprs = (
+        has_x, has_h0, 0.0 if has_x else 1.0, reverse, _acc_dtype(dtype),
+        rows, nt, block_c, prefetch, stages, _INTERPRET and dtype == torch.bfloat16,
+    )
+    return _Plan(_scan_fwd_kernel, (B * G * ncb,), ints, constexprs, num_warps)
+
+
+@functools.lru_cache(maxsize=512)
+def _backward_plan(shape, gh_st, g_st, h_st, h0_st, dtype, sms, has_x, reverse) -> _Plan | None:
+    """The plan of scan_backward (see _forward_plan)."""
+    B, T, sizes = shape[0], shape[1], list(shape[2:])
+    o_st = _contiguous_strides(shape)  # grad_gamma and grad_x
+    d0_sb = _contiguous_strides([B, *sizes])[0]  # grad_h0
+    lists = [gh_st[2:], g_st[2:], h_st[2:]]
+    if h0_st is not None:
+        lists.append(h0_st[1:])
+    lists.append(o_st[2:])
+    folded = _fold(sizes, lists)
+    if folded is None:
+        return None
+    G, C, fs = folded
+    fs = list(fs)
+    gh_f, g_f, h_f = fs.pop(0), fs.pop(0), fs.pop(0)
+    has_h0 = h0_st is not None
+    h0_f = fs.pop(0) if has_h0 else (0, 0)
+    o_f = fs.pop(0)  # grad_gamma, grad_x and grad_h0 share the channel strides
+    block_c, rows, nt, num_warps = _config(B, G, C, dtype.itemsize, sms)
+    ncb = _cdiv(C, block_c)
+    prefetch, stages = _pipelining(_BWD_STAGES)
+    ints = (
+        T, G, C, ncb,
+        gh_st[0], gh_st[1], *gh_f,
+        g_st[0], g_st[1], *g_f,
+        h_st[0], h_st[1], *h_f,
+        h0_st[0] if has_h0 else 0, *h0_f,
+        o_st[0], o_st[1], *o_f,
+        d0_sb, *o_f,
+    )
+    constexprs = (
+        has_h0, 0.0 if has_x else 1.0, reverse, _acc_dtype(dtype),
+        rows, nt, block_c, prefetch, stages, _INTERPRET and dtype == torch.bfloat16,
+    )
+    return _Plan(_scan_bwd_kernel, (B * G * ncb,), ints, constexprs, num_warps)
+
+
+def _clear_plans() -> None:
+    """Forget the cached plans (after a change of the tuning knobs)."""
+    _forward_plan.cache_clear()
+    _backward_plan.cache_clear()
+
+
+def _strides(t: Tensor | None):
+    return None if t is None else t.stride()
+
+
+def scan_forward(gamma: Tensor, x: Tensor | None, h0: Tensor | None, reverse: bool) -> Tensor:
+    out = torch.empty(gamma.shape, dtype=gamma.dtype, device=gamma.device)
+    if out.numel() == 0:
+        return out
+    sms, reverse = _num_sms(gamma), bool(reverse)
+    plan = _forward_plan(gamma.shape, gamma.stride(), _strides(x), _strides(h0), gamma.dtype, sms, reverse)
+    if plan is None:
+        gamma = gamma.contiguous()
+        x = x.contiguous() if x is not None else None
+        h0 = h0.contiguous() if h0 is not None else None
+        plan = _forward_plan(gamma.shape, gamma.stride(), _strides(x), _strides(h0), gamma.dtype, sms, reverse)
+    plan.launch(gamma, gamma if x is None else x, gamma if h0 is None else h0, out)
     return out
 
 
 def scan_backward(grad_h: Tensor, gamma: Tensor, h: Tensor, h0: Tensor | None, has_x: bool,
                   reverse: bool) -> tuple[Tensor, Tensor, Tensor]:
-    B, T = gamma.shape[0], gamma.shape[1]
-    sizes = list(gamma.shape[2:])
-    step_shape = [B, *sizes]
-    grad_gamma = torch.empty(gamma.shape, dtype=gamma.dtype, device=gamma.device)
-    grad_x = torch.empty(gamma.shape, dtype=gamma.dtype, device=gamma.device)
-    if T == 0:
+    shape = gamma.shape
+    step_shape = [shape[0], *shape[2:]]
+    grad_gamma = torch.empty(shape, dtype=gamma.dtype, device=gamma.device)
+    grad_x = torch.empty(shape, dtype=gamma.dtype, device=gamma.device)
+    if shape[1] == 0:
         return grad_gamma, grad_x, torch.zeros(step_shape, dtype=gamma.dtype, device=gamma.device)
     grad_h0 = torch.empty(step_shape, dtype=gamma.dtype, device=gamma.device)
     if grad_gamma.numel() == 0:
         return grad_gamma, grad_x, grad_h0
-
-    def fold():
-        lists = [list(grad_h.stride()[2:]), list(gamma.stride()[2:]), list(h.stride()[2:])]
-        if h0 is not None:
-            lists.append(list(h0.stride()[1:]))
-        lists.append(_contiguous_strides(sizes))
-        return _fold(sizes, lists)
-
-    folded = fold()
-    if folded is None:
+    sms, has_x, reverse = _num_sms(gamma), bool(has_x), bool(reverse)
+    plan = _backward_plan(shape, grad_h.stride(), gamma.stride(), h.stride(), _strides(h0), gamma.dtype, sms,
+                          has_x, reverse)
+    if plan is None:
         grad_h, gamma, h = grad_h.contiguous(), gamma.contiguous(), h.contiguous()
         h0 = h0.contiguous() if h0 is not None else None
-        folded = fold()
-    G, C, fs = folded
-    fs = list(fs)
-    gh_f, g_f, h_f = fs.pop(0), fs.pop(0), fs.pop(0)
-    h0_f = fs.pop(0) if h0 is not None else (0, 0)
-    o_f = fs.pop(0)  # grad_gamma, grad_x and grad_h0 share the channel strides
-
-    block_c, rows, nt, num_warps = _config(B, G, C, gamma.element_size(), _num_sms(gamma))
-    ncb = triton.cdiv(C, block_c)
-    prefetch, stages = _pipelining(_BWD_STAGES)
-    grid = (B * G * ncb,)
-    h0_arg = h0 if h0 is not None else gamma
-    _scan_bwd_kernel[grid](
-        grad_h, gamma, h, h0_arg, grad_gamma, grad_x, grad_h0,
-        T, G, C, ncb,
-        grad_h.stride(0), grad_h.stride(1), gh_f[0], gh_f[1],
-        gamma.stride(0), gamma.stride(1), g_f[0], g_f[1],
-        h.stride(0), h.stride(1), h_f[0], h_f[1],
-        h0.stride(0) if h0 is not None else 0, h0_f[0], h0_f[1],
-        grad_gamma.stride(0), grad_gamma.stride(1), o_f[0], o_f[1],
-        grad_h0.stride(0), o_f[0], o_f[1],
-        HAS_H0=h0 is not None, H0_VALUE=0.0 if has_x else 1.0,
-        REVERSE=bool(reverse), ACC=_acc_dtype(gamma.dtype),
-        R=rows, NT=nt, BLOCK_C=block_c, PREFETCH=prefetch, NUM_STAGES=stages,
-        SOFT_BF16=_INTERPRET and gamma.dtype == torch.bfloat16,
-        num_warps=num_warps,
-    )
+        plan = _backward_plan(shape, grad_h.stride(), gamma.stride(), h.stride(), _strides(h0), gamma.dtype, sms,
+                              has_x, reverse)
+    plan.launch(grad_h, gamma, h, gamma if h0 is None else h0, grad_gamma, grad_x, grad_h0)
     return grad_gamma, grad_x, grad_h0

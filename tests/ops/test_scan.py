@@ -209,6 +209,25 @@ def test_scan_mixed_layouts(shape, reverse, device):
 
 @pytest.mark.grad
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_scan_pointer_alignment(dtype, device):
+    """Equal shapes and strides, with 16-byte aligned data, then data one
+    element off, then aligned again: Triton specializes a compiled kernel on
+    the alignment of each pointer, and the CUDA launchers keep the compiled
+    kernels of one launch plan by it."""
+    shape = (2, 21, 3, 33)
+    g_full = make_seq(shape, "contiguous", device, dtype, "gamma")
+    x_full = make_seq(shape, "contiguous", device, dtype, "x")
+    gh_full = make_seq(shape, "contiguous", device, dtype, "x")
+    h0_full = torch.randn(shape[0], *shape[2:], device=device, dtype=torch.float64).to(dtype)
+    for offset in (0, 1, 0):
+        gamma, x, h0, grad_h = (t[..., offset:offset + 32] for t in (g_full, x_full, h0_full, gh_full))
+        assert (gamma.data_ptr() % 16 == 0) == (offset == 0)
+        check_gradients(gamma, x, h0, False, dtype, grad_h)
+
+
+@pytest.mark.grad
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("reverse", [False, True], ids=["forward", "reverse"])
 @pytest.mark.parametrize("mode", MODES, ids=[m[0] for m in MODES])
 @pytest.mark.parametrize("layout", ["contiguous", "BHTd_transposed"])
