@@ -1,5 +1,6 @@
 """The Transformer that bench/model_gpu.py compares MM-Rec with: a GPT of the same
-width and depth (byte vocabulary, PyTorch SDPA, RMSNorm, GELU FFN, tied head).
+width and depth (byte vocabulary, rotary position embeddings, PyTorch SDPA, RMSNorm,
+GELU FFN, tied head).
 
 Written for the comparison only, not part of the package. Causal self-attention
 runs through ``F.scaled_dot_product_attention(is_causal=True)`` (flash kernels on
@@ -14,6 +15,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+DECODE_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
 @dataclass
@@ -25,6 +29,22 @@ class TransformerConfig:
     ffn_mult: int = 4
     norm_eps: float = 1e-6
     init_std: float = 0.02
+    rope_base: float = 10000.0
+
+
+def rotary_tables(positions: Tensor, head_dim: int, base: float) -> tuple[Tensor, Tensor]:
+    """cos and sin ``[T, d/2]`` of the rotation angles positions_t * base^(-2i/d)."""
+    inv_freq = base ** (-torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim)
+    angles = positions.float()[:, None] * inv_freq
+    return angles.cos(), angles.sin()
+
+
+def rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """RoPE (rotate-half pairing) of queries or keys ``[B, H, T, d]``, in x's dtype
+    (as common implementations do: no float32 copies of q and k)."""
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
 
 
 class KVCache:
@@ -64,8 +84,10 @@ class Block(nn.Module):
         nn.init.normal_(self.ffn[2].weight, std=residual_std)
         nn.init.zeros_(self.ffn[2].bias)
 
-    def forward(self, x: Tensor, cache: KVCache | None = None, layer: int = 0) -> Tensor:
+    def forward(self, x: Tensor, rotation: tuple[Tensor, Tensor], cache: KVCache | None = None, layer: int = 0) -> Tensor:
+        """x ``[B, T, D]``; rotation: cos and sin of x's positions (``rotary_tables``)."""
         q, k, v = (t.unflatten(-1, (self.n_heads, -1)).transpose(1, 2) for t in self.qkv(self.norm_attn(x)).chunk(3, -1))
+        q, k = rotate(q, *rotation), rotate(k, *rotation)
         if cache is None:
             attn = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         else:
@@ -74,8 +96,10 @@ class Block(nn.Module):
             cache.values[layer][:, :, start:end] = v
             keys, values = cache.keys[layer][:, :, :end], cache.values[layer][:, :, :end]
             # One new token attends to every cached one; a longer chunk (the prompt,
-            # starting from an empty cache) is causal within itself.
-            attn = F.scaled_dot_product_attention(q, keys, values, is_causal=x.shape[1] > 1)
+            # starting from an empty cache) is causal within itself. Not cuDNN's kernel:
+            # it builds a new plan for every cache length (milliseconds per token).
+            with sdpa_kernel(DECODE_BACKENDS):
+                attn = F.scaled_dot_product_attention(q, keys, values, is_causal=x.shape[1] > 1)
         x = x + self.proj(attn.transpose(1, 2).flatten(-2))
         return x + self.ffn(self.norm_ffn(x))
 
@@ -98,8 +122,11 @@ class Transformer(nn.Module):
         if cache is not None and cache.length > 0 and ids.shape[1] > 1:
             raise ValueError("Transformer: with a non-empty cache, expected one token per call")
         x = self.embed(ids)
+        start = cache.length if cache is not None else 0
+        positions = torch.arange(start, start + ids.shape[1], device=ids.device)
+        rotation = rotary_tables(positions, self.config.dim // self.config.n_heads, self.config.rope_base)
         for layer, block in enumerate(self.blocks):
-            x = block(x, cache, layer)
+            x = block(x, rotation, cache, layer)
         if cache is not None:
             cache.length += ids.shape[1]
         return F.linear(self.norm(x), self.embed.weight)
