@@ -322,37 +322,39 @@ def fmt(value, spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
 
+def markdown_table(title: str, header: list[str], rows: list[list[str]]) -> list[str]:
+    lines = [title, "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return lines + ["| " + " | ".join(row) + " |" for row in rows] + [""]
+
+
 def render(results: dict, info: dict) -> str:
     lines = [f"MM-Rec vs Transformer on {info['device']}; torch {info['torch']}"
              + (f", Triton {info['triton']}" if "triton" in info else "") + f"; {info['date']}; bf16 autocast", ""]
+
+    def yes(flag):
+        return "yes" if flag else "no"
+
     if results.get("train"):
-        lines += ["Training (tokens/s, optimizer step included):", "",
-                  "| model | compiled | T | chunk | batch | tokens/s | step (ms) | peak (GiB) | first step (s) |",
-                  "|---|---|---|---|---|---|---|---|---|"]
-        for r in results["train"]:
-            tps = r.get("error") or f"{r['tokens_per_s'] / 1e3:.1f}K"
-            lines.append(f"| {r['arch']} | {'yes' if r['compiled'] else 'no'} | {r['T']} | {r['chunk_size'] or '-'} "
-                         f"| {r['batch']} | {tps} | {fmt(r.get('step_ms'), '.1f')} | {fmt(r.get('peak_gib'), '.1f')} "
-                         f"| {fmt(r.get('first_step_s'), '.1f')} |")
-        lines.append("")
+        lines += markdown_table(
+            "Training (tokens/s, optimizer step included):",
+            ["model", "compiled", "T", "chunk", "batch", "tokens/s", "step (ms)", "peak (GiB)", "first step (s)"],
+            [[r["arch"], yes(r["compiled"]), str(r["T"]), str(r["chunk_size"] or "-"), str(r["batch"]),
+              r.get("error") or f"{r['tokens_per_s'] / 1e3:.1f}K", fmt(r.get("step_ms"), ".1f"),
+              fmt(r.get("peak_gib"), ".1f"), fmt(r.get("first_step_s"), ".1f")] for r in results["train"]])
     if results.get("generate"):
-        lines += ["Generation (batch 1, greedy; compiled: CUDA graphs):", "",
-                  "| model | compiled | context | ms / token | state or KV cache (MiB) | prompt (s) |",
-                  "|---|---|---|---|---|---|"]
-        for r in results["generate"]:
-            lines.append(f"| {r['arch']} | {'yes' if r['compiled'] else 'no'} | {r['context']} "
-                         f"| {r.get('error') or fmt(r.get('ms_per_token'), '.2f')} "
-                         f"| {fmt(r['state_bytes'] / 2**20 if 'state_bytes' in r else None, '.1f')} "
-                         f"| {fmt(r.get('prefill_s'), '.2f')} |")
-        lines.append("")
+        lines += markdown_table(
+            "Generation (batch 1, greedy; compiled: CUDA graphs):",
+            ["model", "compiled", "context", "ms / token", "state or KV cache (MiB)", "prompt (s)"],
+            [[r["arch"], yes(r["compiled"]), str(r["context"]), r.get("error") or fmt(r.get("ms_per_token"), ".2f"),
+              fmt(r["state_bytes"] / 2**20 if "state_bytes" in r else None, ".1f"), fmt(r.get("prefill_s"), ".2f")]
+             for r in results["generate"]])
     if results.get("quality"):
-        lines += ["Quality (same steps, batches and schedule; validation on the same windows):", "",
-                  "| model | parameters | training tokens | training time (s) | val loss | val bits/byte |",
-                  "|---|---|---|---|---|---|"]
-        for r in results["quality"]:
-            lines.append(f"| {r['arch']} | {r['parameters'] / 1e6:.1f}M | {r['tokens'] / 1e6:.1f}M | {r['train_s']:.0f} "
-                         f"| {r['val_loss']:.4f} | {r['val_bpb']:.4f} |")
-    return "\n".join(lines)
+        lines += markdown_table(
+            "Quality (same steps, batches and schedule; validation on the same windows):",
+            ["model", "parameters", "training tokens", "training time (s)", "val loss", "val bits/byte"],
+            [[r["arch"], f"{r['parameters'] / 1e6:.1f}M", f"{r['tokens'] / 1e6:.1f}M", f"{r['train_s']:.0f}",
+              f"{r['val_loss']:.4f}", f"{r['val_bpb']:.4f}"] for r in results["quality"]])
+    return "\n".join(lines).rstrip()
 
 
 def plot(results: dict, path: Path) -> None:
