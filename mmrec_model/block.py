@@ -12,7 +12,7 @@ import mmrec_ops
 from .attention import MemoryAttention
 from .config import MMRecConfig
 from .mdi import MDI
-from .memory import BlockState, read_and_update
+from .memory import BlockState, MemoryLayout, read_and_update
 
 
 class MMRecBlock(nn.Module):
@@ -66,15 +66,20 @@ class MMRecBlock(nn.Module):
         gate = torch.sigmoid(torch.einsum("hoi,bthi->btho", weight, z) + bias)
         return mmrec_ops.scan(gamma, z * gate, h0)
 
-    def forward(self, x: Tensor, state: BlockState, position: Tensor) -> tuple[Tensor, BlockState]:
+    def forward(
+        self, x: Tensor, state: BlockState, position: Tensor, layout: MemoryLayout | None = None
+    ) -> tuple[Tensor, BlockState]:
         """x ``[B, T, D]``, state of this block, position (int64 scalar) of x's first token
-        -> (out ``[B, T, D]``, new state)."""
+        -> (out ``[B, T, D]``, new state). ``layout``: the chunk's ``memory_layout``, which
+        the model computes once for all its blocks (computed here when omitted)."""
         q, k, v, z = self.w_in(self.norm_mix(x)).chunk(4, dim=-1)
         gamma = self.mdi(z, k)
         heads = (self.n_heads, -1)
         h = self.recurrence(z.unflatten(-1, heads), gamma.unflatten(-1, heads), state.h)
         kv = torch.stack([k, v], dim=2)
-        candidates, mask, memory, sums = read_and_update(kv, state.memory, state.sums, position, self.segment_len)
+        candidates, mask, memory, sums = read_and_update(
+            kv, state.memory, state.sums, position, self.segment_len, layout
+        )
         m = self.memory(q.unflatten(-1, heads), candidates, mask)
         y = x + self.w_out((h + m.to(h.dtype)).flatten(-2))
         out = y + self.ffn(self.norm_ffn(y))

@@ -73,19 +73,6 @@ class MemoryState(NamedTuple):
         )
 
 
-class LevelEntries(NamedTuple):
-    """Candidate level-l entries completed within a chunk.
-
-    index: ``[n]`` int64, absolute entry indices ``first + arange(n)``.
-    valid: ``[n]`` bool, whether the entry's span ends inside the chunk.
-    sums:  ``[B, n, 2, D]``, sums of keys and values over each span (garbage where not valid).
-    """
-
-    index: Tensor
-    valid: Tensor
-    sums: Tensor
-
-
 def span_len(segment_len: int, level: int) -> int:
     """Tokens covered by one level-l entry: S * 4^l."""
     return segment_len * BRANCHING**level
@@ -123,92 +110,43 @@ def reset_gamma(resets: Tensor, like: Tensor) -> Tensor:
     return gamma.view(1, -1, *([1] * (like.dim() - 2))).expand(like.shape)
 
 
-def segment_sums(kv: Tensor, carry: Tensor, position: Tensor, segment_len: int) -> LevelEntries:
-    """Level 0: the sums of keys and values over each S-token span the chunk's tokens fall in.
+class LevelLayout(NamedTuple):
+    """Where a chunk falls in one memory level (see ``MemoryLayout``).
 
-    Args:
-        kv: ``[B, T, 2, D]``, keys and values of tokens [position, position + T).
-        carry: ``[B, 2, D]``, the running sum of the span in progress before the chunk.
-        position: int64 scalar, absolute position of the chunk's first token.
-
-    Returns the candidate entries ``first + k`` (``chunk_entry_slots``), sums in float32
-    (float64 for float64 kv), including the carry for the span in progress at the chunk's
-    start and partial sums for the one in progress at its end.
-
-    The chunk, zero-padded to T // S + 2 blocks of S tokens, is cut into blocks; the spans are
-    the blocks shifted by o = S - position % S tokens (o = S: the chunk starts a span). Each
-    block splits into a head (its first o tokens) and a tail, summed by two masked
-    reductions, and span k is tail_{k-1} + head_k (with the carry as tail_{-1}). That reads
-    kv once and writes only the sums, where a scan would write a running sum per token.
+    index, valid: ``[n]``, the candidate entries completed in the chunk (``chunk_entry_slots``).
+    resets:       ``[n_below]``, levels >= 1: the entries of the level below that start one
+                  of this level's spans (its running sum restarts there); None for level 0.
+    last_child:   ``[n]``, levels >= 1: where that running sum holds each entry's total.
+    ring_source:  ``[M]``, for each ring slot after the chunk, which new entry it takes ...
+    ring_new:     ``[M]``, ... where True (else it keeps its old entry).
     """
-    T = kv.shape[1]
-    n_slots = T // segment_len + 2  # as many blocks as candidate entries: the last ones are padding
-    acc = torch.float64 if kv.dtype == torch.float64 else torch.float32
-    blocks = F.pad(kv, (0, 0, 0, 0, 0, n_slots * segment_len - T)).unflatten(1, (n_slots, segment_len))
-    head_len = segment_len - position % segment_len
-    in_head = (torch.arange(segment_len, device=kv.device) < head_len).view(1, 1, -1, 1, 1)
-    heads = torch.where(in_head, blocks, 0).sum(2, dtype=acc)
-    tails = torch.where(in_head, 0, blocks).sum(2, dtype=acc)
-    # The last block is all padding, so rolling the tails by one block puts zeros first;
-    # the carry goes there instead (no slice of a size that could be 1: compile would
-    # specialise on it).
-    first = (torch.arange(n_slots, device=kv.device) == 0) & (head_len < segment_len)
-    sums = heads + tails.roll(1, dims=1) + torch.where(first.view(1, -1, 1, 1), carry.to(acc).unsqueeze(1), 0)
-    index, valid = chunk_entry_slots(position, T, segment_len)
-    return LevelEntries(index, valid, sums)
+
+    index: Tensor
+    valid: Tensor
+    resets: Tensor | None
+    last_child: Tensor | None
+    ring_source: Tensor
+    ring_new: Tensor
 
 
-def summarise(kv: Tensor, sums: Tensor, position: Tensor, segment_len: int) -> tuple[list[LevelEntries], Tensor]:
-    """The entries that complete within a chunk, at every level, and the new running sums.
+class MemoryLayout(NamedTuple):
+    """Everything HDS derives from a chunk's position and length alone: which entries it
+    completes, how its tokens split into spans, who sees what, where the ring buffers
+    write. The same for every block, so a model computes it once per chunk.
 
-    Args:
-        kv: ``[B, T, 2, D]``, keys and values of tokens [position, position + T).
-        sums: ``[B, L, 2, D]``, running span sums from the state.
-        position: int64 scalar, absolute position of the chunk's first token.
-
-    Returns:
-        per level l, ``LevelEntries`` (sums over S 4^l tokens), and the new ``[B, L, 2, D]`` sums.
-
-    Level 0 comes from ``segment_sums``; its new running sum is the sum of the span of the
-    chunk's last token. Level l is a running sum over the level-(l-1) entries of the chunk
-    (``mmrec.scan``, restarting at every fourth entry, float32 accumulation), read at every
-    fourth; entries that are not valid add nothing.
+    in_head:   ``[S]``, level 0: the tokens of a block before the next span starts.
+    carry_in:  ``[n_0]``, level 0: where the running sum of the span in progress goes (the
+               first entry, unless the chunk starts a span).
+    last_span: ``[1]``, level 0: the entry of the chunk's last token (the new running sum).
+    levels:    one ``LevelLayout`` per level.
+    mask:      ``[T, K]`` visibility of the candidates (``read_and_update``) to the tokens.
     """
-    T = kv.shape[1]
-    level0 = segment_sums(kv, sums[:, 0], position, segment_len)
-    last = (position + T - 1) // segment_len - position // segment_len
-    levels = [level0]
-    new_sums = [level0.sums.index_select(1, last.view(1)).squeeze(1).to(sums.dtype)]
-    for level in range(1, sums.shape[1]):
-        below = levels[-1]
-        x = torch.where(below.valid.view(1, -1, 1, 1), below.sums, 0.0).to(sums.dtype)
-        starts = below.valid & (below.index % BRANCHING == 0)
-        run = mmrec_ops.scan(reset_gamma(starts, x), x, sums[:, level])
-        index, valid = chunk_entry_slots(position, T, span_len(segment_len, level))
-        last_child = only_valid(BRANCHING * index + BRANCHING - 1 - below.index[0], valid)
-        levels.append(LevelEntries(index, valid, run[:, last_child]))
-        new_sums.append(run[:, -1])
-    return levels, torch.stack(new_sums, dim=1)
 
-
-def ring_entry_index(count: Tensor, slots: int) -> Tensor:
-    """``[slots]`` absolute index of the newest entry in each ring slot once ``count``
-    entries have been written (negative: the slot is still empty)."""
-    slot = torch.arange(slots, device=count.device)
-    return count - 1 - (count - 1 - slot) % slots
-
-
-def update_ring(ring: Tensor, entries: LevelEntries, means: Tensor, count_after: Tensor) -> Tensor:
-    """Level ring buffer ``[B, M, 2, D]`` after the chunk's entries are written.
-
-    Computed as a gather (each slot takes the newest entry that maps to it), not a
-    scatter, so that when a chunk completes more than M entries the last one wins
-    deterministically.
-    """
-    newest = ring_entry_index(count_after, ring.shape[1])
-    from_chunk = newest >= entries.index[0]
-    source = only_valid(newest - entries.index[0], from_chunk)
-    return torch.where(from_chunk.view(1, -1, 1, 1), means[:, source], ring)
+    in_head: Tensor
+    carry_in: Tensor
+    last_span: Tensor
+    levels: tuple[LevelLayout, ...]
+    mask: Tensor
 
 
 def visible(index: Tensor, valid: Tensor, tokens: Tensor, width: int, slots: int) -> Tensor:
@@ -218,8 +156,104 @@ def visible(index: Tensor, valid: Tensor, tokens: Tensor, width: int, slots: int
     return valid & (index >= newest_allowed - slots) & (index < newest_allowed)
 
 
+def ring_entry_index(count: Tensor, slots: int) -> Tensor:
+    """``[slots]`` absolute index of the newest entry in each ring slot once ``count``
+    entries have been written (negative: the slot is still empty)."""
+    slot = torch.arange(slots, device=count.device)
+    return count - 1 - (count - 1 - slot) % slots
+
+
+def memory_layout(position: Tensor, T: int, segment_len: int, n_levels: int, slots: int) -> MemoryLayout:
+    """The ``MemoryLayout`` of the T tokens from absolute ``position`` (int64 scalar tensor).
+
+    Ring slots are filled by a gather (each slot takes the newest entry that maps to
+    it), not a scatter, so that when a chunk completes more than M entries the last
+    one wins deterministically.
+    """
+    device = position.device
+    tokens = position + torch.arange(T, device=device)
+    head_len = segment_len - position % segment_len
+    masks, levels = [], []
+    below = None
+    for level in range(n_levels):
+        width = span_len(segment_len, level)
+        index, valid = chunk_entry_slots(position, T, width)
+        resets = last_child = None
+        if below is not None:
+            resets = below.valid & (below.index % BRANCHING == 0)
+            last_child = only_valid(BRANCHING * index + BRANCHING - 1 - below.index[0], valid)
+        newest = ring_entry_index((position + T) // width, slots)
+        ring_new = newest >= index[0]
+        old_index = ring_entry_index(position // width, slots)
+        masks += [visible(old_index, old_index >= 0, tokens, width, slots), visible(index, valid, tokens, width, slots)]
+        below = LevelLayout(index, valid, resets, last_child, only_valid(newest - index[0], ring_new), ring_new)
+        levels.append(below)
+    return MemoryLayout(
+        in_head=torch.arange(segment_len, device=device) < head_len,
+        carry_in=(torch.arange(T // segment_len + 2, device=device) == 0) & (head_len < segment_len),
+        last_span=((position + T - 1) // segment_len - position // segment_len).view(1),
+        levels=tuple(levels),
+        mask=torch.cat(masks, dim=1),
+    )
+
+
+def segment_sums(kv: Tensor, carry: Tensor, layout: MemoryLayout, segment_len: int) -> Tensor:
+    """Level 0: ``[B, n_0, 2, D]``, the sums of keys and values over each S-token span the
+    chunk's tokens fall in (entries ``layout.levels[0].index``), in float32 (float64 for
+    float64 kv), with the carry ``[B, 2, D]`` (the running sum of the span in progress
+    before the chunk) in the first, and a partial sum in the one in progress at the end.
+
+    The chunk, zero-padded to n_0 = T // S + 2 blocks of S tokens, is cut into blocks;
+    the spans are the blocks shifted by the tokens before the next span starts. Each block
+    splits into that head and a tail, summed by two masked reductions, and span k is
+    tail_{k-1} + head_k (with the carry as tail_{-1}). That reads kv once and writes only
+    the sums, where a scan would write a running sum per token.
+    """
+    T = kv.shape[1]
+    n_slots = T // segment_len + 2
+    acc = torch.float64 if kv.dtype == torch.float64 else torch.float32
+    blocks = F.pad(kv, (0, 0, 0, 0, 0, n_slots * segment_len - T)).unflatten(1, (n_slots, segment_len))
+    in_head = layout.in_head.view(1, 1, -1, 1, 1)
+    heads = torch.where(in_head, blocks, 0).sum(2, dtype=acc)
+    tails = torch.where(in_head, 0, blocks).sum(2, dtype=acc)
+    # The last block is all padding, so rolling the tails by one block puts zeros first;
+    # the carry goes there instead (no slice of a size that could be 1: compile would
+    # specialise on it).
+    carry = torch.where(layout.carry_in.view(1, -1, 1, 1), carry.to(acc).unsqueeze(1), 0)
+    return heads + tails.roll(1, dims=1) + carry
+
+
+def summarise(kv: Tensor, sums: Tensor, layout: MemoryLayout, segment_len: int) -> tuple[list[Tensor], Tensor]:
+    """The sums of the entries that complete within a chunk, at every level, and the new
+    running sums.
+
+    Args:
+        kv: ``[B, T, 2, D]``, keys and values of the chunk's tokens.
+        sums: ``[B, L, 2, D]``, running span sums from the state.
+        layout: the chunk's ``MemoryLayout``.
+
+    Returns:
+        per level l, ``[B, n_l, 2, D]`` sums over S 4^l tokens of the entries
+        ``layout.levels[l].index`` (garbage where not valid), and the new ``[B, L, 2, D]`` sums.
+
+    Level 0 comes from ``segment_sums``; its new running sum is the sum of the span of the
+    chunk's last token. Level l is a running sum over the level-(l-1) entries of the chunk
+    (``mmrec.scan``, restarting at every fourth entry, float32 accumulation), read at every
+    fourth; entries that are not valid add nothing.
+    """
+    level_sums = [segment_sums(kv, sums[:, 0], layout, segment_len)]
+    new_sums = [level_sums[0].index_select(1, layout.last_span).squeeze(1).to(sums.dtype)]
+    for level in range(1, sums.shape[1]):
+        below, this = layout.levels[level - 1], layout.levels[level]
+        x = torch.where(below.valid.view(1, -1, 1, 1), level_sums[-1], 0.0).to(sums.dtype)
+        run = mmrec_ops.scan(reset_gamma(this.resets, x), x, sums[:, level])
+        level_sums.append(run[:, this.last_child])
+        new_sums.append(run[:, -1])
+    return level_sums, torch.stack(new_sums, dim=1)
+
+
 def read_and_update(
-    kv: Tensor, memory: Tensor, sums: Tensor, position: Tensor, segment_len: int
+    kv: Tensor, memory: Tensor, sums: Tensor, position: Tensor, segment_len: int, layout: MemoryLayout | None = None
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """One chunk of HDS: the memory candidates its tokens may attend to, and the new memory.
 
@@ -227,24 +261,20 @@ def read_and_update(
         kv: ``[B, T, 2, D]`` keys and values of the chunk's tokens.
         memory: ``[B, L, M, 2, D]`` ring buffers; sums: ``[B, L, 2, D]``.
         position: int64 scalar, absolute position of the chunk's first token.
+        layout: ``memory_layout`` of the chunk, when the caller has it already.
 
     Returns:
         candidates ``[B, K, 2, D]`` (per level: the ring buffer as it was, then the
         entries completed in the chunk), mask ``[T, K]`` (True: visible), and the new
         memory and sums. K = sum_l (M + T // (S 4^l) + 2).
     """
-    T, slots = kv.shape[1], memory.shape[2]
-    tokens = position + torch.arange(T, device=kv.device)
-    levels, new_sums = summarise(kv, sums, position, segment_len)
-    candidates, masks, rings = [], [], []
-    for level, entries in enumerate(levels):
-        width = span_len(segment_len, level)
-        means = entries.sums / width
-        old_index = ring_entry_index(position // width, slots)
-        candidates += [memory[:, level], means]
-        masks += [
-            visible(old_index, old_index >= 0, tokens, width, slots),
-            visible(entries.index, entries.valid, tokens, width, slots),
-        ]
-        rings.append(update_ring(memory[:, level], entries, means, (position + T) // width))
-    return torch.cat(candidates, dim=1), torch.cat(masks, dim=1), torch.stack(rings, dim=1), new_sums
+    if layout is None:
+        layout = memory_layout(position, kv.shape[1], segment_len, memory.shape[1], memory.shape[2])
+    level_sums, new_sums = summarise(kv, sums, layout, segment_len)
+    candidates, rings = [], []
+    for level, (entry_sums, where) in enumerate(zip(level_sums, layout.levels)):
+        means = entry_sums / span_len(segment_len, level)
+        ring = memory[:, level]
+        candidates += [ring, means]
+        rings.append(torch.where(where.ring_new.view(1, -1, 1, 1), means[:, where.ring_source], ring))
+    return torch.cat(candidates, dim=1), layout.mask, torch.stack(rings, dim=1), new_sums

@@ -8,7 +8,7 @@ from torch import Tensor, nn
 
 from .block import MMRecBlock
 from .config import MMRecConfig
-from .memory import BlockState, MemoryState
+from .memory import BlockState, MemoryState, memory_layout
 
 
 class MMRecModel(nn.Module):
@@ -72,10 +72,12 @@ class MMRecModel(nn.Module):
         return torch.cat(logits, dim=1), state
 
     def _forward_chunk(self, ids: Tensor, state: MemoryState) -> tuple[Tensor, MemoryState]:
+        c = self.config
         x = self.embed(ids)
+        layout = memory_layout(state.position, ids.shape[1], c.segment_len, c.n_levels, c.level_slots)
         blocks = []
         for block, block_state in zip(self.blocks, state.blocks):
-            x, block_state = block(x, block_state, state.position)
+            x, block_state = block(x, block_state, state.position, layout)
             blocks.append(block_state)
         logits = F.linear(self.norm(x), self.embed.weight)
         return logits, MemoryState(state.position + ids.shape[1], tuple(blocks))
