@@ -7,10 +7,11 @@ entries, which is how it is computed.) A level keeps its M most recent
 entries in a ring buffer, entry i in slot i mod M.
 
 Everything about which entry exists, where it lives and who may see it is
-arithmetic on absolute token positions, with the position itself a tensor in
-the state: no Python branch depends on it, so one compiled graph serves every
-chunk at every position, and a sequence gives the same outputs whether it is
-run in one call, in chunks, or token by token.
+arithmetic on absolute token positions (``memory_layout``, computed once per
+chunk for all blocks), with the position itself a tensor in the state: no
+Python branch depends on it, so one compiled graph serves every chunk at every
+position, and a sequence gives the same outputs whether it is run in one call,
+in chunks, or token by token.
 
 A query at absolute position p, in segment j = floor(p / S), sees the level-l
 entry i iff
@@ -272,9 +273,9 @@ def read_and_update(
         layout = memory_layout(position, kv.shape[1], segment_len, memory.shape[1], memory.shape[2])
     level_sums, new_sums = summarise(kv, sums, layout, segment_len)
     candidates, rings = [], []
-    for level, (entry_sums, where) in enumerate(zip(level_sums, layout.levels)):
+    for level, (entry_sums, placed) in enumerate(zip(level_sums, layout.levels)):
         means = entry_sums / span_len(segment_len, level)
         ring = memory[:, level]
         candidates += [ring, means]
-        rings.append(torch.where(where.ring_new.view(1, -1, 1, 1), means[:, where.ring_source], ring))
+        rings.append(torch.where(placed.ring_new.view(1, -1, 1, 1), means[:, placed.ring_source], ring))
     return torch.cat(candidates, dim=1), layout.mask, torch.stack(rings, dim=1), new_sums
