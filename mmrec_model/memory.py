@@ -191,7 +191,7 @@ def memory_layout(position: Tensor, T: int, segment_len: int, n_levels: int, slo
         levels.append(below)
     return MemoryLayout(
         in_head=torch.arange(segment_len, device=device) < head_len,
-        carry_in=(torch.arange(T // segment_len + 2, device=device) == 0) & (head_len < segment_len),
+        carry_in=(levels[0].index == position // segment_len) & (head_len < segment_len),
         last_span=((position + T - 1) // segment_len - position // segment_len).view(1),
         levels=tuple(levels),
         mask=torch.cat(masks, dim=1),
@@ -210,8 +210,7 @@ def segment_sums(kv: Tensor, carry: Tensor, layout: MemoryLayout, segment_len: i
     tail_{k-1} + head_k (with the carry as tail_{-1}). That reads kv once and writes only
     the sums, where a scan would write a running sum per token.
     """
-    T = kv.shape[1]
-    n_slots = T // segment_len + 2
+    T, n_slots = kv.shape[1], layout.carry_in.shape[0]
     acc = torch.float64 if kv.dtype == torch.float64 else torch.float32
     blocks = F.pad(kv, (0, 0, 0, 0, 0, n_slots * segment_len - T)).unflatten(1, (n_slots, segment_len))
     in_head = layout.in_head.view(1, 1, -1, 1, 1)
