@@ -24,17 +24,17 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import keep_freed_memory, versions, write_results  # noqa: E402
 from mmrec_model import MMRecConfig, MMRecModel  # noqa: E402
+from mmrec_model.pretrain import next_byte_loss  # noqa: E402
 
 
 def next_token_loss(model, ids):
     logits, _ = model(ids)
-    return F.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
+    return next_byte_loss(logits[:, :-1], ids[:, 1:]).mean()
 
 
 def workloads(model, ids):

@@ -40,7 +40,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -49,7 +48,7 @@ from bench.transformer import KVCache, Transformer, TransformerConfig  # noqa: E
 from mmrec_model import MMRecConfig, MMRecModel  # noqa: E402
 from mmrec_model.memory import BlockState, MemoryState  # noqa: E402
 from mmrec_model.data import load_corpus, train_batch, validation_offsets, windows  # noqa: E402
-from mmrec_model.pretrain import lr_factor  # noqa: E402
+from mmrec_model.pretrain import lr_factor, next_byte_loss  # noqa: E402
 
 ARCHS = ("transformer", "mmrec-parallel", "mmrec-exact")
 
@@ -109,8 +108,8 @@ def logits_of(model, ids: torch.Tensor, chunk_size: int | None = None) -> torch.
 
 
 def loss_of(model, ids, targets, chunk_size=None) -> torch.Tensor:
-    logits = logits_of(model, ids, chunk_size)
-    return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
+    """The pretraining loss (mean next-byte cross-entropy) of either architecture."""
+    return next_byte_loss(logits_of(model, ids, chunk_size), targets).mean()
 
 
 def autocast(device: str):
