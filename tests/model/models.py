@@ -10,6 +10,7 @@ from torch import Tensor
 
 from mmrec_model import MMRecConfig
 from mmrec_ops.reference import recurrence_reference, scan_reference
+from tests.helpers import assert_close_rel, grad_tolerance, output_tolerance
 
 MODES = ["exact", "parallel"]
 
@@ -26,6 +27,14 @@ def small_config(mode: str, **overrides) -> MMRecConfig:
 
 def next_token_loss(logits: Tensor, ids: Tensor) -> Tensor:
     return F.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
+
+
+def assert_logits_and_grads_close(model, logits, grads, expected_logits, expected_grads, what: str) -> None:
+    """Two float32 runs of a training step agree: the logits, and the gradient of every
+    parameter of ``model`` (in ``named_parameters`` order), to float32 rounding."""
+    assert_close_rel(logits, expected_logits, output_tolerance(torch.float32), f"logits, {what}")
+    for (name, _), g, e in zip(model.named_parameters(), grads, expected_grads):
+        assert_close_rel(g, e, grad_tolerance(torch.float32), f"grad of {name}, {what}")
 
 
 def reference_visible(kv: Tensor, p: int, segment_len: int, n_levels: int, slots: int) -> Tensor:

@@ -9,8 +9,7 @@ import torch
 from torch._dynamo.testing import CompileCounterWithBackend
 
 from mmrec_model import MMRecModel
-from tests.helpers import assert_close_rel, grad_tolerance, output_tolerance
-from tests.model.models import MODES, next_token_loss, small_config
+from tests.model.models import MODES, assert_logits_and_grads_close, next_token_loss, small_config
 
 pytestmark = [pytest.mark.model, pytest.mark.compile]
 
@@ -37,9 +36,7 @@ def test_compiled_model_matches_eager(mode):
         torch._dynamo.mark_dynamic(ids, 1)
         logits, new_state, grads = loss_and_grads(compiled, ids, state)
         expected_logits, expected_state, expected_grads = loss_and_grads(model, ids, state)
-        assert_close_rel(logits, expected_logits, output_tolerance(torch.float32), f"logits, T = {T}")
-        for (name, _), g, e in zip(model.named_parameters(), grads, expected_grads):
-            assert_close_rel(g, e, grad_tolerance(torch.float32), f"grad of {name}, T = {T}")
+        assert_logits_and_grads_close(model, logits, grads, expected_logits, expected_grads, f"T = {T}")
         assert torch.equal(new_state.position, expected_state.position)
         state = expected_state
     assert counter.frame_count == 1, f"{counter.frame_count} compilations"

@@ -4,7 +4,6 @@ each against a float64 reference written from DESIGN.md."""
 from __future__ import annotations
 
 import itertools
-import math
 
 import pytest
 import torch

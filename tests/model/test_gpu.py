@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from mmrec_model import MMRecModel
-from tests.helpers import assert_close_rel, grad_tolerance, output_tolerance
-from tests.model.models import MODES, next_token_loss, small_config
+from tests.helpers import assert_close_rel, output_tolerance
+from tests.model.models import MODES, assert_logits_and_grads_close, next_token_loss, small_config
 
 pytestmark = [
     pytest.mark.model,
@@ -44,9 +44,7 @@ def test_cuda_matches_cpu(mode):
     expected_logits, expected_grads = loss_and_grads(model, ids)
     for chunk_size in (None, 64):
         logits, grads = loss_and_grads(cuda_model, ids.cuda(), chunk_size)
-        assert_close_rel(logits, expected_logits, output_tolerance(torch.float32), f"logits, chunks {chunk_size}")
-        for (name, _), g, e in zip(model.named_parameters(), grads, expected_grads):
-            assert_close_rel(g, e, grad_tolerance(torch.float32), f"grad of {name}, chunks {chunk_size}")
+        assert_logits_and_grads_close(model, logits, grads, expected_logits, expected_grads, f"chunks {chunk_size}")
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -73,9 +71,7 @@ def test_cuda_compiled_matches_eager(mode):
         ids = torch.randint(0, 256, (2, T), device="cuda")
         logits, grads = loss_and_grads(compiled, ids)
         expected_logits, expected_grads = loss_and_grads(model, ids)
-        assert_close_rel(logits, expected_logits, output_tolerance(torch.float32), f"logits, T = {T}")
-        for (name, _), g, e in zip(model.named_parameters(), grads, expected_grads):
-            assert_close_rel(g, e, grad_tolerance(torch.float32), f"grad of {name}, T = {T}")
+        assert_logits_and_grads_close(model, logits, grads, expected_logits, expected_grads, f"T = {T}")
 
 
 @pytest.mark.parametrize("mode", MODES)
