@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import statistics
 import sys
 import time
@@ -48,7 +47,7 @@ from bench.transformer import KVCache, Transformer, TransformerConfig  # noqa: E
 from mmrec_model import MMRecConfig, MMRecModel  # noqa: E402
 from mmrec_model.memory import BlockState, MemoryState  # noqa: E402
 from mmrec_model.data import load_corpus, train_batch, validation_offsets, windows  # noqa: E402
-from mmrec_model.pretrain import lr_factor, next_byte_loss  # noqa: E402
+from mmrec_model.pretrain import bits_per_byte, lr_factor, next_byte_loss  # noqa: E402
 
 ARCHS = ("transformer", "mmrec-parallel", "mmrec-exact")
 
@@ -301,7 +300,7 @@ def quality_row(arch, corpus, sizes, device, seed: int) -> dict:
     val = validation_loss(model, corpus, sizes, device)
     tokens = sizes.quality_steps * sizes.quality_batch * sizes.quality_seq_len
     return {"arch": arch, "parameters": sum(p.numel() for p in model.parameters()), "tokens": tokens,
-            "train_s": train_s, "val_loss": val, "val_bpb": val / math.log(2), "curve": curve}
+            "train_s": train_s, "val_loss": val, "val_bpb": bits_per_byte(val), "curve": curve}
 
 
 def quality_section(args, sizes, device) -> list[dict]:
@@ -378,7 +377,7 @@ def plot(results: dict, path: Path) -> None:
         ax_gen.plot([r["context"] for r in ok], [r["ms_per_token"] for r in ok], "s--", label=f"{name} ms/token")
     for r in results.get("quality", []):
         steps, losses = zip(*r["curve"])
-        ax_q.plot(steps, [v / math.log(2) for v in losses], label=f"{r['arch']} (val {r['val_bpb']:.3f})")
+        ax_q.plot(steps, [bits_per_byte(v) for v in losses], label=f"{r['arch']} (val {r['val_bpb']:.3f})")
     titles = [("training tokens/s (K) vs T", "T"), ("peak memory (GiB) vs T", "T"),
               ("generation: state MiB and ms/token vs context", "context"), ("training loss (bits/byte)", "step")]
     for ax, (title, xlabel) in zip(axes.flat, titles):
