@@ -87,11 +87,19 @@ def check_args(args: argparse.Namespace) -> None:
         raise ValueError("--device cuda: no CUDA device is available here")
 
 
-def main(argv: list[str] | None = None) -> int:
+def operators_loaded(prog: str) -> bool:
+    """Whether the model's compiled operators load; if not, says why (the command's fatal
+    error): without them nothing can run."""
     try:
-        import mmrec_ops  # noqa: F401  (the model's operators: without them nothing can run)
+        import mmrec_ops  # noqa: F401
     except ImportError as err:
-        print(f"{PROG}: fatal: {err}", file=sys.stderr)
+        print(f"{prog}: fatal: {err}", file=sys.stderr)
+        return False
+    return True
+
+
+def main(argv: list[str] | None = None) -> int:
+    if not operators_loaded(PROG):
         return 1
     args = build_parser().parse_args(argv)
     try:

@@ -47,7 +47,7 @@ from .checkpoint import (
     save_checkpoint,
 )
 from .data import Corpus, DataError, check_window_fits, load_corpus, train_batch, validation_offsets, windows
-from .generate import generate_text
+from .generate import generate_text, operators_loaded
 
 PROG = "mmrec-pretrain"
 MIN_LR_RATIO = 0.1
@@ -584,10 +584,7 @@ def train(run: Run) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    try:
-        import mmrec_ops  # noqa: F401  (the model's operators: without them nothing can run)
-    except ImportError as err:
-        print(f"{PROG}: fatal: {err}", file=sys.stderr)
+    if not operators_loaded(PROG):
         return 1
     try:
         run = prepare(argv)
