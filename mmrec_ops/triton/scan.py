@@ -368,6 +368,26 @@ def _fold(sizes, stride_lists):
     return G, C, list(zip(sg, sc))
 
 
+def _fold_call(shape, seq_strides, h0_strides):
+    """_fold for one call: the channel dims of ``shape`` folded jointly over the
+    sequence tensors (``seq_strides``: their strides, None for an omitted one) and
+    the step tensor h0 (None when omitted).
+
+    Returns (G, C, [(stride_g, stride_c) per sequence tensor, (0, 0) for an omitted
+    one], h0's (stride_g, stride_c)) or None when more than two groups remain.
+    """
+    lists = [st[2:] for st in seq_strides if st is not None]
+    if h0_strides is not None:
+        lists.append(h0_strides[1:])
+    folded = _fold(list(shape[2:]), lists)
+    if folded is None:
+        return None
+    G, C, folds = folded
+    folds = iter(folds)
+    seq = [(0, 0) if st is None else next(folds) for st in seq_strides]
+    return G, C, seq, (0, 0) if h0_strides is None else next(folds)
+
+
 @functools.lru_cache(maxsize=None)
 def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
@@ -511,23 +531,12 @@ def _forward_plan(shape, g_st, x_st, h0_st, dtype, sms, reverse) -> _Plan | None
     """The plan of scan_forward for gamma's shape and the strides of gamma, x
     and h0 (None when omitted); None when the channel dims do not fold into
     two groups."""
-    B, T, sizes = shape[0], shape[1], list(shape[2:])
+    B, T = shape[0], shape[1]
     o_st = _contiguous_strides(shape)  # the output is a new contiguous tensor
-    lists = [g_st[2:]]
-    if x_st is not None:
-        lists.append(x_st[2:])
-    if h0_st is not None:
-        lists.append(h0_st[1:])
-    lists.append(o_st[2:])
-    folded = _fold(sizes, lists)
+    folded = _fold_call(shape, [g_st, x_st, o_st], h0_st)
     if folded is None:
         return None
-    G, C, fs = folded
-    fs = list(fs)
-    g_f = fs.pop(0)
-    x_f = fs.pop(0) if x_st is not None else (0, 0)
-    h0_f = fs.pop(0) if h0_st is not None else (0, 0)
-    o_f = fs.pop(0)
+    G, C, (g_f, x_f, o_f), h0_f = folded
     block_c, rows, nt, num_warps = _config(B, G, C, dtype.itemsize, sms)
     ncb = _cdiv(C, block_c)
     prefetch, stages = _pipelining(_FWD_STAGES)
@@ -549,22 +558,15 @@ def _forward_plan(shape, g_st, x_st, h0_st, dtype, sms, reverse) -> _Plan | None
 @functools.lru_cache(maxsize=512)
 def _backward_plan(shape, gh_st, g_st, h_st, h0_st, dtype, sms, has_x, reverse) -> _Plan | None:
     """The plan of scan_backward (see _forward_plan)."""
-    B, T, sizes = shape[0], shape[1], list(shape[2:])
+    B, T = shape[0], shape[1]
     o_st = _contiguous_strides(shape)  # grad_gamma and grad_x
-    d0_sb = _contiguous_strides([B, *sizes])[0]  # grad_h0
-    lists = [gh_st[2:], g_st[2:], h_st[2:]]
-    if h0_st is not None:
-        lists.append(h0_st[1:])
-    lists.append(o_st[2:])
-    folded = _fold(sizes, lists)
+    d0_sb = _contiguous_strides([B, *shape[2:]])[0]  # grad_h0
+    folded = _fold_call(shape, [gh_st, g_st, h_st, o_st], h0_st)
     if folded is None:
         return None
-    G, C, fs = folded
-    fs = list(fs)
-    gh_f, g_f, h_f = fs.pop(0), fs.pop(0), fs.pop(0)
+    # grad_gamma, grad_x and grad_h0 share the channel strides o_f.
+    G, C, (gh_f, g_f, h_f, o_f), h0_f = folded
     has_h0 = h0_st is not None
-    h0_f = fs.pop(0) if has_h0 else (0, 0)
-    o_f = fs.pop(0)  # grad_gamma, grad_x and grad_h0 share the channel strides
     block_c, rows, nt, num_warps = _config(B, G, C, dtype.itemsize, sms)
     ncb = _cdiv(C, block_c)
     prefetch, stages = _pipelining(_BWD_STAGES)
