@@ -80,6 +80,15 @@ def versions(device: str) -> dict:
     return info
 
 
+def markdown_row(cells) -> str:
+    return "| " + " | ".join(cells) + " |"
+
+
+def markdown_table(header: list[str], rows: list[list[str]]) -> list[str]:
+    """The lines of a Markdown table: header, separator, one line per row."""
+    return [markdown_row(header), "|" + "---|" * len(header)] + [markdown_row(row) for row in rows]
+
+
 def write_results(out: Path | None, info: dict, results: list, table: str) -> None:
     """Print the Markdown table; with an output stem, write it (.md) and the raw numbers (.json)."""
     print(table)

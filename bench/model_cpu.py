@@ -27,7 +27,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import keep_freed_memory, versions, write_results  # noqa: E402
+from bench.common import keep_freed_memory, markdown_table, versions, write_results  # noqa: E402
 from mmrec_model import MMRecConfig, MMRecModel  # noqa: E402
 from mmrec_model.pretrain import next_byte_loss  # noqa: E402
 
@@ -85,16 +85,12 @@ def render(results, info) -> str:
         "",
         "tokens/s: median of the timed calls (best in brackets)",
         "",
-        "| preset | parameters | mode | | fwd (tokens/s) | fwd+bwd (tokens/s) |",
-        "|---|---|---|---|---|---|",
     ]
-    for r in results:
-        lines.append(
-            f"| {r['preset']} | {r['parameters'] / 1e6:.2f}M | {r['mode']} | {'compiled' if r['compiled'] else 'eager'}"
-            f" | {r['fwd_tokens_per_s']:,.0f} ({r['fwd_best_tokens_per_s']:,.0f})"
-            f" | {r['fwdbwd_tokens_per_s']:,.0f} ({r['fwdbwd_best_tokens_per_s']:,.0f}) |"
-        )
-    return "\n".join(lines)
+    header = ["preset", "parameters", "mode", "", "fwd (tokens/s)", "fwd+bwd (tokens/s)"]
+    rows = [[r["preset"], f"{r['parameters'] / 1e6:.2f}M", r["mode"], "compiled" if r["compiled"] else "eager",
+             f"{r['fwd_tokens_per_s']:,.0f} ({r['fwd_best_tokens_per_s']:,.0f})",
+             f"{r['fwdbwd_tokens_per_s']:,.0f} ({r['fwdbwd_best_tokens_per_s']:,.0f})"] for r in results]
+    return "\n".join(lines + markdown_table(header, rows))
 
 
 def main() -> None:

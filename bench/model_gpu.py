@@ -42,7 +42,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import versions, write_results  # noqa: E402
+from bench.common import markdown_table, versions, write_results  # noqa: E402
 from bench.transformer import KVCache, Transformer, TransformerConfig  # noqa: E402
 from mmrec_model import MMRecConfig, MMRecModel  # noqa: E402
 from mmrec_model.memory import BlockState, MemoryState  # noqa: E402
@@ -320,9 +320,8 @@ def fmt(value, spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
 
-def markdown_table(title: str, header: list[str], rows: list[list[str]]) -> list[str]:
-    lines = [title, "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    return lines + ["| " + " | ".join(row) + " |" for row in rows] + [""]
+def section(title: str, header: list[str], rows: list[list[str]]) -> list[str]:
+    return [title, ""] + markdown_table(header, rows) + [""]
 
 
 def render(results: dict, info: dict) -> str:
@@ -333,21 +332,21 @@ def render(results: dict, info: dict) -> str:
         return "yes" if flag else "no"
 
     if results.get("train"):
-        lines += markdown_table(
+        lines += section(
             "Training (tokens/s, optimizer step included):",
             ["model", "compiled", "T", "chunk", "batch", "tokens/s", "step (ms)", "peak (GiB)", "first step (s)"],
             [[r["arch"], yes(r["compiled"]), str(r["T"]), str(r["chunk_size"] or "-"), str(r["batch"]),
               r.get("error") or f"{r['tokens_per_s'] / 1e3:.1f}K", fmt(r.get("step_ms"), ".1f"),
               fmt(r.get("peak_gib"), ".1f"), fmt(r.get("first_step_s"), ".1f")] for r in results["train"]])
     if results.get("generate"):
-        lines += markdown_table(
+        lines += section(
             "Generation (batch 1, greedy; compiled: CUDA graphs):",
             ["model", "compiled", "context", "ms / token", "state or KV cache (MiB)", "prompt (s)"],
             [[r["arch"], yes(r["compiled"]), str(r["context"]), r.get("error") or fmt(r.get("ms_per_token"), ".2f"),
               fmt(r["state_bytes"] / 2**20 if "state_bytes" in r else None, ".1f"), fmt(r.get("prefill_s"), ".2f")]
              for r in results["generate"]])
     if results.get("quality"):
-        lines += markdown_table(
+        lines += section(
             "Quality (same steps, batches and schedule; validation on the same windows):",
             ["model", "parameters", "training tokens", "training time (s)", "val loss", "val bits/byte"],
             [[r["arch"], f"{r['parameters'] / 1e6:.1f}M", f"{r['tokens'] / 1e6:.1f}M", f"{r['train_s']:.0f}",

@@ -26,7 +26,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import mmrec_ops  # noqa: E402
-from bench.common import forward_backward, keep_freed_memory, median_time_ms, versions, write_results  # noqa: E402
+from bench.common import (  # noqa: E402
+    forward_backward, keep_freed_memory, markdown_table, median_time_ms, versions, write_results,
+)
 from mmrec_ops.reference import recurrence_reference  # noqa: E402
 
 CPU_SHAPES = [[4, 512, 8, 64]]
@@ -129,8 +131,6 @@ def render(results, info, device) -> str:
         + (f", Triton {info['triton']}" if "triton" in info else "")
         + f"; {info['date']}",
         "",
-        f"| dtype | [B, T, H, d] | | fwd ({unit}) | fwd+bwd ({unit}) | fwd / mmrec op | fwd+bwd / mmrec op | note |",
-        "|---|---|---|---|---|---|---|---|",
     ]
     ours = {(r["dtype"], str(r["shape"])): r for r in results if r["name"].startswith("mmrec.recurrence (op) [B,T")}
 
@@ -141,12 +141,11 @@ def render(results, info, device) -> str:
         base = ours.get((r["dtype"], str(r["shape"])), {}).get(key)
         return f"{r[key] / base:.2f}x" if r[key] and base else "-"
 
-    for r in results:
-        lines.append(
-            f"| {r['dtype']} | {r['shape']} | {r['name']} | {fmt(r['fwd_ms'])} | {fmt(r['fwdbwd_ms'])} "
-            f"| {ratio(r, 'fwd_ms')} | {ratio(r, 'fwdbwd_ms')} | {r['note']} |"
-        )
-    return "\n".join(lines)
+    header = ["dtype", "[B, T, H, d]", "", f"fwd ({unit})", f"fwd+bwd ({unit})", "fwd / mmrec op",
+              "fwd+bwd / mmrec op", "note"]
+    rows = [[r["dtype"], str(r["shape"]), r["name"], fmt(r["fwd_ms"]), fmt(r["fwdbwd_ms"]), ratio(r, "fwd_ms"),
+             ratio(r, "fwdbwd_ms"), r["note"]] for r in results]
+    return "\n".join(lines + markdown_table(header, rows))
 
 
 def main() -> None:

@@ -31,7 +31,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import mmrec_ops  # noqa: E402
-from bench.common import forward_backward, keep_freed_memory, median_time_ms, versions, write_results  # noqa: E402
+from bench.common import (  # noqa: E402
+    forward_backward, keep_freed_memory, markdown_table, median_time_ms, versions, write_results,
+)
 from mmrec_ops.reference import scan_reference  # noqa: E402
 
 
@@ -148,22 +150,20 @@ def render(results, info, device) -> str:
         + (f", Triton {info['triton']}" if "triton" in info else "")
         + f"; {info['date']}; allocator: {info['allocator']}",
         "",
-        f"| dtype | | fwd ({unit}) | fwd+bwd ({unit}) | fwd / floor | fwd+bwd / fwd floor | note |",
-        "|---|---|---|---|---|---|---|",
     ]
     floors = {r["dtype"]: r["fwd_ms"] for r in results if r["name"].startswith("memory floor")}
 
     def fmt(ms):
         return "-" if ms is None else f"{ms * scale:.1f}" if ms * scale < 100 else f"{ms * scale:.0f}"
 
-    for r in results:
+    def ratio(r, key):
         floor = floors.get(r["dtype"])
-        ratio_f = f"{r['fwd_ms'] / floor:.2f}x" if r["fwd_ms"] and floor else "-"
-        ratio_b = f"{r['fwdbwd_ms'] / floor:.2f}x" if r["fwdbwd_ms"] and floor else "-"
-        lines.append(
-            f"| {r['dtype']} | {r['name']} | {fmt(r['fwd_ms'])} | {fmt(r['fwdbwd_ms'])} | {ratio_f} | {ratio_b} | {r['note']} |"
-        )
-    return "\n".join(lines)
+        return f"{r[key] / floor:.2f}x" if r[key] and floor else "-"
+
+    header = ["dtype", "", f"fwd ({unit})", f"fwd+bwd ({unit})", "fwd / floor", "fwd+bwd / fwd floor", "note"]
+    rows = [[r["dtype"], r["name"], fmt(r["fwd_ms"]), fmt(r["fwdbwd_ms"]), ratio(r, "fwd_ms"), ratio(r, "fwdbwd_ms"),
+             r["note"]] for r in results]
+    return "\n".join(lines + markdown_table(header, rows))
 
 
 if __name__ == "__main__":
