@@ -5,21 +5,15 @@ import triton.language as tl
 
 
 @triton.jit
-def round_to(v, dtype: tl.constexpr, SOFT_BF16: tl.constexpr):
-    """v rounded to dtype (to nearest even).
+def cast_out(v, ptr, SOFT_BF16: tl.constexpr):
+    """v cast to the element type of ptr, for a store.
 
     SOFT_BF16 (the interpreter only, whose float32 -> bfloat16 cast truncates)
-    rounds to bfloat16 by hand, as the GPU's conversion does.
+    rounds to nearest even by hand, as the GPU's conversion does.
     """
-    if SOFT_BF16 and dtype == tl.bfloat16:
+    if SOFT_BF16:
         bits = v.to(tl.uint32, bitcast=True)
         bits = bits + 0x7FFF + ((bits >> 16) & 1)
         return (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
     else:
-        return v.to(dtype)
-
-
-@triton.jit
-def cast_out(v, ptr, SOFT_BF16: tl.constexpr):
-    """v cast to the element type of ptr, for a store (see round_to)."""
-    return round_to(v, ptr.dtype.element_ty, SOFT_BF16)
+        return v.to(ptr.dtype.element_ty)

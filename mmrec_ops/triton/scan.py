@@ -69,7 +69,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._common import cast_out, round_to
+from ._common import cast_out
 
 __all__ = ["scan_forward", "scan_backward"]
 
@@ -310,327 +310,6 @@ def _scan_bwd_kernel(
 
 
 # ----------------------------------------------------------------------------
-# Walk kernels: the lanes own channels and walk time in registers.
-
-
-@triton.jit
-def _walk_tile(a, b, carry, r):
-    """h over one tile [R, BLOCK_C] (row r: the r-th step walked), h_{-1} = carry [1, BLOCK_C].
-
-    The carry enters the first row (b_0 += a_0 * carry), so the second part of
-    the scan of the maps (a, b) is h itself; the lanes own whole columns, so the
-    scan runs down each thread's registers and the unused products fold away.
-    """
-    b = tl.where(r == 0, a * carry + b, b)
-    _, h = tl.associative_scan((a, b), 0, _affine_combine)
-    return h
-
-
-@triton.jit
-def _unpack16(w, PACKED: tl.constexpr):
-    """The two float32 planes (channels 2i, 2i + 1) of int32 words holding
-    bfloat16 (PACKED = 1) or float16 (PACKED = 2) pairs."""
-    u = w.to(tl.uint32, bitcast=True)
-    dtype: tl.constexpr = tl.bfloat16 if PACKED == 1 else tl.float16
-    lo = (u & 0xFFFF).to(tl.uint16).to(dtype, bitcast=True).to(tl.float32)
-    hi = (u >> 16).to(tl.uint16).to(dtype, bitcast=True).to(tl.float32)
-    return lo, hi
-
-
-@triton.jit
-def _pack16(lo, hi, PACKED: tl.constexpr, SOFT_BF16: tl.constexpr):
-    """The int32 words of two float32 planes rounded to 16-bit floats (see _unpack16)."""
-    dtype: tl.constexpr = tl.bfloat16 if PACKED == 1 else tl.float16
-    lo_bits = round_to(lo, dtype, SOFT_BF16).to(tl.uint16, bitcast=True).to(tl.uint32)
-    hi_bits = round_to(hi, dtype, SOFT_BF16).to(tl.uint16, bitcast=True).to(tl.uint32)
-    return (lo_bits | (hi_bits << 16)).to(tl.int32, bitcast=True)
-
-
-@triton.jit
-def _lane_ptr(ptr, PACKED: tl.constexpr):
-    # What one lane item is: an element, or an int32 word of two 16-bit elements.
-    if PACKED:
-        return ptr.to(tl.pointer_type(tl.int32), bitcast=True)
-    else:
-        return ptr
-
-
-@triton.jit
-def _load_step_planes(base, cols, sc, cm, other, PACKED: tl.constexpr, ACC: tl.constexpr):
-    """A step tensor's values at the lanes' channels as (lo, hi) planes (element
-    strides; hi is lo when not PACKED)."""
-    if PACKED:
-        lo = tl.load(base + (2 * cols) * sc, mask=cm, other=other).to(ACC)
-        hi = tl.load(base + (2 * cols + 1) * sc, mask=cm, other=other).to(ACC)
-        return lo, hi
-    else:
-        v = tl.load(base + cols * sc, mask=cm, other=other).to(ACC)
-        return v, v
-
-
-@triton.jit
-def _store_step_planes(base, cols, sc, cm, lo, hi, PACKED: tl.constexpr, SOFT_BF16: tl.constexpr):
-    if PACKED:
-        tl.store(base + (2 * cols) * sc, cast_out(lo, base, SOFT_BF16), mask=cm)
-        tl.store(base + (2 * cols + 1) * sc, cast_out(hi, base, SOFT_BF16), mask=cm)
-    else:
-        tl.store(base + cols * sc, cast_out(lo, base, SOFT_BF16), mask=cm)
-
-
-@triton.jit
-def _load_planes(ptrs, m, other, word_other, PACKED: tl.constexpr, ACC: tl.constexpr):
-    if PACKED:
-        return _unpack16(tl.load(ptrs, mask=m, other=word_other), PACKED)
-    else:
-        v = tl.load(ptrs, mask=m, other=other).to(ACC)
-        return v, v
-
-
-@triton.jit
-def _store_planes(ptrs, m, lo, hi, PACKED: tl.constexpr, SOFT_BF16: tl.constexpr):
-    if PACKED:
-        tl.store(ptrs, _pack16(lo, hi, PACKED, SOFT_BF16), mask=m)
-    else:
-        tl.store(ptrs, cast_out(lo, ptrs, SOFT_BF16), mask=m)
-
-
-# The row strides are not specialized: a stride Triton knows to be a multiple of
-# 16 would let it widen the lanes' accesses to 16-byte vectors across channels,
-# which puts threads along time and the scan across them.
-_WALK_STRIDES = ["MAP_ST", "g_sb", "g_st", "g_sg", "x_sb", "x_st", "x_sg", "o_sb", "o_st", "o_sg"]
-
-
-@triton.jit
-def _offset_int(t, OFF32: tl.constexpr):
-    # Time indices in the integer type of the offsets.
-    if OFF32:
-        return t.to(tl.int32)
-    else:
-        return t.to(tl.int64)
-
-
-@triton.jit
-def _take_ticket(ws_ptr, NP, NCB, G):
-    """This program's segment k and channel program q (with its b, g and channel
-    block cb), in the order in which programs start: a program's predecessor in
-    its chain has always started before it, so waiting on it cannot deadlock."""
-    ticket = tl.atomic_add(ws_ptr, 1)
-    k = ticket // NP
-    q = ticket % NP
-    bg = q // NCB
-    return k, q, q % NCB, (bg % G).to(tl.int64), (bg // G).to(tl.int64)
-
-
-@triton.jit
-def _publish(ws_ptr, maps_ptr, k, q, NP, lanes, a_lo, a_hi, b_lo, b_hi,
-             STATUS: tl.constexpr, PACKED: tl.constexpr, BLOCK_C: tl.constexpr):
-    """Publish segment k's map h -> a h + b over its steps (STATUS 1) or its
-    inclusive value b, the carry out of it (STATUS 2): the lanes store, then one
-    thread releases the segment's status."""
-    slot = maps_ptr + ((k * NP + q) * 2 + (STATUS - 1)) * (4 * BLOCK_C) + lanes
-    if STATUS == 1:
-        tl.store(slot, a_lo)
-    tl.store(slot + BLOCK_C, b_lo)
-    if PACKED:
-        if STATUS == 1:
-            tl.store(slot + 2 * BLOCK_C, a_hi)
-        tl.store(slot + 3 * BLOCK_C, b_hi)
-    tl.debug_barrier()
-    tl.atomic_xchg(ws_ptr + 1 + k * NP + q, STATUS, sem="release")
-
-
-@triton.jit
-def _window_maps(slots, comp, use_map, at_p, BLOCK_C: tl.constexpr):
-    # The window's maps of one plane: identity before p, the constant map of
-    # the inclusive value at p, the segments' own maps after it.
-    a = tl.load(slots + comp * BLOCK_C, mask=use_map, other=1.0, cache_modifier=".cg")
-    b = tl.load(slots + (comp + 1) * BLOCK_C, mask=use_map, other=0.0, cache_modifier=".cg")
-    p_value = tl.load(slots + (4 + comp + 1) * BLOCK_C, mask=at_p, other=0.0, cache_modifier=".cg")
-    return tl.where(at_p, 0.0, a), tl.where(at_p, p_value, b)
-
-
-@triton.jit
-def _look_back(ws_ptr, maps_ptr, k, q, NP, lanes, MAP_ST,
-               W: tl.constexpr, PACKED: tl.constexpr, BLOCK_C: tl.constexpr):
-    """The carry into segment k >= 1 by decoupled look-back over the W segments
-    before it: wait until the newest of them with a published inclusive value
-    (p) is followed only by segments with published maps, then apply those maps
-    to it. Segment 0 publishes its inclusive value at once, so the front moves
-    up to W segments per round trip instead of one."""
-    w = tl.arange(0, W)
-    js = k - W + w  # oldest to newest
-    in_window = js >= 0
-    status_ptrs = ws_ptr + 1 + js * NP + q
-    go = tl.full([], 0, tl.int32)
-    p = tl.full([], -1, tl.int32)
-    while go == 0:
-        status = tl.atomic_add(status_ptrs, 0, mask=in_window, sem="acquire")
-        status = tl.where(in_window, status, 1)  # before segment 0: identity maps
-        p = tl.max(tl.where(status == 2, w, -1))
-        newer = tl.min(tl.where(w > p, status, 2))
-        go = ((p >= 0) & (newer >= 1)).to(tl.int32)
-    wc = w[:, None]
-    use_map = (wc > p) & in_window[:, None]
-    at_p = wc == p
-    slots = maps_ptr + (js * NP + q)[:, None] * MAP_ST + lanes
-    a_lo, b_lo = _window_maps(slots, 0, use_map, at_p, BLOCK_C)
-    _, carry_lo = tl.reduce((a_lo, b_lo), 0, _affine_combine, keep_dims=True)
-    if PACKED:
-        a_hi, b_hi = _window_maps(slots, 2, use_map, at_p, BLOCK_C)
-        _, carry_hi = tl.reduce((a_hi, b_hi), 0, _affine_combine, keep_dims=True)
-    else:
-        carry_hi = carry_lo
-    return carry_lo, carry_hi
-
-
-@triton.jit(do_not_specialize=["T", *_WALK_STRIDES])
-def _scan_fwd_walk_kernel(
-    g_ptr, x_ptr, h0_ptr, o_ptr, ws_ptr, maps_ptr,
-    T, G, C, NCB, NP, NSEG, MAP_ST,
-    g_sb, g_st, g_sg,
-    x_sb, x_st, x_sg,
-    h0_sb, h0_sg, h0_sc,
-    o_sb, o_st, o_sg,
-    HAS_X: tl.constexpr, HAS_H0: tl.constexpr, H0_VALUE: tl.constexpr,
-    REVERSE: tl.constexpr, ACC: tl.constexpr, PACKED: tl.constexpr, ONE_WORD: tl.constexpr,
-    R: tl.constexpr, BLOCK_C: tl.constexpr, W: tl.constexpr, OFF32: tl.constexpr, SOFT_BF16: tl.constexpr,
-):
-    """One program per (segment of R steps, b, g, block of BLOCK_C lane items).
-    A lane item is one channel, or with PACKED an int32 word of two 16-bit
-    channels (C, the strides and the item index are then in words). NP channel
-    programs, NSEG segments; ws_ptr: the ticket counter and the segments'
-    statuses (zeros), maps_ptr: their published maps, MAP_ST apart (see
-    _publish). W: the look-back window. OFF32: every offset along time
-    and channels fits in int32."""
-    k, q, cb, g, b = _take_ticket(ws_ptr, NP, NCB, G)
-    r = tl.arange(0, R)[:, None]
-    lanes = tl.arange(0, BLOCK_C)[None, :]
-    cols = cb * BLOCK_C + lanes
-    cm = cols < C
-    s = k * R + r
-    t = _offset_int(T - 1 - s if REVERSE else s, OFF32)
-    m = (s < T) & cm
-
-    a_lo, a_hi = _load_planes(_lane_ptr(g_ptr, PACKED) + (b * g_sb + g * g_sg) + (t * g_st + cols), m, 1.0,
-                              ONE_WORD, PACKED, ACC)
-    if HAS_X:
-        b_lo, b_hi = _load_planes(_lane_ptr(x_ptr, PACKED) + (b * x_sb + g * x_sg) + (t * x_st + cols), m, 0.0, 0,
-                                  PACKED, ACC)
-    else:
-        b_lo = tl.zeros([R, BLOCK_C], ACC)
-        b_hi = b_lo
-    # The segment's own map first, so that its outgoing carry is one step away
-    # from the incoming one.
-    sa_lo, sb_lo = tl.reduce((a_lo, b_lo), 0, _affine_combine, keep_dims=True)
-    sa_hi, sb_hi = tl.reduce((a_hi, b_hi), 0, _affine_combine, keep_dims=True)
-
-    if k == 0:
-        if HAS_H0:
-            carry_lo, carry_hi = _load_step_planes(h0_ptr + (b * h0_sb + g * h0_sg), cols, h0_sc, cm, 0.0, PACKED,
-                                                   ACC)
-        else:
-            carry_lo = tl.full([1, BLOCK_C], H0_VALUE, ACC)
-            carry_hi = carry_lo
-    else:
-        _publish(ws_ptr, maps_ptr, k, q, NP, lanes, sa_lo, sa_hi, sb_lo, sb_hi, 1, PACKED, BLOCK_C)
-        carry_lo, carry_hi = _look_back(ws_ptr, maps_ptr, k, q, NP, lanes, MAP_ST, W, PACKED, BLOCK_C)
-    if k + 1 < NSEG:
-        _publish(ws_ptr, maps_ptr, k, q, NP, lanes, sa_lo, sa_hi, sa_lo * carry_lo + sb_lo, sa_hi * carry_hi + sb_hi,
-                 2, PACKED, BLOCK_C)
-
-    h_lo = _walk_tile(a_lo, b_lo, carry_lo, r)
-    if PACKED:
-        h_hi = _walk_tile(a_hi, b_hi, carry_hi, r)
-    else:
-        h_hi = h_lo
-    _store_planes(_lane_ptr(o_ptr, PACKED) + (b * o_sb + g * o_sg) + (t * o_st + cols), m, h_lo, h_hi, PACKED,
-                  SOFT_BF16)
-
-
-@triton.jit(do_not_specialize=["T", "MAP_ST", "gh_sb", "gh_st", "gh_sg", "g_sb", "g_st", "g_sg", "h_sb", "h_st", "h_sg",
-                               "o_sb", "o_st", "o_sg"])
-def _scan_bwd_walk_kernel(
-    gh_ptr, g_ptr, h_ptr, h0_ptr, dg_ptr, dx_ptr, dh0_ptr, ws_ptr, maps_ptr,
-    T, G, C, NCB, NP, NSEG, MAP_ST,
-    gh_sb, gh_st, gh_sg,
-    g_sb, g_st, g_sg,
-    h_sb, h_st, h_sg,
-    h0_sb, h0_sg, h0_sc,
-    o_sb, o_st, o_sg,
-    d0_sb, d0_sg, d0_sc,
-    HAS_H0: tl.constexpr, H0_VALUE: tl.constexpr,
-    REVERSE: tl.constexpr, ACC: tl.constexpr, PACKED: tl.constexpr, ONE_WORD: tl.constexpr,
-    R: tl.constexpr, BLOCK_C: tl.constexpr, W: tl.constexpr, OFF32: tl.constexpr, SOFT_BF16: tl.constexpr,
-):
-    """The backward of _scan_fwd_walk_kernel: the same chain of segments
-    walking time the other way (see _bwd_load for the shifted reads)."""
-    k, q, cb, g, b = _take_ticket(ws_ptr, NP, NCB, G)
-    r = tl.arange(0, R)[:, None]
-    lanes = tl.arange(0, BLOCK_C)[None, :]
-    cols = cb * BLOCK_C + lanes
-    cm = cols < C
-    # Step s visits t; the forward's next time is t_next, its previous t_prev.
-    s = k * R + r
-    if REVERSE:
-        t = _offset_int(s, OFF32)
-        t_next = t - 1
-        t_prev = t + 1
-    else:
-        t = _offset_int(T - 1 - s, OFF32)
-        t_next = t + 1
-        t_prev = t - 1
-    m = (s < T) & cm
-    g_row = _lane_ptr(g_ptr, PACKED) + (b * g_sb + g * g_sg)
-    gh_lo, gh_hi = _load_planes(_lane_ptr(gh_ptr, PACKED) + (b * gh_sb + g * gh_sg) + (t * gh_st + cols), m, 0.0, 0,
-                                PACKED, ACC)
-    a_lo, a_hi = _load_planes(g_row + (t_next * g_st + cols), (s >= 1) & m, 1.0, ONE_WORD, PACKED, ACC)
-    sa_lo, sb_lo = tl.reduce((a_lo, gh_lo), 0, _affine_combine, keep_dims=True)
-    sa_hi, sb_hi = tl.reduce((a_hi, gh_hi), 0, _affine_combine, keep_dims=True)
-
-    if k == 0:
-        carry_lo = tl.zeros([1, BLOCK_C], ACC)
-        carry_hi = carry_lo
-    else:
-        _publish(ws_ptr, maps_ptr, k, q, NP, lanes, sa_lo, sa_hi, sb_lo, sb_hi, 1, PACKED, BLOCK_C)
-        carry_lo, carry_hi = _look_back(ws_ptr, maps_ptr, k, q, NP, lanes, MAP_ST, W, PACKED, BLOCK_C)
-    out_lo = sa_lo * carry_lo + sb_lo
-    out_hi = sa_hi * carry_hi + sb_hi
-    if k + 1 < NSEG:
-        _publish(ws_ptr, maps_ptr, k, q, NP, lanes, sa_lo, sa_hi, out_lo, out_hi, 2, PACKED, BLOCK_C)
-
-    if HAS_H0:
-        h0_lo, h0_hi = _load_step_planes(h0_ptr + (b * h0_sb + g * h0_sg), cols, h0_sc, cm, 0.0, PACKED, ACC)
-    else:
-        h0_lo = tl.full([1, BLOCK_C], H0_VALUE, ACC)
-        h0_hi = h0_lo
-    hp_lo, hp_hi = _load_planes(_lane_ptr(h_ptr, PACKED) + (b * h_sb + g * h_sg) + (t_prev * h_st + cols),
-                                (s + 1 < T) & cm, 0.0, 0, PACKED, ACC)
-    first = s == T - 1
-    dx_lo = _walk_tile(a_lo, gh_lo, carry_lo, r)
-    dg_lo = dx_lo * tl.where(first, h0_lo, hp_lo)
-    if PACKED:
-        dx_hi = _walk_tile(a_hi, gh_hi, carry_hi, r)
-        dg_hi = dx_hi * tl.where(first, h0_hi, hp_hi)
-    else:
-        dx_hi = dx_lo
-        dg_hi = dg_lo
-    o_row = b * o_sb + g * o_sg
-    o_off = t * o_st + cols
-    _store_planes(_lane_ptr(dg_ptr, PACKED) + o_row + o_off, m, dg_lo, dg_hi, PACKED, SOFT_BF16)
-    _store_planes(_lane_ptr(dx_ptr, PACKED) + o_row + o_off, m, dx_lo, dx_hi, PACKED, SOFT_BF16)
-
-    if k + 1 == NSEG:
-        # grad_h0 = gamma at the forward's first time * dx there (the last step walked).
-        if REVERSE:
-            t_first = (T - 1).to(tl.int64)
-        else:
-            t_first = 0
-        gf_lo, gf_hi = _load_planes(g_row + t_first * g_st + cols, cm, 0.0, 0, PACKED, ACC)
-        _store_step_planes(dh0_ptr + (b * d0_sb + g * d0_sg), cols, d0_sc, cm, gf_lo * out_lo, gf_hi * out_hi,
-                           PACKED, SOFT_BF16)
-
-
-# ----------------------------------------------------------------------------
 # Host side: stride folding, block sizes, launches.
 #
 # This runs on every call, so it is kept short: everything that follows from
@@ -815,24 +494,16 @@ class _Plan:
     set.
     """
 
-    __slots__ = ("fn", "grid", "args", "num_warps", "kernels", "workspace")
+    __slots__ = ("fn", "grid", "args", "num_warps", "kernels")
 
-    def __init__(self, fn, grid, ints, constexprs, num_warps, workspace=None):
+    def __init__(self, fn, grid, ints, constexprs, num_warps):
         self.fn = fn
         self.grid = grid
         self.args = (*ints, *constexprs)
         self.num_warps = num_warps
         self.kernels = {}
-        # (int32 zeros, carry elements, carry dtype): the walk kernels' scratch,
-        # made per launch and passed after the tensors.
-        self.workspace = workspace
 
     def launch(self, *tensors: Tensor) -> None:
-        if self.workspace is not None:
-            n_zeros, n_carry, carry_dtype = self.workspace
-            device = tensors[0].device
-            tensors = (*tensors, torch.zeros(n_zeros, dtype=torch.int32, device=device),
-                       torch.empty(n_carry, dtype=carry_dtype, device=device))
         if not _DIRECT_LAUNCH:
             self.fn[self.grid](*tensors, *self.args, num_warps=self.num_warps)
             return
@@ -855,113 +526,37 @@ class _Plan:
         run(self.grid[0], 1, 1, stream, function, packed_metadata, meta, enter, leave, *tensors, *self.args)
 
 
-# The walk kernels (see their section): used when every sequence tensor has a
-# unit-stride channel dim of at least two channels; 16-bit sequences whose
-# channel count, row strides and pointers are even go as int32 words of two
-# channels. Segments of _WALK_ROWS steps by _WALK_BLOCK lane items (one warp per
-# 32). _WALK = False takes the tile kernels always.
-_WALK = True
-_WALK_BLOCK = 32
-_WALK_ROWS = {2: 32, 4: 32, 8: 16}
-_WALK_WINDOW = 8
-_INTERPRET_WALK = (16, 8)  # (largest BLOCK_C, R) under the interpreter
-_PACKED = {torch.bfloat16: 1, torch.float16: 2}
-_ONE_WORD = {0: 0, 1: 0x3F803F80, 2: 0x3C003C00}  # two 1.0s: the padding of gamma's words
-
-
-def _walk_packing(dtype, C: int, seq_folds, seq_strides, aligned: bool) -> int | None:
-    """How the walk kernels read a call: None when they cannot (the tile
-    kernels take it), else 0 (elements) or the PACKED kind of 16-bit words.
-    ``seq_folds``/``seq_strides``: the folded (stride_g, stride_c) and the
-    strides of the sequence tensors present; ``aligned``: their pointers are
-    4-byte aligned."""
-    if not _WALK or C < 2 or any(sc != 1 for _, sc in seq_folds):
-        return None
-    packed = _PACKED.get(dtype, 0)
-    even = C % 2 == 0 and all(n % 2 == 0 for (sg, _), st in zip(seq_folds, seq_strides) for n in (sg, *st[:2]))
-    return packed if packed and even and aligned else 0
-
-
-def _walk_config(C: int, elem_size: int):
-    """(BLOCK_C, R, num_warps) of the walk kernels for C lane items."""
-    if _INTERPRET:
-        max_c, rows = _INTERPRET_WALK
-        return min(_next_power_of_2(C), max_c), rows, 1
-    # At least a warp's 32 lanes across the channels, masked where C is smaller:
-    # the reductions along time must stay within each thread, in order.
-    block_c = max(32, min(_next_power_of_2(C), _knob(_WALK_BLOCK, elem_size)))
-    return block_c, _knob(_WALK_ROWS, elem_size), block_c // 32
-
-
-def _fits_int32(T: int, C: int, seq_strides) -> bool:
-    # t * stride_t + c (c < C, unit stride), the walk kernels' offsets, in int32.
-    return all((T + 1) * abs(st[1]) + C < 2**31 for st in seq_strides)
-
-
-def _in_items(strides, packed: int) -> tuple[int, ...]:
-    # Element strides of a sequence tensor in lane items (words when packed).
-    return tuple(n // 2 for n in strides) if packed else tuple(strides)
-
-
-def _walk_plan(kernel, B, T, G, C, packed, strides, flags, dtype, off32) -> _Plan:
-    """A walk kernel's plan: ``strides`` its integer arguments after (T, G, C,
-    NCB, NP, NSEG), ``flags`` its leading constexprs, ``off32`` whether the
-    offsets along time and channels of every sequence tensor fit in int32."""
-    items = C // 2 if packed else C
-    block_c, rows, num_warps = _walk_config(items, dtype.itemsize)
-    ncb = _cdiv(items, block_c)
-    n_programs, n_segments = B * G * ncb, _cdiv(T, rows)
-    map_st = 8 * block_c  # per segment: its map and inclusive value, two planes each
-    ints = (T, G, items, ncb, n_programs, n_segments, map_st, *strides)
-    constexprs = (*flags, _acc_dtype(dtype), packed, _ONE_WORD[packed], rows, block_c, _WALK_WINDOW, off32,
-                  _INTERPRET and dtype == torch.bfloat16)
-    segments = n_segments * n_programs
-    workspace = (1 + segments, segments * map_st, torch.float64 if dtype == torch.float64 else torch.float32)
-    return _Plan(kernel, (n_segments * n_programs,), ints, constexprs, num_warps, workspace)
-
-
 @functools.lru_cache(maxsize=512)
-def _forward_plan(shape, g_st, x_st, h0_st, dtype, sms, reverse, aligned) -> _Plan | None:
+def _forward_plan(shape, g_st, x_st, h0_st, dtype, sms, reverse) -> _Plan | None:
     """The plan of scan_forward for gamma's shape and the strides of gamma, x
     and h0 (None when omitted); None when the channel dims do not fold into
-    two groups. ``aligned``: the pointers are 4-byte aligned."""
+    two groups."""
     B, T = shape[0], shape[1]
     o_st = _contiguous_strides(shape)  # the output is a new contiguous tensor
     folded = _fold_call(shape, [g_st, x_st, o_st], h0_st)
     if folded is None:
         return None
     G, C, (g_f, x_f, o_f), h0_f = folded
-    has_x, has_h0 = x_st is not None, h0_st is not None
-    h0_ints = (h0_st[0] if has_h0 else 0, *h0_f)
-    flags = (has_x, has_h0, 0.0 if has_x else 1.0, reverse)
-    present = [(f, st) for f, st in ((g_f, g_st), (x_f, x_st), (o_f, o_st)) if st is not None]
-    packed = _walk_packing(dtype, C, *zip(*present), aligned)
-    if packed is not None:
-        strides = (
-            *_in_items((g_st[0], g_st[1], g_f[0]), packed),
-            *(_in_items((x_st[0], x_st[1], x_f[0]), packed) if has_x else (0, 0, 0)),
-            *h0_ints,
-            *_in_items((o_st[0], o_st[1], o_f[0]), packed),
-        )
-        return _walk_plan(_scan_fwd_walk_kernel, B, T, G, C, packed, strides, flags, dtype,
-                          _fits_int32(T, C, [st for st in (g_st, x_st, o_st) if st is not None]))
     block_c, rows, nt, num_warps = _config(B, G, C, dtype.itemsize, sms)
     ncb = _cdiv(C, block_c)
     prefetch, stages = _pipelining(_FWD_STAGES)
+    has_x, has_h0 = x_st is not None, h0_st is not None
     ints = (
         T, G, C, ncb,
         g_st[0], g_st[1], *g_f,
         x_st[0] if has_x else 0, x_st[1] if has_x else 0, *x_f,
-        *h0_ints,
+        h0_st[0] if has_h0 else 0, *h0_f,
         o_st[0], o_st[1], *o_f,
     )
-    constexprs = (*flags, _acc_dtype(dtype), rows, nt, block_c, prefetch, stages,
-                  _INTERPRET and dtype == torch.bfloat16)
+    constexprs = (
+        has_x, has_h0, 0.0 if has_x else 1.0, reverse, _acc_dtype(dtype),
+        rows, nt, block_c, prefetch, stages, _INTERPRET and dtype == torch.bfloat16,
+    )
     return _Plan(_scan_fwd_kernel, (B * G * ncb,), ints, constexprs, num_warps)
 
 
 @functools.lru_cache(maxsize=512)
-def _backward_plan(shape, gh_st, g_st, h_st, h0_st, dtype, sms, has_x, reverse, aligned) -> _Plan | None:
+def _backward_plan(shape, gh_st, g_st, h_st, h0_st, dtype, sms, has_x, reverse) -> _Plan | None:
     """The plan of scan_backward (see _forward_plan)."""
     B, T = shape[0], shape[1]
     o_st = _contiguous_strides(shape)  # grad_gamma and grad_x
@@ -972,18 +567,6 @@ def _backward_plan(shape, gh_st, g_st, h_st, h0_st, dtype, sms, has_x, reverse, 
     # grad_gamma, grad_x and grad_h0 share the channel strides o_f.
     G, C, (gh_f, g_f, h_f, o_f), h0_f = folded
     has_h0 = h0_st is not None
-    h0_ints = (h0_st[0] if has_h0 else 0, *h0_f)
-    flags = (has_h0, 0.0 if has_x else 1.0, reverse)
-    packed = _walk_packing(dtype, C, [gh_f, g_f, h_f, o_f], [gh_st, g_st, h_st, o_st], aligned)
-    if packed is not None:
-        strides = (
-            *(n for st, f in ((gh_st, gh_f), (g_st, g_f), (h_st, h_f)) for n in _in_items((st[0], st[1], f[0]), packed)),
-            *h0_ints,
-            *_in_items((o_st[0], o_st[1], o_f[0]), packed),
-            d0_sb, *o_f,  # grad_h0 is written per element
-        )
-        return _walk_plan(_scan_bwd_walk_kernel, B, T, G, C, packed, strides, flags, dtype,
-                          _fits_int32(T, C, [gh_st, g_st, h_st, o_st]))
     block_c, rows, nt, num_warps = _config(B, G, C, dtype.itemsize, sms)
     ncb = _cdiv(C, block_c)
     prefetch, stages = _pipelining(_BWD_STAGES)
@@ -992,12 +575,14 @@ def _backward_plan(shape, gh_st, g_st, h_st, h0_st, dtype, sms, has_x, reverse, 
         gh_st[0], gh_st[1], *gh_f,
         g_st[0], g_st[1], *g_f,
         h_st[0], h_st[1], *h_f,
-        *h0_ints,
+        h0_st[0] if has_h0 else 0, *h0_f,
         o_st[0], o_st[1], *o_f,
         d0_sb, *o_f,
     )
-    constexprs = (*flags, _acc_dtype(dtype), rows, nt, block_c, prefetch, stages,
-                  _INTERPRET and dtype == torch.bfloat16)
+    constexprs = (
+        has_h0, 0.0 if has_x else 1.0, reverse, _acc_dtype(dtype),
+        rows, nt, block_c, prefetch, stages, _INTERPRET and dtype == torch.bfloat16,
+    )
     return _Plan(_scan_bwd_kernel, (B * G * ncb,), ints, constexprs, num_warps)
 
 
@@ -1011,25 +596,17 @@ def _strides(t: Tensor | None):
     return None if t is None else t.stride()
 
 
-def _aligned(*seqs: Tensor | None) -> bool:
-    """Whether 16-bit sequence tensors can be read as int32 words (4-byte
-    aligned pointers); False for the other dtypes, which do not ask."""
-    return seqs[0].dtype in _PACKED and all(t.data_ptr() % 4 == 0 for t in seqs if t is not None)
-
-
 def scan_forward(gamma: Tensor, x: Tensor | None, h0: Tensor | None, reverse: bool) -> Tensor:
     out = torch.empty(gamma.shape, dtype=gamma.dtype, device=gamma.device)
     if out.numel() == 0:
         return out
     sms, reverse = _num_sms(gamma), bool(reverse)
-    plan = _forward_plan(gamma.shape, gamma.stride(), _strides(x), _strides(h0), gamma.dtype, sms, reverse,
-                         _aligned(gamma, x, out))
+    plan = _forward_plan(gamma.shape, gamma.stride(), _strides(x), _strides(h0), gamma.dtype, sms, reverse)
     if plan is None:
         gamma = gamma.contiguous()
         x = x.contiguous() if x is not None else None
         h0 = h0.contiguous() if h0 is not None else None
-        plan = _forward_plan(gamma.shape, gamma.stride(), _strides(x), _strides(h0), gamma.dtype, sms, reverse,
-                             _aligned(gamma, x, out))
+        plan = _forward_plan(gamma.shape, gamma.stride(), _strides(x), _strides(h0), gamma.dtype, sms, reverse)
     plan.launch(gamma, gamma if x is None else x, gamma if h0 is None else h0, out)
     return out
 
@@ -1047,11 +624,11 @@ def scan_backward(grad_h: Tensor, gamma: Tensor, h: Tensor, h0: Tensor | None, h
         return grad_gamma, grad_x, grad_h0
     sms, has_x, reverse = _num_sms(gamma), bool(has_x), bool(reverse)
     plan = _backward_plan(shape, grad_h.stride(), gamma.stride(), h.stride(), _strides(h0), gamma.dtype, sms,
-                          has_x, reverse, _aligned(grad_h, gamma, h, grad_gamma, grad_x))
+                          has_x, reverse)
     if plan is None:
         grad_h, gamma, h = grad_h.contiguous(), gamma.contiguous(), h.contiguous()
         h0 = h0.contiguous() if h0 is not None else None
         plan = _backward_plan(shape, grad_h.stride(), gamma.stride(), h.stride(), _strides(h0), gamma.dtype, sms,
-                              has_x, reverse, _aligned(grad_h, gamma, h, grad_gamma, grad_x))
+                              has_x, reverse)
     plan.launch(grad_h, gamma, h, gamma if h0 is None else h0, grad_gamma, grad_x, grad_h0)
     return grad_gamma, grad_x, grad_h0
