@@ -1,11 +1,13 @@
-"""Sweep of the Triton scan's launch configuration on a GPU (a development tool).
+"""Sweep of the Triton scan's launch knobs on a GPU (a development tool).
 
     python bench/tune_scan.py --out tune.json
 
-For each dtype and each candidate configuration (the module-level knobs of
-mmrec_ops/triton/scan.py), checks the result against the C++ CPU kernel and
-times forward and backward at [8, 4096, 16, 64] with CUDA events; prints the
-configurations sorted by forward+backward time.
+For each dtype and kernel (forward, backward), each candidate _Tuning of
+mmrec_ops/triton/scan.py (steps per thread R, warps, tile size, pipeline
+stages) and channel-block narrowing (_MIN_PROGRAMS_PER_SM): checks the result
+against the C++ CPU kernel and times the launcher at [8, 4096, 16, 64] with
+CUDA events; prints the fastest settings per dtype and kernel. The chosen ones
+go into _FWD_TUNING and _BWD_TUNING by hand.
 """
 
 from __future__ import annotations
@@ -24,10 +26,12 @@ import mmrec_ops  # noqa: E402,F401  (registers the ops the check uses)
 from bench.common import median_time_ms  # noqa: E402
 from mmrec_ops.triton import scan as triton_scan  # noqa: E402
 
-KNOBS = {
-    "_MIN_PROGRAMS_PER_SM": [1, 4, 8],
-    "_ROWS": [4, 8, 16],
-    "_NUM_WARPS": [4, 8],
+# Candidates per (dtype, kernel): R, num_warps, tile elements, stages, programs per SM.
+GRIDS = {
+    (torch.bfloat16, "forward"): dict(rows=[4, 8, 16], num_warps=[2, 4], tile=[4096, 8192], stages=[2, 3], per_sm=[1, 2]),
+    (torch.bfloat16, "backward"): dict(rows=[2, 4, 8], num_warps=[4, 8], tile=[4096], stages=[0, 2], per_sm=[1, 2]),
+    (torch.float32, "forward"): dict(rows=[1, 4, 8], num_warps=[4, 8], tile=[4096, 8192], stages=[2, 3], per_sm=[0.5, 1]),
+    (torch.float32, "backward"): dict(rows=[1, 4, 8], num_warps=[4, 8], tile=[4096, 8192], stages=[0, 2], per_sm=[0.5, 1]),
 }
 
 
@@ -35,39 +39,50 @@ def rel_err(a, b):
     return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
+def sweep(dtype, shape):
+    gamma = torch.rand(shape, device="cuda", dtype=dtype)
+    x = torch.randn(shape, device="cuda", dtype=dtype)
+    grad = torch.randn(shape, device="cuda", dtype=dtype)
+    ref = torch.ops.mmrec.scan(gamma.cpu(), x.cpu())
+    ref_bwd = torch.ops.mmrec.scan_backward(grad.cpu(), gamma.cpu(), ref, None, True, False)
+    h = ref.cuda()
+    calls = {
+        "forward": (lambda: triton_scan.scan_forward(gamma, x, None, False), [ref]),
+        "backward": (lambda: triton_scan.scan_backward(grad, gamma, h, None, True, False), ref_bwd),
+    }
+    tunings = {"forward": triton_scan._FWD_TUNING, "backward": triton_scan._BWD_TUNING}
+    size, default_per_sm = dtype.itemsize, triton_scan._MIN_PROGRAMS_PER_SM[dtype.itemsize]
+    for kernel, (call, refs) in calls.items():
+        grid = GRIDS[(dtype, kernel)]
+        default = tunings[kernel][size]
+        for rows, num_warps, tile, stages, per_sm in itertools.product(*grid.values()):
+            tunings[kernel][size] = triton_scan._Tuning(rows, num_warps, tile, stages)
+            triton_scan._MIN_PROGRAMS_PER_SM[size] = per_sm
+            triton_scan._clear_plans()  # the launch plans are cached per shape and knobs
+            out = call()
+            outs = out if isinstance(out, tuple) else (out,)
+            err = max(rel_err(a.cpu(), b) for a, b in zip(outs, refs))
+            us = 1e3 * median_time_ms(call, "cuda", 2, 15)
+            row = dict(dtype=str(dtype), kernel=kernel, rows=rows, num_warps=num_warps, tile=tile, stages=stages,
+                       per_sm=per_sm, us=round(us, 1), err_vs_cpu=err)
+            print(json.dumps(row), flush=True)
+            yield row
+        tunings[kernel][size] = default
+        triton_scan._MIN_PROGRAMS_PER_SM[size] = default_per_sm
+        triton_scan._clear_plans()
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--shape", type=int, nargs=4, default=[8, 4096, 16, 64])
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
-    B, T, H, d = args.shape
-    results = []
-    for dtype in (torch.bfloat16, torch.float32):
-        gamma = torch.rand(B, T, H, d, device="cuda", dtype=dtype)
-        x = torch.randn(B, T, H, d, device="cuda", dtype=dtype)
-        grad = torch.randn(B, T, H, d, device="cuda", dtype=dtype)
-        ref = torch.ops.mmrec.scan(gamma.cpu(), x.cpu())
-        ref_bwd = torch.ops.mmrec.scan_backward(grad.cpu(), gamma.cpu(), ref, None, True, False)
-        h = ref.cuda()
-        for values in itertools.product(*KNOBS.values()):
-            config = dict(zip(KNOBS, values))
-            for name, value in config.items():
-                setattr(triton_scan, name, value if name != "_ROWS" else {8: value // 2 or 1, 4: value, 2: value})
-            triton_scan._clear_plans()  # the launch plans are cached per shape and knob values
-            out = triton_scan.scan_forward(gamma, x, None, False)
-            bwd = triton_scan.scan_backward(grad, gamma, h, None, True, False)
-            err = max(rel_err(out.cpu(), ref), *(rel_err(a.cpu(), b) for a, b in zip(bwd[:2], ref_bwd[:2])))
-            fwd_us = 1e3 * median_time_ms(lambda: triton_scan.scan_forward(gamma, x, None, False), "cuda", 1, 20)
-            bwd_us = 1e3 * median_time_ms(lambda: triton_scan.scan_backward(grad, gamma, h, None, True, False), "cuda", 1, 20)
-            row = {"dtype": str(dtype), **config, "fwd_us": fwd_us, "bwd_us": bwd_us, "err_vs_cpu": err}
-            results.append(row)
-            print(json.dumps(row), flush=True)
-    for dtype in ("torch.bfloat16", "torch.float32"):
-        rows = sorted((r for r in results if r["dtype"] == dtype), key=lambda r: r["fwd_us"] + r["bwd_us"])
-        print(f"\nbest for {dtype} (fwd, bwd, fwd+bwd in us):")
-        for r in rows[:8]:
-            knobs = {k: r[k] for k in KNOBS}
-            print(f"  {r['fwd_us']:7.1f} {r['bwd_us']:7.1f} {r['fwd_us'] + r['bwd_us']:7.1f}  err {r['err_vs_cpu']:.1e}  {knobs}")
+    results = [row for dtype in (torch.bfloat16, torch.float32) for row in sweep(dtype, tuple(args.shape))]
+    for dtype, kernel in GRIDS:
+        rows = sorted((r for r in results if (r["dtype"], r["kernel"]) == (str(dtype), kernel)), key=lambda r: r["us"])
+        print(f"\nfastest {kernel} for {dtype} (us; rows, num_warps, tile, stages, programs per SM):")
+        for r in rows[:6]:
+            print(f"  {r['us']:7.1f}  err {r['err_vs_cpu']:.1e}  {r['rows']}, {r['num_warps']}, {r['tile']}, {r['stages']}, {r['per_sm']}")
     if args.out:
         args.out.write_text(json.dumps(results, indent=1))
 

@@ -14,18 +14,21 @@ Kernels. One program per (b, g, block of BLOCK_C channels) walks time in
 tiles of R * NT steps, in the order in which the recurrence runs (a reverse
 scan indexes its tiles with descending time, so the in-tile scan always runs
 along increasing tile positions; no T-dependent constexpr: T is a runtime int
-and is not specialized). A tile is [R, NT, BLOCK_C]: step s0 + n * R + r; the
+and is not specialized). A tile is [NT, R, BLOCK_C]: step s0 + n * R + r; the
 threads cover the channels with 16-byte vectors and NT rows of steps, each
-holding R consecutive steps. It is scanned on the affine maps h -> a * h + b,
-composed as (a1, b1), (a2, b2) -> (a1 a2, a2 b1 + b2): with R = 1 (the tuned
-default) by one tl.associative_scan across the rows; with R > 1 in registers
-along r, then across the rows on the chunk totals (one scan that also gives
-the exclusive prefix). The carry of the previous tile is folded in
-(h = A * carry + B) and the last step becomes the next carry; steps past the
-end are padded with the identity map (1, 0), so the last step of every tile
-holds it. Loads are kept in flight either by Triton's software pipelining
-(tl.range num_stages, cp.async) or by issuing the next tile's loads before the
-current tile is scanned (a register double buffer).
+thread holding the R consecutive steps of its row in registers (R sits on the
+middle dim because Triton 3.6 gives a tile's lanes to the contiguous dim and
+then to dim 0: [R, NT, C] put R across lanes). It is scanned on the affine
+maps h -> a * h + b, composed as (a1, b1), (a2, b2) -> (a1 a2, a2 b1 + b2):
+with R > 1 (the tuned default but for float64) sequentially in registers along
+r, then across the rows on the row totals (one tl.associative_scan that also
+gives the exclusive prefix); with R = 1 by one scan across the rows. The carry
+of the previous tile is folded in (h = A * carry + B) and the last step
+becomes the next carry; steps past the end are padded with the identity map
+(1, 0), so the last step of every tile holds it. Loads are kept in flight
+either by Triton's software pipelining (tl.range num_stages, cp.async) or by
+issuing the next tile's loads before the current tile is scanned (a register
+double buffer).
 The backward is one fused kernel walking time the other way: the scan of
 grad_h with gamma shifted by one step (a masked load of the neighbouring row),
 dgamma = dx * h_prev with h shifted by one step (h0, or its implicit 0 / 1, at
@@ -35,21 +38,24 @@ Accumulation is in float32 (float64 for float64 inputs); outputs are new
 contiguous tensors in the inputs' dtype.
 
 Measured on an H100 (torch 2.11, Triton 3.6) at [B, T, H, d] = [8, 4096, 16, 64],
-median of triton.testing.do_bench, contiguous and the [B, H, T, d] transposed
-view alike (within 5%): bfloat16 forward ~115 us, backward ~140-150 us; float32
-forward ~148 us, backward ~240 us (a device copy moves 2.9 TB/s there). The
-kernels are bound by the scan's instructions (warp shuffles, shared memory and
-selects, ~55 thread instructions per element; one to two programs per SM),
-not by memory, for bfloat16. The same kernels by bench.common.median_time_ms
-on the launchers (10 calls between events; a diagnostic script on the H100, 2026-11-24):
-bfloat16 forward 114 us, backward 149 us; float32 147 / 238 us.
+the launchers alone (bench.common.median_time_ms: 10 calls between CUDA events;
+2026-11-24): bfloat16 forward 85 us (R = 8), backward 134-138 us (R = 4);
+float32 147 / 236 us (R = 4); the [B, H, T, d] transposed view alike. A device
+copy of the same bytes takes 71 us (bfloat16 forward) and 139 us (float32
+forward). With R = 1 for every dtype, as before, bfloat16 took 115 / 146 us:
+about 56 instructions per element, mostly the cross-thread scan, against 22
+(forward) and 36 (backward) with the tuned R (sm_90 SASS of the loop bodies,
+compiled offline). float32 is within 6% of the memory floor; the bfloat16
+forward is at 1.2x: it runs two programs of four warps per SM at this shape
+(239 registers per thread), and more pipeline stages, smaller channel blocks
+or more warps measured slower (bench/tune_scan.py sweeps these knobs).
 
-Host path. A launch costs 17-29 us of host time (bare launcher, forward) and
-32-45 us (backward) on the H100 machine, against 66-79 and 99-111 us through
+Host path. A launch costs 17-27 us of host time (bare launcher, forward) and
+30-48 us (backward) on the H100 machines, against 66-79 and 99-111 us through
 JITFunction.run with the per-call folding of before: the launch plans are
 cached and launched directly (see "Host side" below). Forward+backward through
-autograd is still host-bound there (bfloat16: 388 us of host time per call on
-one machine instance, 595 us on another, for 263 us of kernels): torch's
+autograd is still host-bound there (bfloat16: 215 to 726 us of host time per
+call on different machine instances, for 220 us of kernels): torch's
 autograd engine runs CUDA backward nodes on its device thread, and that
 hand-off and back, plus torch.library's Python autograd wrapper, is most of
 what remains (on the same machine a tiny CUDA autograd.grad(a * b) cost 129 us
@@ -63,6 +69,7 @@ from __future__ import annotations
 
 import functools
 import os
+from typing import NamedTuple
 
 import torch
 import triton
@@ -95,7 +102,7 @@ def _mul_combine_excl(a1, e1, a2, e2):
 
 @triton.jit
 def _tile_scan(a, b, carry, r, n, R: tl.constexpr, NT: tl.constexpr, HAS_B: tl.constexpr):
-    """Scan of one tile [R, NT, BLOCK_C], step s = s0 + n * R + r, carry [1, 1, BLOCK_C].
+    """Scan of one tile [NT, R, BLOCK_C], step s = s0 + n * R + r, carry [1, 1, BLOCK_C].
 
     Each thread holds the R consecutive steps of its (n, channels): they are
     scanned in registers, the NT chunk totals across the threads (one scan that
@@ -105,27 +112,27 @@ def _tile_scan(a, b, carry, r, n, R: tl.constexpr, NT: tl.constexpr, HAS_B: tl.c
     if R == 1:
         # One step per thread and tile row: a plain scan across the threads.
         if HAS_B:
-            pa, pb = tl.associative_scan((a, b), 1, _affine_combine)
+            pa, pb = tl.associative_scan((a, b), 0, _affine_combine)
             h = pa * carry + pb
         else:
-            h = tl.cumprod(a, 1) * carry
-        carry = tl.sum(tl.where(n == NT - 1, h, 0.0), axis=1, keep_dims=True)
+            h = tl.cumprod(a, 0) * carry
+        carry = tl.sum(tl.where(n == NT - 1, h, 0.0), axis=0, keep_dims=True)
         return h, carry
     last_r = r == R - 1
     if HAS_B:
-        pa, pb = tl.associative_scan((a, b), 0, _affine_combine)
-        ta = tl.sum(tl.where(last_r, pa, 0.0), axis=0, keep_dims=True)
-        tb = tl.sum(tl.where(last_r, pb, 0.0), axis=0, keep_dims=True)
+        pa, pb = tl.associative_scan((a, b), 1, _affine_combine)
+        ta = tl.sum(tl.where(last_r, pa, 0.0), axis=1, keep_dims=True)
+        tb = tl.sum(tl.where(last_r, pb, 0.0), axis=1, keep_dims=True)
         ia, ib, ea, eb = tl.associative_scan(
-            (ta, tb, tl.full(ta.shape, 1.0, ta.dtype), tl.zeros(ta.shape, ta.dtype)), 1, _affine_combine_excl)
+            (ta, tb, tl.full(ta.shape, 1.0, ta.dtype), tl.zeros(ta.shape, ta.dtype)), 0, _affine_combine_excl)
         h = pa * (ea * carry + eb) + pb
-        carry = tl.sum(tl.where(n == NT - 1, ia * carry + ib, 0.0), axis=1, keep_dims=True)
+        carry = tl.sum(tl.where(n == NT - 1, ia * carry + ib, 0.0), axis=0, keep_dims=True)
     else:
-        pa = tl.cumprod(a, 0)
-        ta = tl.sum(tl.where(last_r, pa, 0.0), axis=0, keep_dims=True)
-        ia, ea = tl.associative_scan((ta, tl.full(ta.shape, 1.0, ta.dtype)), 1, _mul_combine_excl)
+        pa = tl.cumprod(a, 1)
+        ta = tl.sum(tl.where(last_r, pa, 0.0), axis=1, keep_dims=True)
+        ia, ea = tl.associative_scan((ta, tl.full(ta.shape, 1.0, ta.dtype)), 0, _mul_combine_excl)
         h = pa * (ea * carry)
-        carry = tl.sum(tl.where(n == NT - 1, ia, 0.0), axis=1, keep_dims=True) * carry
+        carry = tl.sum(tl.where(n == NT - 1, ia, 0.0), axis=0, keep_dims=True) * carry
     return h, carry
 
 
@@ -182,8 +189,8 @@ def _scan_fwd_kernel(
     bg = pid // NCB
     g = (bg % G).to(tl.int64)
     b = (bg // G).to(tl.int64)
-    r = tl.arange(0, R)[:, None, None]
-    n = tl.arange(0, NT)[None, :, None]
+    n = tl.arange(0, NT)[:, None, None]
+    r = tl.arange(0, R)[None, :, None]
     cols = cb * BLOCK_C + tl.arange(0, BLOCK_C)[None, None, :]
     cm = cols < C
     c64 = cols.to(tl.int64)
@@ -266,8 +273,8 @@ def _scan_bwd_kernel(
     bg = pid // NCB
     g = (bg % G).to(tl.int64)
     b = (bg // G).to(tl.int64)
-    r = tl.arange(0, R)[:, None, None]
-    n = tl.arange(0, NT)[None, :, None]
+    n = tl.arange(0, NT)[:, None, None]
+    r = tl.arange(0, R)[None, :, None]
     cols = cb * BLOCK_C + tl.arange(0, BLOCK_C)[None, None, :]
     cm = cols < C
     c64 = cols.to(tl.int64)
@@ -402,50 +409,54 @@ def _num_sms(t: Tensor) -> int:
 # scan costs one Python call per tile element: use small tiles there.
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "yes", "on")
 
-# Tuning, measured on an H100 at [B, T, H, d] = [8, 4096, 16, 64] (see the
-# module docstring). Each knob is one value or a dict {element size in bytes:
-# value}: tiles of about _TILE_ELEMS elements, _NUM_WARPS warps, _ROWS steps per
-# thread and tile row (R; 1 measured best), channel blocks of up to _MAX_BLOCK_C
-# channels, narrowed while the grid has fewer than _MIN_PROGRAMS_PER_SM programs
-# per SM. The forward lets Triton pipeline its loads (cp.async, _FWD_STAGES
-# deep); the backward prefetches the next tile into registers (0 stages).
+class _Tuning(NamedTuple):
+    """The launch knobs of one kernel for one element size."""
+
+    rows: int  # R: consecutive steps per thread, scanned in registers
+    num_warps: int
+    tile: int  # elements per tile (R * NT * BLOCK_C), about
+    stages: int  # > 0: Triton's software pipelining, that deep; 0: a register double buffer
+
+
+# Tuning, measured on an H100 at [B, T, H, d] = [8, 4096, 16, 64] with
+# bench/tune_scan.py (see the module docstring), per kernel and element size in
+# bytes. Channel blocks hold up to _MAX_BLOCK_C channels, narrowed while the
+# grid has fewer than _MIN_PROGRAMS_PER_SM programs per SM. float64 keeps one
+# step per thread (R = 1), as before the sweep; it was not swept.
 # The plans are cached: call _clear_plans() after changing a knob.
+_FWD_TUNING = {2: _Tuning(8, 4, 8192, 2), 4: _Tuning(4, 4, 4096, 3), 8: _Tuning(1, 4, 2048, 3)}
+_BWD_TUNING = {2: _Tuning(4, 8, 4096, 0), 4: _Tuning(4, 4, 4096, 0), 8: _Tuning(1, 4, 2048, 0)}
 _MAX_BLOCK_C = 64
-_TILE_ELEMS = {2: 4096, 4: 4096, 8: 2048}
-_NUM_WARPS = 4
-_ROWS = 1
-_FWD_STAGES = 3
-_BWD_STAGES = 0
 _MIN_PROGRAMS_PER_SM = {2: 1.0, 4: 0.5, 8: 0.5}
-_INTERPRET_CONFIG = (16, 1, 16)  # (largest BLOCK_C, R, NT) under the interpreter
+# Under the interpreter: channel blocks of up to 16 and tiles of 16 steps, with
+# R = min(the tuned R, 4), so that CI runs the in-register path (R > 1) and the
+# one-step path (R = 1) wherever the GPU does.
+_INTERPRET_BLOCK_C, _INTERPRET_TILE_STEPS, _INTERPRET_MAX_ROWS = 16, 16, 4
 
 
-def _knob(value, elem_size: int):
-    # A knob is one value or a dict {element size in bytes: value}.
-    return value[elem_size] if isinstance(value, dict) else value
-
-
-def _config(B: int, G: int, C: int, elem_size: int, sms: int):
+def _config(B: int, G: int, C: int, elem_size: int, sms: int, tuning: _Tuning):
     """(BLOCK_C, R, NT, num_warps): tiles of R * NT steps by BLOCK_C channels."""
+    # A single channel (C = 1, e.g. a [B, T] scan) takes one step per thread:
+    # with R > 1, Triton 3.6 compiled wrong results for [NT, R, 1] tiles when
+    # the time stride is 1 (float32 forward and backward, bfloat16 and float16
+    # backward; H100, 2026-11-24), which the interpreter does not reproduce.
+    rows = tuning.rows if C > 1 else 1
     if _INTERPRET:
-        max_c, rows, nt = _INTERPRET_CONFIG
-        return min(_next_power_of_2(C), max_c), rows, nt, 1
+        rows = min(rows, _INTERPRET_MAX_ROWS)
+        return min(_next_power_of_2(C), _INTERPRET_BLOCK_C), rows, _INTERPRET_TILE_STEPS // rows, 1
     vec = max(16 // elem_size, 1)  # elements of one 16-byte access
-    block_c = min(_next_power_of_2(C), _knob(_MAX_BLOCK_C, elem_size), 16 * vec)
+    block_c = min(_next_power_of_2(C), _MAX_BLOCK_C, 16 * vec)
     # Narrow the channel block (down to one 16-byte vector) while the grid is
     # too small to give every SM a program.
-    min_programs = _knob(_MIN_PROGRAMS_PER_SM, elem_size) * sms
+    min_programs = _MIN_PROGRAMS_PER_SM[elem_size] * sms
     while block_c > vec and B * G * _cdiv(C, block_c) < min_programs:
         block_c //= 2
-    num_warps = _knob(_NUM_WARPS, elem_size)
-    rows = _knob(_ROWS, elem_size)
     # Threads cover the channels with 16-byte vectors, the rest of the CTA's
     # threads go along time: NT rows (a multiple of them), each thread holding
     # R consecutive steps of its rows.
-    threads_t = 32 * num_warps // max(1, block_c // vec)
-    tile = _knob(_TILE_ELEMS, elem_size)
-    nt = max(threads_t, min(tile // (block_c * rows), 256))
-    return block_c, rows, nt, num_warps
+    threads_t = 32 * tuning.num_warps // max(1, block_c // vec)
+    nt = max(threads_t, min(tuning.tile // (block_c * rows), 256))
+    return block_c, rows, nt, tuning.num_warps
 
 
 def _pipelining(stages: int):
@@ -537,9 +548,10 @@ def _forward_plan(shape, g_st, x_st, h0_st, dtype, sms, reverse) -> _Plan | None
     if folded is None:
         return None
     G, C, (g_f, x_f, o_f), h0_f = folded
-    block_c, rows, nt, num_warps = _config(B, G, C, dtype.itemsize, sms)
+    tuning = _FWD_TUNING[dtype.itemsize]
+    block_c, rows, nt, num_warps = _config(B, G, C, dtype.itemsize, sms, tuning)
     ncb = _cdiv(C, block_c)
-    prefetch, stages = _pipelining(_FWD_STAGES)
+    prefetch, stages = _pipelining(tuning.stages)
     has_x, has_h0 = x_st is not None, h0_st is not None
     ints = (
         T, G, C, ncb,
@@ -567,9 +579,10 @@ def _backward_plan(shape, gh_st, g_st, h_st, h0_st, dtype, sms, has_x, reverse) 
     # grad_gamma, grad_x and grad_h0 share the channel strides o_f.
     G, C, (gh_f, g_f, h_f, o_f), h0_f = folded
     has_h0 = h0_st is not None
-    block_c, rows, nt, num_warps = _config(B, G, C, dtype.itemsize, sms)
+    tuning = _BWD_TUNING[dtype.itemsize]
+    block_c, rows, nt, num_warps = _config(B, G, C, dtype.itemsize, sms, tuning)
     ncb = _cdiv(C, block_c)
-    prefetch, stages = _pipelining(_BWD_STAGES)
+    prefetch, stages = _pipelining(tuning.stages)
     ints = (
         T, G, C, ncb,
         gh_st[0], gh_st[1], *gh_f,

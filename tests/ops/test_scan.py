@@ -19,11 +19,14 @@ from tests.helpers import (
     output_tolerance,
 )
 
-# (name, [B, T, ...]): T = 1, prime T, no channel dims, d not a power of two.
+# (name, [B, T, ...]): T = 1, prime T, no channel dims (one tile and several),
+# two channels, d not a power of two.
 SHAPES = [
     ("T1", (3, 1, 5)),
     ("primeT", (2, 13, 7)),
     ("BT", (4, 9)),
+    ("BT_long", (2, 601)),
+    ("C2", (3, 29, 2)),
     ("BTHd_odd", (2, 31, 3, 5)),
     ("BTHd", (2, 64, 4, 24)),
     ("wide", (1, 17, 1000)),
@@ -151,6 +154,19 @@ def check_gradients(gamma, x, h0, reverse, dtype, grad_h):
 def test_scan_gradients_match_reference(shape, mode, reverse, dtype, device):
     _, with_x, with_h0 = mode
     gamma, x, h0 = make_scan_inputs(shape[1], device, dtype, with_x, with_h0)
+    grad_h = torch.randn(gamma.shape, device=device, dtype=torch.float64).to(dtype)
+    check_gradients(gamma, x, h0, reverse, dtype, grad_h)
+
+
+@pytest.mark.grad
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("reverse", [False, True], ids=["forward", "reverse"])
+@pytest.mark.parametrize("layout", ["contiguous", "BHTd_transposed"])
+def test_scan_many_tiles(layout, reverse, dtype, device):
+    """T = 1031 (prime) spans several time tiles of the CUDA kernels (at most
+    256 steps each), so the carry between tiles is checked in every dtype."""
+    gamma, x, h0 = make_scan_inputs((2, 1031, 2, 40), device, dtype, True, True, layout)
     grad_h = torch.randn(gamma.shape, device=device, dtype=torch.float64).to(dtype)
     check_gradients(gamma, x, h0, reverse, dtype, grad_h)
 
