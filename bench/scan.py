@@ -5,7 +5,8 @@
 
 Rows: the memory floor (a device copy moving the same bytes the scan must
 read and write), mmrec.scan in [B, T, H, d] and as a transposed [B, H, T, d]
-view, the cumulative-product mode against torch.cumprod, a Python loop over
+view, scan and scan_backward called directly as ops (the same kernels without
+the autograd engine, whose host time can exceed theirs), the cumulative-product mode against torch.cumprod, a Python loop over
 time, and on CUDA PyTorch's compiled associative_scan and, when installed,
 accelerated-scan and flash-linear-attention's HGRN chunk kernel (each in its
 own layout, same element count). Forward and forward+backward; median times.
@@ -44,6 +45,19 @@ def copy_floor(numel: int, dtype, device):
     return lambda: dst.copy_(src)
 
 
+def ops_without_autograd(gamma, x):
+    """scan then scan_backward, called as ops on inputs that need no gradient:
+    the same kernels as forward+backward without the autograd engine, whose
+    host time (a hand-off to its device thread and back) can exceed theirs."""
+    grad_h = torch.randn_like(gamma)
+
+    def run():
+        h = torch.ops.mmrec.scan.default(gamma, x, None, False)
+        torch.ops.mmrec.scan_backward.default(grad_h, gamma, h, None, True, False)
+
+    return run
+
+
 def contenders(B, T, H, d, dtype, device):
     """(name, forward callable, forward+backward callable or None, note)."""
     n = B * T * H * d
@@ -59,6 +73,8 @@ def contenders(B, T, H, d, dtype, device):
          forward_backward(mmrec_ops.scan, (gamma, x)), ""),
         ("mmrec.scan [B,H,T,d] as transposed view", lambda: mmrec_ops.scan(gamma_bhtd, x_bhtd),
          forward_backward(mmrec_ops.scan, (gamma_bhtd, x_bhtd)), ""),
+        ("mmrec ops called directly, no autograd", lambda: mmrec_ops.scan(gamma, x), ops_without_autograd(gamma, x),
+         "scan then scan_backward"),
         ("mmrec.cumprod (x omitted)", lambda: mmrec_ops.cumprod(gamma),
          forward_backward(mmrec_ops.cumprod, (gamma,)), ""),
         ("torch.cumprod (x omitted)", lambda: torch.cumprod(gamma, 1),
