@@ -6,10 +6,11 @@
 Rows: the memory floor (a device copy moving the same bytes the scan must
 read and write), mmrec.scan in [B, T, H, d] and as a transposed [B, H, T, d]
 view, scan and scan_backward called directly as ops (the same kernels without
-the autograd engine, whose host time can exceed theirs), the cumulative-product mode against torch.cumprod, a Python loop over
-time, and on CUDA PyTorch's compiled associative_scan and, when installed,
-accelerated-scan and flash-linear-attention's HGRN chunk kernel (each in its
-own layout, same element count). Forward and forward+backward; median times.
+the autograd engine, whose host time can exceed theirs), the cumulative-product
+mode against torch.cumprod, a Python loop over time, and on CUDA PyTorch's
+compiled associative_scan and, when installed, accelerated-scan and
+flash-linear-attention's HGRN chunk kernel (each in its own layout, same
+element count). Forward and forward+backward; median times.
 Prints a Markdown table and writes it, with the raw numbers, device and
 versions, to --out (.md and .json).
 
