@@ -418,11 +418,12 @@ class _Tuning(NamedTuple):
     stages: int  # > 0: Triton's software pipelining, that deep; 0: a register double buffer
 
 
-# Tuning, measured on an H100 at [B, T, H, d] = [8, 4096, 16, 64] with
-# bench/tune_scan.py (see the module docstring), per kernel and element size in
-# bytes. Channel blocks hold up to _MAX_BLOCK_C channels, narrowed while the
-# grid has fewer than _MIN_PROGRAMS_PER_SM programs per SM. float64 keeps one
-# step per thread (R = 1), as before the sweep; it was not swept.
+# Tuning per kernel and element size in bytes, measured on an H100 at
+# [B, T, H, d] = [8, 4096, 16, 64] (see the module docstring; the sweeps are in
+# bench/results/tune_scan_rows_h100.json, and bench/tune_scan.py runs one).
+# Channel blocks hold up to _MAX_BLOCK_C channels, narrowed while the grid has
+# fewer than _MIN_PROGRAMS_PER_SM programs per SM. float64 keeps one step per
+# thread (R = 1), as before the sweep; it was not swept.
 # The plans are cached: call _clear_plans() after changing a knob.
 _FWD_TUNING = {2: _Tuning(8, 4, 8192, 2), 4: _Tuning(4, 4, 4096, 3), 8: _Tuning(1, 4, 2048, 3)}
 _BWD_TUNING = {2: _Tuning(4, 8, 4096, 0), 4: _Tuning(4, 4, 4096, 0), 8: _Tuning(1, 4, 2048, 0)}
