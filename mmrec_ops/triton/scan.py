@@ -24,11 +24,16 @@ with R > 1 (the tuned default but for float64) sequentially in registers along
 r, then across the rows on the row totals (one tl.associative_scan that also
 gives the exclusive prefix); with R = 1 by one scan across the rows. The carry
 of the previous tile is folded in (h = A * carry + B) and the last step
-becomes the next carry; steps past the end are padded with the identity map
-(1, 0), so the last step of every tile holds it. Loads are kept in flight
-either by Triton's software pipelining (tl.range num_stages, cp.async) or by
-issuing the next tile's loads before the current tile is scanned (a register
-double buffer).
+becomes the next carry; the backward pads steps past the end with the
+identity map (1, 0), so that the last step of every tile holds it (the
+forward pads them with zeros, as cp.async fills masked elements: only its
+last tile has such steps, and the carry it leaves is not used). Addresses are
+a program's scalar base pointers, plus a tile's first time step (scalar), plus
+element offsets from there that do not change from tile to tile (int32, or
+int64 when a stride makes them overflow int32; one set for all tensors when
+their strides agree). Loads are kept in flight either by Triton's software
+pipelining (tl.range num_stages, cp.async) or by issuing the next tile's loads
+before the current tile is scanned (a register double buffer).
 The backward is one fused kernel walking time the other way: the scan of
 grad_h with gamma shifted by one step (a masked load of the neighbouring row),
 dgamma = dx * h_prev with h shifted by one step (h0, or its implicit 0 / 1, at
@@ -39,16 +44,16 @@ contiguous tensors in the inputs' dtype.
 
 Measured on an H100 (torch 2.11, Triton 3.6) at [B, T, H, d] = [8, 4096, 16, 64],
 the launchers alone (bench.common.median_time_ms: 10 calls between CUDA events;
-2026-11-24): bfloat16 forward 85 us (R = 8), backward 134-138 us (R = 4);
-float32 147 / 236 us (R = 4); the [B, H, T, d] transposed view alike. A device
-copy of the same bytes takes 71 us (bfloat16 forward) and 139 us (float32
-forward). With R = 1 for every dtype, as before, bfloat16 took 115 / 146 us:
-about 56 instructions per element, mostly the cross-thread scan, against 22
-(forward) and 36 (backward) with the tuned R (sm_90 SASS of the loop bodies,
-compiled offline). float32 is within 6% of the memory floor; the bfloat16
-forward is at 1.2x: it runs two programs of four warps per SM at this shape
-(239 registers per thread), and more pipeline stages, smaller channel blocks
-or more warps measured slower (bench/tune_scan.py sweeps these knobs).
+2026-11-24): bfloat16 forward 76-77 us, backward 128-129 us; float32 141-148 /
+237-246 us; a device add of two tensors into a third (the forward's bytes)
+takes 70-71 us (bfloat16) and 136-138 us (float32). What brought the bfloat16
+forward there from 115 us: R consecutive steps per thread (R = 8; with R = 1,
+about 56 SASS instructions per element, mostly the cross-thread scan, against
+22), then channel blocks of 64 (128-byte rows of bfloat16: a whole cache
+line per time step) with one program per SM rather than blocks of 32 with
+two, 85 -> 77 us (the sweeps: bench/results/tune_scan_rows_h100.json and
+tune_scan_blocks_h100.json). More stages, more or fewer warps, R = 4 or 16
+and blocks of 128 channels (64 programs for 132 SMs) measured slower.
 
 Host path. A launch costs 17-27 us of host time (bare launcher, forward) and
 30-48 us (backward) on the H100 machines, against 66-79 and 99-111 us through
@@ -101,6 +106,11 @@ def _mul_combine_excl(a1, e1, a2, e2):
 
 
 @triton.jit
+def _second(a1, b1, a2, b2):
+    return a2, b2
+
+
+@triton.jit
 def _tile_scan(a, b, carry, r, n, R: tl.constexpr, NT: tl.constexpr, HAS_B: tl.constexpr):
     """Scan of one tile [NT, R, BLOCK_C], step s = s0 + n * R + r, carry [1, 1, BLOCK_C].
 
@@ -118,18 +128,20 @@ def _tile_scan(a, b, carry, r, n, R: tl.constexpr, NT: tl.constexpr, HAS_B: tl.c
             h = tl.cumprod(a, 0) * carry
         carry = tl.sum(tl.where(n == NT - 1, h, 0.0), axis=0, keep_dims=True)
         return h, carry
-    last_r = r == R - 1
     if HAS_B:
         pa, pb = tl.associative_scan((a, b), 1, _affine_combine)
-        ta = tl.sum(tl.where(last_r, pa, 0.0), axis=1, keep_dims=True)
-        tb = tl.sum(tl.where(last_r, pb, 0.0), axis=1, keep_dims=True)
+    else:
+        pa = tl.cumprod(a, 1)
+        pb = pa
+    # The row totals are the scans' last steps; R lies within a thread, so
+    # this reduction (in step order) only picks registers.
+    ta, tb = tl.reduce((pa, pb), 1, _second, keep_dims=True)
+    if HAS_B:
         ia, ib, ea, eb = tl.associative_scan(
             (ta, tb, tl.full(ta.shape, 1.0, ta.dtype), tl.zeros(ta.shape, ta.dtype)), 0, _affine_combine_excl)
         h = pa * (ea * carry + eb) + pb
         carry = tl.sum(tl.where(n == NT - 1, ia * carry + ib, 0.0), axis=0, keep_dims=True)
     else:
-        pa = tl.cumprod(a, 1)
-        ta = tl.sum(tl.where(last_r, pa, 0.0), axis=1, keep_dims=True)
         ia, ea = tl.associative_scan((ta, tl.full(ta.shape, 1.0, ta.dtype)), 0, _mul_combine_excl)
         h = pa * (ea * carry)
         carry = tl.sum(tl.where(n == NT - 1, ia, 0.0), axis=0, keep_dims=True) * carry
@@ -137,37 +149,39 @@ def _tile_scan(a, b, carry, r, n, R: tl.constexpr, NT: tl.constexpr, HAS_B: tl.c
 
 
 @triton.jit
-def _steps(s0, T, r, n, R: tl.constexpr, REVERSE: tl.constexpr):
-    # Processing steps s of the tile at s0, their validity and time indices.
-    s = s0 + n * R + r
+def _time_at(s0, T, REVERSE: tl.constexpr):
+    # The time of processing step s0 (the start of a tile).
     if REVERSE:
-        t = T - 1 - s
+        return tl.cast(T - 1 - s0, tl.int64)
     else:
-        t = s
-    return s, s < T, t.to(tl.int64)
+        return tl.cast(s0, tl.int64)
 
 
 @triton.jit
-def _fwd_load(g_base, x_base, s0, T, g_st, x_st, r, n, cm,
-              R: tl.constexpr, HAS_X: tl.constexpr, REVERSE: tl.constexpr):
-    s, valid, t = _steps(s0, T, r, n, R, REVERSE)
-    m = valid & cm
-    a = tl.load(g_base + t * g_st, mask=m, other=1.0)
+def _offsets(k, j, st, sc, REVERSE: tl.constexpr, OFF64: tl.constexpr):
+    # Element offsets within a tile from its first step: step k of the tile
+    # (time moves by -st per step in reverse) and channel j. int32 unless the
+    # host found that they may overflow it.
+    if OFF64:
+        k = k.to(tl.int64)
+        j = j.to(tl.int64)
+    if REVERSE:
+        return j * sc - k * st
+    else:
+        return k * st + j * sc
+
+
+@triton.jit
+def _fwd_load(g_tile, x_tile, g_off, x_off, m, HAS_X: tl.constexpr):
+    # Masked elements are zero (rather than the identity map) as cp.async
+    # fills them, which saves a select per element: only the last tile has
+    # steps past the end, and the carry it leaves is not used.
+    a = tl.load(g_tile + g_off, mask=m, other=0.0)
     if HAS_X:
-        b = tl.load(x_base + t * x_st, mask=m, other=0.0)
+        b = tl.load(x_tile + x_off, mask=m, other=0.0)
     else:
         b = a
     return a, b
-
-
-@triton.jit
-def _fwd_tile(a, b, carry, o_base, s0, T, o_st, r, n, cm,
-              R: tl.constexpr, NT: tl.constexpr, HAS_X: tl.constexpr, REVERSE: tl.constexpr,
-              ACC: tl.constexpr, SOFT_BF16: tl.constexpr):
-    h, carry = _tile_scan(a.to(ACC), b.to(ACC), carry, r, n, R, NT, HAS_X)
-    s, valid, t = _steps(s0, T, r, n, R, REVERSE)
-    tl.store(o_base + t * o_st, cast_out(h, o_base, SOFT_BF16), mask=valid & cm)
-    return carry
 
 
 @triton.jit(do_not_specialize=["T"])
@@ -181,7 +195,8 @@ def _scan_fwd_kernel(
     HAS_X: tl.constexpr, HAS_H0: tl.constexpr, H0_VALUE: tl.constexpr,
     REVERSE: tl.constexpr, ACC: tl.constexpr,
     R: tl.constexpr, NT: tl.constexpr, BLOCK_C: tl.constexpr, PREFETCH: tl.constexpr,
-    NUM_STAGES: tl.constexpr, SOFT_BF16: tl.constexpr,
+    NUM_STAGES: tl.constexpr, OFF64: tl.constexpr, SHARED_OFFSETS: tl.constexpr,
+    SOFT_BF16: tl.constexpr,
 ):
     BLOCK_T: tl.constexpr = R * NT
     pid = tl.program_id(0)
@@ -189,66 +204,82 @@ def _scan_fwd_kernel(
     bg = pid // NCB
     g = (bg % G).to(tl.int64)
     b = (bg // G).to(tl.int64)
+    c0 = (cb * BLOCK_C).to(tl.int64)
     n = tl.arange(0, NT)[:, None, None]
     r = tl.arange(0, R)[None, :, None]
-    cols = cb * BLOCK_C + tl.arange(0, BLOCK_C)[None, None, :]
-    cm = cols < C
-    c64 = cols.to(tl.int64)
+    k = n * R + r  # step within the tile
+    j = tl.arange(0, BLOCK_C)[None, None, :]
+    cm = j < C - cb * BLOCK_C
 
-    g_base = g_ptr + (b * g_sb + g * g_sg) + c64 * g_sc
-    x_base = x_ptr + (b * x_sb + g * x_sg) + c64 * x_sc
-    o_base = o_ptr + (b * o_sb + g * o_sg) + c64 * o_sc
+    # Scalar bases of this program's (b, g, channel block); a tile adds its
+    # first time, its elements the loop-invariant offsets.
+    g_base = g_ptr + (b * g_sb + g * g_sg + c0 * g_sc)
+    x_base = x_ptr + (b * x_sb + g * x_sg + c0 * x_sc)
+    o_base = o_ptr + (b * o_sb + g * o_sg + c0 * o_sc)
+    g_off = _offsets(k, j, g_st, g_sc, REVERSE, OFF64)
+    if SHARED_OFFSETS:  # one set of registers when the strides agree
+        x_off = g_off
+        o_off = g_off
+    else:
+        x_off = _offsets(k, j, x_st, x_sc, REVERSE, OFF64)
+        o_off = _offsets(k, j, o_st, o_sc, REVERSE, OFF64)
 
     if HAS_H0:
-        carry = tl.load(h0_ptr + (b * h0_sb + g * h0_sg) + c64 * h0_sc, mask=cm, other=0.0).to(ACC)
+        carry = tl.load(h0_ptr + (b * h0_sb + g * h0_sg + c0 * h0_sc) + j * h0_sc, mask=cm, other=0.0).to(ACC)
     else:
         carry = tl.full([1, 1, BLOCK_C], H0_VALUE, ACC)
 
     if PREFETCH:
-        a_n, b_n = _fwd_load(g_base, x_base, 0, T, g_st, x_st, r, n, cm, R, HAS_X, REVERSE)
+        t0 = _time_at(0, T, REVERSE)
+        a_n, b_n = _fwd_load(g_base + t0 * g_st, x_base + t0 * x_st, g_off, x_off, (k < T) & cm, HAS_X)
         for s0 in range(0, T, BLOCK_T):
             a_c = a_n
             b_c = b_n
-            a_n, b_n = _fwd_load(g_base, x_base, s0 + BLOCK_T, T, g_st, x_st, r, n, cm, R, HAS_X, REVERSE)
-            carry = _fwd_tile(a_c, b_c, carry, o_base, s0, T, o_st, r, n, cm,
-                              R, NT, HAS_X, REVERSE, ACC, SOFT_BF16)
+            t1 = _time_at(s0 + BLOCK_T, T, REVERSE)
+            a_n, b_n = _fwd_load(g_base + t1 * g_st, x_base + t1 * x_st, g_off, x_off,
+                                 (k < T - s0 - BLOCK_T) & cm, HAS_X)
+            h, carry = _tile_scan(a_c.to(ACC), b_c.to(ACC), carry, r, n, R, NT, HAS_X)
+            o_tile = o_base + _time_at(s0, T, REVERSE) * o_st
+            tl.store(o_tile + o_off, cast_out(h, o_ptr, SOFT_BF16), mask=(k < T - s0) & cm)
     else:
         for s0 in tl.range(0, T, BLOCK_T, num_stages=NUM_STAGES):
-            a_c, b_c = _fwd_load(g_base, x_base, s0, T, g_st, x_st, r, n, cm, R, HAS_X, REVERSE)
-            carry = _fwd_tile(a_c, b_c, carry, o_base, s0, T, o_st, r, n, cm,
-                              R, NT, HAS_X, REVERSE, ACC, SOFT_BF16)
+            t0 = _time_at(s0, T, REVERSE)
+            m = (k < T - s0) & cm
+            a_c, b_c = _fwd_load(g_base + t0 * g_st, x_base + t0 * x_st, g_off, x_off, m, HAS_X)
+            h, carry = _tile_scan(a_c.to(ACC), b_c.to(ACC), carry, r, n, R, NT, HAS_X)
+            tl.store(o_base + t0 * o_st + o_off, cast_out(h, o_ptr, SOFT_BF16), mask=m)
 
 
 @triton.jit
-def _bwd_load(gh_base, g_base, h_base, s0, T, gh_st, g_st, h_st, r, n, cm,
-              R: tl.constexpr, REVERSE: tl.constexpr):
+def _bwd_load(gh_base, g_base, h_base, s0, T, gh_st, g_st, h_st, gh_off, g_off, h_off, k, cm,
+              REVERSE: tl.constexpr):
     # The backward visits time in the opposite order of the forward: step s is
     # t = map(s). a(s) = gamma at the time visited at step s - 1 (the forward's
     # next time), hp(s) = h at the time visited at step s + 1 (the forward's
-    # previous time).
-    s, valid, t = _steps(s0, T, r, n, R, not REVERSE)
+    # previous time). The offsets run in the backward's direction.
+    t = _time_at(s0, T, not REVERSE)
     if REVERSE:
         t_next = t - 1   # the forward ran t = T-1 .. 0
         t_prev = t + 1
     else:
         t_next = t + 1
         t_prev = t - 1
-    gh = tl.load(gh_base + t * gh_st, mask=valid & cm, other=0.0)
-    a = tl.load(g_base + t_next * g_st, mask=((s >= 1) & valid) & cm, other=1.0)
-    hp = tl.load(h_base + t_prev * h_st, mask=(s + 1 < T) & cm, other=0.0)
+    gh = tl.load(gh_base + t * gh_st + gh_off, mask=(k < T - s0) & cm, other=0.0)
+    a = tl.load(g_base + t_next * g_st + g_off, mask=((k >= 1 - s0) & (k < T - s0)) & cm, other=1.0)
+    hp = tl.load(h_base + t_prev * h_st + h_off, mask=(k < T - 1 - s0) & cm, other=0.0)
     return gh, a, hp
 
 
 @triton.jit
-def _bwd_tile(gh, a, hp, carry, h0v, dg_base, dx_base, s0, T, o_st, r, n, cm,
+def _bwd_tile(gh, a, hp, carry, h0v, dg_base, dx_base, s0, T, o_st, o_off, k, r, n, cm,
               R: tl.constexpr, NT: tl.constexpr, REVERSE: tl.constexpr, ACC: tl.constexpr,
               SOFT_BF16: tl.constexpr):
     dx, carry = _tile_scan(a.to(ACC), gh.to(ACC), carry, r, n, R, NT, True)
-    s, valid, t = _steps(s0, T, r, n, R, not REVERSE)
-    hp = tl.where(s == T - 1, h0v, hp.to(ACC))
-    m = valid & cm
-    tl.store(dg_base + t * o_st, cast_out(dx * hp, dg_base, SOFT_BF16), mask=m)
-    tl.store(dx_base + t * o_st, cast_out(dx, dx_base, SOFT_BF16), mask=m)
+    hp = tl.where(k == T - 1 - s0, h0v, hp.to(ACC))
+    m = (k < T - s0) & cm
+    t = _time_at(s0, T, not REVERSE)
+    tl.store(dg_base + t * o_st + o_off, cast_out(dx * hp, dg_base, SOFT_BF16), mask=m)
+    tl.store(dx_base + t * o_st + o_off, cast_out(dx, dx_base, SOFT_BF16), mask=m)
     return carry
 
 
@@ -265,7 +296,8 @@ def _scan_bwd_kernel(
     HAS_H0: tl.constexpr, H0_VALUE: tl.constexpr,
     REVERSE: tl.constexpr, ACC: tl.constexpr,
     R: tl.constexpr, NT: tl.constexpr, BLOCK_C: tl.constexpr, PREFETCH: tl.constexpr,
-    NUM_STAGES: tl.constexpr, SOFT_BF16: tl.constexpr,
+    NUM_STAGES: tl.constexpr, OFF64: tl.constexpr, SHARED_OFFSETS: tl.constexpr,
+    SOFT_BF16: tl.constexpr,
 ):
     BLOCK_T: tl.constexpr = R * NT
     pid = tl.program_id(0)
@@ -273,46 +305,60 @@ def _scan_bwd_kernel(
     bg = pid // NCB
     g = (bg % G).to(tl.int64)
     b = (bg // G).to(tl.int64)
+    c0 = (cb * BLOCK_C).to(tl.int64)
     n = tl.arange(0, NT)[:, None, None]
     r = tl.arange(0, R)[None, :, None]
-    cols = cb * BLOCK_C + tl.arange(0, BLOCK_C)[None, None, :]
-    cm = cols < C
-    c64 = cols.to(tl.int64)
+    k = n * R + r  # step within the tile
+    j = tl.arange(0, BLOCK_C)[None, None, :]
+    cm = j < C - cb * BLOCK_C
 
-    gh_base = gh_ptr + (b * gh_sb + g * gh_sg) + c64 * gh_sc
-    g_base = g_ptr + (b * g_sb + g * g_sg) + c64 * g_sc
-    h_base = h_ptr + (b * h_sb + g * h_sg) + c64 * h_sc
-    dg_base = dg_ptr + (b * o_sb + g * o_sg) + c64 * o_sc
-    dx_base = dx_ptr + (b * o_sb + g * o_sg) + c64 * o_sc
+    gh_base = gh_ptr + (b * gh_sb + g * gh_sg + c0 * gh_sc)
+    g_base = g_ptr + (b * g_sb + g * g_sg + c0 * g_sc)
+    h_base = h_ptr + (b * h_sb + g * h_sg + c0 * h_sc)
+    dg_base = dg_ptr + (b * o_sb + g * o_sg + c0 * o_sc)
+    dx_base = dx_ptr + (b * o_sb + g * o_sg + c0 * o_sc)
+    # Offsets in the backward's direction of time (that of a forward scan in
+    # the other direction).
+    gh_off = _offsets(k, j, gh_st, gh_sc, not REVERSE, OFF64)
+    if SHARED_OFFSETS:  # one set of registers when the strides agree
+        g_off = gh_off
+        h_off = gh_off
+        o_off = gh_off
+    else:
+        g_off = _offsets(k, j, g_st, g_sc, not REVERSE, OFF64)
+        h_off = _offsets(k, j, h_st, h_sc, not REVERSE, OFF64)
+        o_off = _offsets(k, j, o_st, o_sc, not REVERSE, OFF64)
 
     if HAS_H0:
-        h0v = tl.load(h0_ptr + (b * h0_sb + g * h0_sg) + c64 * h0_sc, mask=cm, other=0.0).to(ACC)
+        h0v = tl.load(h0_ptr + (b * h0_sb + g * h0_sg + c0 * h0_sc) + j * h0_sc, mask=cm, other=0.0).to(ACC)
     else:
         h0v = tl.full([1, 1, BLOCK_C], H0_VALUE, ACC)
     carry = tl.zeros([1, 1, BLOCK_C], ACC)
 
     if PREFETCH:
-        gh_n, a_n, hp_n = _bwd_load(gh_base, g_base, h_base, 0, T, gh_st, g_st, h_st, r, n, cm, R, REVERSE)
+        gh_n, a_n, hp_n = _bwd_load(gh_base, g_base, h_base, 0, T, gh_st, g_st, h_st, gh_off, g_off, h_off,
+                                    k, cm, REVERSE)
         for s0 in range(0, T, BLOCK_T):
             gh_c = gh_n
             a_c = a_n
             hp_c = hp_n
             gh_n, a_n, hp_n = _bwd_load(gh_base, g_base, h_base, s0 + BLOCK_T, T, gh_st, g_st, h_st,
-                                        r, n, cm, R, REVERSE)
-            carry = _bwd_tile(gh_c, a_c, hp_c, carry, h0v, dg_base, dx_base, s0, T, o_st, r, n, cm,
+                                        gh_off, g_off, h_off, k, cm, REVERSE)
+            carry = _bwd_tile(gh_c, a_c, hp_c, carry, h0v, dg_base, dx_base, s0, T, o_st, o_off, k, r, n, cm,
                               R, NT, REVERSE, ACC, SOFT_BF16)
     else:
         for s0 in tl.range(0, T, BLOCK_T, num_stages=NUM_STAGES):
-            gh_c, a_c, hp_c = _bwd_load(gh_base, g_base, h_base, s0, T, gh_st, g_st, h_st, r, n, cm, R, REVERSE)
-            carry = _bwd_tile(gh_c, a_c, hp_c, carry, h0v, dg_base, dx_base, s0, T, o_st, r, n, cm,
+            gh_c, a_c, hp_c = _bwd_load(gh_base, g_base, h_base, s0, T, gh_st, g_st, h_st, gh_off, g_off, h_off,
+                                        k, cm, REVERSE)
+            carry = _bwd_tile(gh_c, a_c, hp_c, carry, h0v, dg_base, dx_base, s0, T, o_st, o_off, k, r, n, cm,
                               R, NT, REVERSE, ACC, SOFT_BF16)
 
     # grad_h0 = gamma at the forward's first time * dx there (the last step visited).
-    g_first_ptr = g_ptr + (b * g_sb + g * g_sg) + c64 * g_sc
+    g_first_ptr = g_base + j * g_sc
     if REVERSE:
         g_first_ptr += (T - 1).to(tl.int64) * g_st
     g_first = tl.load(g_first_ptr, mask=cm, other=0.0).to(ACC)
-    tl.store(dh0_ptr + (b * d0_sb + g * d0_sg) + c64 * d0_sc,
+    tl.store(dh0_ptr + (b * d0_sb + g * d0_sg + c0 * d0_sc) + j * d0_sc,
              cast_out(g_first * carry, dh0_ptr, SOFT_BF16), mask=cm)
 
 
@@ -420,15 +466,18 @@ class _Tuning(NamedTuple):
 
 # Tuning per kernel and element size in bytes, measured on an H100 at
 # [B, T, H, d] = [8, 4096, 16, 64] (see the module docstring; the sweeps are in
-# bench/results/tune_scan_rows_h100.json, and bench/tune_scan.py runs one).
-# Channel blocks hold up to _MAX_BLOCK_C channels, narrowed while the grid has
-# fewer than _MIN_PROGRAMS_PER_SM programs per SM. float64 keeps one step per
-# thread (R = 1), as before the sweep; it was not swept.
+# bench/results/tune_scan_rows_h100.json and tune_scan_blocks_h100.json, and
+# bench/tune_scan.py runs one). Channel blocks hold up to _MAX_BLOCK_C
+# channels, narrowed while the grid has fewer than _MIN_PROGRAMS_PER_SM
+# programs per SM: at that shape 64 channels and 128 programs (a row of a
+# tile is then 128 bytes of bfloat16, a whole cache line), which beat twice
+# the programs on half the channels. float64 keeps one step per thread
+# (R = 1), as before the sweeps; it was not swept.
 # The plans are cached: call _clear_plans() after changing a knob.
-_FWD_TUNING = {2: _Tuning(8, 4, 8192, 2), 4: _Tuning(4, 4, 4096, 3), 8: _Tuning(1, 4, 2048, 3)}
-_BWD_TUNING = {2: _Tuning(4, 8, 4096, 0), 4: _Tuning(4, 4, 4096, 0), 8: _Tuning(1, 4, 2048, 0)}
-_MAX_BLOCK_C = 64
-_MIN_PROGRAMS_PER_SM = {2: 1.0, 4: 0.5, 8: 0.5}
+_FWD_TUNING = {2: _Tuning(8, 4, 8192, 3), 4: _Tuning(4, 8, 4096, 3), 8: _Tuning(1, 4, 2048, 3)}
+_BWD_TUNING = {2: _Tuning(4, 8, 4096, 0), 4: _Tuning(4, 8, 4096, 0), 8: _Tuning(1, 4, 2048, 0)}
+_MAX_BLOCK_C = {2: 64, 4: 64, 8: 32}
+_MIN_PROGRAMS_PER_SM = {2: 0.5, 4: 0.5, 8: 0.5}
 # Under the interpreter: channel blocks of up to 16 and tiles of 16 steps, with
 # R = min(the tuned R, 4), so that CI runs the in-register path (R > 1) and the
 # one-step path (R = 1) wherever the GPU does.
@@ -446,7 +495,7 @@ def _config(B: int, G: int, C: int, elem_size: int, sms: int, tuning: _Tuning):
         rows = min(rows, _INTERPRET_MAX_ROWS)
         return min(_next_power_of_2(C), _INTERPRET_BLOCK_C), rows, _INTERPRET_TILE_STEPS // rows, 1
     vec = max(16 // elem_size, 1)  # elements of one 16-byte access
-    block_c = min(_next_power_of_2(C), _MAX_BLOCK_C, 16 * vec)
+    block_c = min(_next_power_of_2(C), _MAX_BLOCK_C[elem_size])
     # Narrow the channel block (down to one 16-byte vector) while the grid is
     # too small to give every SM a program.
     min_programs = _MIN_PROGRAMS_PER_SM[elem_size] * sms
@@ -465,6 +514,14 @@ def _pipelining(stages: int):
     if _INTERPRET or stages == 0:
         return True, 1
     return False, stages
+
+
+def _needs_int64_offsets(block_t: int, block_c: int, time_strides, channel_strides) -> bool:
+    """Whether an element offset within a tile (up to block_t steps and block_c
+    channels from its first element, either direction) may overflow int32."""
+    reach = (block_t - 1) * max(abs(st) for st in time_strides) + (block_c - 1) * max(
+        abs(sc) for sc in channel_strides)
+    return reach >= 2**31
 
 
 def _acc_dtype(dtype: torch.dtype):
@@ -561,9 +618,11 @@ def _forward_plan(shape, g_st, x_st, h0_st, dtype, sms, reverse) -> _Plan | None
         h0_st[0] if has_h0 else 0, *h0_f,
         o_st[0], o_st[1], *o_f,
     )
+    seq = [(g_st[1], g_f[1]), (o_st[1], o_f[1])] + ([(x_st[1], x_f[1])] if has_x else [])
+    off64 = _needs_int64_offsets(rows * nt, block_c, [st for st, _ in seq], [sc for _, sc in seq] + [h0_f[1]])
     constexprs = (
         has_x, has_h0, 0.0 if has_x else 1.0, reverse, _acc_dtype(dtype),
-        rows, nt, block_c, prefetch, stages, _INTERPRET and dtype == torch.bfloat16,
+        rows, nt, block_c, prefetch, stages, off64, len(set(seq)) == 1, _INTERPRET and dtype == torch.bfloat16,
     )
     return _Plan(_scan_fwd_kernel, (B * G * ncb,), ints, constexprs, num_warps)
 
@@ -593,9 +652,11 @@ def _backward_plan(shape, gh_st, g_st, h_st, h0_st, dtype, sms, has_x, reverse) 
         o_st[0], o_st[1], *o_f,
         d0_sb, *o_f,
     )
+    seq = [(gh_st[1], gh_f[1]), (g_st[1], g_f[1]), (h_st[1], h_f[1]), (o_st[1], o_f[1])]
+    off64 = _needs_int64_offsets(rows * nt, block_c, [st for st, _ in seq], [sc for _, sc in seq] + [h0_f[1]])
     constexprs = (
         has_h0, 0.0 if has_x else 1.0, reverse, _acc_dtype(dtype),
-        rows, nt, block_c, prefetch, stages, _INTERPRET and dtype == torch.bfloat16,
+        rows, nt, block_c, prefetch, stages, off64, len(set(seq)) == 1, _INTERPRET and dtype == torch.bfloat16,
     )
     return _Plan(_scan_bwd_kernel, (B * G * ncb,), ints, constexprs, num_warps)
 

@@ -210,6 +210,23 @@ def test_scan_large_outputs(layout, reverse, device):
 
 
 @pytest.mark.grad
+@pytest.mark.parametrize("device", DEVICES[1:])  # the C++ CPU kernels index in 64 bits throughout
+@pytest.mark.parametrize("reverse", [False, True], ids=["forward", "reverse"])
+def test_scan_offsets_past_int32(reverse, device):
+    """gamma with a time stride of over 2**30 elements, so that element offsets
+    from a tile's first element pass 2**31 (the CUDA kernels then compute them
+    in 64 bits). Its storage, 4 GiB of bfloat16, holds the elements in use and
+    the gaps between them."""
+    T, C, time_stride = 3, 16, 2**30 + 64
+    storage = torch.zeros((T - 1) * time_stride + C, device=device, dtype=torch.bfloat16)
+    gamma = storage.as_strided((1, T, C), (T * time_stride, time_stride, 1))
+    gamma.copy_(make_seq((1, T, C), "contiguous", device, torch.bfloat16, "gamma"))
+    _, x, h0 = make_scan_inputs((1, T, C), device, torch.bfloat16, True, True)
+    grad_h = torch.randn((1, T, C), device=device, dtype=torch.float64).to(torch.bfloat16)
+    check_gradients(gamma, x, h0, reverse, torch.bfloat16, grad_h)
+
+
+@pytest.mark.grad
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("reverse", [False, True], ids=["forward", "reverse"])
 @pytest.mark.parametrize("shape", [(1, 7, 3, 50), (2, 23, 3, 6)], ids=["B1_split_groups", "B2"])

@@ -82,3 +82,19 @@ def test_triton_scan_unfoldable_layout(interpreted):
     gamma = torch.rand(2, 4, 3, 5, 2).permute(0, 3, 2, 1, 4)
     x = torch.randn(2, 4, 3, 5, 2).permute(0, 3, 2, 1, 4)
     check_against_reference(interpreted, gamma, x, torch.randn(2, 3, 4, 2), False, torch.float32)
+
+
+def test_triton_scan_int64_offsets(interpreted, monkeypatch):
+    """The kernels with 64-bit element offsets, the path of strides too large
+    for int32 ones (forced here: the tensors are small)."""
+    decisions = []
+    monkeypatch.setattr(interpreted, "_needs_int64_offsets", lambda *args: decisions.append(args) or True)
+    interpreted._clear_plans()
+    try:
+        for layout in ("contiguous", "BHTd_transposed"):
+            gamma, x, h0 = make_scan_inputs((2, 19, 3, 6), "cpu", torch.float32, True, True, layout)
+            for reverse in (False, True):
+                check_against_reference(interpreted, gamma, x, h0, reverse, torch.float32)
+    finally:
+        interpreted._clear_plans()
+    assert decisions, "the launch plans did not ask for the offset width"
