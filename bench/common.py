@@ -7,6 +7,7 @@ import datetime
 import json
 import platform
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -29,11 +30,15 @@ def median_time_ms(fn, device: str, warmup: int, repeats: int) -> float:
     times = []
     if device == "cuda":
         # Each sample times several back-to-back calls between two events, so
-        # that the GPU queue runs ahead of Python's launch overhead.
+        # that the GPU queue runs ahead of Python's launch overhead. One more
+        # call goes before the start event: the GPU runs it while the host
+        # launches the first timed call, whose host time would otherwise count
+        # (an empty queue at the start event), as it does not in steady state.
         inner = 10
         torch.cuda.synchronize()
         for _ in range(repeats):
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            fn()
             start.record()
             for _ in range(inner):
                 fn()
@@ -45,6 +50,38 @@ def median_time_ms(fn, device: str, warmup: int, repeats: int) -> float:
             t0 = time.perf_counter()
             fn()
             times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def graph_time_ms(fn, repeats: int) -> float | None:
+    """Device time per call of fn with no host in the way: 10 calls captured in
+    one CUDA graph, the median over `repeats` replays. None when fn cannot be
+    captured (the capture's error is printed)."""
+    inner = 10
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up off the default stream, as capture requires
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    try:
+        with torch.cuda.graph(graph):
+            for _ in range(inner):
+                fn()
+    except Exception as err:  # any op that cannot be captured; the benchmark goes on
+        print(f"not captured: {type(err).__name__}: {err}"[:300], file=sys.stderr)
+        return None
+    graph.replay()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) / inner)
     return statistics.median(times)
 
 

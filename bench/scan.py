@@ -10,7 +10,11 @@ the autograd engine, whose host time can exceed theirs), the cumulative-product
 mode against torch.cumprod, a Python loop over time, and on CUDA PyTorch's
 compiled associative_scan and, when installed, accelerated-scan and
 flash-linear-attention's HGRN chunk kernel (each in its own layout, same
-element count). Forward and forward+backward; median times.
+element count). Forward and forward+backward; median times. On CUDA each
+timing comes twice: eager (back-to-back calls; where the host is slower than
+the kernels, as it can be through autograd, its time is what shows) and
+replayed from a CUDA graph of the same calls (device time alone, as under
+torch.compile's CUDA graphs).
 Prints a Markdown table and writes it, with the raw numbers, device and
 versions, to --out (.md and .json).
 
@@ -34,7 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import mmrec_ops  # noqa: E402
 from bench.common import (  # noqa: E402
-    forward_backward, keep_freed_memory, markdown_table, median_time_ms, versions, write_results,
+    forward_backward, graph_time_ms, keep_freed_memory, markdown_table, median_time_ms, versions, write_results,
 )
 from mmrec_ops.reference import scan_reference  # noqa: E402
 
@@ -147,15 +151,21 @@ def main() -> None:
         dtype = getattr(torch, dtype_name)
         torch.manual_seed(0)
         for name, fwd, fwdbwd, note in contenders(*shape, dtype, device):
-            row = {"dtype": dtype_name, "name": name, "note": note, "fwd_ms": None, "fwdbwd_ms": None}
+            row = {"dtype": dtype_name, "name": name, "note": note, "fwd_ms": None, "fwdbwd_ms": None,
+                   "fwd_graph_ms": None, "fwdbwd_graph_ms": None}
             slow = name.startswith("Python loop")
             if fwd is not None and not (slow and args.skip_slow):
                 reps = 3 if slow else repeats
                 row["fwd_ms"] = median_time_ms(fwd, device, 1 if slow else 3, reps)
                 if fwdbwd is not None:
                     row["fwdbwd_ms"] = median_time_ms(fwdbwd, device, 1 if slow else 3, reps)
+                if device == "cuda" and not slow:
+                    row["fwd_graph_ms"] = graph_time_ms(fwd, reps)
+                    if fwdbwd is not None:
+                        row["fwdbwd_graph_ms"] = graph_time_ms(fwdbwd, reps)
             results.append(row)
-            print(f"{dtype_name:9} {name:42} fwd {row['fwd_ms']}  fwd+bwd {row['fwdbwd_ms']}", file=sys.stderr)
+            print(f"{dtype_name:9} {name:42} fwd {row['fwd_ms']}  fwd+bwd {row['fwdbwd_ms']}  "
+                  f"CUDA graph {row['fwd_graph_ms']} / {row['fwdbwd_graph_ms']}", file=sys.stderr)
 
     write_results(args.out, info, results, render(results, info, device))
 
@@ -180,6 +190,10 @@ def render(results, info, device) -> str:
     header = ["dtype", "", f"fwd ({unit})", f"fwd+bwd ({unit})", "fwd / floor", "fwd+bwd / fwd floor", "note"]
     rows = [[r["dtype"], r["name"], fmt(r["fwd_ms"]), fmt(r["fwdbwd_ms"]), ratio(r, "fwd_ms"), ratio(r, "fwdbwd_ms"),
              r["note"]] for r in results]
+    if device == "cuda":  # device time alone, next to the eager figures
+        header[4:4] = [f"fwd, CUDA graph ({unit})", f"fwd+bwd, CUDA graph ({unit})"]
+        for row, r in zip(rows, results):
+            row[4:4] = [fmt(r["fwd_graph_ms"]), fmt(r["fwdbwd_graph_ms"])]
     return "\n".join(lines + markdown_table(header, rows))
 
 
