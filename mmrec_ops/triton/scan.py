@@ -44,23 +44,24 @@ contiguous tensors in the inputs' dtype.
 
 Measured on an H100 (torch 2.11, Triton 3.6) at [B, T, H, d] = [8, 4096, 16, 64],
 the launchers alone (bench.common.median_time_ms: 10 calls between CUDA events;
-2026-11-24): bfloat16 forward 76-77 us, backward 128-129 us; float32 141-148 /
-237-246 us; a device add of two tensors into a third (the forward's bytes)
-takes 70-71 us (bfloat16) and 136-138 us (float32). What brought the bfloat16
-forward there from 115 us: R consecutive steps per thread (R = 8; with R = 1,
-about 56 SASS instructions per element, mostly the cross-thread scan, against
-22), then channel blocks of 64 (128-byte rows of bfloat16: a whole cache
-line per time step) with one program per SM rather than blocks of 32 with
-two, 85 -> 77 us (the sweeps: bench/results/tune_scan_rows_h100.json and
-tune_scan_blocks_h100.json). More stages, more or fewer warps, R = 4 or 16
-and blocks of 128 channels (64 programs for 132 SMs) measured slower.
+2026-11-24, four machine instances): bfloat16 forward 75-76 us, backward
+125-129 us; float32 140-141 / 234-237 us; a device add of two tensors into a
+third (the forward's bytes) takes 69-71 us (bfloat16) and 136-138 us
+(float32). What brought the bfloat16 forward there from 115 us: R consecutive
+steps per thread (R = 8; with R = 1, about 56 SASS instructions per element,
+mostly the cross-thread scan, against 22), then channel blocks of 64 (128-byte
+rows of bfloat16: a whole cache line per time step) with one program per SM
+rather than blocks of 32 with two, 85 -> 75-77 us (the sweeps:
+bench/results/tune_scan_rows_h100.json and tune_scan_blocks_h100.json). More
+stages, more or fewer warps, R = 4 or 16 and blocks of 128 channels (64
+programs for 132 SMs) measured slower.
 
 Host path. A launch costs 17-27 us of host time (bare launcher, forward) and
 30-48 us (backward) on the H100 machines, against 66-79 and 99-111 us through
 JITFunction.run with the per-call folding of before: the launch plans are
 cached and launched directly (see "Host side" below). Forward+backward through
 autograd is still host-bound there (bfloat16: 215 to 726 us of host time per
-call on different machine instances, for 220 us of kernels): torch's
+call on different machine instances, for about 200 us of kernels): torch's
 autograd engine runs CUDA backward nodes on its device thread, and that
 hand-off and back, plus torch.library's Python autograd wrapper, is most of
 what remains (on the same machine a tiny CUDA autograd.grad(a * b) cost 129 us
