@@ -173,6 +173,24 @@ def _offsets(k, j, st, sc, REVERSE: tl.constexpr, OFF64: tl.constexpr):
 
 
 @triton.jit
+def _program_tile(G, C, NCB, R: tl.constexpr, NT: tl.constexpr, BLOCK_C: tl.constexpr):
+    """This program's batch row b, channel group g and first channel c0 (int64
+    scalars), and the index tensors of its tiles: row n and step r within it
+    ([NT, 1, 1], [1, R, 1]), step k = n * R + r within the tile, channel j
+    ([1, 1, BLOCK_C]) and the mask of the channels that exist."""
+    pid = tl.program_id(0)
+    cb = pid % NCB
+    bg = pid // NCB
+    g = (bg % G).to(tl.int64)
+    b = (bg // G).to(tl.int64)
+    c0 = (cb * BLOCK_C).to(tl.int64)
+    n = tl.arange(0, NT)[:, None, None]
+    r = tl.arange(0, R)[None, :, None]
+    j = tl.arange(0, BLOCK_C)[None, None, :]
+    return b, g, c0, n, r, n * R + r, j, j < C - cb * BLOCK_C
+
+
+@triton.jit
 def _fwd_load(g_tile, x_tile, g_off, x_off, m, HAS_X: tl.constexpr):
     # Masked elements are zero (rather than the identity map) as cp.async
     # fills them, which saves a select per element: only the last tile has
@@ -200,17 +218,7 @@ def _scan_fwd_kernel(
     SOFT_BF16: tl.constexpr,
 ):
     BLOCK_T: tl.constexpr = R * NT
-    pid = tl.program_id(0)
-    cb = pid % NCB
-    bg = pid // NCB
-    g = (bg % G).to(tl.int64)
-    b = (bg // G).to(tl.int64)
-    c0 = (cb * BLOCK_C).to(tl.int64)
-    n = tl.arange(0, NT)[:, None, None]
-    r = tl.arange(0, R)[None, :, None]
-    k = n * R + r  # step within the tile
-    j = tl.arange(0, BLOCK_C)[None, None, :]
-    cm = j < C - cb * BLOCK_C
+    b, g, c0, n, r, k, j, cm = _program_tile(G, C, NCB, R, NT, BLOCK_C)
 
     # Scalar bases of this program's (b, g, channel block); a tile adds its
     # first time, its elements the loop-invariant offsets.
@@ -301,17 +309,7 @@ def _scan_bwd_kernel(
     SOFT_BF16: tl.constexpr,
 ):
     BLOCK_T: tl.constexpr = R * NT
-    pid = tl.program_id(0)
-    cb = pid % NCB
-    bg = pid // NCB
-    g = (bg % G).to(tl.int64)
-    b = (bg // G).to(tl.int64)
-    c0 = (cb * BLOCK_C).to(tl.int64)
-    n = tl.arange(0, NT)[:, None, None]
-    r = tl.arange(0, R)[None, :, None]
-    k = n * R + r  # step within the tile
-    j = tl.arange(0, BLOCK_C)[None, None, :]
-    cm = j < C - cb * BLOCK_C
+    b, g, c0, n, r, k, j, cm = _program_tile(G, C, NCB, R, NT, BLOCK_C)
 
     gh_base = gh_ptr + (b * gh_sb + g * gh_sg + c0 * gh_sc)
     g_base = g_ptr + (b * g_sb + g * g_sg + c0 * g_sc)
