@@ -112,7 +112,7 @@ def _second(a1, b1, a2, b2):
 
 
 @triton.jit
-def _tile_scan(a, b, carry, r, n, R: tl.constexpr, NT: tl.constexpr, HAS_B: tl.constexpr):
+def _tile_scan(a, b, carry, n, R: tl.constexpr, NT: tl.constexpr, HAS_B: tl.constexpr):
     """Scan of one tile [NT, R, BLOCK_C], step s = s0 + n * R + r, carry [1, 1, BLOCK_C].
 
     Each thread holds the R consecutive steps of its (n, channels): they are
@@ -175,8 +175,8 @@ def _offsets(k, j, st, sc, REVERSE: tl.constexpr, OFF64: tl.constexpr):
 @triton.jit
 def _program_tile(G, C, NCB, R: tl.constexpr, NT: tl.constexpr, BLOCK_C: tl.constexpr):
     """This program's batch row b, channel group g and first channel c0 (int64
-    scalars), and the index tensors of its tiles: row n and step r within it
-    ([NT, 1, 1], [1, R, 1]), step k = n * R + r within the tile, channel j
+    scalars), and the index tensors of its tiles: row n ([NT, 1, 1]), step
+    k = n * R + r within the tile (r the step within the row), channel j
     ([1, 1, BLOCK_C]) and the mask of the channels that exist."""
     pid = tl.program_id(0)
     cb = pid % NCB
@@ -187,7 +187,7 @@ def _program_tile(G, C, NCB, R: tl.constexpr, NT: tl.constexpr, BLOCK_C: tl.cons
     n = tl.arange(0, NT)[:, None, None]
     r = tl.arange(0, R)[None, :, None]
     j = tl.arange(0, BLOCK_C)[None, None, :]
-    return b, g, c0, n, r, n * R + r, j, j < C - cb * BLOCK_C
+    return b, g, c0, n, n * R + r, j, j < C - cb * BLOCK_C
 
 
 @triton.jit
@@ -218,7 +218,7 @@ def _scan_fwd_kernel(
     SOFT_BF16: tl.constexpr,
 ):
     BLOCK_T: tl.constexpr = R * NT
-    b, g, c0, n, r, k, j, cm = _program_tile(G, C, NCB, R, NT, BLOCK_C)
+    b, g, c0, n, k, j, cm = _program_tile(G, C, NCB, R, NT, BLOCK_C)
 
     # Scalar bases of this program's (b, g, channel block); a tile adds its
     # first time, its elements the loop-invariant offsets.
@@ -247,7 +247,7 @@ def _scan_fwd_kernel(
             t1 = _time_at(s0 + BLOCK_T, T, REVERSE)
             a_n, b_n = _fwd_load(g_base + t1 * g_st, x_base + t1 * x_st, g_off, x_off,
                                  (k < T - s0 - BLOCK_T) & cm, HAS_X)
-            h, carry = _tile_scan(a_c.to(ACC), b_c.to(ACC), carry, r, n, R, NT, HAS_X)
+            h, carry = _tile_scan(a_c.to(ACC), b_c.to(ACC), carry, n, R, NT, HAS_X)
             o_tile = o_base + _time_at(s0, T, REVERSE) * o_st
             tl.store(o_tile + o_off, cast_out(h, o_ptr, SOFT_BF16), mask=(k < T - s0) & cm)
     else:
@@ -255,7 +255,7 @@ def _scan_fwd_kernel(
             t0 = _time_at(s0, T, REVERSE)
             m = (k < T - s0) & cm
             a_c, b_c = _fwd_load(g_base + t0 * g_st, x_base + t0 * x_st, g_off, x_off, m, HAS_X)
-            h, carry = _tile_scan(a_c.to(ACC), b_c.to(ACC), carry, r, n, R, NT, HAS_X)
+            h, carry = _tile_scan(a_c.to(ACC), b_c.to(ACC), carry, n, R, NT, HAS_X)
             tl.store(o_base + t0 * o_st + o_off, cast_out(h, o_ptr, SOFT_BF16), mask=m)
 
 
@@ -280,10 +280,10 @@ def _bwd_load(gh_base, g_base, h_base, s0, T, gh_st, g_st, h_st, gh_off, g_off, 
 
 
 @triton.jit
-def _bwd_tile(gh, a, hp, carry, h0v, dg_base, dx_base, s0, T, o_st, o_off, k, r, n, cm,
+def _bwd_tile(gh, a, hp, carry, h0v, dg_base, dx_base, s0, T, o_st, o_off, k, n, cm,
               R: tl.constexpr, NT: tl.constexpr, REVERSE: tl.constexpr, ACC: tl.constexpr,
               SOFT_BF16: tl.constexpr):
-    dx, carry = _tile_scan(a.to(ACC), gh.to(ACC), carry, r, n, R, NT, True)
+    dx, carry = _tile_scan(a.to(ACC), gh.to(ACC), carry, n, R, NT, True)
     hp = tl.where(k == T - 1 - s0, h0v, hp.to(ACC))
     m = (k < T - s0) & cm
     t = _time_at(s0, T, not REVERSE)
@@ -309,7 +309,7 @@ def _scan_bwd_kernel(
     SOFT_BF16: tl.constexpr,
 ):
     BLOCK_T: tl.constexpr = R * NT
-    b, g, c0, n, r, k, j, cm = _program_tile(G, C, NCB, R, NT, BLOCK_C)
+    b, g, c0, n, k, j, cm = _program_tile(G, C, NCB, R, NT, BLOCK_C)
 
     gh_base = gh_ptr + (b * gh_sb + g * gh_sg + c0 * gh_sc)
     g_base = g_ptr + (b * g_sb + g * g_sg + c0 * g_sc)
@@ -343,13 +343,13 @@ def _scan_bwd_kernel(
             hp_c = hp_n
             gh_n, a_n, hp_n = _bwd_load(gh_base, g_base, h_base, s0 + BLOCK_T, T, gh_st, g_st, h_st,
                                         gh_off, g_off, h_off, k, cm, REVERSE)
-            carry = _bwd_tile(gh_c, a_c, hp_c, carry, h0v, dg_base, dx_base, s0, T, o_st, o_off, k, r, n, cm,
+            carry = _bwd_tile(gh_c, a_c, hp_c, carry, h0v, dg_base, dx_base, s0, T, o_st, o_off, k, n, cm,
                               R, NT, REVERSE, ACC, SOFT_BF16)
     else:
         for s0 in tl.range(0, T, BLOCK_T, num_stages=NUM_STAGES):
             gh_c, a_c, hp_c = _bwd_load(gh_base, g_base, h_base, s0, T, gh_st, g_st, h_st, gh_off, g_off, h_off,
                                         k, cm, REVERSE)
-            carry = _bwd_tile(gh_c, a_c, hp_c, carry, h0v, dg_base, dx_base, s0, T, o_st, o_off, k, r, n, cm,
+            carry = _bwd_tile(gh_c, a_c, hp_c, carry, h0v, dg_base, dx_base, s0, T, o_st, o_off, k, n, cm,
                               R, NT, REVERSE, ACC, SOFT_BF16)
 
     # grad_h0 = gamma at the forward's first time * dx there (the last step visited).
