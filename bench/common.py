@@ -55,8 +55,8 @@ def median_time_ms(fn, device: str, warmup: int, repeats: int) -> float:
 
 def graph_time_ms(fn, repeats: int) -> float | None:
     """Device time per call of fn with no host in the way: 10 calls captured in
-    one CUDA graph, the median over `repeats` replays. None when fn cannot be
-    captured (the capture's error is printed)."""
+    one CUDA graph, whose replays median_time_ms times (divided by the 10
+    calls). None when fn cannot be captured (the capture's error is printed)."""
     inner = 10
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
@@ -72,17 +72,7 @@ def graph_time_ms(fn, repeats: int) -> float | None:
     except Exception as err:  # any op that cannot be captured; the benchmark goes on
         print(f"not captured: {type(err).__name__}: {err}"[:300], file=sys.stderr)
         return None
-    graph.replay()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end) / inner)
-    return statistics.median(times)
+    return median_time_ms(graph.replay, "cuda", 1, repeats) / inner
 
 
 def forward_backward(fn, inputs):
