@@ -164,9 +164,10 @@ def test_scan_gradients_match_reference(shape, mode, reverse, dtype, device):
 @pytest.mark.parametrize("reverse", [False, True], ids=["forward", "reverse"])
 @pytest.mark.parametrize("layout", ["contiguous", "BHTd_transposed"])
 def test_scan_many_tiles(layout, reverse, dtype, device):
-    """T = 1031 (prime) spans several time tiles of the CUDA kernels (at most
-    256 steps each), so the carry between tiles is checked in every dtype."""
-    gamma, x, h0 = make_scan_inputs((2, 1031, 2, 40), device, dtype, True, True, layout)
+    """T = 3079 (prime) spans several time tiles of the CUDA kernels (at most
+    1024 steps each at this shape), so the carry between tiles is checked in
+    every dtype."""
+    gamma, x, h0 = make_scan_inputs((2, 3079, 2, 40), device, dtype, True, True, layout)
     grad_h = torch.randn(gamma.shape, device=device, dtype=torch.float64).to(dtype)
     check_gradients(gamma, x, h0, reverse, dtype, grad_h)
 
