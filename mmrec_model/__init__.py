@@ -18,7 +18,7 @@ _EXPORTS = {
     "MMRecBlock": ".block",
     "MMRecConfig": ".config",
     "MMRecModel": ".model",
-    "MemoryAttention": ".attention",
+    "MultiMemoryAttention": ".attention",
     "MemoryState": ".memory",
 }
 

@@ -1,4 +1,5 @@
-"""Multi-memory attention: each token reads the long-term memory it may see."""
+"""Multi-memory attention: each token reads its working memory (the last W tokens),
+the long-term memory it may see and the persistent slots, in one softmax."""
 
 from __future__ import annotations
 
@@ -8,33 +9,73 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .memory import MemoryLayout, block_starts, window_mask
 
-class MemoryAttention(nn.Module):
-    """Multi-head softmax attention of the queries over memory candidates and P
-    persistent slots, with PyTorch's SDPA and a visibility mask.
+
+def blocked_attention(q: Tensor, keys_values: Tensor, mask: Tensor) -> Tensor:
+    """Softmax attention of queries in blocks, each over its own keys, with SDPA:
+
+        out_t = sum_c softmax_c(q_t . k_c / sqrt(d) | mask[b, i, c]) v_c,   t = b Q + i
+
+    q ``[B, T, H, d]``; keys_values ``[B, nb, K, 2, D]`` (key, value of each block's K
+    candidates; D = H d); mask ``[nb, Q, K]`` bool (True: visible), nb Q >= T; every row
+    must see a key. Returns ``[B, T, H, d]``.
+    """
+    B, T, H, d = q.shape
+    nb, Q, K = mask.shape
+    queries = F.pad(q, (0, 0, 0, 0, 0, nb * Q - T)).reshape(B * nb, Q, H, d).transpose(1, 2)
+    keys, values = (keys_values[:, :, :, i].reshape(B * nb, K, H, d).transpose(1, 2) for i in (0, 1))
+    attn_mask = mask.expand(B, nb, Q, K).reshape(B * nb, 1, Q, K)
+    out = F.scaled_dot_product_attention(queries, keys.to(q.dtype), values.to(q.dtype), attn_mask=attn_mask)
+    return out.transpose(1, 2).reshape(B, nb * Q, H, d)[:, :T]
+
+
+def window_keys(window: Tensor, kv: Tensor, n_blocks: int, Q: int) -> Tensor:
+    """``[B, nb, Q + W - 1, 2, D]``: for each block of Q queries, the keys and values of
+    the W - 1 tokens before it and its own, from the working memory ``window``
+    ``[B, W - 1, 2, D]`` (the tokens before the chunk) and the chunk's ``kv`` ``[B, T, 2, D]``
+    (zero-padded to nb Q tokens)."""
+    B, T = kv.shape[:2]
+    tokens = torch.cat([window.to(kv.dtype), F.pad(kv, (0, 0, 0, 0, 0, n_blocks * Q - T))], dim=1)
+    return tokens.unfold(1, Q + window.shape[1], Q).movedim(-1, 2)
+
+
+def sliding_window_attention(q: Tensor, k: Tensor, v: Tensor, window: int) -> Tensor:
+    """Causal attention over the last ``window`` tokens: token t reads s with
+    t - W < s <= t. q, k, v ``[B, T, H, d]`` -> ``[B, T, H, d]``; O(T W) time and memory."""
+    B, T, H, d = q.shape
+    starts, Q = block_starts(torch.zeros((), dtype=torch.int64, device=q.device), T)
+    kv = torch.stack([k.flatten(-2), v.flatten(-2)], dim=2)
+    empty = kv.new_zeros(B, window - 1, 2, H * d)
+    return blocked_attention(q, window_keys(empty, kv, starts.shape[0], Q), window_mask(starts, Q, window))
+
+
+class MultiMemoryAttention(nn.Module):
+    """Multi-head softmax attention of each token over three memories at once:
 
         m_t = sum_c softmax_c(q_t . k_c / sqrt(d) | visible(t, c)) v_c
 
-    The P >= 1 persistent (learned) key/value slots are always visible, so no query
-    row is fully masked (which SDPA would turn into NaN). Cost O(T K), K candidates.
+    over c in the P persistent (learned) key/value slots, always visible (so no query
+    row is empty); the long-term entries the token may see (HDS); and the working
+    memory, the keys and values of tokens t - W < s <= t. Queries go in blocks
+    (``MemoryLayout``), so the cost is O(T (P + L M + Q + W)), never O(T^2).
     """
 
-    def __init__(self, dim: int, persistent_slots: int, init_std: float):
+    def __init__(self, dim: int, persistent_slots: int, window: int):
         super().__init__()
-        # The scale of a projection u W of a unit-RMS input u, like the keys and
-        # values the memory summarises.
-        self.persistent = nn.Parameter(torch.randn(persistent_slots, 2, dim) * (init_std * math.sqrt(dim)))
+        self.window = window
+        self.persistent = nn.Parameter(torch.empty(persistent_slots, 2, dim))
 
-    def forward(self, q: Tensor, candidates: Tensor, mask: Tensor) -> Tensor:
-        """q ``[B, T, H, d]``; candidates ``[B, K, 2, D]`` (key, value); mask ``[T, K]``
-        bool (True: visible) -> ``[B, T, H, d]``."""
-        B, T, H, d = q.shape
-        persistent = self.persistent.unsqueeze(0).expand(B, -1, -1, -1)
-        kv = torch.cat([persistent, candidates.to(persistent.dtype)], dim=1).to(q.dtype)
-        keys = kv[:, :, 0].unflatten(-1, (H, d)).transpose(1, 2)
-        values = kv[:, :, 1].unflatten(-1, (H, d)).transpose(1, 2)
-        always = torch.ones(T, self.persistent.shape[0], dtype=torch.bool, device=mask.device)
-        out = F.scaled_dot_product_attention(
-            q.transpose(1, 2), keys, values, attn_mask=torch.cat([always, mask], dim=1)
-        )
-        return out.transpose(1, 2)
+    def forward(self, q: Tensor, kv: Tensor, window: Tensor, pool: Tensor | None, layout: MemoryLayout) -> Tensor:
+        """q ``[B, T, H, d]``; kv ``[B, T, 2, D]`` the chunk's keys and values; window
+        ``[B, W - 1, 2, D]`` the working memory before the chunk (unused when W = 0);
+        pool ``[B, N, 2, D]`` the long-term entries (``update_long_term``; None: no
+        long-term memory) -> ``[B, T, H, d]``."""
+        B = q.shape[0]
+        n_blocks, Q, _ = layout.read_mask.shape
+        candidates = [self.persistent.to(q.dtype).expand(B, n_blocks, -1, -1, -1)]
+        if pool is not None:
+            candidates.append(pool.to(q.dtype)[:, layout.read_source].unflatten(1, (n_blocks, -1)))
+        if self.window > 0:
+            candidates.append(window_keys(window, kv.to(q.dtype), n_blocks, Q))
+        return blocked_attention(q, torch.cat(candidates, dim=2), layout.read_mask)

@@ -5,14 +5,15 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-MODES = ("exact", "parallel")
+# 'none' removes the short-term memory: an ablation for bench/quality.py.
+MODES = ("exact", "parallel", "none")
 
 # Chosen by measurement on the project's 2-core CPU (bench/results/model_cpu.md):
 # tiny pretrains usefully there in minutes; base is about 100M parameters.
 PRESETS = {
-    "tiny": dict(dim=128, n_layers=4, n_heads=4),
-    "small": dict(dim=512, n_layers=8, n_heads=8),
-    "base": dict(dim=768, n_layers=12, n_heads=12),
+    "tiny": dict(dim=128, n_layers=4, n_heads=4, window=256),
+    "small": dict(dim=512, n_layers=8, n_heads=8, window=1024),
+    "base": dict(dim=768, n_layers=12, n_heads=12, window=1024),
 }
 
 
@@ -27,10 +28,14 @@ class MMRecConfig:
         dim: model width D.
         n_layers: number of MMRecBlocks.
         n_heads: heads H; the head width d = D / H.
-        mode: 'exact' (gate reads the state, mmrec.recurrence) or 'parallel'
-            (gate reads the input, mmrec.scan).
+        mode: 'exact' (gate reads the state, mmrec.recurrence), 'parallel'
+            (gate reads the input, mmrec.scan), or 'none' (no short-term memory:
+            an ablation).
+        window: W, tokens of the working memory: token t reads the keys and values
+            of tokens t - W < s <= t (0: no working memory, an ablation).
         segment_len: S, tokens per level-0 memory entry.
-        n_levels: L, levels of the hierarchical memory; a level-l entry covers S * 4^l tokens.
+        n_levels: L, levels of the hierarchical memory; a level-l entry covers S * 4^l
+            tokens (0: no long-term memory, an ablation).
         level_slots: M_l, the most recent entries each level keeps.
         persistent_slots: P >= 1 learned memory slots per block, always visible (so no
             query attends to an empty set).
@@ -44,6 +49,7 @@ class MMRecConfig:
     n_layers: int = 4
     n_heads: int = 4
     mode: str = "exact"
+    window: int = 256
     segment_len: int = 64
     n_levels: int = 3
     level_slots: int = 32
@@ -53,11 +59,12 @@ class MMRecConfig:
     init_std: float = 0.02
 
     def __post_init__(self) -> None:
-        for name in ("vocab_size", "dim", "n_layers", "n_heads", "segment_len", "n_levels",
+        for name in ("vocab_size", "dim", "n_layers", "n_heads", "window", "segment_len", "n_levels",
                      "level_slots", "persistent_slots", "ffn_mult"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"MMRecConfig.{name}: expected a positive int, got {value!r}")
+            value, least = getattr(self, name), 0 if name in ("window", "n_levels") else 1
+            if isinstance(value, bool) or not isinstance(value, int) or value < least:
+                kind = "an int >= 0" if least == 0 else "a positive int"
+                raise ValueError(f"MMRecConfig.{name}: expected {kind}, got {value!r}")
         for name in ("norm_eps", "init_std"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:

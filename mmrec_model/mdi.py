@@ -14,16 +14,9 @@ EPS = 1e-6
 GAMMA_INIT = 0.9
 
 
-def _mlp(dim: int, init_std: float, bias_init: float) -> nn.Sequential:
-    """D -> D/4 -> D with GELU; the last layer's weights small and its bias at
-    ``bias_init``, so the output starts near ``bias_init`` whatever the input."""
-    hidden = dim // 4
-    mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
-    nn.init.normal_(mlp[0].weight, std=init_std)
-    nn.init.zeros_(mlp[0].bias)
-    nn.init.normal_(mlp[2].weight, std=init_std)
-    nn.init.constant_(mlp[2].bias, bias_init)
-    return mlp
+def _mlp(dim: int) -> nn.Sequential:
+    """D -> D/4 -> D with GELU (initialised by ``MDI.init_weights``)."""
+    return nn.Sequential(nn.Linear(dim, dim // 4), nn.GELU(), nn.Linear(dim // 4, dim))
 
 
 class MDI(nn.Module):
@@ -33,11 +26,21 @@ class MDI(nn.Module):
     all t at once: z, k ``[B, T, D]`` -> gamma ``[B, T, D]``.
     """
 
-    def __init__(self, dim: int, init_std: float):
+    def __init__(self, dim: int):
         super().__init__()
+        self.A = _mlp(dim)
+        self.C = _mlp(dim)
+
+    @torch.no_grad()
+    def init_weights(self, init_std: float) -> None:
+        """Small weights and each last bias at logit(sqrt(GAMMA_INIT)), so that gamma
+        starts near GAMMA_INIT whatever the input."""
         logit = math.log(math.sqrt(GAMMA_INIT) / (1 - math.sqrt(GAMMA_INIT)))
-        self.A = _mlp(dim, init_std, logit)
-        self.C = _mlp(dim, init_std, logit)
+        for mlp in (self.A, self.C):
+            nn.init.normal_(mlp[0].weight, std=init_std)
+            nn.init.zeros_(mlp[0].bias)
+            nn.init.normal_(mlp[2].weight, std=init_std)
+            nn.init.constant_(mlp[2].bias, logit)
 
     def forward(self, z: Tensor, k: Tensor) -> Tensor:
         return EPS + (1 - 2 * EPS) * torch.sigmoid(self.A(z)) * torch.sigmoid(self.C(k))

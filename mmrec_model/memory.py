@@ -20,6 +20,13 @@ entry i iff
 
 i.e. entries whose span ended at or before the start of its segment, at most
 the M most recent per level.
+
+The read (``MultiMemoryAttention``) takes a chunk's queries in blocks of Q tokens.
+Each block attends to P persistent slots, the K_l long-term entries that any of its
+tokens may see (at most M + (Q - 1) // (S 4^l) + 1 per level, gathered from the
+rings and the entries the chunk completes) and Q + W - 1 working-memory keys (its own
+tokens and the W - 1 before them), so a chunk costs O(T (P + L M + Q + W)) time and
+memory, whatever the context.
 """
 
 from __future__ import annotations
@@ -32,14 +39,21 @@ from torch import Tensor
 
 import mmrec_ops
 
+from .config import MMRecConfig
+
 # A level-l entry is the mean of this many level-(l-1) entries.
 BRANCHING = 4
+# Queries per block of the read (one token when decoding): long enough to amortise a
+# block's long-term candidates, short enough that most of its window keys are used.
+QUERY_BLOCK = 128
 
 
 class BlockState(NamedTuple):
     """The memory of one block after some tokens; ``[..., 2, D]`` is (key, value).
 
     h:      ``[B, H, d]``, the recurrence state h_{t-1}.
+    window: ``[B, W - 1, 2, D]``, the working memory: the keys and values of the last
+            W - 1 tokens, oldest first (the only earlier tokens the next one reads).
     memory: ``[B, L, M, 2, D]``, level l's ring buffer: entry i (the mean over its
             span) in slot i mod M. Which slots hold an entry follows from the position.
     sums:   ``[B, L, 2, D]``, per level, the sum of keys and values over the level's
@@ -48,6 +62,7 @@ class BlockState(NamedTuple):
     """
 
     h: Tensor
+    window: Tensor
     memory: Tensor
     sums: Tensor
 
@@ -131,30 +146,36 @@ class LevelLayout(NamedTuple):
 
 
 class MemoryLayout(NamedTuple):
-    """Everything HDS derives from a chunk's position and length alone: which entries it
-    completes, how its tokens split into spans, who sees what, where the ring buffers
-    write. The same for every block, so a model computes it once per chunk.
+    """Everything a chunk's memory read and update derive from its position and length
+    alone: which entries it completes, how its tokens split into spans, who sees what,
+    where the ring buffers write. The same for every block, so a model computes it once
+    per chunk.
 
-    in_head:   ``[S]``, level 0: the tokens of a block before the next span starts.
-    carry_in:  ``[n_0]``, level 0: where the running sum of the span in progress goes (the
-               first entry, unless the chunk starts a span).
-    last_span: ``[1]``, level 0: the entry of the chunk's last token (the new running sum).
-    levels:    one ``LevelLayout`` per level.
-    mask:      ``[T, K]`` visibility of the candidates (``read_and_update``) to the tokens.
+    in_head:     ``[S]``, level 0: the tokens of a block before the next span starts.
+    carry_in:    ``[n_0]``, level 0: where the running sum of the span in progress goes
+                 (the first entry, unless the chunk starts a span).
+    last_span:   ``[1]``, level 0: the entry of the chunk's last token (the new running sum).
+    levels:      one ``LevelLayout`` per level.
+    read_source: ``[nb * K_l]``, for each of the nb query blocks, where its K_l long-term
+                 candidates lie in the pool of ``update_long_term``.
+    read_mask:   ``[nb, Q, P + K_l + Q + W - 1]``, True where a block's query sees a key:
+                 the persistent slots, its long-term candidates, its window keys.
     """
 
     in_head: Tensor
     carry_in: Tensor
     last_span: Tensor
     levels: tuple[LevelLayout, ...]
-    mask: Tensor
+    read_source: Tensor
+    read_mask: Tensor
 
 
-def visible(index: Tensor, valid: Tensor, tokens: Tensor, width: int, slots: int) -> Tensor:
-    """``[T, n]`` visibility of level entries (absolute ``index`` ``[n]``, ``valid``) to
-    the tokens at absolute positions ``tokens`` ``[T]``: the rule of the module docstring."""
-    newest_allowed = (tokens // width).view(-1, 1)  # floor(j / 4^l) with j = floor(p / S)
-    return valid & (index >= newest_allowed - slots) & (index < newest_allowed)
+def visible(index: Tensor, tokens: Tensor, width: int, slots: int) -> Tensor:
+    """``[..., T, n]`` visibility of level entries of absolute ``index`` ``[..., 1, n]`` to
+    the tokens at absolute positions ``tokens`` ``[..., T]``: the rule of the module
+    docstring."""
+    newest_allowed = (tokens // width).unsqueeze(-1)  # floor(j / 4^l) with j = floor(p / S)
+    return (index >= 0) & (index >= newest_allowed - slots) & (index < newest_allowed)
 
 
 def ring_entry_index(count: Tensor, slots: int) -> Tensor:
@@ -164,20 +185,64 @@ def ring_entry_index(count: Tensor, slots: int) -> Tensor:
     return count - 1 - (count - 1 - slot) % slots
 
 
-def memory_layout(position: Tensor, T: int, segment_len: int, n_levels: int, slots: int) -> MemoryLayout:
+def query_block_len(T: int) -> int:
+    """Q: one token when decoding, else QUERY_BLOCK (a constant, so that compiled code
+    with a dynamic T has one block length)."""
+    return 1 if T == 1 else QUERY_BLOCK
+
+
+def block_starts(position: Tensor, T: int) -> tuple[Tensor, int]:
+    """Absolute position of the first token of each query block ``[nb]``, and Q.
+
+    Compiled code gets one more block, of padding only, so that nb >= 2 for every T:
+    with a dynamic T, torch.compile would otherwise specialise on nb = 1 and compile a
+    new graph once T passes Q. (Dynamo hides whether T is symbolic; eager pays nothing.)
+    """
+    Q = query_block_len(T)
+    n_blocks = (T + Q - 1) // Q + (1 if torch.compiler.is_compiling() else 0)
+    return position + Q * torch.arange(n_blocks, device=position.device), Q
+
+
+def window_mask(starts: Tensor, Q: int, window: int) -> Tensor:
+    """``[nb, Q, Q + W - 1]``: query i of the block starting at ``starts[b]`` sees window
+    key j (the token at starts[b] - (W - 1) + j) iff t - W < s <= t, i.e.
+    i <= j <= i + W - 1, and the token exists (s >= 0)."""
+    i = torch.arange(Q, device=starts.device).view(-1, 1)
+    j = torch.arange(Q + window - 1, device=starts.device)
+    band = (j >= i) & (j < i + window)
+    return band & (starts.view(-1, 1, 1) - (window - 1) + j >= 0)
+
+
+def long_term_read(starts: Tensor, Q: int, level: LevelLayout, width: int, slots: int) -> tuple[Tensor, Tensor]:
+    """For each query block, the level entries any of its tokens may see: their places
+    ``[nb, n]`` in the level's pool (the ring's M slots, then the chunk's new entries
+    ``level.index``) and their visibility ``[nb, Q, n]``, n = M + (Q - 1) // width + 1.
+
+    The tokens of a block see entries from floor(start / width) - M on; an index past the
+    chunk's new entries is seen by none of its tokens and reads slot 0.
+    """
+    n = slots + (Q - 1) // width + 1
+    index = (starts // width - slots).view(-1, 1) + torch.arange(n, device=starts.device)
+    first_new, n_new = level.index[0], level.index.shape[0]
+    source = torch.where(index < first_new, index % slots, slots + index - first_new)
+    source = torch.where(source < slots + n_new, source, 0)
+    tokens = starts.view(-1, 1) + torch.arange(Q, device=starts.device)
+    return source, visible(index.unsqueeze(1), tokens, width, slots)
+
+
+def memory_layout(position: Tensor, T: int, config: MMRecConfig) -> MemoryLayout:
     """The ``MemoryLayout`` of the T tokens from absolute ``position`` (int64 scalar tensor).
 
     Ring slots are filled by a gather (each slot takes the newest entry that maps to
     it), not a scatter, so that when a chunk completes more than M entries the last
     one wins deterministically.
     """
-    device = position.device
-    tokens = position + torch.arange(T, device=device)
-    head_len = segment_len - position % segment_len
-    masks, levels = [], []
+    device, S, slots = position.device, config.segment_len, config.level_slots
+    starts, Q = block_starts(position, T)
+    levels, sources, masks, pool_offset = [], [], [], 0
     below = None
-    for level in range(n_levels):
-        width = span_len(segment_len, level)
+    for level in range(config.n_levels):
+        width = span_len(S, level)
         index, valid = chunk_entry_slots(position, T, width)
         resets = last_child = None
         if below is not None:
@@ -185,16 +250,22 @@ def memory_layout(position: Tensor, T: int, segment_len: int, n_levels: int, slo
             last_child = only_valid(BRANCHING * index + BRANCHING - 1 - below.index[0], valid)
         newest = ring_entry_index((position + T) // width, slots)
         ring_new = newest >= index[0]
-        old_index = ring_entry_index(position // width, slots)
-        masks += [visible(old_index, old_index >= 0, tokens, width, slots), visible(index, valid, tokens, width, slots)]
         below = LevelLayout(index, valid, resets, last_child, only_valid(newest - index[0], ring_new), ring_new)
         levels.append(below)
+        source, mask = long_term_read(starts, Q, below, width, slots)
+        sources.append(source + pool_offset)
+        masks.append(mask)
+        pool_offset += slots + index.shape[0]
+    persistent = torch.ones(starts.shape[0], Q, config.persistent_slots, dtype=torch.bool, device=device)
+    window = [window_mask(starts, Q, config.window)] if config.window > 0 else []
+    head_len = S - position % S
     return MemoryLayout(
-        in_head=torch.arange(segment_len, device=device) < head_len,
-        carry_in=(levels[0].index == position // segment_len) & (head_len < segment_len),
-        last_span=((position + T - 1) // segment_len - position // segment_len).view(1),
+        in_head=torch.arange(S, device=device) < head_len,
+        carry_in=(chunk_entry_slots(position, T, S)[0] == position // S) & (head_len < S),
+        last_span=((position + T - 1) // S - position // S).view(1),
         levels=tuple(levels),
-        mask=torch.cat(masks, dim=1),
+        read_source=torch.cat(sources, dim=1).flatten() if sources else torch.zeros(0, dtype=torch.int64, device=device),
+        read_mask=torch.cat([persistent, *masks, *window], dim=2),
     )
 
 
@@ -252,29 +323,36 @@ def summarise(kv: Tensor, sums: Tensor, layout: MemoryLayout, segment_len: int) 
     return level_sums, torch.stack(new_sums, dim=1)
 
 
-def read_and_update(
-    kv: Tensor, memory: Tensor, sums: Tensor, position: Tensor, segment_len: int, layout: MemoryLayout | None = None
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """One chunk of HDS: the memory candidates its tokens may attend to, and the new memory.
+def update_long_term(
+    kv: Tensor, memory: Tensor, sums: Tensor, layout: MemoryLayout, segment_len: int
+) -> tuple[Tensor, Tensor, Tensor]:
+    """One chunk of HDS: the pool of entries its tokens may read, and the new memory.
 
     Args:
         kv: ``[B, T, 2, D]`` keys and values of the chunk's tokens.
         memory: ``[B, L, M, 2, D]`` ring buffers; sums: ``[B, L, 2, D]``.
-        position: int64 scalar, absolute position of the chunk's first token.
-        layout: ``memory_layout`` of the chunk, when the caller has it already.
+        layout: ``memory_layout`` of the chunk.
 
     Returns:
-        candidates ``[B, K, 2, D]`` (per level: the ring buffer as it was, then the
-        entries completed in the chunk), mask ``[T, K]`` (True: visible), and the new
-        memory and sums. K = sum_l (M + T // (S 4^l) + 2).
+        pool ``[B, sum_l (M + n_l), 2, D]`` (per level: the ring buffer as it was, then
+        the means of the ``n_l`` entries ``layout.levels[l].index``, completed in the chunk
+        where valid), from which ``layout.read_source`` gathers; and the new memory and sums.
     """
-    if layout is None:
-        layout = memory_layout(position, kv.shape[1], segment_len, memory.shape[1], memory.shape[2])
     level_sums, new_sums = summarise(kv, sums, layout, segment_len)
-    candidates, rings = [], []
+    pool, rings = [], []
     for level, (entry_sums, placed) in enumerate(zip(level_sums, layout.levels)):
         means = entry_sums / span_len(segment_len, level)
         ring = memory[:, level]
-        candidates += [ring, means]
+        pool += [ring, means]
         rings.append(torch.where(placed.ring_new.view(1, -1, 1, 1), means[:, placed.ring_source], ring))
-    return torch.cat(candidates, dim=1), layout.mask, torch.stack(rings, dim=1), new_sums
+    return torch.cat(pool, dim=1), torch.stack(rings, dim=1), new_sums
+
+
+def update_window(window: Tensor, kv: Tensor) -> Tensor:
+    """The working memory after a chunk: the last W - 1 of (``window`` ``[B, W - 1, 2, D]``,
+    then ``kv`` ``[B, T, 2, D]``), in ``window``'s dtype. Contiguous: a view would keep
+    the whole chunk alive in the state, and give compiled code other strides each call."""
+    kept = window.shape[1]
+    if kept == 0:
+        return window
+    return torch.cat([window, kv.to(window.dtype)], dim=1)[:, -kept:].contiguous()

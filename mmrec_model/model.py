@@ -29,9 +29,19 @@ class MMRecModel(nn.Module):
             raise TypeError(f"MMRecModel: expected config to be an MMRecConfig, got {type(config).__name__}")
         self.config = config
         self.embed = nn.Embedding(config.vocab_size, config.dim)
-        nn.init.normal_(self.embed.weight, std=config.init_std)
         self.blocks = nn.ModuleList(MMRecBlock(config) for _ in range(config.n_layers))
         self.norm = nn.RMSNorm(config.dim, eps=config.norm_eps)
+        self.init_weights()
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """Every parameter's initial value, here and in ``MMRecBlock.init_weights``: the
+        embedding (also the output head) N(0, init_std), the final norm 1."""
+        c = self.config
+        nn.init.normal_(self.embed.weight, std=c.init_std)
+        self.norm.reset_parameters()
+        for block in self.blocks:
+            block.init_weights(c.init_std, c.n_layers)
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
@@ -44,6 +54,7 @@ class MMRecModel(nn.Module):
         dtype = self.embed.weight.dtype
         block = BlockState(
             h=torch.zeros(batch_size, c.n_heads, c.head_dim, device=device, dtype=dtype),
+            window=torch.zeros(batch_size, max(c.window - 1, 0), 2, c.dim, device=device, dtype=dtype),
             memory=torch.zeros(batch_size, c.n_levels, c.level_slots, 2, c.dim, device=device, dtype=dtype),
             sums=torch.zeros(batch_size, c.n_levels, 2, c.dim, device=device, dtype=dtype),
         )
@@ -72,12 +83,11 @@ class MMRecModel(nn.Module):
         return torch.cat(logits, dim=1), state
 
     def _forward_chunk(self, ids: Tensor, state: MemoryState) -> tuple[Tensor, MemoryState]:
-        c = self.config
         x = self.embed(ids)
-        layout = memory_layout(state.position, ids.shape[1], c.segment_len, c.n_levels, c.level_slots)
+        layout = memory_layout(state.position, ids.shape[1], self.config)
         blocks = []
         for block, block_state in zip(self.blocks, state.blocks):
-            x, block_state = block(x, block_state, state.position, layout)
+            x, block_state = block(x, block_state, layout)
             blocks.append(block_state)
         logits = F.linear(self.norm(x), self.embed.weight)
         return logits, MemoryState(state.position + ids.shape[1], tuple(blocks))

@@ -17,10 +17,11 @@ MODES = ["exact", "parallel"]
 
 def small_config(mode: str, **overrides) -> MMRecConfig:
     """A fast configuration whose memory fills and wraps within a few hundred tokens:
-    segments of 8 tokens, levels of 8/32/128 tokens, 4 slots per level; d = 24 (not
-    a power of two)."""
+    segments of 8 tokens, levels of 8/32/128 tokens, 4 slots per level, a window of
+    20 tokens; d = 24 (not a power of two)."""
     fields = dict(
-        mode=mode, dim=72, n_layers=2, n_heads=3, segment_len=8, n_levels=3, level_slots=4, persistent_slots=3
+        mode=mode, dim=72, n_layers=2, n_heads=3, window=20, segment_len=8, n_levels=3, level_slots=4,
+        persistent_slots=3,
     )
     return MMRecConfig.preset("tiny", **{**fields, **overrides})
 
@@ -63,24 +64,35 @@ def reference_attention(q: Tensor, kv: Tensor) -> Tensor:
     return torch.einsum("bhk,bkhd->bhd", weights, values)
 
 
-def reference_block(block, x: Tensor, config: MMRecConfig) -> Tensor:
-    """MMRecBlock's forward from an empty state, as loops over time that follow
-    DESIGN.md 2.1-2.2 literally (the block's own submodules supply the weights)."""
-    B, T, D = x.shape
+def reference_short_term(block, z: Tensor, k: Tensor, config: MMRecConfig) -> Tensor:
+    """h ``[B, T, H, d]`` of DESIGN.md 2.1 with the float64 reference loops (0 in mode 'none')."""
     H, d = config.n_heads, config.head_dim
-    q, k, v, z = block.w_in(block.norm_mix(x)).chunk(4, dim=-1)
+    if config.mode == "none":
+        return z.new_zeros(*z.shape[:2], H, d)
     gamma = block.mdi(z, k).unflatten(-1, (H, d))
     z = z.unflatten(-1, (H, d))
     if config.mode == "exact":
-        h = recurrence_reference(z, gamma, block.gate_weight, block.gate_bias)
-    else:
-        gate = torch.sigmoid(torch.einsum("hoi,bthi->btho", block.gate_weight, z) + block.gate_bias)
-        h = scan_reference(gamma, z * gate)
+        return recurrence_reference(z, gamma, block.gate_weight, block.gate_bias)
+    gate = torch.sigmoid(torch.einsum("hoi,bthi->btho", block.gate_weight, z) + block.gate_bias)
+    return scan_reference(gamma, z * gate)
+
+
+def reference_block(block, x: Tensor, config: MMRecConfig) -> Tensor:
+    """MMRecBlock's forward from an empty state, as loops over time that follow
+    DESIGN.md 2.1-2.2 literally (the block's own submodules supply the weights): token p
+    reads the persistent slots, the long-term entries it may see and the keys and values
+    of tokens p - W < s <= p, in one softmax."""
+    B, T, D = x.shape
+    H, d = config.n_heads, config.head_dim
+    q, k, v, z = block.w_in(block.norm_mix(x)).chunk(4, dim=-1)
+    h = reference_short_term(block, z, k, config)
     kv = torch.stack([k, v], dim=2)
     persistent = block.memory.persistent.unsqueeze(0).expand(B, -1, -1, -1)
     m = []
     for p in range(T):
         seen = reference_visible(kv, p, config.segment_len, config.n_levels, config.level_slots)
-        m.append(reference_attention(q[:, p].unflatten(-1, (H, d)), torch.cat([persistent, seen], dim=1)))
+        window = kv[:, max(0, p - config.window + 1) : p + 1] if config.window > 0 else kv[:, :0]
+        memories = torch.cat([persistent, seen, window], dim=1)
+        m.append(reference_attention(q[:, p].unflatten(-1, (H, d)), memories))
     y = x + block.w_out((h + torch.stack(m, dim=1)).flatten(-2))
     return y + block.ffn(block.norm_ffn(y))

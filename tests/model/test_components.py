@@ -1,5 +1,5 @@
-"""MDI, multi-memory attention, HDS (the memory's visibility rule) and MMRecBlock,
-each against a float64 reference written from DESIGN.md."""
+"""MDI, multi-memory attention (the working memory's window, HDS's visibility rule) and
+MMRecBlock, each against a float64 reference written from DESIGN.md."""
 
 from __future__ import annotations
 
@@ -8,9 +8,10 @@ import itertools
 import pytest
 import torch
 
-from mmrec_model import MDI, MemoryAttention, MMRecBlock, MMRecModel
+from mmrec_model import MDI, MMRecBlock, MMRecConfig, MMRecModel
+from mmrec_model.attention import sliding_window_attention
 from mmrec_model.mdi import EPS, GAMMA_INIT
-from mmrec_model.memory import read_and_update
+from mmrec_model.memory import QUERY_BLOCK, memory_layout, update_long_term
 from tests.helpers import FLOAT64_ACCUMULATION, assert_close_rel
 from tests.model.models import MODES, reference_attention, reference_block, reference_visible, small_config
 
@@ -19,7 +20,8 @@ pytestmark = pytest.mark.model
 
 @pytest.mark.parametrize("dim", [4, 72, 128], ids=lambda d: f"D{d}")
 def test_mdi_shape_range_and_init(dim):
-    mdi = MDI(dim, init_std=0.02)
+    mdi = MDI(dim)
+    mdi.init_weights(init_std=0.02)
     z, k = torch.randn(3, 11, dim), torch.randn(3, 11, dim)
     gamma = mdi(z, k)
     assert gamma.shape == (3, 11, dim)
@@ -30,7 +32,7 @@ def test_mdi_shape_range_and_init(dim):
 
 
 def test_mdi_gamma_stays_inside_open_interval():
-    mdi = MDI(8, init_std=0.02)
+    mdi = MDI(8)
     with torch.no_grad():
         for mlp in (mdi.A, mdi.C):
             mlp[2].weight.fill_(1.0)
@@ -42,22 +44,33 @@ def test_mdi_gamma_stays_inside_open_interval():
         assert gamma.min() >= EPS * (1 - 1e-6) and gamma.max() <= 1 - EPS * (1 - 1e-6)
 
 
-@pytest.mark.parametrize("T", [1, 13], ids=lambda t: f"T{t}")
-def test_memory_attention_against_reference(T):
-    B, H, d, K, P = 2, 3, 5, 7, 2
-    attention = MemoryAttention(H * d, P, init_std=0.02).double()
-    q = torch.randn(B, T, H, d, dtype=torch.float64)
-    candidates = torch.randn(B, K, 2, H * d, dtype=torch.float64)
-    mask = torch.rand(T, K) < 0.5
-    mask[0] = False  # a token that sees no memory reads the persistent slots alone
-    out = attention(q, candidates, mask)
-    persistent = attention.persistent.unsqueeze(0).expand(B, -1, -1, -1)
+@pytest.mark.parametrize(
+    "T,window", [(1, 1), (13, 5), (13, 40), (QUERY_BLOCK + 45, 1), (2 * QUERY_BLOCK + 7, 29), (QUERY_BLOCK + 3, 300)],
+    ids=lambda v: str(v),
+)
+def test_sliding_window_attention_against_reference(T, window):
+    """Query blocks of QUERY_BLOCK tokens with windows shorter and longer than a block,
+    against attention written out per token over keys t - W < s <= t."""
+    B, H, d = 2, 3, 5
+    q, k, v = (torch.randn(B, T, H, d, dtype=torch.float64) for _ in range(3))
+    out = sliding_window_attention(q, k, v, window)
+    kv = torch.stack([k.flatten(-2), v.flatten(-2)], dim=2)
     expected = torch.stack(
-        [reference_attention(q[:, t], torch.cat([persistent, candidates[:, mask[t]]], dim=1)) for t in range(T)],
-        dim=1,
+        [reference_attention(q[:, t], kv[:, max(0, t - window + 1) : t + 1]) for t in range(T)], dim=1
     )
     assert out.shape == (B, T, H, d)
     assert_close_rel(out, expected, FLOAT64_ACCUMULATION)
+
+
+@pytest.mark.parametrize("window", [1, 7, QUERY_BLOCK + 9], ids=lambda w: f"W{w}")
+def test_window_edge(window):
+    """Token t reads token t - W + 1 but not t - W: a value seen by exactly the W tokens
+    s .. s + W - 1 (a key that wins every softmax, a value only it has)."""
+    T, s, H, d = 2 * QUERY_BLOCK + 30, QUERY_BLOCK - 3, 1, 4
+    q, k, v = torch.ones(1, T, H, d), torch.zeros(1, T, H, d), torch.zeros(1, T, H, d)
+    k[0, s], v[0, s, 0, 0] = 50.0, 1.0
+    reads = sliding_window_attention(q, k, v, window)[0, :, 0, 0] > 0.5
+    assert reads.nonzero().flatten().tolist() == list(range(s, min(T, s + window)))
 
 
 def test_persistent_slots_learned_and_always_visible():
@@ -96,9 +109,11 @@ CHUNK_SCHEDULES = {
 
 @pytest.mark.parametrize("schedule", list(CHUNK_SCHEDULES), ids=str)
 def test_hds_visibility_rule(schedule):
-    """Each token sees exactly the entries DESIGN.md 2.2 allows (levels filled and
-    wrapped: S = 2, levels of 2/8/32 tokens, M = 3), whatever the chunking."""
-    S, L, M, B, D, N = 2, 3, 3, 2, 5, 230
+    """Each token sees exactly the long-term entries DESIGN.md 2.2 allows (levels filled
+    and wrapped: S = 2, levels of 2/8/32 tokens, M = 3), whatever the chunking: those
+    its query block gathers (``read_source``) and its row of ``read_mask`` keeps."""
+    S, L, M, B, D, N, P = 2, 3, 3, 2, 5, 600, 2
+    config = MMRecConfig(dim=4, n_heads=1, window=0, segment_len=S, n_levels=L, level_slots=M, persistent_slots=P)
     kv = torch.randn(B, N, 2, D, dtype=torch.float64)
     memory = torch.zeros(B, L, M, 2, D, dtype=torch.float64)
     sums = torch.zeros(B, L, 2, D, dtype=torch.float64)
@@ -107,24 +122,39 @@ def test_hds_visibility_rule(schedule):
         if start >= N:
             break
         chunk = kv[:, start : start + size]
-        candidates, mask, memory, sums = read_and_update(chunk, memory, sums, torch.tensor(start), S)
+        layout = memory_layout(torch.tensor(start), chunk.shape[1], config)
+        pool, memory, sums = update_long_term(chunk, memory, sums, layout, S)
+        n_blocks, Q, _ = layout.read_mask.shape
+        gathered = pool[:, layout.read_source].unflatten(1, (n_blocks, -1))
         for t in range(chunk.shape[1]):
-            p = start + t
-            match_entries(candidates[:, mask[t]], reference_visible(kv, p, S, L, M), f"token {p}")
+            seen = layout.read_mask[t // Q, t % Q, P:]
+            match_entries(gathered[:, t // Q, seen], reference_visible(kv, start + t, S, L, M), f"token {start + t}")
         start += chunk.shape[1]
 
 
+BLOCK_VARIANTS = {
+    "exact": dict(mode="exact"),
+    "parallel": dict(mode="parallel"),
+    "parallel-long-window": dict(mode="parallel", window=QUERY_BLOCK + 30),
+    "no-window": dict(mode="exact", window=0),
+    "no-long-term": dict(mode="exact", n_levels=0),
+    "no-recurrence": dict(mode="none"),
+}
+
+
 @pytest.mark.grad
-@pytest.mark.parametrize("mode", MODES)
-def test_block_against_reference(mode):
+@pytest.mark.parametrize("variant", list(BLOCK_VARIANTS))
+def test_block_against_reference(variant):
     """The whole block, outputs and gradients of every parameter and of x, in float64,
-    against the loops of reference_block (T prime, memory wrapped: S = 4, M = 3)."""
-    config = small_config(mode, segment_len=4, level_slots=3)
-    block = MMRecBlock(config).double()
+    against the loops of reference_block (T prime and past one query block, memory
+    wrapped: S = 4, M = 3), in both modes and each ablation."""
+    config = small_config(**{"segment_len": 4, "level_slots": 3, **BLOCK_VARIANTS[variant]})
     model = MMRecModel(config).double()
-    x = torch.randn(2, 97, config.dim, dtype=torch.float64, requires_grad=True)
+    block = model.blocks[0]
+    T = QUERY_BLOCK + 41
+    x = torch.randn(2, T, config.dim, dtype=torch.float64, requires_grad=True)
     state = model.initial_state(2).blocks[0]
-    out, new_state = block(x, state, torch.tensor(0))
+    out, new_state = block(x, state, memory_layout(torch.tensor(0), T, config))
     expected = reference_block(block, x, config)
     assert out.shape == x.shape
     assert_close_rel(out, expected, FLOAT64_ACCUMULATION)
@@ -136,6 +166,7 @@ def test_block_against_reference(mode):
     for name, g, e in zip(names, grads, expected_grads):
         assert_close_rel(g, e, FLOAT64_ACCUMULATION, f"grad of {name}")
     assert new_state.h.shape == (2, config.n_heads, config.head_dim)
+    assert new_state.window.shape == (2, max(config.window - 1, 0), 2, config.dim)
     assert new_state.memory.shape == (2, config.n_levels, config.level_slots, 2, config.dim)
     assert new_state.sums.shape == (2, config.n_levels, 2, config.dim)
 
@@ -143,11 +174,12 @@ def test_block_against_reference(mode):
 @pytest.mark.parametrize("layout", ["contiguous", "transposed"])
 def test_block_accepts_non_contiguous_input(layout):
     config = small_config("exact")
-    block = MMRecBlock(config)
-    state = MMRecModel(config).initial_state(2).blocks[0]
+    model = MMRecModel(config)
+    block, state = model.blocks[0], model.initial_state(2).blocks[0]
     x = torch.randn(2, 31, config.dim)
     strided = x.transpose(0, 1).contiguous().transpose(0, 1) if layout == "transposed" else x
     assert strided.is_contiguous() == (layout == "contiguous")
-    out, _ = block(strided, state, torch.tensor(5))
-    expected, _ = block(x, state, torch.tensor(5))
+    layout = memory_layout(torch.tensor(5), 31, config)
+    out, _ = block(strided, state, layout)
+    expected, _ = block(x, state, layout)
     assert torch.equal(out, expected)

@@ -100,7 +100,7 @@ def test_state_is_a_pytree_and_not_stored_on_modules():
     after = model.state_dict()
     assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
     leaves, spec = pytree.tree_flatten(state)
-    assert len(leaves) == 1 + 3 * config.n_layers and all(isinstance(t, torch.Tensor) for t in leaves)
+    assert len(leaves) == 1 + 4 * config.n_layers and all(isinstance(t, torch.Tensor) for t in leaves)
     assert pytree.tree_unflatten(leaves, spec) == state
     assert state.position.dtype == torch.int64 and state.position.item() == 20
     assert all(not t.requires_grad for t in pytree.tree_leaves(state.detach()))
