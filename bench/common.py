@@ -1,4 +1,5 @@
-"""What the benchmarks share: timing, the allocator setting, version info, output."""
+"""What the benchmarks share: timing, the allocator setting, regional compilation, either
+model's logits, version info, output."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from pathlib import Path
 import torch
 
 import mmrec_ops
+from mmrec_model import MMRecModel
 
 
 def keep_freed_memory() -> None:
@@ -22,6 +24,12 @@ def keep_freed_memory() -> None:
     m_trim_threshold, m_mmap_threshold = -1, -3
     libc.mallopt(m_mmap_threshold, 1 << 30)
     libc.mallopt(m_trim_threshold, (1 << 31) - 1)
+
+
+def synchronize(device: str) -> None:
+    """Waits for the GPU's queued work when device is 'cuda' (the CPU's is done on return)."""
+    if device == "cuda":
+        torch.cuda.synchronize()
 
 
 def median_time_ms(fn, device: str, warmup: int, repeats: int) -> float:
@@ -105,6 +113,27 @@ def versions(device: str) -> dict:
     else:
         info["device"] = f"CPU, {torch.get_num_threads()} threads"
     return info
+
+
+def compile_blocks(model: torch.nn.Module) -> None:
+    """Regional compilation: every block of ``model.blocks`` through torch.compile (one
+    shared graph), the way PyTorch's docs recommend for stacks of identical layers.
+
+    Dynamo's caches are reset first, so that each measurement compiles its own static
+    graph (not a dynamic one left by an earlier length, nor eager past the recompile limit).
+    """
+    torch._dynamo.reset()
+    for block in model.blocks:
+        block.compile(fullgraph=True)
+
+
+def model_logits(model: torch.nn.Module, ids: torch.Tensor, chunk_size: int | None = None) -> torch.Tensor:
+    """Logits [B, T, V] of ids [B, T] from either architecture: MMRecModel runs the blocks on
+    chunk_size tokens at a time with its state carried (None: all at once); a Transformer
+    reads all T tokens at once."""
+    if isinstance(model, MMRecModel):
+        return model(ids, chunk_size=chunk_size)[0]
+    return model(ids)
 
 
 def markdown_row(cells) -> str:

@@ -29,10 +29,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import keep_freed_memory, markdown_table, versions, write_results  # noqa: E402
 from mmrec_model import MMRecConfig, MMRecModel  # noqa: E402
-from mmrec_model.pretrain import next_byte_loss  # noqa: E402
+from mmrec_model.training import next_byte_loss  # noqa: E402
 
 
 def next_token_loss(model, ids):
+    """The training loss of the bytes ids [B, T]: the mean next-byte loss of ids[:, 1:]."""
     logits, _ = model(ids)
     return next_byte_loss(logits[:, :-1], ids[:, 1:]).mean()
 

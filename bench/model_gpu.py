@@ -20,12 +20,13 @@ Sections:
             time per new token (eager; MM-Rec also compiled with CUDA graphs),
             prompt (prefill) time, and the bytes of the state (MM-Rec) or KV
             cache (Transformer) the next token reads.
-  quality   each model trained for the same steps on the same batches of the
-            embedded corpus (the standard library's source, bytes), then the
-            validation bits per byte on the same fixed windows.
+
+How well each model learns (validation and long-context bits per byte after equal
+training, over seeds, with ablations) is bench/quality.py's; the quality section that
+bench/results/model_cuda_h100.md records was this script's before it moved there.
 
 Writes a Markdown table per section, the raw numbers (JSON) and a PNG of
-throughput, memory, generation and loss curves to --out.
+throughput, memory and generation to --out.
 """
 
 from __future__ import annotations
@@ -42,12 +43,18 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import markdown_table, versions, write_results  # noqa: E402
+from bench.common import (  # noqa: E402
+    compile_blocks,
+    markdown_table,
+    model_logits,
+    synchronize,
+    versions,
+    write_results,
+)
 from bench.transformer import KVCache, Transformer, TransformerConfig  # noqa: E402
 from mmrec_model import MMRecConfig, MMRecModel  # noqa: E402
 from mmrec_model.memory import BlockState, MemoryState  # noqa: E402
-from mmrec_model.data import load_corpus, train_batch, validation_offsets, windows  # noqa: E402
-from mmrec_model.pretrain import bits_per_byte, lr_factor, next_byte_loss  # noqa: E402
+from mmrec_model.training import autocast, next_byte_loss  # noqa: E402
 
 ARCHS = ("transformer", "mmrec-parallel", "mmrec-exact")
 
@@ -63,17 +70,9 @@ class Sizes:
     timed_steps: int = 5
     decode_tokens: int = 64
     prefill_chunk: int = 8192
-    quality_steps: int = 400
-    quality_batch: int = 16
-    quality_seq_len: int = 2048
-    quality_val_windows: int = 64
-    quality_lr: float = 1e-3
-    quality_log_every: int = 10
 
 
-SMOKE = Sizes(dim=64, n_layers=2, n_heads=2, tokens_per_step=512, timed_steps=2, decode_tokens=4,
-              prefill_chunk=128, quality_steps=4, quality_batch=2, quality_seq_len=128,
-              quality_val_windows=4, quality_log_every=2)
+SMOKE = Sizes(dim=64, n_layers=2, n_heads=2, tokens_per_step=512, timed_steps=2, decode_tokens=4, prefill_chunk=128)
 
 
 # --- models -------------------------------------------------------------------------
@@ -89,35 +88,9 @@ def build(arch: str, sizes: Sizes, device: str) -> torch.nn.Module:
     return model.to(device)
 
 
-def compile_blocks(model: torch.nn.Module) -> None:
-    """Regional compilation: every block through torch.compile (one shared graph).
-
-    Dynamo's caches are reset first, so that each measurement compiles its own static
-    graph (not a dynamic one left by an earlier length, nor eager past the recompile limit).
-    """
-    torch._dynamo.reset()
-    for block in model.blocks:
-        block.compile(fullgraph=True)
-
-
-def logits_of(model, ids: torch.Tensor, chunk_size: int | None = None) -> torch.Tensor:
-    if isinstance(model, MMRecModel):
-        return model(ids, chunk_size=chunk_size)[0]
-    return model(ids)
-
-
 def loss_of(model, ids, targets, chunk_size=None) -> torch.Tensor:
     """The pretraining loss (mean next-byte cross-entropy) of either architecture."""
-    return next_byte_loss(logits_of(model, ids, chunk_size), targets).mean()
-
-
-def autocast(device: str):
-    return torch.autocast(device, dtype=torch.bfloat16)
-
-
-def synchronize(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.synchronize()
+    return next_byte_loss(model_logits(model, ids, chunk_size), targets).mean()
 
 
 def reset_memory(device: str) -> None:
@@ -143,7 +116,7 @@ def train_row(arch, compiled, T, chunk_size, sizes, device) -> dict:
     inputs, targets = ids[:, :-1], ids[:, 1:]
 
     def step():
-        with autocast(device):
+        with autocast(device, torch.bfloat16):
             loss = loss_of(model, inputs, targets, chunk_size)
         loss.backward()
         optimizer.step()
@@ -199,7 +172,7 @@ def generate_row(model, step, context, sizes, device) -> dict:
     row = {"context": context}
     prompt = torch.randint(0, 256, (1, context), device=device)
     try:
-        with autocast(device):
+        with autocast(device, torch.bfloat16):
             start = time.perf_counter()
             logits, next_logits, row["state_bytes"] = start_decoding(model, step, prompt, sizes, device)
             synchronize(device)
@@ -257,62 +230,6 @@ def generate_section(args, sizes, device) -> list[dict]:
     return rows
 
 
-# --- quality ------------------------------------------------------------------------------
-
-
-@torch.no_grad()
-def validation_loss(model, corpus, sizes, device) -> float:
-    offsets = validation_offsets(corpus, sizes.quality_val_windows, sizes.quality_seq_len)
-    total = 0.0
-    model.eval()
-    for chunk in offsets.split(sizes.quality_batch):
-        inputs, targets = (t.to(device) for t in windows(corpus.val, chunk, sizes.quality_seq_len))
-        with autocast(device):
-            total += loss_of(model, inputs, targets).item() * len(chunk)
-    model.train()
-    return total / len(offsets)
-
-
-def quality_row(arch, corpus, sizes, device, seed: int) -> dict:
-    """Trains one model for sizes.quality_steps steps (AdamW, warmup then cosine,
-    clipping 1.0, compiled blocks) on the batches of `seed`; validation at the end."""
-    model = build(arch, sizes, device)
-    compile_blocks(model)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=sizes.quality_lr, betas=(0.9, 0.95),
-                                  weight_decay=0.1, fused=device == "cuda")
-    warmup = max(1, sizes.quality_steps // 10)
-    curve = []
-    start = time.perf_counter()
-    for step in range(sizes.quality_steps):
-        for group in optimizer.param_groups:
-            group["lr"] = sizes.quality_lr * lr_factor(step, warmup, sizes.quality_steps)
-        inputs, targets = (t.to(device) for t in train_batch(corpus, step, seed, sizes.quality_batch,
-                                                             sizes.quality_seq_len))
-        with autocast(device):
-            loss = loss_of(model, inputs, targets)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        if step % sizes.quality_log_every == 0 or step == sizes.quality_steps - 1:
-            curve.append((step, loss.item()))
-    train_s = time.perf_counter() - start
-    val = validation_loss(model, corpus, sizes, device)
-    tokens = sizes.quality_steps * sizes.quality_batch * sizes.quality_seq_len
-    return {"arch": arch, "parameters": sum(p.numel() for p in model.parameters()), "tokens": tokens,
-            "train_s": train_s, "val_loss": val, "val_bpb": bits_per_byte(val), "curve": curve}
-
-
-def quality_section(args, sizes, device) -> list[dict]:
-    corpus = load_corpus(None)
-    rows = []
-    for arch in args.archs:
-        row = quality_row(arch, corpus, sizes, device, args.seed)
-        print({k: v for k, v in row.items() if k != "curve"}, file=sys.stderr, flush=True)
-        rows.append(row)
-    return rows
-
-
 # --- output ---------------------------------------------------------------------------------
 
 
@@ -345,12 +262,6 @@ def render(results: dict, info: dict) -> str:
             [[r["arch"], yes(r["compiled"]), str(r["context"]), r.get("error") or fmt(r.get("ms_per_token"), ".2f"),
               fmt(r["state_bytes"] / 2**20 if "state_bytes" in r else None, ".1f"), fmt(r.get("prefill_s"), ".2f")]
              for r in results["generate"]])
-    if results.get("quality"):
-        lines += section(
-            "Quality (same steps, batches and schedule; validation on the same windows):",
-            ["model", "parameters", "training tokens", "training time (s)", "val loss", "val bits/byte"],
-            [[r["arch"], f"{r['parameters'] / 1e6:.1f}M", f"{r['tokens'] / 1e6:.1f}M", f"{r['train_s']:.0f}",
-              f"{r['val_loss']:.4f}", f"{r['val_bpb']:.4f}"] for r in results["quality"]])
     return "\n".join(lines).rstrip()
 
 
@@ -360,8 +271,8 @@ def plot(results: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(2, 2, figsize=(12, 9))
-    (ax_tps, ax_mem), (ax_gen, ax_q) = axes
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
+    ax_tps, ax_mem, ax_gen = axes
     for (arch, compiled, chunk), rows in _series(results.get("train", []), ("arch", "compiled", "chunk_size")).items():
         ok = [r for r in rows if "tokens_per_s" in r]
         label = f"{arch}{' compiled' if compiled else ''}{f' chunk {chunk}' if chunk else ''}"
@@ -374,16 +285,12 @@ def plot(results: dict, path: Path) -> None:
         if not compiled:
             ax_gen.plot([r["context"] for r in ok], [r["state_bytes"] / 2**20 for r in ok], "o-", label=f"{arch} state MiB")
         ax_gen.plot([r["context"] for r in ok], [r["ms_per_token"] for r in ok], "s--", label=f"{name} ms/token")
-    for r in results.get("quality", []):
-        steps, losses = zip(*r["curve"])
-        ax_q.plot(steps, [bits_per_byte(v) for v in losses], label=f"{r['arch']} (val {r['val_bpb']:.3f})")
     titles = [("training tokens/s (K) vs T", "T"), ("peak memory (GiB) vs T", "T"),
-              ("generation: state MiB and ms/token vs context", "context"), ("training loss (bits/byte)", "step")]
-    for ax, (title, xlabel) in zip(axes.flat, titles):
+              ("generation: state MiB and ms/token vs context", "context")]
+    for ax, (title, xlabel) in zip(axes, titles):
         ax.set_title(title)
         ax.set_xlabel(xlabel)
-        if xlabel != "step":
-            ax.set_xscale("log", base=2)
+        ax.set_xscale("log", base=2)
         if ax.lines:
             ax.legend(fontsize=7)
     ax_gen.set_yscale("log")
@@ -401,16 +308,13 @@ def _series(rows, keys):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
-    parser.add_argument("--sections", nargs="+", default=["train", "generate", "quality"],
-                        choices=["train", "generate", "quality"])
+    parser.add_argument("--sections", nargs="+", default=["train", "generate"], choices=["train", "generate"])
     parser.add_argument("--archs", nargs="+", default=list(ARCHS), choices=ARCHS)
     parser.add_argument("--seq-lens", type=int, nargs="+", default=None, help="training T (default 2048 8192 32768)")
     parser.add_argument("--chunk-sizes", type=int, nargs="*", default=None,
                         help="MM-Rec training also in chunks of these sizes (default 8192)")
     parser.add_argument("--compiled", type=int, nargs="+", default=[0, 1], choices=[0, 1], help="eager (0), compiled (1)")
     parser.add_argument("--contexts", type=int, nargs="+", default=None, help="generation contexts (default 2K 32K 128K)")
-    parser.add_argument("--quality-steps", type=int, default=None)
-    parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--smoke", action="store_true", help="tiny shapes: checks the script, measures nothing")
     parser.add_argument("--out", type=Path, default=None, help="output stem (.md, .json, .png)")
     parser.add_argument("--append", action="store_true",
@@ -418,8 +322,6 @@ def main() -> None:
     args = parser.parse_args()
 
     sizes = SMOKE if args.smoke else Sizes()
-    if args.quality_steps:
-        sizes.quality_steps = args.quality_steps
     args.seq_lens = args.seq_lens or ([128, 256] if args.smoke else [2048, 8192, 32768])
     args.chunk_sizes = args.chunk_sizes if args.chunk_sizes is not None else ([128] if args.smoke else [8192])
     args.contexts = args.contexts or ([64, 256] if args.smoke else [2048, 32768, 131072])
@@ -431,7 +333,7 @@ def main() -> None:
     results = {}
     if args.append and args.out and args.out.with_suffix(".json").exists():
         results = json.loads(args.out.with_suffix(".json").read_text())["results"]
-    sections = {"train": train_section, "generate": generate_section, "quality": quality_section}
+    sections = {"train": train_section, "generate": generate_section}
     for name in args.sections:
         results[name] = results.get(name, []) + sections[name](args, sizes, device)
     write_results(args.out, info, results, render(results, info))

@@ -1,10 +1,12 @@
-"""The Transformer that bench/model_gpu.py compares MM-Rec with: a GPT of the same
-width and depth (byte vocabulary, rotary position embeddings, PyTorch SDPA, RMSNorm,
-GELU FFN, tied head).
+"""The Transformer that bench/model_gpu.py and bench/quality.py compare MM-Rec with: a
+GPT of the same width and depth (byte vocabulary, rotary position embeddings, PyTorch
+SDPA, RMSNorm, GELU FFN, tied head).
 
 Written for the comparison only, not part of the package. Causal self-attention
 runs through ``F.scaled_dot_product_attention(is_causal=True)`` (flash kernels on
 CUDA). Generation keeps a preallocated KV cache ``[B, H, T_max, d]`` per layer.
+With ``window = W`` set, token t attends to tokens t - W < s <= t only, through
+MM-Rec's ``sliding_window_attention`` (O(T W)); that variant has no KV-cache decoding.
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from mmrec_model.attention import sliding_window_attention
 
 DECODE_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
@@ -30,6 +34,11 @@ class TransformerConfig:
     norm_eps: float = 1e-6
     init_std: float = 0.02
     rope_base: float = 10000.0
+    window: int | None = None  # None: full causal attention; W: the last W tokens
+
+    def __post_init__(self) -> None:
+        if self.window is not None and not (type(self.window) is int and self.window >= 1):
+            raise ValueError(f"TransformerConfig.window: expected a positive int or None, got {self.window!r}")
 
 
 def rotary_tables(positions: Tensor, head_dim: int, base: float) -> tuple[Tensor, Tensor]:
@@ -71,6 +80,7 @@ class Block(nn.Module):
         super().__init__()
         D = config.dim
         self.n_heads = config.n_heads
+        self.window = config.window
         self.norm_attn = nn.RMSNorm(D, eps=config.norm_eps)
         self.qkv = nn.Linear(D, 3 * D, bias=False)
         self.proj = nn.Linear(D, D, bias=False)
@@ -88,7 +98,11 @@ class Block(nn.Module):
         """x ``[B, T, D]``; rotation: cos and sin of x's positions (``rotary_tables``)."""
         q, k, v = (t.unflatten(-1, (self.n_heads, -1)).transpose(1, 2) for t in self.qkv(self.norm_attn(x)).chunk(3, -1))
         q, k = rotate(q, *rotation), rotate(k, *rotation)
-        if cache is None:
+        if self.window is not None:
+            # The window function takes and returns [B, T, H, d], and views its inputs as blocks.
+            qkv = (t.transpose(1, 2).contiguous() for t in (q, k, v))
+            attn = sliding_window_attention(*qkv, self.window).transpose(1, 2)
+        elif cache is None:
             attn = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         else:
             start, end = cache.length, cache.length + x.shape[1]
@@ -121,6 +135,8 @@ class Transformer(nn.Module):
     def forward(self, ids: Tensor, cache: KVCache | None = None) -> Tensor:
         if cache is not None and cache.length > 0 and ids.shape[1] > 1:
             raise ValueError("Transformer: with a non-empty cache, expected one token per call")
+        if cache is not None and self.config.window is not None:
+            raise ValueError("Transformer: a windowed model (config.window) has no KV-cache decoding")
         x = self.embed(ids)
         start = cache.length if cache is not None else 0
         positions = torch.arange(start, start + ids.shape[1], device=ids.device)

@@ -122,14 +122,17 @@ def read_documents(data: str | None) -> tuple[list[bytes], str]:
     raise DataError(f"--data {data}: no such file or folder")
 
 
-def load_corpus(data: str | None = None) -> Corpus:
-    """Reads and splits a corpus: the standard library's source when `data` is None,
-    else a text file, a JSONL file (field `text`) or a folder of text files."""
-    documents, source = read_documents(data)
+def validation_size(stream_bytes: int) -> int:
+    """Bytes of the validation split of a stream of `stream_bytes` bytes (its end)."""
+    return max(1, int(stream_bytes * VAL_FRACTION))
+
+
+def corpus_from_documents(documents: list[bytes], source: str) -> Corpus:
+    """The corpus of `documents` (empty ones left out) joined by DOC_SEPARATOR, split."""
     stream = DOC_SEPARATOR.join(doc for doc in documents if doc)
     if not stream:
         raise DataError(f"--data {source}: holds no text")
-    n_val = max(1, int(len(stream) * VAL_FRACTION))
+    n_val = validation_size(len(stream))
     tensor = torch.frombuffer(bytearray(stream), dtype=torch.uint8)
     return Corpus(
         train=tensor[:-n_val],
@@ -137,6 +140,31 @@ def load_corpus(data: str | None = None) -> Corpus:
         source=source,
         sha256=hashlib.sha256(stream).hexdigest(),
     )
+
+
+def load_corpus(data: str | None = None) -> Corpus:
+    """Reads and splits a corpus: the standard library's source when `data` is None,
+    else a text file, a JSONL file (field `text`) or a folder of text files."""
+    return corpus_from_documents(*read_documents(data))
+
+
+def validation_documents(documents: list[bytes]) -> list[tuple[int, int]]:
+    """(start, length) in corpus.val of each document lying wholly inside the validation
+    split of corpus_from_documents(documents), in corpus order.
+
+    Document i (empty ones left out) starts at byte s_i = sum_{j<i} (n_j + len(DOC_SEPARATOR))
+    of the stream of N bytes; the split starts at v = N - validation_size(N); document i is
+    in it iff s_i >= v, at corpus.val[s_i - v : s_i - v + n_i].
+    """
+    sizes = [len(doc) for doc in documents if doc]
+    stream_bytes = sum(sizes) + len(DOC_SEPARATOR) * max(0, len(sizes) - 1)
+    split_start = stream_bytes - validation_size(stream_bytes)
+    found, start = [], 0
+    for size in sizes:
+        if start >= split_start:
+            found.append((start - split_start, size))
+        start += size + len(DOC_SEPARATOR)
+    return found
 
 
 def check_window_fits(corpus: Corpus, seq_len: int) -> None:

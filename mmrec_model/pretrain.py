@@ -14,6 +14,8 @@ with AdamW (weight decay on matrices only), gradient-norm clipping, and a
 learning rate that warms up linearly for `warmup` steps, then follows a cosine
 down to lr / 10 at `steps`. Validation reports the same loss on fixed
 windows of the held-out split, and bits per byte = loss / ln 2 (a token is a byte).
+The loss, schedule, optimizer, step and evaluation are `mmrec_model.training`'s;
+this module is the command line, the run folder, checkpoints and torchrun around them.
 
 The run folder (`--out`) receives, from rank 0 only: checkpoint.pt (atomic),
 metrics.jsonl, loss.png, config.json and sample.txt.
@@ -23,9 +25,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import functools
 import json
-import math
 import os
 import sys
 import time
@@ -33,7 +33,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from .checkpoint import (
     CHECKPOINT_FORMAT,
@@ -46,12 +45,19 @@ from .checkpoint import (
     rng_states,
     save_checkpoint,
 )
-from .data import Corpus, DataError, check_window_fits, load_corpus, train_batch, validation_offsets, windows
+from .data import Corpus, DataError, check_window_fits, load_corpus, train_batch, validation_offsets
 from .generate import generate_text, operators_loaded
+from .training import (
+    all_reduce_sum,
+    bits_per_byte,
+    default_autocast_dtype,
+    evaluate,
+    make_optimizer,
+    make_scheduler,
+    train_step,
+)
 
 PROG = "mmrec-pretrain"
-MIN_LR_RATIO = 0.1
-ADAM_BETAS = (0.9, 0.95)
 METRICS_NAME = "metrics.jsonl"
 SAMPLE_TEMPERATURE, SAMPLE_TOP_K = 0.8, 40
 
@@ -159,29 +165,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def lr_factor(step: int, warmup: int, steps: int) -> float:
-    """Multiplier of the peak learning rate at optimizer step `step` (0-based)."""
-    if step < warmup:
-        return (step + 1) / warmup
-    progress = (step - warmup) / max(1, steps - warmup)
-    return MIN_LR_RATIO + (1 - MIN_LR_RATIO) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-
-
-def make_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.AdamW:
-    """AdamW with weight decay on matrices (embeddings, projections) and none on gains and biases."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = [
-        {"params": [p for p in params if p.dim() >= 2], "weight_decay": config.weight_decay},
-        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
-    ]
-    return torch.optim.AdamW(groups, lr=config.lr, betas=ADAM_BETAS)
-
-
-def make_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig) -> torch.optim.lr_scheduler.LambdaLR:
-    factor = functools.partial(lr_factor, warmup=config.warmup_steps, steps=config.steps)
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-
-
 # --- checking the command line before anything is written -------------------
 
 
@@ -200,8 +183,8 @@ def build_training(model_config, config: TrainConfig, device: torch.device, chec
 
     torch.manual_seed(config.seed)
     model = MMRecModel(model_config).to(device)
-    optimizer = make_optimizer(model, config)
-    scheduler = make_scheduler(optimizer, config)
+    optimizer = make_optimizer(model, config.lr, config.weight_decay)
+    scheduler = make_scheduler(optimizer, config.warmup_steps, config.steps)
     if checkpoint:
         try:
             model.load_state_dict(checkpoint["model"])
@@ -308,8 +291,7 @@ def pick_autocast_dtype(name: str, device: torch.device) -> torch.dtype | None:
     if name not in ("auto", "float32", "bfloat16"):
         raise UsageError(f"--dtype: expected auto, float32 or bfloat16, got {name!r}")
     if name == "auto":
-        gpu_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
-        return torch.bfloat16 if gpu_bf16 else None
+        return default_autocast_dtype(device)
     return torch.bfloat16 if name == "bfloat16" else None
 
 
@@ -374,56 +356,22 @@ def prepare(argv: list[str] | None) -> Run:
 # --- training -------------------------------------------------------------------
 
 
-def next_byte_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy per window, [B]: mean over its T positions of -log p(target)."""
-    per_token = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="none")
-    return per_token.view(targets.shape).mean(dim=1)
-
-
-def all_reduce_sum(value: torch.Tensor, world_size: int) -> torch.Tensor:
-    if world_size > 1:
-        torch.distributed.all_reduce(value)
-    return value
-
-
-@torch.no_grad()
-def evaluate(model, run: Run) -> float:
+def validation_loss(run: Run) -> float:
     """Mean validation loss (nats per byte) over the fixed validation windows, shared among ranks."""
     config = run.config
     offsets = validation_offsets(run.corpus, config.eval_batches * config.batch_size, config.seq_len)
-    share = config.batch_size // run.world_size
-    total = torch.zeros((), dtype=torch.float64, device=run.device)
-    was_training = model.training
-    model.eval()
-    for chunk in offsets[run.rank :: run.world_size].split(share):
-        inputs, targets = (t.to(run.device) for t in windows(run.corpus.val, chunk, config.seq_len))
-        with autocast(run):
-            logits, _ = model(inputs)
-        total += next_byte_loss(logits, targets).sum().double()
-    model.train(was_training)
-    return all_reduce_sum(total, run.world_size).item() / len(offsets)
+    return evaluate(run.training.model, run.corpus.val, offsets, config.seq_len, config.batch_size,
+                    run.autocast_dtype, run.rank, run.world_size)  # fmt: skip
 
 
-def autocast(run: Run):
-    enabled = run.autocast_dtype is not None
-    return torch.autocast(run.device.type, dtype=run.autocast_dtype or torch.bfloat16, enabled=enabled)
-
-
-def train_step(net: torch.nn.Module, run: Run, step: int) -> float:
+def run_step(net: torch.nn.Module, run: Run, step: int) -> float:
     """One optimizer step on this rank's share of step `step`'s global batch; returns the global mean loss."""
-    config = run.config
+    config, training = run.config, run.training
     share = train_batch(run.corpus, step, config.seed, config.batch_size, config.seq_len, run.rank, run.world_size)
     inputs, targets = (t.to(run.device) for t in share)
-    with autocast(run):
-        logits, _ = net(inputs)
-    loss = next_byte_loss(logits, targets).mean()
-    training = run.training
-    training.optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    torch.nn.utils.clip_grad_norm_(training.model.parameters(), config.grad_clip)
-    training.optimizer.step()
-    training.scheduler.step()
-    return all_reduce_sum(loss.detach().double(), run.world_size).item() / run.world_size
+    loss = train_step(net, inputs, targets, training.optimizer, training.scheduler, config.grad_clip,
+                      run.autocast_dtype)  # fmt: skip
+    return all_reduce_sum(loss.double(), run.world_size).item() / run.world_size
 
 
 def checkpoint_dict(run: Run, step: int) -> dict:
@@ -483,10 +431,6 @@ class RunFolder:
         fig.tight_layout()
         atomic_write(self.out / "loss.png", lambda f: fig.savefig(f, format="png", dpi=100))
         plt.close(fig)
-
-
-def bits_per_byte(loss: float) -> float:
-    return loss / math.log(2)
 
 
 def setup_distributed(run: Run) -> None:
@@ -551,7 +495,7 @@ def train(run: Run) -> None:
     bar = progress_bar(run)
 
     def validate_and_save(step: int) -> None:
-        val_loss = evaluate(run.training.model, run)
+        val_loss = validation_loss(run)
         if is_writer:
             folder.log({"step": step, "split": "val", "loss": val_loss, "bpb": bits_per_byte(val_loss)})
             save_checkpoint(run.out / CHECKPOINT_NAME, checkpoint_dict(run, step))
@@ -563,7 +507,7 @@ def train(run: Run) -> None:
     tokens_per_step, rate = config.batch_size * config.seq_len, None
     for step in range(run.start_step, run.stop_step):
         started = time.perf_counter()
-        loss = train_step(net, run, step)
+        loss = run_step(net, run, step)
         seconds = time.perf_counter() - started
         # The first step of a process pays for warm-up (and compilation): it is not a rate.
         if step > run.start_step:

@@ -1,6 +1,7 @@
-"""The GPU model benchmark runs end to end on tiny shapes on the CPU (--smoke), so the
-script cannot rot between GPU sessions; and its Transformer baseline's KV-cache decoding
-gives the logits of a full forward."""
+"""The GPU model benchmark and the quality benchmark run end to end on tiny shapes on the
+CPU (--smoke), so the scripts cannot rot between GPU sessions; the Transformer baseline's
+KV-cache decoding gives the logits of a full forward, and its windowed variant sees the
+last `window` tokens only."""
 
 from __future__ import annotations
 
@@ -32,7 +33,6 @@ def test_model_gpu_smoke(tmp_path):
     assert all(r["tokens_per_s"] > 0 for r in results["train"])
     # MM-Rec's state has the same size whatever the context; it is what generation reads.
     assert all(r["ms_per_token"] > 0 and r["state_bytes"] > 0 for r in results["generate"])
-    assert all(0 < r["val_bpb"] < 9 for r in results["quality"])
     assert out.with_suffix(".png").stat().st_size > 0
     assert "| mmrec-parallel |" in out.with_suffix(".md").read_text()
 
@@ -47,3 +47,51 @@ def test_transformer_cache_decoding_matches_full_forward():
         steps = [model(ids[:, :5], cache)] + [model(ids[:, t : t + 1], cache) for t in range(5, 11)]
     assert_close_rel(torch.cat(steps, dim=1), expected, FLOAT32_ACCUMULATION)
     assert cache.nbytes() == 2 * 2 * 2 * 11 * 32 * 4  # layers x (k, v) x batch x tokens x width x float32
+
+
+def run_quality(*args: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "bench/quality.py", *args], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)  # fmt: skip
+
+
+def finished(process: subprocess.Popen) -> str:
+    stdout, stderr = process.communicate(timeout=300)
+    assert process.returncode == 0, stderr[-3000:]
+    return stdout
+
+
+def test_quality_smoke_rows_in_parallel_then_report(tmp_path):
+    rows = tmp_path / "rows"
+    runs = [run_quality("run", "--smoke", "--arch", arch, "--seed", "3", "--out", str(rows))
+            for arch in ("mmrec", "transformer")]  # fmt: skip
+    for process in runs:
+        finished(process)
+    row = json.loads((rows / "mmrec-seed3.json").read_text())
+    assert 0 < row["val_bpb"] < 9 and row["tokens"] == 6 * 2 * 128 and row["parameters"] > 0
+    assert [b["band"] for b in row["long_context"]["bands"]] == ["0-64", "64-256", "256-1K"]
+    assert row["curve"]["step"] == [2, 4, 6] and row["torch"] == torch.__version__
+    stem = tmp_path / "report" / "quality"
+    table = finished(run_quality("report", str(rows), "--out", str(stem)))
+    assert "| mmrec | 1 |" in table and "| transformer | 1 |" in table and "256-1K" in table
+    assert stem.with_suffix(".md").read_text() == table
+    report = json.loads(stem.with_suffix(".json").read_text())
+    assert {r["arch"] for r in report["rows"]} == {"mmrec", "transformer"}
+    assert report["summary"]["archs"]["mmrec"]["val_bpb"]["mean"] == row["val_bpb"]
+    assert stem.with_suffix(".png").read_bytes().startswith(b"\x89PNG")
+
+
+def test_windowed_transformer_sees_the_last_window_tokens_only():
+    torch.manual_seed(0)
+    full = Transformer(TransformerConfig(dim=32, n_layers=2, n_heads=4)).eval()
+    windowed = Transformer(TransformerConfig(dim=32, n_layers=2, n_heads=4, window=3)).eval()
+    wide = Transformer(TransformerConfig(dim=32, n_layers=2, n_heads=4, window=256)).eval()
+    windowed.load_state_dict(full.state_dict())
+    wide.load_state_dict(full.state_dict())
+    ids = torch.randint(0, 256, (2, 256))  # a multiple of the window function's query blocks, as in training
+    changed = ids.clone()
+    changed[:, 0] = (ids[:, 0] + 1) % 256
+    with torch.no_grad():
+        assert_close_rel(wide(ids), full(ids), FLOAT32_ACCUMULATION)  # a window as long as the input: all of it
+        # Two layers of a 3-token window reach 2 * (3 - 1) = 4 tokens back: token 0 reaches positions 0-4 only.
+        difference = (windowed(changed) - windowed(ids)).abs().amax(dim=(0, 2))
+    assert (difference[:5] > 0).all() and (difference[5:] == 0).all()

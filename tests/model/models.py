@@ -5,10 +5,10 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from mmrec_model import MMRecConfig
+from mmrec_model.training import next_byte_loss
 from mmrec_ops.reference import recurrence_reference, scan_reference
 from tests.helpers import assert_close_rel, grad_tolerance, output_tolerance
 
@@ -27,7 +27,8 @@ def small_config(mode: str, **overrides) -> MMRecConfig:
 
 
 def next_token_loss(logits: Tensor, ids: Tensor) -> Tensor:
-    return F.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
+    """The training loss of logits ``[B, T, V]`` of ids ``[B, T]``: the mean next-byte loss of ids[:, 1:]."""
+    return next_byte_loss(logits[:, :-1], ids[:, 1:]).mean()
 
 
 def assert_logits_and_grads_close(model, logits, grads, expected_logits, expected_grads, what: str) -> None:

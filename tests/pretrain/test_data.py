@@ -111,6 +111,20 @@ def test_window_must_fit_in_both_splits(tmp_path):
         D.check_window_fits(corpus, 50)
 
 
+@pytest.mark.parametrize("sizes", [[30, 0, 45, 7, 12, 9, 3], [400, 5, 6], [1, 1]])
+def test_validation_documents_are_the_documents_wholly_in_the_split(sizes):
+    documents = [bytes([65 + i]) * size for i, size in enumerate(sizes)]  # each of its own letter
+    corpus = D.corpus_from_documents(documents, "letters")
+    found = D.validation_documents(documents)
+    kept = [doc for doc in documents if doc]
+    wholly_inside = kept[len(kept) - len(found) :]
+    assert [bytes(corpus.val[start : start + size].tolist()) for start, size in found] == wholly_inside
+    # The document before the first found one begins before the split.
+    first_start = found[0][0] if found else len(corpus.val) + len(D.DOC_SEPARATOR)
+    if len(found) < len(kept):
+        assert first_start - len(D.DOC_SEPARATOR) - len(kept[-len(found) - 1]) < 0
+
+
 def synthetic_corpus(n: int = 5003) -> D.Corpus:
     stream = torch.arange(n) % 251  # distinct neighbours: windows are recognisable
     train, val = stream[: n - 300].to(torch.uint8), stream[n - 300 :].to(torch.uint8)

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from mmrec_model import checkpoint as C
-from mmrec_model.pretrain import MIN_LR_RATIO, TrainConfig, UsageError, lr_factor, make_optimizer, resumed_config
+from mmrec_model.pretrain import TrainConfig, UsageError, resumed_config
+from mmrec_model.training import MIN_LR_RATIO, lr_factor, make_optimizer
 
 pytestmark = pytest.mark.pretrain
 
@@ -29,7 +30,7 @@ def test_schedule_warms_up_linearly_then_falls_by_cosine_to_a_tenth(warmup, step
 
 def test_weight_decay_applies_to_matrices_only():
     model = torch.nn.Sequential(torch.nn.Embedding(7, 5), torch.nn.Linear(5, 3), torch.nn.LayerNorm(3))
-    optimizer = make_optimizer(model, TrainConfig(weight_decay=0.25))
+    optimizer = make_optimizer(model, lr=1e-3, weight_decay=0.25)
     decayed, plain = optimizer.param_groups
     assert decayed["weight_decay"] == 0.25 and plain["weight_decay"] == 0.0
     assert {p.dim() for p in decayed["params"]} == {2}

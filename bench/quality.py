@@ -1,0 +1,539 @@
+"""How good the model is: MM-Rec, its ablations and Transformers trained alike, one row per
+(arch, seed), then one report over the rows.
+
+    python bench/quality.py run --arch mmrec --seed 0 --out runs/quality --compile
+    python bench/quality.py run --arch transformer --seed 0 --out runs/quality --compile
+    python bench/quality.py report runs/quality --out bench/results/quality_small_h100
+    python bench/quality.py run --smoke --arch mmrec --seed 0 --out /tmp/quality   # tiny, CPU, seconds
+
+Rows are independent: run them in any order, in separate calls or side by side in
+parallel processes (processes that share a GPU share its throughput, so their tokens/s
+are not the model's alone), then report the folder.
+
+Archs, all with the preset's width, depth and heads:
+  mmrec                the preset's MM-Rec
+  mmrec-no-window      window = 0: without the working memory
+  mmrec-no-longterm    n_levels = 0: without the long-term memory
+  mmrec-no-recurrence  mode = "none": without the short-term recurrence
+  transformer          bench/transformer.py's GPT, full causal attention
+  transformer-window   the same GPT attending to the last `window` tokens (the preset's)
+
+A row: torch.manual_seed(seed), the model, then --steps optimizer steps through
+mmrec_model.training (AdamW, weight decay on matrices, clipping, linear warmup then
+cosine; fused AdamW and bf16 autocast on CUDA; --compile compiles each block) on the
+batches train_batch(corpus, step, seed) of the embedded corpus (the standard library's
+source): every arch of one seed sees the same batches and schedule. Then, eagerly:
+  - validation bits per byte on the fixed windows validation_offsets(corpus, val_windows, seq_len);
+  - long-context bits per byte by position: the first L + 1 bytes (L = --long-len) of each
+    validation document that has them (at most --long-docs, in corpus order), batch 1;
+    the loss at each position, averaged over the documents and over the bands
+    [0, L/16), [L/16, L/4), [L/4, L) (0-2K, 2K-8K, 8K-32K at L = 32K). MM-Rec reads the
+    window in chunks of --chunk-size with its state carried, the Transformers in one call
+    (the full one, trained at seq_len, is expected to degrade beyond it).
+It is written (atomically) to DIR/<arch>-seed<S>.json: settings, model configuration,
+parameters, training bytes, time and tokens/s, the training curve (mean bits per byte of
+every --log-every steps), the measurements, device, versions and date.
+
+The report reads every DIR/*-seed*.json and gives, per arch, the mean over seeds with
+the range [min, max]; each ablation against the full model of the same seed; bits per
+byte by position. It writes STEM.md, STEM.json (rows and summary) and STEM.png
+(training curves and bits per byte by position, means over seeds).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from matplotlib.figure import Figure
+from tqdm import tqdm
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.common import compile_blocks, markdown_table, model_logits, synchronize, versions  # noqa: E402
+from bench.transformer import Transformer, TransformerConfig  # noqa: E402
+from mmrec_model import MMRecConfig, MMRecModel  # noqa: E402
+from mmrec_model.checkpoint import atomic_write  # noqa: E402
+from mmrec_model.data import (  # noqa: E402
+    Corpus,
+    check_window_fits,
+    corpus_from_documents,
+    read_documents,
+    train_batch,
+    validation_documents,
+    validation_offsets,
+)
+from mmrec_model.training import (  # noqa: E402
+    autocast,
+    bits_per_byte,
+    default_autocast_dtype,
+    evaluate,
+    make_optimizer,
+    make_scheduler,
+    token_losses,
+    train_step,
+)
+
+# Each ablation: the full model with one memory taken out (MMRecConfig overrides).
+ABLATIONS = {
+    "mmrec-no-window": ({"window": 0}, "working memory"),
+    "mmrec-no-longterm": ({"n_levels": 0}, "long-term memory"),
+    "mmrec-no-recurrence": ({"mode": "none"}, "short-term recurrence"),
+}
+MMREC_ARCHS = {"mmrec": {}, **{arch: overrides for arch, (overrides, _) in ABLATIONS.items()}}
+ARCHS = (*MMREC_ARCHS, "transformer", "transformer-window")
+ROW_GLOB = "*-seed*.json"
+MIN_LONG_DOCS = 2  # fewer documents than this measure one text, not long context
+
+
+@dataclass
+class Settings:
+    """What a row trains and measures: the `run` command's options."""
+
+    preset: str = "small"
+    sizes: dict = field(default_factory=dict)  # MMRecConfig overrides of the preset's sizes (--smoke's)
+    steps: int = 2000
+    batch_size: int = 16
+    seq_len: int = 2048
+    lr: float = 1e-3
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+    log_every: int = 20
+    val_windows: int = 64
+    long_len: int = 32768
+    long_docs: int = 8
+    chunk_size: int = 4096
+    compile: bool = False
+    device: str = "cuda"
+
+    @property
+    def warmup_steps(self) -> int:
+        return self.steps // 20
+
+
+SMOKE = Settings(
+    preset="tiny", sizes=dict(dim=32, n_layers=2, n_heads=2), steps=6, batch_size=2, seq_len=128, lr=3e-3,
+    log_every=2, val_windows=4, long_len=1024, long_docs=2, chunk_size=256, device="cpu",
+)  # fmt: skip
+
+OPTIONS = {  # option: (type, help)
+    "preset": (str, "MMRecConfig preset whose width, depth, heads (and window) every arch takes"),
+    "steps": (int, "optimizer steps"),
+    "batch_size": (int, "windows per step"),
+    "seq_len": (int, "bytes per training and validation window"),
+    "lr": (float, "peak learning rate"),
+    "log_every": (int, "steps per point of the training curve"),
+    "val_windows": (int, "validation windows"),
+    "long_len": (int, "bytes of each long-context window"),
+    "long_docs": (int, "most long documents measured"),
+    "chunk_size": (int, "MM-Rec's chunk on the long-context windows"),
+}
+
+
+# --- a row ---------------------------------------------------------------------------------
+
+
+def check_settings(settings: Settings) -> None:
+    positive = ("steps", "batch_size", "seq_len", "log_every", "val_windows", "long_len", "long_docs", "chunk_size")
+    for name in positive:
+        if getattr(settings, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')}: expected a positive integer, got {getattr(settings, name)}")
+    if not settings.lr > 0:
+        raise ValueError(f"--lr: expected a positive number, got {settings.lr}")
+    if settings.device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda: no CUDA device is available here (--device cpu, or --smoke)")
+
+
+def model_config(arch: str, settings: Settings) -> MMRecConfig | TransformerConfig:
+    """The preset (with settings.sizes) and the arch's overrides; a Transformer takes the
+    preset's width, depth, heads and FFN width, and transformer-window its window."""
+    preset = MMRecConfig.preset(settings.preset, **settings.sizes, **MMREC_ARCHS.get(arch, {}))
+    if arch in MMREC_ARCHS:
+        return preset
+    window = preset.window if arch == "transformer-window" else None
+    return TransformerConfig(
+        dim=preset.dim, n_layers=preset.n_layers, n_heads=preset.n_heads, ffn_mult=preset.ffn_mult, window=window
+    )
+
+
+def build_model(config: MMRecConfig | TransformerConfig, seed: int, device: torch.device) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    model = MMRecModel(config) if isinstance(config, MMRecConfig) else Transformer(config)
+    return model.to(device)
+
+
+def to_device(batch: tuple[torch.Tensor, ...], device: torch.device) -> tuple[torch.Tensor, ...]:
+    """The batch on `device`; to a GPU through pinned memory, so that the host does not wait
+    for the GPU's queue (a pageable copy would)."""
+    if device.type != "cuda":
+        return batch
+    return tuple(t.pin_memory().to(device, non_blocking=True) for t in batch)
+
+
+def loss_curve(losses: torch.Tensor, every: int) -> dict:
+    """Mean training bits per byte over each `every` steps of the per-step losses [steps]:
+    {"every", "step": the last step of each span (1-based), "bpb"}."""
+    spans = losses.double().split(every)
+    return {
+        "every": every,
+        "step": [min((i + 1) * every, len(losses)) for i in range(len(spans))],
+        "bpb": [bits_per_byte(span.mean().item()) for span in spans],
+    }
+
+
+def train(model: torch.nn.Module, corpus: Corpus, settings: Settings, seed: int, autocast_dtype) -> dict:
+    """settings.steps steps on the batches of `seed`; times and the training curve. The loop
+    reads nothing back from the GPU; the first step (which compiles) is timed apart."""
+    device = next(model.parameters()).device
+    optimizer = make_optimizer(model, settings.lr, settings.weight_decay, fused=device.type == "cuda")
+    scheduler = make_scheduler(optimizer, settings.warmup_steps, settings.steps)
+    losses = []
+    start = time.perf_counter()
+    for step in tqdm(range(settings.steps), desc="train", unit="step", mininterval=10, file=sys.stderr):
+        batch = train_batch(corpus, step, seed, settings.batch_size, settings.seq_len)
+        inputs, targets = to_device(batch, device)
+        losses.append(train_step(model, inputs, targets, optimizer, scheduler, settings.grad_clip, autocast_dtype))
+        if step == 0:
+            synchronize(device.type)
+            first_done = time.perf_counter()
+    synchronize(device.type)
+    end = time.perf_counter()
+    step_tokens = settings.batch_size * settings.seq_len
+    return {
+        "train_s": end - start,
+        "first_step_s": first_done - start,
+        "tokens_per_s": (settings.steps - 1) * step_tokens / (end - first_done) if settings.steps > 1 else None,
+        "curve": loss_curve(torch.stack(losses).cpu(), settings.log_every),
+    }
+
+
+def position_bands(length: int) -> list[tuple[int, int]]:
+    """[0, L/16), [L/16, L/4), [L/4, L): 0-2K, 2K-8K, 8K-32K at L = 32768."""
+    return [(0, length // 16), (length // 16, length // 4), (length // 4, length)]
+
+
+def size_label(n: int) -> str:
+    return f"{n // 1024}K" if n and n % 1024 == 0 else str(n)
+
+
+def long_windows(documents: list[bytes], corpus: Corpus, length: int, count: int) -> list[torch.Tensor]:
+    """The first length + 1 bytes (int64) of each validation document that has them, at most `count`."""
+    starts = [start for start, size in validation_documents(documents) if size >= length + 1][:count]
+    return [corpus.val[start : start + length + 1].long() for start in starts]
+
+
+@torch.no_grad()
+def position_losses(model, windows: list[torch.Tensor], chunk_size: int, autocast_dtype) -> torch.Tensor:
+    """Next-byte loss at every position of each window, [documents, L], one window at a time."""
+    device = next(model.parameters()).device
+    model.eval()
+    rows = []
+    for window in windows:
+        ids = window.to(device)[None]
+        with autocast(device, autocast_dtype):
+            logits = model_logits(model, ids[:, :-1], chunk_size)
+        rows.append(token_losses(logits, ids[:, 1:])[0])
+    return torch.stack(rows)
+
+
+def long_context(model, documents: list[bytes], corpus: Corpus, settings: Settings, autocast_dtype) -> dict:
+    """Bits per byte by position band on the long validation documents (or a note why not)."""
+    length = settings.long_len
+    windows = long_windows(documents, corpus, length, settings.long_docs)
+    measured = {"length": length, "documents": len(windows), "bands": []}
+    if len(windows) < MIN_LONG_DOCS:
+        measured["note"] = (f"not measured: {len(windows)} validation document(s) of {corpus.source} hold "
+                            f"{length + 1} bytes, fewer than {MIN_LONG_DOCS}")  # fmt: skip
+        return measured
+    losses = position_losses(model, windows, settings.chunk_size, autocast_dtype)
+    for start, end in position_bands(length):
+        band = {"band": f"{size_label(start)}-{size_label(end)}", "start": start, "end": end}
+        measured["bands"].append({**band, "bpb": bits_per_byte(losses[:, start:end].mean().item())})
+    return measured
+
+
+def measure_row(arch: str, seed: int, settings: Settings, config, documents: list[bytes], corpus: Corpus) -> dict:
+    """Trains the arch on the batches of `seed`, then measures it: the row's record."""
+    device = torch.device(settings.device)
+    model = build_model(config, seed, device)
+    if settings.compile:
+        compile_blocks(model)
+    autocast_dtype = default_autocast_dtype(device)
+    parameters = sum(p.numel() for p in model.parameters())
+    print(f"quality: {arch} seed {seed}: {parameters:,} parameters, {settings.steps} steps of "
+          f"{settings.batch_size} x {settings.seq_len} bytes on {device}", file=sys.stderr, flush=True)  # fmt: skip
+    trained = train(model, corpus, settings, seed, autocast_dtype)
+    # Evaluation shapes differ from training's: eager spares compiling them.
+    with torch.compiler.set_stance("force_eager"):
+        offsets = validation_offsets(corpus, settings.val_windows, settings.seq_len)
+        val_loss = evaluate(model, corpus.val, offsets, settings.seq_len, settings.batch_size, autocast_dtype)
+        long = long_context(model, documents, corpus, settings, autocast_dtype)
+    return {
+        "arch": arch, "seed": seed, "settings": dataclasses.asdict(settings),
+        "model_config": dataclasses.asdict(config), "parameters": parameters,
+        "tokens": settings.steps * settings.batch_size * settings.seq_len, **trained,
+        "val_loss": val_loss, "val_bpb": bits_per_byte(val_loss), "long_context": long,
+        "corpus": corpus.describe(), "autocast": str(autocast_dtype).replace("torch.", ""),
+        **versions(settings.device), "command": "python " + " ".join(sys.argv),
+    }  # fmt: skip
+
+
+def write_row(row: dict, folder: Path) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{row['arch']}-seed{row['seed']}.json"
+    atomic_write(path, lambda f: f.write(json.dumps(row, indent=2).encode()))
+    return path
+
+
+def run_command(args: argparse.Namespace) -> None:
+    given = {name: value for name, value in vars(args).items() if name in OPTIONS or name in ("compile", "device")}
+    settings = dataclasses.replace(SMOKE if args.smoke else Settings(), **given)
+    try:
+        check_settings(settings)
+        config = model_config(args.arch, settings)
+        documents, source = read_documents(None)
+        corpus = corpus_from_documents(documents, source)
+        check_window_fits(corpus, settings.seq_len)
+    except ValueError as err:
+        sys.exit(f"quality.py run: error: {err}")
+    row = measure_row(args.arch, args.seed, settings, config, documents, corpus)
+    path = write_row(row, args.out)
+    bands = ", ".join(f"{b['band']} {b['bpb']:.3f}" for b in row["long_context"]["bands"]) or "-"
+    print(f"{path}: val bits/byte {row['val_bpb']:.4f}; by position {bands}; {row['train_s']:.0f} s")
+
+
+# --- the report ----------------------------------------------------------------------------
+
+
+def load_rows(folder: Path) -> list[dict]:
+    paths = sorted(folder.glob(ROW_GLOB))
+    if not paths:
+        raise ValueError(f"{folder}: no rows (<arch>-seed<S>.json) to report")
+    return [json.loads(path.read_text()) for path in paths]
+
+
+def group_by_arch(rows: list[dict]) -> dict[str, list[dict]]:
+    """Rows per arch (ARCHS' order, then any other), each list in seed order."""
+    order = {arch: i for i, arch in enumerate(ARCHS)}
+    groups = {}
+    for row in sorted(rows, key=lambda r: (order.get(r["arch"], len(order)), r["arch"], r["seed"])):
+        groups.setdefault(row["arch"], []).append(row)
+    return groups
+
+
+def stats(values: list[float]) -> dict | None:
+    """Mean, min, max and count of `values`; None when there are none."""
+    if not values:
+        return None
+    return {"mean": statistics.fmean(values), "min": min(values), "max": max(values), "n": len(values)}
+
+
+def mean_curve(rows: list[dict]) -> dict:
+    """The training curve averaged over the rows (to the shortest)."""
+    n = min(len(r["curve"]["bpb"]) for r in rows)
+    bpb = [statistics.fmean(r["curve"]["bpb"][i] for r in rows) for i in range(n)]
+    return {"step": rows[0]["curve"]["step"][:n], "bpb": bpb}
+
+
+def band_bpb(row: dict) -> dict[str, float]:
+    return {band["band"]: band["bpb"] for band in row["long_context"]["bands"]}
+
+
+def farthest_bpb(row: dict) -> float | None:
+    """Bits per byte of the last position band (beyond a window's reach); None if not measured."""
+    bands = row["long_context"]["bands"]
+    return bands[-1]["bpb"] if bands else None
+
+
+def arch_summary(rows: list[dict]) -> dict:
+    bands = [band_bpb(r) for r in rows]
+    labels = list(dict.fromkeys(label for b in bands for label in b))
+    return {
+        "seeds": [r["seed"] for r in rows],
+        "parameters": rows[0]["parameters"],
+        "tokens": rows[0]["tokens"],
+        "tokens_per_s": stats([r["tokens_per_s"] for r in rows if r["tokens_per_s"]]),
+        "val_bpb": stats([r["val_bpb"] for r in rows]),
+        "bands": {label: stats([b[label] for b in bands if label in b]) for label in labels},
+        "long_context_notes": sorted({r["long_context"]["note"] for r in rows if "note" in r["long_context"]}),
+        "curve": mean_curve(rows),
+    }
+
+
+def spread(summary: dict | None) -> float | None:
+    """max - min over seeds; None with fewer than two."""
+    return summary["max"] - summary["min"] if summary and summary["n"] > 1 else None
+
+
+def ablation_summary(groups: dict[str, list[dict]], archs: dict[str, dict]) -> list[dict]:
+    """Each ablation minus the full model of the same seed: validation, and the farthest band."""
+    full = {r["seed"]: r for r in groups.get("mmrec", [])}
+    full_bands = archs["mmrec"]["bands"]
+    far_band = list(full_bands)[-1] if full_bands else None
+    ablations = []
+    for arch, (_, removes) in ABLATIONS.items():
+        pairs = [(r, full[r["seed"]]) for r in groups.get(arch, []) if r["seed"] in full]
+        if not pairs:
+            continue
+        far = [(farthest_bpb(r), farthest_bpb(f)) for r, f in pairs]
+        ablations.append({
+            "arch": arch, "removes": removes, "seeds": [r["seed"] for r, _ in pairs],
+            "val_delta": stats([r["val_bpb"] - f["val_bpb"] for r, f in pairs]),
+            "far_band": far_band, "far_delta": stats([a - b for a, b in far if a is not None and b is not None]),
+            "full_val_spread": spread(archs["mmrec"]["val_bpb"]),
+            "full_far_spread": spread(full_bands.get(far_band)),
+        })  # fmt: skip
+    return ablations
+
+
+def distinct(rows: list[dict], key: str) -> str:
+    return ", ".join(sorted({str(r.get(key) or "-") for r in rows}))
+
+
+def header_summary(rows: list[dict]) -> dict:
+    """Where and with what the rows ran, and the settings that differ between them."""
+    settings = [r["settings"] for r in rows]
+    differing = sorted(name for name in settings[0] if len({json.dumps(s.get(name)) for s in settings}) > 1)
+    return {
+        "rows": len(rows), "device": distinct(rows, "device"), "torch": distinct(rows, "torch"),
+        "triton": distinct(rows, "triton"), "dates": distinct(rows, "date"), "corpus": distinct(rows, "corpus"),
+        "settings": settings[0], "differing_settings": differing,
+    }  # fmt: skip
+
+
+def summarize(rows: list[dict]) -> dict:
+    groups = group_by_arch(rows)
+    archs = {arch: arch_summary(arch_rows) for arch, arch_rows in groups.items()}
+    ablations = ablation_summary(groups, archs) if "mmrec" in archs else []
+    return {"header": header_summary(rows), "archs": archs, "ablations": ablations}
+
+
+def fmt_stats(summary: dict | None, spec: str = ".4f") -> str:
+    """'mean [min, max]' ('mean' alone for one seed; '-' for none)."""
+    if summary is None:
+        return "-"
+    if summary["n"] == 1:
+        return format(summary["mean"], spec)
+    return f"{summary['mean']:{spec}} [{summary['min']:{spec}}, {summary['max']:{spec}}]"
+
+
+def beyond(delta: dict | None, full_spread: float | None) -> str:
+    """Whether the ablation's mean loss increase exceeds the full model's spread between seeds."""
+    if delta is None or full_spread is None:
+        return "n/a"
+    return "yes" if delta["mean"] > full_spread else "no"
+
+
+def render(summary: dict) -> str:
+    head, archs = summary["header"], summary["archs"]
+    s = head["settings"]
+    sizes = "".join(f", {name} {value}" for name, value in s["sizes"].items())
+    lines = [
+        "# Quality: MM-Rec, its ablations and Transformers trained alike",
+        "",
+        f"{head['rows']} rows (`bench/quality.py run`); {head['device']}; torch {head['torch']}; "
+        f"Triton {head['triton']}; dated {head['dates']}.",
+        f"Preset {s['preset']}{sizes}; {s['steps']} steps of {s['batch_size']} x {s['seq_len']} bytes, "
+        f"lr {s['lr']}, compiled: {s['compile']}; validation: {s['val_windows']} windows of {s['seq_len']} bytes; "
+        f"long context: windows of {s['long_len']} bytes. Corpus: {head['corpus']}.",
+        "Figures: mean over seeds, with [min, max] over seeds when there are several.",
+    ]
+    if head["differing_settings"]:
+        lines.append(f"**The rows differ in settings: {', '.join(head['differing_settings'])}.**")
+    lines += ["", "## Validation", ""] + markdown_table(
+        ["arch", "seeds", "parameters", "training bytes", "tokens/s", "val bits/byte"],
+        [[arch, str(len(a["seeds"])), f"{a['parameters'] / 1e6:.2f}M", f"{a['tokens'] / 1e6:.1f}M",
+          fmt_stats(a["tokens_per_s"], ",.0f"), fmt_stats(a["val_bpb"])] for arch, a in archs.items()],
+    )  # fmt: skip
+    if summary["ablations"]:
+        lines += ["", "## Ablations: the full model (mmrec) without one memory, seed by seed", "",
+                  "Δ = ablation - full model (bits/byte; > 0: the memory helps). Beyond spread: the mean Δ "
+                  "exceeds the full model's spread (max - min) between seeds (n/a with one seed).", ""]  # fmt: skip
+        lines += markdown_table(
+            ["without", "arch", "seeds", "Δ val", "Δ farthest band", "beyond spread (val, far)"],
+            [[a["removes"], a["arch"], str(len(a["seeds"])), fmt_stats(a["val_delta"], "+.4f"),
+              f"{fmt_stats(a['far_delta'], '+.4f')} ({a['far_band'] or '-'})",
+              f"{beyond(a['val_delta'], a['full_val_spread'])}, {beyond(a['far_delta'], a['full_far_spread'])}"]
+             for a in summary["ablations"]],
+        )  # fmt: skip
+    labels = list(dict.fromkeys(label for a in archs.values() for label in a["bands"]))
+    lines += ["", "## Long context: bits per byte by position", ""]
+    if labels:
+        band_rows = [[arch, *(fmt_stats(a["bands"].get(label)) for label in labels)] for arch, a in archs.items()]
+        lines += markdown_table(["arch", *labels], band_rows)
+    lines += [f"{arch}: {note}" for arch, a in archs.items() for note in a["long_context_notes"]]
+    return "\n".join(lines)
+
+
+def plot(summary: dict, path: Path) -> None:
+    fig = Figure(figsize=(13, 4.5))
+    ax_curve, ax_bands = fig.subplots(1, 2)
+    for arch, a in summary["archs"].items():
+        ax_curve.plot(a["curve"]["step"], a["curve"]["bpb"], label=arch)
+        if a["bands"]:
+            means = [band["mean"] for band in a["bands"].values()]
+            ax_bands.plot(range(len(means)), means, "o-", label=arch)
+            ax_bands.set_xticks(range(len(means)), list(a["bands"]))
+    ax_curve.set(title="training loss, mean over seeds", xlabel="step", ylabel="bits per byte")
+    ax_bands.set(title="long context: bits per byte by position", xlabel="position band", ylabel="bits per byte")
+    for ax in (ax_curve, ax_bands):
+        ax.grid(alpha=0.3)
+        if ax.lines:
+            ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def report_command(args: argparse.Namespace) -> None:
+    try:
+        rows = load_rows(args.folder)
+    except ValueError as err:
+        sys.exit(f"quality.py report: error: {err}")
+    stem = args.out or args.folder / "report"
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    summary = summarize(rows)
+    table = render(summary)
+    stem.with_suffix(".md").write_text(table + "\n")
+    stem.with_suffix(".json").write_text(json.dumps({"summary": summary, "rows": rows}, indent=2))
+    plot(summary, stem.with_suffix(".png"))
+    print(table)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    run = commands.add_parser("run", help="train and measure one (arch, seed) row")
+    run.add_argument("--arch", required=True, choices=ARCHS)
+    run.add_argument("--seed", type=int, required=True, help="seeds the initial weights and the training batches")
+    run.add_argument("--out", type=Path, required=True, metavar="DIR", help="folder of the rows")
+    run.add_argument("--smoke", action="store_true", help="tiny sizes on the CPU, seconds: checks the script")
+    for name, (kind, help_text) in OPTIONS.items():
+        defaults = f"default {getattr(Settings(), name)}, --smoke {getattr(SMOKE, name)}"
+        run.add_argument("--" + name.replace("_", "-"), type=kind, default=argparse.SUPPRESS,
+                         help=f"{help_text} ({defaults})")  # fmt: skip
+    run.add_argument("--compile", action="store_true", default=argparse.SUPPRESS, help="torch.compile each block")
+    run.add_argument("--device", choices=["cuda", "cpu"], default=argparse.SUPPRESS, help="default cuda (--smoke: cpu)")
+    report = commands.add_parser("report", help="tables and plots over the rows of a folder")
+    report.add_argument("folder", type=Path, help="folder of the rows (run's --out)")
+    report.add_argument("--out", type=Path, default=None, metavar="STEM",
+                        help="writes STEM.md, STEM.json, STEM.png (default: FOLDER/report)")
+    return parser
+
+
+def main() -> None:
+    args = build_parser().parse_args()
+    if args.command == "run":
+        run_command(args)
+    else:
+        report_command(args)
+
+
+if __name__ == "__main__":
+    main()
