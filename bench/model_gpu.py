@@ -4,7 +4,7 @@
     python bench/model_gpu.py --sections train --seq-lens 2048 8192      # a part
     python bench/model_gpu.py --smoke --device cpu                       # tiny shapes, checks the script
 
-Contenders: MMRecModel ``base`` (12 layers, width 768) in modes parallel
+Contenders: MMRecModel ``base`` (12 layers, width 768, its 1024-token window) in modes parallel
 (mmrec.scan) and exact (mmrec.recurrence), and bench/transformer.py's GPT
 (12 layers, width 768, PyTorch SDPA with is_causal), each eager and compiled;
 bf16 autocast, float32 parameters, fused AdamW. "Compiled" is regional
@@ -84,7 +84,8 @@ def build(arch: str, sizes: Sizes, device: str) -> torch.nn.Module:
         model = Transformer(TransformerConfig(dim=sizes.dim, n_layers=sizes.n_layers, n_heads=sizes.n_heads))
     else:
         mode = arch.split("-")[1]
-        model = MMRecModel(MMRecConfig(dim=sizes.dim, n_layers=sizes.n_layers, n_heads=sizes.n_heads, mode=mode))
+        config = MMRecConfig.preset("base", dim=sizes.dim, n_layers=sizes.n_layers, n_heads=sizes.n_heads, mode=mode)
+        model = MMRecModel(config)
     return model.to(device)
 
 
