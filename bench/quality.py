@@ -99,6 +99,7 @@ class Settings:
 
     preset: str = "small"
     sizes: dict = field(default_factory=dict)  # MMRecConfig overrides of the preset's sizes (--smoke's)
+    window: int | None = None  # None: the preset's
     steps: int = 2000
     batch_size: int = 16
     seq_len: int = 2048
@@ -125,6 +126,7 @@ SMOKE = Settings(
 
 OPTIONS = {  # option: (type, help)
     "preset": (str, "MMRecConfig preset whose width, depth, heads (and window) every arch takes"),
+    "window": (int, "the working memory's window of mmrec, its ablations and transformer-window (None: the preset's)"),
     "steps": (int, "optimizer steps"),
     "batch_size": (int, "windows per step"),
     "seq_len": (int, "bytes per training and validation window"),
@@ -154,7 +156,8 @@ def check_settings(settings: Settings) -> None:
 def model_config(arch: str, settings: Settings) -> MMRecConfig | TransformerConfig:
     """The preset (with settings.sizes) and the arch's overrides; a Transformer takes the
     preset's width, depth, heads and FFN width, and transformer-window its window."""
-    preset = MMRecConfig.preset(settings.preset, **settings.sizes, **MMREC_ARCHS.get(arch, {}))
+    window = {} if settings.window is None else {"window": settings.window}
+    preset = MMRecConfig.preset(settings.preset, **{**settings.sizes, **window, **MMREC_ARCHS.get(arch, {})})
     if arch in MMREC_ARCHS:
         return preset
     window = preset.window if arch == "transformer-window" else None
@@ -434,7 +437,8 @@ def beyond(delta: dict | None, full_spread: float | None) -> str:
 def render(summary: dict) -> str:
     head, archs = summary["header"], summary["archs"]
     s = head["settings"]
-    sizes = "".join(f", {name} {value}" for name, value in s["sizes"].items())
+    overrides = {**s["sizes"], **({} if s.get("window") is None else {"window": s["window"]})}
+    sizes = "".join(f", {name} {value}" for name, value in overrides.items())
     lines = [
         "# Quality: MM-Rec, its ablations and Transformers trained alike",
         "",

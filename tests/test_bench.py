@@ -62,12 +62,13 @@ def finished(process: subprocess.Popen) -> str:
 
 def test_quality_smoke_rows_in_parallel_then_report(tmp_path):
     rows = tmp_path / "rows"
-    runs = [run_quality("run", "--smoke", "--arch", arch, "--seed", "3", "--out", str(rows))
+    runs = [run_quality("run", "--smoke", "--arch", arch, "--seed", "3", "--out", str(rows), "--window", "8")
             for arch in ("mmrec", "transformer")]  # fmt: skip
     for process in runs:
         finished(process)
     row = json.loads((rows / "mmrec-seed3.json").read_text())
     assert 0 < row["val_bpb"] < 9 and row["tokens"] == 6 * 2 * 128 and row["parameters"] > 0
+    assert row["model_config"]["window"] == 8 and row["settings"]["window"] == 8
     assert [b["band"] for b in row["long_context"]["bands"]] == ["0-64", "64-256", "256-1K"]
     assert row["curve"]["step"] == [2, 4, 6] and row["torch"] == torch.__version__
     stem = tmp_path / "report" / "quality"
