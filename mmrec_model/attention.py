@@ -3,7 +3,6 @@ the long-term memory it may see and the persistent slots, in one softmax."""
 
 from __future__ import annotations
 
-import math
 
 import torch
 import torch.nn.functional as F
@@ -35,8 +34,8 @@ def window_keys(window: Tensor, kv: Tensor, n_blocks: int, Q: int) -> Tensor:
     the W - 1 tokens before it and its own, from the working memory ``window``
     ``[B, W - 1, 2, D]`` (the tokens before the chunk) and the chunk's ``kv`` ``[B, T, 2, D]``
     (zero-padded to nb Q tokens)."""
-    B, T = kv.shape[:2]
-    tokens = torch.cat([window.to(kv.dtype), F.pad(kv, (0, 0, 0, 0, 0, n_blocks * Q - T))], dim=1)
+    padding = n_blocks * Q - kv.shape[1]
+    tokens = torch.cat([window.to(kv.dtype), F.pad(kv, (0, 0, 0, 0, 0, padding))], dim=1)
     return tokens.unfold(1, Q + window.shape[1], Q).movedim(-1, 2)
 
 

@@ -13,7 +13,7 @@ from mmrec_model.attention import sliding_window_attention
 from mmrec_model.mdi import EPS, GAMMA_INIT
 from mmrec_model.memory import QUERY_BLOCK, memory_layout, update_long_term
 from tests.helpers import FLOAT64_ACCUMULATION, assert_close_rel
-from tests.model.models import MODES, reference_attention, reference_block, reference_visible, small_config
+from tests.model.models import reference_attention, reference_block, reference_visible, small_config
 
 pytestmark = pytest.mark.model
 
