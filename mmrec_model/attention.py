@@ -19,14 +19,18 @@ def blocked_attention(q: Tensor, keys_values: Tensor, mask: Tensor) -> Tensor:
     q ``[B, T, H, d]``; keys_values ``[B, nb, K, 2, D]`` (key, value of each block's K
     candidates; D = H d); mask ``[nb, Q, K]`` bool (True: visible), nb Q >= T; every row
     must see a key. Returns ``[B, T, H, d]``.
+
+    SDPA sees the blocks as its batch and the B H (batch row, head) pairs as its heads,
+    so that the mask broadcasts over them instead of being copied B times.
     """
     B, T, H, d = q.shape
     nb, Q, K = mask.shape
-    queries = F.pad(q, (0, 0, 0, 0, 0, nb * Q - T)).reshape(B * nb, Q, H, d).transpose(1, 2)
-    keys, values = (keys_values[:, :, :, i].reshape(B * nb, K, H, d).transpose(1, 2) for i in (0, 1))
-    attn_mask = mask.expand(B, nb, Q, K).reshape(B * nb, 1, Q, K)
-    out = F.scaled_dot_product_attention(queries, keys.to(q.dtype), values.to(q.dtype), attn_mask=attn_mask)
-    return out.transpose(1, 2).reshape(B, nb * Q, H, d)[:, :T]
+    queries = F.pad(q, (0, 0, 0, 0, 0, nb * Q - T)).reshape(B, nb, Q, H, d).permute(1, 0, 3, 2, 4)
+    keys, values = (keys_values[:, :, :, i].unflatten(-1, (H, d)).permute(1, 0, 3, 2, 4) for i in (0, 1))
+    out = F.scaled_dot_product_attention(
+        *(t.reshape(nb, B * H, -1, d).to(q.dtype) for t in (queries, keys, values)), attn_mask=mask.unsqueeze(1)
+    )
+    return out.view(nb, B, H, Q, d).permute(1, 0, 3, 2, 4).reshape(B, nb * Q, H, d)[:, :T]
 
 
 def window_keys(window: Tensor, kv: Tensor, n_blocks: int, Q: int) -> Tensor:
