@@ -1,25 +1,28 @@
 #!/usr/bin/env bash
 # Trains bench/quality.py rows side by side on one GPU machine: every (arch, seed) pair
 # in its own process (they share the GPU, so their tokens/s are not the model's alone),
-# each row's log in DIR/<arch>-seed<S>.log, then the report of DIR.
+# each row's log in LOGS/<arch>-seed<S>.log (LOGS defaults to DIR), then the report of
+# DIR. A row is written when it finishes, so a call cut short keeps the finished ones.
 #
 #   bash scripts/quality_rows.sh DIR "mmrec transformer" "0 1 2" [run options...]
+#   LOGS=/tmp/logs bash scripts/quality_rows.sh "$OUT" "mmrec-no-longterm" "0 1"
 set -uo pipefail
 cd "$(dirname "$0")/.."
 dir=$1 archs=$2 seeds=$3
 shift 3
-mkdir -p "$dir"
+logs=${LOGS:-$dir}
+mkdir -p "$dir" "$logs"
 export PYTHONUNBUFFERED=1
 pids=()
 for arch in $archs; do
     for seed in $seeds; do
         python3 bench/quality.py run --arch "$arch" --seed "$seed" --out "$dir" --compile "$@" \
-            > "$dir/$arch-seed$seed.log" 2>&1 &
+            > "$logs/$arch-seed$seed.log" 2>&1 &
         pids+=($!)
     done
 done
 failed=0
 for pid in "${pids[@]}"; do wait "$pid" || failed=1; done
-tail -n 2 "$dir"/*.log
-python3 bench/quality.py report "$dir" --out "$dir/report" > /dev/null
+tail -n 2 "$logs"/*.log
+python3 bench/quality.py report "$dir" --out "$logs/report"
 exit $failed
