@@ -447,7 +447,9 @@ def render(summary: dict) -> str:
         f"Preset {s['preset']}{sizes}; {s['steps']} steps of {s['batch_size']} x {s['seq_len']} bytes, "
         f"lr {s['lr']}, compiled: {s['compile']}; validation: {s['val_windows']} windows of {s['seq_len']} bytes; "
         f"long context: windows of {s['long_len']} bytes. Corpus: {head['corpus']}.",
-        "Figures: mean over seeds, with [min, max] over seeds when there are several.",
+        "Figures: mean over seeds, with [min, max] over seeds when there are several. Tokens/s are "
+        "while training, with rows that ran side by side sharing one GPU: not a model's own speed "
+        "(bench/model_gpu.py measures that).",
     ]
     if head["differing_settings"]:
         lines.append(f"**The rows differ in settings: {', '.join(head['differing_settings'])}.**")
