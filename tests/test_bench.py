@@ -1,7 +1,7 @@
-"""The GPU model benchmark and the quality benchmark run end to end on tiny shapes on the
-CPU (--smoke), so the scripts cannot rot between GPU sessions; the Transformer baseline's
-KV-cache decoding gives the logits of a full forward, and its windowed variant sees the
-last `window` tokens only."""
+"""The GPU model benchmark, the training-step breakdown and the quality benchmark run end
+to end on tiny shapes on the CPU (--smoke), so the scripts cannot rot between GPU sessions;
+the Transformer baseline's KV-cache decoding gives the logits of a full forward, and its
+windowed variant sees the last `window` tokens only."""
 
 from __future__ import annotations
 
@@ -96,3 +96,15 @@ def test_windowed_transformer_sees_the_last_window_tokens_only():
         # Two layers of a 3-token window reach 2 * (3 - 1) = 4 tokens back: token 0 reaches positions 0-4 only.
         difference = (windowed(changed) - windowed(ids)).abs().amax(dim=(0, 2))
     assert (difference[:5] > 0).all() and (difference[5:] == 0).all()
+
+
+def test_train_breakdown_smoke(tmp_path):
+    out = tmp_path / "breakdown"
+    args = ["--smoke", "--device", "cpu", "--variants", "transformer", "mmrec", "--profile", "mmrec", "--out", str(out)]
+    result = subprocess.run([sys.executable, "bench/train_breakdown.py", *args], cwd=ROOT, capture_output=True,
+                            text=True, timeout=600)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = json.loads(out.with_suffix(".json").read_text())["results"]
+    assert [r["variant"] for r in rows] == ["transformer", "mmrec"] and all(r["step_ms"] > 0 for r in rows)
+    assert rows[0]["kernels"] == [] and any(k["name"].startswith("mmrec::") for k in rows[1]["kernels"])
+    assert "| mmrec |" in out.with_suffix(".md").read_text()
