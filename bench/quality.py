@@ -29,7 +29,12 @@ source): every arch of one seed sees the same batches and schedule. Then, eagerl
     the loss at each position, averaged over the documents and over the bands
     [0, L/16), [L/16, L/4), [L/4, L) (0-2K, 2K-8K, 8K-32K at L = 32K). MM-Rec reads the
     window in chunks of --chunk-size with its state carried, the Transformers in one call
-    (the full one, trained at seq_len, is expected to degrade beyond it).
+    (the full one, trained at seq_len, is expected to degrade beyond it);
+  - recall: in each long document, the passage of --probe-len bytes P at offset P is copied
+    to start D bytes after it (the document's first P + D bytes, then the copy), for each D
+    of --probe-distances; bits per byte on the copy against those on the passage's first
+    occurrence. What a model recalls from beyond its window shows as a copy cheaper than the
+    first occurrence at D > window.
 It is written (atomically) to DIR/<arch>-seed<S>.json: settings, model configuration,
 parameters, training bytes, time and tokens/s, the training curve (mean bits per byte of
 every --log-every steps), the measurements, device, versions and date.
@@ -111,6 +116,8 @@ class Settings:
     long_len: int = 32768
     long_docs: int = 8
     chunk_size: int = 4096
+    probe_len: int = 256
+    probe_distances: tuple[int, ...] = (512, 2048, 4096, 8192, 16384)
     compile: bool = False
     device: str = "cuda"
 
@@ -121,7 +128,8 @@ class Settings:
 
 SMOKE = Settings(
     preset="tiny", sizes=dict(dim=32, n_layers=2, n_heads=2), steps=6, batch_size=2, seq_len=128, lr=3e-3,
-    log_every=2, val_windows=4, long_len=1024, long_docs=2, chunk_size=256, device="cpu",
+    log_every=2, val_windows=4, long_len=1024, long_docs=2, chunk_size=256, probe_len=32, probe_distances=(64, 512),
+    device="cpu",
 )  # fmt: skip
 
 OPTIONS = {  # option: (type, help)
@@ -136,6 +144,8 @@ OPTIONS = {  # option: (type, help)
     "long_len": (int, "bytes of each long-context window"),
     "long_docs": (int, "most long documents measured"),
     "chunk_size": (int, "MM-Rec's chunk on the long-context windows"),
+    "probe_len": (int, "bytes of the recalled passage"),
+    "probe_distances": (int, "bytes from a passage to its copy (one or more)"),
 }
 
 
@@ -143,10 +153,16 @@ OPTIONS = {  # option: (type, help)
 
 
 def check_settings(settings: Settings) -> None:
-    positive = ("steps", "batch_size", "seq_len", "log_every", "val_windows", "long_len", "long_docs", "chunk_size")
+    positive = ("steps", "batch_size", "seq_len", "log_every", "val_windows", "long_len", "long_docs", "chunk_size",
+                "probe_len")  # fmt: skip
     for name in positive:
         if getattr(settings, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')}: expected a positive integer, got {getattr(settings, name)}")
+    longest = 2 * settings.probe_len + max(settings.probe_distances)
+    if min(settings.probe_distances) < settings.probe_len or longest > settings.long_len + 1:
+        raise ValueError(f"--probe-distances: expected each at least --probe-len ({settings.probe_len}) and "
+                         f"2 x --probe-len + the largest at most --long-len + 1 ({settings.long_len + 1}), "
+                         f"got {list(settings.probe_distances)}")  # fmt: skip
     if not settings.lr > 0:
         raise ValueError(f"--lr: expected a positive number, got {settings.lr}")
     if settings.device == "cuda" and not torch.cuda.is_available():
@@ -262,6 +278,31 @@ def long_context(model, documents: list[bytes], corpus: Corpus, settings: Settin
     return measured
 
 
+def recall_sequence(window: torch.Tensor, distance: int, passage_len: int) -> torch.Tensor:
+    """The window's first passage_len + distance bytes, then again its bytes [P, 2P) (P =
+    passage_len): the passage that starts at P, copied to start `distance` bytes later."""
+    return torch.cat([window[: passage_len + distance], window[passage_len : 2 * passage_len]])
+
+
+def recall(model, documents: list[bytes], corpus: Corpus, settings: Settings, autocast_dtype) -> dict:
+    """Bits per byte on a passage's second occurrence, at each distance from its first, and
+    on its first occurrence (the same bytes, never seen before), on the long documents."""
+    windows = long_windows(documents, corpus, settings.long_len, settings.long_docs)
+    P = settings.probe_len
+    measured = {"passage_len": P, "documents": len(windows), "first_bpb": None, "distances": []}
+    if len(windows) < MIN_LONG_DOCS:
+        measured["note"] = f"not measured: {len(windows)} long validation document(s), fewer than {MIN_LONG_DOCS}"
+        return measured
+    for distance in settings.probe_distances:
+        sequences = [recall_sequence(window, distance, P) for window in windows]
+        # The loss at i predicts byte i + 1: the passage is bytes [P, 2P), its copy [P + D, 2P + D).
+        losses = position_losses(model, sequences, settings.chunk_size, autocast_dtype)
+        measured["first_bpb"] = bits_per_byte(losses[:, P - 1 : 2 * P - 1].mean().item())
+        copy_bpb = bits_per_byte(losses[:, P + distance - 1 : 2 * P + distance - 1].mean().item())
+        measured["distances"].append({"distance": distance, "copy_bpb": copy_bpb})
+    return measured
+
+
 def measure_row(arch: str, seed: int, settings: Settings, config, documents: list[bytes], corpus: Corpus) -> dict:
     """Trains the arch on the batches of `seed`, then measures it: the row's record."""
     device = torch.device(settings.device)
@@ -278,11 +319,12 @@ def measure_row(arch: str, seed: int, settings: Settings, config, documents: lis
         offsets = validation_offsets(corpus, settings.val_windows, settings.seq_len)
         val_loss = evaluate(model, corpus.val, offsets, settings.seq_len, settings.batch_size, autocast_dtype)
         long = long_context(model, documents, corpus, settings, autocast_dtype)
+        recalled = recall(model, documents, corpus, settings, autocast_dtype)
     return {
         "arch": arch, "seed": seed, "settings": dataclasses.asdict(settings),
         "model_config": dataclasses.asdict(config), "parameters": parameters,
         "tokens": settings.steps * settings.batch_size * settings.seq_len, **trained,
-        "val_loss": val_loss, "val_bpb": bits_per_byte(val_loss), "long_context": long,
+        "val_loss": val_loss, "val_bpb": bits_per_byte(val_loss), "long_context": long, "recall": recalled,
         "corpus": corpus.describe(), "autocast": str(autocast_dtype).replace("torch.", ""),
         **versions(settings.device), "command": "python " + " ".join(sys.argv),
     }  # fmt: skip
@@ -296,7 +338,8 @@ def write_row(row: dict, folder: Path) -> Path:
 
 
 def run_command(args: argparse.Namespace) -> None:
-    given = {name: value for name, value in vars(args).items() if name in OPTIONS or name in ("compile", "device")}
+    given = {name: tuple(value) if isinstance(value, list) else value
+             for name, value in vars(args).items() if name in OPTIONS or name in ("compile", "device")}  # fmt: skip
     settings = dataclasses.replace(SMOKE if args.smoke else Settings(), **given)
     try:
         check_settings(settings)
@@ -309,7 +352,9 @@ def run_command(args: argparse.Namespace) -> None:
     row = measure_row(args.arch, args.seed, settings, config, documents, corpus)
     path = write_row(row, args.out)
     bands = ", ".join(f"{b['band']} {b['bpb']:.3f}" for b in row["long_context"]["bands"]) or "-"
-    print(f"{path}: val bits/byte {row['val_bpb']:.4f}; by position {bands}; {row['train_s']:.0f} s")
+    copies = ", ".join(f"{size_label(d['distance'])} {d['copy_bpb']:.3f}" for d in row["recall"]["distances"]) or "-"
+    print(f"{path}: val bits/byte {row['val_bpb']:.4f}; by position {bands}; recalled passage at {copies}; "
+          f"{row['train_s']:.0f} s")  # fmt: skip
 
 
 # --- the report ----------------------------------------------------------------------------
@@ -355,6 +400,25 @@ def farthest_bpb(row: dict) -> float | None:
     return bands[-1]["bpb"] if bands else None
 
 
+def copy_bpb(row: dict) -> dict[int, float]:
+    """Bits per byte on the recalled copy by distance ({} for rows from before the probe)."""
+    return {d["distance"]: d["copy_bpb"] for d in row.get("recall", {}).get("distances", [])}
+
+
+def farthest_copy_bpb(row: dict) -> float | None:
+    copies = copy_bpb(row)
+    return copies[max(copies)] if copies else None
+
+
+def recall_summary(rows: list[dict]) -> dict:
+    copies = [copy_bpb(r) for r in rows]
+    distances = sorted({d for c in copies for d in c})
+    return {
+        "first_bpb": stats([r["recall"]["first_bpb"] for r in rows if r.get("recall", {}).get("first_bpb")]),
+        "copy_bpb": {str(d): stats([c[d] for c in copies if d in c]) for d in distances},
+    }
+
+
 def arch_summary(rows: list[dict]) -> dict:
     bands = [band_bpb(r) for r in rows]
     labels = list(dict.fromkeys(label for b in bands for label in b))
@@ -366,6 +430,7 @@ def arch_summary(rows: list[dict]) -> dict:
         "val_bpb": stats([r["val_bpb"] for r in rows]),
         "bands": {label: stats([b[label] for b in bands if label in b]) for label in labels},
         "long_context_notes": sorted({r["long_context"]["note"] for r in rows if "note" in r["long_context"]}),
+        "recall": recall_summary(rows),
         "curve": mean_curve(rows),
     }
 
@@ -386,12 +451,14 @@ def ablation_summary(groups: dict[str, list[dict]], archs: dict[str, dict]) -> l
         if not pairs:
             continue
         far = [(farthest_bpb(r), farthest_bpb(f)) for r, f in pairs]
+        recalled = [(farthest_copy_bpb(r), farthest_copy_bpb(f)) for r, f in pairs]
         ablations.append({
             "arch": arch, "removes": removes, "seeds": [r["seed"] for r, _ in pairs],
             "val_delta": stats([r["val_bpb"] - f["val_bpb"] for r, f in pairs]),
             "far_band": far_band, "far_delta": stats([a - b for a, b in far if a is not None and b is not None]),
             "full_val_spread": spread(archs["mmrec"]["val_bpb"]),
             "full_far_spread": spread(full_bands.get(far_band)),
+            "recall_delta": stats([a - b for a, b in recalled if a is not None and b is not None]),
         })  # fmt: skip
     return ablations
 
@@ -463,10 +530,12 @@ def render(summary: dict) -> str:
                   "Δ = ablation - full model (bits/byte; > 0: the memory helps). Beyond spread: the mean Δ "
                   "exceeds the full model's spread (max - min) between seeds (n/a with one seed).", ""]  # fmt: skip
         lines += markdown_table(
-            ["without", "arch", "seeds", "Δ val", "Δ farthest band", "beyond spread (val, far)"],
+            ["without", "arch", "seeds", "Δ val", "Δ farthest band", "beyond spread (val, far)",
+             "Δ recall, farthest copy"],
             [[a["removes"], a["arch"], str(len(a["seeds"])), fmt_stats(a["val_delta"], "+.4f"),
               f"{fmt_stats(a['far_delta'], '+.4f')} ({a['far_band'] or '-'})",
-              f"{beyond(a['val_delta'], a['full_val_spread'])}, {beyond(a['far_delta'], a['full_far_spread'])}"]
+              f"{beyond(a['val_delta'], a['full_val_spread'])}, {beyond(a['far_delta'], a['full_far_spread'])}",
+              fmt_stats(a.get("recall_delta"), "+.4f")]
              for a in summary["ablations"]],
         )  # fmt: skip
     labels = list(dict.fromkeys(label for a in archs.values() for label in a["bands"]))
@@ -475,21 +544,38 @@ def render(summary: dict) -> str:
         band_rows = [[arch, *(fmt_stats(a["bands"].get(label)) for label in labels)] for arch, a in archs.items()]
         lines += markdown_table(["arch", *labels], band_rows)
     lines += [f"{arch}: {note}" for arch, a in archs.items() for note in a["long_context_notes"]]
+    distances = sorted({int(d) for a in archs.values() for d in a["recall"]["copy_bpb"]})
+    if distances:
+        lines += ["", "## Recall: bits per byte on a passage's copy, D bytes after the passage", "",
+                  f"Passages of {s.get('probe_len')} bytes; \"first\": the passage itself (never seen before). "
+                  "A copy cheaper than the first occurrence is recalled.", ""]  # fmt: skip
+        lines += markdown_table(
+            ["arch", "first", *(f"D = {size_label(d)}" for d in distances)],
+            [[arch, fmt_stats(a["recall"]["first_bpb"]), *(fmt_stats(a["recall"]["copy_bpb"].get(str(d)))
+              for d in distances)] for arch, a in archs.items() if a["recall"]["copy_bpb"]],
+        )  # fmt: skip
     return "\n".join(lines)
 
 
 def plot(summary: dict, path: Path) -> None:
-    fig = Figure(figsize=(13, 4.5))
-    ax_curve, ax_bands = fig.subplots(1, 2)
+    recalled = any(a["recall"]["copy_bpb"] for a in summary["archs"].values())
+    fig = Figure(figsize=(19 if recalled else 13, 4.5))
+    ax_curve, ax_bands, *ax_recall = fig.subplots(1, 3 if recalled else 2)
     for arch, a in summary["archs"].items():
         ax_curve.plot(a["curve"]["step"], a["curve"]["bpb"], label=arch)
         if a["bands"]:
             means = [band["mean"] for band in a["bands"].values()]
             ax_bands.plot(range(len(means)), means, "o-", label=arch)
             ax_bands.set_xticks(range(len(means)), list(a["bands"]))
+        if a["recall"]["copy_bpb"]:
+            distances = [int(d) for d in a["recall"]["copy_bpb"]]
+            ax_recall[0].plot(distances, [c["mean"] for c in a["recall"]["copy_bpb"].values()], "o-", label=arch)
     ax_curve.set(title="training loss, mean over seeds", xlabel="step", ylabel="bits per byte")
     ax_bands.set(title="long context: bits per byte by position", xlabel="position band", ylabel="bits per byte")
-    for ax in (ax_curve, ax_bands):
+    for ax in ax_recall:
+        ax.set(title="recall: bits per byte on a passage's copy", xlabel="bytes from the passage to its copy",
+               ylabel="bits per byte", xscale="log")
+    for ax in (ax_curve, ax_bands, *ax_recall):
         ax.grid(alpha=0.3)
         if ax.lines:
             ax.legend(fontsize=8)
@@ -522,7 +608,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--smoke", action="store_true", help="tiny sizes on the CPU, seconds: checks the script")
     for name, (kind, help_text) in OPTIONS.items():
         defaults = f"default {getattr(Settings(), name)}, --smoke {getattr(SMOKE, name)}"
-        run.add_argument("--" + name.replace("_", "-"), type=kind, default=argparse.SUPPRESS,
+        several = "+" if isinstance(getattr(Settings(), name), tuple) else None
+        run.add_argument("--" + name.replace("_", "-"), type=kind, nargs=several, default=argparse.SUPPRESS,
                          help=f"{help_text} ({defaults})")  # fmt: skip
     run.add_argument("--compile", action="store_true", default=argparse.SUPPRESS, help="torch.compile each block")
     run.add_argument("--device", choices=["cuda", "cpu"], default=argparse.SUPPRESS, help="default cuda (--smoke: cpu)")

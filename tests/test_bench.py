@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from bench.quality import recall_sequence
 from bench.transformer import KVCache, Transformer, TransformerConfig
 from tests.helpers import FLOAT32_ACCUMULATION, assert_close_rel
 
@@ -71,9 +72,12 @@ def test_quality_smoke_rows_in_parallel_then_report(tmp_path):
     assert row["model_config"]["window"] == 8 and row["settings"]["window"] == 8
     assert [b["band"] for b in row["long_context"]["bands"]] == ["0-64", "64-256", "256-1K"]
     assert row["curve"]["step"] == [2, 4, 6] and row["torch"] == torch.__version__
+    assert [d["distance"] for d in row["recall"]["distances"]] == [64, 512] and row["recall"]["documents"] == 2
+    assert all(0 < d["copy_bpb"] < 9 for d in row["recall"]["distances"]) and 0 < row["recall"]["first_bpb"] < 9
     stem = tmp_path / "report" / "quality"
     table = finished(run_quality("report", str(rows), "--out", str(stem)))
     assert "| mmrec | 1 |" in table and "| transformer | 1 |" in table and "256-1K" in table
+    assert "| arch | first | D = 64 | D = 512 |" in table
     assert stem.with_suffix(".md").read_text() == table
     report = json.loads(stem.with_suffix(".json").read_text())
     assert {r["arch"] for r in report["rows"]} == {"mmrec", "transformer"}
@@ -108,3 +112,18 @@ def test_train_breakdown_smoke(tmp_path):
     assert [r["variant"] for r in rows] == ["transformer", "mmrec"] and all(r["step_ms"] > 0 for r in rows)
     assert rows[0]["kernels"] == [] and any(k["name"].startswith("mmrec::") for k in rows[1]["kernels"])
     assert "| mmrec |" in out.with_suffix(".md").read_text()
+
+
+def test_quality_refuses_probe_beyond_long_windows(tmp_path):
+    process = run_quality("run", "--smoke", "--arch", "mmrec", "--seed", "0", "--out", str(tmp_path),
+                          "--probe-distances", "64", "1000")  # fmt: skip
+    _, stderr = process.communicate(timeout=300)
+    assert process.returncode == 1 and stderr.strip().splitlines()[-1].startswith("quality.py run: error: --probe-distances")
+    assert not list(tmp_path.iterdir())
+
+
+def test_recall_sequence_copies_the_passage_distance_bytes_later():
+    window = torch.randint(0, 256, (1025,))
+    sequence = recall_sequence(window, distance=100, passage_len=32)
+    assert sequence.shape == (32 + 100 + 32,)
+    assert torch.equal(sequence[:132], window[:132]) and torch.equal(sequence[132:], window[32:64])
