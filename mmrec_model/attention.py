@@ -54,31 +54,47 @@ def sliding_window_attention(q: Tensor, k: Tensor, v: Tensor, window: int) -> Te
 
 
 class MultiMemoryAttention(nn.Module):
-    """Multi-head softmax attention of each token over three memories at once:
+    """Multi-head softmax attention of each token over three memories: the P persistent
+    (learned) key/value slots, always visible (so no query row is empty); the long-term
+    entries the token may see (HDS); and the working memory, the keys and values of
+    tokens t - W < s <= t. With ``gated`` False, one softmax over them all:
 
         m_t = sum_c softmax_c(q_t . k_c / sqrt(d) | visible(t, c)) v_c
 
-    over c in the P persistent (learned) key/value slots, always visible (so no query
-    row is empty); the long-term entries the token may see (HDS); and the working
-    memory, the keys and values of tokens t - W < s <= t. Queries go in blocks
-    (``MemoryLayout``), so the cost is O(T (P + L M + Q + W)), never O(T^2).
+    With ``gated``, one softmax over the working memory (w) and one over the long-term
+    and persistent memories (l), mixed by the token's per-head gates g_t in (0, 1)^2:
+
+        m_t = g_t,w read_w(q_t) + g_t,l read_l(q_t)
+
+    so that the few long-term entries are not outweighed by the W exact keys.
+    Queries go in blocks (``MemoryLayout``), so the cost is O(T (P + L M + Q + W)),
+    never O(T^2).
     """
 
-    def __init__(self, dim: int, persistent_slots: int, window: int):
+    def __init__(self, dim: int, persistent_slots: int, window: int, gated: bool):
         super().__init__()
-        self.window = window
+        self.window, self.gated = window, gated
         self.persistent = nn.Parameter(torch.empty(persistent_slots, 2, dim))
 
-    def forward(self, q: Tensor, kv: Tensor, window: Tensor, pool: Tensor | None, layout: MemoryLayout) -> Tensor:
+    def forward(
+        self, q: Tensor, kv: Tensor, window: Tensor, pool: Tensor | None, layout: MemoryLayout, gates: Tensor | None
+    ) -> Tensor:
         """q ``[B, T, H, d]``; kv ``[B, T, 2, D]`` the chunk's keys and values; window
         ``[B, W - 1, 2, D]`` the working memory before the chunk (unused when W = 0);
         pool ``[B, N, 2, D]`` the long-term entries (``update_long_term``; None: no
-        long-term memory) -> ``[B, T, H, d]``."""
+        long-term memory); gates ``[B, T, H, 2]`` (working, long-term) when gated, else
+        None -> ``[B, T, H, d]``."""
         B = q.shape[0]
         n_blocks, Q, _ = layout.read_mask.shape
-        candidates = [self.persistent.to(q.dtype).expand(B, n_blocks, -1, -1, -1)]
+        long_term = [self.persistent.to(q.dtype).expand(B, n_blocks, -1, -1, -1)]
         if pool is not None:
-            candidates.append(pool.to(q.dtype)[:, layout.read_source].unflatten(1, (n_blocks, -1)))
-        if self.window > 0:
-            candidates.append(window_keys(window, kv.to(q.dtype), n_blocks, Q))
-        return blocked_attention(q, torch.cat(candidates, dim=2), layout.read_mask)
+            long_term.append(pool.to(q.dtype)[:, layout.read_source].unflatten(1, (n_blocks, -1)))
+        working = [window_keys(window, kv.to(q.dtype), n_blocks, Q)] if self.window > 0 else []
+        if not self.gated:
+            return blocked_attention(q, torch.cat(long_term + working, dim=2), layout.read_mask)
+        n_long_term = sum(keys.shape[2] for keys in long_term)
+        mask = layout.read_mask
+        m = gates[..., 1:] * blocked_attention(q, torch.cat(long_term, dim=2), mask[..., :n_long_term])
+        if working:
+            m = m + gates[..., :1] * blocked_attention(q, working[0], mask[..., n_long_term:])
+        return m

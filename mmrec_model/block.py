@@ -24,6 +24,7 @@ class MMRecBlock(nn.Module):
         gamma      = MDI(z, k)
         h          = recurrence(z, gamma, W_g, b_g, h0)      per head, [B, T, H, d]
         m          = MultiMemoryAttention(q; working, long-term, persistent memory)
+                     (memory_read 'gated': its two reads mixed by gates sigmoid(u W_r + b_r))
         y          = x + W_o (h + m)
         out        = y + FFN(RMSNorm(y))
 
@@ -44,7 +45,10 @@ class MMRecBlock(nn.Module):
             self.mdi = MDI(D)
             self.gate_weight = nn.Parameter(torch.empty(H, d, d))
             self.gate_bias = nn.Parameter(torch.empty(H, d))
-        self.memory = MultiMemoryAttention(D, config.persistent_slots, config.window)
+        gated = config.memory_read == "gated"
+        self.memory = MultiMemoryAttention(D, config.persistent_slots, config.window, gated)
+        # Per head, the weights of the working memory's read and of the long-term one.
+        self.read_gate = nn.Linear(D, 2 * H) if gated else None
         self.w_out = nn.Linear(D, D, bias=False)
         self.norm_ffn = nn.RMSNorm(D, eps=config.norm_eps)
         self.ffn = nn.Sequential(
@@ -68,6 +72,10 @@ class MMRecBlock(nn.Module):
         nn.init.normal_(self.ffn[2].weight, std=residual_std)
         nn.init.zeros_(self.ffn[2].bias)
         nn.init.normal_(self.memory.persistent, std=init_std * math.sqrt(self.w_in.in_features))
+        if self.read_gate is not None:
+            # Both reads at weight 1/2 at first, whatever the token.
+            nn.init.zeros_(self.read_gate.weight)
+            nn.init.zeros_(self.read_gate.bias)
         if self.mode != "none":
             self.mdi.init_weights(init_std)
             nn.init.normal_(self.gate_weight, std=1 / math.sqrt(self.gate_weight.shape[-1]))
@@ -88,12 +96,14 @@ class MMRecBlock(nn.Module):
     def forward(self, x: Tensor, state: BlockState, layout: MemoryLayout) -> tuple[Tensor, BlockState]:
         """x ``[B, T, D]``, state of this block, and the chunk's ``memory_layout`` (which the
         model computes once for all its blocks) -> (out ``[B, T, D]``, new state)."""
-        q, k, v, z = self.w_in(self.norm_mix(x)).chunk(4, dim=-1)
+        u = self.norm_mix(x)
+        q, k, v, z = self.w_in(u).chunk(4, dim=-1)
         kv = torch.stack([k, v], dim=2)
+        gates = None if self.read_gate is None else torch.sigmoid(self.read_gate(u)).unflatten(-1, (self.n_heads, 2))
         memory, sums, pool = state.memory, state.sums, None
         if self.has_long_term:
             pool, memory, sums = update_long_term(kv, memory, sums, layout, self.segment_len)
-        m = self.memory(q.unflatten(-1, (self.n_heads, -1)), kv, state.window, pool, layout)
+        m = self.memory(q.unflatten(-1, (self.n_heads, -1)), kv, state.window, pool, layout, gates)
         mixed, h_last = m, state.h
         if self.mode != "none":
             h = self.recurrence(z, k, state.h)

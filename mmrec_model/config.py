@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 # 'none' removes the short-term memory: an ablation for bench/quality.py.
 MODES = ("exact", "parallel", "none")
+MEMORY_READS = ("joint", "gated")
 
 # Chosen by measurement on the project's 2-core CPU (bench/results/model_cpu.md):
 # tiny pretrains usefully there in minutes; base is about 100M parameters.
@@ -39,6 +40,10 @@ class MMRecConfig:
         level_slots: M_l, the most recent entries each level keeps.
         persistent_slots: P >= 1 learned memory slots per block, always visible (so no
             query attends to an empty set).
+        memory_read: 'joint', one softmax over the working, long-term and persistent
+            memories; or 'gated', one softmax over the working memory and another over
+            the long-term and persistent memories, mixed by per-head gates that each
+            token computes from its input.
         ffn_mult: hidden width of the feed-forward network, in multiples of D.
         norm_eps: epsilon of the RMSNorms.
         init_std: standard deviation of the embedding and projection weights at init.
@@ -54,6 +59,7 @@ class MMRecConfig:
     n_levels: int = 3
     level_slots: int = 32
     persistent_slots: int = 16
+    memory_read: str = "joint"
     ffn_mult: int = 4
     norm_eps: float = 1e-6
     init_std: float = 0.02
@@ -71,6 +77,8 @@ class MMRecConfig:
                 raise ValueError(f"MMRecConfig.{name}: expected a positive float, got {value!r}")
         if self.mode not in MODES:
             raise ValueError(f"MMRecConfig.mode: expected one of {MODES}, got {self.mode!r}")
+        if self.memory_read not in MEMORY_READS:
+            raise ValueError(f"MMRecConfig.memory_read: expected one of {MEMORY_READS}, got {self.memory_read!r}")
         if self.dim % self.n_heads != 0:
             raise ValueError(
                 f"MMRecConfig.dim: expected a multiple of n_heads ({self.n_heads}), got {self.dim}"

@@ -13,6 +13,14 @@ from mmrec_ops.reference import recurrence_reference, scan_reference
 from tests.helpers import assert_close_rel, grad_tolerance, output_tolerance
 
 MODES = ["exact", "parallel"]
+# The modes, and the gated read (MMRecConfig.memory_read) beside the default joint one.
+VARIANTS = {"exact": dict(mode="exact"), "parallel": dict(mode="parallel"),
+            "exact-gated": dict(mode="exact", memory_read="gated")}  # fmt: skip
+
+
+def variant_config(variant: str, **overrides) -> MMRecConfig:
+    """small_config of a VARIANTS entry."""
+    return small_config(**{**VARIANTS[variant], **overrides})
 
 
 def small_config(mode: str, **overrides) -> MMRecConfig:
@@ -82,10 +90,12 @@ def reference_block(block, x: Tensor, config: MMRecConfig) -> Tensor:
     """MMRecBlock's forward from an empty state, as loops over time that follow
     DESIGN.md 2.1-2.2 literally (the block's own submodules supply the weights): token p
     reads the persistent slots, the long-term entries it may see and the keys and values
-    of tokens p - W < s <= p, in one softmax."""
+    of tokens p - W < s <= p, in one softmax (memory_read 'joint'), or the last in one
+    softmax and the others in another, mixed by the token's gates (memory_read 'gated')."""
     B, T, D = x.shape
     H, d = config.n_heads, config.head_dim
-    q, k, v, z = block.w_in(block.norm_mix(x)).chunk(4, dim=-1)
+    u = block.norm_mix(x)
+    q, k, v, z = block.w_in(u).chunk(4, dim=-1)
     h = reference_short_term(block, z, k, config)
     kv = torch.stack([k, v], dim=2)
     persistent = block.memory.persistent.unsqueeze(0).expand(B, -1, -1, -1)
@@ -93,7 +103,14 @@ def reference_block(block, x: Tensor, config: MMRecConfig) -> Tensor:
     for p in range(T):
         seen = reference_visible(kv, p, config.segment_len, config.n_levels, config.level_slots)
         window = kv[:, max(0, p - config.window + 1) : p + 1] if config.window > 0 else kv[:, :0]
-        memories = torch.cat([persistent, seen, window], dim=1)
-        m.append(reference_attention(q[:, p].unflatten(-1, (H, d)), memories))
+        query = q[:, p].unflatten(-1, (H, d))
+        if config.memory_read == "joint":
+            m.append(reference_attention(query, torch.cat([persistent, seen, window], dim=1)))
+            continue
+        gates = torch.sigmoid(block.read_gate(u[:, p])).unflatten(-1, (H, 2))
+        read = gates[..., 1:] * reference_attention(query, torch.cat([persistent, seen], dim=1))
+        if config.window > 0:
+            read = read + gates[..., :1] * reference_attention(query, window)
+        m.append(read)
     y = x + block.w_out((h + torch.stack(m, dim=1)).flatten(-2))
     return y + block.ffn(block.norm_ffn(y))

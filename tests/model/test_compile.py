@@ -9,7 +9,14 @@ import torch
 from torch._dynamo.testing import CompileCounterWithBackend
 
 from mmrec_model import MMRecModel
-from tests.model.models import MODES, assert_logits_and_grads_close, next_token_loss, small_config
+from tests.model.models import (
+    MODES,
+    VARIANTS,
+    assert_logits_and_grads_close,
+    next_token_loss,
+    small_config,
+    variant_config,
+)
 
 pytestmark = [pytest.mark.model, pytest.mark.compile]
 
@@ -22,12 +29,12 @@ def loss_and_grads(model, ids, state):
 
 
 @pytest.mark.grad
-@pytest.mark.parametrize("mode", MODES)
-def test_compiled_model_matches_eager(mode):
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_compiled_model_matches_eager(variant):
     """Inductor, forward and backward, over chunks of 13, 5 and 70 tokens with the
     state carried: one compilation (the length marked dynamic) serves them all."""
     torch._dynamo.reset()
-    model = MMRecModel(small_config(mode, n_layers=1))
+    model = MMRecModel(variant_config(variant, n_layers=1))
     counter = CompileCounterWithBackend("inductor")
     compiled = torch.compile(model, fullgraph=True, backend=counter)
     state = model.initial_state(2)  # not None: one input structure for every call

@@ -139,6 +139,9 @@ BLOCK_VARIANTS = {
     "no-window": dict(mode="exact", window=0),
     "no-long-term": dict(mode="exact", n_levels=0),
     "no-recurrence": dict(mode="none"),
+    "gated": dict(mode="exact", memory_read="gated"),
+    "gated-no-window": dict(mode="parallel", memory_read="gated", window=0),
+    "gated-no-long-term": dict(mode="exact", memory_read="gated", n_levels=0),
 }
 
 
@@ -151,6 +154,10 @@ def test_block_against_reference(variant):
     config = small_config(**{"segment_len": 4, "level_slots": 3, **BLOCK_VARIANTS[variant]})
     model = MMRecModel(config).double()
     block = model.blocks[0]
+    if block.read_gate is not None:
+        # Random gates: at init every gate is 1/2, which would hide a swapped pair.
+        torch.nn.init.normal_(block.read_gate.weight)
+        torch.nn.init.normal_(block.read_gate.bias)
     T = QUERY_BLOCK + 41
     x = torch.randn(2, T, config.dim, dtype=torch.float64, requires_grad=True)
     state = model.initial_state(2).blocks[0]

@@ -11,7 +11,7 @@ import torch.utils._pytree as pytree
 
 from mmrec_model import MemoryState, MMRecConfig, MMRecModel
 from tests.helpers import assert_close_rel, output_tolerance
-from tests.model.models import MODES, next_token_loss, small_config
+from tests.model.models import MODES, VARIANTS, next_token_loss, small_config, variant_config
 
 pytestmark = pytest.mark.model
 
@@ -41,12 +41,12 @@ def test_causality(mode):
     assert not torch.allclose(logits[:, t + 1 :], logits_changed[:, t + 1 :])
 
 
-@pytest.mark.parametrize("mode", MODES)
-def test_chunked_and_token_by_token_agree(mode):
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_chunked_and_token_by_token_agree(variant):
     """One call, chunks of 7, 64 and 1000 with the state carried, and token by token:
     the same logits and final state, across many memory segments (S = 8) with every
     level's ring buffer wrapped."""
-    model = MMRecModel(small_config(mode))
+    model = MMRecModel(variant_config(variant))
     ids = torch.randint(0, 256, (2, 1100))
     with torch.no_grad():
         full, full_state = model(ids)
@@ -63,9 +63,9 @@ def test_chunked_and_token_by_token_agree(mode):
 
 
 @pytest.mark.grad
-@pytest.mark.parametrize("mode", MODES)
-def test_every_parameter_gets_a_gradient(mode):
-    config = small_config(mode)
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_every_parameter_gets_a_gradient(variant):
+    config = variant_config(variant)
     model = MMRecModel(config)
     ids = torch.randint(0, 256, (2, 5 * config.segment_len + 3))
     next_token_loss(model(ids)[0], ids).backward()
