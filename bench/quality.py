@@ -105,6 +105,7 @@ class Settings:
     preset: str = "small"
     sizes: dict = field(default_factory=dict)  # MMRecConfig overrides of the preset's sizes (--smoke's)
     window: int | None = None  # None: the preset's
+    config: dict = field(default_factory=dict)  # MMRecConfig overrides of every MM-Rec arch (--config)
     steps: int = 2000
     batch_size: int = 16
     seq_len: int = 2048
@@ -173,7 +174,8 @@ def model_config(arch: str, settings: Settings) -> MMRecConfig | TransformerConf
     """The preset (with settings.sizes) and the arch's overrides; a Transformer takes the
     preset's width, depth, heads and FFN width, and transformer-window its window."""
     window = {} if settings.window is None else {"window": settings.window}
-    preset = MMRecConfig.preset(settings.preset, **{**settings.sizes, **window, **MMREC_ARCHS.get(arch, {})})
+    overrides = {**settings.sizes, **window, **settings.config, **MMREC_ARCHS.get(arch, {})}
+    preset = MMRecConfig.preset(settings.preset, **overrides)
     if arch in MMREC_ARCHS:
         return preset
     window = preset.window if arch == "transformer-window" else None
@@ -340,6 +342,8 @@ def write_row(row: dict, folder: Path) -> Path:
 def run_command(args: argparse.Namespace) -> None:
     given = {name: tuple(value) if isinstance(value, list) else value
              for name, value in vars(args).items() if name in OPTIONS or name in ("compile", "device")}  # fmt: skip
+    if "config" in args:
+        given["config"] = dict(args.config)
     settings = dataclasses.replace(SMOKE if args.smoke else Settings(), **given)
     try:
         check_settings(settings)
@@ -504,7 +508,7 @@ def beyond(delta: dict | None, full_spread: float | None) -> str:
 def render(summary: dict) -> str:
     head, archs = summary["header"], summary["archs"]
     s = head["settings"]
-    overrides = {**s["sizes"], **({} if s.get("window") is None else {"window": s["window"]})}
+    overrides = {**s["sizes"], **({} if s.get("window") is None else {"window": s["window"]}), **s.get("config", {})}
     sizes = "".join(f", {name} {value}" for name, value in overrides.items())
     lines = [
         "# Quality: MM-Rec, its ablations and Transformers trained alike",
@@ -598,6 +602,19 @@ def report_command(args: argparse.Namespace) -> None:
     print(table)
 
 
+def config_item(text: str) -> tuple[str, int | float | str]:
+    """'FIELD=VALUE' -> (FIELD, VALUE as an int, else a float, else the text)."""
+    field_name, sep, value = text.partition("=")
+    if not sep or not field_name:
+        raise argparse.ArgumentTypeError(f"expected FIELD=VALUE, got {text!r}")
+    for kind in (int, float):
+        try:
+            return field_name, kind(value)
+        except ValueError:
+            pass
+    return field_name, value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -611,6 +628,9 @@ def build_parser() -> argparse.ArgumentParser:
         several = "+" if isinstance(getattr(Settings(), name), tuple) else None
         run.add_argument("--" + name.replace("_", "-"), type=kind, nargs=several, default=argparse.SUPPRESS,
                          help=f"{help_text} ({defaults})")  # fmt: skip
+    run.add_argument("--config", type=config_item, action="append", default=argparse.SUPPRESS, metavar="FIELD=VALUE",
+                     help="an MMRecConfig field of every MM-Rec arch (the ablation's own field wins), e.g. "
+                          "memory_read=gated or level_slots=128; repeatable")  # fmt: skip
     run.add_argument("--compile", action="store_true", default=argparse.SUPPRESS, help="torch.compile each block")
     run.add_argument("--device", choices=["cuda", "cpu"], default=argparse.SUPPRESS, help="default cuda (--smoke: cpu)")
     report = commands.add_parser("report", help="tables and plots over the rows of a folder")

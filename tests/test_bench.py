@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from bench.quality import recall_sequence
+from bench.quality import Settings, model_config, recall_sequence
 from bench.transformer import KVCache, Transformer, TransformerConfig
 from tests.helpers import FLOAT32_ACCUMULATION, assert_close_rel
 
@@ -127,3 +127,11 @@ def test_recall_sequence_copies_the_passage_distance_bytes_later():
     sequence = recall_sequence(window, distance=100, passage_len=32)
     assert sequence.shape == (32 + 100 + 32,)
     assert torch.equal(sequence[:132], window[:132]) and torch.equal(sequence[132:], window[32:64])
+
+
+def test_quality_config_reaches_every_mmrec_arch_and_the_ablation_keeps_its_field():
+    settings = Settings(preset="tiny", config={"memory_read": "gated", "n_levels": 1})
+    assert model_config("mmrec", settings).n_levels == 1
+    ablation = model_config("mmrec-no-longterm", settings)
+    assert ablation.n_levels == 0 and ablation.memory_read == "gated"
+    assert model_config("transformer", settings).window is None
