@@ -12,6 +12,7 @@ import mmrec_ops
 
 from .attention import MultiMemoryAttention
 from .config import MMRecConfig
+from .entries import LearnedEntries
 from .mdi import MDI
 from .memory import BlockState, MemoryLayout, update_long_term, update_window
 
@@ -24,7 +25,8 @@ class MMRecBlock(nn.Module):
         gamma      = MDI(z, k)
         h          = recurrence(z, gamma, W_g, b_g, h0)      per head, [B, T, H, d]
         m          = MultiMemoryAttention(q; working, long-term, persistent memory)
-                     (memory_read 'gated': its two reads mixed by gates sigmoid(u W_r + b_r))
+                     (memory_read 'gated': its two reads mixed by gates sigmoid(u W_r + b_r);
+                     the long-term entries as entry_summary says: means, learned, states)
         y          = x + W_o (h + m)
         out        = y + FFN(RMSNorm(y))
 
@@ -39,6 +41,7 @@ class MMRecBlock(nn.Module):
         D, H, d = config.dim, config.n_heads, config.head_dim
         self.n_heads, self.mode, self.segment_len = H, config.mode, config.segment_len
         self.has_long_term = config.n_levels > 0
+        self.entry_summary = config.entry_summary
         self.norm_mix = nn.RMSNorm(D, eps=config.norm_eps)
         self.w_in = nn.Linear(D, 4 * D, bias=False)
         if self.mode != "none":
@@ -49,6 +52,8 @@ class MMRecBlock(nn.Module):
         self.memory = MultiMemoryAttention(D, config.persistent_slots, config.window, gated)
         # Per head, the weights of the working memory's read and of the long-term one.
         self.read_gate = nn.Linear(D, 2 * H) if gated else None
+        learned = self.has_long_term and config.entry_summary == "learned"
+        self.learned_entries = LearnedEntries(D, H, config.segment_len) if learned else None
         self.w_out = nn.Linear(D, D, bias=False)
         self.norm_ffn = nn.RMSNorm(D, eps=config.norm_eps)
         self.ffn = nn.Sequential(
@@ -72,6 +77,8 @@ class MMRecBlock(nn.Module):
         nn.init.normal_(self.ffn[2].weight, std=residual_std)
         nn.init.zeros_(self.ffn[2].bias)
         nn.init.normal_(self.memory.persistent, std=init_std * math.sqrt(self.w_in.in_features))
+        if self.learned_entries is not None:
+            self.learned_entries.init_weights(init_std)
         if self.read_gate is not None:
             # Both reads at weight 1/2 at first, whatever the token.
             nn.init.zeros_(self.read_gate.weight)
@@ -93,6 +100,23 @@ class MMRecBlock(nn.Module):
         gate = torch.sigmoid(torch.einsum("hoi,bthi->btho", weight, z) + bias)
         return mmrec_ops.scan(gamma, z * gate, h0)
 
+    def update_memory(
+        self, kv: Tensor, h: Tensor | None, state: BlockState, layout: MemoryLayout
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """``update_long_term`` with entries as ``MMRecConfig.entry_summary`` says, from
+        the chunk's kv ``[B, T, 2, D]`` and recurrence states h ``[B, T, H, d]``."""
+        finish = None
+        if self.learned_entries is not None:
+            kv, finish = self.learned_entries.weigh(kv, layout.phase), self.learned_entries.finish
+        elif self.entry_summary == "state":
+            states = h.flatten(-2)
+
+            def finish(level: int, means: Tensor) -> Tensor:
+                last = states[:, layout.levels[level].last_token].to(means.dtype)
+                return torch.stack([means[:, :, 0], last], dim=2)
+
+        return update_long_term(kv, state.memory, state.sums, layout, self.segment_len, finish)
+
     def forward(self, x: Tensor, state: BlockState, layout: MemoryLayout) -> tuple[Tensor, BlockState]:
         """x ``[B, T, D]``, state of this block, and the chunk's ``memory_layout`` (which the
         model computes once for all its blocks) -> (out ``[B, T, D]``, new state)."""
@@ -100,13 +124,13 @@ class MMRecBlock(nn.Module):
         q, k, v, z = self.w_in(u).chunk(4, dim=-1)
         kv = torch.stack([k, v], dim=2)
         gates = None if self.read_gate is None else torch.sigmoid(self.read_gate(u)).unflatten(-1, (self.n_heads, 2))
+        h = None if self.mode == "none" else self.recurrence(z, k, state.h)
         memory, sums, pool = state.memory, state.sums, None
         if self.has_long_term:
-            pool, memory, sums = update_long_term(kv, memory, sums, layout, self.segment_len)
+            pool, memory, sums = self.update_memory(kv, h, state, layout)
         m = self.memory(q.unflatten(-1, (self.n_heads, -1)), kv, state.window, pool, layout, gates)
         mixed, h_last = m, state.h
-        if self.mode != "none":
-            h = self.recurrence(z, k, state.h)
+        if h is not None:
             mixed = h + m.to(h.dtype)
             # A copy, not a view: the state must not keep the whole [B, T, H, d] h alive.
             h_last = h[:, -1].to(state.h.dtype, memory_format=torch.contiguous_format, copy=True)

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 # 'none' removes the short-term memory: an ablation for bench/quality.py.
 MODES = ("exact", "parallel", "none")
 MEMORY_READS = ("joint", "gated")
+ENTRY_SUMMARIES = ("mean", "learned", "state")
 
 # Chosen by measurement on the project's 2-core CPU (bench/results/model_cpu.md):
 # tiny pretrains usefully there in minutes; base is about 100M parameters.
@@ -44,6 +45,11 @@ class MMRecConfig:
             memories; or 'gated', one softmax over the working memory and another over
             the long-term and persistent memories, mixed by per-head gates that each
             token computes from its input.
+        entry_summary: what a long-term entry holds: 'mean', the means of the keys and
+            values over its span; 'learned', place-weighted means and a residual MLP
+            (``LearnedEntries``); 'state', the mean key and, as its value, the recurrence
+            state h at the span's last token (needs a recurrence: mode 'exact' or
+            'parallel').
         ffn_mult: hidden width of the feed-forward network, in multiples of D.
         norm_eps: epsilon of the RMSNorms.
         init_std: standard deviation of the embedding and projection weights at init.
@@ -60,6 +66,7 @@ class MMRecConfig:
     level_slots: int = 32
     persistent_slots: int = 16
     memory_read: str = "joint"
+    entry_summary: str = "mean"
     ffn_mult: int = 4
     norm_eps: float = 1e-6
     init_std: float = 0.02
@@ -79,6 +86,12 @@ class MMRecConfig:
             raise ValueError(f"MMRecConfig.mode: expected one of {MODES}, got {self.mode!r}")
         if self.memory_read not in MEMORY_READS:
             raise ValueError(f"MMRecConfig.memory_read: expected one of {MEMORY_READS}, got {self.memory_read!r}")
+        if self.entry_summary not in ENTRY_SUMMARIES:
+            raise ValueError(
+                f"MMRecConfig.entry_summary: expected one of {ENTRY_SUMMARIES}, got {self.entry_summary!r}"
+            )
+        if self.entry_summary == "state" and self.mode == "none":
+            raise ValueError("MMRecConfig.entry_summary: 'state' reads the recurrence, which mode 'none' removes")
         if self.dim % self.n_heads != 0:
             raise ValueError(
                 f"MMRecConfig.dim: expected a multiple of n_heads ({self.n_heads}), got {self.dim}"

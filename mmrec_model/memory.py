@@ -31,7 +31,7 @@ memory, whatever the context.
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -135,6 +135,8 @@ class LevelLayout(NamedTuple):
     last_child:   ``[n]``, levels >= 1: where that running sum holds each entry's total.
     ring_source:  ``[M]``, for each ring slot after the chunk, which new entry it takes ...
     ring_new:     ``[M]``, ... where True (else it keeps its old entry).
+    last_token:   ``[n]``, where in the chunk each candidate entry's span ends (0 where
+                  not valid).
     """
 
     index: Tensor
@@ -143,6 +145,7 @@ class LevelLayout(NamedTuple):
     last_child: Tensor | None
     ring_source: Tensor
     ring_new: Tensor
+    last_token: Tensor
 
 
 class MemoryLayout(NamedTuple):
@@ -160,6 +163,7 @@ class MemoryLayout(NamedTuple):
                  candidates lie in the pool of ``update_long_term``.
     read_mask:   ``[nb, Q, P + K_l + Q + W - 1]``, True where a block's query sees a key:
                  the persistent slots, its long-term candidates, its window keys.
+    phase:       ``[T]``, each token's place in its level-0 span, (position + t) mod S.
     """
 
     in_head: Tensor
@@ -168,6 +172,7 @@ class MemoryLayout(NamedTuple):
     levels: tuple[LevelLayout, ...]
     read_source: Tensor
     read_mask: Tensor
+    phase: Tensor
 
 
 def visible(index: Tensor, tokens: Tensor, width: int, slots: int) -> Tensor:
@@ -250,7 +255,10 @@ def memory_layout(position: Tensor, T: int, config: MMRecConfig) -> MemoryLayout
             last_child = only_valid(BRANCHING * index + BRANCHING - 1 - below.index[0], valid)
         newest = ring_entry_index((position + T) // width, slots)
         ring_new = newest >= index[0]
-        below = LevelLayout(index, valid, resets, last_child, only_valid(newest - index[0], ring_new), ring_new)
+        last_token = only_valid((index + 1) * width - 1 - position, valid)
+        below = LevelLayout(
+            index, valid, resets, last_child, only_valid(newest - index[0], ring_new), ring_new, last_token
+        )
         levels.append(below)
         source, mask = long_term_read(starts, Q, below, width, slots)
         sources.append(source + pool_offset)
@@ -266,6 +274,7 @@ def memory_layout(position: Tensor, T: int, config: MMRecConfig) -> MemoryLayout
         levels=tuple(levels),
         read_source=torch.cat(sources, dim=1).flatten() if sources else torch.zeros(0, dtype=torch.int64, device=device),
         read_mask=torch.cat([persistent, *masks, *window], dim=2),
+        phase=(position + torch.arange(T, device=device)) % S,
     )
 
 
@@ -324,7 +333,12 @@ def summarise(kv: Tensor, sums: Tensor, layout: MemoryLayout, segment_len: int) 
 
 
 def update_long_term(
-    kv: Tensor, memory: Tensor, sums: Tensor, layout: MemoryLayout, segment_len: int
+    kv: Tensor,
+    memory: Tensor,
+    sums: Tensor,
+    layout: MemoryLayout,
+    segment_len: int,
+    finish: Callable[[int, Tensor], Tensor] | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """One chunk of HDS: the pool of entries its tokens may read, and the new memory.
 
@@ -332,19 +346,23 @@ def update_long_term(
         kv: ``[B, T, 2, D]`` keys and values of the chunk's tokens.
         memory: ``[B, L, M, 2, D]`` ring buffers; sums: ``[B, L, 2, D]``.
         layout: ``memory_layout`` of the chunk.
+        finish: ``finish(level, means)``, what the level's new entries hold given the means
+            ``[B, n_l, 2, D]`` of kv over their spans (None: the means).
 
     Returns:
         pool ``[B, sum_l (M + n_l), 2, D]`` (per level: the ring buffer as it was, then
-        the means of the ``n_l`` entries ``layout.levels[l].index``, completed in the chunk
-        where valid), from which ``layout.read_source`` gathers; and the new memory and sums.
+        the ``n_l`` entries ``layout.levels[l].index``, completed in the chunk where
+        valid), from which ``layout.read_source`` gathers; and the new memory and sums.
     """
     level_sums, new_sums = summarise(kv, sums, layout, segment_len)
     pool, rings = [], []
     for level, (entry_sums, placed) in enumerate(zip(level_sums, layout.levels)):
-        means = entry_sums / span_len(segment_len, level)
+        entries = entry_sums / span_len(segment_len, level)
+        if finish is not None:
+            entries = finish(level, entries)
         ring = memory[:, level]
-        pool += [ring, means]
-        rings.append(torch.where(placed.ring_new.view(1, -1, 1, 1), means[:, placed.ring_source], ring))
+        pool += [ring, entries.to(ring.dtype)]
+        rings.append(torch.where(placed.ring_new.view(1, -1, 1, 1), entries[:, placed.ring_source], ring))
     return torch.cat(pool, dim=1), torch.stack(rings, dim=1), new_sums
 
 

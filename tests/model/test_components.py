@@ -142,6 +142,9 @@ BLOCK_VARIANTS = {
     "gated": dict(mode="exact", memory_read="gated"),
     "gated-no-window": dict(mode="parallel", memory_read="gated", window=0),
     "gated-no-long-term": dict(mode="exact", memory_read="gated", n_levels=0),
+    "learned-entries": dict(mode="exact", entry_summary="learned"),
+    "state-entries": dict(mode="parallel", entry_summary="state"),
+    "state-entries-gated": dict(mode="exact", entry_summary="state", memory_read="gated"),
 }
 
 
@@ -154,10 +157,11 @@ def test_block_against_reference(variant):
     config = small_config(**{"segment_len": 4, "level_slots": 3, **BLOCK_VARIANTS[variant]})
     model = MMRecModel(config).double()
     block = model.blocks[0]
-    if block.read_gate is not None:
-        # Random gates: at init every gate is 1/2, which would hide a swapped pair.
-        torch.nn.init.normal_(block.read_gate.weight)
-        torch.nn.init.normal_(block.read_gate.bias)
+    # Random weights where init makes a part the identity or a constant, which would
+    # hide a mistake in it: the gates start at 1/2, learned entries as plain means.
+    for module in (block.read_gate, block.learned_entries):
+        for parameter in module.parameters() if module is not None else ():
+            torch.nn.init.normal_(parameter)
     T = QUERY_BLOCK + 41
     x = torch.randn(2, T, config.dim, dtype=torch.float64, requires_grad=True)
     state = model.initial_state(2).blocks[0]
