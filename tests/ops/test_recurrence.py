@@ -207,7 +207,9 @@ def test_recurrence_compiles_without_graph_break(device):
 
 @pytest.mark.ops
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("shape", [(2, 0, 3, 4), (0, 5, 3, 4), (0, 0, 2, 2)], ids=["T0", "B0", "B0T0"])
+@pytest.mark.parametrize(
+    "shape", [(2, 0, 3, 4), (0, 5, 3, 4), (0, 0, 2, 2), (2, 5, 3, 0), (2, 5, 0, 4)], ids=["T0", "B0", "B0T0", "d0", "H0"]
+)
 def test_recurrence_empty(shape, device):
     leaves = [t.requires_grad_() for t in make_inputs(shape, device, torch.float32)]
     out = mmrec_ops.recurrence(*leaves)
@@ -215,7 +217,7 @@ def test_recurrence_empty(shape, device):
     grads = torch.autograd.grad(out, leaves, torch.ones_like(out))
     for leaf, grad in zip(leaves, grads):
         assert grad.shape == leaf.shape
-        assert torch.equal(grad, torch.zeros_like(leaf)), "nothing reaches an output when T = 0 or B = 0"
+        assert torch.equal(grad, torch.zeros_like(leaf)), "nothing reaches an output when T, B, H or d is 0"
 
 
 def bad_recurrence_inputs():
