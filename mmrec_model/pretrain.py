@@ -221,7 +221,14 @@ class Run:
 
 
 def resolved_data(data: str | None) -> str | None:
-    return None if data is None else str(Path(data).resolve())
+    """--data as an absolute path (a resumed run compares it); one that cannot be
+    resolved (a loop of symbolic links) stays as given, for load_corpus to explain."""
+    if data is None:
+        return None
+    try:
+        return str(Path(data).resolve())
+    except (OSError, RuntimeError):  # Python before 3.13 raises RuntimeError for a loop
+        return data
 
 
 def resumed_config(given: dict, checkpoint: dict) -> TrainConfig:

@@ -4,6 +4,7 @@ resumes exactly, survives a kill during a checkpoint write and refuses bad input
 from __future__ import annotations
 
 import math
+import os
 import re
 import shutil
 import signal
@@ -110,6 +111,10 @@ def write_garbage_checkpoint(folder: Path) -> None:
 BAD_INPUT = [
     pytest.param(["--data", "{tmp}/missing.txt"], "--data .*missing.txt: no such file or folder", id="missing_data"),
     pytest.param(["--data", "{tmp}/empty.txt"], "holds no text", id="empty_data"),
+    pytest.param(["--data", "{tmp}/loop"], "--data .*loop: a loop of symbolic links", id="symlink_loop_data"),
+    pytest.param(["--data", sys.executable], "--data .*: a binary file", id="executable_data"),
+    pytest.param(["--data", os.devnull], f"--data {os.devnull}: a character device", id="null_device_data"),
+    pytest.param(["--data", "{tmp}/latin1.jsonl"], "latin1.jsonl: line 1 is not UTF-8", id="non_utf8_jsonl"),
     pytest.param(["--preset", "huge"], "--preset huge: .*expected name in", id="unknown_preset"),
     pytest.param(["--seq-len", "5000"], "--seq-len 5000 needs windows of 5001 bytes", id="window_longer_than_split"),
     pytest.param(["--dim", "30", "--n-heads", "4"], "multiple of n_heads", id="dim_not_multiple_of_heads"),
@@ -127,6 +132,8 @@ BAD_INPUT = [
 @pytest.mark.parametrize("extra, message", BAD_INPUT)
 def test_bad_input_exits_1_with_a_clear_message_and_writes_nothing(tmp_path, corpus_file, trained_run, extra, message):
     (tmp_path / "empty.txt").write_bytes(b"")
+    (tmp_path / "loop").symlink_to(tmp_path / "loop")
+    (tmp_path / "latin1.jsonl").write_bytes('{"text": "café"}\n'.encode("latin-1"))
     write_garbage_checkpoint(tmp_path / "corrupt")
     out = tmp_path / "out"
     out.mkdir()
