@@ -25,10 +25,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import datetime
 import fcntl
 import json
 import math
 import os
+import re
 import sys
 import time
 from dataclasses import dataclass
@@ -109,6 +111,7 @@ class TrainConfig:
     out: str | None = None
     sample_prompt: str = "def "
     sample_tokens: int = 400
+    dist_timeout: float = 600.0
 
     @property
     def warmup_steps(self) -> int:
@@ -152,6 +155,8 @@ HELP = {
     "out": "run folder; default: runs/<preset>-<date>-<time>, or the resumed checkpoint's folder",
     "sample_prompt": "text that the sample written at the end continues",
     "sample_tokens": "bytes of the sample written at the end",
+    "dist_timeout": "seconds a torchrun process waits for the others (at start and in each collective) "
+    "before it stops the run with an error, e.g. when one of them hangs",
 }
 
 
@@ -263,7 +268,7 @@ def check_sizes(config: TrainConfig, world_size: int, start_step: int) -> None:
     for name in positive:
         if getattr(config, name) < 1:
             raise UsageError(f"--{name.replace('_', '-')}: expected a positive integer, got {getattr(config, name)}")
-    for name in ("lr", "grad_clip"):
+    for name in ("lr", "grad_clip", "dist_timeout"):
         if not getattr(config, name) > 0:
             raise UsageError(f"--{name.replace('_', '-')}: expected a positive number, got {getattr(config, name)}")
     if not config.sample_prompt:
@@ -531,7 +536,8 @@ def setup_distributed(run: Run) -> None:
     if run.world_size > 1:
         if run.device.type == "cuda":
             torch.cuda.set_device(run.device)
-        torch.distributed.init_process_group("nccl" if run.device.type == "cuda" else "gloo")
+        timeout = datetime.timedelta(seconds=run.config.dist_timeout)
+        torch.distributed.init_process_group("nccl" if run.device.type == "cuda" else "gloo", timeout=timeout)
 
 
 def training_module(run: Run) -> torch.nn.Module:
@@ -655,6 +661,12 @@ def write_failure(err: OSError) -> str:
     return f"cannot write {where} ({err.strerror or err})"
 
 
+def is_peer_timeout(err: RuntimeError, world_size: int) -> bool:
+    """Whether `err` is a collective that waited past --dist-timeout for another process.
+    gloo raises it as a plain RuntimeError (from DDP's backward too), known by its words."""
+    return world_size > 1 and re.search(r"timed out|timeout", str(err), re.IGNORECASE) is not None
+
+
 def main(argv: list[str] | None = None) -> int:
     if not operators_loaded(PROG):
         return 1
@@ -675,6 +687,13 @@ def main(argv: list[str] | None = None) -> int:
         return fail(err)
     except OSError as err:  # the checkpoint or the metrics could not be written: the previous checkpoint stays
         return fail(f"{write_failure(err)}; the run stopped, {run.out / CHECKPOINT_NAME} keeps its last checkpoint")
+    except RuntimeError as err:
+        if not is_peer_timeout(err, run.world_size):
+            raise
+        return fail(
+            f"rank {run.rank}: another process did not answer within --dist-timeout {run.config.dist_timeout:g} "
+            "seconds (it hung or died); the run stopped at its last checkpoint"
+        )
     finally:
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()

@@ -11,6 +11,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -357,3 +358,32 @@ def test_a_hand_edited_checkpoint_is_refused_in_one_line(tmp_path, trained_run, 
         assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
         assert result.stderr.count("\n") == 1 and "weights_only" not in result.stderr
         assert re.search(message, result.stderr), result.stderr
+
+
+HANG_AT_STEP_2 = """
+import sys, time
+from mmrec_model import pretrain
+real_run_step = pretrain.run_step
+def hang_on_rank_1(net, run, step):
+    if run.rank == 1 and step == 2:
+        time.sleep(3600)  # hung, not dead: its socket stays open
+    return real_run_step(net, run, step)
+pretrain.run_step = hang_on_rank_1
+sys.exit(pretrain.main(sys.argv[1:]))
+"""
+
+
+def test_a_hung_process_stops_the_others_after_the_dist_timeout(tmp_path, corpus_file):
+    script = tmp_path / "hang.py"
+    script.write_text(HANG_AT_STEP_2)
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--standalone"]
+    args = [*SMALL, "--data", corpus_file, "--steps", 6, "--out", tmp_path / "run", "--dist-timeout", 5]
+    started = time.monotonic()
+    result = subprocess.run([*torchrun, str(script), *map(str, args)], cwd=tmp_path,
+                            env=environment(OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert result.returncode != 0 and time.monotonic() - started < 120
+    assert (
+        "mmrec-pretrain: error: rank 0: another process did not answer within --dist-timeout 5 seconds "
+        "(it hung or died); the run stopped at its last checkpoint\n" in result.stderr
+    ), result.stderr
+    assert "[rank0]: Traceback" not in result.stderr
