@@ -17,12 +17,15 @@ A checkpoint is a dict of tensors, numbers, strings, lists and dicts (what
 from __future__ import annotations
 
 import os
+import re
+import secrets
 from pathlib import Path
 
 import torch
 
 CHECKPOINT_NAME = "checkpoint.pt"
 CHECKPOINT_FORMAT = 1
+TEMPORARY_SUFFIX = ".tmp"
 REQUIRED_KEYS = ("format", "step", "model", "model_config", "train_config", "optimizer", "scheduler", "rng", "data")
 
 
@@ -45,18 +48,59 @@ def fsync_folder(folder: Path) -> None:
         os.close(fd)
 
 
+def temporary_name(path: Path) -> Path:
+    """A name next to `path` that no other writer uses: `.<name>.<pid>.<random>.tmp`."""
+    return path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}{TEMPORARY_SUFFIX}")
+
+
+def is_temporary_name(name: str) -> bool:
+    """Whether `name` is one that temporary_name gives (a writer killed mid-write leaves one)."""
+    return re.fullmatch(rf"\..+\.\d+\.[0-9a-f]{{8}}{re.escape(TEMPORARY_SUFFIX)}", name) is not None
+
+
+class WriteRecorder:
+    """A binary file that keeps the OSError of a failed write. torch.save reports
+    one as a RuntimeError about zip positions, which would hide a full disk."""
+
+    def __init__(self, file):
+        self.file = file
+        self.error: OSError | None = None
+
+    def write(self, data):
+        try:
+            return self.file.write(data)
+        except OSError as err:
+            self.error = err
+            raise
+
+    def __getattr__(self, name):
+        return getattr(self.file, name)
+
+
 def atomic_write(path: Path, write) -> None:
     """Calls write(file) on a temporary file next to `path`, then renames it over `path`.
 
     A crash at any moment leaves either the old file or the new one, never a
     mix: the rename is atomic and comes only after the data reached the disk.
+    If writing fails, the temporary file is removed and `path` keeps its old
+    content; a failure of the file system (a full disk, a read-only folder)
+    is raised as the OSError of its errno, naming `path`.
     """
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as file:
-        write(file)
-        file.flush()
-        os.fsync(file.fileno())
-    os.replace(tmp, path)
+    tmp = temporary_name(path)
+    recorder = None
+    try:
+        with open(tmp, "xb") as file:
+            recorder = WriteRecorder(file)
+            write(recorder)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(tmp, path)
+    except BaseException as err:
+        tmp.unlink(missing_ok=True)
+        cause = err if isinstance(err, OSError) else getattr(recorder, "error", None)
+        if cause is None or cause.errno is None:
+            raise
+        raise OSError(cause.errno, cause.strerror, str(path)) from err
     fsync_folder(path.parent)
 
 
@@ -76,14 +120,70 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
     try:
         checkpoint = torch.load(file, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises several types for truncated or foreign files
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise CheckpointError(f"{file}: not a readable checkpoint ({reason})") from None
+        raise CheckpointError(f"{file}: not a readable checkpoint ({load_failure(err)})") from None
     if not isinstance(checkpoint, dict) or checkpoint.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(f"{file}: not an MM-Rec checkpoint of format {CHECKPOINT_FORMAT}")
     missing = [key for key in REQUIRED_KEYS if key not in checkpoint]
     if missing:
         raise CheckpointError(f"{file}: checkpoint lacks {', '.join(missing)}")
+    problem = structure_problem(checkpoint)
+    if problem:
+        raise CheckpointError(f"{file}: not a usable checkpoint: {problem}")
     return checkpoint
+
+
+def load_failure(err: Exception) -> str:
+    """Why torch.load refused a file, in one line. Never torch's advice to load it
+    with weights_only=False: that would run whatever code the file pickled."""
+    text = str(err)
+    unpickler_error = re.search(r"WeightsUnpickler error:\s*(.+)", text)
+    if unpickler_error:
+        refused_global = re.match(r"Unsupported global: GLOBAL (\S+)", unpickler_error.group(1))
+        if refused_global:
+            return f"it pickles {refused_global.group(1)}, and a checkpoint holds only tensors and plain data"
+        return f"not a pickle of tensors and plain data: {unpickler_error.group(1).strip()}"
+    return text.strip().splitlines()[0] if text.strip() else type(err).__name__
+
+
+def is_byte_tensor(value) -> bool:
+    return isinstance(value, torch.Tensor) and value.dtype == torch.uint8 and value.dim() == 1
+
+
+def structure_problem(checkpoint: dict) -> str | None:
+    """What in a checkpoint's entries has the wrong type or value (a hand-edited or
+    foreign file), or None: a checkpoint is used only whole and well-formed."""
+    step = checkpoint["step"]
+    if type(step) is not int or step < 0:
+        return f"step: expected an integer >= 0, got {step!r}"
+    for key in ("model", "model_config", "train_config", "optimizer", "scheduler", "rng", "data"):
+        if not isinstance(checkpoint[key], dict):
+            return f"{key}: expected a dict, got {type(checkpoint[key]).__name__}"
+    if not checkpoint["model"] or not all(
+        isinstance(name, str) and isinstance(value, torch.Tensor) for name, value in checkpoint["model"].items()
+    ):
+        return "model: expected a state_dict (parameter names to tensors)"
+    # The scheduler steps once per optimizer step.
+    if checkpoint["scheduler"].get("last_epoch") != step:
+        return f"scheduler: expected last_epoch {step} (the step), got {checkpoint['scheduler'].get('last_epoch')!r}"
+    rng = checkpoint["rng"]
+    cpu_state_bytes = torch.get_rng_state().numel()
+    if not is_byte_tensor(rng.get("torch")) or rng["torch"].numel() != cpu_state_bytes:
+        return f"rng: expected 'torch', the CPU generator's state of {cpu_state_bytes} bytes (a uint8 tensor)"
+    if not isinstance(rng.get("cuda"), list) or not all(is_byte_tensor(state) for state in rng["cuda"]):
+        return "rng: expected 'cuda', a list of CUDA generator states (uint8 tensors)"
+    data = checkpoint["data"]
+    if not all(isinstance(data.get(key), str) and data[key] for key in ("sha256", "source")):
+        return "data: expected the corpus' 'sha256' and 'source' (strings)"
+    return None
+
+
+def non_finite_entries(state_dict: dict) -> list[str]:
+    """Names of the floating-point tensors of `state_dict` that hold NaN or Inf."""
+    return [
+        name
+        for name, value in state_dict.items()
+        if isinstance(value, torch.Tensor) and value.is_floating_point() and not torch.isfinite(value).all()
+    ]
 
 
 def rng_states() -> dict:

@@ -14,9 +14,11 @@ whatever the number of processes that share it (each takes its slice).
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
+import stat
 import sysconfig
 from dataclasses import dataclass
 from pathlib import Path
@@ -67,15 +69,21 @@ def stdlib_files(root: Path) -> list[Path]:
     return sorted(found, key=lambda path: path.relative_to(root).as_posix())
 
 
-def is_binary(blob: bytes) -> bool:
-    return b"\0" in blob[:BINARY_SNIFF_BYTES]
+def is_binary_file(path: Path) -> bool:
+    """Git's rule: a NUL byte among the first BINARY_SNIFF_BYTES bytes."""
+    with path.open("rb") as file:
+        return b"\0" in file.read(BINARY_SNIFF_BYTES)
 
 
 def jsonl_texts(path: Path) -> list[bytes]:
     """The `text` field of every record of a JSONL file, UTF-8 encoded."""
     texts = []
-    with path.open(encoding="utf-8") as lines:
-        for number, line in enumerate(lines, start=1):
+    with path.open("rb") as lines:
+        for number, raw in enumerate(lines, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise DataError(f"--data {path}: line {number} is not UTF-8 (byte {err.start + 1}: {err.reason})") from None
             if not line.strip():
                 continue
             try:
@@ -104,8 +112,44 @@ def folder_documents(folder: Path) -> list[bytes]:
     )
     documents = []
     for path in paths:
-        documents.extend(doc for doc in file_documents(path) if not is_binary(doc))
+        if not is_binary_file(path):
+            documents.extend(file_documents(path))
     return documents
+
+
+# What stat says a path is, for one that is neither a regular file nor a folder.
+SPECIAL_FILE_KINDS = (
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+    (stat.S_ISFIFO, "a named pipe"),
+    (stat.S_ISSOCK, "a socket"),
+)
+
+
+def data_path_kind(path: Path) -> str:
+    """'file' or 'folder'; anything else is a DataError that says what `path` is."""
+    try:
+        mode = path.stat().st_mode
+    except OSError as err:
+        reason = {errno.ENOENT: "no such file or folder", errno.ELOOP: "a loop of symbolic links"}
+        raise DataError(f"--data {path}: {reason.get(err.errno, err.strerror)}") from None
+    if stat.S_ISDIR(mode):
+        return "folder"
+    if stat.S_ISREG(mode):
+        return "file"
+    kind = next((name for test, name in SPECIAL_FILE_KINDS if test(mode)), "not a regular file")
+    raise DataError(f"--data {path}: {kind}, not a text file or a folder of them")
+
+
+def user_documents(path: Path) -> list[bytes]:
+    """The documents of `--data path`: a text or JSONL file, or a folder of text files."""
+    if data_path_kind(path) == "folder":
+        return folder_documents(path)
+    if is_binary_file(path):
+        raise DataError(
+            f"--data {path}: a binary file (a NUL byte among its first {BINARY_SNIFF_BYTES} bytes), not text"
+        )
+    return file_documents(path)
 
 
 def read_documents(data: str | None) -> tuple[list[bytes], str]:
@@ -114,12 +158,10 @@ def read_documents(data: str | None) -> tuple[list[bytes], str]:
         root = stdlib_root()
         description = f"Python {sysconfig.get_python_version()} standard library ({root})"
         return [path.read_bytes() for path in stdlib_files(root)], description
-    path = Path(data)
-    if path.is_dir():
-        return folder_documents(path), str(path)
-    if path.is_file():
-        return file_documents(path), str(path)
-    raise DataError(f"--data {data}: no such file or folder")
+    try:
+        return user_documents(Path(data)), data
+    except OSError as err:  # a file that cannot be read (permissions, an I/O error)
+        raise DataError(f"--data {data}: cannot read {err.filename or data} ({err.strerror})") from None
 
 
 def validation_size(stream_bytes: int) -> int:

@@ -16,7 +16,7 @@ import sys
 
 import torch
 
-from .checkpoint import CheckpointError, load_checkpoint
+from .checkpoint import CheckpointError, load_checkpoint, non_finite_entries
 
 PROG = "mmrec-generate"
 
@@ -50,6 +50,12 @@ def load_model(path: str, device: torch.device):
     from mmrec_model import MMRecConfig, MMRecModel
 
     checkpoint = load_checkpoint(path)
+    non_finite = non_finite_entries(checkpoint["model"])
+    if non_finite:
+        raise CheckpointError(
+            f"{path}: the checkpoint's model has NaN or Inf weights ({', '.join(non_finite[:3])}"
+            f"{', ...' if len(non_finite) > 3 else ''}): it comes from a run that diverged"
+        )
     try:
         model = MMRecModel(MMRecConfig(**checkpoint["model_config"]))
         model.load_state_dict(checkpoint["model"])

@@ -25,8 +25,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import datetime
+import fcntl
 import json
+import math
 import os
+import re
 import sys
 import time
 from dataclasses import dataclass
@@ -40,7 +44,9 @@ from .checkpoint import (
     CheckpointError,
     atomic_write,
     checkpoint_path,
+    is_temporary_name,
     load_checkpoint,
+    non_finite_entries,
     restore_rng_states,
     rng_states,
     save_checkpoint,
@@ -59,11 +65,17 @@ from .training import (
 
 PROG = "mmrec-pretrain"
 METRICS_NAME = "metrics.jsonl"
+# The lock a run holds on its folder while it runs (fcntl.flock, released when the process ends).
+LOCK_NAME = ".lock"
 SAMPLE_TEMPERATURE, SAMPLE_TOP_K = 0.8, 40
 
 
 class UsageError(ValueError):
     """A command line that cannot run, with the message to show."""
+
+
+class Diverged(Exception):
+    """The training loss or the weights are no longer finite, with the message to show."""
 
 
 @dataclass
@@ -99,6 +111,7 @@ class TrainConfig:
     out: str | None = None
     sample_prompt: str = "def "
     sample_tokens: int = 400
+    dist_timeout: float = 600.0
 
     @property
     def warmup_steps(self) -> int:
@@ -142,6 +155,8 @@ HELP = {
     "out": "run folder; default: runs/<preset>-<date>-<time>, or the resumed checkpoint's folder",
     "sample_prompt": "text that the sample written at the end continues",
     "sample_tokens": "bytes of the sample written at the end",
+    "dist_timeout": "seconds a torchrun process waits for the others (at start and in each collective) "
+    "before it stops the run with an error, e.g. when one of them hangs",
 }
 
 
@@ -210,6 +225,7 @@ class Run:
     world_size: int
     rank: int
     training: Training
+    checkpoint_stamp: tuple | None  # the identity of out's checkpoint file when the run was prepared
 
     @property
     def start_step(self) -> int:
@@ -221,7 +237,14 @@ class Run:
 
 
 def resolved_data(data: str | None) -> str | None:
-    return None if data is None else str(Path(data).resolve())
+    """--data as an absolute path (a resumed run compares it); one that cannot be
+    resolved (a loop of symbolic links) stays as given, for load_corpus to explain."""
+    if data is None:
+        return None
+    try:
+        return str(Path(data).resolve())
+    except (OSError, RuntimeError):  # Python before 3.13 raises RuntimeError for a loop
+        return data
 
 
 def resumed_config(given: dict, checkpoint: dict) -> TrainConfig:
@@ -245,7 +268,7 @@ def check_sizes(config: TrainConfig, world_size: int, start_step: int) -> None:
     for name in positive:
         if getattr(config, name) < 1:
             raise UsageError(f"--{name.replace('_', '-')}: expected a positive integer, got {getattr(config, name)}")
-    for name in ("lr", "grad_clip"):
+    for name in ("lr", "grad_clip", "dist_timeout"):
         if not getattr(config, name) > 0:
             raise UsageError(f"--{name.replace('_', '-')}: expected a positive number, got {getattr(config, name)}")
     if not config.sample_prompt:
@@ -304,15 +327,27 @@ def pick_out(config: TrainConfig, resume: str | None) -> Path:
 
 
 def check_out(out: Path, resume: str | None) -> None:
-    """Never write over a run that is not the one being continued."""
+    """Never write over a run that is not the one being continued, nor ask for a folder where a file is."""
     existing = out / CHECKPOINT_NAME
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {out}: exists and is not a folder")
+    file_above = next((parent for parent in out.parents if parent.exists() and not parent.is_dir()), None)
+    if file_above is not None:
+        raise UsageError(f"--out {out}: {file_above} is a file, not a folder")
     if existing.exists() and (resume is None or existing.resolve() != checkpoint_path(resume).resolve()):
         raise UsageError(
             f"--out {out}: already holds a run's {CHECKPOINT_NAME}; "
             f"continue it with --resume {out} or choose another --out"
         )
+
+
+def file_stamp(path: Path) -> tuple | None:
+    """The identity of the file at `path` (an atomic write makes a new one); None when there is none."""
+    try:
+        status = path.stat()
+    except FileNotFoundError:
+        return None
+    return status.st_ino, status.st_size, status.st_mtime_ns
 
 
 def build_model_config(config: TrainConfig, checkpoint: dict | None):
@@ -343,6 +378,7 @@ def prepare(argv: list[str] | None) -> Run:
     autocast_dtype = pick_autocast_dtype(config.dtype, device)
     out = pick_out(config, resume)
     check_out(out, resume)
+    checkpoint_stamp = file_stamp(out / CHECKPOINT_NAME)
     corpus = load_corpus(config.data)
     check_window_fits(corpus, config.seq_len)
     if checkpoint and checkpoint["data"]["sha256"] != corpus.sha256:
@@ -350,7 +386,8 @@ def prepare(argv: list[str] | None) -> Run:
         raise UsageError(f"--resume: the checkpoint was trained on other data ({saved}) than {corpus.source}")
     training = build_training(model_config, config, device, checkpoint)
     rank = int(os.environ.get("RANK", "0"))
-    return Run(config, model_config, corpus, out, device, autocast_dtype, checkpoint, world_size, rank, training)
+    return Run(config, model_config, corpus, out, device, autocast_dtype, checkpoint, world_size, rank, training,
+               checkpoint_stamp)  # fmt: skip
 
 
 # --- training -------------------------------------------------------------------
@@ -389,28 +426,58 @@ def checkpoint_dict(run: Run, step: int) -> dict:
 
 
 class RunFolder:
-    """The files of the run folder; only rank 0 makes one."""
+    """The files of the run folder; only rank 0 makes one.
+
+    It holds the folder's lock from its creation to the end of the process, so
+    that no other run writes the folder meanwhile, and checks under the lock
+    that the folder is still as `prepare` found it.
+    """
 
     def __init__(self, run: Run):
         self.out = run.out
         self.out.mkdir(parents=True, exist_ok=True)
+        self.lock = lock_folder(self.out)
+        if file_stamp(self.out / CHECKPOINT_NAME) != run.checkpoint_stamp:
+            raise UsageError(
+                f"--out {self.out}: another run wrote its {CHECKPOINT_NAME} while this one started; run the command again"
+            )
+        self.remove_leftovers()
         self.metrics = self.out / METRICS_NAME
         self.records = self.kept_records(run.start_step)
         atomic_write(self.metrics, lambda f: f.writelines((json.dumps(r) + "\n").encode() for r in self.records))
         config = {"train": dataclasses.asdict(run.config), "model": dataclasses.asdict(run.model_config)}
         atomic_write(self.out / "config.json", lambda f: f.write(json.dumps(config, indent=2).encode()))
 
+    def remove_leftovers(self) -> None:
+        """Removes the temporary files of writers killed mid-write: under the lock no other writer is active."""
+        for path in self.out.iterdir():
+            if is_temporary_name(path.name):
+                path.unlink()
+
     def kept_records(self, start_step: int) -> list[dict]:
-        """A resumed run keeps the metrics up to its checkpoint and drops any logged after it."""
+        """A resumed run keeps the metrics up to its checkpoint and drops any logged after it,
+        and a last line cut short (by a crash or a full disk): the file is rewritten without it."""
         if start_step == 0 or not self.metrics.exists():
             return []
-        records = [json.loads(line) for line in self.metrics.read_text().splitlines() if line.strip()]
+        lines = self.metrics.read_text(errors="replace").splitlines()
+        records = []
+        for number, line in enumerate(lines, start=1):
+            record = parse_record(line)
+            if record is not None:
+                records.append(record)
+            elif number < len(lines) and line.strip():
+                raise UsageError(f"--resume: {self.metrics}: line {number} is not a metrics record; mend or delete it")
         return [r for r in records if r["step"] <= start_step]
 
     def log(self, record: dict) -> None:
         self.records.append(record)
         with self.metrics.open("a") as f:
             f.write(json.dumps(record) + "\n")
+
+    def sync(self) -> None:
+        """Makes the metrics logged so far durable, before a checkpoint that follows them."""
+        with self.metrics.open("a") as f:
+            os.fsync(f.fileno())
 
     def plot(self) -> None:
         import matplotlib
@@ -433,11 +500,44 @@ class RunFolder:
         plt.close(fig)
 
 
+def lock_folder(out: Path):
+    """The run folder's lock file, locked; refuses (UsageError) when another process holds it.
+
+    The lock (fcntl.flock) lasts while the returned file stays open, and ends
+    with the process, however it ends.
+    """
+    lock = open(out / LOCK_NAME, "a+")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.seek(0)
+        holder = lock.read().strip() or "unknown"
+        lock.close()
+        raise UsageError(
+            f"--out {out}: another run (process {holder}) is writing this folder; "
+            "wait until it ends or choose another --out"
+        ) from None
+    lock.truncate(0)
+    lock.write(f"{os.getpid()}\n")
+    lock.flush()
+    return lock
+
+
+def parse_record(line: str) -> dict | None:
+    """The metrics record of a line of metrics.jsonl, or None if it is not one."""
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError:
+        return None
+    return record if isinstance(record, dict) and isinstance(record.get("step"), int) else None
+
+
 def setup_distributed(run: Run) -> None:
     if run.world_size > 1:
         if run.device.type == "cuda":
             torch.cuda.set_device(run.device)
-        torch.distributed.init_process_group("nccl" if run.device.type == "cuda" else "gloo")
+        timeout = datetime.timedelta(seconds=run.config.dist_timeout)
+        torch.distributed.init_process_group("nccl" if run.device.type == "cuda" else "gloo", timeout=timeout)
 
 
 def training_module(run: Run) -> torch.nn.Module:
@@ -483,24 +583,46 @@ def write_sample(run: Run) -> None:
     print(f"{PROG}: more samples: python -m mmrec_model.generate --checkpoint {run.out} --prompt 'import '")
 
 
-def train(run: Run) -> None:
-    """The training loop: steps, periodic validation + checkpoint + plot, a sample at the end."""
+def check_finite(run: Run, step: int, saved_step: int, loss: float, what: str, weights: bool = False) -> None:
+    """Stops the run (Diverged) when `loss` (the `what`) or, with `weights`, the model's
+    weights are not finite: nothing is saved after that, so the last checkpoint
+    stays the last finite one."""
+    non_finite = non_finite_entries(run.training.model.state_dict()) if weights else []
+    problem = None
+    if not math.isfinite(loss):
+        problem = f"the {what} is {loss}"
+    elif non_finite:
+        problem = f"the weights hold NaN or Inf ({', '.join(non_finite[:3])})"
+    if problem is not None:
+        raise Diverged(
+            f"step {step}: {problem}; the run stopped, and {run.out / CHECKPOINT_NAME} keeps step {saved_step}. "
+            "The run diverged: start it again with a lower --lr or a longer --warmup"
+        )
+
+
+def train(run: Run, folder: RunFolder | None) -> None:
+    """The training loop: steps, periodic validation + checkpoint + plot, a sample at the end.
+    `folder`: the run folder on rank 0, None on the others."""
     config, is_writer = run.config, run.rank == 0
     if run.checkpoint:
         restore_rng_states(run.checkpoint["rng"])
     net = training_module(run)
-    folder = RunFolder(run) if is_writer else None
     if is_writer:
         print(describe(run), flush=True)
     bar = progress_bar(run)
+    saved_step = run.start_step
 
     def validate_and_save(step: int) -> None:
+        nonlocal saved_step
         val_loss = validation_loss(run)
+        check_finite(run, step, saved_step, val_loss, "validation loss", weights=True)
         if is_writer:
             folder.log({"step": step, "split": "val", "loss": val_loss, "bpb": bits_per_byte(val_loss)})
+            folder.sync()
             save_checkpoint(run.out / CHECKPOINT_NAME, checkpoint_dict(run, step))
             folder.plot()
             bar.write(f"step {step:>6}: val loss {val_loss:.4f}, val bits/byte {bits_per_byte(val_loss):.3f}")
+        saved_step = step
 
     if run.start_step == 0:
         validate_and_save(0)
@@ -508,6 +630,7 @@ def train(run: Run) -> None:
     for step in range(run.start_step, run.stop_step):
         started = time.perf_counter()
         loss = run_step(net, run, step)
+        check_finite(run, step + 1, saved_step, loss, "training loss")
         seconds = time.perf_counter() - started
         # The first step of a process pays for warm-up (and compilation): it is not a rate.
         if step > run.start_step:
@@ -527,22 +650,52 @@ def train(run: Run) -> None:
         write_sample(run)
 
 
+def fail(message) -> int:
+    """Reports a fatal error of the command in one line; returns its exit status, 1."""
+    print(f"{PROG}: error: {message}", file=sys.stderr)
+    return 1
+
+
+def write_failure(err: OSError) -> str:
+    where = f"{err.filename}" if err.filename else "the run folder"
+    return f"cannot write {where} ({err.strerror or err})"
+
+
+def is_peer_timeout(err: RuntimeError, world_size: int) -> bool:
+    """Whether `err` is a collective that waited past --dist-timeout for another process.
+    gloo raises it as a plain RuntimeError (from DDP's backward too), known by its words."""
+    return world_size > 1 and re.search(r"timed out|timeout", str(err), re.IGNORECASE) is not None
+
+
 def main(argv: list[str] | None = None) -> int:
     if not operators_loaded(PROG):
         return 1
     try:
         run = prepare(argv)
+        folder = RunFolder(run) if run.rank == 0 else None
     except (UsageError, DataError, CheckpointError) as err:
-        print(f"{PROG}: error: {err}", file=sys.stderr)
-        return 1
-    setup_distributed(run)
+        return fail(err)
+    except OSError as err:  # the run folder cannot be made or written (read-only, full, ...)
+        return fail(write_failure(err))
     try:
-        train(run)
+        setup_distributed(run)
+        train(run, folder)
     except KeyboardInterrupt:
         print(f"\n{PROG}: interrupted; continue from the last checkpoint with --resume {run.out}", file=sys.stderr)
         return 130
+    except Diverged as err:
+        return fail(err)
+    except OSError as err:  # the checkpoint or the metrics could not be written: the previous checkpoint stays
+        return fail(f"{write_failure(err)}; the run stopped, {run.out / CHECKPOINT_NAME} keeps its last checkpoint")
+    except RuntimeError as err:
+        if not is_peer_timeout(err, run.world_size):
+            raise
+        return fail(
+            f"rank {run.rank}: another process did not answer within --dist-timeout {run.config.dist_timeout:g} "
+            "seconds (it hung or died); the run stopped at its last checkpoint"
+        )
     finally:
-        if run.world_size > 1:
+        if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
     return 0
 

@@ -145,11 +145,12 @@ inline IntArrayRef step_channel_strides(const Tensor& t) {
 // contiguous run, and the hardware prefetcher streams them (measured: splitting
 // a 2 KB row in halves made the contiguous scan 2.4x slower on 2 cores). Rows
 // are split only to give every thread an equal share of tasks, or to bound the
-// per-task state buffer.
+// per-task state buffer. C = 0 (an empty channel dim) makes one piece of no
+// channels, so the caller has no task to run.
 inline int64_t channel_chunk(int64_t rows, int64_t C) {
   constexpr int64_t kMaxChunk = 4096, kMinChunk = 64;
   const int64_t threads = at::get_num_threads();
-  int64_t pieces = (C + kMaxChunk - 1) / kMaxChunk;
+  int64_t pieces = std::max<int64_t>((C + kMaxChunk - 1) / kMaxChunk, 1);
   auto balanced = [&](int64_t k) { return (rows * k) % threads == 0 || rows * k >= 8 * threads; };
   while (!balanced(pieces) && C / (pieces + 1) >= kMinChunk) {
     ++pieces;

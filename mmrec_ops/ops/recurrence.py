@@ -104,12 +104,32 @@ def _recurrence_setup_context(ctx, inputs, output):
 
 def _recurrence_backward(ctx, grad_h):
     z, gamma, weight, bias, h0, h = ctx.saved_tensors
-    grad_z, grad_gamma, grad_weight, grad_bias, grad_h0 = torch.ops.mmrec.recurrence_backward.default(
-        grad_h, z, gamma, weight, bias, h0, h
-    )
+    args = (grad_h, z, gamma, weight, bias, h0, h)
+    if torch.is_grad_enabled():  # create_graph: through recurrence_backward's autograd, which refuses to differentiate
+        grads = torch.ops.mmrec.recurrence_backward.default(*args)
+    else:
+        # What recurrence_backward's autograd kernel does with grad mode off,
+        # without its Python layer: dispatch straight to the kernel below autograd.
+        with torch._C._AutoDispatchBelowAutograd():
+            grads = torch.ops.mmrec.recurrence_backward.default(*args)
+    grad_z, grad_gamma, grad_weight, grad_bias, grad_h0 = grads
     return grad_z, grad_gamma, grad_weight, grad_bias if bias is not None else None, grad_h0 if h0 is not None else None
 
 
-# recurrence_backward has no autograd formula of its own: second derivatives of
-# the recurrence are not supported (autograd says so if one asks for them).
 torch.library.register_autograd(RECURRENCE, _recurrence_backward, setup_context=_recurrence_setup_context)
+
+
+SECOND_DERIVATIVES_UNSUPPORTED = (
+    f"{RECURRENCE}: second derivatives (double backward) are not supported, {RECURRENCE_BACKWARD} "
+    "has no derivative; first derivatives are, also with create_graph=True "
+    "(mmrec::scan, the model's mode='parallel', has second derivatives)"
+)
+
+
+def _recurrence_backward_backward(ctx, *grads):
+    """Refuses: without a formula here autograd would only warn and hand back
+    zeros for the second derivatives of the recurrence."""
+    raise RuntimeError(SECOND_DERIVATIVES_UNSUPPORTED)
+
+
+torch.library.register_autograd(RECURRENCE_BACKWARD, _recurrence_backward_backward)

@@ -162,6 +162,25 @@ def test_recurrence_gradcheck(strided, mode, device):
     assert torch.autograd.gradcheck(fn, leaves)
 
 
+@pytest.mark.grad
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("mode", MODES, ids=[m[0] for m in MODES])
+def test_recurrence_second_derivatives_are_refused(mode, device):
+    """Second derivatives raise a clear error (they were silently zero); first
+    derivatives taken with create_graph=True are the ordinary ones."""
+    _, with_bias, with_h0 = mode
+    inputs = make_inputs((2, 5, 2, 3), device, torch.float64, with_bias, with_h0)
+    leaves = [t.detach().requires_grad_() for _, t in given(inputs)]
+    values = iter(leaves)
+    out = mmrec_ops.recurrence(*(None if t is None else next(values) for t in inputs))
+    grads = torch.autograd.grad(out.square().sum(), leaves, create_graph=True)
+    _, ref_grads = reference_with_grads(inputs, 2 * out.detach())
+    for grad, ref in zip(grads, ref_grads):
+        assert_close_rel(grad, ref, grad_tolerance(torch.float64))
+    with pytest.raises(RuntimeError, match=r"mmrec::recurrence: second derivatives \(double backward\) are not supported"):
+        torch.autograd.grad(sum(g.sum() for g in grads), leaves)
+
+
 def recurrence_samples(device, dtype, requires_grad):
     """(args, kwargs) for opcheck: every mode, T = 1, odd d, a strided layout."""
     samples = []
@@ -186,7 +205,7 @@ def test_recurrence_opcheck(requires_grad, dtype, device):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
 def test_recurrence_backward_opcheck(dtype, device):
-    """Without requires_grad: recurrence_backward has no autograd formula
+    """Without requires_grad: recurrence_backward's autograd formula refuses
     (no second derivatives of the recurrence)."""
     for args, _ in recurrence_samples(device, dtype, requires_grad=False):
         h = mmrec_ops.recurrence(*args)
@@ -207,7 +226,9 @@ def test_recurrence_compiles_without_graph_break(device):
 
 @pytest.mark.ops
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("shape", [(2, 0, 3, 4), (0, 5, 3, 4), (0, 0, 2, 2)], ids=["T0", "B0", "B0T0"])
+@pytest.mark.parametrize(
+    "shape", [(2, 0, 3, 4), (0, 5, 3, 4), (0, 0, 2, 2), (2, 5, 3, 0), (2, 5, 0, 4)], ids=["T0", "B0", "B0T0", "d0", "H0"]
+)
 def test_recurrence_empty(shape, device):
     leaves = [t.requires_grad_() for t in make_inputs(shape, device, torch.float32)]
     out = mmrec_ops.recurrence(*leaves)
@@ -215,7 +236,7 @@ def test_recurrence_empty(shape, device):
     grads = torch.autograd.grad(out, leaves, torch.ones_like(out))
     for leaf, grad in zip(leaves, grads):
         assert grad.shape == leaf.shape
-        assert torch.equal(grad, torch.zeros_like(leaf)), "nothing reaches an output when T = 0 or B = 0"
+        assert torch.equal(grad, torch.zeros_like(leaf)), "nothing reaches an output when T, B, H or d is 0"
 
 
 def bad_recurrence_inputs():

@@ -319,12 +319,19 @@ def test_scan_compiles_without_graph_break(device):
 
 @pytest.mark.ops
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("shape", [(2, 0, 3), (0, 5, 3), (0, 0, 2, 2)], ids=["T0", "B0", "B0T0"])
-def test_scan_empty(shape, device):
+@pytest.mark.parametrize("reverse", [False, True], ids=["forward", "reverse"])
+@pytest.mark.parametrize(
+    "shape",
+    [(2, 0, 3), (0, 5, 3), (0, 0, 2, 2), (2, 5, 0), (2, 5, 3, 0), (2, 5, 0, 3)],
+    ids=["T0", "B0", "B0T0", "C0", "inner_C0", "outer_C0"],
+)
+def test_scan_empty(shape, reverse, device):
+    """Empty batch, time or channel dims give empty results (an empty channel
+    dim once divided by zero in the CPU kernels' tiling)."""
     gamma, x, h0 = make_scan_inputs(shape, device, torch.float32, True, True)
     for args in ((gamma,), (gamma, x, h0)):
         leaves = [t.requires_grad_() for t in args]
-        out = mmrec_ops.scan(*leaves)
+        out = mmrec_ops.scan(*leaves, reverse=reverse)
         assert out.shape == gamma.shape
         grads = torch.autograd.grad(out, leaves, torch.ones_like(out))
         for leaf, grad in zip(leaves, grads):

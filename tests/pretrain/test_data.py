@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
@@ -80,6 +81,39 @@ def test_bad_jsonl_names_the_line(tmp_path, content, message):
     path.write_text(content)
     with pytest.raises(D.DataError, match=message):
         D.load_corpus(str(path))
+
+
+def test_jsonl_that_is_not_utf8_names_the_line(tmp_path):
+    path = tmp_path / "docs.jsonl"
+    path.write_bytes(json.dumps({"text": "fine"}).encode() + b'\n{"text": "caf\xe9"}\n')
+    with pytest.raises(D.DataError, match=r"docs.jsonl: line 2 is not UTF-8 \(byte 14: invalid continuation byte\)"):
+        D.load_corpus(str(path))
+
+
+def test_binary_file_is_refused_as_a_folder_skips_it(tmp_path):
+    path = tmp_path / "program"
+    path.write_bytes(b"\x7fELF\x02\x01\x01\0\0\0" + b"code" * 100)
+    with pytest.raises(D.DataError, match=r"program: a binary file \(a NUL byte among its first 8000 bytes\)"):
+        D.load_corpus(str(path))
+
+
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        pytest.param(lambda p: p.symlink_to(p), "a loop of symbolic links", id="symlink_loop"),
+        pytest.param(lambda p: os.mkfifo(p), "a named pipe, not a text file or a folder of them", id="fifo"),
+    ],
+)
+def test_data_that_is_neither_file_nor_folder_says_what_it_is(tmp_path, make, message):
+    path = tmp_path / "data"
+    make(path)
+    with pytest.raises(D.DataError, match=f"--data {path}: {message}"):
+        D.load_corpus(str(path))
+
+
+def test_null_device_is_a_character_device():
+    with pytest.raises(D.DataError, match=f"--data {os.devnull}: a character device, not a text file"):
+        D.load_corpus(os.devnull)
 
 
 def test_missing_data_is_an_error(tmp_path):

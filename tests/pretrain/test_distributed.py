@@ -47,4 +47,4 @@ def test_two_processes_match_one_with_the_same_global_batch(tmp_path, corpus_fil
     assert a.keys() == b.keys()
     assert_close_rel(flat(b), flat(a), TOLERANCE, what="weights")
     written = sorted(p.name for p in two.iterdir())
-    assert written == ["checkpoint.pt", "config.json", "loss.png", "metrics.jsonl", "sample.txt"]
+    assert written == [".lock", "checkpoint.pt", "config.json", "loss.png", "metrics.jsonl", "sample.txt"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 
 import pytest
@@ -46,6 +47,19 @@ def test_command_prints_the_python_api_sample_reproducibly(tmp_path, trained_run
     assert printed == expected + "\n"
     from_file = succeeded(generate([*args, "--checkpoint", trained_run / "checkpoint.pt"], tmp_path)).stdout
     assert from_file == printed
+
+
+def test_checkpoint_with_non_finite_weights_is_refused(tmp_path, trained_run):
+    checkpoint = torch.load(trained_run / "checkpoint.pt", weights_only=True)
+    name = next(iter(checkpoint["model"]))
+    checkpoint["model"][name].view(-1)[0] = math.nan
+    torch.save(checkpoint, tmp_path / "checkpoint.pt")
+    result = generate(["--checkpoint", tmp_path, "--prompt", "x"], tmp_path)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert result.stderr == (
+        f"mmrec-generate: error: {tmp_path}: the checkpoint's model has NaN or Inf weights ({name}): "
+        "it comes from a run that diverged\n"
+    )
 
 
 @pytest.mark.parametrize(

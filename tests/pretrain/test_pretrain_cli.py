@@ -3,12 +3,15 @@ resumes exactly, survives a kill during a checkpoint write and refuses bad input
 
 from __future__ import annotations
 
+import fcntl
 import math
+import os
 import re
 import shutil
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -97,9 +100,11 @@ def test_kill_during_checkpoint_write_leaves_the_previous_checkpoint(tmp_path, c
     killed = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert killed.returncode == -signal.SIGKILL, killed.stderr
     assert load(out)["step"] == 3
+    assert len(list(out.glob(".checkpoint.pt.*.tmp"))) == 1  # the killed writer's
     succeeded(pretrain(["--resume", out], tmp_path))
     assert load(out)["step"] == 8
     assert [r["step"] for r in metrics(out, "val")] == [0, 3, 6, 8]
+    assert not list(out.glob("*.tmp")), "the resumed run, holding the folder's lock, removes the leftover"
 
 
 def write_garbage_checkpoint(folder: Path) -> None:
@@ -110,6 +115,10 @@ def write_garbage_checkpoint(folder: Path) -> None:
 BAD_INPUT = [
     pytest.param(["--data", "{tmp}/missing.txt"], "--data .*missing.txt: no such file or folder", id="missing_data"),
     pytest.param(["--data", "{tmp}/empty.txt"], "holds no text", id="empty_data"),
+    pytest.param(["--data", "{tmp}/loop"], "--data .*loop: a loop of symbolic links", id="symlink_loop_data"),
+    pytest.param(["--data", sys.executable], "--data .*: a binary file", id="executable_data"),
+    pytest.param(["--data", os.devnull], f"--data {os.devnull}: a character device", id="null_device_data"),
+    pytest.param(["--data", "{tmp}/latin1.jsonl"], "latin1.jsonl: line 1 is not UTF-8", id="non_utf8_jsonl"),
     pytest.param(["--preset", "huge"], "--preset huge: .*expected name in", id="unknown_preset"),
     pytest.param(["--seq-len", "5000"], "--seq-len 5000 needs windows of 5001 bytes", id="window_longer_than_split"),
     pytest.param(["--dim", "30", "--n-heads", "4"], "multiple of n_heads", id="dim_not_multiple_of_heads"),
@@ -119,6 +128,7 @@ BAD_INPUT = [
     pytest.param(["--stop-at", "50"], r"--stop-at 50: expected a step in \(0, 6\]", id="stop_after_end"),
     pytest.param(["--sample-prompt", ""], "--sample-prompt: expected at least one character", id="empty_prompt"),
     pytest.param(["--device", "tpu"], "--device: expected auto, cpu or cuda", id="unknown_device"),
+    pytest.param(["--out", "{tmp}/out/notes.txt/run"], "--out .*: .*notes.txt is a file, not a folder", id="out_under_a_file"),
     pytest.param(["--resume", "{tmp}/corrupt"], "not a readable checkpoint", id="corrupt_checkpoint"),
     pytest.param(["--resume", "{tmp}/nowhere"], "no checkpoint there", id="missing_checkpoint"),
 ]
@@ -127,6 +137,8 @@ BAD_INPUT = [
 @pytest.mark.parametrize("extra, message", BAD_INPUT)
 def test_bad_input_exits_1_with_a_clear_message_and_writes_nothing(tmp_path, corpus_file, trained_run, extra, message):
     (tmp_path / "empty.txt").write_bytes(b"")
+    (tmp_path / "loop").symlink_to(tmp_path / "loop")
+    (tmp_path / "latin1.jsonl").write_bytes('{"text": "café"}\n'.encode("latin-1"))
     write_garbage_checkpoint(tmp_path / "corrupt")
     out = tmp_path / "out"
     out.mkdir()
@@ -200,3 +212,178 @@ def test_missing_compiled_library_is_fatal_with_exit_status_1(tmp_path, module):
     assert "fatal" in result.stderr and "could not be loaded" in result.stderr
     assert "python setup.py build_ext --inplace" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_a_diverging_run_stops_and_keeps_its_last_finite_checkpoint(tmp_path, corpus_file, fresh_seed):
+    out = tmp_path / "run"
+    args = [*SMALL, "--data", corpus_file, "--steps", 6, "--eval-every", 3, "--lr", "1e6", "--warmup", 0,
+            "--seed", fresh_seed, "--out", out]  # fmt: skip
+    result = pretrain(args, tmp_path)
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+    assert re.search(
+        rf"mmrec-pretrain: error: step \d: the (training|validation) loss is (nan|inf)|the weights hold NaN or Inf; "
+        rf"the run stopped, and {re.escape(str(out))}/checkpoint.pt keeps step (0|3)\. The run diverged",
+        result.stderr,
+    ), result.stderr
+    checkpoint = load(out)
+    assert all(torch.isfinite(t).all() for t in checkpoint["model"].values())
+    assert not (out / "sample.txt").exists()
+
+
+def hold_lock(folder: Path):
+    """Holds `folder`'s run lock as a running run does (with its process id in the file)."""
+    lock = open(folder / ".lock", "a+")
+    fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    lock.truncate(0)
+    lock.write("4242\n")
+    lock.flush()
+    return lock
+
+
+def test_a_folder_that_another_run_writes_is_refused(tmp_path, corpus_file, fresh_seed):
+    busy, run = tmp_path / "busy", tmp_path / "run"
+    busy.mkdir()
+    succeeded(pretrain([*run_args(corpus_file, fresh_seed, run, eval_every=4), "--stop-at", 4], tmp_path))
+    with hold_lock(busy), hold_lock(run):
+        before = snapshot(tmp_path)
+        for args in ([*SMALL, "--data", corpus_file, "--steps", 6, "--out", busy], ["--resume", run]):
+            result = pretrain(args, tmp_path)
+            assert result.returncode == 1, result.stdout + result.stderr
+            assert re.fullmatch(
+                r"mmrec-pretrain: error: --out .*: another run \(process 4242\) is writing this folder; "
+                r"wait until it ends or choose another --out\n", result.stderr), result.stderr  # fmt: skip
+        assert snapshot(tmp_path) == before
+
+
+# Runs the command with a disk that fills up during the n-th checkpoint write:
+# the checkpoint's temporary file takes 1000 bytes, then its writes fail with ENOSPC.
+FULL_DISK_AT_SAVE = """
+import builtins, errno, os, sys
+from mmrec_model import checkpoint
+from mmrec_model.pretrain import main
+class FullDisk:
+    def __init__(self, file):
+        self.file, self.room = file, 1000
+    def write(self, data):
+        if len(data) > self.room:
+            self.file.write(bytes(data[: self.room]))
+            self.room = 0
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        self.room -= len(data)
+        return self.file.write(data)
+    def __enter__(self):
+        return self
+    def __exit__(self, *exc):
+        self.file.close()
+    def __getattr__(self, name):
+        return getattr(self.file, name)
+opened = 0
+def open_on_a_full_disk(path, *args, **kwargs):
+    global opened
+    file = builtins.open(path, *args, **kwargs)
+    opened += ".checkpoint.pt." in str(path)
+    return FullDisk(file) if opened >= int(os.environ["FULL_AT_SAVE"]) else file
+checkpoint.open = open_on_a_full_disk
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_a_full_disk_stops_the_run_in_one_line_and_keeps_the_previous_checkpoint(tmp_path, corpus_file, fresh_seed):
+    out = tmp_path / "run"
+    command = [sys.executable, "-c", FULL_DISK_AT_SAVE, *map(str, run_args(corpus_file, fresh_seed, out, eval_every=3))]
+    result = subprocess.run(command, cwd=tmp_path, env=environment(FULL_AT_SAVE="3"), capture_output=True, text=True,
+                            timeout=300)  # fmt: skip
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+    assert result.stderr.endswith(
+        f"mmrec-pretrain: error: cannot write {out}/checkpoint.pt (No space left on device); "
+        f"the run stopped, {out}/checkpoint.pt keeps its last checkpoint\n"
+    ), result.stderr
+    assert sorted(p.name for p in out.iterdir()) == [".lock", "checkpoint.pt", "config.json", "loss.png", "metrics.jsonl"]
+    assert load(out)["step"] == 3
+    succeeded(pretrain(["--resume", out], tmp_path))
+    assert [r["step"] for r in metrics(out, "val")] == [0, 3, 6, 8]
+
+
+@pytest.fixture
+def read_only_folder(tmp_path):
+    """A folder nobody may write: a read-only tmpfs for root (whom permissions do not stop), else mode 555."""
+    folder = tmp_path / "read_only"
+    folder.mkdir()
+    if os.geteuid() != 0:
+        folder.chmod(0o555)
+        yield folder
+        folder.chmod(0o755)
+        return
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(folder)], capture_output=True).returncode:
+        pytest.skip("running as root without the right to mount a read-only tmpfs")
+    yield folder
+    subprocess.run(["umount", str(folder)], check=True)
+
+
+def test_a_read_only_folder_is_one_line(tmp_path, corpus_file, read_only_folder):
+    out = read_only_folder / "run"
+    result = pretrain([*SMALL, "--data", corpus_file, "--steps", 6, "--out", out], tmp_path)
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+    assert re.fullmatch(
+        rf"mmrec-pretrain: error: cannot write {re.escape(str(out))} \((Read-only file system|Permission denied)\)\n",
+        result.stderr,
+    ), result.stderr
+
+
+def test_resume_drops_a_last_metrics_line_cut_short_and_refuses_a_damaged_one(tmp_path, corpus_file, fresh_seed):
+    out = tmp_path / "run"
+    succeeded(pretrain([*run_args(corpus_file, fresh_seed, out, eval_every=4), "--stop-at", 4], tmp_path))
+    lines = (out / "metrics.jsonl").read_text().splitlines(keepends=True)
+    (out / "metrics.jsonl").write_text("".join([*lines[:2], "not json\n", *lines[2:]]))
+    result = pretrain(["--resume", out], tmp_path)
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+    assert result.stderr == f"mmrec-pretrain: error: --resume: {out}/metrics.jsonl: line 3 is not a metrics record; mend or delete it\n"
+    (out / "metrics.jsonl").write_text("".join(lines) + '{"step": 5, "split": "tr')  # a crash mid-append
+    succeeded(pretrain(["--resume", out], tmp_path))
+    assert [r["step"] for r in metrics(out, "train")] == list(range(1, 9))
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        pytest.param({"step": "3"}, r"step: expected an integer >= 0, got '3'", id="step_as_text"),
+        pytest.param({"rng": {"torch": torch.zeros(9, dtype=torch.uint8), "cuda": []}}, "rng: expected 'torch'", id="rng"),
+        pytest.param({"hook": print}, "not a readable checkpoint .*it pickles print", id="pickled_code"),
+    ],
+)
+def test_a_hand_edited_checkpoint_is_refused_in_one_line(tmp_path, trained_run, edit, message):
+    torch.save({**load(trained_run), **edit}, tmp_path / "checkpoint.pt")
+    for result in (pretrain(["--resume", tmp_path], tmp_path),
+                   run_module("mmrec_model.generate", ["--checkpoint", tmp_path, "--prompt", "x"], tmp_path)):  # fmt: skip
+        assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+        assert result.stderr.count("\n") == 1 and "weights_only" not in result.stderr
+        assert re.search(message, result.stderr), result.stderr
+
+
+HANG_AT_STEP_2 = """
+import sys, time
+from mmrec_model import pretrain
+real_run_step = pretrain.run_step
+def hang_on_rank_1(net, run, step):
+    if run.rank == 1 and step == 2:
+        time.sleep(3600)  # hung, not dead: its socket stays open
+    return real_run_step(net, run, step)
+pretrain.run_step = hang_on_rank_1
+sys.exit(pretrain.main(sys.argv[1:]))
+"""
+
+
+def test_a_hung_process_stops_the_others_after_the_dist_timeout(tmp_path, corpus_file):
+    script = tmp_path / "hang.py"
+    script.write_text(HANG_AT_STEP_2)
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--standalone"]
+    args = [*SMALL, "--data", corpus_file, "--steps", 6, "--out", tmp_path / "run", "--dist-timeout", 5]
+    started = time.monotonic()
+    result = subprocess.run([*torchrun, str(script), *map(str, args)], cwd=tmp_path,
+                            env=environment(OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert result.returncode != 0 and time.monotonic() - started < 120
+    assert (
+        "mmrec-pretrain: error: rank 0: another process did not answer within --dist-timeout 5 seconds "
+        "(it hung or died); the run stopped at its last checkpoint\n" in result.stderr
+    ), result.stderr
+    assert "[rank0]: Traceback" not in result.stderr

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import errno
 import math
+import os
 
 import pytest
 import torch
@@ -62,10 +64,33 @@ def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path):
     assert path.read_bytes() == b"new"
 
 
+def test_atomic_write_names_its_temporary_file_per_writer_and_removes_it_on_failure(tmp_path):
+    path = tmp_path / "file.bin"
+    names = set()
+
+    def record_name(file):
+        names.add(file.name)
+        file.write(b"data")
+
+    C.atomic_write(path, record_name)
+    C.atomic_write(path, record_name)
+    assert len(names) == 2 and all(f".{os.getpid()}." in name for name in names)
+
+    def disk_full(file):
+        file.write(b"partial")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    with pytest.raises(OSError, match="No space left on device"):
+        C.atomic_write(path, disk_full)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file.bin"]
+    assert path.read_bytes() == b"data"
+
+
 def make_checkpoint() -> dict:
     return {
         "format": C.CHECKPOINT_FORMAT, "step": 3, "model": {"w": torch.randn(2, 3)}, "model_config": {},
-        "train_config": {}, "optimizer": {}, "scheduler": {}, "rng": C.rng_states(), "data": {"sha256": ""},
+        "train_config": {}, "optimizer": {}, "scheduler": {"last_epoch": 3}, "rng": C.rng_states(),
+        "data": {"sha256": "0" * 64, "source": "test data"},
     }  # fmt: skip
 
 
@@ -96,5 +121,35 @@ def test_unusable_checkpoint_is_a_clear_error(tmp_path, damage):
 def test_checkpoint_with_pickled_code_is_refused(tmp_path):
     path = tmp_path / C.CHECKPOINT_NAME
     torch.save({**make_checkpoint(), "hook": print}, path)  # weights_only=False would import and call
-    with pytest.raises(C.CheckpointError, match="not a readable checkpoint"):
+    with pytest.raises(C.CheckpointError, match="not a readable checkpoint .*it pickles print") as refusal:
         C.load_checkpoint(path)
+    message = str(refusal.value)
+    assert "weights_only" not in message and "\n" not in message  # never torch's advice to load it anyway
+
+
+HAND_EDITS = [
+    pytest.param({"step": "3"}, r"step: expected an integer >= 0, got '3'", id="step_as_text"),
+    pytest.param({"step": -1}, r"step: expected an integer >= 0, got -1", id="negative_step"),
+    pytest.param({"step": 4}, r"scheduler: expected last_epoch 4 \(the step\), got 3", id="step_not_the_schedulers"),
+    pytest.param({"data": {}}, "data: expected the corpus' 'sha256' and 'source'", id="empty_data"),
+    pytest.param({"model": [1, 2]}, "model: expected a dict, got list", id="model_a_list"),
+    pytest.param({"model": {"w": 1.0}}, r"model: expected a state_dict \(parameter names to tensors\)", id="model_of_floats"),
+    pytest.param({"rng": {"torch": torch.zeros(7, dtype=torch.uint8), "cuda": []}},
+                 "rng: expected 'torch', the CPU generator's state of 5056 bytes", id="rng_wrong_size"),
+    pytest.param({"rng": {"torch": torch.get_rng_state(), "cuda": None}}, "rng: expected 'cuda'", id="rng_cuda_missing"),
+    pytest.param({"optimizer": "adamw"}, "optimizer: expected a dict, got str", id="optimizer_a_string"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("edit, message", HAND_EDITS)
+def test_hand_edited_checkpoint_is_refused_with_one_line(tmp_path, edit, message):
+    path = tmp_path / C.CHECKPOINT_NAME
+    torch.save({**make_checkpoint(), **edit}, path)
+    with pytest.raises(C.CheckpointError, match=f"{path}: not a usable checkpoint: {message}") as refusal:
+        C.load_checkpoint(path)
+    assert "\n" not in str(refusal.value)
+
+
+def test_non_finite_entries_names_the_tensors_holding_nan_or_inf():
+    state = {"a": torch.ones(3), "b": torch.tensor([1.0, math.nan]), "c": torch.tensor([math.inf]), "n": torch.ones(2, dtype=torch.long)}
+    assert C.non_finite_entries(state) == ["b", "c"]
