@@ -18,7 +18,8 @@ The loss, schedule, optimizer, step and evaluation are `mmrec_model.training`'s;
 this module is the command line, the run folder, checkpoints and torchrun around them.
 
 The run folder (`--out`) receives, from rank 0 only: checkpoint.pt (atomic),
-metrics.jsonl, loss.png, config.json and sample.txt.
+metrics.jsonl, loss.png, config.json and sample.txt, and .lock, which the run
+holds (fcntl.flock) while it writes the folder, so that a second run is refused.
 """
 
 from __future__ import annotations
