@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ._autograd import register_autograd
 from ._checks import check_floating, check_like, check_shape
 from ._triton import triton_launchers
 
@@ -112,4 +113,5 @@ def _recurrence_backward(ctx, grad_h):
 
 # recurrence_backward has no autograd formula of its own: second derivatives of
 # the recurrence are not supported (autograd says so if one asks for them).
-torch.library.register_autograd(RECURRENCE, _recurrence_backward, setup_context=_recurrence_setup_context)
+register_autograd(RECURRENCE, _recurrence_backward, setup_context=_recurrence_setup_context)
+
