@@ -13,6 +13,7 @@ from torch import Tensor
 from ._autograd import register_autograd
 from ._checks import check_floating, check_like, check_shape, step_shape
 from ._triton import triton_launchers
+from ._vmap import fold, padded, unfold
 
 SCAN = "mmrec::scan"
 SCAN_BACKWARD = "mmrec::scan_backward"
@@ -186,3 +187,24 @@ def _scan_backward_backward(ctx, u_gamma, u_x, u_h0):
 
 register_autograd(SCAN_BACKWARD, _scan_backward_backward, setup_context=_scan_backward_setup_context)
 
+
+# vmap: every row of the batch is its own recurrence, so the vmapped dimension
+# V folds into the batch, [V, B, T, ...] -> [V * B, T, ...], and the op runs once.
+
+
+@torch.library.register_vmap(SCAN)
+def _scan_vmap(info, in_dims, gamma, x=None, h0=None, reverse=False):
+    V = info.batch_size
+    gamma_dim, x_dim, h0_dim, _ = padded(in_dims, 4)
+    h = torch.ops.mmrec.scan.default(
+        fold(gamma, gamma_dim, V, into=0), fold(x, x_dim, V, into=0), fold(h0, h0_dim, V, into=0), reverse
+    )
+    return unfold(h, 0, V), 0
+
+
+@torch.library.register_vmap(SCAN_BACKWARD)
+def _scan_backward_vmap(info, in_dims, grad_h, gamma, h, h0, has_x, reverse):
+    V = info.batch_size
+    folded = (fold(t, dim, V, into=0) for t, dim in zip((grad_h, gamma, h, h0), in_dims))
+    grads = torch.ops.mmrec.scan_backward.default(*folded, has_x, reverse)
+    return tuple(unfold(g, 0, V) for g in grads), (0, 0, 0)
