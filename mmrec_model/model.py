@@ -10,6 +10,9 @@ from .block import MMRecBlock
 from .config import MMRecConfig
 from .memory import BlockState, MemoryState, memory_layout
 
+# The dtypes nn.Embedding takes as indices.
+INDEX_DTYPES = (torch.int64, torch.int32)
+
 
 class MMRecModel(nn.Module):
     """Token embedding, ``n_layers`` MMRecBlocks, final RMSNorm, output head tied to the
@@ -93,10 +96,23 @@ class MMRecModel(nn.Module):
         return logits, MemoryState(state.position + ids.shape[1], tuple(blocks))
 
     def _check_inputs(self, ids: Tensor, state: MemoryState | None, chunk_size: int | None) -> None:
-        if not isinstance(ids, Tensor) or ids.dim() != 2 or ids.dtype.is_floating_point or ids.dtype.is_complex:
-            raise ValueError(f"MMRecModel: expected ids to be an integer tensor [B, T], got {_describe(ids)}")
+        vocab_size = self.config.vocab_size
+        if not isinstance(ids, Tensor) or ids.dim() != 2 or ids.dtype not in INDEX_DTYPES:
+            raise ValueError(
+                f"MMRecModel: expected ids to be an integer tensor [B, T] (int64 or int32) of token ids "
+                f"in [0, {vocab_size}) (vocab_size {vocab_size}), got {_describe(ids)}"
+            )
         if ids.shape[1] == 0:
             raise ValueError("MMRecModel: expected ids with at least one token (T >= 1), got T = 0")
+        # Reading the values back is a graph break: a compiled graph leaves the
+        # check to eager calls (the embedding still refuses such ids, less clearly).
+        if ids.numel() > 0 and not torch.compiler.is_compiling():
+            low, high = torch.stack(torch.aminmax(ids)).tolist()  # one read back
+            if low < 0 or high >= vocab_size:
+                raise ValueError(
+                    f"MMRecModel: expected ids in [0, {vocab_size}) (vocab_size {vocab_size}), "
+                    f"got values from {low} to {high}"
+                )
         if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
             raise ValueError(f"MMRecModel: expected chunk_size to be a positive int or None, got {chunk_size!r}")
         if state is None:

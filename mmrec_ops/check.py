@@ -110,12 +110,10 @@ def collect() -> dict:
     cuda = cuda_report(triton, ops)
     problems = []
     if not library["loaded"]:
-        problems.append(f"compiled library not loaded ({library['load_error']}); build it: {_library.BUILD_HELP}")
+        problems.append(f"compiled library not loaded ({library['load_error']}); {_library.build_help()}")
     else:
         if library["built_with_torch"] != torch.__version__:
-            problems.append(
-                f"library built with torch {library['built_with_torch']}, running torch {torch.__version__}: rebuild it"
-            )
+            problems.append(_library.torch_mismatch_message(library["built_with_torch"], torch.__version__))
         if library["built_version"] != mmrec_ops.__version__:
             problems.append(
                 f"library built for mmrec {library['built_version']}, package is {mmrec_ops.__version__}: rebuild it"

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import mmrec_ops
+from mmrec_ops import _library
 
 pytestmark = pytest.mark.packaging
 
@@ -61,7 +62,7 @@ def test_missing_library_raises_import_error_with_build_instructions(package_wit
     assert result.returncode != 0
     assert "ImportError" in result.stderr
     assert "could not be loaded" in result.stderr
-    assert "python setup.py build_ext --inplace" in result.stderr
+    assert f"{sys.executable} setup.py build_ext --inplace" in result.stderr
 
 
 def test_check_tool_reports_missing_library_with_exit_status_1(package_without_library):
@@ -98,3 +99,86 @@ def test_check_tool_human_readable(tmp_path):
     assert result.returncode == 0, result.stdout + result.stderr
     for text in ("mmrec_ops._C", "loaded", "SHA256", "mmrec::scan", "mmrec::scan_backward", "OK"):
         assert text in result.stdout
+
+
+def another_torch(minor_step: int = 0, patch_step: int = 0) -> str:
+    """A torch version next to the running one: minor or patch level moved."""
+    major, minor, patch = (int(part) for part in torch.__version__.split("+")[0].split(".")[:3])
+    return f"{major}.{minor + minor_step}.{patch + patch_step}"
+
+
+def assert_names_versions_and_commands(message: str, built: str, running: str) -> None:
+    assert f"built with torch {built}" in message
+    assert f"runs torch {running}" in message
+    assert f"{sys.executable} -m pip install --no-build-isolation --no-deps --force-reinstall --no-cache-dir mmrec-" in message
+    assert f"cd {PACKAGE_DIR.parent} && {sys.executable} -m pip install --no-build-isolation -e ." in message
+
+
+def test_library_records_the_torch_it_was_built_with():
+    path = Path(mmrec_ops._C.__file__)
+    assert mmrec_ops._C.built_with_torch == torch.__version__
+    assert _library.recorded_torch_version(path) == torch.__version__
+
+
+def test_torch_version_comparison(recwarn):
+    _library.check_torch_version("2.13.0+cpu", "2.13.0+cpu")
+    assert not recwarn.list
+    with pytest.raises(ImportError) as raised:
+        _library.check_torch_version("2.14.1+cu130", "2.13.0+cpu")
+    assert_names_versions_and_commands(str(raised.value), "2.14.1+cu130", "2.13.0+cpu")
+    with pytest.raises(ImportError, match="built with torch 3.13.0"):
+        _library.check_torch_version("3.13.0", "2.13.0")
+    for built in ("2.13.1+cpu", "2.13.0+cu130", "2.13.0"):
+        with pytest.warns(RuntimeWarning) as warned:
+            _library.check_torch_version(built, "2.13.0+cpu")
+        assert_names_versions_and_commands(str(warned[0].message), built, "2.13.0+cpu")
+
+
+def import_with_torch_version(version: str, tmp_path) -> subprocess.CompletedProcess:
+    """Imports mmrec_ops in a fresh process whose torch reports `version`."""
+    code = f"import torch; torch.__version__ = {version!r}; import mmrec_ops; print('imported')"
+    return run_python(["-c", code], cwd=tmp_path, env=clean_env(PYTHONPATH=str(PACKAGE_DIR.parent)))
+
+
+def test_import_with_another_minor_torch_raises(tmp_path):
+    running = another_torch(minor_step=-1)
+    result = import_with_torch_version(running, tmp_path)
+    assert result.returncode != 0 and "imported" not in result.stdout
+    assert "ImportError" in result.stderr
+    assert_names_versions_and_commands(result.stderr, torch.__version__, running)
+
+
+def test_import_with_another_patch_level_warns(tmp_path):
+    running = another_torch(patch_step=1)
+    result = import_with_torch_version(running, tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "imported" in result.stdout
+    assert "RuntimeWarning" in result.stderr
+    assert_names_versions_and_commands(result.stderr, torch.__version__, running)
+
+
+# Makes `import mmrec_ops._C` fail as a library built with another torch does
+# when loaded: dlopen reports a libtorch symbol it cannot find.
+UNDEFINED_SYMBOL_ON_LOAD = """
+import sys
+
+class UndefinedSymbol:
+    def find_spec(self, name, path=None, target=None):
+        if name == "mmrec_ops._C":
+            import mmrec_ops._library as lib
+            library = str(lib.library_candidates()[0])
+            raise ImportError(library + ": undefined symbol: _ZNR5torch7Library4_defEOS0_", name=name, path=library)
+        return None
+
+sys.meta_path.insert(0, UndefinedSymbol())
+"""
+
+
+def test_undefined_symbol_at_load_is_explained(tmp_path):
+    (tmp_path / "sitecustomize.py").write_text(UNDEFINED_SYMBOL_ON_LOAD)
+    env = clean_env(PYTHONPATH=os.pathsep.join([str(tmp_path), str(PACKAGE_DIR.parent)]))
+    result = run_python(["-c", "import mmrec_ops"], cwd=tmp_path, env=env)
+    assert result.returncode != 0
+    assert "undefined symbol: _ZNR5torch7Library4_def" in result.stderr
+    # The version is read from the library file, which did not load.
+    assert_names_versions_and_commands(result.stderr, torch.__version__, torch.__version__)

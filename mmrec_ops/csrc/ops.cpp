@@ -10,6 +10,13 @@
 #define MMREC_STRINGIFY_(x) #x
 #define MMREC_STRINGIFY(x) MMREC_STRINGIFY_(x)
 
+// The torch version this library is built with, as a tagged string in the
+// file: _library.py reads it from the file when the library cannot load
+// (undefined symbols of another torch), to name both versions.
+#define MMREC_TORCH_TAG "mmrec-built-with-torch:"
+extern "C" __attribute__((used)) const char mmrec_built_with_torch[] =
+    MMREC_TORCH_TAG MMREC_STRINGIFY(MMREC_TORCH_VERSION);
+
 TORCH_LIBRARY(mmrec, m) {
   // h_t = gamma_t * h_{t-1} + x_t over dim 1 (t = T-1 .. 0 when reverse).
   // x omitted: x = 0; h0 omitted: 1 without x (cumulative product), else 0.
@@ -45,7 +52,7 @@ PyObject* PyInit__C(void) {
   if (module == nullptr) {
     return nullptr;
   }
-  if (PyModule_AddStringConstant(module, "built_with_torch", MMREC_STRINGIFY(MMREC_TORCH_VERSION)) < 0 ||
+  if (PyModule_AddStringConstant(module, "built_with_torch", mmrec_built_with_torch + sizeof(MMREC_TORCH_TAG) - 1) < 0 ||
       PyModule_AddStringConstant(module, "built_version", MMREC_STRINGIFY(MMREC_VERSION)) < 0) {
     Py_DECREF(module);
     return nullptr;

@@ -10,8 +10,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ._autograd import register_autograd
 from ._checks import check_floating, check_like, check_shape
 from ._triton import triton_launchers
+from ._vmap import fold, padded, unfold
 
 RECURRENCE = "mmrec::recurrence"
 RECURRENCE_BACKWARD = "mmrec::recurrence_backward"
@@ -116,7 +118,7 @@ def _recurrence_backward(ctx, grad_h):
     return grad_z, grad_gamma, grad_weight, grad_bias if bias is not None else None, grad_h0 if h0 is not None else None
 
 
-torch.library.register_autograd(RECURRENCE, _recurrence_backward, setup_context=_recurrence_setup_context)
+register_autograd(RECURRENCE, _recurrence_backward, setup_context=_recurrence_setup_context)
 
 
 SECOND_DERIVATIVES_UNSUPPORTED = (
@@ -132,4 +134,55 @@ def _recurrence_backward_backward(ctx, *grads):
     raise RuntimeError(SECOND_DERIVATIVES_UNSUPPORTED)
 
 
-torch.library.register_autograd(RECURRENCE_BACKWARD, _recurrence_backward_backward)
+def _keep_nothing(ctx, inputs, output):
+    """The refusal above needs nothing from the forward."""
+
+
+register_autograd(RECURRENCE_BACKWARD, _recurrence_backward_backward, setup_context=_keep_nothing)
+
+
+# vmap. Heads are independent recurrences, each with its own weight, so the
+# vmapped dimension V can always fold into the heads: [V, B, T, H, d] ->
+# [B, T, V * H, d], weight [V, H, d, d] -> [V * H, d, d]. When the weight and
+# bias are shared by the V instances, the forward folds V into the batch
+# instead ([V * B, T, H, d]), which needs no copy of the weight and, for
+# contiguous inputs vmapped at dim 0, none of z and gamma. The backward always
+# folds into the heads: grad_weight and grad_bias sum over the batch, and each
+# instance needs its own.
+
+
+@torch.library.register_vmap(RECURRENCE)
+def _recurrence_vmap(info, in_dims, z, gamma, weight, bias=None, h0=None):
+    V = info.batch_size
+    z_dim, gamma_dim, weight_dim, bias_dim, h0_dim = padded(in_dims, 5)
+    if weight_dim is None and bias_dim is None:
+        h = torch.ops.mmrec.recurrence.default(
+            fold(z, z_dim, V, into=0), fold(gamma, gamma_dim, V, into=0), weight, bias, fold(h0, h0_dim, V, into=0)
+        )
+        return unfold(h, 0, V), 0
+    h = torch.ops.mmrec.recurrence.default(
+        fold(z, z_dim, V, into=2),
+        fold(gamma, gamma_dim, V, into=2),
+        fold(weight, weight_dim, V, into=0),
+        fold(bias, bias_dim, V, into=0),
+        fold(h0, h0_dim, V, into=1),
+    )
+    return unfold(h, 2, V), 2
+
+
+@torch.library.register_vmap(RECURRENCE_BACKWARD)
+def _recurrence_backward_vmap(info, in_dims, grad_h, z, gamma, weight, bias, h0, h):
+    V = info.batch_size
+    grad_h_dim, z_dim, gamma_dim, weight_dim, bias_dim, h0_dim, h_dim = in_dims
+    grads = torch.ops.mmrec.recurrence_backward.default(
+        fold(grad_h, grad_h_dim, V, into=2),
+        fold(z, z_dim, V, into=2),
+        fold(gamma, gamma_dim, V, into=2),
+        fold(weight, weight_dim, V, into=0),
+        fold(bias, bias_dim, V, into=0),
+        fold(h0, h0_dim, V, into=1),
+        fold(h, h_dim, V, into=2),
+    )
+    # grad_z, grad_gamma: [B, T, V * H, d]; grad_weight, grad_bias: [V * H, ...]; grad_h0: [B, V * H, d]
+    out_dims = (2, 2, 0, 0, 1)
+    return tuple(unfold(g, dim, V) for g, dim in zip(grads, out_dims)), out_dims

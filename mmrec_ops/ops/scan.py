@@ -10,8 +10,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ._autograd import register_autograd
 from ._checks import check_floating, check_like, check_shape, step_shape
 from ._triton import triton_launchers
+from ._vmap import fold, padded, unfold
 
 SCAN = "mmrec::scan"
 SCAN_BACKWARD = "mmrec::scan_backward"
@@ -93,6 +95,7 @@ def _scan_backward_cuda(grad_h, gamma, h, h0, has_x, reverse):
 def _scan_setup_context(ctx, inputs, output):
     gamma, x, h0, reverse = inputs
     ctx.save_for_backward(gamma, output, h0)
+    ctx.save_for_forward(gamma, output, h0)  # for _scan_jvp
     ctx.has_x = x is not None
     ctx.reverse = reverse
 
@@ -110,7 +113,28 @@ def _scan_backward(ctx, grad_h):
     return grad_gamma, grad_x if ctx.has_x else None, grad_h0 if h0 is not None else None, None
 
 
-torch.library.register_autograd(SCAN, _scan_backward, setup_context=_scan_setup_context)
+def _scan_jvp(ctx, gamma_tangent, x_tangent, h0_tangent, _reverse_tangent):
+    """Forward mode. The tangent of h is a scan with gamma's decay:
+
+        dh_t = gamma_t * dh_{t-1} + dgamma_t * h_{t-1} + dx_t,    dh_{-1} = dh0
+
+    (h_{-1} = h0, or the implicit 0 / 1; dh0 = 0 when h0 has no tangent). A
+    tangent is None for an input that has none.
+    """
+    gamma, h, h0 = ctx.saved_tensors
+    if gamma_tangent is None and x_tangent is None and h0_tangent is None:
+        return torch.zeros_like(h)
+    drive = x_tangent
+    if gamma_tangent is not None and gamma.shape[1] > 0:
+        implicit_h0 = torch.full_like(h[:, 0], 0.0 if ctx.has_x else 1.0)
+        h_prev = _shift(h, implicit_h0 if h0 is None else h0, later=False, reverse=ctx.reverse)
+        drive = gamma_tangent * h_prev if drive is None else drive + gamma_tangent * h_prev
+    if drive is None:  # only h0 carries a tangent: dh_t = gamma_t * dh_{t-1}, dh_{-1} = dh0
+        return torch.ops.mmrec.scan.default(gamma, None, h0_tangent, ctx.reverse)
+    return torch.ops.mmrec.scan.default(gamma, drive, h0_tangent, ctx.reverse)
+
+
+register_autograd(SCAN, _scan_backward, setup_context=_scan_setup_context, jvp=_scan_jvp)
 
 
 def _shift(y: Tensor, fill: Tensor, later: bool, reverse: bool) -> Tensor:
@@ -161,6 +185,26 @@ def _scan_backward_backward(ctx, u_gamma, u_x, u_h0):
     return a, grad_gamma, grad_h, grad_h0, None, None
 
 
-torch.library.register_autograd(
-    SCAN_BACKWARD, _scan_backward_backward, setup_context=_scan_backward_setup_context
-)
+register_autograd(SCAN_BACKWARD, _scan_backward_backward, setup_context=_scan_backward_setup_context)
+
+
+# vmap: every row of the batch is its own recurrence, so the vmapped dimension
+# V folds into the batch, [V, B, T, ...] -> [V * B, T, ...], and the op runs once.
+
+
+@torch.library.register_vmap(SCAN)
+def _scan_vmap(info, in_dims, gamma, x=None, h0=None, reverse=False):
+    V = info.batch_size
+    gamma_dim, x_dim, h0_dim, _ = padded(in_dims, 4)
+    h = torch.ops.mmrec.scan.default(
+        fold(gamma, gamma_dim, V, into=0), fold(x, x_dim, V, into=0), fold(h0, h0_dim, V, into=0), reverse
+    )
+    return unfold(h, 0, V), 0
+
+
+@torch.library.register_vmap(SCAN_BACKWARD)
+def _scan_backward_vmap(info, in_dims, grad_h, gamma, h, h0, has_x, reverse):
+    V = info.batch_size
+    folded = (fold(t, dim, V, into=0) for t, dim in zip((grad_h, gamma, h, h0), in_dims))
+    grads = torch.ops.mmrec.scan_backward.default(*folded, has_x, reverse)
+    return tuple(unfold(g, 0, V) for g in grads), (0, 0, 0)

@@ -186,6 +186,11 @@ def test_generate_samples_within_top_k_and_continues_a_state():
     [
         (lambda m: m(torch.rand(2, 5)), "expected ids to be an integer tensor"),
         (lambda m: m(torch.zeros(5, dtype=torch.int64)), "expected ids to be an integer tensor"),
+        (lambda m: m(torch.zeros(2, 5, dtype=torch.uint8)), r"expected ids to be an integer tensor .*vocab_size 256.*uint8"),
+        (lambda m: m(torch.zeros(2, 5, dtype=torch.bool)), r"expected ids to be an integer tensor .*vocab_size 256.*bool"),
+        (lambda m: m(torch.tensor([[0, 256]])), r"expected ids in \[0, 256\) \(vocab_size 256\), got values from 0 to 256"),
+        (lambda m: m(torch.tensor([[-1, 3]], dtype=torch.int32)), r"expected ids in \[0, 256\).*from -1 to 3"),
+        (lambda m: m.generate(torch.tensor([[300]]), 2), r"expected ids in \[0, 256\)"),
         (lambda m: m(torch.zeros(2, 0, dtype=torch.int64)), "at least one token"),
         (lambda m: m(torch.zeros(2, 5, dtype=torch.int64), chunk_size=0), "chunk_size"),
         (lambda m: m(torch.zeros(2, 5, dtype=torch.int64), m.initial_state(3)), "batch size 2"),
@@ -194,7 +199,7 @@ def test_generate_samples_within_top_k_and_continues_a_state():
         (lambda m: m.generate(torch.zeros(1, 2, dtype=torch.int64), 2, temperature=-1.0), "temperature"),
         (lambda m: m.generate(torch.zeros(1, 2, dtype=torch.int64), 2, top_k=0), "top_k"),
     ],
-    ids=["float_ids", "1d_ids", "empty", "chunk_size", "state_batch", "state_type", "max_new", "temperature", "top_k"],
+    ids=["float_ids", "1d_ids", "uint8_ids", "bool_ids", "id_too_large", "negative_id", "generate_id", "empty", "chunk_size", "state_batch", "state_type", "max_new", "temperature", "top_k"],
 )
 def test_bad_input_is_named(call, message):
     model = MMRecModel(small_config("exact", n_layers=1))

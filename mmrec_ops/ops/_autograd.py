@@ -1,0 +1,91 @@
+"""Autograd kernels that compose with torch.func.
+
+`torch.library.register_autograd` (torch 2.11 to 2.13) wraps the formula in an
+autograd.Function whose Python `apply` torch.func refuses ("... must override
+the setup_context staticmethod", pytorch/pytorch#170834), and it runs the op
+below autograd whenever no input requires grad, so a forward-mode tangent is
+silently dropped. `register_autograd` here takes the same backward and
+setup_context functions and registers as the op's Autograd kernel the fix
+proposed upstream: a single-level autograd function. Inside a torch.func
+transform the kernel already runs at one transform level, with that level's
+tensors; the function records one autograd node there, and the levels below
+(vmap, an outer grad) see the ops that forward and backward call, each with its
+own batching rule. Forward mode runs the op's jvp formula or raises an error
+that names the op.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import Tensor
+from torch._functorch.utils import enable_single_level_autograd_function
+from torch.autograd import forward_ad
+from torch.autograd.function import _SingleLevelFunction
+
+NAMESPACE = "mmrec"
+# Registrations made here must outlive this module's import.
+LIBRARY = torch.library.Library(NAMESPACE, "FRAGMENT")
+
+
+def refuse_forward_mode(qualname: str) -> Callable:
+    """A jvp staticmethod that raises: forward-mode AD is not implemented for qualname."""
+
+    def jvp(ctx, *tangents):
+        raise NotImplementedError(
+            f"{qualname} has no forward-mode derivative: torch.func.jvp, torch.func.jacfwd and "
+            f"torch.autograd.forward_ad are not supported for it. Use reverse mode instead "
+            f"(torch.func.grad, vjp, jacrev, or loss.backward())."
+        )
+
+    return jvp
+
+
+def needs_autograd(args) -> bool:
+    """True when the call must record a backward node or carry forward-mode tangents."""
+    tensors = [a for a in args if isinstance(a, Tensor)]
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        return True
+    return any(forward_ad.unpack_dual(t).tangent is not None for t in tensors)
+
+
+def register_autograd(
+    qualname: str, backward: Callable, setup_context: Callable, jvp: Callable | None = None
+) -> None:
+    """Registers the Autograd kernel of `qualname` ("mmrec::<op>").
+
+    backward(ctx, *grad_outputs) and setup_context(ctx, inputs, output) are
+    those torch.library.register_autograd takes (inputs with every default
+    filled in). jvp(ctx, *tangents) returns the output tangents (a tangent is
+    None for an input that has none); omitted, forward mode raises
+    NotImplementedError naming the op.
+    """
+    name = qualname.split("::")[1]
+    op = getattr(getattr(torch.ops, NAMESPACE), name).default
+    arguments = op._schema.arguments
+
+    def forward(*args):
+        with torch._C._AutoDispatchBelowAutograd():
+            return op(*args)
+
+    function = type(
+        f"{name}_autograd",
+        (_SingleLevelFunction,),
+        {
+            "forward": staticmethod(forward),
+            "setup_context": staticmethod(setup_context),
+            "backward": staticmethod(backward),
+            "jvp": staticmethod(jvp or refuse_forward_mode(qualname)),
+        },
+    )
+
+    def autograd_kernel(*args):
+        # The dispatcher drops trailing arguments equal to their defaults.
+        args = (*args, *(a.default_value for a in arguments[len(args) :]))
+        if needs_autograd(args):
+            with enable_single_level_autograd_function():
+                return function.apply(*args)
+        return forward(*args)
+
+    LIBRARY.impl(name, autograd_kernel, "Autograd")
