@@ -80,21 +80,39 @@ class MultiMemoryAttention(nn.Module):
         self, q: Tensor, kv: Tensor, window: Tensor, pool: Tensor | None, layout: MemoryLayout, gates: Tensor | None
     ) -> Tensor:
         """q ``[B, T, H, d]``; kv ``[B, T, 2, D]`` the chunk's keys and values; window
-        ``[B, W - 1, 2, D]`` the working memory before the chunk (unused when W = 0);
-        pool ``[B, N, 2, D]`` the long-term entries (``update_long_term``; None: no
-        long-term memory); gates ``[B, T, H, 2]`` (working, long-term) when gated, else
-        None -> ``[B, T, H, d]``."""
-        B = q.shape[0]
+        ``[B, W - 1, 2, D]`` the working memory before the chunk, oldest first (unused
+        when W = 0); pool ``[B, N, 2, D]`` the long-term entries (``update_long_term``;
+        None: no long-term memory); gates ``[B, T, H, 2]`` (working, long-term) when
+        gated, else None -> ``[B, T, H, d]``."""
         n_blocks, Q, _ = layout.read_mask.shape
-        long_term = [self.persistent.to(q.dtype).expand(B, n_blocks, -1, -1, -1)]
-        if pool is not None:
-            long_term.append(pool.to(q.dtype)[:, layout.read_source].unflatten(1, (n_blocks, -1)))
-        working = [window_keys(window, kv.to(q.dtype), n_blocks, Q)] if self.window > 0 else []
+        entries = None if pool is None else pool.to(q.dtype)[:, layout.read_source].unflatten(1, (n_blocks, -1))
+        working = window_keys(window, kv.to(q.dtype), n_blocks, Q) if self.window > 0 else None
+        return self.read(q, entries, working, layout.read_mask, gates)
+
+    def read_token(
+        self, q: Tensor, kv: Tensor, window: Tensor, memory: Tensor | None, mask: Tensor, gates: Tensor | None
+    ) -> Tensor:
+        """One token's read: q ``[B, 1, H, d]``, its kv ``[B, 1, 2, D]``, the working memory
+        ``[B, W - 1, 2, D]`` (any order) and the long-term rings ``[B, L, M, 2, D]`` (None:
+        no long-term memory) as they were before it; mask ``[1, 1, P + L M + W]`` (True:
+        the slot holds a key) -> ``[B, 1, H, d]``."""
+        entries = None if memory is None else memory.to(q.dtype).flatten(1, 2).unsqueeze(1)
+        working = torch.cat([window.to(q.dtype), kv.to(q.dtype)], dim=1).unsqueeze(1) if self.window > 0 else None
+        return self.read(q, entries, working, mask, gates)
+
+    def read(
+        self, q: Tensor, entries: Tensor | None, working: Tensor | None, mask: Tensor, gates: Tensor | None
+    ) -> Tensor:
+        """The read of q ``[B, T, H, d]`` in nb blocks, each over the persistent slots, its
+        long-term candidates ``entries`` ``[B, nb, K_l, 2, D]`` and its working-memory keys
+        ``working`` ``[B, nb, K_w, 2, D]`` (None: none), visible where ``mask``
+        ``[nb, Q, P + K_l + K_w]``, in one softmax or two gated ones."""
+        long_term = [self.persistent.to(q.dtype).expand(q.shape[0], mask.shape[0], -1, -1, -1)]
+        long_term += [] if entries is None else [entries]
         if not self.gated:
-            return blocked_attention(q, torch.cat(long_term + working, dim=2), layout.read_mask)
+            return blocked_attention(q, torch.cat(long_term + ([] if working is None else [working]), dim=2), mask)
         n_long_term = sum(keys.shape[2] for keys in long_term)
-        mask = layout.read_mask
         m = gates[..., 1:] * blocked_attention(q, torch.cat(long_term, dim=2), mask[..., :n_long_term])
-        if working:
-            m = m + gates[..., :1] * blocked_attention(q, working[0], mask[..., n_long_term:])
+        if working is not None:
+            m = m + gates[..., :1] * blocked_attention(q, working, mask[..., n_long_term:])
         return m

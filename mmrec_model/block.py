@@ -14,7 +14,14 @@ from .attention import MultiMemoryAttention
 from .config import MMRecConfig
 from .entries import LearnedEntries
 from .mdi import MDI
-from .memory import BlockState, MemoryLayout, update_long_term, update_window
+from .memory import (
+    BlockState,
+    MemoryLayout,
+    TokenLayout,
+    update_long_term,
+    update_long_term_token,
+    update_window,
+)
 
 
 class MMRecBlock(nn.Module):
@@ -117,23 +124,68 @@ class MMRecBlock(nn.Module):
 
         return update_long_term(kv, state.memory, state.sums, layout, self.segment_len, finish)
 
-    def forward(self, x: Tensor, state: BlockState, layout: MemoryLayout) -> tuple[Tensor, BlockState]:
-        """x ``[B, T, D]``, state of this block, and the chunk's ``memory_layout`` (which the
-        model computes once for all its blocks) -> (out ``[B, T, D]``, new state)."""
+    def update_memory_token(
+        self, kv: Tensor, h: Tensor | None, state: BlockState, layout: TokenLayout
+    ) -> tuple[Tensor, Tensor]:
+        """``update_long_term_token`` with entries as ``MMRecConfig.entry_summary`` says,
+        from one token's kv ``[B, 1, 2, D]`` and state h ``[B, 1, H, d]``."""
+        finish = None
+        if self.learned_entries is not None:
+            kv = self.learned_entries.weigh(kv, layout.phase)
+
+            def finish(means: Tensor) -> Tensor:
+                return self.learned_entries.finish(0, means)
+
+        elif self.entry_summary == "state":
+
+            def finish(means: Tensor) -> Tensor:
+                last = h.flatten(-2).to(means.dtype).expand(-1, means.shape[1], -1)
+                return torch.stack([means[:, :, 0], last], dim=2)
+
+        return update_long_term_token(kv, state.memory, state.sums, layout, finish)
+
+    def project(self, x: Tensor, state: BlockState) -> tuple[Tensor, Tensor, Tensor, Tensor | None, Tensor | None]:
+        """q ``[B, T, H, d]``, kv ``[B, T, 2, D]``, k ``[B, T, D]``, the read's gates and
+        the recurrence's h (None without them) of x ``[B, T, D]``."""
         u = self.norm_mix(x)
         q, k, v, z = self.w_in(u).chunk(4, dim=-1)
-        kv = torch.stack([k, v], dim=2)
         gates = None if self.read_gate is None else torch.sigmoid(self.read_gate(u)).unflatten(-1, (self.n_heads, 2))
         h = None if self.mode == "none" else self.recurrence(z, k, state.h)
-        memory, sums, pool = state.memory, state.sums, None
-        if self.has_long_term:
-            pool, memory, sums = self.update_memory(kv, h, state, layout)
-        m = self.memory(q.unflatten(-1, (self.n_heads, -1)), kv, state.window, pool, layout, gates)
+        return q.unflatten(-1, (self.n_heads, -1)), torch.stack([k, v], dim=2), gates, h
+
+    def output(self, x: Tensor, m: Tensor, h: Tensor | None, state: BlockState) -> tuple[Tensor, Tensor]:
+        """out ``[B, T, D]`` from x, the read m and h ``[B, T, H, d]``, and the new h state."""
         mixed, h_last = m, state.h
         if h is not None:
             mixed = h + m.to(h.dtype)
             # A copy, not a view: the state must not keep the whole [B, T, H, d] h alive.
             h_last = h[:, -1].to(state.h.dtype, memory_format=torch.contiguous_format, copy=True)
         y = x + self.w_out(mixed.flatten(-2))
-        out = y + self.ffn(self.norm_ffn(y))
-        return out, BlockState(h_last, update_window(state.window, kv), memory, sums)
+        return y + self.ffn(self.norm_ffn(y)), h_last
+
+    def forward(self, x: Tensor, state: BlockState, layout: MemoryLayout) -> tuple[Tensor, BlockState]:
+        """x ``[B, T, D]``, state of this block, and the chunk's ``memory_layout`` (which the
+        model computes once for all its blocks) -> (out ``[B, T, D]``, new state)."""
+        q, kv, gates, h = self.project(x, state)
+        memory, sums, pool = state.memory, state.sums, None
+        if self.has_long_term:
+            pool, memory, sums = self.update_memory(kv, h, state, layout)
+        window = state.window[:, layout.window_order]  # oldest first
+        m = self.memory(q, kv, window, pool, layout, gates)
+        out, h_last = self.output(x, m, h, state)
+        return out, BlockState(h_last, update_window(window, kv, layout), memory, sums)
+
+    def step(self, x: Tensor, state: BlockState, layout: TokenLayout) -> tuple[Tensor, BlockState]:
+        """``forward`` for one token, x ``[B, 1, D]``, with the token's ``token_layout``:
+        the same outputs and state in fewer, smaller ops (decoding's path)."""
+        q, kv, gates, h = self.project(x, state)
+        rings = state.memory if self.has_long_term else None
+        m = self.memory.read_token(q, kv, state.window, rings, layout.read_mask, gates)
+        memory, sums = state.memory, state.sums
+        if self.has_long_term:
+            memory, sums = self.update_memory_token(kv, h, state, layout)
+        out, h_last = self.output(x, m, h, state)
+        window = state.window
+        if window.shape[1] > 0:
+            window = window.index_copy(1, layout.window_slot, kv.to(window.dtype))
+        return out, BlockState(h_last, window, memory, sums)

@@ -52,13 +52,15 @@ class BlockState(NamedTuple):
     """The memory of one block after some tokens; ``[..., 2, D]`` is (key, value).
 
     h:      ``[B, H, d]``, the recurrence state h_{t-1}.
-    window: ``[B, W - 1, 2, D]``, the working memory: the keys and values of the last
-            W - 1 tokens, oldest first (the only earlier tokens the next one reads).
+    window: ``[B, W - 1, 2, D]``, the working memory, a ring buffer: the keys and values
+            of the last W - 1 tokens (the only earlier tokens the next one reads), the
+            token at position t in slot t mod (W - 1).
     memory: ``[B, L, M, 2, D]``, level l's ring buffer: entry i (the mean over its
             span) in slot i mod M. Which slots hold an entry follows from the position.
-    sums:   ``[B, L, 2, D]``, per level, the sum of keys and values over the level's
-            current span so far (or over the span just completed, until the next one
-            starts).
+    sums:   ``[B, L, 2, D]``, per level, the running sum over the level's current span
+            (or over the span just completed, until the next one starts): of its
+            tokens' keys and values at level 0, of its completed level-(l-1) entries'
+            sums at level l >= 1.
     """
 
     h: Tensor
@@ -164,6 +166,9 @@ class MemoryLayout(NamedTuple):
     read_mask:   ``[nb, Q, P + K_l + Q + W - 1]``, True where a block's query sees a key:
                  the persistent slots, its long-term candidates, its window keys.
     phase:       ``[T]``, each token's place in its level-0 span, (position + t) mod S.
+    window_order: ``[W - 1]``, the working memory's ring slots, oldest token first.
+    window_slots: ``[W - 1]``, for each ring slot after the chunk, which of the last W - 1
+                 tokens (the working memory oldest first, then the chunk) it holds.
     """
 
     in_head: Tensor
@@ -173,6 +178,87 @@ class MemoryLayout(NamedTuple):
     read_source: Tensor
     read_mask: Tensor
     phase: Tensor
+    window_order: Tensor
+    window_slots: Tensor
+
+
+class TokenLayout(NamedTuple):
+    """What one token's read and memory update derive from its position p alone
+    (``token_layout``), the same for every block: the lean path of decoding.
+
+    read_mask:   ``[1, 1, P + L M + W]``, True where a slot holds a key: the persistent
+                 slots, the ring slots written so far (level-l entries i < p // (S 4^l),
+                 the M most recent of which the rings hold), the working memory's slots
+                 that hold a token, and the token itself (the last W; none when W = 0).
+    window_slot: ``[1]``, p mod (W - 1), the token's slot in the working memory.
+    phase:       ``[1]``, p mod S.
+    span_start:  ``[]``, whether the token starts a level-0 span.
+    completes:   ``[L]``, whether the token completes the level's current entry ...
+    first_child: ``[L]``, ... levels >= 1: whether the level-(l-1) entry it completes
+                 starts the level's span (its running sum restarts there) ...
+    entry_slot:  ``[L]``, ... and the ring slot of the entry it completes.
+    widths:      ``[L]``, S 4^l, the tokens of a level-l entry.
+    """
+
+    read_mask: Tensor
+    window_slot: Tensor
+    phase: Tensor
+    span_start: Tensor
+    completes: Tensor
+    first_child: Tensor
+    entry_slot: Tensor
+    widths: Tensor
+
+
+def token_layout(position: Tensor, config: MMRecConfig) -> TokenLayout:
+    """The ``TokenLayout`` of the token at absolute ``position`` (int64 scalar tensor)."""
+    device, S, L, M = position.device, config.segment_len, config.n_levels, config.level_slots
+    kept = max(config.window - 1, 0)
+    widths = S * BRANCHING ** torch.arange(L, device=device)
+    end = position + 1
+    written = torch.arange(M, device=device) < (position // widths).unsqueeze(1)
+    children = (widths // BRANCHING).clamp(min=1)  # the width of a level's child (level 0's unused)
+    window = torch.cat([torch.arange(kept, device=device) < position, torch.ones(1, dtype=torch.bool, device=device)])
+    parts = [torch.ones(config.persistent_slots, dtype=torch.bool, device=device), written.flatten()]
+    return TokenLayout(
+        read_mask=torch.cat(parts + ([window] if config.window > 0 else [])).view(1, 1, -1),
+        window_slot=(position % max(kept, 1)).view(1),
+        phase=(position % S).view(1),
+        span_start=position % S == 0,
+        completes=end % widths == 0,
+        first_child=(end // children - 1) % BRANCHING == 0,
+        entry_slot=(end // widths - 1) % M,
+        widths=widths,
+    )
+
+
+def update_long_term_token(
+    x: Tensor, memory: Tensor, sums: Tensor, layout: TokenLayout, finish: Callable[[Tensor], Tensor] | None = None
+) -> tuple[Tensor, Tensor]:
+    """HDS after one token (``update_long_term`` for T = 1, in a few ops): the running
+    sums gain the token's x ``[B, 1, 2, D]`` (level 0) or the entry it completes (levels
+    >= 1), and each entry it completes, ``finish(means)`` of its level's mean
+    ``[B, L, 2, D]`` (None: the means), goes to its ring slot. -> (memory, sums)."""
+    L = sums.shape[1]
+    new = [torch.where(layout.span_start, 0, sums[:, 0]) + x[:, 0].to(sums.dtype)]
+    for level in range(1, L):
+        running = torch.where(layout.first_child[level], 0, sums[:, level]) + new[-1]
+        new.append(torch.where(layout.completes[level - 1], running, sums[:, level]))
+    sums = torch.stack(new, dim=1)
+    means = sums / layout.widths.view(1, L, 1, 1)
+    entries = means if finish is None else finish(means)
+    levels = torch.arange(L, device=sums.device)
+    kept = memory[:, levels, layout.entry_slot]
+    memory = memory.clone()
+    memory[:, levels, layout.entry_slot] = torch.where(layout.completes.view(1, L, 1, 1), entries.to(memory.dtype), kept)
+    return memory, sums
+
+
+def window_ring(position: Tensor, kept: int) -> Tensor:
+    """``[kept]``: (position + j) mod kept, the ring slot of the j-th oldest of the kept
+    tokens before ``position`` (and, read the other way, where the j-th slot's token lies
+    among the kept tokens before position + kept)."""
+    return (position + torch.arange(kept, device=position.device)) % max(kept, 1)
 
 
 def visible(index: Tensor, tokens: Tensor, width: int, slots: int) -> Tensor:
@@ -275,6 +361,8 @@ def memory_layout(position: Tensor, T: int, config: MMRecConfig) -> MemoryLayout
         read_source=torch.cat(sources, dim=1).flatten() if sources else torch.zeros(0, dtype=torch.int64, device=device),
         read_mask=torch.cat([persistent, *masks, *window], dim=2),
         phase=(position + torch.arange(T, device=device)) % S,
+        window_order=window_ring(position, max(config.window - 1, 0)),
+        window_slots=window_ring(-(position + T), max(config.window - 1, 0)),
     )
 
 
@@ -366,11 +454,12 @@ def update_long_term(
     return torch.cat(pool, dim=1), torch.stack(rings, dim=1), new_sums
 
 
-def update_window(window: Tensor, kv: Tensor) -> Tensor:
-    """The working memory after a chunk: the last W - 1 of (``window`` ``[B, W - 1, 2, D]``,
-    then ``kv`` ``[B, T, 2, D]``), in ``window``'s dtype. Contiguous: a view would keep
-    the whole chunk alive in the state, and give compiled code other strides each call."""
-    kept = window.shape[1]
+def update_window(ordered: Tensor, kv: Tensor, layout: MemoryLayout) -> Tensor:
+    """The working memory (ring buffer) after a chunk: the last W - 1 of (``ordered``
+    ``[B, W - 1, 2, D]``, the working memory oldest first, then ``kv`` ``[B, T, 2, D]``),
+    each in its slot, in ``ordered``'s dtype. A gather, so a new tensor: a view would
+    keep the whole chunk alive in the state."""
+    kept = ordered.shape[1]
     if kept == 0:
-        return window
-    return torch.cat([window, kv.to(window.dtype)], dim=1)[:, -kept:].contiguous()
+        return ordered
+    return torch.cat([ordered, kv.to(ordered.dtype)], dim=1)[:, -kept:][:, layout.window_slots]

@@ -8,7 +8,7 @@ from torch import Tensor, nn
 
 from .block import MMRecBlock
 from .config import MMRecConfig
-from .memory import BlockState, MemoryState, memory_layout
+from .memory import BlockState, MemoryState, memory_layout, token_layout
 
 # The dtypes nn.Embedding takes as indices.
 INDEX_DTYPES = (torch.int64, torch.int32)
@@ -77,6 +77,8 @@ class MMRecModel(nn.Module):
         self._check_inputs(ids, state, chunk_size)
         if state is None:
             state = self.initial_state(ids.shape[0], ids.device)
+        if ids.shape[1] == 1:
+            return self._forward_token(ids, state)
         if chunk_size is None or ids.shape[1] <= chunk_size:
             return self._forward_chunk(ids, state)
         logits = []
@@ -94,6 +96,17 @@ class MMRecModel(nn.Module):
             blocks.append(block_state)
         logits = F.linear(self.norm(x), self.embed.weight)
         return logits, MemoryState(state.position + ids.shape[1], tuple(blocks))
+
+    def _forward_token(self, ids: Tensor, state: MemoryState) -> tuple[Tensor, MemoryState]:
+        """``_forward_chunk`` of one token per row, ids ``[B, 1]``, by the blocks' lean step."""
+        x = self.embed(ids)
+        layout = token_layout(state.position, self.config)
+        blocks = []
+        for block, block_state in zip(self.blocks, state.blocks):
+            x, block_state = block.step(x, block_state, layout)
+            blocks.append(block_state)
+        logits = F.linear(self.norm(x), self.embed.weight)
+        return logits, MemoryState(state.position + 1, tuple(blocks))
 
     def _check_inputs(self, ids: Tensor, state: MemoryState | None, chunk_size: int | None) -> None:
         vocab_size = self.config.vocab_size

@@ -9,6 +9,7 @@ import torch
 from torch._dynamo.testing import CompileCounterWithBackend
 
 from mmrec_model import MMRecModel
+from tests.helpers import assert_close_rel, output_tolerance
 from tests.model.models import (
     MODES,
     VARIANTS,
@@ -66,3 +67,25 @@ def test_new_lengths_do_not_recompile(mode):
         next_token_loss(logits, ids).backward()
         state = state.detach()
     assert counter.frame_count == 2, f"{counter.frame_count} compilations for 7 lengths"
+
+
+@pytest.mark.parametrize("variant", ["exact", "exact-gated", "parallel-state-entries"])
+def test_compiled_token_steps_match_eager_and_compile_once(variant):
+    """Decoding's one-token step under torch.compile(fullgraph=True): the logits and
+    state of eager steps at every position (memory spans completing, rings wrapping),
+    from one graph (the position is a tensor, so no step recompiles)."""
+    torch._dynamo.reset()
+    model = MMRecModel(variant_config(variant, n_layers=1)).eval()
+    counter = CompileCounterWithBackend("inductor")
+    compiled = torch.compile(model, fullgraph=True, backend=counter)
+    ids = torch.randint(0, 256, (2, 40))
+    with torch.no_grad():
+        state = expected_state = model(ids[:, :3])[1]
+        for t in range(3, ids.shape[1]):
+            logits, state = compiled(ids[:, t : t + 1], state)
+            expected, expected_state = model(ids[:, t : t + 1], expected_state)
+            assert_close_rel(logits, expected, output_tolerance(torch.float32), f"logits at {t}")
+    for block, expected_block in zip(state.blocks, expected_state.blocks):
+        for name, actual, wanted in zip(block._fields, block, expected_block):
+            assert_close_rel(actual, wanted, output_tolerance(torch.float32), f"state {name}")
+    assert counter.frame_count == 1, f"{counter.frame_count} compilations"

@@ -62,6 +62,25 @@ def test_chunked_and_token_by_token_agree(variant):
     assert_states_close(state, full_state)
 
 
+@pytest.mark.parametrize(
+    "ablation", [dict(window=0), dict(window=1), dict(n_levels=0), dict(mode="none")],
+    ids=["no-window", "window-1", "no-long-term", "no-recurrence"],
+)
+def test_token_steps_agree_with_one_call_in_every_ablation(ablation):
+    """The lean one-token step (``MMRecBlock.step``) against the chunk path, for the
+    configurations without one of the memories, and a window of one token (itself)."""
+    model = MMRecModel(small_config(**{"mode": "exact", **ablation}))
+    ids = torch.randint(0, 256, (2, 150))
+    with torch.no_grad():
+        full, full_state = model(ids)
+        state, steps = model(ids[:, :70])[1], []
+        for t in range(70, ids.shape[1]):
+            step, state = model(ids[:, t : t + 1], state)
+            steps.append(step)
+    assert_close_rel(torch.cat(steps, dim=1), full[:, 70:], FLOAT32_TOL, "logits, token by token after a chunk")
+    assert_states_close(state, full_state)
+
+
 @pytest.mark.parametrize("entry_summary", ["learned", "state"])
 def test_entry_summaries_agree_chunked_and_token_by_token(entry_summary):
     """Entries from place-weighted means with an MLP, or from the recurrence's state: the
