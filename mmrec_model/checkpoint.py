@@ -186,6 +186,36 @@ def non_finite_entries(state_dict: dict) -> list[str]:
     ]
 
 
+def model_from_checkpoint(checkpoint: dict, device: torch.device, source: str | os.PathLike) -> torch.nn.Module:
+    """The checkpoint's model (its ``model_config`` and weights) on ``device``, in eval
+    mode: the one way ``generate``, ``pretrain --resume`` and the benches load a model.
+    A CheckpointError naming ``source`` if its weights hold NaN or Inf (a diverged run's)
+    or do not fit its configuration."""
+    # Here, not at the top: the commands import this module before they check that
+    # mmrec_ops loads (the model needs it), to report a missing library in one line.
+    from .config import MMRecConfig
+    from .model import MMRecModel
+
+    non_finite = non_finite_entries(checkpoint["model"])
+    if non_finite:
+        raise CheckpointError(
+            f"{source}: the checkpoint's model has NaN or Inf weights ({', '.join(non_finite[:3])}"
+            f"{', ...' if len(non_finite) > 3 else ''}): it comes from a run that diverged"
+        )
+    try:
+        model = MMRecModel(MMRecConfig(**checkpoint["model_config"]))
+        model.load_state_dict(checkpoint["model"])
+    except (TypeError, ValueError, RuntimeError) as err:
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise CheckpointError(f"{source}: the checkpoint's model does not load ({reason})") from None
+    return model.to(device).eval()
+
+
+def load_model(path: str | os.PathLike, device: torch.device) -> torch.nn.Module:
+    """The model of a checkpoint file (or run folder), in eval mode on ``device``."""
+    return model_from_checkpoint(load_checkpoint(path), device, path)
+
+
 def rng_states() -> dict:
     return {
         "torch": torch.get_rng_state(),

@@ -5,18 +5,26 @@
 The prompt is encoded as UTF-8 bytes (token id = byte value); the model
 continues it one byte at a time, carrying its recurrent and memory state
 (O(1) work per byte), sampling from softmax(logits / temperature) restricted to
-the top_k most likely bytes (temperature 0: the most likely byte). The bytes
-are decoded as UTF-8, with U+FFFD for any invalid sequence.
+the top_k most likely bytes and to the fewest whose probabilities sum to top_p
+(temperature 0: the most likely byte). The text streams out as it is made (one
+sample), or each of --num-samples samples, made together, after the other; the
+bytes are decoded as UTF-8, with U+FFFD for any invalid sequence. The speed goes
+to stderr.
 """
 
 from __future__ import annotations
 
 import argparse
+import codecs
 import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
 
 import torch
 
-from .checkpoint import CheckpointError, load_checkpoint, non_finite_entries
+from .checkpoint import load_model
+from .training import pick_device
 
 PROG = "mmrec-generate"
 
@@ -27,41 +35,43 @@ def encode(text: str) -> torch.Tensor:
 
 
 def decode(ids: torch.Tensor) -> str:
+    """The text of token ids [T], UTF-8 with U+FFFD for an invalid sequence."""
     return bytes(ids.tolist()).decode("utf-8", errors="replace")
 
 
-@torch.no_grad()
-def generate_text(model, prompt: str, max_new_tokens: int, temperature: float, top_k: int | None, seed: int) -> str:
-    """The prompt followed by `max_new_tokens` sampled bytes, as text; reproducible for a given seed."""
+@dataclass
+class Sampling:
+    """How the commands sample: ``MMRecModel.stream``'s settings and the seed of its generator."""
+
+    temperature: float = 0.8
+    top_k: int | None = 40
+    top_p: float | None = None
+    seed: int = 0
+
+
+def sample_tokens(model, prompt: str, max_new_tokens: int, sampling: Sampling, num_samples: int = 1) -> Iterator[list[int]]:
+    """The bytes sampled after `prompt`, one list of `num_samples` (one per sample, a
+    batch row each) per step, as they come; reproducible for a given seed (a generator
+    of its own, on the model's device, so nothing else's random numbers change)."""
     if not prompt:
         raise ValueError("prompt: expected at least one character to continue")
     device = next(model.parameters()).device
+    generator = torch.Generator(device).manual_seed(sampling.seed)
+    ids = encode(prompt).to(device).expand(num_samples, -1)
     was_training = model.training
     model.eval()
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        torch.manual_seed(seed)
-        ids = model.generate(encode(prompt).to(device), max_new_tokens, temperature=temperature, top_k=top_k)
-    model.train(was_training)
-    return decode(ids[0].cpu())
-
-
-def load_model(path: str, device: torch.device):
-    """The model of a checkpoint file (or run folder), in eval mode on `device`."""
-    from mmrec_model import MMRecConfig, MMRecModel
-
-    checkpoint = load_checkpoint(path)
-    non_finite = non_finite_entries(checkpoint["model"])
-    if non_finite:
-        raise CheckpointError(
-            f"{path}: the checkpoint's model has NaN or Inf weights ({', '.join(non_finite[:3])}"
-            f"{', ...' if len(non_finite) > 3 else ''}): it comes from a run that diverged"
-        )
     try:
-        model = MMRecModel(MMRecConfig(**checkpoint["model_config"]))
-        model.load_state_dict(checkpoint["model"])
-    except (TypeError, ValueError, RuntimeError) as err:
-        raise CheckpointError(f"{path}: the checkpoint's model does not load ({err})") from None
-    return model.to(device).eval()
+        stream = model.stream(ids, max_new_tokens, sampling.temperature, sampling.top_k, None, sampling.top_p, generator)
+        for token in stream:
+            yield token[:, 0].tolist()
+    finally:
+        model.train(was_training)
+
+
+def generate_text(model, prompt: str, max_new_tokens: int, sampling: Sampling) -> str:
+    """The prompt followed by `max_new_tokens` sampled bytes, as text."""
+    new = [step[0] for step in sample_tokens(model, prompt, max_new_tokens, sampling)]
+    return decode(torch.cat([encode(prompt)[0], torch.tensor(new, dtype=torch.long)]))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -75,6 +85,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-new-tokens", type=int, default=300, help="bytes to generate (default: 300)")
     parser.add_argument("--temperature", type=float, default=0.8, help="softmax temperature; 0: greedy (default: 0.8)")
     parser.add_argument("--top-k", type=int, default=40, help="sample among the k likeliest bytes; 0: all (default 40)")
+    parser.add_argument("--top-p", type=float, default=1.0,
+                        help="sample among the fewest likeliest bytes whose probabilities sum to p; 1: all (default 1)")
+    parser.add_argument("--num-samples", type=int, default=1,
+                        help="samples of the same prompt, generated together as a batch (default: 1)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the sampling (default: 0)")
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="auto: CUDA when available")
     return parser
@@ -89,8 +103,10 @@ def check_args(args: argparse.Namespace) -> None:
         raise ValueError(f"--temperature: expected >= 0, got {args.temperature}")
     if not 0 <= args.top_k <= 256:
         raise ValueError(f"--top-k: expected 0 .. 256 (0: all bytes), got {args.top_k}")
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda: no CUDA device is available here")
+    if not 0 < args.top_p <= 1:
+        raise ValueError(f"--top-p: expected a number in (0, 1] (1: all bytes), got {args.top_p}")
+    if args.num_samples < 1:
+        raise ValueError(f"--num-samples: expected a positive integer, got {args.num_samples}")
 
 
 def operators_loaded(prog: str) -> bool:
@@ -110,13 +126,34 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         check_args(args)
-        device = torch.device("cuda" if args.device != "cpu" and torch.cuda.is_available() else "cpu")
-        model = load_model(args.checkpoint, device)
+        model = load_model(args.checkpoint, pick_device(args.device))
     except ValueError as err:  # CheckpointError is one
         print(f"{PROG}: error: {err}", file=sys.stderr)
         return 1
-    print(generate_text(model, args.prompt, args.max_new_tokens, args.temperature, args.top_k or None, args.seed))
+    sampling = Sampling(args.temperature, args.top_k or None, args.top_p if args.top_p < 1 else None, args.seed)
+    started = time.perf_counter()
+    tokens = sample_tokens(model, args.prompt, args.max_new_tokens, sampling, args.num_samples)
+    if args.num_samples == 1:
+        print_stream(args.prompt, (step[0] for step in tokens))
+    else:
+        samples = list(zip(*tokens)) or [()] * args.num_samples
+        for i, sample in enumerate(samples):
+            print(f"--- sample {i + 1} of {args.num_samples} ---")
+            print(decode(torch.cat([encode(args.prompt)[0], torch.tensor(sample, dtype=torch.long)])))
+    seconds = time.perf_counter() - started
+    made = args.max_new_tokens * args.num_samples
+    print(f"{PROG}: {made} bytes in {seconds:.2f} s, {made / seconds:,.0f} bytes/s (prompt included) on "
+          f"{next(model.parameters()).device}", file=sys.stderr)  # fmt: skip
     return 0
+
+
+def print_stream(prompt: str, new_bytes: Iterator[int]) -> None:
+    """Prints the prompt, then each byte's text as soon as it completes a character."""
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    print(prompt, end="", flush=True)
+    for byte in new_bytes:
+        print(decoder.decode(bytes([byte])), end="", flush=True)
+    print(decoder.decode(b"", final=True))
 
 
 if __name__ == "__main__":

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -149,31 +151,58 @@ class MMRecModel(nn.Module):
         temperature: float = 1.0,
         top_k: int | None = None,
         state: MemoryState | None = None,
+        top_p: float | None = None,
+        generator: torch.Generator | None = None,
     ) -> Tensor:
         """Sample ``max_new_tokens`` tokens after ``prompt_ids`` ``[B, T0]`` -> ``[B, T0 + n]``
-        (prompt, then the new tokens).
+        (prompt, then the new tokens); ``stream``'s tokens, concatenated."""
+        tokens = self.stream(prompt_ids, max_new_tokens, temperature, top_k, state, top_p, generator)
+        return torch.cat([prompt_ids, *tokens], dim=1)
+
+    @torch.no_grad()
+    def stream(
+        self,
+        prompt_ids: Tensor,
+        max_new_tokens: int,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        state: MemoryState | None = None,
+        top_p: float | None = None,
+        generator: torch.Generator | None = None,
+    ) -> Iterator[Tensor]:
+        """Yield ``max_new_tokens`` sampled tokens ``[B, 1]``, one at a time, after
+        ``prompt_ids`` ``[B, T0]`` (every row's prompt of the same length).
 
         The prompt is read once; each new token then costs one step of O(1) work on the
-        state. ``temperature = 0`` is greedy; ``top_k`` keeps the k most likely tokens.
-        ``state``: the state before the prompt (None: the prompt starts the sequences).
+        state. Sampling stays on the model's device: ``temperature = 0`` is greedy;
+        ``top_k`` keeps the k most likely tokens, ``top_p`` the fewest whose probabilities
+        sum to at least p (nucleus sampling); ``generator`` draws the samples (None:
+        torch's default). ``state``: the state before the prompt (None: the prompt starts
+        the sequences).
         """
-        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
-            raise ValueError(f"generate: expected max_new_tokens to be an int >= 0, got {max_new_tokens!r}")
-        if not temperature >= 0:
-            raise ValueError(f"generate: expected temperature >= 0, got {temperature!r}")
-        if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
-            raise ValueError(f"generate: expected top_k to be a positive int or None, got {top_k!r}")
+        check_sampling(max_new_tokens, temperature, top_k, top_p)
         logits, state = self(prompt_ids, state)
-        out = [prompt_ids]
         for step in range(max_new_tokens):
-            token = _sample(logits[:, -1], temperature, top_k)
-            out.append(token)
+            token = _sample(logits[:, -1], temperature, top_k, top_p, generator)
+            yield token
             if step + 1 < max_new_tokens:
                 logits, state = self(token, state)
-        return torch.cat(out, dim=1)
 
 
-def _sample(logits: Tensor, temperature: float, top_k: int | None) -> Tensor:
+def check_sampling(max_new_tokens: int, temperature: float, top_k: int | None, top_p: float | None) -> None:
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+        raise ValueError(f"generate: expected max_new_tokens to be an int >= 0, got {max_new_tokens!r}")
+    if not temperature >= 0:
+        raise ValueError(f"generate: expected temperature >= 0, got {temperature!r}")
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
+        raise ValueError(f"generate: expected top_k to be a positive int or None, got {top_k!r}")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise ValueError(f"generate: expected top_p in (0, 1] or None, got {top_p!r}")
+
+
+def _sample(
+    logits: Tensor, temperature: float, top_k: int | None, top_p: float | None, generator: torch.Generator | None
+) -> Tensor:
     """One token per row of logits ``[B, V]`` -> ``[B, 1]``."""
     if temperature == 0:
         return logits.argmax(dim=-1, keepdim=True)
@@ -181,7 +210,13 @@ def _sample(logits: Tensor, temperature: float, top_k: int | None) -> Tensor:
     if top_k is not None and top_k < logits.shape[-1]:
         kth = logits.topk(top_k, dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
-    return torch.multinomial(torch.softmax(logits, dim=-1), 1)
+    if top_p is not None and top_p < 1:
+        ranked, order = logits.sort(dim=-1, descending=True)
+        probabilities = torch.softmax(ranked, dim=-1)
+        # A token stays if the tokens likelier than it hold less than top_p: the first always does.
+        before = probabilities.cumsum(dim=-1) - probabilities
+        logits = logits.scatter(-1, order, ranked.masked_fill(before >= top_p, float("-inf")))
+    return torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=generator)
 
 
 def _describe(t) -> str:

@@ -47,20 +47,23 @@ from .checkpoint import (
     checkpoint_path,
     is_temporary_name,
     load_checkpoint,
+    model_from_checkpoint,
     non_finite_entries,
     restore_rng_states,
     rng_states,
     save_checkpoint,
 )
 from .data import Corpus, DataError, check_window_fits, load_corpus, train_batch, validation_offsets
-from .generate import generate_text, operators_loaded
+from .generate import Sampling, generate_text, operators_loaded
 from .training import (
+    DeviceError,
     all_reduce_sum,
     bits_per_byte,
     default_autocast_dtype,
     evaluate,
     make_optimizer,
     make_scheduler,
+    pick_device,
     train_step,
 )
 
@@ -68,7 +71,6 @@ PROG = "mmrec-pretrain"
 METRICS_NAME = "metrics.jsonl"
 # The lock a run holds on its folder while it runs (fcntl.flock, released when the process ends).
 LOCK_NAME = ".lock"
-SAMPLE_TEMPERATURE, SAMPLE_TOP_K = 0.8, 40
 
 
 class UsageError(ValueError):
@@ -198,12 +200,14 @@ def build_training(model_config, config: TrainConfig, device: torch.device, chec
     from mmrec_model import MMRecModel
 
     torch.manual_seed(config.seed)
-    model = MMRecModel(model_config).to(device)
+    if checkpoint:
+        model = model_from_checkpoint(checkpoint, device, "--resume").train()
+    else:
+        model = MMRecModel(model_config).to(device)
     optimizer = make_optimizer(model, config.lr, config.weight_decay)
     scheduler = make_scheduler(optimizer, config.warmup_steps, config.steps)
     if checkpoint:
         try:
-            model.load_state_dict(checkpoint["model"])
             optimizer.load_state_dict(checkpoint["optimizer"])
             scheduler.load_state_dict(checkpoint["scheduler"])
         except (KeyError, RuntimeError, ValueError) as err:
@@ -293,17 +297,6 @@ def check_sizes(config: TrainConfig, world_size: int, start_step: int) -> None:
         )
 
 
-def pick_device(name: str, world_size: int) -> torch.device:
-    if name not in ("auto", "cpu", "cuda"):
-        raise UsageError(f"--device: expected auto, cpu or cuda, got {name!r}")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise UsageError("--device cuda: no CUDA device is available here")
-    if name == "cpu" or not torch.cuda.is_available():
-        return torch.device("cpu")
-    local_rank = int(os.environ.get("LOCAL_RANK", "0")) if world_size > 1 else 0
-    return torch.device("cuda", local_rank)
-
-
 def pick_autocast_dtype(name: str, device: torch.device) -> torch.dtype | None:
     """The autocast dtype; None means plain float32.
 
@@ -375,7 +368,7 @@ def prepare(argv: list[str] | None) -> Run:
     start_step = checkpoint["step"] if checkpoint else 0
     check_sizes(config, world_size, start_step)
     model_config = build_model_config(config, checkpoint)
-    device = pick_device(config.device, world_size)
+    device = pick_device(config.device, int(os.environ.get("LOCAL_RANK", "0")) if world_size > 1 else 0)
     autocast_dtype = pick_autocast_dtype(config.dtype, device)
     out = pick_out(config, resume)
     check_out(out, resume)
@@ -573,7 +566,7 @@ def describe(run: Run) -> str:
 def write_sample(run: Run) -> None:
     config = run.config
     prompt, length = config.sample_prompt, config.sample_tokens
-    sample = generate_text(run.training.model, prompt, length, SAMPLE_TEMPERATURE, SAMPLE_TOP_K, config.seed)
+    sample = generate_text(run.training.model, prompt, length, Sampling(seed=config.seed))
     atomic_write(run.out / "sample.txt", lambda f: f.write(sample.encode("utf-8")))
     print(f"\n--- sample (prompt {config.sample_prompt!r}, {config.sample_tokens} bytes) ---\n{sample}\n---")
     finished = run.stop_step == config.steps
@@ -674,7 +667,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         run = prepare(argv)
         folder = RunFolder(run) if run.rank == 0 else None
-    except (UsageError, DataError, CheckpointError) as err:
+    except (UsageError, DataError, CheckpointError, DeviceError) as err:
         return fail(err)
     except OSError as err:  # the run folder cannot be made or written (read-only, full, ...)
         return fail(write_failure(err))

@@ -82,6 +82,23 @@ def make_optimizer(
     return torch.optim.AdamW(groups, lr=lr, betas=ADAM_BETAS, fused=fused)
 
 
+class DeviceError(ValueError):
+    """A --device that this machine cannot give, with the message to show."""
+
+
+def pick_device(name: str, local_rank: int = 0) -> torch.device:
+    """The device of a command's --device: 'cpu', 'cuda' (GPU ``local_rank``, the
+    process's under torchrun) or 'auto' (CUDA when available). The one way the
+    commands and benches pick it."""
+    if name not in ("auto", "cpu", "cuda"):
+        raise DeviceError(f"--device: expected auto, cpu or cuda, got {name!r}")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise DeviceError("--device cuda: no CUDA device is available here")
+    if name == "cpu" or not torch.cuda.is_available():
+        return torch.device("cpu")
+    return torch.device("cuda", local_rank)
+
+
 def default_autocast_dtype(device: torch.device) -> torch.dtype | None:
     """bfloat16 on a GPU that supports it; None (float32) elsewhere."""
     gpu_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()

@@ -200,6 +200,22 @@ def test_generate_samples_within_top_k_and_continues_a_state():
     assert model.generate(ids, 0).shape == ids.shape
 
 
+def test_generate_top_p_samples_within_the_nucleus_and_streams_the_same_tokens():
+    """Every sampled token lies in the smallest set of likeliest tokens holding p of the
+    probability; the stream yields generate's tokens from the same generator."""
+    model = MMRecModel(small_config("exact"))
+    prompt = torch.randint(0, 256, (4, 9))
+    out = model.generate(prompt, 10, top_p=0.3, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        probabilities = torch.softmax(model(out[:, :-1])[0][:, 8:], dim=-1)
+    ranked = probabilities.sort(dim=-1, descending=True).values
+    mass_before = ranked.cumsum(-1) - ranked  # of the tokens likelier than each
+    least_in_nucleus = torch.where(mass_before < 0.3, ranked, 2.0).min(-1, keepdim=True).values
+    assert (probabilities.gather(-1, out[:, 9:, None]) >= least_in_nucleus * (1 - 1e-4)).all()
+    streamed = list(model.stream(prompt, 10, top_p=0.3, generator=torch.Generator().manual_seed(0)))
+    assert torch.equal(torch.cat([prompt, *streamed], dim=1), out)
+
+
 @pytest.mark.parametrize(
     "call,message",
     [
@@ -217,8 +233,9 @@ def test_generate_samples_within_top_k_and_continues_a_state():
         (lambda m: m.generate(torch.zeros(1, 2, dtype=torch.int64), -1), "max_new_tokens"),
         (lambda m: m.generate(torch.zeros(1, 2, dtype=torch.int64), 2, temperature=-1.0), "temperature"),
         (lambda m: m.generate(torch.zeros(1, 2, dtype=torch.int64), 2, top_k=0), "top_k"),
+        (lambda m: m.generate(torch.zeros(1, 2, dtype=torch.int64), 2, top_p=0.0), "top_p"),
     ],
-    ids=["float_ids", "1d_ids", "uint8_ids", "bool_ids", "id_too_large", "negative_id", "generate_id", "empty", "chunk_size", "state_batch", "state_type", "max_new", "temperature", "top_k"],
+    ids=["float_ids", "1d_ids", "uint8_ids", "bool_ids", "id_too_large", "negative_id", "generate_id", "empty", "chunk_size", "state_batch", "state_type", "max_new", "temperature", "top_k", "top_p"],
 )
 def test_bad_input_is_named(call, message):
     model = MMRecModel(small_config("exact", n_layers=1))
