@@ -10,6 +10,7 @@ from torch import Tensor, nn
 
 from .block import MMRecBlock
 from .config import MMRecConfig
+from .decode import Decoder
 from .memory import BlockState, MemoryState, memory_layout, token_layout
 
 # The dtypes nn.Embedding takes as indices.
@@ -182,11 +183,12 @@ class MMRecModel(nn.Module):
         """
         check_sampling(max_new_tokens, temperature, top_k, top_p)
         logits, state = self(prompt_ids, state)
+        logits, decoder = logits[:, -1], Decoder(self, state)
         for step in range(max_new_tokens):
-            token = _sample(logits[:, -1], temperature, top_k, top_p, generator)
+            token = _sample(logits, temperature, top_k, top_p, generator)
             yield token
             if step + 1 < max_new_tokens:
-                logits, state = self(token, state)
+                logits = decoder.step(token)
 
 
 def check_sampling(max_new_tokens: int, temperature: float, top_k: int | None, top_p: float | None) -> None:

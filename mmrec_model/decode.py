@@ -1,0 +1,230 @@
+"""Decoding one token at a time, lean: ``Decoder`` holds a model's state in fixed buffers
+that each token updates in place, so that a token costs a few ops per block.
+
+Per block the decoder keeps one key cache and one value cache ``[B, H, K, d]``, K = P + L M
++ W: the persistent slots, the long-term rings (level l's entry i in slot l M + i mod M) and
+the working memory as a ring of W slots (the token at position t in slot t mod W). A token
+first writes its key and value into its slot (whose old token, at t - W, it may not see),
+then reads every slot that holds a key (``mask``) in one softmax (two with the gated read),
+then adds itself to the running sums; a long-term entry is written only by the token that
+completes it, once in S tokens. The position is a Python int: which entries complete, and
+which slots hold keys, are host arithmetic, not ops. ``state`` gives the state back in the
+model's format, equal to what ``MMRecModel.forward`` returns for the same tokens.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .mdi import EPS
+from .memory import BRANCHING, BlockState, MemoryState, span_len
+
+
+def fused_mdi(mdi, dim: int):
+    """MDI's gamma = eps + (1 - 2 eps) sigmoid(A(z)) sigmoid(C(k)) as a function of the
+    block's projection [q, k, v, z] ``[B, 4 D]``: both MLPs at once, two matmuls in all
+    (their first layers side by side, reading z's and k's columns; their second block
+    diagonal)."""
+    A, C, D = mdi.A, mdi.C, dim
+    hidden = A[0].out_features
+    first = A[0].weight.new_zeros(2 * hidden, 4 * D)
+    first[:hidden, 3 * D :], first[hidden:, D : 2 * D] = A[0].weight, C[0].weight
+    second = A[2].weight.new_zeros(2 * D, 2 * hidden)
+    second[:D, :hidden], second[D:, hidden:] = A[2].weight, C[2].weight
+    first_bias, second_bias = torch.cat([A[0].bias, C[0].bias]), torch.cat([A[2].bias, C[2].bias])
+    eps = first.new_tensor(EPS)
+
+    def decay(projected: Tensor) -> Tensor:
+        both = torch.sigmoid(F.linear(F.gelu(F.linear(projected, first, first_bias)), second, second_bias))
+        return torch.addcmul(eps, both[:, :D], both[:, D:], value=1 - 2 * EPS)
+
+    return decay
+
+
+def completed_slots(config, position: int) -> list[tuple[int, int]]:
+    """(level, ring slot l M + i mod M) of each entry i that the token at ``position``
+    completes: the last token of its span."""
+    slots, end = [], position + 1
+    for level in range(config.n_levels):
+        width = span_len(config.segment_len, level)
+        if end % width:
+            break
+        slots.append((level, level * config.level_slots + (end // width - 1) % config.level_slots))
+    return slots
+
+
+class BlockDecoder:
+    """One block's buffers (from its ``BlockState``) and its one-token step."""
+
+    def __init__(self, block, state: BlockState, position: int, config):
+        B, H, d = state.h.shape
+        self.block, self.config, self.heads = block, config, (H, d)
+        P, L, M, W = config.persistent_slots, config.n_levels, config.level_slots, config.window
+        self.ring_start, self.window_start = P, P + L * M
+        # [2, B, H, K, d]: keys, values.
+        self.cache = torch.zeros(2, B, H, P + L * M + W, d, dtype=state.h.dtype, device=state.h.device)
+        for i in (0, 1):
+            self.cache[i][:, :, :P] = block.memory.persistent[:, i].detach().view(P, H, d).transpose(0, 1)
+            rings = state.memory[:, :, :, i].reshape(B, L * M, H, d).transpose(1, 2)
+            self.cache[i][:, :, P : P + L * M] = rings
+        kept = max(W - 1, 0)
+        tokens = torch.arange(max(position - kept, 0), position, device=state.h.device)  # in the working memory
+        if kept and len(tokens):
+            window = state.window[:, tokens % (W - 1)].view(B, -1, 2, H, d).permute(2, 0, 3, 1, 4)
+            self.cache[:, :, :, self.window_start + tokens % W] = window
+        self.h, self.sums = state.h.clone(), state.sums.clone()
+        # The weights as plain attributes: a module's attribute lookup costs as much as an op here.
+        self.norm_mix, self.norm_ffn = [(norm.weight, norm.eps) for norm in (block.norm_mix, block.norm_ffn)]
+        self.w_in, self.w_out = block.w_in.weight, block.w_out.weight
+        self.ffn = (block.ffn[0].weight, block.ffn[0].bias, block.ffn[2].weight, block.ffn[2].bias)
+        self.read_gate = None if block.read_gate is None else (block.read_gate.weight, block.read_gate.bias)
+        self.mode, self.gated, self.window = block.mode, block.memory.gated, config.window
+        if block.mode != "none":
+            self.decay = fused_mdi(block.mdi, config.dim)
+            # Per head W_g s + b_g as [H, B, d] @ [H, d, d]^T + [H, 1, d].
+            self.gate = (block.gate_bias.unsqueeze(1), block.gate_weight.transpose(1, 2))
+
+    def write(self, slot: int, kv: Tensor) -> None:
+        """kv ``[B, 2, D]`` into cache slot ``slot``."""
+        self.cache[:, :, :, slot] = kv.view(kv.shape[0], 2, *self.heads).transpose(0, 1)
+
+    def step(self, x: Tensor, position: int, mask: Tensor) -> Tensor:
+        """x ``[B, D]`` of the token at ``position`` -> the block's output ``[B, D]``;
+        ``mask`` ``[K]``: the slots that hold a key, this token's included.
+
+        ``MMRecBlock.forward``'s maths for one token, written with the functional ops
+        (a module call costs more than its op at this size)."""
+        (H, d), (B, D) = self.heads, x.shape
+        u = F.rms_norm(x, (D,), *self.norm_mix)
+        projected = F.linear(u, self.w_in)
+        q, k, v, z = projected.view(B, 4, H, d).unbind(1)
+        kv = projected[:, D : 3 * D].view(B, 2, D)
+        if self.window > 0:
+            self.write(self.window_start + position % self.window, kv)
+        gates = None if self.read_gate is None else torch.sigmoid(F.linear(u, *self.read_gate)).view(B, H, 2)
+        m = self.read(q, mask, gates)
+        h = None if self.mode == "none" else self.recurrence(projected, z)
+        y = x + F.linear((m if h is None else h + m).view(B, D), self.w_out)
+        w0, b0, w2, b2 = self.ffn
+        out = y + F.linear(F.gelu(F.linear(F.rms_norm(y, (D,), *self.norm_ffn), w0, b0)), w2, b2)
+        if self.block.has_long_term:
+            self.add_to_memory(kv.unsqueeze(1), None if h is None else h.unsqueeze(1), position)
+        if h is not None:
+            self.h = h
+        return out
+
+    def recurrence(self, projected: Tensor, z: Tensor) -> Tensor:
+        """The new state h ``[B, H, d]``: h' = z sigmoid(W_g s + b_g) + gamma h, s = h (mode
+        'exact') or z ('parallel'), gamma = MDI(z, k) from the projection ``[B, 4 D]``."""
+        bias, weight_t = self.gate
+        gate_input = self.h if self.mode == "exact" else z
+        gate = torch.sigmoid(torch.baddbmm(bias, gate_input.transpose(0, 1), weight_t))
+        gamma = self.decay(projected).view_as(z)
+        return torch.addcmul(gamma * self.h, z, gate.transpose(0, 1))
+
+    def read(self, q: Tensor, mask: Tensor, gates: Tensor | None) -> Tensor:
+        """The multi-memory read ``[B, H, d]`` of q ``[B, H, d]`` over the cache."""
+        query, mask = q.unsqueeze(2), mask.view(1, -1)  # [B, H, 1, d], [1, K]
+        keys, values = self.cache
+        if not self.gated:
+            return F.scaled_dot_product_attention(query, keys, values, attn_mask=mask).squeeze(2)
+        n = self.window_start
+        read = F.scaled_dot_product_attention(query, keys[:, :, :n], values[:, :, :n], attn_mask=mask[:, :n])
+        m = gates[..., 1:] * read.squeeze(2)
+        if self.window > 0:
+            working = F.scaled_dot_product_attention(query, keys[:, :, n:], values[:, :, n:], attn_mask=mask[:, n:])
+            m = m + gates[..., :1] * working.squeeze(2)
+        return m
+
+    def add_to_memory(self, kv: Tensor, h: Tensor | None, position: int) -> None:
+        """The running sums after the token, and the entries it completes into the rings
+        (``update_long_term_token``'s arithmetic, branching on the position)."""
+        block, S = self.block, self.config.segment_len
+        if block.learned_entries is not None:
+            kv = block.learned_entries.weigh(kv, torch.tensor([position % S], device=kv.device))
+        x, end = kv[:, 0].to(self.sums.dtype), position + 1
+        if position % S == 0:
+            self.sums[:, 0] = x
+        else:
+            self.sums[:, 0] += x
+        for level in range(1, self.sums.shape[1]):
+            child_width = span_len(S, level - 1)
+            if end % child_width:
+                break
+            if (end // child_width - 1) % BRANCHING == 0:
+                self.sums[:, level] = self.sums[:, level - 1]
+            else:
+                self.sums[:, level] += self.sums[:, level - 1]
+        for level, slot in completed_slots(self.config, position):
+            means = self.sums[:, level : level + 1] / span_len(S, level)
+            self.write(self.ring_start + slot, self.entry(means, h)[:, 0])
+
+    def entry(self, means: Tensor, h: Tensor | None) -> Tensor:
+        """What an entry of means ``[B, 1, 2, D]`` holds (``MMRecConfig.entry_summary``)."""
+        if self.block.learned_entries is not None:
+            return self.block.learned_entries.finish(0, means)
+        if self.block.entry_summary == "state":
+            return torch.stack([means[:, :, 0], h.flatten(-2).to(means.dtype)], dim=2)
+        return means
+
+    def state(self, position: int) -> BlockState:
+        """This block's ``BlockState`` before the token at ``position``."""
+        config, (H, d) = self.config, self.heads
+        B, L, M, W = self.h.shape[0], config.n_levels, config.level_slots, config.window
+        rings = torch.stack([c[:, :, self.ring_start : self.window_start] for c in self.cache], dim=2)
+        memory = rings.permute(0, 3, 2, 1, 4).reshape(B, L, M, 2, H * d)  # [B, H, 2, L M, d] -> [B, L, M, 2, D]
+        kept = max(W - 1, 0)
+        window = self.cache.new_zeros(B, kept, 2, H * d)
+        tokens = torch.arange(max(position - kept, 0), position, device=window.device)
+        if kept and len(tokens):
+            cached = self.cache[:, :, :, self.window_start + tokens % W]  # [2, B, H, n, d]
+            window[:, tokens % (W - 1)] = cached.permute(1, 3, 0, 2, 4).reshape(B, -1, 2, H * d)
+        return BlockState(self.h.clone(), window, memory, self.sums.clone())
+
+
+class Decoder:
+    """``model`` decoding from ``state`` (after at least one token), a token at a time:
+
+        decoder = Decoder(model, state)
+        logits = decoder.step(token)        # token [B, 1] -> logits [B, V]; in place
+        state = decoder.state()             # the model's MemoryState after those tokens
+
+    The same logits and state as ``model(token, state)`` token after token (float32
+    rounding), with no gradient.
+    """
+
+    def __init__(self, model, state: MemoryState):
+        self.model, self.config = model, model.config
+        self.position = int(state.position)
+        with torch.no_grad():
+            self.blocks = [BlockDecoder(b, s, self.position, self.config) for b, s in zip(model.blocks, state.blocks)]
+        self.mask = self.initial_mask(state.position.device)
+
+    def initial_mask(self, device) -> Tensor:
+        """``[K]``: the slots that hold a key before the next token writes its own."""
+        c, p = self.config, self.position
+        rings = [torch.arange(c.level_slots) < p // span_len(c.segment_len, level) for level in range(c.n_levels)]
+        window = (p - 1 - (p - 1 - torch.arange(c.window)) % max(c.window, 1)) >= 0 if c.window > 0 else []
+        parts = [torch.ones(c.persistent_slots, dtype=torch.bool), *rings, torch.as_tensor(window, dtype=torch.bool)]
+        return torch.cat(parts).to(device)
+
+    @torch.no_grad()
+    def step(self, token: Tensor) -> Tensor:
+        """token ``[B, 1]`` at the current position -> logits ``[B, V]``."""
+        c = self.config
+        if c.window > 0:
+            self.mask[c.persistent_slots + c.n_levels * c.level_slots + self.position % c.window] = True
+        x = self.model.embed(token[:, 0])
+        for block in self.blocks:
+            x = block.step(x, self.position, self.mask)
+        # After every block's read: the entries the token completed are for the next ones.
+        for _, slot in completed_slots(c, self.position):
+            self.mask[c.persistent_slots + slot] = True
+        self.position += 1
+        return F.linear(self.model.norm(x), self.model.embed.weight)
+
+    def state(self) -> MemoryState:
+        position = torch.tensor(self.position, device=self.mask.device)
+        return MemoryState(position, tuple(block.state(self.position) for block in self.blocks))

@@ -1,0 +1,58 @@
+"""Decoder: the lean in-place decoding path gives the logits and the state of the
+model's own one-token calls, in every configuration."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mmrec_model import MMRecModel
+from mmrec_model.decode import Decoder
+from tests.helpers import assert_close_rel, output_tolerance
+from tests.model.models import small_config
+
+pytestmark = pytest.mark.model
+
+FLOAT32_TOL = output_tolerance(torch.float32)
+
+CONFIGS = {
+    "exact": dict(mode="exact"),
+    "parallel-gated": dict(mode="parallel", memory_read="gated"),
+    "learned-entries": dict(mode="exact", entry_summary="learned"),
+    "state-entries": dict(mode="parallel", entry_summary="state"),
+    "no-window-no-recurrence": dict(mode="none", window=0),
+    "window-1": dict(mode="exact", window=1),
+    "no-long-term": dict(mode="exact", n_levels=0),
+}
+
+
+@pytest.mark.parametrize("start", [1, 37])
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_decoder_matches_one_call(name, start):
+    """From a state after `start` tokens, 150 - start decoded tokens (S = 8: entries of
+    every level written, level 0's ring wrapped): the logits of one call, and its state."""
+    torch.manual_seed(0)
+    model = MMRecModel(small_config(**CONFIGS[name])).eval()
+    ids = torch.randint(0, 256, (2, 150))
+    with torch.no_grad():
+        full, full_state = model(ids)
+        decoder = Decoder(model, model(ids[:, :start])[1])
+        logits = torch.stack([decoder.step(ids[:, t : t + 1]) for t in range(start, ids.shape[1])], dim=1)
+    assert_close_rel(logits, full[:, start:], FLOAT32_TOL, "logits")
+    state = decoder.state()
+    assert state.position.item() == ids.shape[1]
+    for i, (block, expected) in enumerate(zip(state.blocks, full_state.blocks)):
+        for field, actual, wanted in zip(block._fields, block, expected):
+            assert_close_rel(actual, wanted, FLOAT32_TOL, f"state.blocks[{i}].{field}")
+
+
+def test_decoder_leaves_the_state_it_started_from():
+    model = MMRecModel(small_config("exact")).eval()
+    ids = torch.randint(0, 256, (1, 40))
+    with torch.no_grad():
+        state = model(ids)[1]
+        kept = [t.clone() for block in state.blocks for t in block]
+        decoder = Decoder(model, state)
+        for t in range(5):
+            decoder.step(ids[:, t : t + 1])
+    assert all(torch.equal(a, b) for a, b in zip(kept, (t for block in state.blocks for t in block)))
