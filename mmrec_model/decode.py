@@ -216,7 +216,7 @@ class Decoder:
         c = self.config
         if c.window > 0:
             self.mask[c.persistent_slots + c.n_levels * c.level_slots + self.position % c.window] = True
-        x = self.model.embed(token[:, 0])
+        x = self.model.embed(token).squeeze(1)
         for block in self.blocks:
             x = block.step(x, self.position, self.mask)
         # After every block's read: the entries the token completed are for the next ones.
