@@ -1,6 +1,6 @@
-"""The GPU model benchmark, the training-step breakdown and the quality benchmark run end
-to end on tiny shapes on the CPU (--smoke), so the scripts cannot rot between GPU sessions;
-the Transformer baseline's KV-cache decoding gives the logits of a full forward, and its
+"""The benchmarks (GPU model, training-step breakdown, decoding, quality) run end to end
+on tiny shapes on the CPU (--smoke), so the scripts cannot rot between GPU sessions; the
+Transformer baseline's KV-cache decoding gives the logits of a full forward, and its
 windowed variant sees the last `window` tokens only."""
 
 from __future__ import annotations
@@ -135,3 +135,13 @@ def test_quality_config_reaches_every_mmrec_arch_and_the_ablation_keeps_its_fiel
     ablation = model_config("mmrec-no-longterm", settings)
     assert ablation.n_levels == 0 and ablation.memory_read == "gated"
     assert model_config("transformer", settings).window is None
+
+
+def test_generate_bench_smoke(tmp_path):
+    out = tmp_path / "generate"
+    result = subprocess.run([sys.executable, "bench/generate.py", "--device", "cpu", "--smoke", "--out", str(out)],
+                            cwd=ROOT, capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = json.loads(out.with_suffix(".json").read_text())["results"]
+    assert {r["path"] for r in rows} == {"mmrec-decoder", "mmrec-step", "transformer-kv"} and len(rows) == 12
+    assert all(r["ms_per_token"] > 0 and r["tokens_per_s"] > 0 for r in rows)
