@@ -1,8 +1,8 @@
 """Decoding one token at a time, lean: ``Decoder`` holds a model's state in fixed buffers
 that each token updates in place, so that a token costs a few ops per block.
 
-Per block the decoder keeps one key cache and one value cache ``[B, H, K, d]``, K = P + L M
-+ W: the persistent slots, the long-term rings (level l's entry i in slot l M + i mod M) and
+Per block the decoder keeps a key and value cache ``[2, B, H, K, d]``, K = P + L M + W:
+the persistent slots, the long-term rings (level l's entry i in slot l M + i mod M) and
 the working memory as a ring of W slots (the token at position t in slot t mod W). A token
 first writes its key and value into its slot (whose old token, at t - W, it may not see),
 then reads every slot that holds a key (``mask``) in one softmax (two with the gated read),
