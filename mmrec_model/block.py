@@ -144,9 +144,9 @@ class MMRecBlock(nn.Module):
 
         return update_long_term_token(kv, state.memory, state.sums, layout, finish)
 
-    def project(self, x: Tensor, state: BlockState) -> tuple[Tensor, Tensor, Tensor, Tensor | None, Tensor | None]:
-        """q ``[B, T, H, d]``, kv ``[B, T, 2, D]``, k ``[B, T, D]``, the read's gates and
-        the recurrence's h (None without them) of x ``[B, T, D]``."""
+    def project(self, x: Tensor, state: BlockState) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
+        """q ``[B, T, H, d]``, kv ``[B, T, 2, D]``, the read's gates ``[B, T, H, 2]`` and
+        the recurrence's h ``[B, T, H, d]`` (None without them) of x ``[B, T, D]``."""
         u = self.norm_mix(x)
         q, k, v, z = self.w_in(u).chunk(4, dim=-1)
         gates = None if self.read_gate is None else torch.sigmoid(self.read_gate(u)).unflatten(-1, (self.n_heads, 2))

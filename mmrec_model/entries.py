@@ -5,10 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-
-def residual_mlp(dim: int) -> nn.Sequential:
-    """D -> D/4 -> D with GELU (initialised by ``LearnedEntries.init_weights``)."""
-    return nn.Sequential(nn.Linear(dim, dim // 4), nn.GELU(), nn.Linear(dim // 4, dim))
+from .mdi import bottleneck_mlp
 
 
 class LearnedEntries(nn.Module):
@@ -28,8 +25,8 @@ class LearnedEntries(nn.Module):
     def __init__(self, dim: int, n_heads: int, segment_len: int):
         super().__init__()
         self.place_weight = nn.Parameter(torch.empty(segment_len, 2, n_heads))
-        self.key_mlp = residual_mlp(dim)
-        self.value_mlp = residual_mlp(dim)
+        self.key_mlp = bottleneck_mlp(dim)
+        self.value_mlp = bottleneck_mlp(dim)
 
     @torch.no_grad()
     def init_weights(self, init_std: float) -> None:

@@ -14,8 +14,8 @@ EPS = 1e-6
 GAMMA_INIT = 0.9
 
 
-def _mlp(dim: int) -> nn.Sequential:
-    """D -> D/4 -> D with GELU (initialised by ``MDI.init_weights``)."""
+def bottleneck_mlp(dim: int) -> nn.Sequential:
+    """D -> D/4 -> D with GELU (its owner initialises it)."""
     return nn.Sequential(nn.Linear(dim, dim // 4), nn.GELU(), nn.Linear(dim // 4, dim))
 
 
@@ -28,8 +28,8 @@ class MDI(nn.Module):
 
     def __init__(self, dim: int):
         super().__init__()
-        self.A = _mlp(dim)
-        self.C = _mlp(dim)
+        self.A = bottleneck_mlp(dim)
+        self.C = bottleneck_mlp(dim)
 
     @torch.no_grad()
     def init_weights(self, init_std: float) -> None:
