@@ -223,7 +223,7 @@ class Decoder:
         for _, slot in completed_slots(c, self.position):
             self.mask[c.persistent_slots + slot] = True
         self.position += 1
-        return F.linear(self.model.norm(x), self.model.embed.weight)
+        return self.model.head(x)
 
     def state(self) -> MemoryState:
         position = torch.tensor(self.position, device=self.mask.device)

@@ -70,8 +70,12 @@ def sample_tokens(model, prompt: str, max_new_tokens: int, sampling: Sampling, n
 
 def generate_text(model, prompt: str, max_new_tokens: int, sampling: Sampling) -> str:
     """The prompt followed by `max_new_tokens` sampled bytes, as text."""
-    new = [step[0] for step in sample_tokens(model, prompt, max_new_tokens, sampling)]
-    return decode(torch.cat([encode(prompt)[0], torch.tensor(new, dtype=torch.long)]))
+    return continued(prompt, [step[0] for step in sample_tokens(model, prompt, max_new_tokens, sampling)])
+
+
+def continued(prompt: str, new_bytes) -> str:
+    """The prompt followed by the text of `new_bytes` (token ids)."""
+    return decode(torch.cat([encode(prompt)[0], torch.tensor(new_bytes, dtype=torch.long)]))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -139,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
         samples = list(zip(*tokens)) or [()] * args.num_samples
         for i, sample in enumerate(samples):
             print(f"--- sample {i + 1} of {args.num_samples} ---")
-            print(decode(torch.cat([encode(args.prompt)[0], torch.tensor(sample, dtype=torch.long)])))
+            print(continued(args.prompt, list(sample)))
     seconds = time.perf_counter() - started
     made = args.max_new_tokens * args.num_samples
     print(f"{PROG}: {made} bytes in {seconds:.2f} s, {made / seconds:,.0f} bytes/s (prompt included) on "

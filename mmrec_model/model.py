@@ -80,8 +80,6 @@ class MMRecModel(nn.Module):
         self._check_inputs(ids, state, chunk_size)
         if state is None:
             state = self.initial_state(ids.shape[0], ids.device)
-        if ids.shape[1] == 1:
-            return self._forward_token(ids, state)
         if chunk_size is None or ids.shape[1] <= chunk_size:
             return self._forward_chunk(ids, state)
         logits = []
@@ -91,25 +89,22 @@ class MMRecModel(nn.Module):
         return torch.cat(logits, dim=1), state
 
     def _forward_chunk(self, ids: Tensor, state: MemoryState) -> tuple[Tensor, MemoryState]:
+        """The blocks over ids ``[B, T]`` at once; one token per row (T = 1) takes their
+        lean step (``MMRecBlock.step``)."""
         x = self.embed(ids)
-        layout = memory_layout(state.position, ids.shape[1], self.config)
+        if ids.shape[1] == 1:
+            layout, runs = token_layout(state.position, self.config), [block.step for block in self.blocks]
+        else:
+            layout, runs = memory_layout(state.position, ids.shape[1], self.config), list(self.blocks)
         blocks = []
-        for block, block_state in zip(self.blocks, state.blocks):
-            x, block_state = block(x, block_state, layout)
+        for run, block_state in zip(runs, state.blocks):
+            x, block_state = run(x, block_state, layout)
             blocks.append(block_state)
-        logits = F.linear(self.norm(x), self.embed.weight)
-        return logits, MemoryState(state.position + ids.shape[1], tuple(blocks))
+        return self.head(x), MemoryState(state.position + ids.shape[1], tuple(blocks))
 
-    def _forward_token(self, ids: Tensor, state: MemoryState) -> tuple[Tensor, MemoryState]:
-        """``_forward_chunk`` of one token per row, ids ``[B, 1]``, by the blocks' lean step."""
-        x = self.embed(ids)
-        layout = token_layout(state.position, self.config)
-        blocks = []
-        for block, block_state in zip(self.blocks, state.blocks):
-            x, block_state = block.step(x, block_state, layout)
-            blocks.append(block_state)
-        logits = F.linear(self.norm(x), self.embed.weight)
-        return logits, MemoryState(state.position + 1, tuple(blocks))
+    def head(self, x: Tensor) -> Tensor:
+        """Logits ``[..., V]`` of the last block's output ``[..., D]``: final norm, tied embedding."""
+        return F.linear(self.norm(x), self.embed.weight)
 
     def _check_inputs(self, ids: Tensor, state: MemoryState | None, chunk_size: int | None) -> None:
         vocab_size = self.config.vocab_size
