@@ -35,12 +35,14 @@ source): every arch of one seed sees the same batches and schedule. Then, eagerl
     of --probe-distances; bits per byte on the copy against those on the passage's first
     occurrence. What a model recalls from beyond its window shows as a copy cheaper than the
     first occurrence at D > window.
-It is written (atomically) to DIR/<arch>-seed<S>.json: settings, model configuration,
+It is written (atomically) to DIR/<label>-seed<S>.json, the label being the arch and, for an
+MM-Rec arch, its --config overrides (mmrec+memory_read=gated): settings, model configuration,
 parameters, training bytes, time and tokens/s, the training curve (mean bits per byte of
 every --log-every steps), the measurements, device, versions and date.
 
-The report reads every DIR/*-seed*.json and gives, per arch, the mean over seeds with
-the range [min, max]; each ablation against the full model of the same seed; bits per
+The report reads every DIR/*-seed*.json and gives, per label, the mean over seeds with
+the range [min, max]; each ablation against the full model of the same seed and --config
+overrides (so that one folder can hold a study of configurations); bits per
 byte by position. It writes STEM.md, STEM.json (rows and summary) and STEM.png
 (training curves and bits per byte by position, means over seeds).
 """
@@ -332,9 +334,16 @@ def measure_row(arch: str, seed: int, settings: Settings, config, documents: lis
     }  # fmt: skip
 
 
+def row_label(row: dict) -> str:
+    """The row's arch with the --config overrides an MM-Rec arch ran with: 'mmrec+memory_read=gated'."""
+    if row["arch"] not in MMREC_ARCHS:
+        return row["arch"]
+    return row["arch"] + "".join(f"+{name}={value}" for name, value in row["settings"].get("config", {}).items())
+
+
 def write_row(row: dict, folder: Path) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"{row['arch']}-seed{row['seed']}.json"
+    path = folder / f"{row_label(row)}-seed{row['seed']}.json"
     atomic_write(path, lambda f: f.write(json.dumps(row, indent=2).encode()))
     return path
 
@@ -367,16 +376,16 @@ def run_command(args: argparse.Namespace) -> None:
 def load_rows(folder: Path) -> list[dict]:
     paths = sorted(folder.glob(ROW_GLOB))
     if not paths:
-        raise ValueError(f"{folder}: no rows (<arch>-seed<S>.json) to report")
+        raise ValueError(f"{folder}: no rows (<label>-seed<S>.json) to report")
     return [json.loads(path.read_text()) for path in paths]
 
 
-def group_by_arch(rows: list[dict]) -> dict[str, list[dict]]:
-    """Rows per arch (ARCHS' order, then any other), each list in seed order."""
+def group_by_label(rows: list[dict]) -> dict[str, list[dict]]:
+    """Rows per label (archs in ARCHS' order, then any other), each list in seed order."""
     order = {arch: i for i, arch in enumerate(ARCHS)}
     groups = {}
-    for row in sorted(rows, key=lambda r: (order.get(r["arch"], len(order)), r["arch"], r["seed"])):
-        groups.setdefault(row["arch"], []).append(row)
+    for row in sorted(rows, key=lambda r: (order.get(r["arch"], len(order)), row_label(r), r["seed"])):
+        groups.setdefault(row_label(row), []).append(row)
     return groups
 
 
@@ -445,25 +454,31 @@ def spread(summary: dict | None) -> float | None:
 
 
 def ablation_summary(groups: dict[str, list[dict]], archs: dict[str, dict]) -> list[dict]:
-    """Each ablation minus the full model of the same seed: validation, and the farthest band."""
-    full = {r["seed"]: r for r in groups.get("mmrec", [])}
-    full_bands = archs["mmrec"]["bands"]
-    far_band = list(full_bands)[-1] if full_bands else None
+    """Each ablation minus the full model (mmrec) of the same seed and --config overrides:
+    validation, the farthest band and the farthest recalled copy."""
     ablations = []
-    for arch, (_, removes) in ABLATIONS.items():
-        pairs = [(r, full[r["seed"]]) for r in groups.get(arch, []) if r["seed"] in full]
-        if not pairs:
+    for full_label, full_rows in groups.items():
+        if full_rows[0]["arch"] != "mmrec":
             continue
-        far = [(farthest_bpb(r), farthest_bpb(f)) for r, f in pairs]
-        recalled = [(farthest_copy_bpb(r), farthest_copy_bpb(f)) for r, f in pairs]
-        ablations.append({
-            "arch": arch, "removes": removes, "seeds": [r["seed"] for r, _ in pairs],
-            "val_delta": stats([r["val_bpb"] - f["val_bpb"] for r, f in pairs]),
-            "far_band": far_band, "far_delta": stats([a - b for a, b in far if a is not None and b is not None]),
-            "full_val_spread": spread(archs["mmrec"]["val_bpb"]),
-            "full_far_spread": spread(full_bands.get(far_band)),
-            "recall_delta": stats([a - b for a, b in recalled if a is not None and b is not None]),
-        })  # fmt: skip
+        overrides = full_label.removeprefix("mmrec")
+        full = {r["seed"]: r for r in full_rows}
+        full_bands = archs[full_label]["bands"]
+        far_band = list(full_bands)[-1] if full_bands else None
+        for arch, (_, removes) in ABLATIONS.items():
+            pairs = [(r, full[r["seed"]]) for r in groups.get(arch + overrides, []) if r["seed"] in full]
+            if not pairs:
+                continue
+            far = [(farthest_bpb(r), farthest_bpb(f)) for r, f in pairs]
+            recalled = [(farthest_copy_bpb(r), farthest_copy_bpb(f)) for r, f in pairs]
+            ablations.append({
+                "arch": arch + overrides, "full": full_label, "removes": removes,
+                "seeds": [r["seed"] for r, _ in pairs],
+                "val_delta": stats([r["val_bpb"] - f["val_bpb"] for r, f in pairs]),
+                "far_band": far_band, "far_delta": stats([a - b for a, b in far if a is not None and b is not None]),
+                "full_val_spread": spread(archs[full_label]["val_bpb"]),
+                "full_far_spread": spread(full_bands.get(far_band)),
+                "recall_delta": stats([a - b for a, b in recalled if a is not None and b is not None]),
+            })  # fmt: skip
     return ablations
 
 
@@ -474,7 +489,9 @@ def distinct(rows: list[dict], key: str) -> str:
 def header_summary(rows: list[dict]) -> dict:
     """Where and with what the rows ran, and the settings that differ between them."""
     settings = [r["settings"] for r in rows]
-    differing = sorted(name for name in settings[0] if len({json.dumps(s.get(name)) for s in settings}) > 1)
+    # The labels carry each MM-Rec row's --config overrides.
+    differing = sorted(name for name in settings[0]
+                       if name != "config" and len({json.dumps(s.get(name)) for s in settings}) > 1)  # fmt: skip
     return {
         "rows": len(rows), "device": distinct(rows, "device"), "torch": distinct(rows, "torch"),
         "triton": distinct(rows, "triton"), "dates": distinct(rows, "date"), "corpus": distinct(rows, "corpus"),
@@ -483,9 +500,9 @@ def header_summary(rows: list[dict]) -> dict:
 
 
 def summarize(rows: list[dict]) -> dict:
-    groups = group_by_arch(rows)
-    archs = {arch: arch_summary(arch_rows) for arch, arch_rows in groups.items()}
-    ablations = ablation_summary(groups, archs) if "mmrec" in archs else []
+    groups = group_by_label(rows)
+    archs = {label: arch_summary(label_rows) for label, label_rows in groups.items()}
+    ablations = ablation_summary(groups, archs)
     return {"header": header_summary(rows), "archs": archs, "ablations": ablations}
 
 
@@ -508,7 +525,7 @@ def beyond(delta: dict | None, full_spread: float | None) -> str:
 def render(summary: dict) -> str:
     head, archs = summary["header"], summary["archs"]
     s = head["settings"]
-    overrides = {**s["sizes"], **({} if s.get("window") is None else {"window": s["window"]}), **s.get("config", {})}
+    overrides = {**s["sizes"], **({} if s.get("window") is None else {"window": s["window"]})}
     sizes = "".join(f", {name} {value}" for name, value in overrides.items())
     lines = [
         "# Quality: MM-Rec, its ablations and Transformers trained alike",

@@ -85,6 +85,29 @@ def test_quality_smoke_rows_in_parallel_then_report(tmp_path):
     assert stem.with_suffix(".png").read_bytes().startswith(b"\x89PNG")
 
 
+def test_quality_report_keeps_configurations_apart_and_pairs_each_ablation_with_its_own(tmp_path):
+    gated = ("--config", "memory_read=gated")
+    runs = [run_quality("run", "--smoke", "--arch", arch, "--seed", "0", "--out", str(tmp_path), *config)
+            for arch in ("mmrec", "mmrec-no-longterm") for config in ((), gated)]  # fmt: skip
+    for process in runs:
+        finished(process)
+    assert sorted(path.name for path in tmp_path.glob("*.json")) == [
+        "mmrec+memory_read=gated-seed0.json", "mmrec-no-longterm+memory_read=gated-seed0.json",
+        "mmrec-no-longterm-seed0.json", "mmrec-seed0.json",
+    ]  # fmt: skip
+    table = finished(run_quality("report", str(tmp_path)))
+    assert "| mmrec+memory_read=gated | 1 |" in table and "differ in settings" not in table
+    report = json.loads((tmp_path / "report.json").read_text())
+    val = {path.name.removesuffix("-seed0.json"): json.loads(path.read_text())["val_bpb"]
+           for path in tmp_path.glob("*-seed0.json")}  # fmt: skip
+    deltas = {(a["arch"], a["full"]): a["val_delta"]["mean"] for a in report["summary"]["ablations"]}
+    assert deltas == {
+        (ablation, full): pytest.approx(val[ablation] - val[full])
+        for ablation, full in [("mmrec-no-longterm", "mmrec"),
+                               ("mmrec-no-longterm+memory_read=gated", "mmrec+memory_read=gated")]
+    }  # fmt: skip
+
+
 def test_windowed_transformer_sees_the_last_window_tokens_only():
     torch.manual_seed(0)
     full = Transformer(TransformerConfig(dim=32, n_layers=2, n_heads=4)).eval()
