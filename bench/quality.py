@@ -30,11 +30,12 @@ source): every arch of one seed sees the same batches and schedule. Then, eagerl
     [0, L/16), [L/16, L/4), [L/4, L) (0-2K, 2K-8K, 8K-32K at L = 32K). MM-Rec reads the
     window in chunks of --chunk-size with its state carried, the Transformers in one call
     (the full one, trained at seq_len, is expected to degrade beyond it);
-  - recall: in each long document, the passage of --probe-len bytes P at offset P is copied
-    to start D bytes after it (the document's first P + D bytes, then the copy), for each D
-    of --probe-distances; bits per byte on the copy against those on the passage's first
-    occurrence. What a model recalls from beyond its window shows as a copy cheaper than the
-    first occurrence at D > window.
+  - recall: in each long document, --probe-passages passages of --probe-len bytes P, at
+    offsets o evenly spaced from P on (so that the farthest copy fits in --long-len), are each
+    copied to start D bytes after them (the document's first o + D bytes, then the copy),
+    for each D of --probe-distances; bits per byte on the copies against those on the
+    passages' first occurrences. What a model recalls from beyond its window shows as
+    copies cheaper than a model without that memory reads them at D > window.
 It is written (atomically) to DIR/<label>-seed<S>.json, the label being the arch and, for an
 MM-Rec arch, its --config overrides (mmrec+memory_read=gated): settings, model configuration,
 parameters, training bytes, time and tokens/s, the training curve (mean bits per byte of
@@ -121,6 +122,7 @@ class Settings:
     chunk_size: int = 4096
     probe_len: int = 256
     probe_distances: tuple[int, ...] = (512, 2048, 4096, 8192, 16384)
+    probe_passages: int = 8
     compile: bool = False
     device: str = "cuda"
 
@@ -132,6 +134,7 @@ class Settings:
 SMOKE = Settings(
     preset="tiny", sizes=dict(dim=32, n_layers=2, n_heads=2), steps=6, batch_size=2, seq_len=128, lr=3e-3,
     log_every=2, val_windows=4, long_len=1024, long_docs=2, chunk_size=256, probe_len=32, probe_distances=(64, 512),
+    probe_passages=2,
     device="cpu",
 )  # fmt: skip
 
@@ -149,6 +152,7 @@ OPTIONS = {  # option: (type, help)
     "chunk_size": (int, "MM-Rec's chunk on the long-context windows"),
     "probe_len": (int, "bytes of the recalled passage"),
     "probe_distances": (int, "bytes from a passage to its copy (one or more)"),
+    "probe_passages": (int, "recalled passages per long document"),
 }
 
 
@@ -157,7 +161,7 @@ OPTIONS = {  # option: (type, help)
 
 def check_settings(settings: Settings) -> None:
     positive = ("steps", "batch_size", "seq_len", "log_every", "val_windows", "long_len", "long_docs", "chunk_size",
-                "probe_len")  # fmt: skip
+                "probe_len", "probe_passages")  # fmt: skip
     for name in positive:
         if getattr(settings, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')}: expected a positive integer, got {getattr(settings, name)}")
@@ -254,16 +258,14 @@ def long_windows(documents: list[bytes], corpus: Corpus, length: int, count: int
 
 @torch.no_grad()
 def position_losses(model, windows: list[torch.Tensor], chunk_size: int, autocast_dtype) -> torch.Tensor:
-    """Next-byte loss at every position of each window, [documents, L], one window at a time."""
+    """Next-byte loss at every position of each window (all of length L + 1), [windows, L],
+    in one batch."""
     device = next(model.parameters()).device
     model.eval()
-    rows = []
-    for window in windows:
-        ids = window.to(device)[None]
-        with autocast(device, autocast_dtype):
-            logits = model_logits(model, ids[:, :-1], chunk_size)
-        rows.append(token_losses(logits, ids[:, 1:])[0])
-    return torch.stack(rows)
+    ids = torch.stack(windows).to(device)
+    with autocast(device, autocast_dtype):
+        logits = model_logits(model, ids[:, :-1], chunk_size)
+    return token_losses(logits, ids[:, 1:])
 
 
 def long_context(model, documents: list[bytes], corpus: Corpus, settings: Settings, autocast_dtype) -> dict:
@@ -282,10 +284,18 @@ def long_context(model, documents: list[bytes], corpus: Corpus, settings: Settin
     return measured
 
 
-def recall_sequence(window: torch.Tensor, distance: int, passage_len: int) -> torch.Tensor:
-    """The window's first passage_len + distance bytes, then again its bytes [P, 2P) (P =
-    passage_len): the passage that starts at P, copied to start `distance` bytes later."""
-    return torch.cat([window[: passage_len + distance], window[passage_len : 2 * passage_len]])
+def recall_sequence(window: torch.Tensor, offset: int, distance: int, passage_len: int) -> torch.Tensor:
+    """The window's first offset + distance bytes, then again its bytes [offset, offset + P)
+    (P = passage_len): the passage that starts at offset, copied to start `distance` bytes later."""
+    return torch.cat([window[: offset + distance], window[offset : offset + passage_len]])
+
+
+def probe_offsets(settings: Settings) -> list[int]:
+    """Where the recalled passages start: --probe-passages offsets evenly spaced from P on,
+    the last one leaving room for the passage's copy at the largest distance."""
+    P, count = settings.probe_len, settings.probe_passages
+    last = settings.long_len + 1 - max(settings.probe_distances) - P
+    return [P + (last - P) * i // max(count - 1, 1) for i in range(count)]
 
 
 def recall(model, documents: list[bytes], corpus: Corpus, settings: Settings, autocast_dtype) -> dict:
@@ -293,17 +303,23 @@ def recall(model, documents: list[bytes], corpus: Corpus, settings: Settings, au
     on its first occurrence (the same bytes, never seen before), on the long documents."""
     windows = long_windows(documents, corpus, settings.long_len, settings.long_docs)
     P = settings.probe_len
-    measured = {"passage_len": P, "documents": len(windows), "first_bpb": None, "distances": []}
+    offsets = probe_offsets(settings)
+    measured = {"passage_len": P, "documents": len(windows), "offsets": offsets, "first_bpb": None, "distances": []}
     if len(windows) < MIN_LONG_DOCS:
         measured["note"] = f"not measured: {len(windows)} long validation document(s), fewer than {MIN_LONG_DOCS}"
         return measured
+    firsts = []
     for distance in settings.probe_distances:
-        sequences = [recall_sequence(window, distance, P) for window in windows]
-        # The loss at i predicts byte i + 1: the passage is bytes [P, 2P), its copy [P + D, 2P + D).
-        losses = position_losses(model, sequences, settings.chunk_size, autocast_dtype)
-        measured["first_bpb"] = bits_per_byte(losses[:, P - 1 : 2 * P - 1].mean().item())
-        copy_bpb = bits_per_byte(losses[:, P + distance - 1 : 2 * P + distance - 1].mean().item())
-        measured["distances"].append({"distance": distance, "copy_bpb": copy_bpb})
+        copies = []
+        for offset in offsets:
+            sequences = [recall_sequence(window, offset, distance, P) for window in windows]
+            # The loss at i predicts byte i + 1: the passage is bytes [o, o + P), its copy [o + D, o + D + P).
+            losses = position_losses(model, sequences, settings.chunk_size, autocast_dtype)
+            firsts.append(losses[:, offset - 1 : offset + P - 1])
+            copies.append(losses[:, offset + distance - 1 : offset + distance + P - 1])
+        measured["distances"].append({"distance": distance, "copy_bpb": bits_per_byte(torch.cat(copies).mean().item())})
+    # Each distance reads the same first occurrences (causal: the bytes before them are the same).
+    measured["first_bpb"] = bits_per_byte(torch.cat(firsts).mean().item())
     return measured
 
 
@@ -568,8 +584,9 @@ def render(summary: dict) -> str:
     distances = sorted({int(d) for a in archs.values() for d in a["recall"]["copy_bpb"]})
     if distances:
         lines += ["", "## Recall: bits per byte on a passage's copy, D bytes after the passage", "",
-                  f"Passages of {s.get('probe_len')} bytes; \"first\": the passage itself (never seen before). "
-                  "A copy cheaper than the first occurrence is recalled.", ""]  # fmt: skip
+                  f"Passages of {s.get('probe_len')} bytes, {s.get('probe_passages', 1)} per long document; "
+                  "\"first\": the passages themselves (never seen before). What a memory recalls shows as copies "
+                  "cheaper than without it.", ""]  # fmt: skip
         lines += markdown_table(
             ["arch", "first", *(f"D = {size_label(d)}" for d in distances)],
             [[arch, fmt_stats(a["recall"]["first_bpb"]), *(fmt_stats(a["recall"]["copy_bpb"].get(str(d)))

@@ -5,6 +5,7 @@ windowed variant sees the last `window` tokens only."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -13,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from bench.quality import Settings, model_config, recall_sequence
+from bench.quality import Settings, model_config, probe_offsets, recall_sequence
 from bench.transformer import KVCache, Transformer, TransformerConfig
 from tests.helpers import FLOAT32_ACCUMULATION, assert_close_rel
 
@@ -73,6 +74,7 @@ def test_quality_smoke_rows_in_parallel_then_report(tmp_path):
     assert [b["band"] for b in row["long_context"]["bands"]] == ["0-64", "64-256", "256-1K"]
     assert row["curve"]["step"] == [2, 4, 6] and row["torch"] == torch.__version__
     assert [d["distance"] for d in row["recall"]["distances"]] == [64, 512] and row["recall"]["documents"] == 2
+    assert row["recall"]["offsets"] == [32, 1025 - 512 - 32]
     assert all(0 < d["copy_bpb"] < 9 for d in row["recall"]["distances"]) and 0 < row["recall"]["first_bpb"] < 9
     stem = tmp_path / "report" / "quality"
     table = finished(run_quality("report", str(rows), "--out", str(stem)))
@@ -147,9 +149,17 @@ def test_quality_refuses_probe_beyond_long_windows(tmp_path):
 
 def test_recall_sequence_copies_the_passage_distance_bytes_later():
     window = torch.randint(0, 256, (1025,))
-    sequence = recall_sequence(window, distance=100, passage_len=32)
-    assert sequence.shape == (32 + 100 + 32,)
-    assert torch.equal(sequence[:132], window[:132]) and torch.equal(sequence[132:], window[32:64])
+    sequence = recall_sequence(window, offset=40, distance=100, passage_len=32)
+    assert sequence.shape == (40 + 100 + 32,)
+    assert torch.equal(sequence[:140], window[:140]) and torch.equal(sequence[140:], window[40:72])
+
+
+def test_probe_offsets_spread_the_passages_and_leave_room_for_the_farthest_copy():
+    settings = Settings(long_len=1024, probe_len=32, probe_distances=(64, 512), probe_passages=4)
+    offsets = probe_offsets(settings)
+    assert offsets[0] == 32 and len(set(offsets)) == 4 and offsets == sorted(offsets)
+    assert offsets[-1] + 512 + 32 == 1024 + 1  # the last copy ends at the window's last byte
+    assert probe_offsets(dataclasses.replace(settings, probe_passages=1)) == [32]
 
 
 def test_quality_config_reaches_every_mmrec_arch_and_the_ablation_keeps_its_field():
