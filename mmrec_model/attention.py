@@ -3,10 +3,13 @@ the long-term memory it may see and the persistent slots, in one softmax."""
 
 from __future__ import annotations
 
+import functools
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
 from .memory import MemoryLayout, block_starts, window_mask
 
@@ -33,14 +36,63 @@ def blocked_attention(q: Tensor, keys_values: Tensor, mask: Tensor) -> Tensor:
     return out.view(nb, B, H, Q, d).permute(1, 0, 3, 2, 4).reshape(B, nb * Q, H, d)[:, :T]
 
 
-def window_keys(window: Tensor, kv: Tensor, n_blocks: int, Q: int) -> Tensor:
+# flex_attention's tile of keys: each query block's long-term group is padded to whole
+# tiles, so that a block's group and its window start on tile boundaries.
+FLEX_TILE = 128
+
+
+def flex_blocked_attention(q: Tensor, group: Tensor | None, tokens: Tensor | None, mask: Tensor, window: int) -> Tensor:
+    """``blocked_attention`` through flex_attention's block-sparse kernel, over the keys in
+    place rather than a copy per block: block b's candidates are its group ``group[:, b]``
+    (mask columns [0, G)) and its window, the tokens ``tokens[:, b Q : b Q + Q + W - 1]``
+    (mask columns [G, G + Q + W - 1)).
+
+    q ``[B, T, H, d]``; group ``[B, nb, G, 2, D]`` (None: none); tokens ``[B, W - 1 + T, 2, D]``,
+    the working memory oldest first then the chunk (None: none); mask ``[nb, Q, G + Q + W - 1]``
+    -> ``[B, T, H, d]``. The kernel skips the tiles the mask hides and evaluates it only on
+    the tiles it cuts; compiled code fuses it, eager code materialises every score.
+    """
+    B, T, H, d = q.shape
+    nb, Q, _ = mask.shape
+    G = 0 if group is None else group.shape[2]
+    padded_group = -(-G // FLEX_TILE) * FLEX_TILE
+    n_window = 0 if tokens is None else Q + window - 1
+    parts = [] if group is None else [F.pad(group, (0, 0, 0, 0, 0, padded_group - G)).flatten(1, 2)]
+    parts += [] if tokens is None else [tokens]
+    kv = torch.cat(parts, dim=1).to(q.dtype)
+    keys, values = (kv[:, :, i].unflatten(-1, (H, d)).transpose(1, 2) for i in (0, 1))
+    group_keys = nb * padded_group
+
+    def mask_mod(batch: Tensor, head: Tensor, query: Tensor, key: Tensor) -> Tensor:
+        block, row = query // Q, query % Q
+        in_group = key < group_keys
+        column = torch.where(in_group, key - block * padded_group, G + key - group_keys - block * Q)
+        inside = torch.where(in_group, (column >= 0) & (column < G), (column >= G) & (column < G + n_window))
+        return inside & mask[block, row, torch.where(inside, column, 0)]
+
+    block_mask = create_block_mask(mask_mod, None, None, nb * Q, kv.shape[1], device=q.device)
+    queries = F.pad(q, (0, 0, 0, 0, 0, nb * Q - T)).transpose(1, 2)
+    return flex_attention(queries, keys, values, block_mask=block_mask).transpose(1, 2)[:, :T]
+
+
+def window_tokens(window: Tensor, kv: Tensor) -> Tensor:
+    """``[B, W - 1 + T, 2, D]``: the working memory ``window`` ``[B, W - 1, 2, D]`` (oldest
+    first), then the chunk's ``kv`` ``[B, T, 2, D]``, in kv's dtype."""
+    return torch.cat([window.to(kv.dtype), kv], dim=1)
+
+
+def window_keys(tokens: Tensor, n_blocks: int, Q: int, window: int) -> Tensor:
     """``[B, nb, Q + W - 1, 2, D]``: for each block of Q queries, the keys and values of
-    the W - 1 tokens before it and its own, from the working memory ``window``
-    ``[B, W - 1, 2, D]`` (the tokens before the chunk) and the chunk's ``kv`` ``[B, T, 2, D]``
-    (zero-padded to nb Q tokens)."""
-    padding = n_blocks * Q - kv.shape[1]
-    tokens = torch.cat([window.to(kv.dtype), F.pad(kv, (0, 0, 0, 0, 0, padding))], dim=1)
-    return tokens.unfold(1, Q + window.shape[1], Q).movedim(-1, 2)
+    the W - 1 tokens before it and its own, cut from ``window_tokens``'s ``[B, W - 1 + T, 2, D]``
+    (zero-padded to W - 1 + nb Q tokens)."""
+    padding = window - 1 + n_blocks * Q - tokens.shape[1]
+    return F.pad(tokens, (0, 0, 0, 0, 0, padding)).unfold(1, Q + window - 1, Q).movedim(-1, 2)
+
+
+def sdpa_blocked_attention(q: Tensor, group: Tensor | None, working: Tensor | None, mask: Tensor) -> Tensor:
+    """``blocked_attention`` over each block's group ``[B, nb, G, 2, D]`` then its
+    ``window_keys`` ``[B, nb, Q + W - 1, 2, D]`` (either None: none)."""
+    return blocked_attention(q, torch.cat([keys for keys in (group, working) if keys is not None], dim=2), mask)
 
 
 def sliding_window_attention(q: Tensor, k: Tensor, v: Tensor, window: int) -> Tensor:
@@ -49,8 +101,8 @@ def sliding_window_attention(q: Tensor, k: Tensor, v: Tensor, window: int) -> Te
     B, T, H, d = q.shape
     starts, Q = block_starts(torch.zeros((), dtype=torch.int64, device=q.device), T)
     kv = torch.stack([k.flatten(-2), v.flatten(-2)], dim=2)
-    empty = kv.new_zeros(B, window - 1, 2, H * d)
-    return blocked_attention(q, window_keys(empty, kv, starts.shape[0], Q), window_mask(starts, Q, window))
+    tokens = window_tokens(kv.new_zeros(B, window - 1, 2, H * d), kv)
+    return blocked_attention(q, window_keys(tokens, starts.shape[0], Q, window), window_mask(starts, Q, window))
 
 
 class MultiMemoryAttention(nn.Module):
@@ -68,12 +120,13 @@ class MultiMemoryAttention(nn.Module):
 
     so that the few long-term entries are not outweighed by the W exact keys.
     Queries go in blocks (``MemoryLayout``), so the cost is O(T (P + L M + Q + W)),
-    never O(T^2).
+    never O(T^2). Compiled code with ``kernel`` 'flex' reads a chunk with
+    ``flex_blocked_attention``, everything else with ``blocked_attention``.
     """
 
-    def __init__(self, dim: int, persistent_slots: int, window: int, gated: bool):
+    def __init__(self, dim: int, persistent_slots: int, window: int, gated: bool, kernel: str = "sdpa"):
         super().__init__()
-        self.window, self.gated = window, gated
+        self.window, self.gated, self.kernel = window, gated, kernel
         self.persistent = nn.Parameter(torch.empty(persistent_slots, 2, dim))
 
     def forward(
@@ -86,7 +139,11 @@ class MultiMemoryAttention(nn.Module):
         gated, else None -> ``[B, T, H, d]``."""
         n_blocks, Q, _ = layout.read_mask.shape
         entries = None if pool is None else pool.to(q.dtype)[:, layout.read_source].unflatten(1, (n_blocks, -1))
-        working = window_keys(window, kv.to(q.dtype), n_blocks, Q) if self.window > 0 else None
+        tokens = window_tokens(window, kv.to(q.dtype)) if self.window > 0 else None
+        if self.kernel == "flex" and torch.compiler.is_compiling():
+            attend = functools.partial(flex_blocked_attention, window=self.window)
+            return self.read(q, entries, tokens, layout.read_mask, gates, attend)
+        working = None if tokens is None else window_keys(tokens, n_blocks, Q, self.window)
         return self.read(q, entries, working, layout.read_mask, gates)
 
     def read_token(
@@ -101,18 +158,25 @@ class MultiMemoryAttention(nn.Module):
         return self.read(q, entries, working, mask, gates)
 
     def read(
-        self, q: Tensor, entries: Tensor | None, working: Tensor | None, mask: Tensor, gates: Tensor | None
+        self,
+        q: Tensor,
+        entries: Tensor | None,
+        working: Tensor | None,
+        mask: Tensor,
+        gates: Tensor | None,
+        attend: Callable[..., Tensor] = sdpa_blocked_attention,
     ) -> Tensor:
         """The read of q ``[B, T, H, d]`` in nb blocks, each over the persistent slots, its
-        long-term candidates ``entries`` ``[B, nb, K_l, 2, D]`` and its working-memory keys
-        ``working`` ``[B, nb, K_w, 2, D]`` (None: none), visible where ``mask``
-        ``[nb, Q, P + K_l + K_w]``, in one softmax or two gated ones."""
+        long-term candidates ``entries`` ``[B, nb, K_l, 2, D]`` and its working memory
+        ``working`` (None: none; ``attend``'s form of it: ``window_keys`` for SDPA,
+        ``window_tokens`` for flex), visible where ``mask`` ``[nb, Q, P + K_l + K_w]``, in one
+        softmax or two gated ones."""
         long_term = [self.persistent.to(q.dtype).expand(q.shape[0], mask.shape[0], -1, -1, -1)]
-        long_term += [] if entries is None else [entries]
+        group = torch.cat(long_term + ([] if entries is None else [entries]), dim=2)
         if not self.gated:
-            return blocked_attention(q, torch.cat(long_term + ([] if working is None else [working]), dim=2), mask)
-        n_long_term = sum(keys.shape[2] for keys in long_term)
-        m = gates[..., 1:] * blocked_attention(q, torch.cat(long_term, dim=2), mask[..., :n_long_term])
+            return attend(q, group, working, mask)
+        n_long_term = group.shape[2]
+        m = gates[..., 1:] * attend(q, group, None, mask[..., :n_long_term])
         if working is not None:
-            m = m + gates[..., :1] * blocked_attention(q, working, mask[..., n_long_term:])
+            m = m + gates[..., :1] * attend(q, None, working, mask[..., n_long_term:])
         return m

@@ -56,7 +56,7 @@ class MMRecBlock(nn.Module):
             self.gate_weight = nn.Parameter(torch.empty(H, d, d))
             self.gate_bias = nn.Parameter(torch.empty(H, d))
         gated = config.memory_read == "gated"
-        self.memory = MultiMemoryAttention(D, config.persistent_slots, config.window, gated)
+        self.memory = MultiMemoryAttention(D, config.persistent_slots, config.window, gated, config.read_kernel)
         # Per head, the weights of the working memory's read and of the long-term one.
         self.read_gate = nn.Linear(D, 2 * H) if gated else None
         learned = self.has_long_term and config.entry_summary == "learned"

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 MODES = ("exact", "parallel", "none")
 MEMORY_READS = ("joint", "gated")
 ENTRY_SUMMARIES = ("mean", "learned", "state")
+READ_KERNELS = ("sdpa", "flex")
 
 # Chosen by measurement on the project's 2-core CPU (bench/results/model_cpu.md):
 # tiny pretrains usefully there in minutes; base is about 100M parameters.
@@ -50,6 +51,11 @@ class MMRecConfig:
             (``LearnedEntries``); 'state', the mean key and, as its value, the recurrence
             state h at the span's last token (needs a recurrence: mode 'exact' or
             'parallel').
+        read_kernel: how compiled code computes a chunk's read: 'sdpa', each block of
+            queries over a copy of its keys, masked (``blocked_attention``); or 'flex',
+            flex_attention's block-sparse kernel over the keys in place
+            (``flex_blocked_attention``; no backward on the CPU). Eager code always takes
+            'sdpa': uncompiled flex_attention materialises every score.
         ffn_mult: hidden width of the feed-forward network, in multiples of D.
         norm_eps: epsilon of the RMSNorms.
         init_std: standard deviation of the embedding and projection weights at init.
@@ -67,6 +73,7 @@ class MMRecConfig:
     persistent_slots: int = 16
     memory_read: str = "joint"
     entry_summary: str = "mean"
+    read_kernel: str = "sdpa"
     ffn_mult: int = 4
     norm_eps: float = 1e-6
     init_std: float = 0.02
@@ -90,6 +97,8 @@ class MMRecConfig:
             raise ValueError(
                 f"MMRecConfig.entry_summary: expected one of {ENTRY_SUMMARIES}, got {self.entry_summary!r}"
             )
+        if self.read_kernel not in READ_KERNELS:
+            raise ValueError(f"MMRecConfig.read_kernel: expected one of {READ_KERNELS}, got {self.read_kernel!r}")
         if self.entry_summary == "state" and self.mode == "none":
             raise ValueError("MMRecConfig.entry_summary: 'state' reads the recurrence, which mode 'none' removes")
         if self.dim % self.n_heads != 0:

@@ -6,6 +6,7 @@ import math
 
 import torch
 from torch import Tensor
+from torch._inductor.compile_fx import compile_fx
 
 from mmrec_model import MMRecConfig
 from mmrec_model.training import next_byte_loss
@@ -35,6 +36,18 @@ def small_config(mode: str, **overrides) -> MMRecConfig:
         persistent_slots=3,
     )
     return MMRecConfig.preset("tiny", **{**fields, **overrides})
+
+
+def compile_noting_ops(module: torch.nn.Module, **options) -> tuple[torch.nn.Module, list[str]]:
+    """``torch.compile(module, **options)`` through inductor, and the ops of every graph
+    it captures (filled as it compiles), to show which path compiled code took."""
+    ops = []
+
+    def backend(graph_module: torch.fx.GraphModule, example_inputs):
+        ops.extend(str(node.target) for node in graph_module.graph.nodes if node.op == "call_function")
+        return compile_fx(graph_module, example_inputs)
+
+    return torch.compile(module, backend=backend, **options), ops
 
 
 def next_token_loss(logits: Tensor, ids: Tensor) -> Tensor:

@@ -9,11 +9,13 @@ import torch
 from torch._dynamo.testing import CompileCounterWithBackend
 
 from mmrec_model import MMRecModel
+from mmrec_model.memory import BlockState
 from tests.helpers import assert_close_rel, output_tolerance
 from tests.model.models import (
     MODES,
     VARIANTS,
     assert_logits_and_grads_close,
+    compile_noting_ops,
     next_token_loss,
     small_config,
     variant_config,
@@ -48,6 +50,27 @@ def test_compiled_model_matches_eager(variant):
         assert torch.equal(new_state.position, expected_state.position)
         state = expected_state
     assert counter.frame_count == 1, f"{counter.frame_count} compilations"
+
+
+@pytest.mark.parametrize("memory_read", ["joint", "gated"])
+def test_compiled_flex_read_matches_eager(memory_read):
+    """read_kernel 'flex': compiled code reads with flex_attention (on the CPU, forward
+    only, and static lengths: inductor's CPU flex_attention fails to lower a dynamic
+    one), eager code with blocked SDPA; the same logits and state over chunks."""
+    torch._dynamo.reset()
+    model = MMRecModel(small_config("exact", n_layers=1, memory_read=memory_read, read_kernel="flex")).eval()
+    compiled, ops = compile_noting_ops(model, fullgraph=True)
+    state = model.initial_state(2)
+    with torch.no_grad():
+        for chunk in range(2):  # the second reads the first's working and long-term memory
+            ids = torch.randint(0, 256, (2, 150))
+            logits, new_state = compiled(ids, state)
+            expected_logits, expected_state = model(ids, state)
+            assert_close_rel(logits, expected_logits, output_tolerance(torch.float32), f"logits, chunk {chunk}")
+            for name, actual, expected in zip(BlockState._fields, new_state.blocks[0], expected_state.blocks[0]):
+                assert_close_rel(actual, expected, output_tolerance(torch.float32), f"state {name}, chunk {chunk}")
+            state = expected_state
+    assert any("flex_attention" in op for op in ops), "the compiled model did not read with flex_attention"
 
 
 @pytest.mark.parametrize("mode", MODES)

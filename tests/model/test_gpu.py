@@ -10,7 +10,7 @@ import torch
 
 from mmrec_model import MMRecModel
 from tests.helpers import assert_close_rel, output_tolerance
-from tests.model.models import MODES, assert_logits_and_grads_close, next_token_loss, small_config
+from tests.model.models import MODES, assert_logits_and_grads_close, compile_noting_ops, next_token_loss, small_config
 
 pytestmark = [
     pytest.mark.model,
@@ -72,6 +72,25 @@ def test_cuda_compiled_matches_eager(mode):
         logits, grads = loss_and_grads(compiled, ids)
         expected_logits, expected_grads = loss_and_grads(model, ids)
         assert_logits_and_grads_close(model, logits, grads, expected_logits, expected_grads, f"T = {T}")
+
+
+@pytest.mark.compile
+@pytest.mark.grad
+@pytest.mark.parametrize("memory_read", ["joint", "gated"])
+def test_cuda_compiled_flex_read_matches_eager(memory_read):
+    """read_kernel 'flex': the compiled model reads with flex_attention, forward and
+    backward, at two lengths (the second compiled for dynamic lengths); eager with
+    blocked SDPA."""
+    torch._dynamo.reset()
+    config = small_config("exact", n_layers=1, memory_read=memory_read, read_kernel="flex")
+    model = MMRecModel(config).cuda()
+    compiled, ops = compile_noting_ops(model, fullgraph=True)
+    for T in (300, 13):
+        ids = torch.randint(0, 256, (2, T), device="cuda")
+        logits, grads = loss_and_grads(compiled, ids)
+        expected_logits, expected_grads = loss_and_grads(model, ids)
+        assert_logits_and_grads_close(model, logits, grads, expected_logits, expected_grads, f"T = {T}")
+    assert any("flex_attention" in op for op in ops), "the compiled model did not read with flex_attention"
 
 
 @pytest.mark.parametrize("mode", MODES)
