@@ -23,6 +23,9 @@ from pathlib import Path
 
 import torch
 
+from .config import MMRecConfig
+from .model import MMRecModel
+
 CHECKPOINT_NAME = "checkpoint.pt"
 CHECKPOINT_FORMAT = 1
 TEMPORARY_SUFFIX = ".tmp"
@@ -191,11 +194,6 @@ def model_from_checkpoint(checkpoint: dict, device: torch.device, source: str | 
     mode: the one way ``generate``, ``pretrain --resume`` and the benches load a model.
     A CheckpointError naming ``source`` if its weights hold NaN or Inf (a diverged run's)
     or do not fit its configuration."""
-    # Here, not at the top: the commands import this module before they check that
-    # mmrec_ops loads (the model needs it), to report a missing library in one line.
-    from .config import MMRecConfig
-    from .model import MMRecModel
-
     non_finite = non_finite_entries(checkpoint["model"])
     if non_finite:
         raise CheckpointError(

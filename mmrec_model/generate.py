@@ -113,20 +113,7 @@ def check_args(args: argparse.Namespace) -> None:
         raise ValueError(f"--num-samples: expected a positive integer, got {args.num_samples}")
 
 
-def operators_loaded(prog: str) -> bool:
-    """Whether the model's compiled operators load; if not, says why (the command's fatal
-    error): without them nothing can run."""
-    try:
-        import mmrec_ops  # noqa: F401
-    except ImportError as err:
-        print(f"{prog}: fatal: {err}", file=sys.stderr)
-        return False
-    return True
-
-
 def main(argv: list[str] | None = None) -> int:
-    if not operators_loaded(PROG):
-        return 1
     args = build_parser().parse_args(argv)
     try:
         check_args(args)

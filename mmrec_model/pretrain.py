@@ -38,6 +38,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from matplotlib.figure import Figure
+from tqdm import tqdm
 
 from .checkpoint import (
     CHECKPOINT_FORMAT,
@@ -53,8 +55,10 @@ from .checkpoint import (
     rng_states,
     save_checkpoint,
 )
+from .config import MMRecConfig
 from .data import Corpus, DataError, check_window_fits, load_corpus, train_batch, validation_offsets
-from .generate import Sampling, generate_text, operators_loaded
+from .generate import Sampling, generate_text
+from .model import MMRecModel
 from .training import (
     DeviceError,
     all_reduce_sum,
@@ -197,8 +201,6 @@ class Training:
 
 def build_training(model_config, config: TrainConfig, device: torch.device, checkpoint: dict | None) -> Training:
     """Model, optimizer and scheduler: new from the seed, or restored from the checkpoint."""
-    from mmrec_model import MMRecModel
-
     torch.manual_seed(config.seed)
     if checkpoint:
         model = model_from_checkpoint(checkpoint, device, "--resume").train()
@@ -345,8 +347,6 @@ def file_stamp(path: Path) -> tuple | None:
 
 
 def build_model_config(config: TrainConfig, checkpoint: dict | None):
-    from mmrec_model import MMRecConfig
-
     try:
         if checkpoint is not None:
             return MMRecConfig(**checkpoint["model_config"])
@@ -474,12 +474,8 @@ class RunFolder:
             os.fsync(f.fileno())
 
     def plot(self) -> None:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        fig, ax = plt.subplots(figsize=(7, 4.5))
+        fig = Figure(figsize=(7, 4.5))
+        ax = fig.subplots()
         for split, style in (("train", "-"), ("val", "o-")):
             points = [(r["step"], r["bpb"]) for r in self.records if r["split"] == split]
             if points:
@@ -491,7 +487,6 @@ class RunFolder:
         ax.legend()
         fig.tight_layout()
         atomic_write(self.out / "loss.png", lambda f: fig.savefig(f, format="png", dpi=100))
-        plt.close(fig)
 
 
 def lock_folder(out: Path):
@@ -544,8 +539,6 @@ def training_module(run: Run) -> torch.nn.Module:
 
 
 def progress_bar(run: Run):
-    from tqdm import tqdm
-
     return tqdm(
         total=run.stop_step, initial=run.start_step, disable=run.rank != 0, unit="step",
         dynamic_ncols=True, mininterval=0.5, desc="pretrain",
@@ -662,8 +655,6 @@ def is_peer_timeout(err: RuntimeError, world_size: int) -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
-    if not operators_loaded(PROG):
-        return 1
     try:
         run = prepare(argv)
         folder = RunFolder(run) if run.rank == 0 else None

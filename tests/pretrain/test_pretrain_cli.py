@@ -203,15 +203,16 @@ sys.meta_path[:] = [f for f in sys.meta_path if "editable" not in getattr(f, "__
 
 
 @pytest.mark.parametrize("module", ["mmrec_model.pretrain", "mmrec_model.generate"])
-def test_missing_compiled_library_is_fatal_with_exit_status_1(tmp_path, module):
+def test_missing_compiled_library_stops_the_command_with_the_build_commands(tmp_path, module):
+    """mmrec_model imports mmrec_ops at the top (issue 18), so the library's own ImportError
+    is what the command ends with: it says what is missing and how to build it."""
     for package in ("mmrec_ops", "mmrec_model"):
         shutil.copytree(REPO / package, tmp_path / package, ignore=shutil.ignore_patterns("_C*.so", "__pycache__"))
     (tmp_path / "sitecustomize.py").write_text(DROP_EDITABLE_FINDER)
     result = run_module(module, ["--help"], tmp_path, env=environment(PYTHONPATH=str(tmp_path)))
     assert result.returncode == 1, result.stdout + result.stderr
-    assert "fatal" in result.stderr and "could not be loaded" in result.stderr
-    assert "python setup.py build_ext --inplace" in result.stderr
-    assert "Traceback" not in result.stderr
+    message = result.stderr[result.stderr.index("ImportError: ") :]
+    assert "mmrec_ops._C) could not be loaded" in message and "python setup.py build_ext --inplace" in message
 
 
 def test_a_diverging_run_stops_and_keeps_its_last_finite_checkpoint(tmp_path, corpus_file, fresh_seed):
