@@ -14,6 +14,8 @@ model's format, equal to what ``MMRecModel.forward`` returns for the same tokens
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -22,25 +24,25 @@ from .mdi import EPS
 from .memory import BRANCHING, BlockState, MemoryState, span_len
 
 
-def fused_mdi(mdi, dim: int):
-    """MDI's gamma = eps + (1 - 2 eps) sigmoid(A(z)) sigmoid(C(k)) as a function of the
-    block's projection [q, k, v, z] ``[B, 4 D]``: both MLPs at once, two matmuls in all
-    (their first layers side by side, reading z's and k's columns; their second block
-    diagonal)."""
-    A, C, D = mdi.A, mdi.C, dim
-    hidden = A[0].out_features
-    first = A[0].weight.new_zeros(2 * hidden, 4 * D)
-    first[:hidden, 3 * D :], first[hidden:, D : 2 * D] = A[0].weight, C[0].weight
+def fused_mdi(mdi, w_in: Tensor) -> tuple[Tensor, Tensor, Callable[[Tensor], Tensor]]:
+    """MDI's gamma = eps + (1 - 2 eps) sigmoid(A(z)) sigmoid(C(k)), both MLPs at once, their
+    first layers folded into the block's input projection ``w_in`` ``[4 D, D]`` (rows q, k,
+    v, z): the rows and bias to append to it, ``[2 hidden, D]`` and ``[2 hidden]`` (A's first
+    layer of z's rows, C's of k's), and ``decay``, gamma ``[B, D]`` from those rows' outputs
+    ``[B, 2 hidden]`` (one matmul more: the second layers, block diagonal)."""
+    A, C = mdi.A, mdi.C
+    D, hidden = w_in.shape[1], A[0].out_features
+    rows = torch.cat([A[0].weight @ w_in[3 * D :], C[0].weight @ w_in[D : 2 * D]])
     second = A[2].weight.new_zeros(2 * D, 2 * hidden)
     second[:D, :hidden], second[D:, hidden:] = A[2].weight, C[2].weight
-    first_bias, second_bias = torch.cat([A[0].bias, C[0].bias]), torch.cat([A[2].bias, C[2].bias])
-    eps = first.new_tensor(EPS)
+    second_bias = torch.cat([A[2].bias, C[2].bias])
+    eps = second.new_tensor(EPS)
 
-    def decay(projected: Tensor) -> Tensor:
-        both = torch.sigmoid(F.linear(F.gelu(F.linear(projected, first, first_bias)), second, second_bias))
+    def decay(hidden_in: Tensor) -> Tensor:
+        both = torch.sigmoid(F.linear(F.gelu(hidden_in), second, second_bias))
         return torch.addcmul(eps, both[:, :D], both[:, D:], value=1 - 2 * EPS)
 
-    return decay
+    return rows, torch.cat([A[0].bias, C[0].bias]), decay
 
 
 def completed_slots(config, position: int) -> list[tuple[int, int]]:
@@ -77,14 +79,20 @@ class BlockDecoder:
         self.h, self.sums = state.h.clone(), state.sums.clone()
         # The weights as plain attributes: a module's attribute lookup costs as much as an op here.
         self.norm_mix, self.norm_ffn = [(norm.weight, norm.eps) for norm in (block.norm_mix, block.norm_ffn)]
-        self.w_in, self.w_out = block.w_in.weight, block.w_out.weight
+        self.w_out = block.w_out.weight
         self.ffn = (block.ffn[0].weight, block.ffn[0].bias, block.ffn[2].weight, block.ffn[2].bias)
-        self.read_gate = None if block.read_gate is None else (block.read_gate.weight, block.read_gate.bias)
         self.mode, self.gated, self.window = block.mode, block.memory.gated, config.window
+        # One matmul reads u for all that is linear in it: [q, k, v, z], then MDI's first
+        # layers (folded through w_in), then the read's gate logits.
+        rows, biases, self.n_mdi = [block.w_in.weight], [block.w_in.weight.new_zeros(4 * config.dim)], 0
         if block.mode != "none":
-            self.decay = fused_mdi(block.mdi, config.dim)
+            mdi_rows, mdi_bias, self.decay = fused_mdi(block.mdi, block.w_in.weight)
+            rows, biases, self.n_mdi = rows + [mdi_rows], biases + [mdi_bias], mdi_rows.shape[0]
             # Per head W_g s + b_g as [H, B, d] @ [H, d, d]^T + [H, 1, d].
             self.gate = (block.gate_bias.unsqueeze(1), block.gate_weight.transpose(1, 2))
+        if block.read_gate is not None:
+            rows, biases = rows + [block.read_gate.weight], biases + [block.read_gate.bias]
+        self.w_in, self.b_in = torch.cat(rows), torch.cat(biases)
 
     def write(self, slot: int, kv: Tensor) -> None:
         """kv ``[B, 2, D]`` into cache slot ``slot``."""
@@ -98,14 +106,14 @@ class BlockDecoder:
         (a module call costs more than its op at this size)."""
         (H, d), (B, D) = self.heads, x.shape
         u = F.rms_norm(x, (D,), *self.norm_mix)
-        projected = F.linear(u, self.w_in)
-        q, k, v, z = projected.view(B, 4, H, d).unbind(1)
+        projected = F.linear(u, self.w_in, self.b_in)
+        q, k, v, z = projected[:, : 4 * D].view(B, 4, H, d).unbind(1)
         kv = projected[:, D : 3 * D].view(B, 2, D)
         if self.window > 0:
             self.write(self.window_start + position % self.window, kv)
-        gates = None if self.read_gate is None else torch.sigmoid(F.linear(u, *self.read_gate)).view(B, H, 2)
+        gates = torch.sigmoid(projected[:, 4 * D + self.n_mdi :]).view(B, H, 2) if self.gated else None
         m = self.read(q, mask, gates)
-        h = None if self.mode == "none" else self.recurrence(projected, z)
+        h = None if self.mode == "none" else self.recurrence(projected[:, 4 * D : 4 * D + self.n_mdi], z)
         y = x + F.linear((m if h is None else h + m).view(B, D), self.w_out)
         w0, b0, w2, b2 = self.ffn
         out = y + F.linear(F.gelu(F.linear(F.rms_norm(y, (D,), *self.norm_ffn), w0, b0)), w2, b2)
@@ -115,13 +123,14 @@ class BlockDecoder:
             self.h = h
         return out
 
-    def recurrence(self, projected: Tensor, z: Tensor) -> Tensor:
+    def recurrence(self, mdi_hidden: Tensor, z: Tensor) -> Tensor:
         """The new state h ``[B, H, d]``: h' = z sigmoid(W_g s + b_g) + gamma h, s = h (mode
-        'exact') or z ('parallel'), gamma = MDI(z, k) from the projection ``[B, 4 D]``."""
+        'exact') or z ('parallel'), gamma = MDI(z, k) from its first layers' outputs
+        ``[B, 2 hidden]``."""
         bias, weight_t = self.gate
         gate_input = self.h if self.mode == "exact" else z
         gate = torch.sigmoid(torch.baddbmm(bias, gate_input.transpose(0, 1), weight_t))
-        gamma = self.decay(projected).view_as(z)
+        gamma = self.decay(mdi_hidden).view_as(z)
         return torch.addcmul(gamma * self.h, z, gate.transpose(0, 1))
 
     def read(self, q: Tensor, mask: Tensor, gates: Tensor | None) -> Tensor:
@@ -192,7 +201,7 @@ class Decoder:
         state = decoder.state()             # the model's MemoryState after those tokens
 
     The same logits and state as ``model(token, state)`` token after token (float32
-    rounding), with no gradient.
+    rounding), in inference mode (its logits are inference tensors).
     """
 
     def __init__(self, model, state: MemoryState):
@@ -210,7 +219,7 @@ class Decoder:
         parts = [torch.ones(c.persistent_slots, dtype=torch.bool), *rings, torch.as_tensor(window, dtype=torch.bool)]
         return torch.cat(parts).to(device)
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def step(self, token: Tensor) -> Tensor:
         """token ``[B, 1]`` at the current position -> logits ``[B, V]``."""
         c = self.config
