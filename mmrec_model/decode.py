@@ -96,18 +96,19 @@ class BlockDecoder:
 
     def write(self, slot: int, kv: Tensor) -> None:
         """kv ``[B, 2, D]`` into cache slot ``slot``."""
-        self.cache[:, :, :, slot] = kv.view(kv.shape[0], 2, *self.heads).transpose(0, 1)
+        self.cache.select(3, slot).copy_(kv.view(kv.shape[0], 2, *self.heads).transpose(0, 1))
 
     def step(self, x: Tensor, position: int, mask: Tensor) -> Tensor:
         """x ``[B, D]`` of the token at ``position`` -> the block's output ``[B, D]``;
-        ``mask`` ``[K]``: the slots that hold a key, this token's included.
+        ``mask`` ``[1, K]``: 0 on the slots that hold a key, this token's included, -inf
+        elsewhere (added to the scores).
 
         ``MMRecBlock.forward``'s maths for one token, written with the functional ops
         (a module call costs more than its op at this size)."""
         (H, d), (B, D) = self.heads, x.shape
         u = F.rms_norm(x, (D,), *self.norm_mix)
         projected = F.linear(u, self.w_in, self.b_in)
-        q, k, v, z = projected[:, : 4 * D].view(B, 4, H, d).unbind(1)
+        q, z = projected[:, :D].view(B, H, d), projected[:, 3 * D : 4 * D].view(B, H, d)
         kv = projected[:, D : 3 * D].view(B, 2, D)
         if self.window > 0:
             self.write(self.window_start + position % self.window, kv)
@@ -135,7 +136,7 @@ class BlockDecoder:
 
     def read(self, q: Tensor, mask: Tensor, gates: Tensor | None) -> Tensor:
         """The multi-memory read ``[B, H, d]`` of q ``[B, H, d]`` over the cache."""
-        query, mask = q.unsqueeze(2), mask.view(1, -1)  # [B, H, 1, d], [1, K]
+        query, mask = q.unsqueeze(2), mask.to(q.dtype)  # [B, H, 1, d]; SDPA adds a mask of q's dtype
         keys, values = self.cache
         if not self.gated:
             return F.scaled_dot_product_attention(query, keys, values, attn_mask=mask).squeeze(2)
@@ -155,9 +156,9 @@ class BlockDecoder:
             kv = block.learned_entries.weigh(kv, torch.tensor([position % S], device=kv.device))
         x, end = kv[:, 0].to(self.sums.dtype), position + 1
         if position % S == 0:
-            self.sums[:, 0] = x
+            self.sums.select(1, 0).copy_(x)
         else:
-            self.sums[:, 0] += x
+            self.sums.select(1, 0).add_(x)
         for level in range(1, self.sums.shape[1]):
             child_width = span_len(S, level - 1)
             if end % child_width:
@@ -209,30 +210,34 @@ class Decoder:
         self.position = int(state.position)
         with torch.no_grad():
             self.blocks = [BlockDecoder(b, s, self.position, self.config) for b, s in zip(model.blocks, state.blocks)]
-        self.mask = self.initial_mask(state.position.device)
+        # The read's mask as scores to add, [1, K]: 0 where a slot holds a key, else -inf.
+        self.mask = torch.zeros(1, len(self.initial_mask()), device=state.position.device)
+        self.mask.masked_fill_(~self.initial_mask().to(self.mask.device), float("-inf"))
+        self.embed, self.norm = model.embed.weight, (model.norm.weight, model.norm.eps)
 
-    def initial_mask(self, device) -> Tensor:
+    def initial_mask(self) -> Tensor:
         """``[K]``: the slots that hold a key before the next token writes its own."""
         c, p = self.config, self.position
         rings = [torch.arange(c.level_slots) < p // span_len(c.segment_len, level) for level in range(c.n_levels)]
         window = (p - 1 - (p - 1 - torch.arange(c.window)) % max(c.window, 1)) >= 0 if c.window > 0 else []
         parts = [torch.ones(c.persistent_slots, dtype=torch.bool), *rings, torch.as_tensor(window, dtype=torch.bool)]
-        return torch.cat(parts).to(device)
+        return torch.cat(parts)
 
     @torch.inference_mode()
     def step(self, token: Tensor) -> Tensor:
-        """token ``[B, 1]`` at the current position -> logits ``[B, V]``."""
+        """token ``[B, 1]`` at the current position -> logits ``[B, V]``; ``MMRecModel.head``
+        and its embedding, inlined."""
         c = self.config
-        if c.window > 0:
-            self.mask[c.persistent_slots + c.n_levels * c.level_slots + self.position % c.window] = True
-        x = self.model.embed(token).squeeze(1)
+        if self.position < c.window:  # later, every window slot holds a key already
+            self.mask[0, c.persistent_slots + c.n_levels * c.level_slots + self.position] = 0
+        x = F.embedding(token[:, 0], self.embed)
         for block in self.blocks:
             x = block.step(x, self.position, self.mask)
         # After every block's read: the entries the token completed are for the next ones.
         for _, slot in completed_slots(c, self.position):
-            self.mask[c.persistent_slots + slot] = True
+            self.mask[0, c.persistent_slots + slot] = 0
         self.position += 1
-        return self.model.head(x)
+        return F.linear(F.rms_norm(x, (c.dim,), *self.norm), self.embed)
 
     def state(self) -> MemoryState:
         position = torch.tensor(self.position, device=self.mask.device)
