@@ -53,7 +53,9 @@ def both_loops(interpreted, request, monkeypatch):
         for size, by_d in interpreted._CONFIG.items()
     }
     monkeypatch.setattr(interpreted, "_CONFIG", config)
-    return interpreted
+    interpreted._clear_plans()  # the plans are cached per shape, not per knob
+    yield interpreted
+    interpreted._clear_plans()
 
 
 def run_both(interpreted, inputs, grad_h):
