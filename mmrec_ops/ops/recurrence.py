@@ -76,15 +76,26 @@ def check_recurrence_backward_args(grad_h, z, gamma, weight, bias, h0, h) -> Non
         check_shape(t, z.shape, RECURRENCE_BACKWARD, name)
 
 
+def check_device_limits(z: Tensor) -> None:
+    """What the kernel of z's device refuses beyond the checks of the
+    arguments, for the fake kernels: on CUDA, a head width the Triton kernels
+    cannot hold (their own check and message), so that torch.compile fails
+    when it traces the graph rather than when it runs it."""
+    if z.device.type == "cuda":
+        triton_launchers("recurrence").check_head_width(z.shape[3])
+
+
 @torch.library.register_fake(RECURRENCE)
 def _recurrence_fake(z, gamma, weight, bias=None, h0=None):
     check_recurrence_args(RECURRENCE, z, gamma, weight, bias, h0)
+    check_device_limits(z)
     return z.new_empty(z.shape)
 
 
 @torch.library.register_fake(RECURRENCE_BACKWARD)
 def _recurrence_backward_fake(grad_h, z, gamma, weight, bias, h0, h):
     check_recurrence_backward_args(grad_h, z, gamma, weight, bias, h0, h)
+    check_device_limits(z)
     B, _, H, d = z.shape
     return z.new_empty(z.shape), z.new_empty(z.shape), z.new_empty((H, d, d)), z.new_empty((H, d)), z.new_empty((B, H, d))
 

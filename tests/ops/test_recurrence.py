@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
 
 import mmrec_ops
 from mmrec_ops.reference import recurrence_reference
@@ -252,3 +253,46 @@ def test_recurrence_backward_bad_inputs():
     with pytest.raises(ValueError, match="h to have the dtype of z"):
         torch.ops.mmrec.recurrence_backward(z, z, g, w, b, h0, z.double())
 
+
+def wide_head_inputs(device):
+    """Inputs of one head wider than the CUDA kernels hold, created under the
+    active FakeTensorMode when there is one, with the message the kernels
+    refuse them with."""
+    from mmrec_ops.triton.recurrence import MAX_HEAD_DIM
+
+    d = MAX_HEAD_DIM + 1
+    inputs = recurrence_inputs(Sample((2, 3, 1, d)), device, torch.float32)
+    return inputs, rf"mmrec::recurrence on CUDA: head width d = {d} exceeds the supported {MAX_HEAD_DIM}"
+
+
+@pytest.mark.ops
+@pytest.mark.compile
+def test_recurrence_fake_kernel_refuses_what_cuda_refuses():
+    """The fake kernel of CUDA tensors refuses a head width the CUDA kernels
+    cannot hold, with their message, so that torch.compile fails when it
+    traces the graph rather than when it launches; CPU tensors take any d."""
+    with FakeTensorMode():
+        inputs, message = wide_head_inputs("cuda")
+        with pytest.raises(ValueError, match=message):
+            torch.ops.mmrec.recurrence(*inputs)
+        h = torch.empty(inputs[0].shape, device="cuda")
+        with pytest.raises(ValueError, match=message):
+            torch.ops.mmrec.recurrence_backward(h, *inputs, h)
+        cpu_inputs, _ = wide_head_inputs("cpu")
+        assert torch.ops.mmrec.recurrence(*cpu_inputs).shape == cpu_inputs[0].shape
+
+
+@pytest.mark.compile
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_recurrence_compile_refuses_wide_heads_when_tracing(monkeypatch):
+    from mmrec_ops.triton import recurrence as launchers
+
+    def launched(*args):
+        raise AssertionError("the kernel was launched: the refusal should come from tracing")
+
+    monkeypatch.setattr(launchers, "recurrence_forward", launched)
+    inputs, message = wide_head_inputs("cuda")
+    torch._dynamo.reset()
+    with pytest.raises(Exception, match=message):
+        torch.compile(mmrec_ops.recurrence, fullgraph=True)(*inputs)

@@ -39,13 +39,12 @@ from tests.helpers import DTYPES, INTERPRETER_ONLY, assert_close_rel, grad_toler
 from tests.ops.samples import (
     RECURRENCE_NAMES,
     RECURRENCE_SAMPLES,
-    Sample,
     draw,
     params,
     recurrence_grad_output,
     recurrence_inputs,
 )
-from tests.ops.test_recurrence import reference_with_grads
+from tests.ops.test_recurrence import reference_with_grads, wide_head_inputs
 
 pytestmark = [pytest.mark.triton, INTERPRETER_ONLY]
 OP = "recurrence"  # the launchers under test: mmrec_ops.triton.<OP> (the `interpreted` fixture)
@@ -170,6 +169,6 @@ def test_triton_recurrence_empty(interpreted, sample):
 
 
 def test_triton_recurrence_rejects_wide_heads(interpreted):
-    inputs = recurrence_inputs(Sample((1, 2, 1, interpreted.MAX_HEAD_DIM + 1)), "cpu", torch.float32)
-    with pytest.raises(ValueError, match=r"head width d = 129 exceeds the supported 128"):
+    inputs, message = wide_head_inputs("cpu")
+    with pytest.raises(ValueError, match=message):
         interpreted.recurrence_forward(*inputs)
