@@ -84,7 +84,7 @@ SCAN_SAMPLES = [
     Sample((2, 601), uses=FORWARD_AND_GRADIENTS),
     Sample((3, 29, 2), uses=FORWARD_AND_GRADIENTS),
     Sample((2, 31, 3, 5), uses=FORWARD_AND_GRADIENTS),
-    Sample((2, 64, 4, 24), uses=FORWARD_AND_GRADIENTS),
+    Sample((2, 64, 4, 24), uses=(*FORWARD_AND_GRADIENTS, "other_device")),
     Sample((1, 17, 1000), uses=FORWARD_AND_GRADIENTS),
     # Strided inputs, every dtype (forward) and float32 (gradients).
     Sample((2, 23, 3, 6), "BHTd_transposed", ("strided",)),
@@ -172,7 +172,7 @@ RECURRENCE_SAMPLES = [
     Sample((2, 13, 3, 7), uses=FORWARD_AND_GRADIENTS),
     Sample((2, 8, 2, 16), uses=FORWARD_AND_GRADIENTS),
     Sample((1, 17, 2, 24), uses=FORWARD_AND_GRADIENTS),
-    Sample((2, 9, 2, 64), uses=FORWARD_AND_GRADIENTS),
+    Sample((2, 9, 2, 64), uses=(*FORWARD_AND_GRADIENTS, "other_device")),
     Sample((2, 5, 1, 80), uses=FORWARD_AND_GRADIENTS),
     Sample((2, 11, 3, 6), "strided", ("strided",)),
     Sample((1, 4, 2, 64), "strided", ("strided",)),

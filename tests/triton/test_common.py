@@ -1,7 +1,8 @@
 """The Triton host layer of both ops (mmrec_ops/triton/_common.py): which
 launch path a Triton version takes, and that a launch runs on its tensors'
 device. Without a GPU, the plan launches fake kernels with fake tensors; the
-interpreter tests run the JITFunction.run path with real kernels."""
+interpreter tests run the JITFunction.run path with real kernels; with two
+GPUs, both ops run on the one that is not current."""
 
 from __future__ import annotations
 
@@ -10,7 +11,10 @@ import contextlib
 import pytest
 import torch
 
+import mmrec_ops
 from mmrec_ops.triton import _common
+from tests.helpers import assert_close_rel, grad_tolerance, output_tolerance
+from tests.ops.samples import RECURRENCE_SAMPLES, SCAN_SAMPLES, entries, recurrence_inputs, scan_inputs
 
 pytestmark = pytest.mark.triton
 
@@ -26,9 +30,11 @@ def test_direct_launch_is_version_gated(version, interpret, direct):
 
 
 def test_launch_path_names_the_path():
-    # The tests run under the interpreter (tests/conftest.py).
-    assert not _common.DIRECT_LAUNCH
-    assert _common.launch_path() == "cached plans through JITFunction.run (the interpreter)"
+    path = _common.launch_path()
+    if _common.INTERPRET:  # without a GPU (tests/conftest.py)
+        assert path == "cached plans through JITFunction.run (the interpreter)"
+    else:
+        assert ("launched directly" in path) == _common.DIRECT_LAUNCH
 
 
 class FakeTensor:
@@ -131,3 +137,28 @@ def test_direct_path_launches_on_the_tensors_device(devices, device, monkeypatch
     # Another alignment of a pointer is another compiled kernel.
     plan.launch(FakeTensor(device, address=1032), FakeTensor(device, address=1028))
     assert len(kernel.jit_calls) == 2
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+def test_ops_run_on_a_gpu_other_than_the_current_one():
+    """Both ops, forward and backward, on cuda:1 while cuda:0 is current: the
+    same results as on the CPU."""
+    torch.cuda.set_device(0)
+    (scan_sample,), (recurrence_sample,) = entries(SCAN_SAMPLES, "other_device"), entries(RECURRENCE_SAMPLES,
+                                                                                               "other_device")
+    cases = [(mmrec_ops.scan, scan_inputs(scan_sample, "cpu", torch.float32, True, True)),
+             (mmrec_ops.recurrence, recurrence_inputs(recurrence_sample, "cpu", torch.float32))]
+    for op, inputs in cases:
+        results = []
+        for device in ("cpu", "cuda:1"):
+            leaves = [t.detach().to(device).requires_grad_() for t in inputs]
+            out = op(*leaves)
+            grads = torch.autograd.grad(out, leaves, torch.ones_like(out))
+            results.append([out, *grads])
+        assert torch.cuda.current_device() == 0
+        (out, *grads), (out1, *grads1) = results
+        assert out1.device == torch.device("cuda:1")
+        assert_close_rel(out1, out, output_tolerance(torch.float32))
+        for g1, g in zip(grads1, grads):
+            assert_close_rel(g1, g, grad_tolerance(torch.float32), what="gradient")
