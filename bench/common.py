@@ -32,33 +32,50 @@ def synchronize(device: str) -> None:
         torch.cuda.synchronize()
 
 
+def sample_time_ms(fn, device: str) -> float:
+    """One timing sample of fn, in ms per call.
+
+    On CUDA a sample times several back-to-back calls between two events, so
+    that the GPU queue runs ahead of Python's launch overhead. One more call
+    goes before the start event: the GPU runs it while the host launches the
+    first timed call, whose host time would otherwise count (an empty queue at
+    the start event), as it does not in steady state.
+    """
+    if device == "cuda":
+        inner = 10
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        fn()
+        start.record()
+        for _ in range(inner):
+            fn()
+        end.record()
+        torch.cuda.synchronize()
+        return start.elapsed_time(end) / inner
+    t0 = time.perf_counter()
+    fn()
+    return (time.perf_counter() - t0) * 1e3
+
+
 def median_time_ms(fn, device: str, warmup: int, repeats: int) -> float:
     for _ in range(warmup):
         fn()
-    times = []
-    if device == "cuda":
-        # Each sample times several back-to-back calls between two events, so
-        # that the GPU queue runs ahead of Python's launch overhead. One more
-        # call goes before the start event: the GPU runs it while the host
-        # launches the first timed call, whose host time would otherwise count
-        # (an empty queue at the start event), as it does not in steady state.
-        inner = 10
-        torch.cuda.synchronize()
-        for _ in range(repeats):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    synchronize(device)
+    return statistics.median(sample_time_ms(fn, device) for _ in range(repeats))
+
+
+def paired_median_times_ms(fns: dict, device: str, warmup: int, repeats: int) -> dict:
+    """{name: median ms per call} of several callables sampled in turn, one
+    sample of each per round, so that a machine whose speed drifts (another
+    process on the same cores) weighs on all of them alike: for ratios."""
+    for fn in fns.values():
+        for _ in range(warmup):
             fn()
-            start.record()
-            for _ in range(inner):
-                fn()
-            end.record()
-            torch.cuda.synchronize()
-            times.append(start.elapsed_time(end) / inner)
-    else:
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
+    synchronize(device)
+    times = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            times[name].append(sample_time_ms(fn, device))
+    return {name: statistics.median(samples) for name, samples in times.items()}
 
 
 def graph_time_ms(fn, repeats: int) -> float | None:

@@ -4,15 +4,20 @@
     python bench/recurrence.py --device cuda         # CUDA, bfloat16 [16, 1024, 12, 64] and [8, 1024, 16, 64]
 
 Rows, forward and forward+backward (gradients of every input), median times:
-mmrec.recurrence through the op (torch.ops.mmrec.recurrence with autograd) in
-[B, T, H, d] and as a transposed [B, H, T, d] view; on CUDA the bare Triton
-launchers (no dispatch, no autograd: forward, then the backward kernel); the
-PyTorch eager loop over time that the original model ran
-(mmrec_ops.reference.recurrence_reference); torch.nn.GRU with hidden size H*d
-(cuDNN on CUDA: a dense recurrence, 3 gates, against our block-diagonal one);
-and FlashRNN's fused Triton LSTM (H heads of d, its published comparison
-shape) when it is installed. Prints a Markdown table and writes it, with the
-raw numbers, device and versions, to --out (.md and .json).
+mmrec.recurrence through the op, eagerly through autograd as a user's model
+calls it, in [B, T, H, d] and as a transposed [B, H, T, d] view;
+recurrence and recurrence_backward called directly as ops (the same kernels
+without the autograd engine); on CUDA the bare Triton launchers (no dispatch,
+no autograd: forward, then the backward kernel); the PyTorch eager loop over
+time that the original model ran (mmrec_ops.reference.recurrence_reference);
+torch.nn.GRU with hidden size H*d (cuDNN on CUDA: a dense recurrence, 3 gates,
+against our block-diagonal one); and, when installed, FlashRNN's fused Triton
+LSTM (H heads of d, its published comparison shape) and accelerated-scan's
+linear scan of the same [B, H*d, T] through autograd (no gate, no weight: a
+floor for a recurrence of this size; pip install accelerated-scan, never a
+dependency). Below the table, forward+backward through autograd against the
+ops called directly, sampled in turn. Prints a Markdown table and writes it,
+with the raw numbers, device and versions, to --out (.md and .json).
 """
 
 from __future__ import annotations
@@ -27,7 +32,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import mmrec_ops  # noqa: E402
 from bench.common import (  # noqa: E402
-    forward_backward, keep_freed_memory, markdown_table, median_time_ms, versions, write_results,
+    forward_backward, keep_freed_memory, markdown_table, median_time_ms, paired_median_times_ms, versions,
+    write_results,
 )
 from mmrec_ops.reference import recurrence_reference  # noqa: E402
 
@@ -62,6 +68,27 @@ def launchers_forward_backward(inputs):
         triton_recurrence.recurrence_backward(grad_h, *inputs, h)
 
     return run
+
+
+def ops_without_autograd(inputs):
+    """recurrence then recurrence_backward, called as ops on inputs that need no
+    gradient: the kernels of forward+backward without the autograd engine."""
+    grad_h = torch.randn_like(inputs[0])
+
+    def run():
+        h = torch.ops.mmrec.recurrence.default(*inputs)
+        torch.ops.mmrec.recurrence_backward.default(grad_h, *inputs, h)
+
+    return run
+
+
+def autograd_against_direct(B, T, H, d, dtype, device, repeats) -> dict:
+    """Forward+backward of recurrence eagerly through autograd and as the two
+    ops called directly, sampled in turn: median ms of each and their ratio."""
+    inputs = model_inputs(B, T, H, d, dtype, device)
+    times = paired_median_times_ms({"autograd_ms": forward_backward(mmrec_ops.recurrence, inputs),
+                                    "direct_ms": ops_without_autograd(inputs)}, device, 3, repeats)
+    return {**times, "ratio": times["autograd_ms"] / times["direct_ms"]}
 
 
 def gru_rows(B, T, H, d, dtype, device):
@@ -102,15 +129,31 @@ def flashrnn_rows(B, T, H, d, dtype, device):
     return [(name, lambda: lstm(wx, r, b), forward_backward(lstm, (wx, r, b)), "LSTM, 4 gates")]
 
 
+def accelerated_scan_rows(B, T, H, d, dtype, device):
+    name = "accelerated-scan (Triton), linear, through autograd"
+    if device != "cuda":
+        return []
+    try:
+        from accelerated_scan.scalar import scan as accelerated_scan
+    except ImportError:
+        return [(name, None, None, "not installed")]
+    gates = torch.rand(B, H * d, T, dtype=dtype, device=device)
+    tokens = torch.randn(B, H * d, T, dtype=dtype, device=device)
+    return [(name, lambda: accelerated_scan(gates, tokens), forward_backward(accelerated_scan, (gates, tokens)),
+             "[B,H*d,T], no gate: a floor")]
+
+
 def contenders(B, T, H, d, dtype, device):
     """(name, forward callable, forward+backward callable or None, note)."""
     inputs = model_inputs(B, T, H, d, dtype, device)
     inputs_bhtd = model_inputs(B, T, H, d, dtype, device, "BHTd")
     rows = [
-        ("mmrec.recurrence (op) [B,T,H,d]", lambda: mmrec_ops.recurrence(*inputs),
+        ("mmrec.recurrence (op) [B,T,H,d], eager through autograd", lambda: mmrec_ops.recurrence(*inputs),
          forward_backward(mmrec_ops.recurrence, inputs), "bias and h0 given"),
-        ("mmrec.recurrence (op) [B,H,T,d] as transposed view", lambda: mmrec_ops.recurrence(*inputs_bhtd),
-         forward_backward(mmrec_ops.recurrence, inputs_bhtd), ""),
+        ("mmrec.recurrence (op) [B,H,T,d] as transposed view, through autograd",
+         lambda: mmrec_ops.recurrence(*inputs_bhtd), forward_backward(mmrec_ops.recurrence, inputs_bhtd), ""),
+        ("mmrec ops called directly, no autograd", lambda: mmrec_ops.recurrence(*inputs),
+         ops_without_autograd(inputs), "recurrence then recurrence_backward"),
     ]
     if device == "cuda":
         from mmrec_ops.triton import recurrence as triton_recurrence
@@ -121,6 +164,7 @@ def contenders(B, T, H, d, dtype, device):
                  forward_backward(recurrence_reference, inputs), "the original model's loop"))
     rows += gru_rows(B, T, H, d, dtype, device)
     rows += flashrnn_rows(B, T, H, d, dtype, device)
+    rows += accelerated_scan_rows(B, T, H, d, dtype, device)
     return rows
 
 
@@ -145,7 +189,11 @@ def render(results, info, device) -> str:
               "fwd+bwd / mmrec op", "note"]
     rows = [[r["dtype"], str(r["shape"]), r["name"], fmt(r["fwd_ms"]), fmt(r["fwdbwd_ms"]), ratio(r, "fwd_ms"),
              ratio(r, "fwdbwd_ms"), r["note"]] for r in results]
-    return "\n".join(lines + markdown_table(header, rows))
+    pairs = [f"{p['dtype']} {p['shape']} {fmt(p['autograd_ms'])} / {fmt(p['direct_ms'])} {unit} = {p['ratio']:.3f}x"
+             for p in info["autograd_over_direct"]]
+    footer = ["", "Forward+backward eagerly through autograd / recurrence and recurrence_backward called directly, "
+              "sampled in turn: " + "; ".join(pairs)]
+    return "\n".join(lines + markdown_table(header, rows) + footer)
 
 
 def main() -> None:
@@ -168,10 +216,15 @@ def main() -> None:
     info.update(shapes=shapes)
 
     results = []
+    info["autograd_over_direct"] = []
     for dtype_name in dtypes:
         dtype = getattr(torch, dtype_name)
         for shape in shapes:
             torch.manual_seed(0)
+            pair = autograd_against_direct(*shape, dtype, device, 2 * args.repeats)
+            info["autograd_over_direct"].append({"dtype": dtype_name, "shape": shape, **pair})
+            print(f"{dtype_name:9} {shape} forward+backward through autograd / ops called directly: {pair}",
+                  file=sys.stderr, flush=True)
             for name, fwd, fwdbwd, note in contenders(*shape, dtype, device):
                 row = {"dtype": dtype_name, "shape": shape, "name": name, "note": note,
                        "fwd_ms": None, "fwdbwd_ms": None}

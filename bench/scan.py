@@ -5,12 +5,16 @@
 
 Rows: the memory floor (a device copy moving the same bytes the scan must
 read and write), mmrec.scan in [B, T, H, d] and as a transposed [B, H, T, d]
-view, scan and scan_backward called directly as ops (the same kernels without
-the autograd engine, whose host time can exceed theirs), the cumulative-product
-mode against torch.cumprod, a Python loop over time, and on CUDA PyTorch's
-compiled associative_scan and, when installed, accelerated-scan and
-flash-linear-attention's HGRN chunk kernel (each in its own layout, same
-element count). Forward and forward+backward; median times. On CUDA each
+view, called eagerly through autograd as a user's model calls it, scan and
+scan_backward called directly as ops (the same kernels without the autograd
+engine, whose host time can exceed theirs), the cumulative-product mode
+against torch.cumprod, a Python loop over time, and on CUDA PyTorch's
+compiled associative_scan and, when installed (pip install accelerated-scan;
+never a dependency), accelerated-scan and flash-linear-attention's HGRN chunk
+kernel, through autograd too (each in its own layout, same element count).
+Forward and forward+backward; median times. Below the table, forward+backward
+through autograd against the ops called directly, sampled in turn (the CPU
+goal of issue 19: within 1.1x). On CUDA each
 timing comes twice: eager (back-to-back calls; where the host is slower than
 the kernels, as it can be through autograd, its time is what shows) and
 replayed from a CUDA graph of the same calls (device time alone, as under
@@ -38,7 +42,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import mmrec_ops  # noqa: E402
 from bench.common import (  # noqa: E402
-    forward_backward, graph_time_ms, keep_freed_memory, markdown_table, median_time_ms, versions, write_results,
+    forward_backward, graph_time_ms, keep_freed_memory, markdown_table, median_time_ms, paired_median_times_ms,
+    versions, write_results,
 )
 from mmrec_ops.reference import scan_reference  # noqa: E402
 
@@ -63,6 +68,16 @@ def ops_without_autograd(gamma, x):
     return run
 
 
+def autograd_against_direct(B, T, H, d, dtype, device, repeats) -> dict:
+    """Forward+backward of scan eagerly through autograd and as the two ops
+    called directly, sampled in turn: median ms of each and their ratio."""
+    gamma = torch.rand(B, T, H, d, dtype=dtype, device=device)
+    x = torch.randn(B, T, H, d, dtype=dtype, device=device)
+    times = paired_median_times_ms({"autograd_ms": forward_backward(mmrec_ops.scan, (gamma, x)),
+                                    "direct_ms": ops_without_autograd(gamma, x)}, device, 3, repeats)
+    return {**times, "ratio": times["autograd_ms"] / times["direct_ms"]}
+
+
 def contenders(B, T, H, d, dtype, device):
     """(name, forward callable, forward+backward callable or None, note)."""
     n = B * T * H * d
@@ -74,9 +89,9 @@ def contenders(B, T, H, d, dtype, device):
         # forward: read gamma, x, write h = 3n; backward: read grad, gamma, h, write dgamma, dx = 5n
         ("memory floor (copy of the same bytes)", copy_floor(3 * n, dtype, device), copy_floor(8 * n, dtype, device),
          "3 tensors fwd, 8 fwd+bwd"),
-        ("mmrec.scan [B,T,H,d]", lambda: mmrec_ops.scan(gamma, x),
+        ("mmrec.scan [B,T,H,d], eager through autograd", lambda: mmrec_ops.scan(gamma, x),
          forward_backward(mmrec_ops.scan, (gamma, x)), ""),
-        ("mmrec.scan [B,H,T,d] as transposed view", lambda: mmrec_ops.scan(gamma_bhtd, x_bhtd),
+        ("mmrec.scan [B,H,T,d] as transposed view, through autograd", lambda: mmrec_ops.scan(gamma_bhtd, x_bhtd),
          forward_backward(mmrec_ops.scan, (gamma_bhtd, x_bhtd)), ""),
         ("mmrec ops called directly, no autograd", lambda: mmrec_ops.scan(gamma, x), ops_without_autograd(gamma, x),
          "scan then scan_backward"),
@@ -106,11 +121,11 @@ def cuda_peers(B, T, H, d, dtype, device):
     try:
         from accelerated_scan.scalar import scan as accelerated_scan
     except ImportError:
-        rows.append(("accelerated-scan (Triton)", None, None, "not installed"))
+        rows.append(("accelerated-scan (Triton), through autograd", None, None, "not installed"))
     else:
         g_bdt = torch.rand(B, H * d, T, dtype=dtype, device=device)
         x_bdt = torch.randn(B, H * d, T, dtype=dtype, device=device)
-        rows.append(("accelerated-scan (Triton)", lambda: accelerated_scan(g_bdt, x_bdt),
+        rows.append(("accelerated-scan (Triton), through autograd", lambda: accelerated_scan(g_bdt, x_bdt),
                      forward_backward(accelerated_scan, (g_bdt, x_bdt)), "[B,D,T]"))
     try:
         from fla.ops.hgrn import chunk_hgrn
@@ -147,9 +162,13 @@ def main() -> None:
     info.update(shape=shape, allocator="glibc default" if args.glibc_default or device == "cuda" else "freed memory kept")
 
     results = []
+    info["autograd_over_direct"] = []
     for dtype_name in dtypes:
         dtype = getattr(torch, dtype_name)
         torch.manual_seed(0)
+        pair = autograd_against_direct(*shape, dtype, device, 2 * repeats)
+        info["autograd_over_direct"].append({"dtype": dtype_name, **pair})
+        print(f"{dtype_name:9} forward+backward through autograd / ops called directly: {pair}", file=sys.stderr)
         for name, fwd, fwdbwd, note in contenders(*shape, dtype, device):
             row = {"dtype": dtype_name, "name": name, "note": note, "fwd_ms": None, "fwdbwd_ms": None,
                    "fwd_graph_ms": None, "fwdbwd_graph_ms": None}
@@ -194,7 +213,11 @@ def render(results, info, device) -> str:
         header[4:4] = [f"fwd, CUDA graph ({unit})", f"fwd+bwd, CUDA graph ({unit})"]
         for row, r in zip(rows, results):
             row[4:4] = [fmt(r["fwd_graph_ms"]), fmt(r["fwdbwd_graph_ms"])]
-    return "\n".join(lines + markdown_table(header, rows))
+    pairs = [f"{p['dtype']} {fmt(p['autograd_ms'])} / {fmt(p['direct_ms'])} {unit} = {p['ratio']:.3f}x"
+             for p in info["autograd_over_direct"]]
+    footer = ["", "Forward+backward eagerly through autograd / scan and scan_backward called directly, "
+              "sampled in turn: " + "; ".join(pairs)]
+    return "\n".join(lines + markdown_table(header, rows) + footer)
 
 
 if __name__ == "__main__":

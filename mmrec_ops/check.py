@@ -6,8 +6,9 @@
 
 Reports the library file (load status, path, size, mtime, SHA256), the package
 version and torch version it was built with against the running ones, each
-operator's registered dispatch keys, the Triton version and whether the CUDA
-kernels can run here. Exit status 1 when something required is missing.
+operator's registered dispatch keys, the Triton version, the path by which
+the CUDA kernels are launched with it and whether they can run here. Exit
+status 1 when something required is missing.
 """
 
 from __future__ import annotations
@@ -77,11 +78,16 @@ def ops_report() -> dict:
 
 
 def triton_report() -> dict:
+    """Triton's version and the launch path the CUDA kernels take with it
+    (mmrec_ops/triton/_common.py: launched directly, or through
+    JITFunction.run)."""
     try:
         import triton
+
+        from mmrec_ops.triton._common import launch_path
     except ImportError as err:
-        return {"version": None, "error": f"{type(err).__name__}: {err}"}
-    return {"version": triton.__version__, "error": None}
+        return {"version": None, "launch_path": None, "error": f"{type(err).__name__}: {err}"}
+    return {"version": triton.__version__, "launch_path": launch_path(), "error": None}
 
 
 def cuda_report(triton: dict, ops: dict) -> dict:
@@ -168,6 +174,7 @@ def render(report: dict) -> str:
     lines += [
         "",
         f"triton              {triton['version'] or 'not installed'}",
+        f"  launch path       {triton['launch_path'] or '-'}",
         f"CUDA device         {cuda['device_name'] or 'none'}",
         f"CUDA kernels run    {'yes' if cuda['kernels_can_run'] else 'no (' + '; '.join(cuda['reasons']) + ')'}",
         "",

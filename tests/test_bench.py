@@ -39,6 +39,23 @@ def test_model_gpu_smoke(tmp_path):
     assert "| mmrec-parallel |" in out.with_suffix(".md").read_text()
 
 
+@pytest.mark.parametrize("op, shape", [("scan", ["2", "16", "2", "8"]), ("recurrence", ["2", "8", "2", "8"])])
+def test_op_benchmark_smoke(tmp_path, op, shape):
+    """bench/scan.py and bench/recurrence.py on a tiny shape: every CPU row, and
+    the ratio of forward+backward through autograd to the ops called directly."""
+    out = tmp_path / op
+    args = ["--shape", *shape, "--repeats", "2", "--skip-slow", "--out", str(out)]
+    result = subprocess.run([sys.executable, f"bench/{op}.py", *args], cwd=ROOT, capture_output=True, text=True,
+                            timeout=300)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(out.with_suffix(".json").read_text())
+    through_autograd = [r for r in report["results"] if "eager through autograd" in r["name"]]
+    assert through_autograd and all(r["fwdbwd_ms"] > 0 for r in through_autograd)
+    for pair in report["info"]["autograd_over_direct"]:
+        assert pair["autograd_ms"] > 0 and pair["direct_ms"] > 0 and pair["ratio"] > 0
+    assert "through autograd / " in out.with_suffix(".md").read_text()
+
+
 def test_transformer_cache_decoding_matches_full_forward():
     torch.manual_seed(0)
     model = Transformer(TransformerConfig(dim=32, n_layers=2, n_heads=4)).eval()

@@ -1,8 +1,9 @@
 // The mmrec operator schemas (the one place they are defined) and the Python
 // module `mmrec_ops._C` that carries the library into the process.
 //
-// Kernels live beside their op: csrc/<op>.cpp registers the CPU kernel,
-// mmrec_ops/ops/<op>.py the fake, CUDA (Triton) and autograd kernels.
+// Kernels live beside their op: csrc/<op>.cpp registers the CPU and autograd
+// kernels, mmrec_ops/ops/<op>.py the fake, CUDA (Triton) and vmap kernels and
+// the autograd kernel of the backward op.
 
 #include <Python.h>
 #include <torch/library.h>

@@ -20,6 +20,7 @@
 // time: the build itself targets baseline x86-64 so that the wheel runs
 // anywhere.
 
+#include "autograd.h"
 #include "common.h"
 
 #include <torch/library.h>
@@ -434,10 +435,105 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> recurrence_backward_cpu(
   return {grad_z, grad_gamma, grad_weight.to(z.scalar_type()), grad_bias.to(z.scalar_type()), grad_h0};
 }
 
+// ---------------------------------------------------------------------------
+// Autograd kernel of recurrence, for every device (autograd.h says why in C++).
+
+using RecurrenceSignature =
+    Tensor(const Tensor&, const Tensor&, const Tensor&, const std::optional<Tensor>&, const std::optional<Tensor>&);
+using RecurrenceBackwardSignature = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor>(
+    const Tensor&, const Tensor&, const Tensor&, const Tensor&, const std::optional<Tensor>&,
+    const std::optional<Tensor>&, const Tensor&);
+
+const c10::TypedOperatorHandle<RecurrenceSignature>& recurrence_op() {
+  static const auto op = mmrec_op<RecurrenceSignature>(kRecurrence);
+  return op;
+}
+
+const c10::TypedOperatorHandle<RecurrenceBackwardSignature>& recurrence_backward_op() {
+  static const auto op = mmrec_op<RecurrenceBackwardSignature>(kRecurrenceBackward);
+  return op;
+}
+
+// Reverse mode: the node of h = recurrence(z, gamma, weight, bias, h0), its
+// inputs in that order; backpropagation through time is recurrence_backward.
+struct RecurrenceBackwardNode final : Node {
+  SavedVariable z, gamma, weight, bias, h0, h;
+  bool has_bias = false, has_h0 = false;
+
+  std::string name() const override {
+    return "MmrecRecurrenceBackward";
+  }
+
+  variable_list apply(variable_list&& grads) override {
+    std::lock_guard<std::mutex> lock(mutex_);
+    const Tensor& grad_h = grads[0];
+    if (!grad_h.defined()) {
+      return variable_list(5);
+    }
+    const Tensor z_ = z.unpack(), gamma_ = gamma.unpack(), weight_ = weight.unpack(), h_ = h.unpack(getptr());
+    const auto bias_ = unpack_optional(bias, has_bias), h0_ = unpack_optional(h0, has_h0);
+    std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> result;
+    if (torch::autograd::GradMode::is_enabled()) {
+      // create_graph: through recurrence_backward's autograd kernel, which
+      // records a node that refuses second derivatives (rather than autograd
+      // handing back zeros for them).
+      result = recurrence_backward_op().call(grad_h, z_, gamma_, weight_, bias_, h0_, h_);
+    } else {
+      at::AutoDispatchBelowADInplaceOrView guard;
+      result = recurrence_backward_op().call(grad_h, z_, gamma_, weight_, bias_, h0_, h_);
+    }
+    const auto& [grad_z, grad_gamma, grad_weight, grad_bias, grad_h0] = result;
+    return {grad_for(*this, 0, grad_z), grad_for(*this, 1, grad_gamma), grad_for(*this, 2, grad_weight),
+            grad_for(*this, 3, grad_bias, has_bias), grad_for(*this, 4, grad_h0, has_h0)};
+  }
+
+  void release_variables() override {
+    std::lock_guard<std::mutex> lock(mutex_);
+    for (SavedVariable* saved : {&z, &gamma, &weight, &bias, &h0, &h}) {
+      saved->reset_data();
+    }
+  }
+};
+
+Tensor recurrence_autograd(
+    const Tensor& z, const Tensor& gamma, const Tensor& weight, const std::optional<Tensor>& bias,
+    const std::optional<Tensor>& h0) {
+  // No tangent formula: refuse rather than drop the tangents.
+  TORCH_CHECK_NOT_IMPLEMENTED(
+      !(tangent(z).defined() || tangent(gamma).defined() || tangent(weight).defined() || tangent(bias).defined() ||
+        tangent(h0).defined()),
+      kRecurrence,
+      " has no forward-mode derivative: torch.func.jvp, torch.func.jacfwd and torch.autograd.forward_ad are not "
+      "supported for it. Use reverse mode instead (torch.func.grad, vjp, jacrev, or loss.backward()).");
+  Tensor h;
+  {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    h = recurrence_op().call(z, gamma, weight, bias, h0);
+  }
+  if (torch::autograd::compute_requires_grad(z, gamma, weight, bias, h0)) {
+    auto node = make_node<RecurrenceBackwardNode>();
+    node->set_next_edges(torch::autograd::collect_next_edges(z, gamma, weight, bias, h0));
+    node->z = SavedVariable(z, /*is_output=*/false);
+    node->gamma = SavedVariable(gamma, /*is_output=*/false);
+    node->weight = SavedVariable(weight, /*is_output=*/false);
+    node->bias = SavedVariable(bias, /*is_output=*/false);
+    node->h0 = SavedVariable(h0, /*is_output=*/false);
+    node->has_bias = bias.has_value();
+    node->has_h0 = h0.has_value();
+    torch::autograd::set_history(h, node);
+    node->h = SavedVariable(h, /*is_output=*/true);
+  }
+  return h;
+}
+
 }  // namespace
 }  // namespace mmrec
 
 TORCH_LIBRARY_IMPL(mmrec, CPU, m) {
   m.impl("recurrence", &mmrec::recurrence_cpu);
   m.impl("recurrence_backward", &mmrec::recurrence_backward_cpu);
+}
+
+TORCH_LIBRARY_IMPL(mmrec, Autograd, m) {
+  m.impl("recurrence", &mmrec::recurrence_autograd);
 }

@@ -10,6 +10,7 @@
 // element is read once and every output written once; tasks run in parallel
 // with at::parallel_for, and the loop over contiguous channels vectorises.
 
+#include "autograd.h"
 #include "common.h"
 
 #include <torch/library.h>
@@ -419,10 +420,126 @@ std::tuple<Tensor, Tensor, Tensor> scan_backward_cpu(
   return {grad_gamma, grad_x, grad_h0};
 }
 
+// ---------------------------------------------------------------------------
+// Autograd kernel of scan, for every device (autograd.h says why in C++).
+
+using ScanSignature = Tensor(const Tensor&, const std::optional<Tensor>&, const std::optional<Tensor>&, bool);
+using ScanBackwardSignature = std::tuple<Tensor, Tensor, Tensor>(
+    const Tensor&, const Tensor&, const Tensor&, const std::optional<Tensor>&, bool, bool);
+
+const c10::TypedOperatorHandle<ScanSignature>& scan_op() {
+  static const auto op = mmrec_op<ScanSignature>(kScan);
+  return op;
+}
+
+const c10::TypedOperatorHandle<ScanBackwardSignature>& scan_backward_op() {
+  static const auto op = mmrec_op<ScanBackwardSignature>(kScanBackward);
+  return op;
+}
+
+// Reverse mode: the node of h = scan(gamma, x, h0), its inputs in that order.
+//   grad_gamma, grad_x, grad_h0 = scan_backward(grad_h, gamma, h, h0, has_x, reverse)
+struct ScanBackwardNode final : Node {
+  SavedVariable gamma, h, h0;
+  bool has_x = false, has_h0 = false, reverse = false;
+
+  std::string name() const override {
+    return "MmrecScanBackward";
+  }
+
+  variable_list apply(variable_list&& grads) override {
+    std::lock_guard<std::mutex> lock(mutex_);
+    const Tensor& grad_h = grads[0];
+    if (!grad_h.defined()) {
+      return variable_list(3);
+    }
+    const Tensor g = gamma.unpack(), out = h.unpack(getptr());
+    const auto first = unpack_optional(h0, has_h0);
+    std::tuple<Tensor, Tensor, Tensor> result;
+    if (torch::autograd::GradMode::is_enabled()) {
+      // create_graph: through scan_backward's own autograd kernel, which
+      // gives second derivatives.
+      result = scan_backward_op().call(grad_h, g, out, first, has_x, reverse);
+    } else {
+      at::AutoDispatchBelowADInplaceOrView guard;
+      result = scan_backward_op().call(grad_h, g, out, first, has_x, reverse);
+    }
+    const auto& [grad_gamma, grad_x, grad_h0] = result;
+    return {grad_for(*this, 0, grad_gamma), grad_for(*this, 1, grad_x, has_x), grad_for(*this, 2, grad_h0, has_h0)};
+  }
+
+  void release_variables() override {
+    std::lock_guard<std::mutex> lock(mutex_);
+    gamma.reset_data();
+    h.reset_data();
+    h0.reset_data();
+  }
+};
+
+// h without the input at the boundary: h_{t-1} at step t (h_{t+1} in reverse),
+// `first` (h0, or the implicit 0 / 1) at the first step the scan takes.
+Tensor previous_state(const Tensor& h, const Tensor& first, bool reverse) {
+  const int64_t T = h.size(1);
+  if (reverse) {
+    return at::cat({h.narrow(1, 1, T - 1), first.unsqueeze(1)}, 1);
+  }
+  return at::cat({first.unsqueeze(1), h.narrow(1, 0, T - 1)}, 1);
+}
+
+// Forward mode. The tangent of h is a scan with gamma's decay,
+//   dh_t = gamma_t * dh_{t-1} + dgamma_t * h_{t-1} + dx_t,   dh_{-1} = dh0,
+// of the primals gamma, h and h0 (a tangent undefined where an input has none).
+Tensor scan_tangent(
+    const Tensor& gamma, const Tensor& h, const std::optional<Tensor>& h0, bool has_x, bool reverse,
+    const Tensor& gamma_t, const Tensor& x_t, const Tensor& h0_t) {
+  Tensor drive = x_t;
+  if (gamma_t.defined() && gamma.size(1) > 0) {
+    const Tensor first = h0.has_value() ? *h0 : at::full_like(h.select(1, 0), has_x ? 0.0 : 1.0);
+    const Tensor term = gamma_t * previous_state(h, first, reverse);
+    drive = drive.defined() ? drive + term : term;
+  }
+  if (!drive.defined() && !h0_t.defined()) {
+    return at::zeros_like(h);
+  }
+  auto optional = [](const Tensor& t) { return t.defined() ? std::optional<Tensor>(t) : std::nullopt; };
+  return scan_op().call(gamma, optional(drive), optional(h0_t), reverse);
+}
+
+Tensor scan_autograd(
+    const Tensor& gamma, const std::optional<Tensor>& x, const std::optional<Tensor>& h0, bool reverse) {
+  Tensor h;
+  {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    h = scan_op().call(gamma, x, h0, reverse);
+  }
+  if (torch::autograd::compute_requires_grad(gamma, x, h0)) {
+    auto node = make_node<ScanBackwardNode>();
+    node->set_next_edges(torch::autograd::collect_next_edges(gamma, x, h0));
+    node->gamma = SavedVariable(gamma, /*is_output=*/false);
+    node->h0 = SavedVariable(h0, /*is_output=*/false);
+    node->has_x = x.has_value();
+    node->has_h0 = h0.has_value();
+    node->reverse = reverse;
+    torch::autograd::set_history(h, node);
+    node->h = SavedVariable(h, /*is_output=*/true);
+  }
+  const Tensor gamma_t = tangent(gamma), x_t = tangent(x), h0_t = tangent(h0);
+  if (gamma_t.defined() || x_t.defined() || h0_t.defined()) {
+    h._set_fw_grad(
+        scan_tangent(primal(gamma), h, primal(h0), x.has_value(), reverse, gamma_t, x_t, h0_t), /*level=*/0,
+        /*is_inplace_op=*/false);
+  }
+  return h;
+}
+
 }  // namespace
 }  // namespace mmrec
 
 TORCH_LIBRARY_IMPL(mmrec, CPU, m) {
   m.impl("scan", &mmrec::scan_cpu);
   m.impl("scan_backward", &mmrec::scan_backward_cpu);
+}
+
+TORCH_LIBRARY_IMPL(mmrec, Autograd, m) {
+  m.impl("scan", &mmrec::scan_autograd);
 }

@@ -1,4 +1,9 @@
-"""Autograd kernels that compose with torch.func.
+"""Autograd kernels of the backward ops, composing with torch.func.
+
+scan and recurrence have C++ autograd kernels (csrc/autograd.h): they are on
+every training step's hot path. Their backward ops, scan_backward and
+recurrence_backward, are differentiated only for second derivatives
+(create_graph=True, torch.func.grad), so their formulas stay here, in Python.
 
 `torch.library.register_autograd` (torch 2.11 to 2.13) wraps the formula in an
 autograd.Function whose Python `apply` torch.func refuses ("... must override
@@ -10,8 +15,7 @@ proposed upstream: a single-level autograd function. Inside a torch.func
 transform the kernel already runs at one transform level, with that level's
 tensors; the function records one autograd node there, and the levels below
 (vmap, an outer grad) see the ops that forward and backward call, each with its
-own batching rule. Forward mode runs the op's jvp formula or raises an error
-that names the op.
+own batching rule. Forward mode raises an error that names the op.
 """
 
 from __future__ import annotations
@@ -50,16 +54,12 @@ def needs_autograd(args) -> bool:
     return any(forward_ad.unpack_dual(t).tangent is not None for t in tensors)
 
 
-def register_autograd(
-    qualname: str, backward: Callable, setup_context: Callable, jvp: Callable | None = None
-) -> None:
+def register_autograd(qualname: str, backward: Callable, setup_context: Callable) -> None:
     """Registers the Autograd kernel of `qualname` ("mmrec::<op>").
 
     backward(ctx, *grad_outputs) and setup_context(ctx, inputs, output) are
     those torch.library.register_autograd takes (inputs with every default
-    filled in). jvp(ctx, *tangents) returns the output tangents (a tangent is
-    None for an input that has none); omitted, forward mode raises
-    NotImplementedError naming the op.
+    filled in). Forward mode raises NotImplementedError naming the op.
     """
     name = qualname.split("::")[1]
     op = getattr(getattr(torch.ops, NAMESPACE), name).default
@@ -76,7 +76,7 @@ def register_autograd(
             "forward": staticmethod(forward),
             "setup_context": staticmethod(setup_context),
             "backward": staticmethod(backward),
-            "jvp": staticmethod(jvp or refuse_forward_mode(qualname)),
+            "jvp": staticmethod(refuse_forward_mode(qualname)),
         },
     )
 

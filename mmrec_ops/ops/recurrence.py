@@ -1,8 +1,10 @@
 """mmrec::recurrence, the exact MM-Rec core formula, and its backward op.
 
 Registers, for the schemas in csrc/ops.cpp: the fake kernels (shapes for
-torch.compile), the CUDA kernels (Triton launchers, triton/recurrence.py) and
-the autograd formula. The CPU kernels are C++ (csrc/recurrence.cpp).
+torch.compile), the CUDA kernels (Triton launchers, triton/recurrence.py), the
+vmap rules and recurrence_backward's autograd kernel (which refuses second
+derivatives). The CPU kernels and recurrence's autograd kernel (off the Python
+hot path) are C++ (csrc/recurrence.cpp).
 """
 
 from __future__ import annotations
@@ -74,15 +76,26 @@ def check_recurrence_backward_args(grad_h, z, gamma, weight, bias, h0, h) -> Non
         check_shape(t, z.shape, RECURRENCE_BACKWARD, name)
 
 
+def check_device_limits(z: Tensor) -> None:
+    """What the kernel of z's device refuses beyond the checks of the
+    arguments, for the fake kernels: on CUDA, a head width the Triton kernels
+    cannot hold (their own check and message), so that torch.compile fails
+    when it traces the graph rather than when it runs it."""
+    if z.device.type == "cuda":
+        triton_launchers("recurrence").check_head_width(z.shape[3])
+
+
 @torch.library.register_fake(RECURRENCE)
 def _recurrence_fake(z, gamma, weight, bias=None, h0=None):
     check_recurrence_args(RECURRENCE, z, gamma, weight, bias, h0)
+    check_device_limits(z)
     return z.new_empty(z.shape)
 
 
 @torch.library.register_fake(RECURRENCE_BACKWARD)
 def _recurrence_backward_fake(grad_h, z, gamma, weight, bias, h0, h):
     check_recurrence_backward_args(grad_h, z, gamma, weight, bias, h0, h)
+    check_device_limits(z)
     B, _, H, d = z.shape
     return z.new_empty(z.shape), z.new_empty(z.shape), z.new_empty((H, d, d)), z.new_empty((H, d)), z.new_empty((B, H, d))
 
@@ -97,28 +110,6 @@ def _recurrence_cuda(z, gamma, weight, bias=None, h0=None):
 def _recurrence_backward_cuda(grad_h, z, gamma, weight, bias, h0, h):
     check_recurrence_backward_args(grad_h, z, gamma, weight, bias, h0, h)
     return triton_launchers("recurrence").recurrence_backward(grad_h, z, gamma, weight, bias, h0, h)
-
-
-def _recurrence_setup_context(ctx, inputs, output):
-    z, gamma, weight, bias, h0 = inputs
-    ctx.save_for_backward(z, gamma, weight, bias, h0, output)
-
-
-def _recurrence_backward(ctx, grad_h):
-    z, gamma, weight, bias, h0, h = ctx.saved_tensors
-    args = (grad_h, z, gamma, weight, bias, h0, h)
-    if torch.is_grad_enabled():  # create_graph: through recurrence_backward's autograd, which refuses to differentiate
-        grads = torch.ops.mmrec.recurrence_backward.default(*args)
-    else:
-        # What recurrence_backward's autograd kernel does with grad mode off,
-        # without its Python layer: dispatch straight to the kernel below autograd.
-        with torch._C._AutoDispatchBelowAutograd():
-            grads = torch.ops.mmrec.recurrence_backward.default(*args)
-    grad_z, grad_gamma, grad_weight, grad_bias, grad_h0 = grads
-    return grad_z, grad_gamma, grad_weight, grad_bias if bias is not None else None, grad_h0 if h0 is not None else None
-
-
-register_autograd(RECURRENCE, _recurrence_backward, setup_context=_recurrence_setup_context)
 
 
 SECOND_DERIVATIVES_UNSUPPORTED = (

@@ -1,8 +1,10 @@
 """mmrec::scan, the first-order linear recurrence, and its backward op.
 
 Registers, for the schemas in csrc/ops.cpp: the fake kernels (shapes for
-torch.compile), the CUDA kernels (Triton launchers, triton/scan.py) and the
-autograd formula. The CPU kernels are C++ (csrc/scan.cpp).
+torch.compile), the CUDA kernels (Triton launchers, triton/scan.py), the
+vmap rules and scan_backward's autograd formula (second derivatives). The CPU
+kernels and scan's autograd kernel (reverse and forward mode, off the Python
+hot path) are C++ (csrc/scan.cpp).
 """
 
 from __future__ import annotations
@@ -90,51 +92,6 @@ def _scan_cuda(gamma, x=None, h0=None, reverse=False):
 def _scan_backward_cuda(grad_h, gamma, h, h0, has_x, reverse):
     check_scan_backward_args(grad_h, gamma, h, h0)
     return triton_launchers("scan").scan_backward(grad_h, gamma, h, h0, has_x, reverse)
-
-
-def _scan_setup_context(ctx, inputs, output):
-    gamma, x, h0, reverse = inputs
-    ctx.save_for_backward(gamma, output, h0)
-    ctx.save_for_forward(gamma, output, h0)  # for _scan_jvp
-    ctx.has_x = x is not None
-    ctx.reverse = reverse
-
-
-def _scan_backward(ctx, grad_h):
-    gamma, h, h0 = ctx.saved_tensors
-    args = (grad_h, gamma, h, h0, ctx.has_x, ctx.reverse)
-    if torch.is_grad_enabled():  # create_graph: through scan_backward's own autograd (double backward)
-        grad_gamma, grad_x, grad_h0 = torch.ops.mmrec.scan_backward.default(*args)
-    else:
-        # What scan_backward's autograd kernel does with grad mode off, without
-        # its Python layer: dispatch straight to the kernel below autograd.
-        with torch._C._AutoDispatchBelowAutograd():
-            grad_gamma, grad_x, grad_h0 = torch.ops.mmrec.scan_backward.default(*args)
-    return grad_gamma, grad_x if ctx.has_x else None, grad_h0 if h0 is not None else None, None
-
-
-def _scan_jvp(ctx, gamma_tangent, x_tangent, h0_tangent, _reverse_tangent):
-    """Forward mode. The tangent of h is a scan with gamma's decay:
-
-        dh_t = gamma_t * dh_{t-1} + dgamma_t * h_{t-1} + dx_t,    dh_{-1} = dh0
-
-    (h_{-1} = h0, or the implicit 0 / 1; dh0 = 0 when h0 has no tangent). A
-    tangent is None for an input that has none.
-    """
-    gamma, h, h0 = ctx.saved_tensors
-    if gamma_tangent is None and x_tangent is None and h0_tangent is None:
-        return torch.zeros_like(h)
-    drive = x_tangent
-    if gamma_tangent is not None and gamma.shape[1] > 0:
-        implicit_h0 = torch.full_like(h[:, 0], 0.0 if ctx.has_x else 1.0)
-        h_prev = _shift(h, implicit_h0 if h0 is None else h0, later=False, reverse=ctx.reverse)
-        drive = gamma_tangent * h_prev if drive is None else drive + gamma_tangent * h_prev
-    if drive is None:  # only h0 carries a tangent: dh_t = gamma_t * dh_{t-1}, dh_{-1} = dh0
-        return torch.ops.mmrec.scan.default(gamma, None, h0_tangent, ctx.reverse)
-    return torch.ops.mmrec.scan.default(gamma, drive, h0_tangent, ctx.reverse)
-
-
-register_autograd(SCAN, _scan_backward, setup_context=_scan_setup_context, jvp=_scan_jvp)
 
 
 def _shift(y: Tensor, fill: Tensor, later: bool, reverse: bool) -> Tensor:

@@ -54,16 +54,16 @@ This module does not import mmrec_ops: the callers validate the arguments.
 
 from __future__ import annotations
 
-import os
+import functools
 
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._common import cast_out
+from ._common import Plan, cast_out, cdiv, kernel_dtypes, next_power_of_2, soft_bf16
 
-__all__ = ["recurrence_forward", "recurrence_backward", "MAX_HEAD_DIM"]
+__all__ = ["recurrence_forward", "recurrence_backward", "check_head_width", "MAX_HEAD_DIM"]
 
 # The largest head width d the kernels keep on chip (the weight tile and, in
 # the backward, the grad_W accumulator are [BLOCK_D, BLOCK_D] per program).
@@ -310,10 +310,9 @@ def _recurrence_bwd_kernel(
 
 
 # ----------------------------------------------------------------------------
-# Host side: block sizes, launches, the partial sums of grad_W and grad_b.
-
-# Under TRITON_INTERPRET=1 (CPU tensors) the kernels run in numpy.
-_INTERPRET = os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "yes", "on")
+# Host side: block sizes, launch plans (_common.py), the partial sums of grad_W
+# and grad_b. Everything that follows from the shapes, strides and dtype is one
+# cached Plan per kernel, so a call computes no block size or grid.
 
 # Tuning, measured on an H100 (bench/results/recurrence_cuda_h100.md). One
 # program per 16 batch rows (_BLOCK_B: the smallest tensor-core tile, so the
@@ -324,6 +323,7 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "y
 # (prefetch) to 0.49 ms and the backward from 1.46 to 0.90 ms; 4 warps beat
 # 2 and 8. float64 at d = 128 keeps the prefetch: pipelining buffers next to
 # its 128 KB weight tile would exceed the 227 KB of shared memory.
+# The plans are cached: call _clear_plans() after changing a knob.
 _BLOCK_B = 16
 _CONFIG = {
     2: {16: (4, 4, 4, 4), 32: (4, 4, 4, 4), 64: (4, 4, 4, 4), 128: (8, 4, 8, 4)},
@@ -339,56 +339,94 @@ def _pipelining(stages: int):
     return False, stages
 
 
-def _block_d(d: int) -> int:
+def check_head_width(d: int) -> None:
+    """Refuses a head width the kernels cannot keep on chip. The op's fake
+    kernel calls it for CUDA tensors, so that a compiled graph fails when it is
+    traced, with this message, rather than when it launches."""
     if d > MAX_HEAD_DIM:
         raise ValueError(f"mmrec::recurrence on CUDA: head width d = {d} exceeds the supported {MAX_HEAD_DIM}")
-    return max(16, triton.next_power_of_2(d))
 
 
-def _dtypes(dtype: torch.dtype):
+def _block_d(d: int) -> int:
+    check_head_width(d)
+    return max(16, next_power_of_2(d))
+
+
+def _dtype_args(dtype: torch.dtype):
     """(ACC, SPLIT, LOW, W_TY) kernel arguments for a storage dtype."""
-    if dtype == torch.float64:
-        return tl.float64, False, tl.float64, tl.float64
-    if dtype == torch.float32:
-        return tl.float32, False, tl.float32, tl.float32
-    low = tl.bfloat16 if dtype == torch.bfloat16 else tl.float16
+    storage, acc = kernel_dtypes(dtype)
+    split = dtype in (torch.bfloat16, torch.float16)
     # The interpreter's numpy dot cannot multiply bfloat16: float32 operands
     # holding the same (exact) values.
-    w_ty = tl.float32 if _INTERPRET and dtype == torch.bfloat16 else low
-    return tl.float32, True, low, w_ty
+    w_ty = tl.float32 if soft_bf16(dtype) else storage
+    return acc, split, storage, w_ty
 
 
-def _common_args(z: Tensor, weight: Tensor, bias: Tensor | None, h0: Tensor | None, backward: bool):
-    B, T, H, D = z.shape
+def _stores_gate(dtype: torch.dtype, block_d: int) -> bool:
+    """float64 at d > 64: the backward kernel cannot keep the two orientations
+    of W it reads in shared memory (2 x 128 KB), so it reads the gate instead."""
+    return dtype == torch.float64 and block_d > 64
+
+
+def _contiguous_strides(sizes) -> tuple[int, ...]:
+    strides, acc = [], 1
+    for n in reversed(sizes):
+        strides.append(acc)
+        acc *= n
+    return tuple(strides[::-1])
+
+
+def _param_strides(w_st, b_st, h0_st) -> tuple[int, ...]:
+    # The strides of weight, bias and h0; zeros for an omitted one.
+    return (*w_st, *(b_st or (0, 0)), *(h0_st or (0, 0, 0)))
+
+
+@functools.lru_cache(maxsize=512)
+def _forward_plan(shape, z_st, g_st, w_st, b_st, h0_st, dtype) -> Plan:
+    """The plan of recurrence_forward for z's shape, the strides of z, gamma,
+    weight, bias and h0 (None when omitted) and the dtype."""
+    B, T, H, D = shape
     block_d = _block_d(D)
-    acc, split, low, w_ty = _dtypes(z.dtype)
-    fwd_warps, fwd_stages, bwd_warps, bwd_stages = _CONFIG[z.element_size()][block_d]
-    num_warps, stages = (bwd_warps, bwd_stages) if backward else (fwd_warps, fwd_stages)
-    prefetch, num_stages = _pipelining(stages)
-    constexprs = dict(
-        HAS_BIAS=bias is not None, HAS_H0=h0 is not None,
-        ACC=acc, SPLIT=split, LOW=low, W_TY=w_ty,
-        BLOCK_B=_BLOCK_B, BLOCK_D=block_d, PREFETCH=prefetch, NUM_STAGES=num_stages,
-        SOFT_BF16=_INTERPRET and z.dtype == torch.bfloat16,
-        num_warps=num_warps,
-    )
-    param_strides = [
-        *weight.stride(),
-        *(bias.stride() if bias is not None else (0, 0)),
-        *(h0.stride() if h0 is not None else (0, 0, 0)),
-    ]
-    grid = (triton.cdiv(B, _BLOCK_B), H)
-    return grid, constexprs, param_strides
+    num_warps, stages, _, _ = _CONFIG[dtype.itemsize][block_d]
+    ints = (B, T, D, *z_st, *g_st, *_param_strides(w_st, b_st, h0_st), *_contiguous_strides(shape))
+    constexprs = (b_st is not None, h0_st is not None, *_dtype_args(dtype), _BLOCK_B, block_d,
+                  *_pipelining(stages), soft_bf16(dtype))
+    return Plan(_recurrence_fwd_kernel, (cdiv(B, _BLOCK_B), H), ints, constexprs, num_warps)
+
+
+@functools.lru_cache(maxsize=512)
+def _backward_plan(shape, gh_st, z_st, g_st, w_st, b_st, h0_st, h_st, dtype) -> tuple[Plan, int]:
+    """The plan of recurrence_backward (see _forward_plan) and its BLOCK_D. The
+    outputs, and the gate when the kernel reads one, are contiguous."""
+    B, T, H, D = shape
+    block_d = _block_d(D)
+    _, _, num_warps, stages = _CONFIG[dtype.itemsize][block_d]
+    stored_gate = _stores_gate(dtype, block_d)
+    seq = _contiguous_strides(shape)
+    ints = (B, T, D, *gh_st, *z_st, *g_st, *_param_strides(w_st, b_st, h0_st), *h_st,
+            *(seq if stored_gate else (0, 0, 0, 0)), *seq, *_contiguous_strides((B, H, D)))
+    constexprs = (b_st is not None, h0_st is not None, *_dtype_args(dtype), _BLOCK_B, block_d, stored_gate,
+                  *_pipelining(stages), soft_bf16(dtype))
+    return Plan(_recurrence_bwd_kernel, (cdiv(B, _BLOCK_B), H), ints, constexprs, num_warps), block_d
+
+
+def _clear_plans() -> None:
+    """Forget the cached plans (after a change of the tuning knobs)."""
+    _forward_plan.cache_clear()
+    _backward_plan.cache_clear()
+
+
+def _strides(t: Tensor | None):
+    return None if t is None else t.stride()
 
 
 def _stored_gate(z: Tensor, weight: Tensor, bias: Tensor | None, h0: Tensor | None, h: Tensor) -> Tensor:
-    """s_t = sigmoid(W h_{t-1} + b) for all t, one batched matmul: for float64 at
-    d > 64, where the backward kernel cannot keep the two orientations of W it
-    reads in shared memory (2 x 128 KB) and reads the gate instead."""
+    """s_t = sigmoid(W h_{t-1} + b) for all t, one batched matmul, contiguous
+    [B, T, H, d] (see _stores_gate)."""
     first = h0.unsqueeze(1) if h0 is not None else torch.zeros_like(h[:, :1])
     h_prev = torch.cat([first, h[:, :-1]], dim=1)
     pre = torch.einsum("hoi,bthi->btho", weight, h_prev)
-    return torch.sigmoid(pre + bias if bias is not None else pre)
+    return torch.sigmoid(pre + bias if bias is not None else pre).contiguous()
 
 
 def recurrence_forward(z: Tensor, gamma: Tensor, weight: Tensor, bias: Tensor | None,
@@ -401,14 +439,8 @@ def recurrence_forward(z: Tensor, gamma: Tensor, weight: Tensor, bias: Tensor | 
     h = torch.empty(z.shape, dtype=z.dtype, device=z.device)
     if h.numel() == 0:
         return h
-    B, T, H, D = z.shape
-    grid, constexprs, param_strides = _common_args(z, weight, bias, h0, backward=False)
-    _recurrence_fwd_kernel[grid](
-        z, gamma, weight, bias if bias is not None else weight, h0 if h0 is not None else z, h,
-        B, T, D,
-        *z.stride(), *gamma.stride(), *param_strides, *h.stride(),
-        **constexprs,
-    )
+    plan = _forward_plan(z.shape, z.stride(), gamma.stride(), weight.stride(), _strides(bias), _strides(h0), z.dtype)
+    plan.launch(z, gamma, weight, weight if bias is None else bias, z if h0 is None else h0, h)
     return h
 
 
@@ -429,22 +461,15 @@ def recurrence_backward(grad_h: Tensor, z: Tensor, gamma: Tensor, weight: Tensor
         return (grad_z, grad_gamma, torch.zeros(H, D, D, dtype=dtype, device=device),
                 torch.zeros(H, D, dtype=dtype, device=device), torch.zeros(B, H, D, dtype=dtype, device=device))
     grad_h0 = torch.empty(B, H, D, dtype=dtype, device=device)
-    grid, constexprs, param_strides = _common_args(z, weight, bias, h0, backward=True)
-    block_d = constexprs["BLOCK_D"]
-    gate = _stored_gate(z, weight, bias, h0, h) if dtype == torch.float64 and block_d > 64 else None
+    plan, block_d = _backward_plan(z.shape, grad_h.stride(), z.stride(), gamma.stride(), weight.stride(),
+                                   _strides(bias), _strides(h0), h.stride(), dtype)
+    gate = _stored_gate(z, weight, bias, h0, h) if _stores_gate(dtype, block_d) else None
     part_dtype = torch.float64 if dtype == torch.float64 else torch.float32
-    dw_part = torch.empty(grid[0], H, block_d, block_d, dtype=part_dtype, device=device)
-    db_part = torch.empty(grid[0], H, block_d, dtype=part_dtype, device=device)
-    _recurrence_bwd_kernel[grid](
-        grad_h, z, gamma, weight, bias if bias is not None else weight, h0 if h0 is not None else z, h,
-        gate if gate is not None else z,
-        grad_z, grad_gamma, dw_part, db_part, grad_h0,
-        B, T, D,
-        *grad_h.stride(), *z.stride(), *gamma.stride(), *param_strides, *h.stride(),
-        *(gate.stride() if gate is not None else (0, 0, 0, 0)),
-        *grad_z.stride(), *grad_h0.stride(),
-        STORED_GATE=gate is not None, **constexprs,
-    )
+    tiles = plan.grid[0]
+    dw_part = torch.empty(tiles, H, block_d, block_d, dtype=part_dtype, device=device)
+    db_part = torch.empty(tiles, H, block_d, dtype=part_dtype, device=device)
+    plan.launch(grad_h, z, gamma, weight, weight if bias is None else bias, z if h0 is None else h0, h,
+                z if gate is None else gate, grad_z, grad_gamma, dw_part, db_part, grad_h0)
     grad_weight = dw_part[:, :, :D, :D].sum(0).to(dtype)
     grad_bias = db_part[:, :, :D].sum(0).to(dtype)
     return grad_z, grad_gamma, grad_weight, grad_bias, grad_h0

@@ -59,13 +59,14 @@ programs for 132 SMs) measured slower.
 Host path. A launch costs 17-27 us of host time (bare launcher, forward) and
 30-48 us (backward) on the H100 machines, against 66-79 and 99-111 us through
 JITFunction.run with the per-call folding of before: the launch plans are
-cached and launched directly (see "Host side" below). Forward+backward through
-autograd is still host-bound there (bfloat16: 215 to 726 us of host time per
-call on different machine instances, for about 200 us of kernels): torch's
-autograd engine runs CUDA backward nodes on its device thread, and that
-hand-off and back, plus torch.library's Python autograd wrapper, is most of
-what remains (on the same machine a tiny CUDA autograd.grad(a * b) cost 129 us
-of host time, an op with these registrations and empty kernels 170 us).
+cached and launched directly (_common.py). Forward+backward through autograd
+was still host-bound there (bfloat16: 215 to 726 us of host time per call on
+different machine instances, for about 200 us of kernels): torch's autograd
+engine runs CUDA backward nodes on its device thread, and that hand-off and
+back, plus the Python autograd wrapper of then (now C++, csrc/autograd.h), was
+most of what remained (on the same machine a tiny CUDA autograd.grad(a * b)
+cost 129 us of host time, an op with those registrations and empty kernels
+170 us).
 Figures through the op: bench/results/scan_cuda_h100.md.
 
 This module does not import mmrec_ops: the callers validate the arguments.
@@ -74,7 +75,6 @@ This module does not import mmrec_ops: the callers validate the arguments.
 from __future__ import annotations
 
 import functools
-import os
 from typing import NamedTuple
 
 import torch
@@ -82,7 +82,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._common import cast_out
+from ._common import INTERPRET, Plan, cast_out, cdiv, kernel_dtypes, next_power_of_2, num_sms, soft_bf16
 
 __all__ = ["scan_forward", "scan_backward"]
 
@@ -362,24 +362,12 @@ def _scan_bwd_kernel(
 
 
 # ----------------------------------------------------------------------------
-# Host side: stride folding, block sizes, launches.
+# Host side: stride folding, block sizes, launch plans.
 #
 # This runs on every call, so it is kept short: everything that follows from
 # the shapes, strides, dtype and flags (the folding, the block sizes, the grid,
-# the integer and constexpr kernel arguments) is one cached _Plan, and a plan
-# launches its compiled kernel through Triton's launcher directly (_Plan.launch)
-# rather than through JITFunction.run, which binds and specializes all ~30
-# arguments again on every call.
-
-
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
-
-
-def _next_power_of_2(n: int) -> int:
-    # triton.next_power_of_2 and triton.cdiv are constexpr functions in Triton
-    # 3.6, several microseconds each when called from the host.
-    return 1 << max(n - 1, 0).bit_length()
+# the integer and constexpr kernel arguments) is one cached Plan
+# (_common.py), which launches the compiled kernel.
 
 
 def _contiguous_strides(sizes) -> list[int]:
@@ -440,20 +428,6 @@ def _fold_call(shape, seq_strides, h0_strides):
     return G, C, seq, (0, 0) if h0_strides is None else next(folds)
 
 
-@functools.lru_cache(maxsize=None)
-def _sm_count(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
-def _num_sms(t: Tensor) -> int:
-    index = t.get_device()  # -1 for a CPU tensor (the interpreter)
-    return _sm_count(index) if index >= 0 else 132
-
-
-# Under TRITON_INTERPRET=1 (CPU tensors) the kernels run in numpy, where a
-# scan costs one Python call per tile element: use small tiles there.
-_INTERPRET = os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "yes", "on")
-
 class _Tuning(NamedTuple):
     """The launch knobs of one kernel for one element size."""
 
@@ -477,7 +451,8 @@ _FWD_TUNING = {2: _Tuning(8, 4, 8192, 3), 4: _Tuning(4, 8, 4096, 3), 8: _Tuning(
 _BWD_TUNING = {2: _Tuning(4, 8, 4096, 0), 4: _Tuning(4, 8, 4096, 0), 8: _Tuning(1, 4, 2048, 0)}
 _MAX_BLOCK_C = {2: 64, 4: 64, 8: 32}
 _MIN_PROGRAMS_PER_SM = {2: 0.5, 4: 0.5, 8: 0.5}
-# Under the interpreter: channel blocks of up to 16 and tiles of 16 steps, with
+# Under the interpreter (CPU tensors, numpy), where a scan costs one Python
+# call per tile element: channel blocks of up to 16 and tiles of 16 steps, with
 # R = min(the tuned R, 4), so that CI runs the in-register path (R > 1) and the
 # one-step path (R = 1) wherever the GPU does.
 _INTERPRET_BLOCK_C, _INTERPRET_TILE_STEPS, _INTERPRET_MAX_ROWS = 16, 16, 4
@@ -490,15 +465,15 @@ def _config(B: int, G: int, C: int, elem_size: int, sms: int, tuning: _Tuning):
     # the time stride is 1 (float32 forward and backward, bfloat16 and float16
     # backward; H100, 2026-11-24), which the interpreter does not reproduce.
     rows = tuning.rows if C > 1 else 1
-    if _INTERPRET:
+    if INTERPRET:
         rows = min(rows, _INTERPRET_MAX_ROWS)
-        return min(_next_power_of_2(C), _INTERPRET_BLOCK_C), rows, _INTERPRET_TILE_STEPS // rows, 1
+        return min(next_power_of_2(C), _INTERPRET_BLOCK_C), rows, _INTERPRET_TILE_STEPS // rows, 1
     vec = max(16 // elem_size, 1)  # elements of one 16-byte access
-    block_c = min(_next_power_of_2(C), _MAX_BLOCK_C[elem_size])
+    block_c = min(next_power_of_2(C), _MAX_BLOCK_C[elem_size])
     # Narrow the channel block (down to one 16-byte vector) while the grid is
     # too small to give every SM a program.
     min_programs = _MIN_PROGRAMS_PER_SM[elem_size] * sms
-    while block_c > vec and B * G * _cdiv(C, block_c) < min_programs:
+    while block_c > vec and B * G * cdiv(C, block_c) < min_programs:
         block_c //= 2
     # Threads cover the channels with 16-byte vectors, the rest of the CTA's
     # threads go along time: NT rows (a multiple of them), each thread holding
@@ -510,7 +485,7 @@ def _config(B: int, G: int, C: int, elem_size: int, sms: int, tuning: _Tuning):
 
 def _pipelining(stages: int):
     """(PREFETCH, NUM_STAGES) kernel arguments for a stage setting."""
-    if _INTERPRET or stages == 0:
+    if INTERPRET or stages == 0:
         return True, 1
     return False, stages
 
@@ -523,79 +498,8 @@ def _needs_int64_offsets(block_t: int, block_c: int, time_strides, channel_strid
     return reach >= 2**31
 
 
-def _acc_dtype(dtype: torch.dtype):
-    return tl.float64 if dtype == torch.float64 else tl.float32
-
-
-def _triton_version() -> tuple[int, int]:
-    major, minor = triton.__version__.split(".")[:2]
-    return int(major), int(minor)
-
-
-# Direct launches use Triton's CompiledKernel.run with the calling convention
-# of JITFunction.run (grid, stream, function, packed metadata, launch metadata,
-# the launch hooks, then every kernel parameter, constexprs included), checked
-# in the sources of Triton 3.6 and 3.9; other versions launch through
-# JITFunction.run, as does the interpreter.
-_DIRECT_LAUNCH = not _INTERPRET and (3, 6) <= _triton_version() < (3, 10)
-if _DIRECT_LAUNCH:
-    from triton import knobs as _knobs
-    from triton.runtime import driver as _driver
-
-
-def _active(hook):
-    # Launch hooks are HookChains in Triton 3.6-3.9: active when they hold a call.
-    return hook is not None and bool(getattr(hook, "calls", True))
-
-
-class _Plan:
-    """One launch configuration of a kernel: grid, num_warps and the kernel
-    arguments that follow the tensors (integers, then constexprs), all fixed
-    by the plan's cache key; and the compiled kernels it has launched.
-
-    Triton specializes a compiled kernel on the dtypes of the pointers (fixed
-    by the plan), on the integer arguments (fixed by the plan) and on the
-    16-byte alignment of each pointer; the compiled kernels are therefore kept
-    by (device, alignment of each tensor). The first launch of a key goes
-    through JITFunction.run, which compiles or finds the kernel; later ones
-    call its launcher directly, with the launch hooks (profilers) when any is
-    set.
-    """
-
-    __slots__ = ("fn", "grid", "args", "num_warps", "kernels")
-
-    def __init__(self, fn, grid, ints, constexprs, num_warps):
-        self.fn = fn
-        self.grid = grid
-        self.args = (*ints, *constexprs)
-        self.num_warps = num_warps
-        self.kernels = {}
-
-    def launch(self, *tensors: Tensor) -> None:
-        if not _DIRECT_LAUNCH:
-            self.fn[self.grid](*tensors, *self.args, num_warps=self.num_warps)
-            return
-        drv = _driver.active
-        device = drv.get_current_device()
-        key = (device, *[t.data_ptr() % 16 == 0 for t in tensors])
-        compiled = self.kernels.get(key)
-        if compiled is None:
-            kernel = self.fn[self.grid](*tensors, *self.args, num_warps=self.num_warps)
-            kernel = kernel.result() if hasattr(kernel, "result") else kernel
-            self.kernels[key] = (kernel, kernel.run, kernel.function, kernel.packed_metadata)
-            return
-        kernel, run, function, packed_metadata = compiled
-        stream = drv.get_current_stream(device)
-        enter, leave = _knobs.runtime.launch_enter_hook, _knobs.runtime.launch_exit_hook
-        if _active(enter) or _active(leave):
-            meta = kernel.launch_metadata(self.grid, stream, *tensors, *self.args)
-        else:
-            meta = enter = leave = None
-        run(self.grid[0], 1, 1, stream, function, packed_metadata, meta, enter, leave, *tensors, *self.args)
-
-
 @functools.lru_cache(maxsize=512)
-def _forward_plan(shape, g_st, x_st, h0_st, dtype, sms, reverse) -> _Plan | None:
+def _forward_plan(shape, g_st, x_st, h0_st, dtype, sms, reverse) -> Plan | None:
     """The plan of scan_forward for gamma's shape and the strides of gamma, x
     and h0 (None when omitted); None when the channel dims do not fold into
     two groups."""
@@ -607,7 +511,7 @@ def _forward_plan(shape, g_st, x_st, h0_st, dtype, sms, reverse) -> _Plan | None
     G, C, (g_f, x_f, o_f), h0_f = folded
     tuning = _FWD_TUNING[dtype.itemsize]
     block_c, rows, nt, num_warps = _config(B, G, C, dtype.itemsize, sms, tuning)
-    ncb = _cdiv(C, block_c)
+    ncb = cdiv(C, block_c)
     prefetch, stages = _pipelining(tuning.stages)
     has_x, has_h0 = x_st is not None, h0_st is not None
     ints = (
@@ -620,14 +524,14 @@ def _forward_plan(shape, g_st, x_st, h0_st, dtype, sms, reverse) -> _Plan | None
     seq = [(g_st[1], g_f[1]), (o_st[1], o_f[1])] + ([(x_st[1], x_f[1])] if has_x else [])
     off64 = _needs_int64_offsets(rows * nt, block_c, [st for st, _ in seq], [sc for _, sc in seq] + [h0_f[1]])
     constexprs = (
-        has_x, has_h0, 0.0 if has_x else 1.0, reverse, _acc_dtype(dtype),
-        rows, nt, block_c, prefetch, stages, off64, len(set(seq)) == 1, _INTERPRET and dtype == torch.bfloat16,
+        has_x, has_h0, 0.0 if has_x else 1.0, reverse, kernel_dtypes(dtype)[1],
+        rows, nt, block_c, prefetch, stages, off64, len(set(seq)) == 1, soft_bf16(dtype),
     )
-    return _Plan(_scan_fwd_kernel, (B * G * ncb,), ints, constexprs, num_warps)
+    return Plan(_scan_fwd_kernel, (B * G * ncb,), ints, constexprs, num_warps)
 
 
 @functools.lru_cache(maxsize=512)
-def _backward_plan(shape, gh_st, g_st, h_st, h0_st, dtype, sms, has_x, reverse) -> _Plan | None:
+def _backward_plan(shape, gh_st, g_st, h_st, h0_st, dtype, sms, has_x, reverse) -> Plan | None:
     """The plan of scan_backward (see _forward_plan)."""
     B, T = shape[0], shape[1]
     o_st = _contiguous_strides(shape)  # grad_gamma and grad_x
@@ -640,7 +544,7 @@ def _backward_plan(shape, gh_st, g_st, h_st, h0_st, dtype, sms, has_x, reverse) 
     has_h0 = h0_st is not None
     tuning = _BWD_TUNING[dtype.itemsize]
     block_c, rows, nt, num_warps = _config(B, G, C, dtype.itemsize, sms, tuning)
-    ncb = _cdiv(C, block_c)
+    ncb = cdiv(C, block_c)
     prefetch, stages = _pipelining(tuning.stages)
     ints = (
         T, G, C, ncb,
@@ -654,10 +558,10 @@ def _backward_plan(shape, gh_st, g_st, h_st, h0_st, dtype, sms, has_x, reverse) 
     seq = [(gh_st[1], gh_f[1]), (g_st[1], g_f[1]), (h_st[1], h_f[1]), (o_st[1], o_f[1])]
     off64 = _needs_int64_offsets(rows * nt, block_c, [st for st, _ in seq], [sc for _, sc in seq] + [h0_f[1]])
     constexprs = (
-        has_h0, 0.0 if has_x else 1.0, reverse, _acc_dtype(dtype),
-        rows, nt, block_c, prefetch, stages, off64, len(set(seq)) == 1, _INTERPRET and dtype == torch.bfloat16,
+        has_h0, 0.0 if has_x else 1.0, reverse, kernel_dtypes(dtype)[1],
+        rows, nt, block_c, prefetch, stages, off64, len(set(seq)) == 1, soft_bf16(dtype),
     )
-    return _Plan(_scan_bwd_kernel, (B * G * ncb,), ints, constexprs, num_warps)
+    return Plan(_scan_bwd_kernel, (B * G * ncb,), ints, constexprs, num_warps)
 
 
 def _clear_plans() -> None:
@@ -674,7 +578,7 @@ def scan_forward(gamma: Tensor, x: Tensor | None, h0: Tensor | None, reverse: bo
     out = torch.empty(gamma.shape, dtype=gamma.dtype, device=gamma.device)
     if out.numel() == 0:
         return out
-    sms, reverse = _num_sms(gamma), bool(reverse)
+    sms, reverse = num_sms(gamma), bool(reverse)
     plan = _forward_plan(gamma.shape, gamma.stride(), _strides(x), _strides(h0), gamma.dtype, sms, reverse)
     if plan is None:
         gamma = gamma.contiguous()
@@ -696,7 +600,7 @@ def scan_backward(grad_h: Tensor, gamma: Tensor, h: Tensor, h0: Tensor | None, h
     grad_h0 = torch.empty(step_shape, dtype=gamma.dtype, device=gamma.device)
     if grad_gamma.numel() == 0:
         return grad_gamma, grad_x, grad_h0
-    sms, has_x, reverse = _num_sms(gamma), bool(has_x), bool(reverse)
+    sms, has_x, reverse = num_sms(gamma), bool(has_x), bool(reverse)
     plan = _backward_plan(shape, grad_h.stride(), gamma.stride(), h.stride(), _strides(h0), gamma.dtype, sms,
                           has_x, reverse)
     if plan is None:

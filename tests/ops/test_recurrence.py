@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
 
 import mmrec_ops
 from mmrec_ops.reference import recurrence_reference
@@ -28,48 +29,20 @@ from tests.helpers import (
     nan_poison,
     output_tolerance,
 )
-
-# (name, [B, T, H, d]): T = 1, prime T, d not a power of two, d = 64 (the common case), d > 64.
-SHAPES = [
-    ("T1", (3, 1, 2, 5)),
-    ("primeT_d7", (2, 13, 3, 7)),
-    ("d16", (2, 8, 2, 16)),
-    ("d24", (1, 17, 2, 24)),
-    ("d64", (2, 9, 2, 64)),
-    ("d80", (2, 5, 1, 80)),
-]
-# (name, bias given, h0 given)
-MODES = [("plain", False, False), ("bias", True, False), ("h0", False, True), ("bias_h0", True, True)]
-NAMES = ("z", "gamma", "weight", "bias", "h0")
-
-
-def draw(shape, device, dtype, kind="normal"):
-    values = torch.rand(shape, dtype=torch.float64) if kind == "gamma" else torch.randn(shape, dtype=torch.float64)
-    return values.to(device=device, dtype=dtype)
-
-
-def make_inputs(shape, device, dtype, with_bias=True, with_h0=True, strided=False):
-    """(z, gamma, weight, bias, h0). strided: z and gamma as [B, H, T, d] tensors
-    seen through .transpose(1, 2), the weight as a per-head transpose, bias and
-    h0 as every other element of wider tensors."""
-    B, T, H, d = shape
-    if strided:
-        z = draw((B, H, T, d), device, dtype).transpose(1, 2)
-        gamma = draw((B, H, T, d), device, dtype, "gamma").transpose(1, 2)
-        weight = (draw((H, d, d), device, torch.float64) / d**0.5).to(dtype).transpose(1, 2)
-        bias = draw((H, 2 * d), device, dtype)[:, ::2] if with_bias else None
-        h0 = draw((B, H, 2 * d), device, dtype)[..., ::2] if with_h0 else None
-    else:
-        z = draw(shape, device, dtype)
-        gamma = draw(shape, device, dtype, "gamma")
-        weight = (draw((H, d, d), device, torch.float64) / d**0.5).to(dtype)
-        bias = draw((H, d), device, dtype) if with_bias else None
-        h0 = draw((B, H, d), device, dtype) if with_h0 else None
-    return z, gamma, weight, bias, h0
-
+from tests.ops.samples import (
+    RECURRENCE_MODES,
+    RECURRENCE_NAMES,
+    RECURRENCE_SAMPLES,
+    Sample,
+    draw,
+    entries,
+    params,
+    recurrence_grad_output,
+    recurrence_inputs,
+)
 
 def given(inputs):
-    return [(name, t) for name, t in zip(NAMES, inputs) if t is not None]
+    return [(name, t) for name, t in zip(RECURRENCE_NAMES, inputs) if t is not None]
 
 
 def reference_with_grads(inputs, grad_h):
@@ -105,54 +78,54 @@ def check_gradients(inputs, dtype, grad_h):
 @pytest.mark.ops
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("mode", MODES, ids=[m[0] for m in MODES])
-@pytest.mark.parametrize("shape", SHAPES, ids=[s[0] for s in SHAPES])
-def test_recurrence_matches_reference(shape, mode, dtype, device):
+@pytest.mark.parametrize("mode", RECURRENCE_MODES, ids=[m[0] for m in RECURRENCE_MODES])
+@pytest.mark.parametrize("sample", params(RECURRENCE_SAMPLES, "forward"))
+def test_recurrence_matches_reference(sample, mode, dtype, device):
     _, with_bias, with_h0 = mode
-    check_forward(make_inputs(shape[1], device, dtype, with_bias, with_h0), dtype)
+    check_forward(recurrence_inputs(sample, device, dtype, with_bias, with_h0), dtype)
 
 
 @pytest.mark.grad
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("mode", MODES, ids=[m[0] for m in MODES])
-@pytest.mark.parametrize("shape", SHAPES, ids=[s[0] for s in SHAPES])
-def test_recurrence_gradients_match_reference(shape, mode, dtype, device):
+@pytest.mark.parametrize("mode", RECURRENCE_MODES, ids=[m[0] for m in RECURRENCE_MODES])
+@pytest.mark.parametrize("sample", params(RECURRENCE_SAMPLES, "gradients"))
+def test_recurrence_gradients_match_reference(sample, mode, dtype, device):
     _, with_bias, with_h0 = mode
-    inputs = make_inputs(shape[1], device, dtype, with_bias, with_h0)
-    check_gradients(inputs, dtype, draw(shape[1], device, dtype))
+    inputs = recurrence_inputs(sample, device, dtype, with_bias, with_h0)
+    check_gradients(inputs, dtype, recurrence_grad_output(sample, device, dtype))
 
 
 @pytest.mark.ops
 @pytest.mark.grad
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("shape", [(2, 11, 3, 6), (1, 4, 2, 64)], ids=["d6", "d64"])
-def test_recurrence_strided_inputs(shape, dtype, device):
-    inputs = make_inputs(shape, device, dtype, strided=True)
+@pytest.mark.parametrize("sample", params(RECURRENCE_SAMPLES, "strided"))
+def test_recurrence_strided_inputs(sample, dtype, device):
+    inputs = recurrence_inputs(sample, device, dtype)
     assert not any(t.is_contiguous() for t in inputs)
     check_forward(inputs, dtype)
-    B, T, H, d = shape
-    check_gradients(inputs, dtype, draw((B, H, T, d), device, dtype).transpose(1, 2))
+    check_gradients(inputs, dtype, recurrence_grad_output(sample, device, dtype))
 
 
 @pytest.mark.ops
 @pytest.mark.parametrize("device", DEVICES)
-def test_recurrence_float32_accuracy_over_long_sequences(device):
+@pytest.mark.parametrize("sample", params(RECURRENCE_SAMPLES, "long"))
+def test_recurrence_float32_accuracy_over_long_sequences(sample, device):
     """float32 keeps 1e-5 (relative, in norm) over 4096 steps with gamma close to
     1, where errors carry the longest."""
-    inputs = list(make_inputs((1, 4096, 2, 16), device, torch.float32))
+    inputs = list(recurrence_inputs(sample, device, torch.float32))
     inputs[1] = (1 - 0.01 * draw(inputs[1].shape, device, torch.float64, "gamma")).float()
     check_forward(inputs, torch.float32)
 
 
 @pytest.mark.grad
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("mode", MODES, ids=[m[0] for m in MODES])
-@pytest.mark.parametrize("strided", [False, True], ids=["contiguous", "strided"])
-def test_recurrence_gradcheck(strided, mode, device):
+@pytest.mark.parametrize("mode", RECURRENCE_MODES, ids=[m[0] for m in RECURRENCE_MODES])
+@pytest.mark.parametrize("sample", params(RECURRENCE_SAMPLES, "gradcheck"))
+def test_recurrence_gradcheck(sample, mode, device):
     _, with_bias, with_h0 = mode
-    inputs = make_inputs((2, 5, 2, 3), device, torch.float64, with_bias, with_h0, strided)
+    inputs = recurrence_inputs(sample, device, torch.float64, with_bias, with_h0)
     leaves = [t.detach().requires_grad_() for _, t in given(inputs)]
 
     def fn(*args):
@@ -164,12 +137,13 @@ def test_recurrence_gradcheck(strided, mode, device):
 
 @pytest.mark.grad
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("mode", MODES, ids=[m[0] for m in MODES])
-def test_recurrence_second_derivatives_are_refused(mode, device):
+@pytest.mark.parametrize("mode", RECURRENCE_MODES, ids=[m[0] for m in RECURRENCE_MODES])
+@pytest.mark.parametrize("sample", params(RECURRENCE_SAMPLES, "second_derivatives"))
+def test_recurrence_second_derivatives_are_refused(sample, mode, device):
     """Second derivatives raise a clear error (they were silently zero); first
     derivatives taken with create_graph=True are the ordinary ones."""
     _, with_bias, with_h0 = mode
-    inputs = make_inputs((2, 5, 2, 3), device, torch.float64, with_bias, with_h0)
+    inputs = recurrence_inputs(sample, device, torch.float64, with_bias, with_h0)
     leaves = [t.detach().requires_grad_() for _, t in given(inputs)]
     values = iter(leaves)
     out = mmrec_ops.recurrence(*(None if t is None else next(values) for t in inputs))
@@ -181,12 +155,12 @@ def test_recurrence_second_derivatives_are_refused(mode, device):
         torch.autograd.grad(sum(g.sum() for g in grads), leaves)
 
 
-def recurrence_samples(device, dtype, requires_grad):
-    """(args, kwargs) for opcheck: every mode, T = 1, odd d, a strided layout."""
+def opcheck_samples(device, dtype, requires_grad):
+    """(args, kwargs) for opcheck: the table's opcheck entries in every mode."""
     samples = []
-    for shape, strided in [((2, 7, 2, 5), False), ((2, 4, 3, 8), True), ((3, 1, 1, 4), False)]:
-        for _, with_bias, with_h0 in MODES:
-            inputs = make_inputs(shape, device, dtype, with_bias, with_h0, strided)
+    for sample in entries(RECURRENCE_SAMPLES, "opcheck"):
+        for _, with_bias, with_h0 in RECURRENCE_MODES:
+            inputs = recurrence_inputs(sample, device, dtype, with_bias, with_h0)
             args = tuple(None if t is None else t.requires_grad_(requires_grad) for t in inputs)
             samples.append((args, {}))
     return samples
@@ -197,7 +171,7 @@ def recurrence_samples(device, dtype, requires_grad):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
 @pytest.mark.parametrize("requires_grad", [False, True], ids=["no_grad", "requires_grad"])
 def test_recurrence_opcheck(requires_grad, dtype, device):
-    for args, kwargs in recurrence_samples(device, dtype, requires_grad):
+    for args, kwargs in opcheck_samples(device, dtype, requires_grad):
         torch.library.opcheck(torch.ops.mmrec.recurrence.default, args, kwargs)
 
 
@@ -207,7 +181,7 @@ def test_recurrence_opcheck(requires_grad, dtype, device):
 def test_recurrence_backward_opcheck(dtype, device):
     """Without requires_grad: recurrence_backward's autograd formula refuses
     (no second derivatives of the recurrence)."""
-    for args, _ in recurrence_samples(device, dtype, requires_grad=False):
+    for args, _ in opcheck_samples(device, dtype, requires_grad=False):
         h = mmrec_ops.recurrence(*args)
         torch.library.opcheck(torch.ops.mmrec.recurrence_backward.default, (torch.randn_like(h), *args, h))
 
@@ -220,19 +194,19 @@ def test_recurrence_compiles_without_graph_break(device):
         return h.square().mean()
 
     assert_compiled_matches_eager(
-        loss_fn, [[t.requires_grad_() for t in make_inputs((2, T, 3, 4), device, torch.float32)] for T in (5, 11)]
+        loss_fn,
+        [[t.requires_grad_() for t in recurrence_inputs(sample, device, torch.float32)]
+         for sample in entries(RECURRENCE_SAMPLES, "compile")],
     )
 
 
 @pytest.mark.ops
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize(
-    "shape", [(2, 0, 3, 4), (0, 5, 3, 4), (0, 0, 2, 2), (2, 5, 3, 0), (2, 5, 0, 4)], ids=["T0", "B0", "B0T0", "d0", "H0"]
-)
-def test_recurrence_empty(shape, device):
-    leaves = [t.requires_grad_() for t in make_inputs(shape, device, torch.float32)]
+@pytest.mark.parametrize("sample", params(RECURRENCE_SAMPLES, "empty"))
+def test_recurrence_empty(sample, device):
+    leaves = [t.requires_grad_() for t in recurrence_inputs(sample, device, torch.float32)]
     out = mmrec_ops.recurrence(*leaves)
-    assert out.shape == shape
+    assert out.shape == sample.shape
     grads = torch.autograd.grad(out, leaves, torch.ones_like(out))
     for leaf, grad in zip(leaves, grads):
         assert grad.shape == leaf.shape
@@ -240,7 +214,7 @@ def test_recurrence_empty(shape, device):
 
 
 def bad_recurrence_inputs():
-    z, g, w, b, h0 = make_inputs((2, 5, 3, 4), "cpu", torch.float32)
+    z, g, w, b, h0 = recurrence_inputs(Sample((2, 5, 3, 4)), "cpu", torch.float32)
     return [
         ("int_z", (z.long(), g, w), "z to be float32"),
         ("z_rank3", (z[0], g[0], w), r"z of shape \[B, T, H, d\]"),
@@ -266,15 +240,59 @@ def test_recurrence_bad_inputs_raise_clear_errors(case, kernel):
 @pytest.mark.ops
 def test_recurrence_mixed_devices_raise_clear_errors():
     """A tensor on another device (meta stands in for one on machines without a GPU)."""
-    z, g, w, _, _ = make_inputs((2, 5, 3, 4), "cpu", torch.float32)
+    z, g, w, _, _ = recurrence_inputs(Sample((2, 5, 3, 4)), "cpu", torch.float32)
     with pytest.raises(ValueError, match=r"weight to be on the device of z \(cpu\), got meta"):
         torch.ops.mmrec.recurrence(z, g, w.to("meta"))
 
 
 @pytest.mark.ops
 def test_recurrence_backward_bad_inputs():
-    z, g, w, b, h0 = make_inputs((2, 5, 3, 4), "cpu", torch.float32)
+    z, g, w, b, h0 = recurrence_inputs(Sample((2, 5, 3, 4)), "cpu", torch.float32)
     with pytest.raises(ValueError, match=r"grad_h of shape \[2, 5, 3, 4\]"):
         torch.ops.mmrec.recurrence_backward(z[:, :4], z, g, w, b, h0, z)
     with pytest.raises(ValueError, match="h to have the dtype of z"):
         torch.ops.mmrec.recurrence_backward(z, z, g, w, b, h0, z.double())
+
+
+def wide_head_inputs(device):
+    """Inputs of one head wider than the CUDA kernels hold, created under the
+    active FakeTensorMode when there is one, with the message the kernels
+    refuse them with."""
+    from mmrec_ops.triton.recurrence import MAX_HEAD_DIM
+
+    d = MAX_HEAD_DIM + 1
+    inputs = recurrence_inputs(Sample((2, 3, 1, d)), device, torch.float32)
+    return inputs, rf"mmrec::recurrence on CUDA: head width d = {d} exceeds the supported {MAX_HEAD_DIM}"
+
+
+@pytest.mark.ops
+@pytest.mark.compile
+def test_recurrence_fake_kernel_refuses_what_cuda_refuses():
+    """The fake kernel of CUDA tensors refuses a head width the CUDA kernels
+    cannot hold, with their message, so that torch.compile fails when it
+    traces the graph rather than when it launches; CPU tensors take any d."""
+    with FakeTensorMode():
+        inputs, message = wide_head_inputs("cuda")
+        with pytest.raises(ValueError, match=message):
+            torch.ops.mmrec.recurrence(*inputs)
+        h = torch.empty(inputs[0].shape, device="cuda")
+        with pytest.raises(ValueError, match=message):
+            torch.ops.mmrec.recurrence_backward(h, *inputs, h)
+        cpu_inputs, _ = wide_head_inputs("cpu")
+        assert torch.ops.mmrec.recurrence(*cpu_inputs).shape == cpu_inputs[0].shape
+
+
+@pytest.mark.compile
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_recurrence_compile_refuses_wide_heads_when_tracing(monkeypatch):
+    from mmrec_ops.triton import recurrence as launchers
+
+    def launched(*args):
+        raise AssertionError("the kernel was launched: the refusal should come from tracing")
+
+    monkeypatch.setattr(launchers, "recurrence_forward", launched)
+    inputs, message = wide_head_inputs("cuda")
+    torch._dynamo.reset()
+    with pytest.raises(Exception, match=message):
+        torch.compile(mmrec_ops.recurrence, fullgraph=True)(*inputs)

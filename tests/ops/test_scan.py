@@ -18,48 +18,7 @@ from tests.helpers import (
     nan_poison,
     output_tolerance,
 )
-
-# (name, [B, T, ...]): T = 1, prime T, no channel dims (one tile and several),
-# two channels, d not a power of two.
-SHAPES = [
-    ("T1", (3, 1, 5)),
-    ("primeT", (2, 13, 7)),
-    ("BT", (4, 9)),
-    ("BT_long", (2, 601)),
-    ("C2", (3, 29, 2)),
-    ("BTHd_odd", (2, 31, 3, 5)),
-    ("BTHd", (2, 64, 4, 24)),
-    ("wide", (1, 17, 1000)),
-]
-# (name, x given, h0 given)
-MODES = [("cumprod", False, False), ("x", True, False), ("x_h0", True, True), ("h0", False, True)]
-LAYOUTS = ["contiguous", "BHTd_transposed", "channel_sliced"]
-
-
-def make_seq(shape, layout, device, dtype, kind):
-    """A [B, T, ...] tensor with the given memory layout. kind: "gamma" in
-    (0, 1), else standard normal."""
-
-    def draw(s):
-        if kind == "gamma":
-            return torch.rand(s, device=device, dtype=torch.float64).to(dtype)
-        return torch.randn(s, device=device, dtype=torch.float64).to(dtype)
-
-    if layout == "contiguous":
-        return draw(shape)
-    if layout == "BHTd_transposed":  # [B, H, T, d] storage seen as [B, T, H, d]
-        B, T, H, d = shape
-        return draw((B, H, T, d)).transpose(1, 2)
-    if layout == "channel_sliced":  # every other channel of a wider tensor
-        return draw((*shape[:-1], 2 * shape[-1]))[..., ::2]
-    raise ValueError(layout)
-
-
-def make_scan_inputs(shape, device, dtype, with_x, with_h0, layout="contiguous"):
-    gamma = make_seq(shape, layout, device, dtype, "gamma")
-    x = make_seq(shape, layout, device, dtype, "x") if with_x else None
-    h0 = torch.randn((shape[0], *shape[2:]), device=device, dtype=torch.float64).to(dtype) if with_h0 else None
-    return gamma, x, h0
+from tests.ops.samples import SCAN_MODES, SCAN_SAMPLES, Sample, draw, entries, params, scan_inputs, scan_seq
 
 
 def as_double_leaf(t):
@@ -86,14 +45,14 @@ def scan_of_given(inputs, reverse):
     return fn, leaves
 
 
-def scan_samples(device, dtype, requires_grad):
-    """(args, kwargs) for opcheck: every mode, both directions, odd sizes, a transposed view."""
+def opcheck_samples(device, dtype, requires_grad):
+    """(args, kwargs) for opcheck: the table's opcheck entries in every mode and both directions."""
     samples = []
-    for shape, layout in [((2, 7, 3), "contiguous"), ((2, 5, 3, 4), "BHTd_transposed"), ((3, 1, 2), "contiguous")]:
-        for _, with_x, with_h0 in MODES:
+    for sample in entries(SCAN_SAMPLES, "opcheck"):
+        for _, with_x, with_h0 in SCAN_MODES:
             for reverse in (False, True):
-                gamma, x, h0 = make_scan_inputs(shape, device, dtype, with_x, with_h0, layout)
-                args = [t.requires_grad_(requires_grad) if t is not None else None for t in (gamma, x, h0)]
+                inputs = scan_inputs(sample, device, dtype, with_x, with_h0)
+                args = [t.requires_grad_(requires_grad) if t is not None else None for t in inputs]
                 samples.append((tuple(args), {"reverse": reverse}))
     return samples
 
@@ -111,23 +70,22 @@ def check_forward(gamma, x, h0, reverse, dtype):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("reverse", [False, True], ids=["forward", "reverse"])
-@pytest.mark.parametrize("mode", MODES, ids=[m[0] for m in MODES])
-@pytest.mark.parametrize("shape", SHAPES, ids=[s[0] for s in SHAPES])
-def test_scan_matches_reference(shape, mode, reverse, dtype, device):
+@pytest.mark.parametrize("mode", SCAN_MODES, ids=[m[0] for m in SCAN_MODES])
+@pytest.mark.parametrize("sample", params(SCAN_SAMPLES, "forward"))
+def test_scan_matches_reference(sample, mode, reverse, dtype, device):
     _, with_x, with_h0 = mode
-    gamma, x, h0 = make_scan_inputs(shape[1], device, dtype, with_x, with_h0)
-    check_forward(gamma, x, h0, reverse, dtype)
+    check_forward(*scan_inputs(sample, device, dtype, with_x, with_h0), reverse, dtype)
 
 
 @pytest.mark.ops
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("reverse", [False, True], ids=["forward", "reverse"])
-@pytest.mark.parametrize("layout", LAYOUTS[1:])
-@pytest.mark.parametrize("mode", MODES[1:], ids=[m[0] for m in MODES[1:]])
-def test_scan_strided_inputs(mode, layout, reverse, dtype, device):
+@pytest.mark.parametrize("mode", SCAN_MODES[1:], ids=[m[0] for m in SCAN_MODES[1:]])
+@pytest.mark.parametrize("sample", params(SCAN_SAMPLES, "strided"))
+def test_scan_strided_inputs(sample, mode, reverse, dtype, device):
     _, with_x, with_h0 = mode
-    gamma, x, h0 = make_scan_inputs((2, 23, 3, 6), device, dtype, with_x, with_h0, layout)
+    gamma, x, h0 = scan_inputs(sample, device, dtype, with_x, with_h0)
     assert not gamma.is_contiguous()
     check_forward(gamma, x, h0, reverse, dtype)
 
@@ -149,111 +107,102 @@ def check_gradients(gamma, x, h0, reverse, dtype, grad_h):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("reverse", [False, True], ids=["forward", "reverse"])
-@pytest.mark.parametrize("mode", MODES, ids=[m[0] for m in MODES])
-@pytest.mark.parametrize("shape", SHAPES, ids=[s[0] for s in SHAPES])
-def test_scan_gradients_match_reference(shape, mode, reverse, dtype, device):
+@pytest.mark.parametrize("mode", SCAN_MODES, ids=[m[0] for m in SCAN_MODES])
+@pytest.mark.parametrize("sample", params(SCAN_SAMPLES, "gradients"))
+def test_scan_gradients_match_reference(sample, mode, reverse, dtype, device):
     _, with_x, with_h0 = mode
-    gamma, x, h0 = make_scan_inputs(shape[1], device, dtype, with_x, with_h0)
-    grad_h = torch.randn(gamma.shape, device=device, dtype=torch.float64).to(dtype)
-    check_gradients(gamma, x, h0, reverse, dtype, grad_h)
+    gamma, x, h0 = scan_inputs(sample, device, dtype, with_x, with_h0)
+    check_gradients(gamma, x, h0, reverse, dtype, draw(gamma.shape, device, dtype))
 
 
 @pytest.mark.grad
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("reverse", [False, True], ids=["forward", "reverse"])
-@pytest.mark.parametrize("layout", ["contiguous", "BHTd_transposed"])
-def test_scan_many_tiles(layout, reverse, dtype, device):
+@pytest.mark.parametrize("sample", params(SCAN_SAMPLES, "many_tiles"))
+def test_scan_many_tiles(sample, reverse, dtype, device):
     """T = 3079 (prime) spans several time tiles of the CUDA kernels (at most
     1024 steps each at this shape), so the carry between tiles is checked in
     every dtype."""
-    gamma, x, h0 = make_scan_inputs((2, 3079, 2, 40), device, dtype, True, True, layout)
-    grad_h = torch.randn(gamma.shape, device=device, dtype=torch.float64).to(dtype)
-    check_gradients(gamma, x, h0, reverse, dtype, grad_h)
+    gamma, x, h0 = scan_inputs(sample, device, dtype, True, True)
+    check_gradients(gamma, x, h0, reverse, dtype, draw(gamma.shape, device, dtype))
 
 
 @pytest.mark.grad
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("reverse", [False, True], ids=["forward", "reverse"])
-@pytest.mark.parametrize("layout", LAYOUTS[1:])
-def test_scan_gradients_strided(layout, reverse, device):
-    gamma, x, h0 = make_scan_inputs((2, 19, 3, 6), device, torch.float32, True, True, layout)
-    # An upstream gradient of another layout again, and one broadcast with stride 0.
-    grad_h = torch.randn(2, 3, 19, 6, device=device).transpose(1, 2)
+@pytest.mark.parametrize("sample", params(SCAN_SAMPLES, "strided_gradients"))
+def test_scan_gradients_strided(sample, reverse, device):
+    """Strided inputs; with the unfoldable layout, three channel dims whose
+    strides fold into no fewer than three groups (the kernels then copy the
+    inputs to contiguous ones)."""
+    gamma, x, h0 = scan_inputs(sample, device, torch.float32, True, True)
+    assert not gamma.is_contiguous()
+    # An upstream gradient in another layout again ([B, H, T, d] transposed, or
+    # contiguous), and one broadcast with stride 0.
+    other = Sample(tuple(gamma.shape), "BHTd_transposed" if gamma.dim() == 4 else "contiguous")
+    grad_h = scan_seq(other, device, torch.float32, "normal")
     check_gradients(gamma, x, h0, reverse, torch.float32, grad_h)
-    check_gradients(gamma, x, h0, reverse, torch.float32, torch.randn(6, device=device).expand(gamma.shape))
-
-
-@pytest.mark.grad
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("reverse", [False, True], ids=["forward", "reverse"])
-def test_scan_unfoldable_layout(reverse, device):
-    """Three channel dims whose strides fold into no fewer than three groups
-    (the kernels then copy the inputs to contiguous ones)."""
-    gamma = torch.rand(2, 4, 3, 5, 2, device=device).permute(0, 3, 2, 1, 4)
-    x = torch.randn(2, 4, 3, 5, 2, device=device).permute(0, 3, 2, 1, 4)
-    assert gamma.shape == (2, 5, 3, 4, 2)
-    check_gradients(gamma, x, torch.randn(2, 3, 4, 2, device=device), reverse, torch.float32, torch.randn(gamma.shape, device=device))
+    check_gradients(gamma, x, h0, reverse, torch.float32, draw(gamma.shape[-1], device, torch.float32).expand(gamma.shape))
 
 
 @pytest.mark.ops
 @pytest.mark.grad
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("reverse", [False, True], ids=["forward", "reverse"])
-@pytest.mark.parametrize("layout", ["contiguous", "BHTd_transposed"])
-def test_scan_large_outputs(layout, reverse, device):
+@pytest.mark.parametrize("sample", params(SCAN_SAMPLES, "large"))
+def test_scan_large_outputs(sample, reverse, device):
     """Outputs over 8 MiB, which the CPU kernels write with streaming stores;
     a channel count of 1025 leaves rows unaligned to 16 bytes."""
-    shape = (2, 1024, 1, 1025)
-    gamma, x, h0 = make_scan_inputs(shape, device, torch.float32, True, True, layout)
+    gamma, x, h0 = scan_inputs(sample, device, torch.float32, True, True)
     assert gamma.numel() * 4 >= 8 << 20
-    check_gradients(gamma, x, h0, reverse, torch.float32, torch.randn(shape, device=device))
+    check_gradients(gamma, x, h0, reverse, torch.float32, draw(gamma.shape, device, torch.float32))
 
 
 @pytest.mark.grad
 @pytest.mark.parametrize("device", DEVICES[1:])  # the C++ CPU kernels index in 64 bits throughout
 @pytest.mark.parametrize("reverse", [False, True], ids=["forward", "reverse"])
-def test_scan_offsets_past_int32(reverse, device):
+@pytest.mark.parametrize("sample", params(SCAN_SAMPLES, "int32_offsets"))
+def test_scan_offsets_past_int32(sample, reverse, device):
     """gamma with a time stride of over 2**30 elements, so that element offsets
     from a tile's first element pass 2**31 (the CUDA kernels then compute them
     in 64 bits). Its storage, 4 GiB of bfloat16, holds the elements in use and
     the gaps between them."""
-    T, C, time_stride = 3, 16, 2**30 + 64
+    (_, T, C), time_stride = sample.shape, 2**30 + 64
     storage = torch.zeros((T - 1) * time_stride + C, device=device, dtype=torch.bfloat16)
     gamma = storage.as_strided((1, T, C), (T * time_stride, time_stride, 1))
-    gamma.copy_(make_seq((1, T, C), "contiguous", device, torch.bfloat16, "gamma"))
-    _, x, h0 = make_scan_inputs((1, T, C), device, torch.bfloat16, True, True)
-    grad_h = torch.randn((1, T, C), device=device, dtype=torch.float64).to(torch.bfloat16)
+    gamma.copy_(draw((1, T, C), device, torch.bfloat16, "gamma"))
+    _, x, h0 = scan_inputs(sample, device, torch.bfloat16, True, True)
+    grad_h = draw((1, T, C), device, torch.bfloat16)
     check_gradients(gamma, x, h0, reverse, torch.bfloat16, grad_h)
 
 
 @pytest.mark.grad
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("reverse", [False, True], ids=["forward", "reverse"])
-@pytest.mark.parametrize("shape", [(1, 7, 3, 50), (2, 23, 3, 6)], ids=["B1_split_groups", "B2"])
-def test_scan_mixed_layouts(shape, reverse, device):
+@pytest.mark.parametrize("sample", params(SCAN_SAMPLES, "mixed_layouts"))
+def test_scan_mixed_layouts(sample, reverse, device):
     """Each tensor in its own layout: gamma a transposed [B, H, T, d] view, x
     contiguous, h0 a slice; B = 1 makes the CPU kernel split the channels of
     one batch row across threads mid-group."""
-    gamma = make_seq(shape, "BHTd_transposed", device, torch.float32, "gamma")
-    x = make_seq(shape, "contiguous", device, torch.float32, "x")
-    h0 = torch.randn(shape[0], shape[2], 2 * shape[3], device=device)[..., ::2]
-    check_gradients(gamma, x, h0, reverse, torch.float32, torch.randn(shape, device=device))
+    shape = sample.shape
+    gamma = scan_seq(Sample(shape, "BHTd_transposed"), device, torch.float32, "gamma")
+    x = scan_seq(sample, device, torch.float32, "normal")
+    h0 = draw((shape[0], shape[2], 2 * shape[3]), device, torch.float32)[..., ::2]
+    check_gradients(gamma, x, h0, reverse, torch.float32, draw(shape, device, torch.float32))
 
 
 @pytest.mark.grad
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_scan_pointer_alignment(dtype, device):
+@pytest.mark.parametrize("sample", params(SCAN_SAMPLES, "pointer_alignment"))
+def test_scan_pointer_alignment(sample, dtype, device):
     """Equal shapes and strides, with 16-byte aligned data, then data one
-    element off, then aligned again: Triton specializes a compiled kernel on
-    the alignment of each pointer, and the CUDA launchers keep the compiled
-    kernels of one launch plan by it."""
-    shape = (2, 21, 3, 33)
-    g_full = make_seq(shape, "contiguous", device, dtype, "gamma")
-    x_full = make_seq(shape, "contiguous", device, dtype, "x")
-    gh_full = make_seq(shape, "contiguous", device, dtype, "x")
-    h0_full = torch.randn(shape[0], *shape[2:], device=device, dtype=torch.float64).to(dtype)
+    element off, then aligned again (32 of the sample's 33 channels): Triton
+    specializes a compiled kernel on the alignment of each pointer, and the
+    CUDA launchers keep the compiled kernels of one launch plan by it."""
+    g_full, x_full, h0_full = scan_inputs(sample, device, dtype, True, True)
+    gh_full = draw(g_full.shape, device, dtype)
     for offset in (0, 1, 0):
         gamma, x, h0, grad_h = (t[..., offset:offset + 32] for t in (g_full, x_full, h0_full, gh_full))
         assert (gamma.data_ptr() % 16 == 0) == (offset == 0)
@@ -263,11 +212,11 @@ def test_scan_pointer_alignment(dtype, device):
 @pytest.mark.grad
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("reverse", [False, True], ids=["forward", "reverse"])
-@pytest.mark.parametrize("mode", MODES, ids=[m[0] for m in MODES])
-@pytest.mark.parametrize("layout", ["contiguous", "BHTd_transposed"])
-def test_scan_gradcheck(layout, mode, reverse, device):
+@pytest.mark.parametrize("mode", SCAN_MODES, ids=[m[0] for m in SCAN_MODES])
+@pytest.mark.parametrize("sample", params(SCAN_SAMPLES, "gradcheck"))
+def test_scan_gradcheck(sample, mode, reverse, device):
     _, with_x, with_h0 = mode
-    inputs = make_scan_inputs((2, 6, 2, 3), device, torch.float64, with_x, with_h0, layout)
+    inputs = scan_inputs(sample, device, torch.float64, with_x, with_h0)
     assert torch.autograd.gradcheck(*scan_of_given(inputs, reverse))
 
 
@@ -276,18 +225,19 @@ def test_scan_gradcheck(layout, mode, reverse, device):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
 @pytest.mark.parametrize("requires_grad", [False, True], ids=["no_grad", "requires_grad"])
 def test_scan_opcheck(requires_grad, dtype, device):
-    for args, kwargs in scan_samples(device, dtype, requires_grad):
+    for args, kwargs in opcheck_samples(device, dtype, requires_grad):
         torch.library.opcheck(torch.ops.mmrec.scan.default, args, kwargs)
 
 
 @pytest.mark.grad
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("reverse", [False, True], ids=["forward", "reverse"])
-@pytest.mark.parametrize("mode", MODES, ids=[m[0] for m in MODES])
-def test_scan_gradgradcheck(mode, reverse, device):
+@pytest.mark.parametrize("mode", SCAN_MODES, ids=[m[0] for m in SCAN_MODES])
+@pytest.mark.parametrize("sample", params(SCAN_SAMPLES, "gradgradcheck"))
+def test_scan_gradgradcheck(sample, mode, reverse, device):
     """Second derivatives, through scan_backward's own autograd formula."""
     _, with_x, with_h0 = mode
-    inputs = make_scan_inputs((2, 5, 3), device, torch.float64, with_x, with_h0)
+    inputs = scan_inputs(sample, device, torch.float64, with_x, with_h0)
     assert torch.autograd.gradgradcheck(*scan_of_given(inputs, reverse))
 
 
@@ -296,7 +246,7 @@ def test_scan_gradgradcheck(mode, reverse, device):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
 @pytest.mark.parametrize("requires_grad", [False, True], ids=["no_grad", "requires_grad"])
 def test_scan_backward_opcheck(requires_grad, dtype, device):
-    for (gamma, x, h0), kwargs in scan_samples(device, dtype, requires_grad=False):
+    for (gamma, x, h0), kwargs in opcheck_samples(device, dtype, requires_grad=False):
         h = mmrec_ops.scan(gamma, x, h0, **kwargs)
         grad_h = torch.randn_like(h)
         tensors = [t.requires_grad_(requires_grad) if t is not None else None for t in (grad_h, gamma, h, h0)]
@@ -313,22 +263,19 @@ def test_scan_compiles_without_graph_break(device):
 
     assert_compiled_matches_eager(
         loss_fn,
-        [[t.requires_grad_() for t in make_scan_inputs((2, T, 3, 4), device, torch.float32, True, True)] for T in (5, 11)],
+        [[t.requires_grad_() for t in scan_inputs(sample, device, torch.float32, True, True)]
+         for sample in entries(SCAN_SAMPLES, "compile")],
     )
 
 
 @pytest.mark.ops
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("reverse", [False, True], ids=["forward", "reverse"])
-@pytest.mark.parametrize(
-    "shape",
-    [(2, 0, 3), (0, 5, 3), (0, 0, 2, 2), (2, 5, 0), (2, 5, 3, 0), (2, 5, 0, 3)],
-    ids=["T0", "B0", "B0T0", "C0", "inner_C0", "outer_C0"],
-)
-def test_scan_empty(shape, reverse, device):
+@pytest.mark.parametrize("sample", params(SCAN_SAMPLES, "empty"))
+def test_scan_empty(sample, reverse, device):
     """Empty batch, time or channel dims give empty results (an empty channel
     dim once divided by zero in the CPU kernels' tiling)."""
-    gamma, x, h0 = make_scan_inputs(shape, device, torch.float32, True, True)
+    gamma, x, h0 = scan_inputs(sample, device, torch.float32, True, True)
     for args in ((gamma,), (gamma, x, h0)):
         leaves = [t.requires_grad_() for t in args]
         out = mmrec_ops.scan(*leaves, reverse=reverse)

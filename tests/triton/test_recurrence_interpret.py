@@ -2,7 +2,7 @@
 tensors (TRITON_INTERPRET=1), against the float64 reference: a broken CUDA
 kernel fails CI, which has no GPU.
 
-Inputs are those of tests/ops/test_recurrence.py (the model's regime: gamma in
+Inputs are those of tests/ops/samples.py (the model's regime: gamma in
 (0, 1), z standard normal, W of scale 1/sqrt(d)). Tolerances:
 
 - Output h, against recurrence_reference on float64 copies of the inputs:
@@ -36,7 +36,15 @@ import torch
 
 from mmrec_ops.reference import recurrence_reference
 from tests.helpers import DTYPES, INTERPRETER_ONLY, assert_close_rel, grad_tolerance, nan_poison, output_tolerance
-from tests.ops.test_recurrence import NAMES, draw, make_inputs, reference_with_grads
+from tests.ops.samples import (
+    RECURRENCE_NAMES,
+    RECURRENCE_SAMPLES,
+    draw,
+    params,
+    recurrence_grad_output,
+    recurrence_inputs,
+)
+from tests.ops.test_recurrence import reference_with_grads, wide_head_inputs
 
 pytestmark = [pytest.mark.triton, INTERPRETER_ONLY]
 OP = "recurrence"  # the launchers under test: mmrec_ops.triton.<OP> (the `interpreted` fixture)
@@ -53,7 +61,9 @@ def both_loops(interpreted, request, monkeypatch):
         for size, by_d in interpreted._CONFIG.items()
     }
     monkeypatch.setattr(interpreted, "_CONFIG", config)
-    return interpreted
+    interpreted._clear_plans()  # the plans are cached per shape, not per knob
+    yield interpreted
+    interpreted._clear_plans()
 
 
 def run_both(interpreted, inputs, grad_h):
@@ -92,52 +102,47 @@ def check_against_reference(interpreted, inputs, dtype, grad_h=None):
     ref_h, ref_grads = reference_with_grads(inputs, grad_h)
     assert_close_rel(h, ref_h, output_tolerance(dtype))
 
-    for name, grad, ref in zip(NAMES, grads, reference_at_saved_state(inputs, h, grad_h)):
+    for name, grad, ref in zip(RECURRENCE_NAMES, grads, reference_at_saved_state(inputs, h, grad_h)):
         assert grad.dtype == dtype and grad.is_contiguous(), name
         assert_close_rel(grad, ref, output_tolerance(dtype), what=f"grad of {name} (at the saved h)")
     if dtype in (torch.float32, torch.float64):
-        actual = dict(zip(NAMES, grads))
-        given = [name for name, t in zip(NAMES, inputs) if t is not None]
+        actual = dict(zip(RECURRENCE_NAMES, grads))
+        given = [name for name, t in zip(RECURRENCE_NAMES, inputs) if t is not None]
         for name, ref in zip(given, ref_grads):
             assert_close_rel(actual[name], ref, grad_tolerance(dtype), what=f"grad of {name}")
 
 
-# (name, [B, T, H, d]): T = 1, prime T, more than one batch tile of 16; d = 24 is
-# not a power of two (padded to 32 with masks).
-SHAPES = [
-    ("B1_T1_d16", (1, 1, 2, 16)),
-    ("B3_T13_d24", (3, 13, 2, 24)),
-    ("B17_T40_d64", (17, 40, 1, 64)),
-]
-
-
+# The table's triton entries: T = 1, prime T, more than one batch tile of 16;
+# d = 24 is not a power of two (padded to 32 with masks).
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("with_params", [False, True], ids=["plain", "bias_h0"])
-@pytest.mark.parametrize("shape", SHAPES, ids=[s[0] for s in SHAPES])
-def test_triton_recurrence_matches_reference(both_loops, shape, with_params, dtype):
-    check_against_reference(both_loops, make_inputs(shape[1], "cpu", dtype, with_params, with_params), dtype)
+@pytest.mark.parametrize("sample", params(RECURRENCE_SAMPLES, "triton"))
+def test_triton_recurrence_matches_reference(both_loops, sample, with_params, dtype):
+    check_against_reference(both_loops, recurrence_inputs(sample, "cpu", dtype, with_params, with_params), dtype)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("mode", [(True, False), (False, True)], ids=["bias_only", "h0_only"])
-def test_triton_recurrence_bias_or_h0(interpreted, mode, dtype):
-    check_against_reference(interpreted, make_inputs((3, 13, 2, 24), "cpu", dtype, *mode), dtype)
+@pytest.mark.parametrize("sample", params(RECURRENCE_SAMPLES, "triton_bias_or_h0"))
+def test_triton_recurrence_bias_or_h0(interpreted, sample, mode, dtype):
+    check_against_reference(interpreted, recurrence_inputs(sample, "cpu", dtype, *mode), dtype)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_triton_recurrence_strided(both_loops, dtype):
+@pytest.mark.parametrize("sample", params(RECURRENCE_SAMPLES, "triton_strided"))
+def test_triton_recurrence_strided(both_loops, sample, dtype):
     """z, gamma and grad_h as [B, H, T, d] seen through .transpose(1, 2), W as a
     per-head transpose, bias and h0 as every other element of wider tensors."""
-    B, T, H, d = 17, 7, 2, 24
-    inputs = make_inputs((B, T, H, d), "cpu", dtype, strided=True)
+    inputs = recurrence_inputs(sample, "cpu", dtype)
     assert not any(t.is_contiguous() for t in inputs)
-    check_against_reference(both_loops, inputs, dtype, draw((B, H, T, d), "cpu", dtype).transpose(1, 2))
+    check_against_reference(both_loops, inputs, dtype, recurrence_grad_output(sample, "cpu", dtype))
 
 
-def test_triton_recurrence_backward_reads_strided_h(interpreted):
+@pytest.mark.parametrize("sample", params(RECURRENCE_SAMPLES, "triton_saved_h"))
+def test_triton_recurrence_backward_reads_strided_h(interpreted, sample):
     """The saved h may come back to the backward in any layout."""
-    inputs = make_inputs((3, 5, 2, 16), "cpu", torch.float32)
-    grad_h = draw((3, 5, 2, 16), "cpu", torch.float32)
+    inputs = recurrence_inputs(sample, "cpu", torch.float32)
+    grad_h = recurrence_grad_output(sample, "cpu", torch.float32)
     h, grads = run_both(interpreted, inputs, grad_h)
     h_strided = h.transpose(1, 2).contiguous().transpose(1, 2)
     with nan_poison():
@@ -147,24 +152,23 @@ def test_triton_recurrence_backward_reads_strided_h(interpreted):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
-@pytest.mark.parametrize("d", [5, 80], ids=["d5", "d80"])
-def test_triton_recurrence_padded_head_width(interpreted, d, dtype):
+@pytest.mark.parametrize("sample", params(RECURRENCE_SAMPLES, "triton_padded"))
+def test_triton_recurrence_padded_head_width(interpreted, sample, dtype):
     """d below the smallest tile (16) and d = 80 padded to 128 (in float64 the
     backward then reads a gate computed beforehand instead of recomputing it)."""
-    inputs = make_inputs((2, 6, 1, d), "cpu", dtype)
-    check_against_reference(interpreted, inputs, dtype)
+    check_against_reference(interpreted, recurrence_inputs(sample, "cpu", dtype), dtype)
 
 
-@pytest.mark.parametrize("shape", [(2, 0, 3, 16), (0, 4, 3, 16)], ids=["T0", "B0"])
-def test_triton_recurrence_empty(interpreted, shape):
-    inputs = make_inputs(shape, "cpu", torch.float32)
-    h, (grad_z, grad_gamma, grad_w, grad_b, grad_h0) = run_both(interpreted, inputs, torch.ones(shape))
-    assert h.shape == grad_z.shape == grad_gamma.shape == shape
+@pytest.mark.parametrize("sample", params(RECURRENCE_SAMPLES, "triton_empty"))
+def test_triton_recurrence_empty(interpreted, sample):
+    inputs = recurrence_inputs(sample, "cpu", torch.float32)
+    h, (grad_z, grad_gamma, grad_w, grad_b, grad_h0) = run_both(interpreted, inputs, torch.ones(sample.shape))
+    assert h.shape == grad_z.shape == grad_gamma.shape == sample.shape
     for grad, t in ((grad_w, inputs[2]), (grad_b, inputs[3]), (grad_h0, inputs[4])):
         assert torch.equal(grad, torch.zeros_like(t)), "nothing reaches an output when T = 0 or B = 0"
 
 
 def test_triton_recurrence_rejects_wide_heads(interpreted):
-    inputs = make_inputs((1, 2, 1, interpreted.MAX_HEAD_DIM + 1), "cpu", torch.float32)
-    with pytest.raises(ValueError, match=r"head width d = 129 exceeds the supported 128"):
+    inputs, message = wide_head_inputs("cpu")
+    with pytest.raises(ValueError, match=message):
         interpreted.recurrence_forward(*inputs)

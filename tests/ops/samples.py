@@ -1,0 +1,235 @@
+"""The sample inputs of the op tests: one table per op, one function that draws
+an entry's inputs.
+
+Every test of an op (correctness against the float64 references, gradients,
+gradcheck, opcheck, compile, and the Triton kernels under the interpreter)
+takes its sizes and layouts from the op's table and its tensors from the op's
+input function, as pytorch/extension-cpp's sample_inputs feeds its
+correctness, gradient and opcheck tests alike. An entry names the tests that
+use it (`uses`), so that each keeps the sizes its cost allows (gradcheck and
+opcheck small ones, many_tiles a long one). A test's id carries the entry's
+sizes and layout, as fla's do: B2-T31-H3-d5, B2-T23-H3-d6-transposed.
+
+Inputs are drawn in float64 and rounded once to the dtype under test, in the
+regime the model runs in: gamma in (0, 1), the rest standard normal, the
+weight of the recurrence of scale 1/sqrt(d) (tests/ops/test_recurrence.py
+says why).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pytest
+import torch
+
+# Layouts of a [B, T, ...] tensor: its own contiguous storage, a [B, H, T, d]
+# storage seen through .transpose(1, 2), every other channel of a wider
+# tensor; for the recurrence, "strided" is all five inputs strided at once.
+LAYOUT_SUFFIX = {"contiguous": "", "BHTd_transposed": "-transposed", "channel_sliced": "-sliced",
+                 "unfoldable": "-unfoldable", "strided": "-strided"}
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One entry of an op's table: sizes [B, T, ...], layout, the tests that use it."""
+
+    shape: tuple[int, ...]
+    layout: str = "contiguous"
+    uses: tuple[str, ...] = ()
+
+    @property
+    def id(self) -> str:
+        """B2-T13 then the channel dims: D7 (one), H3-d5 (two), 3x4x2 (more)."""
+        B, T, *channels = self.shape
+        if len(channels) == 1:
+            dims = [f"D{channels[0]}"]
+        elif len(channels) == 2:
+            dims = [f"H{channels[0]}", f"d{channels[1]}"]
+        else:
+            dims = ["x".join(map(str, channels))] if channels else []
+        return "-".join([f"B{B}", f"T{T}", *dims]) + LAYOUT_SUFFIX[self.layout]
+
+
+def entries(table: list[Sample], use: str) -> list[Sample]:
+    """The entries of `table` that name `use`."""
+    found = [sample for sample in table if use in sample.uses]
+    assert found, f"no sample for {use}"
+    return found
+
+
+def params(table: list[Sample], use: str) -> list:
+    """entries(table, use) as pytest params, each with its id."""
+    return [pytest.param(sample, id=sample.id) for sample in entries(table, use)]
+
+
+def draw(shape, device, dtype, kind="normal"):
+    """float64 draws rounded to dtype: kind "gamma" in (0, 1), else standard normal."""
+    make = torch.rand if kind == "gamma" else torch.randn
+    return make(shape, dtype=torch.float64, device=device).to(dtype)
+
+
+# ---------------------------------------------------------------------------
+# mmrec::scan: gamma, x [B, T, ...], h0 [B, ...].
+
+# (name, x given, h0 given): every way scan's defaults combine.
+SCAN_MODES = [("cumprod", False, False), ("x", True, False), ("x_h0", True, True), ("h0", False, True)]
+FORWARD_AND_GRADIENTS = ("forward", "gradients")
+SCAN_SAMPLES = [
+    # T = 1, prime T, no channel dims (one tile and several), two channels,
+    # d not a power of two, many channels.
+    Sample((3, 1, 5), uses=FORWARD_AND_GRADIENTS),
+    Sample((2, 13, 7), uses=FORWARD_AND_GRADIENTS),
+    Sample((4, 9), uses=FORWARD_AND_GRADIENTS),
+    Sample((2, 601), uses=FORWARD_AND_GRADIENTS),
+    Sample((3, 29, 2), uses=FORWARD_AND_GRADIENTS),
+    Sample((2, 31, 3, 5), uses=FORWARD_AND_GRADIENTS),
+    Sample((2, 64, 4, 24), uses=(*FORWARD_AND_GRADIENTS, "other_device")),
+    Sample((1, 17, 1000), uses=FORWARD_AND_GRADIENTS),
+    # Strided inputs, every dtype (forward) and float32 (gradients).
+    Sample((2, 23, 3, 6), "BHTd_transposed", ("strided",)),
+    Sample((2, 23, 3, 6), "channel_sliced", ("strided",)),
+    Sample((2, 19, 3, 6), "BHTd_transposed", ("strided_gradients", "triton_int64")),
+    Sample((2, 19, 3, 6), "channel_sliced", ("strided_gradients",)),
+    # Three channel dims whose strides fold into no fewer than three groups.
+    Sample((2, 5, 3, 4, 2), "unfoldable", ("strided_gradients", "triton_unfoldable")),
+    # Each tensor in its own layout; B = 1 splits a batch row across threads.
+    Sample((1, 7, 3, 50), uses=("mixed_layouts",)),
+    Sample((2, 23, 3, 6), uses=("mixed_layouts",)),
+    # Data 16-byte aligned, then one element off (slices of a wider tensor).
+    Sample((2, 21, 3, 33), uses=("pointer_alignment",)),
+    # Element offsets past 2**31 (a time stride of over 2**30, on a GPU).
+    Sample((1, 3, 16), uses=("int32_offsets",)),
+    # T = 3079 (prime): several time tiles of the CUDA kernels.
+    Sample((2, 3079, 2, 40), uses=("many_tiles",)),
+    Sample((2, 3079, 2, 40), "BHTd_transposed", ("many_tiles",)),
+    # Outputs over 8 MiB (the CPU kernels' streaming stores), rows unaligned to 16 bytes.
+    Sample((2, 1024, 1, 1025), uses=("large",)),
+    Sample((2, 1024, 1, 1025), "BHTd_transposed", ("large",)),
+    # Small, for gradcheck (float64), gradgradcheck and opcheck.
+    Sample((2, 6, 2, 3), uses=("gradcheck",)),
+    Sample((2, 6, 2, 3), "BHTd_transposed", ("gradcheck",)),
+    Sample((2, 5, 3), uses=("gradgradcheck",)),
+    Sample((2, 7, 3), uses=("opcheck",)),
+    Sample((2, 5, 3, 4), "BHTd_transposed", ("opcheck",)),
+    Sample((3, 1, 2), uses=("opcheck",)),
+    # Two lengths of one graph, for torch.compile(dynamic=True).
+    Sample((2, 5, 3, 4), uses=("compile",)),
+    Sample((2, 11, 3, 4), uses=("compile",)),
+    # Empty time, batch or channel dims.
+    *(Sample(shape, uses=("empty",)) for shape in [(2, 0, 3), (0, 5, 3), (0, 0, 2, 2), (2, 5, 0), (2, 5, 3, 0),
+                                                   (2, 5, 0, 3)]),
+    # The Triton kernels under the interpreter: T = 1, prime T, no channel
+    # dims, d not a power of two; strided; more steps than one tile.
+    Sample((2, 1, 3), uses=("triton",)),
+    Sample((2, 37, 3, 5), uses=("triton",)),
+    Sample((3, 13), uses=("triton",)),
+    Sample((1, 20, 2, 24), uses=("triton",)),
+    Sample((2, 11, 3, 6), "BHTd_transposed", ("triton_strided",)),
+    Sample((2, 11, 3, 6), "channel_sliced", ("triton_strided",)),
+    Sample((1, 300, 4), uses=("triton_long",)),
+    Sample((2, 9, 4), uses=("triton_broadcast",)),
+    Sample((2, 19, 3, 6), uses=("triton_int64",)),
+    Sample((2, 0, 3), uses=("triton_empty",)),
+    Sample((0, 4, 3), uses=("triton_empty",)),
+]
+
+
+def scan_seq(sample: Sample, device, dtype, kind):
+    """One [B, T, ...] tensor of the sample's shape in its layout."""
+    shape = sample.shape
+    if sample.layout == "contiguous":
+        return draw(shape, device, dtype, kind)
+    if sample.layout == "BHTd_transposed":
+        B, T, H, d = shape
+        return draw((B, H, T, d), device, dtype, kind).transpose(1, 2)
+    if sample.layout == "channel_sliced":
+        return draw((*shape[:-1], 2 * shape[-1]), device, dtype, kind)[..., ::2]
+    if sample.layout == "unfoldable":  # [B, T, C1, C2, C3] from storage [B, C2, C1, T, C3]
+        B, T, C1, C2, C3 = shape
+        return draw((B, C2, C1, T, C3), device, dtype, kind).permute(0, 3, 2, 1, 4)
+    raise ValueError(sample.layout)
+
+
+def scan_inputs(sample: Sample, device, dtype, with_x: bool, with_h0: bool):
+    """(gamma, x, h0) of a scan sample; x and h0 None when not given. h0 is contiguous."""
+    gamma = scan_seq(sample, device, dtype, "gamma")
+    x = scan_seq(sample, device, dtype, "normal") if with_x else None
+    h0 = draw((sample.shape[0], *sample.shape[2:]), device, dtype) if with_h0 else None
+    return gamma, x, h0
+
+
+# ---------------------------------------------------------------------------
+# mmrec::recurrence: z, gamma [B, T, H, d], weight [H, d, d], bias [H, d], h0 [B, H, d].
+
+RECURRENCE_NAMES = ("z", "gamma", "weight", "bias", "h0")
+# (name, bias given, h0 given)
+RECURRENCE_MODES = [("plain", False, False), ("bias", True, False), ("h0", False, True), ("bias_h0", True, True)]
+RECURRENCE_SAMPLES = [
+    # T = 1, prime T with d = 7, d = 16, d not a power of two, d = 64 (the
+    # common case), d > 64.
+    Sample((3, 1, 2, 5), uses=FORWARD_AND_GRADIENTS),
+    Sample((2, 13, 3, 7), uses=FORWARD_AND_GRADIENTS),
+    Sample((2, 8, 2, 16), uses=FORWARD_AND_GRADIENTS),
+    Sample((1, 17, 2, 24), uses=FORWARD_AND_GRADIENTS),
+    Sample((2, 9, 2, 64), uses=(*FORWARD_AND_GRADIENTS, "other_device")),
+    Sample((2, 5, 1, 80), uses=FORWARD_AND_GRADIENTS),
+    Sample((2, 11, 3, 6), "strided", ("strided",)),
+    Sample((1, 4, 2, 64), "strided", ("strided",)),
+    # float32 over 4096 steps.
+    Sample((1, 4096, 2, 16), uses=("long",)),
+    # Small, for gradcheck (float64), second derivatives and opcheck.
+    Sample((2, 5, 2, 3), uses=("gradcheck", "second_derivatives")),
+    Sample((2, 5, 2, 3), "strided", ("gradcheck",)),
+    Sample((2, 7, 2, 5), uses=("opcheck",)),
+    Sample((2, 4, 3, 8), "strided", ("opcheck",)),
+    Sample((3, 1, 1, 4), uses=("opcheck",)),
+    Sample((2, 5, 3, 4), uses=("compile",)),
+    Sample((2, 11, 3, 4), uses=("compile",)),
+    *(Sample(shape, uses=("empty",)) for shape in [(2, 0, 3, 4), (0, 5, 3, 4), (0, 0, 2, 2), (2, 5, 3, 0),
+                                                   (2, 5, 0, 4)]),
+    # The Triton kernels under the interpreter: T = 1, prime T, more than one
+    # batch tile of 16, d = 24 (padded to 32); both parameters or one; strided;
+    # d below the smallest tile and d = 80 (padded to 128); empty.
+    Sample((1, 1, 2, 16), uses=("triton",)),
+    Sample((3, 13, 2, 24), uses=("triton", "triton_bias_or_h0")),
+    Sample((17, 40, 1, 64), uses=("triton",)),
+    Sample((17, 7, 2, 24), "strided", ("triton_strided",)),
+    Sample((3, 5, 2, 16), uses=("triton_saved_h",)),
+    Sample((2, 6, 1, 5), uses=("triton_padded",)),
+    Sample((2, 6, 1, 80), uses=("triton_padded",)),
+    Sample((2, 0, 3, 16), uses=("triton_empty",)),
+    Sample((0, 4, 3, 16), uses=("triton_empty",)),
+]
+
+
+def recurrence_inputs(sample: Sample, device, dtype, with_bias=True, with_h0=True):
+    """(z, gamma, weight, bias, h0) of a recurrence sample; bias and h0 None when
+    not given. "strided": z and gamma as [B, H, T, d] tensors seen through
+    .transpose(1, 2), the weight as a per-head transpose, bias and h0 as every
+    other element of wider tensors."""
+    B, T, H, d = sample.shape
+    if sample.layout == "strided":
+        z = draw((B, H, T, d), device, dtype).transpose(1, 2)
+        gamma = draw((B, H, T, d), device, dtype, "gamma").transpose(1, 2)
+        weight = (draw((H, d, d), device, torch.float64) / d**0.5).to(dtype).transpose(1, 2)
+        bias = draw((H, 2 * d), device, dtype)[:, ::2] if with_bias else None
+        h0 = draw((B, H, 2 * d), device, dtype)[..., ::2] if with_h0 else None
+    elif sample.layout == "contiguous":
+        z = draw((B, T, H, d), device, dtype)
+        gamma = draw((B, T, H, d), device, dtype, "gamma")
+        weight = (draw((H, d, d), device, torch.float64) / d**0.5).to(dtype)
+        bias = draw((H, d), device, dtype) if with_bias else None
+        h0 = draw((B, H, d), device, dtype) if with_h0 else None
+    else:
+        raise ValueError(sample.layout)
+    return z, gamma, weight, bias, h0
+
+
+def recurrence_grad_output(sample: Sample, device, dtype):
+    """An upstream gradient for h, in the sample's layout ([B, H, T, d]
+    transposed when strided)."""
+    B, T, H, d = sample.shape
+    if sample.layout == "strided":
+        return draw((B, H, T, d), device, dtype).transpose(1, 2)
+    return draw((B, T, H, d), device, dtype)
