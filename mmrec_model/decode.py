@@ -77,6 +77,7 @@ class BlockDecoder:
             window = state.window[:, tokens % (W - 1)].view(B, -1, 2, H, d).permute(2, 0, 3, 1, 4)
             self.cache[:, :, :, self.window_start + tokens % W] = window
         self.h, self.sums = state.h.clone(), state.sums.clone()
+        self.span_sum = self.sums.select(1, 0)  # level 0's running sum, [B, 2, D]
         # The weights as plain attributes: a module's attribute lookup costs as much as an op here.
         self.norm_mix, self.norm_ffn = [(norm.weight, norm.eps) for norm in (block.norm_mix, block.norm_ffn)]
         self.w_out = block.w_out.weight
@@ -119,7 +120,7 @@ class BlockDecoder:
         w0, b0, w2, b2 = self.ffn
         out = y + F.linear(F.gelu(F.linear(F.rms_norm(y, (D,), *self.norm_ffn), w0, b0)), w2, b2)
         if self.block.has_long_term:
-            self.add_to_memory(kv.unsqueeze(1), None if h is None else h.unsqueeze(1), position)
+            self.add_to_memory(kv, h, position)
         if h is not None:
             self.h = h
         return out
@@ -149,16 +150,16 @@ class BlockDecoder:
         return m
 
     def add_to_memory(self, kv: Tensor, h: Tensor | None, position: int) -> None:
-        """The running sums after the token, and the entries it completes into the rings
-        (``update_long_term_token``'s arithmetic, branching on the position)."""
-        block, S = self.block, self.config.segment_len
+        """The running sums after the token's kv ``[B, 2, D]`` (its state h ``[B, H, d]``),
+        and the entries it completes into the rings (``update_long_term_token``'s
+        arithmetic, branching on the position)."""
+        block, S, end = self.block, self.config.segment_len, position + 1
         if block.learned_entries is not None:
-            kv = block.learned_entries.weigh(kv, torch.tensor([position % S], device=kv.device))
-        x, end = kv[:, 0].to(self.sums.dtype), position + 1
+            kv = block.learned_entries.weigh(kv.unsqueeze(1), torch.tensor([position % S], device=kv.device))[:, 0]
         if position % S == 0:
-            self.sums.select(1, 0).copy_(x)
+            self.span_sum.copy_(kv)
         else:
-            self.sums.select(1, 0).add_(x)
+            self.span_sum.add_(kv)
         for level in range(1, self.sums.shape[1]):
             child_width = span_len(S, level - 1)
             if end % child_width:
@@ -172,11 +173,12 @@ class BlockDecoder:
             self.write(self.ring_start + slot, self.entry(means, h)[:, 0])
 
     def entry(self, means: Tensor, h: Tensor | None) -> Tensor:
-        """What an entry of means ``[B, 1, 2, D]`` holds (``MMRecConfig.entry_summary``)."""
+        """What an entry of means ``[B, 1, 2, D]`` holds (``MMRecConfig.entry_summary``), h ``[B, H, d]``
+        the state of the token that completes it."""
         if self.block.learned_entries is not None:
             return self.block.learned_entries.finish(0, means)
         if self.block.entry_summary == "state":
-            return torch.stack([means[:, :, 0], h.flatten(-2).to(means.dtype)], dim=2)
+            return torch.stack([means[:, :, 0], h.flatten(-2).unsqueeze(1).to(means.dtype)], dim=2)
         return means
 
     def state(self, position: int) -> BlockState:
