@@ -77,7 +77,7 @@ class BlockDecoder:
             window = state.window[:, tokens % (W - 1)].view(B, -1, 2, H, d).permute(2, 0, 3, 1, 4)
             self.cache[:, :, :, self.window_start + tokens % W] = window
         self.h, self.sums = state.h.clone(), state.sums.clone()
-        self.span_sum = self.sums.select(1, 0)  # level 0's running sum, [B, 2, D]
+        self.span_sum = self.sums[:, 0] if block.has_long_term else None  # level 0's running sum, [B, 2, D]
         # The weights as plain attributes: a module's attribute lookup costs as much as an op here.
         self.norm_mix, self.norm_ffn = [(norm.weight, norm.eps) for norm in (block.norm_mix, block.norm_ffn)]
         self.w_out = block.w_out.weight
@@ -215,7 +215,6 @@ class Decoder:
         # The read's mask as scores to add, [1, K]: 0 where a slot holds a key, else -inf.
         self.mask = torch.zeros(1, len(self.initial_mask()), device=state.position.device)
         self.mask.masked_fill_(~self.initial_mask().to(self.mask.device), float("-inf"))
-        self.embed, self.norm = model.embed.weight, (model.norm.weight, model.norm.eps)
 
     def initial_mask(self) -> Tensor:
         """``[K]``: the slots that hold a key before the next token writes its own."""
@@ -227,19 +226,18 @@ class Decoder:
 
     @torch.inference_mode()
     def step(self, token: Tensor) -> Tensor:
-        """token ``[B, 1]`` at the current position -> logits ``[B, V]``; ``MMRecModel.head``
-        and its embedding, inlined."""
+        """token ``[B, 1]`` at the current position -> logits ``[B, V]``."""
         c = self.config
         if self.position < c.window:  # later, every window slot holds a key already
             self.mask[0, c.persistent_slots + c.n_levels * c.level_slots + self.position] = 0
-        x = F.embedding(token[:, 0], self.embed)
+        x = self.model.embed(token).squeeze(1)
         for block in self.blocks:
             x = block.step(x, self.position, self.mask)
         # After every block's read: the entries the token completed are for the next ones.
         for _, slot in completed_slots(c, self.position):
             self.mask[0, c.persistent_slots + slot] = 0
         self.position += 1
-        return F.linear(F.rms_norm(x, (c.dim,), *self.norm), self.embed)
+        return self.model.head(x)
 
     def state(self) -> MemoryState:
         position = torch.tensor(self.position, device=self.mask.device)
