@@ -62,8 +62,9 @@ class KVCache:
     def __init__(self, config: TransformerConfig, batch_size: int, max_len: int, device, dtype):
         d = config.dim // config.n_heads
         shape = (batch_size, config.n_heads, max_len, d)
-        self.keys = [torch.empty(shape, device=device, dtype=dtype) for _ in range(config.n_layers)]
-        self.values = [torch.empty(shape, device=device, dtype=dtype) for _ in range(config.n_layers)]
+        # Zeros, not empty: StaticDecoder reads every slot (masked), and 0 * NaN would be NaN.
+        self.keys = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layers)]
+        self.values = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layers)]
         self.length = 0
 
     def nbytes(self, length: int | None = None) -> int:
@@ -94,10 +95,27 @@ class Block(nn.Module):
         nn.init.normal_(self.ffn[2].weight, std=residual_std)
         nn.init.zeros_(self.ffn[2].bias)
 
+    def rotated_qkv(self, x: Tensor, rotation: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+        """q, k (rotated), v ``[B, H, T, d]`` of x ``[B, T, D]``."""
+        q, k, v = (t.unflatten(-1, (self.n_heads, -1)).transpose(1, 2) for t in self.qkv(self.norm_attn(x)).chunk(3, -1))
+        return rotate(q, *rotation), rotate(k, *rotation), v
+
+    def residual(self, x: Tensor, attn: Tensor) -> Tensor:
+        """The block's output from its input x ``[B, T, D]`` and attention ``[B, H, T, d]``."""
+        x = x + self.proj(attn.transpose(1, 2).flatten(-2))
+        return x + self.ffn(self.norm_ffn(x))
+
+    def decode(self, x: Tensor, rotation, keys: Tensor, values: Tensor, position: Tensor, mask: Tensor) -> Tensor:
+        """One token x ``[B, 1, D]`` at ``position`` (``[1]``, a tensor) against the whole
+        preallocated cache ``[B, H, T_max, d]``, the slots after it masked out (``mask``)."""
+        q, k, v = self.rotated_qkv(x, rotation)
+        keys.index_copy_(2, position, k)
+        values.index_copy_(2, position, v)
+        return self.residual(x, F.scaled_dot_product_attention(q, keys, values, attn_mask=mask))
+
     def forward(self, x: Tensor, rotation: tuple[Tensor, Tensor], cache: KVCache | None = None, layer: int = 0) -> Tensor:
         """x ``[B, T, D]``; rotation: cos and sin of x's positions (``rotary_tables``)."""
-        q, k, v = (t.unflatten(-1, (self.n_heads, -1)).transpose(1, 2) for t in self.qkv(self.norm_attn(x)).chunk(3, -1))
-        q, k = rotate(q, *rotation), rotate(k, *rotation)
+        q, k, v = self.rotated_qkv(x, rotation)
         if self.window is not None:
             # The window function takes and returns [B, T, H, d], and views its inputs as blocks.
             qkv = (t.transpose(1, 2).contiguous() for t in (q, k, v))
@@ -114,8 +132,7 @@ class Block(nn.Module):
             # it builds a new plan for every cache length (milliseconds per token).
             with sdpa_kernel(DECODE_BACKENDS):
                 attn = F.scaled_dot_product_attention(q, keys, values, is_causal=x.shape[1] > 1)
-        x = x + self.proj(attn.transpose(1, 2).flatten(-2))
-        return x + self.ffn(self.norm_ffn(x))
+        return self.residual(x, attn)
 
 
 class Transformer(nn.Module):
@@ -146,3 +163,33 @@ class Transformer(nn.Module):
         if cache is not None:
             cache.length += ids.shape[1]
         return F.linear(self.norm(x), self.embed.weight)
+
+
+class StaticDecoder(nn.Module):
+    """``model``'s one-token step against ``cache`` (filled by a prompt through
+    ``model(ids, cache)``) with static shapes, gpt-fast's layout: the cache's tensors as
+    buffers (fixed addresses), the position a tensor ``[1]``, every slot read under a mask,
+    so that ``torch.compile(decoder, mode="reduce-overhead")`` runs one CUDA graph at
+    every position. The comparison's counterpart to MM-Rec's CUDA-graph decoding.
+
+        decoder = torch.compile(StaticDecoder(model, cache), mode="reduce-overhead", fullgraph=True)
+        logits = decoder(token, position)    # token [B, 1], position [1] -> logits [B, V]
+    """
+
+    def __init__(self, model: Transformer, cache: KVCache):
+        super().__init__()
+        self.model = model
+        for layer, (keys, values) in enumerate(zip(cache.keys, cache.values)):
+            self.register_buffer(f"keys_{layer}", keys, persistent=False)
+            self.register_buffer(f"values_{layer}", values, persistent=False)
+        self.register_buffer("slots", torch.arange(cache.keys[0].shape[2], device=cache.keys[0].device), persistent=False)
+
+    def forward(self, token: Tensor, position: Tensor) -> Tensor:
+        model = self.model
+        x = model.embed(token)
+        rotation = rotary_tables(position, model.config.dim // model.config.n_heads, model.config.rope_base)
+        mask = (self.slots <= position).unsqueeze(0)  # [1, T_max]: the query row of [B, H, 1, T_max]
+        for layer, block in enumerate(model.blocks):
+            keys, values = getattr(self, f"keys_{layer}"), getattr(self, f"values_{layer}")
+            x = block.decode(x, rotation, keys, values, position, mask)
+        return F.linear(model.norm(x), model.embed.weight)[:, -1]

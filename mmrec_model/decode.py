@@ -10,11 +10,18 @@ then adds itself to the running sums; a long-term entry is written only by the t
 completes it, once in S tokens. The position is a Python int: which entries complete, and
 which slots hold keys, are host arithmetic, not ops. ``state`` gives the state back in the
 model's format, equal to what ``MMRecModel.forward`` returns for the same tokens.
+
+On CUDA the step can run as CUDA graphs (``cuda_graphs=True``): the host decisions a
+position makes (which running sums restart, how many entries complete: a ``TokenPlan``)
+pick one of a few graphs, each captured the second time its plan comes (the first runs
+eagerly, the graph's warm-up), and the slots the token writes are computed on the device
+from a position counter that the graph advances, so that one graph serves every position
+with its plan. ``load`` puts another state into the same buffers: the graphs stay valid.
 """
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -45,16 +52,51 @@ def fused_mdi(mdi, w_in: Tensor) -> tuple[Tensor, Tensor, Callable[[Tensor], Ten
     return rows, torch.cat([A[0].bias, C[0].bias]), decay
 
 
-def completed_slots(config, position: int) -> list[tuple[int, int]]:
-    """(level, ring slot l M + i mod M) of each entry i that the token at ``position``
-    completes: the last token of its span."""
-    slots, end = [], position + 1
-    for level in range(config.n_levels):
-        width = span_len(config.segment_len, level)
-        if end % width:
-            break
-        slots.append((level, level * config.level_slots + (end // width - 1) % config.level_slots))
-    return slots
+class TokenPlan(NamedTuple):
+    """What the token at a position does to the long-term memory, a function of the
+    position alone: the host's branches of a step, one CUDA graph per distinct plan."""
+
+    starts_span: bool  # position % S == 0: level 0's running sum restarts with this token
+    restarts: tuple[bool, ...]  # levels 1, 2, ... whose child just completed: their sums restart?
+    completed: int  # the entries of levels 0 .. completed - 1 complete with this token
+
+
+def token_plan(config, position: int) -> TokenPlan:
+    """The plan of the token at ``position``: a level-l entry completes at the end of each
+    span of S 4^l tokens; level l's sum restarts with the first of its 4 children."""
+    S, end, completed = config.segment_len, position + 1, 0
+    while completed < config.n_levels and end % span_len(S, completed) == 0:
+        completed += 1
+    parents = range(1, min(completed + 1, config.n_levels))
+    restarts = tuple((end // span_len(S, level - 1) - 1) % BRANCHING == 0 for level in parents)
+    return TokenPlan(position % S == 0, restarts, completed)
+
+
+class TokenSlots(NamedTuple):
+    """Where the token writes, as cache (and mask) slot indices: Python ints on the eager
+    path, int64 tensors ``[1]`` on the device in a CUDA graph."""
+
+    window: int | Tensor  # its own key and value: P + L M + position mod W
+    rings: tuple[int | Tensor, ...]  # the entry completed at each level l < plan.completed
+    phase: int | Tensor  # position mod S, its place in its level-0 span
+
+
+def token_slots(config, position, plan: TokenPlan) -> TokenSlots:
+    """The slots of the token at ``position`` (an int, or a device tensor ``[1]``):
+    level l's entry i = (position + 1) // (S 4^l) - 1 sits in ring slot l M + i mod M."""
+    P, L, M, W, S = (config.persistent_slots, config.n_levels, config.level_slots, config.window,
+                     config.segment_len)  # fmt: skip
+    window = P + L * M + position % W if W > 0 else None
+    rings = tuple(P + level * M + ((position + 1) // span_len(S, level) - 1) % M for level in range(plan.completed))
+    return TokenSlots(window, rings, position % S)
+
+
+def open_slot(mask: Tensor, slot: int | Tensor) -> None:
+    """Marks cache slot ``slot`` as holding a key in the additive mask ``[1, K]``."""
+    if isinstance(slot, Tensor):
+        mask.index_fill_(1, slot, 0.0)
+    else:
+        mask[0, slot] = 0
 
 
 class BlockDecoder:
@@ -67,17 +109,9 @@ class BlockDecoder:
         self.ring_start, self.window_start = P, P + L * M
         # [2, B, H, K, d]: keys, values.
         self.cache = torch.zeros(2, B, H, P + L * M + W, d, dtype=state.h.dtype, device=state.h.device)
-        for i in (0, 1):
-            self.cache[i][:, :, :P] = block.memory.persistent[:, i].detach().view(P, H, d).transpose(0, 1)
-            rings = state.memory[:, :, :, i].reshape(B, L * M, H, d).transpose(1, 2)
-            self.cache[i][:, :, P : P + L * M] = rings
-        kept = max(W - 1, 0)
-        tokens = torch.arange(max(position - kept, 0), position, device=state.h.device)  # in the working memory
-        if kept and len(tokens):
-            window = state.window[:, tokens % (W - 1)].view(B, -1, 2, H, d).permute(2, 0, 3, 1, 4)
-            self.cache[:, :, :, self.window_start + tokens % W] = window
-        self.h, self.sums = state.h.clone(), state.sums.clone()
+        self.h, self.sums = torch.empty_like(state.h), torch.empty_like(state.sums)
         self.span_sum = self.sums[:, 0] if block.has_long_term else None  # level 0's running sum, [B, 2, D]
+        self.load(state, position)
         # The weights as plain attributes: a module's attribute lookup costs as much as an op here.
         self.norm_mix, self.norm_ffn = [(norm.weight, norm.eps) for norm in (block.norm_mix, block.norm_ffn)]
         self.w_out = block.w_out.weight
@@ -95,14 +129,35 @@ class BlockDecoder:
             rows, biases = rows + [block.read_gate.weight], biases + [block.read_gate.bias]
         self.w_in, self.b_in = torch.cat(rows), torch.cat(biases)
 
-    def write(self, slot: int, kv: Tensor) -> None:
-        """kv ``[B, 2, D]`` into cache slot ``slot``."""
-        self.cache.select(3, slot).copy_(kv.view(kv.shape[0], 2, *self.heads).transpose(0, 1))
+    def load(self, state: BlockState, position: int) -> None:
+        """Fills the buffers, in place, from ``state`` (after ``position`` tokens)."""
+        block, config, (H, d) = self.block, self.config, self.heads
+        B, P, L, M, W = state.h.shape[0], config.persistent_slots, config.n_levels, config.level_slots, config.window
+        self.cache.zero_()
+        for i in (0, 1):
+            self.cache[i][:, :, :P] = block.memory.persistent[:, i].detach().view(P, H, d).transpose(0, 1)
+            rings = state.memory[:, :, :, i].reshape(B, L * M, H, d).transpose(1, 2)
+            self.cache[i][:, :, P : P + L * M] = rings
+        kept = max(W - 1, 0)
+        tokens = torch.arange(max(position - kept, 0), position, device=state.h.device)  # in the working memory
+        if kept and len(tokens):
+            window = state.window[:, tokens % (W - 1)].view(B, -1, 2, H, d).permute(2, 0, 3, 1, 4)
+            self.cache[:, :, :, self.window_start + tokens % W] = window
+        self.h.copy_(state.h)
+        self.sums.copy_(state.sums)
 
-    def step(self, x: Tensor, position: int, mask: Tensor) -> Tensor:
-        """x ``[B, D]`` of the token at ``position`` -> the block's output ``[B, D]``;
-        ``mask`` ``[1, K]``: 0 on the slots that hold a key, this token's included, -inf
-        elsewhere (added to the scores).
+    def write(self, slot: int | Tensor, kv: Tensor) -> None:
+        """kv ``[B, 2, D]`` into cache slot ``slot``."""
+        kv = kv.view(kv.shape[0], 2, *self.heads).transpose(0, 1)
+        if isinstance(slot, Tensor):
+            self.cache.index_copy_(3, slot, kv.unsqueeze(3).to(self.cache.dtype))
+        else:
+            self.cache.select(3, slot).copy_(kv)
+
+    def step(self, x: Tensor, plan: TokenPlan, slots: TokenSlots, mask: Tensor) -> Tensor:
+        """x ``[B, D]`` of a token -> the block's output ``[B, D]``; ``mask`` ``[1, K]``: 0 on
+        the slots that hold a key, this token's included, -inf elsewhere (added to the
+        scores).
 
         ``MMRecBlock.forward``'s maths for one token, written with the functional ops
         (a module call costs more than its op at this size)."""
@@ -112,7 +167,7 @@ class BlockDecoder:
         q, z = projected[:, :D].view(B, H, d), projected[:, 3 * D : 4 * D].view(B, H, d)
         kv = projected[:, D : 3 * D].view(B, 2, D)
         if self.window > 0:
-            self.write(self.window_start + position % self.window, kv)
+            self.write(slots.window, kv)
         gates = torch.sigmoid(projected[:, 4 * D + self.n_mdi :]).view(B, H, 2) if self.gated else None
         m = self.read(q, mask, gates)
         h = None if self.mode == "none" else self.recurrence(projected[:, 4 * D : 4 * D + self.n_mdi], z)
@@ -120,9 +175,9 @@ class BlockDecoder:
         w0, b0, w2, b2 = self.ffn
         out = y + F.linear(F.gelu(F.linear(F.rms_norm(y, (D,), *self.norm_ffn), w0, b0)), w2, b2)
         if self.block.has_long_term:
-            self.add_to_memory(kv, h, position)
+            self.add_to_memory(kv, h, plan, slots)
         if h is not None:
-            self.h = h
+            self.h.copy_(h)
         return out
 
     def recurrence(self, mdi_hidden: Tensor, z: Tensor) -> Tensor:
@@ -149,28 +204,26 @@ class BlockDecoder:
             m = m + gates[..., :1] * working.squeeze(2)
         return m
 
-    def add_to_memory(self, kv: Tensor, h: Tensor | None, position: int) -> None:
+    def add_to_memory(self, kv: Tensor, h: Tensor | None, plan: TokenPlan, slots: TokenSlots) -> None:
         """The running sums after the token's kv ``[B, 2, D]`` (its state h ``[B, H, d]``),
         and the entries it completes into the rings (``update_long_term_token``'s
-        arithmetic, branching on the position)."""
-        block, S, end = self.block, self.config.segment_len, position + 1
-        if block.learned_entries is not None:
-            kv = block.learned_entries.weigh(kv.unsqueeze(1), torch.tensor([position % S], device=kv.device))[:, 0]
-        if position % S == 0:
+        arithmetic, branching on the plan)."""
+        S = self.config.segment_len
+        if self.block.learned_entries is not None:
+            phase = slots.phase if isinstance(slots.phase, Tensor) else torch.tensor([slots.phase], device=kv.device)
+            kv = self.block.learned_entries.weigh(kv.unsqueeze(1), phase)[:, 0]
+        if plan.starts_span:
             self.span_sum.copy_(kv)
         else:
             self.span_sum.add_(kv)
-        for level in range(1, self.sums.shape[1]):
-            child_width = span_len(S, level - 1)
-            if end % child_width:
-                break
-            if (end // child_width - 1) % BRANCHING == 0:
+        for level, restart in enumerate(plan.restarts, start=1):
+            if restart:
                 self.sums[:, level] = self.sums[:, level - 1]
             else:
                 self.sums[:, level] += self.sums[:, level - 1]
-        for level, slot in completed_slots(self.config, position):
+        for level, slot in enumerate(slots.rings):
             means = self.sums[:, level : level + 1] / span_len(S, level)
-            self.write(self.ring_start + slot, self.entry(means, h)[:, 0])
+            self.write(slot, self.entry(means, h)[:, 0])
 
     def entry(self, means: Tensor, h: Tensor | None) -> Tensor:
         """What an entry of means ``[B, 1, 2, D]`` holds (``MMRecConfig.entry_summary``), h ``[B, H, d]``
@@ -202,19 +255,32 @@ class Decoder:
         decoder = Decoder(model, state)
         logits = decoder.step(token)        # token [B, 1] -> logits [B, V]; in place
         state = decoder.state()             # the model's MemoryState after those tokens
+        decoder.load(other_state)           # the same buffers (and graphs), another state
 
     The same logits and state as ``model(token, state)`` token after token (float32
-    rounding), in inference mode (its logits are inference tensors).
+    rounding), in inference mode (its logits are inference tensors). ``cuda_graphs``
+    (a model on CUDA): ``step`` replays CUDA graphs of ``static_step``.
     """
 
-    def __init__(self, model, state: MemoryState):
-        self.model, self.config = model, model.config
+    def __init__(self, model, state: MemoryState, cuda_graphs: bool = False):
+        device = state.position.device
+        if cuda_graphs and device.type != "cuda":
+            raise ValueError(f"Decoder: cuda_graphs needs a model and state on CUDA, got a state on {device}")
+        self.model, self.config, self.cuda_graphs = model, model.config, cuda_graphs
         self.position = int(state.position)
         with torch.no_grad():
             self.blocks = [BlockDecoder(b, s, self.position, self.config) for b, s in zip(model.blocks, state.blocks)]
         # The read's mask as scores to add, [1, K]: 0 where a slot holds a key, else -inf.
-        self.mask = torch.zeros(1, len(self.initial_mask()), device=state.position.device)
-        self.mask.masked_fill_(~self.initial_mask().to(self.mask.device), float("-inf"))
+        self.mask = torch.empty(1, len(self.initial_mask()), device=device)
+        # static_step's inputs: the token, and the position as the device sees it (its
+        # graphs advance it; ``device_position_at`` is the host's copy of its value).
+        B = state.blocks[0].h.shape[0]
+        self.token = torch.zeros(B, 1, dtype=torch.int64, device=device)
+        self.device_position = torch.zeros(1, dtype=torch.int64, device=device)
+        self.device_position_at = None
+        self.graphs: dict[TokenPlan, tuple[torch.cuda.CUDAGraph, Tensor]] = {}
+        self.warmed_up: set[TokenPlan] = set()
+        self.load_mask()
 
     def initial_mask(self) -> Tensor:
         """``[K]``: the slots that hold a key before the next token writes its own."""
@@ -224,20 +290,91 @@ class Decoder:
         parts = [torch.ones(c.persistent_slots, dtype=torch.bool), *rings, torch.as_tensor(window, dtype=torch.bool)]
         return torch.cat(parts)
 
+    def load_mask(self) -> None:
+        self.mask.zero_().masked_fill_(~self.initial_mask().to(self.mask.device), float("-inf"))
+
+    @torch.no_grad()
+    def load(self, state: MemoryState) -> None:
+        """Decode from ``state`` (of this batch size) on: its values into the same buffers."""
+        if state.blocks[0].h.shape != self.blocks[0].h.shape:
+            raise ValueError(f"Decoder.load: expected a state of batch size {self.token.shape[0]}, "
+                             f"got {state.blocks[0].h.shape[0]}")  # fmt: skip
+        self.position = int(state.position)
+        for block, block_state in zip(self.blocks, state.blocks):
+            block.load(block_state, self.position)
+        self.load_mask()
+
+    def advance(self, token: Tensor, plan: TokenPlan, slots: TokenSlots) -> Tensor:
+        """The token ``[B, 1]`` through every block -> logits ``[B, V]``."""
+        c = self.config
+        if c.window > 0 and (isinstance(slots.window, Tensor) or self.position < c.window):
+            open_slot(self.mask, slots.window)  # later, every window slot holds a key already
+        x = self.model.embed(token).squeeze(1)
+        for block in self.blocks:
+            x = block.step(x, plan, slots, self.mask)
+        # After every block's read: the entries the token completed are for the next ones.
+        for slot in slots.rings:
+            open_slot(self.mask, slot)
+        return self.model.head(x)
+
     @torch.inference_mode()
     def step(self, token: Tensor) -> Tensor:
         """token ``[B, 1]`` at the current position -> logits ``[B, V]``."""
-        c = self.config
-        if self.position < c.window:  # later, every window slot holds a key already
-            self.mask[0, c.persistent_slots + c.n_levels * c.level_slots + self.position] = 0
-        x = self.model.embed(token).squeeze(1)
-        for block in self.blocks:
-            x = block.step(x, self.position, self.mask)
-        # After every block's read: the entries the token completed are for the next ones.
-        for _, slot in completed_slots(c, self.position):
-            self.mask[0, c.persistent_slots + slot] = 0
+        plan = token_plan(self.config, self.position)
+        if self.cuda_graphs:
+            logits = self.replay(token, plan)
+        else:
+            logits = self.advance(token, plan, token_slots(self.config, self.position, plan))
         self.position += 1
-        return self.model.head(x)
+        return logits
+
+    @torch.inference_mode()
+    def static_step(self, token: Tensor) -> Tensor:
+        """``step``'s maths as its CUDA graphs run it, eagerly, on any device: the buffers
+        updated in place, the slots computed on the device from ``device_position``."""
+        self.sync_position()
+        self.token.copy_(token)
+        logits = self.static_advance(token_plan(self.config, self.position))
+        self.position += 1
+        return logits
+
+    def sync_position(self) -> None:
+        if self.device_position_at != self.position:
+            self.device_position.fill_(self.position)
+        self.device_position_at = self.position + 1  # after this token's step
+
+    def static_advance(self, plan: TokenPlan) -> Tensor:
+        """``self.token`` through ``advance``, then ``device_position`` + 1: a graph's body."""
+        logits = self.advance(self.token, plan, token_slots(self.config, self.device_position, plan))
+        self.device_position.add_(1)
+        return logits
+
+    def replay(self, token: Tensor, plan: TokenPlan) -> Tensor:
+        """``static_step`` of the token through the graph of its plan: the first token of a
+        plan runs it eagerly on a side stream (the warm-up that CUDA graphs want), the
+        second captures it."""
+        self.sync_position()
+        self.token.copy_(token)
+        if plan not in self.graphs:
+            if plan not in self.warmed_up:
+                self.warmed_up.add(plan)
+                return self.warm_up(plan)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                logits = self.static_advance(plan)
+            self.graphs[plan] = graph, logits
+        graph, logits = self.graphs[plan]
+        graph.replay()
+        return logits.clone()  # the next replay overwrites the graph's output
+
+    def warm_up(self, plan: TokenPlan) -> Tensor:
+        current, side = torch.cuda.current_stream(), torch.cuda.Stream()
+        side.wait_stream(current)
+        with torch.cuda.stream(side):
+            logits = self.static_advance(plan)
+        current.wait_stream(side)
+        logits.record_stream(current)
+        return logits
 
     def state(self) -> MemoryState:
         position = torch.tensor(self.position, device=self.mask.device)

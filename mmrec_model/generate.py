@@ -49,10 +49,13 @@ class Sampling:
     seed: int = 0
 
 
-def sample_tokens(model, prompt: str, max_new_tokens: int, sampling: Sampling, num_samples: int = 1) -> Iterator[list[int]]:
+def sample_tokens(
+    model, prompt: str, max_new_tokens: int, sampling: Sampling, num_samples: int = 1, cuda_graphs: bool | None = None
+) -> Iterator[list[int]]:
     """The bytes sampled after `prompt`, one list of `num_samples` (one per sample, a
     batch row each) per step, as they come; reproducible for a given seed (a generator
-    of its own, on the model's device, so nothing else's random numbers change)."""
+    of its own, on the model's device, so nothing else's random numbers change).
+    `cuda_graphs`: ``MMRecModel.stream``'s (None: on CUDA)."""
     if not prompt:
         raise ValueError("prompt: expected at least one character to continue")
     device = next(model.parameters()).device
@@ -61,7 +64,8 @@ def sample_tokens(model, prompt: str, max_new_tokens: int, sampling: Sampling, n
     was_training = model.training
     model.eval()
     try:
-        stream = model.stream(ids, max_new_tokens, sampling.temperature, sampling.top_k, None, sampling.top_p, generator)
+        stream = model.stream(ids, max_new_tokens, sampling.temperature, sampling.top_k, None, sampling.top_p, generator,
+                              cuda_graphs)
         for token in stream:
             yield token[:, 0].tolist()
     finally:
@@ -95,6 +99,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="samples of the same prompt, generated together as a batch (default: 1)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the sampling (default: 0)")
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="auto: CUDA when available")
+    parser.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false", default=None,
+                        help="on CUDA, launch each step op by op instead of replaying CUDA graphs")
     return parser
 
 
@@ -123,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     sampling = Sampling(args.temperature, args.top_k or None, args.top_p if args.top_p < 1 else None, args.seed)
     started = time.perf_counter()
-    tokens = sample_tokens(model, args.prompt, args.max_new_tokens, sampling, args.num_samples)
+    tokens = sample_tokens(model, args.prompt, args.max_new_tokens, sampling, args.num_samples, args.cuda_graphs)
     if args.num_samples == 1:
         print_stream(args.prompt, (step[0] for step in tokens))
     else:

@@ -38,6 +38,16 @@ class MMRecModel(nn.Module):
         self.blocks = nn.ModuleList(MMRecBlock(config) for _ in range(config.n_layers))
         self.norm = nn.RMSNorm(config.dim, eps=config.norm_eps)
         self.init_weights()
+        # generate's CUDA-graph decoders, one per batch size: (weights' key, Decoder).
+        self._graph_decoders: dict[int, tuple[tuple, Decoder]] = {}
+
+    def __getstate__(self) -> dict:
+        # CUDA graphs do not pickle (deepcopy, torch.save of the module): a copy captures its own.
+        return {**super().__getstate__(), "_graph_decoders": {}}
+
+    def release_graphs(self) -> None:
+        """Frees generate's CUDA graphs and their decoding buffers (captured again when needed)."""
+        self._graph_decoders.clear()
 
     @torch.no_grad()
     def init_weights(self) -> None:
@@ -149,10 +159,11 @@ class MMRecModel(nn.Module):
         state: MemoryState | None = None,
         top_p: float | None = None,
         generator: torch.Generator | None = None,
+        cuda_graphs: bool | None = None,
     ) -> Tensor:
         """Sample ``max_new_tokens`` tokens after ``prompt_ids`` ``[B, T0]`` -> ``[B, T0 + n]``
         (prompt, then the new tokens); ``stream``'s tokens, concatenated."""
-        tokens = self.stream(prompt_ids, max_new_tokens, temperature, top_k, state, top_p, generator)
+        tokens = self.stream(prompt_ids, max_new_tokens, temperature, top_k, state, top_p, generator, cuda_graphs)
         return torch.cat([prompt_ids, *tokens], dim=1)
 
     @torch.no_grad()
@@ -165,6 +176,7 @@ class MMRecModel(nn.Module):
         state: MemoryState | None = None,
         top_p: float | None = None,
         generator: torch.Generator | None = None,
+        cuda_graphs: bool | None = None,
     ) -> Iterator[Tensor]:
         """Yield ``max_new_tokens`` sampled tokens ``[B, 1]``, one at a time, after
         ``prompt_ids`` ``[B, T0]`` (every row's prompt of the same length).
@@ -174,16 +186,37 @@ class MMRecModel(nn.Module):
         ``top_k`` keeps the k most likely tokens, ``top_p`` the fewest whose probabilities
         sum to at least p (nucleus sampling); ``generator`` draws the samples (None:
         torch's default). ``state``: the state before the prompt (None: the prompt starts
-        the sequences).
+        the sequences). ``cuda_graphs`` (default: on CUDA): each token's step replays CUDA
+        graphs, captured once per batch size and kept on the model, reused by later calls
+        at any context while the weights stay the same (``release_graphs`` frees them);
+        False: the same step launched op by op.
         """
         check_sampling(max_new_tokens, temperature, top_k, top_p)
         logits, state = self(prompt_ids, state)
-        logits, decoder = logits[:, -1], Decoder(self, state)
+        logits, decoder = logits[:, -1], self._decoder(state, cuda_graphs)
         for step in range(max_new_tokens):
             token = _sample(logits, temperature, top_k, top_p, generator)
             yield token
             if step + 1 < max_new_tokens:
                 logits = decoder.step(token)
+
+    def _decoder(self, state: MemoryState, cuda_graphs: bool | None) -> Decoder:
+        """A Decoder from ``state``: the CUDA-graph one of its batch size, reloaded, unless
+        a parameter has changed (moved, cast or updated in place) since it was built."""
+        on_cuda = state.position.device.type == "cuda"
+        if cuda_graphs and not on_cuda:
+            raise ValueError(f"generate: cuda_graphs needs a model on CUDA, got one on {state.position.device}")
+        if not (on_cuda if cuda_graphs is None else cuda_graphs):
+            return Decoder(self, state)
+        weights = tuple((p.data_ptr(), p.dtype, p._version) for p in self.parameters())
+        batch_size = state.blocks[0].h.shape[0]
+        built, decoder = self._graph_decoders.get(batch_size, (None, None))
+        if built != weights:
+            decoder = Decoder(self, state, cuda_graphs=True)
+            self._graph_decoders[batch_size] = weights, decoder
+        else:
+            decoder.load(state)
+        return decoder
 
 
 def check_sampling(max_new_tokens: int, temperature: float, top_k: int | None, top_p: float | None) -> None:

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from bench.quality import Settings, model_config, probe_offsets, recall_sequence
-from bench.transformer import KVCache, Transformer, TransformerConfig
+from bench.transformer import KVCache, StaticDecoder, Transformer, TransformerConfig
 from tests.helpers import FLOAT32_ACCUMULATION, assert_close_rel
 
 pytestmark = pytest.mark.bench
@@ -66,6 +66,23 @@ def test_transformer_cache_decoding_matches_full_forward():
         steps = [model(ids[:, :5], cache)] + [model(ids[:, t : t + 1], cache) for t in range(5, 11)]
     assert_close_rel(torch.cat(steps, dim=1), expected, FLOAT32_ACCUMULATION)
     assert cache.nbytes() == 2 * 2 * 2 * 11 * 32 * 4  # layers x (k, v) x batch x tokens x width x float32
+
+
+def test_transformer_static_decoder_matches_full_forward():
+    """The compiled counterpart's step (whole cache read under a mask, position a tensor)."""
+    torch.manual_seed(0)
+    model = Transformer(TransformerConfig(dim=32, n_layers=2, n_heads=4)).eval()
+    ids = torch.randint(0, 256, (2, 11))
+    with torch.no_grad():
+        expected = model(ids)
+        cache = KVCache(model.config, 2, 16, "cpu", torch.float32)
+        model(ids[:, :5], cache)
+        decoder, position = StaticDecoder(model, cache), torch.tensor([5])
+        steps = []
+        for t in range(5, 11):
+            steps.append(decoder(ids[:, t : t + 1], position))
+            position += 1
+    assert_close_rel(torch.stack(steps, dim=1), expected[:, 5:], FLOAT32_ACCUMULATION)
 
 
 def run_quality(*args: str) -> subprocess.Popen:

@@ -56,3 +56,45 @@ def test_decoder_leaves_the_state_it_started_from():
         for t in range(5):
             decoder.step(ids[:, t : t + 1])
     assert all(torch.equal(a, b) for a, b in zip(kept, (t for block in state.blocks for t in block)))
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_static_step_matches_step(name):
+    """The CUDA graphs' body run eagerly (slots from the device position, buffers in place)
+    gives step's logits and state, over every plan of S = 8 and L levels (150 tokens)."""
+    torch.manual_seed(0)
+    model = MMRecModel(small_config(**CONFIGS[name])).eval()
+    ids = torch.randint(0, 256, (2, 150))
+    with torch.no_grad():
+        state = model(ids[:, :3])[1]
+        eager, static = Decoder(model, state), Decoder(model, state)
+        for t in range(3, ids.shape[1]):
+            token = ids[:, t : t + 1]
+            assert_close_rel(static.static_step(token), eager.step(token), FLOAT32_TOL, f"logits at {t}")
+    for i, (block, expected) in enumerate(zip(static.state().blocks, eager.state().blocks)):
+        for field, actual, wanted in zip(block._fields, block, expected):
+            assert_close_rel(actual, wanted, FLOAT32_TOL, f"state.blocks[{i}].{field}")
+
+
+def test_load_restarts_the_decoder_from_another_state():
+    """A decoder reloaded (its buffers reused, as a cached CUDA-graph decoder is) continues
+    from the new state as a fresh decoder does, whether it steps or static-steps."""
+    torch.manual_seed(0)
+    model = MMRecModel(small_config("exact")).eval()
+    ids = torch.randint(0, 256, (2, 120))
+    with torch.no_grad():
+        reused = Decoder(model, model(ids[:, :70])[1])
+        for t in range(70, 90):
+            reused.static_step(ids[:, t : t + 1])
+        state = model(ids[:, :9])[1]
+        reused.load(state)
+        fresh = Decoder(model, state)
+        for t in range(9, 80):
+            token = ids[:, t : t + 1]
+            assert_close_rel(reused.static_step(token), fresh.step(token), FLOAT32_TOL, f"logits at {t}")
+
+
+def test_cuda_graphs_need_cuda():
+    model = MMRecModel(small_config("exact")).eval()
+    with torch.no_grad(), pytest.raises(ValueError, match="cuda_graphs needs a model and state on CUDA"):
+        Decoder(model, model(torch.zeros(1, 3, dtype=torch.int64))[1], cuda_graphs=True)

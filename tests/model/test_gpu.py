@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from mmrec_model import MMRecModel
+from mmrec_model.decode import Decoder
 from tests.helpers import assert_close_rel, output_tolerance
 from tests.model.models import MODES, assert_logits_and_grads_close, compile_noting_ops, next_token_loss, small_config
 
@@ -103,3 +104,51 @@ def test_cuda_bfloat16_autocast(mode):
     loss.backward()
     assert logits.dtype == torch.bfloat16 and state.blocks[0].h.dtype == torch.float32
     assert all(p.grad is not None and p.grad.isfinite().all() for p in model.parameters())
+
+
+GRAPH_CONFIGS = {
+    "exact": dict(mode="exact"),
+    "parallel-gated-learned": dict(mode="parallel", memory_read="gated", entry_summary="learned"),
+    "no-long-term": dict(mode="exact", n_levels=0),
+}
+
+
+@pytest.mark.parametrize("name", list(GRAPH_CONFIGS))
+def test_cuda_graph_generate_matches_eager(name):
+    """generate's default on CUDA (CUDA graphs) gives the eager decoder's greedy tokens and
+    logits, token for token, over every plan (S = 8, 3 levels: 300 tokens), batch 2; a
+    second call at another context reuses the same decoder and its graphs."""
+    torch.manual_seed(0)
+    model = MMRecModel(small_config(**GRAPH_CONFIGS[name])).cuda().eval()
+    prompt = torch.randint(0, 256, (2, 37), device="cuda")
+    eager = model.generate(prompt, 300, temperature=0, cuda_graphs=False)
+    graphed = model.generate(prompt, 300, temperature=0)
+    assert torch.equal(graphed, eager)
+    decoder = model._graph_decoders[2][1]
+    assert set(decoder.graphs) <= decoder.warmed_up and len(decoder.graphs) >= 4  # replayed, not only warmed up
+    longer = torch.randint(0, 256, (2, 141), device="cuda")
+    again = model.generate(longer, 200, temperature=0)
+    assert torch.equal(again, model.generate(longer, 200, temperature=0, cuda_graphs=False))
+    assert model._graph_decoders[2][1] is decoder
+    with torch.no_grad():
+        state = model(longer)[1]
+        fresh, reused = Decoder(model, state), model._decoder(state, None)
+        for t in range(120):
+            token = torch.randint(0, 256, (2, 1), device="cuda")
+            assert_close_rel(reused.step(token), fresh.step(token), output_tolerance(torch.float32), f"logits at {t}")
+
+
+def test_cuda_graph_decoder_rebuilt_after_an_optimizer_step():
+    """Graphs fold the weights at capture: after a (fused AdamW) step, generate builds anew."""
+    torch.manual_seed(0)
+    model = MMRecModel(small_config("exact")).cuda()
+    prompt = torch.randint(0, 256, (1, 20), device="cuda")
+    model.generate(prompt, 20)
+    before = model._graph_decoders[1][1]
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, fused=True)
+    next_token_loss(model(prompt)[0], prompt).backward()
+    optimizer.step()
+    model.eval()
+    graphed = model.generate(prompt, 60, temperature=0)
+    assert torch.equal(graphed, model.generate(prompt, 60, temperature=0, cuda_graphs=False))
+    assert model._graph_decoders[1][1] is not before
