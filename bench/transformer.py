@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from mmrec_model.attention import sliding_window_attention
+from mmrec_model.decode import attend
 
 DECODE_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
@@ -62,7 +63,7 @@ class KVCache:
     def __init__(self, config: TransformerConfig, batch_size: int, max_len: int, device, dtype):
         d = config.dim // config.n_heads
         shape = (batch_size, config.n_heads, max_len, d)
-        # Zeros, not empty: StaticDecoder reads every slot (masked), and 0 * NaN would be NaN.
+        # Zeros, not empty: StaticDecoder reads every slot (masked), and 0 * NaN is NaN.
         self.keys = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layers)]
         self.values = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layers)]
         self.length = 0
@@ -105,13 +106,15 @@ class Block(nn.Module):
         x = x + self.proj(attn.transpose(1, 2).flatten(-2))
         return x + self.ffn(self.norm_ffn(x))
 
-    def decode(self, x: Tensor, rotation, keys: Tensor, values: Tensor, position: Tensor, mask: Tensor) -> Tensor:
+    def decode(self, x: Tensor, rotation, keys: Tensor, values: Tensor, position: Tensor, bias: Tensor) -> Tensor:
         """One token x ``[B, 1, D]`` at ``position`` (``[1]``, a tensor) against the whole
-        preallocated cache ``[B, H, T_max, d]``, the slots after it masked out (``mask``)."""
+        preallocated cache ``[B, H, T_max, d]``, the slots after it masked out (``bias``
+        ``[1, T_max]``, -inf there). Attention as MM-Rec's decoder computes it
+        (``mmrec_model.decode.attend``: SDPA's kernels are slow for one query row)."""
         q, k, v = self.rotated_qkv(x, rotation)
         keys.index_copy_(2, position, k)
         values.index_copy_(2, position, v)
-        return self.residual(x, F.scaled_dot_product_attention(q, keys, values, attn_mask=mask))
+        return self.residual(x, attend(q.squeeze(2), keys, values, bias).unsqueeze(2))
 
     def forward(self, x: Tensor, rotation: tuple[Tensor, Tensor], cache: KVCache | None = None, layer: int = 0) -> Tensor:
         """x ``[B, T, D]``; rotation: cos and sin of x's positions (``rotary_tables``)."""
@@ -188,8 +191,8 @@ class StaticDecoder(nn.Module):
         model = self.model
         x = model.embed(token)
         rotation = rotary_tables(position, model.config.dim // model.config.n_heads, model.config.rope_base)
-        mask = (self.slots <= position).unsqueeze(0)  # [1, T_max]: the query row of [B, H, 1, T_max]
+        bias = torch.where(self.slots <= position, 0.0, float("-inf")).unsqueeze(0)  # [1, T_max]
         for layer, block in enumerate(model.blocks):
             keys, values = getattr(self, f"keys_{layer}"), getattr(self, f"values_{layer}")
-            x = block.decode(x, rotation, keys, values, position, mask)
+            x = block.decode(x, rotation, keys, values, position, bias)
         return F.linear(model.norm(x), model.embed.weight)[:, -1]

@@ -99,6 +99,17 @@ def open_slot(mask: Tensor, slot: int | Tensor) -> None:
         mask[0, slot] = 0
 
 
+def attend(q: Tensor, keys: Tensor, values: Tensor, mask: Tensor) -> Tensor:
+    """softmax(q k^T / sqrt(d) + mask) v for one query per row: q ``[B, H, d]``, keys and
+    values ``[B, H, K, d]``, mask ``[1, K]`` -> ``[B, H, d]``. Three kernels (the mask added
+    in the product's epilogue): SDPA's fused kernels give a single query row one thread
+    block per head, B H blocks that leave a GPU nearly idle (bench/results/generate_cuda_h100.md)."""
+    B, H, d = q.shape
+    scores = torch.baddbmm(mask.to(q.dtype), q.reshape(B * H, 1, d), keys.flatten(0, 1).transpose(1, 2),
+                           alpha=d**-0.5)  # fmt: skip
+    return torch.bmm(torch.softmax(scores, dim=-1), values.flatten(0, 1)).view(B, H, d)
+
+
 class BlockDecoder:
     """One block's buffers (from its ``BlockState``) and its one-token step."""
 
@@ -192,16 +203,13 @@ class BlockDecoder:
 
     def read(self, q: Tensor, mask: Tensor, gates: Tensor | None) -> Tensor:
         """The multi-memory read ``[B, H, d]`` of q ``[B, H, d]`` over the cache."""
-        query, mask = q.unsqueeze(2), mask.to(q.dtype)  # [B, H, 1, d]; SDPA adds a mask of q's dtype
         keys, values = self.cache
         if not self.gated:
-            return F.scaled_dot_product_attention(query, keys, values, attn_mask=mask).squeeze(2)
+            return attend(q, keys, values, mask)
         n = self.window_start
-        read = F.scaled_dot_product_attention(query, keys[:, :, :n], values[:, :, :n], attn_mask=mask[:, :n])
-        m = gates[..., 1:] * read.squeeze(2)
+        m = gates[..., 1:] * attend(q, keys[:, :, :n], values[:, :, :n], mask[:, :n])
         if self.window > 0:
-            working = F.scaled_dot_product_attention(query, keys[:, :, n:], values[:, :, n:], attn_mask=mask[:, n:])
-            m = m + gates[..., :1] * working.squeeze(2)
+            m = m + gates[..., :1] * attend(q, keys[:, :, n:], values[:, :, n:], mask[:, n:])
         return m
 
     def add_to_memory(self, kv: Tensor, h: Tensor | None, plan: TokenPlan, slots: TokenSlots) -> None:
