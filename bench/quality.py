@@ -21,8 +21,14 @@ Archs, all with the preset's width, depth and heads:
 A row: torch.manual_seed(seed), the model, then --steps optimizer steps through
 mmrec_model.training (AdamW, weight decay on matrices, clipping, linear warmup then
 cosine; fused AdamW and bf16 autocast on CUDA; --compile compiles each block) on the
-batches train_batch(corpus, step, seed) of the embedded corpus (the standard library's
-source): every arch of one seed sees the same batches and schedule. Then, eagerly:
+batches train_batch(corpus, step, seed, carry_chunks=K) of the embedded corpus (the
+standard library's source): every arch of one seed sees the same batches and schedule.
+With --carry-chunks K > 1, each group of K steps reads K consecutive windows of the same
+batch_size streams of K * seq_len + 1 bytes (the same bytes per step, only consecutive):
+MM-Rec carries its state from one window to the next, detached (truncated backpropagation
+through time), starting each group from no state, so that training too shows it context
+from beyond its working memory (what its long-term memory is for); the Transformers read
+the same windows without a state. Then, eagerly:
   - validation bits per byte on the fixed windows validation_offsets(corpus, val_windows, seq_len);
   - long-context bits per byte by position: the first L + 1 bytes (L = --long-len) of each
     validation document that has them (at most --long-docs, in corpus order), batch 1;
@@ -36,15 +42,16 @@ source): every arch of one seed sees the same batches and schedule. Then, eagerl
     for each D of --probe-distances; bits per byte on the copies against those on the
     passages' first occurrences. What a model recalls from beyond its window shows as
     copies cheaper than a model without that memory reads them at D > window.
-It is written (atomically) to DIR/<label>-seed<S>.json, the label being the arch and, for an
-MM-Rec arch, its --config overrides (mmrec+memory_read=gated): settings, model configuration,
+It is written (atomically) to DIR/<label>-seed<S>.json, the label being the arch, for an
+MM-Rec arch its --config overrides, and +carryK with --carry-chunks K > 1
+(mmrec+memory_read=gated, transformer+carry8): settings, model configuration,
 parameters, training bytes, time and tokens/s, the training curve (mean bits per byte of
 every --log-every steps), the measurements, device, versions and date.
 
 The report reads every DIR/*-seed*.json and gives, per label, the mean over seeds with
-the range [min, max]; each ablation against the full model of the same seed and --config
-overrides (so that one folder can hold a study of configurations); bits per
-byte by position. It writes STEM.md, STEM.json (rows and summary) and STEM.png
+the range [min, max]; each ablation against the full model of the same seed, --config
+overrides and --carry-chunks (so that one folder can hold a study of configurations);
+bits per byte by position. It writes STEM.md, STEM.json (rows and summary) and STEM.png
 (training curves and bits per byte by position, means over seeds).
 """
 
@@ -86,7 +93,7 @@ from mmrec_model.training import (  # noqa: E402
     make_optimizer,
     make_scheduler,
     token_losses,
-    train_step,
+    train_step_carried,
 )
 
 # Each ablation: the full model with one memory taken out (MMRecConfig overrides).
@@ -112,6 +119,7 @@ class Settings:
     steps: int = 2000
     batch_size: int = 16
     seq_len: int = 2048
+    carry_chunks: int = 1
     lr: float = 1e-3
     weight_decay: float = 0.1
     grad_clip: float = 1.0
@@ -144,6 +152,9 @@ OPTIONS = {  # option: (type, help)
     "steps": (int, "optimizer steps"),
     "batch_size": (int, "windows per step"),
     "seq_len": (int, "bytes per training and validation window"),
+    "carry_chunks": (int, "K: each group of K steps reads K consecutive windows of the same streams, MM-Rec "
+                          "carrying its state (detached) from one to the next, each group from no state; "
+                          "1: independent windows"),
     "lr": (float, "peak learning rate"),
     "log_every": (int, "steps per point of the training curve"),
     "val_windows": (int, "validation windows"),
@@ -160,8 +171,8 @@ OPTIONS = {  # option: (type, help)
 
 
 def check_settings(settings: Settings) -> None:
-    positive = ("steps", "batch_size", "seq_len", "log_every", "val_windows", "long_len", "long_docs", "chunk_size",
-                "probe_len", "probe_passages")  # fmt: skip
+    positive = ("steps", "batch_size", "seq_len", "carry_chunks", "log_every", "val_windows", "long_len", "long_docs",
+                "chunk_size", "probe_len", "probe_passages")  # fmt: skip
     for name in positive:
         if getattr(settings, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')}: expected a positive integer, got {getattr(settings, name)}")
@@ -221,12 +232,19 @@ def train(model: torch.nn.Module, corpus: Corpus, settings: Settings, seed: int,
     device = next(model.parameters()).device
     optimizer = make_optimizer(model, settings.lr, settings.weight_decay, fused=device.type == "cuda")
     scheduler = make_scheduler(optimizer, settings.warmup_steps, settings.steps)
-    losses = []
+    losses, state = [], None
     start = time.perf_counter()
     for step in tqdm(range(settings.steps), desc="train", unit="step", mininterval=10, file=sys.stderr):
-        batch = train_batch(corpus, step, seed, settings.batch_size, settings.seq_len)
+        batch = train_batch(corpus, step, seed, settings.batch_size, settings.seq_len,
+                            carry_chunks=settings.carry_chunks)  # fmt: skip
         inputs, targets = to_device(batch, device)
-        losses.append(train_step(model, inputs, targets, optimizer, scheduler, settings.grad_clip, autocast_dtype))
+        # A group's chunks continue the same streams: MM-Rec's state goes from one to the next
+        # (detached), and each group starts from none. A Transformer's is always None.
+        if step % settings.carry_chunks == 0:
+            state = None
+        loss, state = train_step_carried(model, inputs, targets, state, optimizer, scheduler, settings.grad_clip,
+                                         autocast_dtype)  # fmt: skip
+        losses.append(loss)
         if step == 0:
             synchronize(device.type)
             first_done = time.perf_counter()
@@ -351,10 +369,13 @@ def measure_row(arch: str, seed: int, settings: Settings, config, documents: lis
 
 
 def row_label(row: dict) -> str:
-    """The row's arch with the --config overrides an MM-Rec arch ran with: 'mmrec+memory_read=gated'."""
-    if row["arch"] not in MMREC_ARCHS:
-        return row["arch"]
-    return row["arch"] + "".join(f"+{name}={value}" for name, value in row["settings"].get("config", {}).items())
+    """The row's arch, with the --config overrides an MM-Rec arch ran with, then +carryK for any
+    arch trained with --carry-chunks K > 1: 'mmrec+memory_read=gated', 'transformer+carry8'."""
+    label = row["arch"]
+    if row["arch"] in MMREC_ARCHS:
+        label += "".join(f"+{name}={value}" for name, value in row["settings"].get("config", {}).items())
+    carry = row["settings"].get("carry_chunks", 1)  # rows from before --carry-chunks read independent windows
+    return label + (f"+carry{carry}" if carry != 1 else "")
 
 
 def write_row(row: dict, folder: Path) -> Path:
@@ -470,8 +491,9 @@ def spread(summary: dict | None) -> float | None:
 
 
 def ablation_summary(groups: dict[str, list[dict]], archs: dict[str, dict]) -> list[dict]:
-    """Each ablation minus the full model (mmrec) of the same seed and --config overrides:
-    validation, the farthest band and the farthest recalled copy."""
+    """Each ablation minus the full model (mmrec) of the same seed, --config overrides and
+    --carry-chunks (the rest of its label): validation, the farthest band and the farthest
+    recalled copy."""
     ablations = []
     for full_label, full_rows in groups.items():
         if full_rows[0]["arch"] != "mmrec":
@@ -505,13 +527,15 @@ def distinct(rows: list[dict], key: str) -> str:
 def header_summary(rows: list[dict]) -> dict:
     """Where and with what the rows ran, and the settings that differ between them."""
     settings = [r["settings"] for r in rows]
-    # The labels carry each MM-Rec row's --config overrides.
+    # The labels carry each MM-Rec row's --config overrides and each row's --carry-chunks.
+    labelled = ("config", "carry_chunks")
     differing = sorted(name for name in settings[0]
-                       if name != "config" and len({json.dumps(s.get(name)) for s in settings}) > 1)  # fmt: skip
+                       if name not in labelled and len({json.dumps(s.get(name)) for s in settings}) > 1)  # fmt: skip
     return {
         "rows": len(rows), "device": distinct(rows, "device"), "torch": distinct(rows, "torch"),
         "triton": distinct(rows, "triton"), "dates": distinct(rows, "date"), "corpus": distinct(rows, "corpus"),
         "settings": settings[0], "differing_settings": differing,
+        "carry_chunks": sorted({s.get("carry_chunks", 1) for s in settings}),
     }  # fmt: skip
 
 
@@ -555,6 +579,10 @@ def render(summary: dict) -> str:
         "while training, with rows that ran side by side sharing one GPU: not a model's own speed "
         "(bench/model_gpu.py measures that).",
     ]
+    if head["carry_chunks"] != [1]:
+        lines.append("Rows labelled +carryK trained on each group of K steps as K consecutive windows of the same "
+                     "streams, MM-Rec carrying its state (detached) from one to the next; the others, on "
+                     "independent windows.")  # fmt: skip
     if head["differing_settings"]:
         lines.append(f"**The rows differ in settings: {', '.join(head['differing_settings'])}.**")
     lines += ["", "## Validation", ""] + markdown_table(

@@ -14,8 +14,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from bench.quality import Settings, model_config, probe_offsets, recall_sequence
+from bench.quality import SMOKE, Settings, build_model, model_config, probe_offsets, recall_sequence, train
 from bench.transformer import KVCache, StaticDecoder, Transformer, TransformerConfig
+from mmrec_model.data import Corpus
+from mmrec_model.training import train_step_carried
 from tests.helpers import FLOAT32_ACCUMULATION, assert_close_rel
 
 pytestmark = pytest.mark.bench
@@ -142,6 +144,57 @@ def test_quality_report_keeps_configurations_apart_and_pairs_each_ablation_with_
         for ablation, full in [("mmrec-no-longterm", "mmrec"),
                                ("mmrec-no-longterm+memory_read=gated", "mmrec+memory_read=gated")]
     }  # fmt: skip
+
+
+def test_quality_report_keeps_carried_rows_apart_and_pairs_each_ablation_with_its_own(tmp_path):
+    carry = ("--carry-chunks", "2")
+    runs = [run_quality("run", "--smoke", "--arch", arch, "--seed", "0", "--out", str(tmp_path), *options)
+            for arch, options in [("mmrec", ()), ("mmrec", carry), ("mmrec-no-longterm", carry),
+                                  ("transformer", carry)]]  # fmt: skip
+    for process in runs:
+        finished(process)
+    assert sorted(path.name for path in tmp_path.glob("*.json")) == [
+        "mmrec+carry2-seed0.json", "mmrec-no-longterm+carry2-seed0.json", "mmrec-seed0.json",
+        "transformer+carry2-seed0.json",
+    ]  # fmt: skip
+    row = json.loads((tmp_path / "mmrec+carry2-seed0.json").read_text())
+    assert row["settings"]["carry_chunks"] == 2 and row["tokens"] == 6 * 2 * 128
+    table = finished(run_quality("report", str(tmp_path)))
+    assert "| mmrec+carry2 | 1 |" in table and "| mmrec | 1 |" in table and "| transformer+carry2 | 1 |" in table
+    assert "Rows labelled +carryK" in table and "differ in settings" not in table
+    report = json.loads((tmp_path / "report.json").read_text())
+    val = {path.name.removesuffix("-seed0.json"): json.loads(path.read_text())["val_bpb"]
+           for path in tmp_path.glob("*-seed0.json")}  # fmt: skip
+    deltas = {(a["arch"], a["full"]): a["val_delta"]["mean"] for a in report["summary"]["ablations"]}
+    assert deltas == {("mmrec-no-longterm+carry2", "mmrec+carry2"): pytest.approx(val["mmrec-no-longterm+carry2"]
+                                                                                  - val["mmrec+carry2"])}  # fmt: skip
+
+
+def training_calls(arch: str, settings: Settings, corpus: Corpus, monkeypatch) -> list[tuple]:
+    """(inputs, targets, the state's position or None) of every step of quality.py's train()."""
+    calls = []
+
+    def spy(model, inputs, targets, state, *rest):
+        calls.append((inputs, targets, None if state is None else int(state.position)))
+        return train_step_carried(model, inputs, targets, state, *rest)
+
+    monkeypatch.setattr("bench.quality.train_step_carried", spy)
+    train(build_model(model_config(arch, settings), 0, torch.device("cpu")), corpus, settings, 0, None)
+    return calls
+
+
+def test_quality_training_carries_mmrec_state_through_a_group_and_feeds_every_arch_the_same_chunks(monkeypatch):
+    settings = dataclasses.replace(SMOKE, steps=7, seq_len=16, carry_chunks=3, log_every=7)
+    stream = torch.randint(0, 256, (4000,), dtype=torch.uint8)
+    corpus = Corpus(train=stream[:3000], val=stream[3000:], source="random bytes", sha256="")
+    mmrec, transformer = (training_calls(arch, settings, corpus, monkeypatch) for arch in ("mmrec", "transformer"))
+    # Each group of 3 steps starts from no state, then carries the state of the chunks before.
+    assert [position for _, _, position in mmrec] == [None, 16, 32, None, 16, 32, None]
+    assert [position for _, _, position in transformer] == [None] * 7
+    for (inputs, targets, _), (other_inputs, other_targets, _) in zip(mmrec, transformer):
+        assert torch.equal(inputs, other_inputs) and torch.equal(targets, other_targets)
+    for step in (0, 1, 3, 4):  # within a group, a chunk's last target is the next chunk's first input
+        assert torch.equal(mmrec[step][1][:, -1], mmrec[step + 1][0][:, 0])
 
 
 def test_windowed_transformer_sees_the_last_window_tokens_only():
