@@ -22,7 +22,7 @@ with its plan. ``load`` puts another state into the same buffers: the graphs sta
 from __future__ import annotations
 
 from functools import partial
-from typing import Callable, NamedTuple
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -32,25 +32,18 @@ from .mdi import EPS
 from .memory import BRANCHING, BlockState, MemoryState, span_len
 
 
-def fused_mdi(mdi, w_in: Tensor) -> tuple[Tensor, Tensor, Callable[[Tensor], Tensor]]:
+def fused_mdi(mdi, w_in: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """MDI's gamma = eps + (1 - 2 eps) sigmoid(A(z)) sigmoid(C(k)), both MLPs at once, their
     first layers folded into the block's input projection ``w_in`` ``[4 D, D]`` (rows q, k,
     v, z): the rows and bias to append to it, ``[2 hidden, D]`` and ``[2 hidden]`` (A's first
-    layer of z's rows, C's of k's), and ``decay``, gamma ``[B, D]`` from those rows' outputs
-    ``[B, 2 hidden]`` (one matmul more: the second layers, block diagonal)."""
+    layer of z's rows, C's of k's), then the second layers as one block-diagonal product,
+    transposed, ``[2 hidden, 2 D]``, and its bias ``[2 D]`` (``BlockDecoder.decay``)."""
     A, C = mdi.A, mdi.C
     D, hidden = w_in.shape[1], A[0].out_features
     rows = torch.cat([A[0].weight @ w_in[3 * D :], C[0].weight @ w_in[D : 2 * D]])
     second = A[2].weight.new_zeros(2 * D, 2 * hidden)
     second[:D, :hidden], second[D:, hidden:] = A[2].weight, C[2].weight
-    second_bias = torch.cat([A[2].bias, C[2].bias])
-    eps = second.new_tensor(EPS)
-
-    def decay(hidden_in: Tensor) -> Tensor:
-        both = torch.sigmoid(F.linear(F.gelu(hidden_in), second, second_bias))
-        return torch.addcmul(eps, both[:, :D], both[:, D:], value=1 - 2 * EPS)
-
-    return rows, torch.cat([A[0].bias, C[0].bias]), decay
+    return rows, torch.cat([A[0].bias, C[0].bias]), second.t().contiguous(), torch.cat([A[2].bias, C[2].bias])
 
 
 class TokenPlan(NamedTuple):
@@ -65,6 +58,8 @@ class TokenPlan(NamedTuple):
 def token_plan(config, position: int) -> TokenPlan:
     """The plan of the token at ``position``: a level-l entry completes at the end of each
     span of S 4^l tokens; level l's sum restarts with the first of its 4 children."""
+    if config.n_levels == 0:  # no long-term memory: one plan for every position
+        return TokenPlan(False, (), 0)
     S, end, completed = config.segment_len, position + 1, 0
     while completed < config.n_levels and end % span_len(S, completed) == 0:
         completed += 1
@@ -114,12 +109,22 @@ def unit_rms_cpu(x: Tensor, eps: Tensor) -> Tensor:
 def attend(q: Tensor, keys: Tensor, values: Tensor, mask: Tensor) -> Tensor:
     """softmax(q k^T / sqrt(d) + mask) v for one query per row: q ``[B, H, d]``, keys and
     values ``[B, H, K, d]``, mask ``[1, K]`` -> ``[B, H, d]``. Three kernels (the mask added
-    in the product's epilogue): SDPA's fused kernels give a single query row one thread
-    block per head, B H blocks that leave a GPU nearly idle (bench/results/generate_cuda_h100.md)."""
+    in the first product's epilogue) where SDPA's fused kernels give a single query row one
+    thread block per head, far from a GPU's bandwidth (bench/results/generate_cuda_h100.md)."""
     B, H, d = q.shape
     scores = torch.baddbmm(mask.to(q.dtype), q.reshape(B * H, 1, d), keys.flatten(0, 1).transpose(1, 2),
-                           alpha=d**-0.5)  # fmt: skip
+                           alpha=d**-0.5)  # [B H, 1, K]  # fmt: skip
     return torch.bmm(torch.softmax(scores, dim=-1), values.flatten(0, 1)).view(B, H, d)
+
+
+def attend_cuda(q: Tensor, keys: Tensor, values: Tensor, mask: Tensor) -> Tensor:
+    """``attend`` with both products as matrix times vector, the cache as the matrix (keys
+    as they lie, values as a transposed view): cuBLAS runs a row vector times the values as
+    a matrix product, slow for many rows; on a CPU this form is the slower one."""
+    B, H, d = q.shape
+    scores = torch.baddbmm(mask.to(q.dtype).view(1, -1, 1), keys.flatten(0, 1), q.reshape(B * H, d, 1),
+                           alpha=d**-0.5)  # [B H, K, 1]  # fmt: skip
+    return torch.bmm(values.flatten(0, 1).transpose(1, 2), torch.softmax(scores, dim=1)).view(B, H, d)
 
 
 class BlockDecoder:
@@ -133,30 +138,54 @@ class BlockDecoder:
         # [2, B, H, K, d]: keys, values.
         self.cache = torch.zeros(2, B, H, P + L * M + W, d, dtype=state.h.dtype, device=state.h.device)
         self.keys, self.values = self.cache  # views, kept: unbinding costs an op a token
+        self.attend = attend_cuda if state.h.is_cuda else attend
         self.h, self.sums = torch.empty_like(state.h), torch.empty_like(state.sums)
         self.span_sum = self.sums[:, 0] if block.has_long_term else None  # level 0's running sum, [B, 2, D]
         self.load(state, position)
-        # The weights as plain attributes (a module's attribute lookup costs as much as an op
-        # here), transposed once (x @ W^T from a contiguous W^T is the faster product for a
-        # row), each RMSNorm's weight folded into the matrix that reads its output.
         eps = block.norm_mix.eps
         self.unit_rms = partial(unit_rms, eps=eps) if state.h.is_cuda else partial(unit_rms_cpu, eps=state.h.new_tensor(eps))
-        self.w_out_t = block.w_out.weight.t().contiguous()
-        ffn_in, ffn_out = block.ffn[0], block.ffn[2]
-        self.ffn = (ffn_in.bias, (ffn_in.weight * block.norm_ffn.weight).t().contiguous(), ffn_out.bias,
-                    ffn_out.weight.t().contiguous())  # fmt: skip
         self.mode, self.gated, self.window = block.mode, block.memory.gated, config.window
-        # One matmul reads u for all that is linear in it: [q, k, v, z], then MDI's first
-        # layers (folded through w_in), then the read's gate logits.
-        rows, biases, self.n_mdi = [block.w_in.weight], [block.w_in.weight.new_zeros(4 * config.dim)], 0
+        self.decay_eps = state.h.new_tensor(EPS)
         if block.mode != "none":
-            mdi_rows, mdi_bias, self.decay = fused_mdi(block.mdi, block.w_in.weight)
-            rows, biases, self.n_mdi = rows + [mdi_rows], biases + [mdi_bias], mdi_rows.shape[0]
-            # Per head W_g s + b_g as [H, B, d] @ [H, d, d]^T + [H, 1, d].
+            # Per head W_g s + b_g as [H, B, d] @ [H, d, d]^T + [H, 1, d]: views of the parameters.
             self.gate = (block.gate_bias.unsqueeze(1), block.gate_weight.transpose(1, 2))
+        self.fold_weights()
+
+    @torch.no_grad()
+    def fold_weights(self) -> None:
+        """The weights as the step reads them: plain attributes (a module's attribute lookup
+        costs as much as an op here), transposed once (a row times a contiguous W^T is the
+        faster product), each RMSNorm's weight folded into the matrix that reads its output,
+        and one matrix reading u for all that is linear in it: [q, k, v, z], MDI's first
+        layers (through w_in), the read's gate logits. Later calls refresh them in place
+        (after an optimizer step), so that CUDA graphs that read them stay valid."""
+        block, D = self.block, self.config.dim
+        rows, biases = [block.w_in.weight], [block.w_in.weight.new_zeros(4 * D)]
+        folded = {}
+        if block.mode != "none":
+            mdi_rows, mdi_bias, folded["decay_w_t"], folded["decay_b"] = fused_mdi(block.mdi, block.w_in.weight)
+            rows, biases = rows + [mdi_rows], biases + [mdi_bias]
         if block.read_gate is not None:
             rows, biases = rows + [block.read_gate.weight], biases + [block.read_gate.bias]
-        self.w_in_t, self.b_in = (torch.cat(rows) * block.norm_mix.weight).t().contiguous(), torch.cat(biases)
+        ffn_in, ffn_out = block.ffn[0], block.ffn[2]
+        folded.update(
+            w_in_t=(torch.cat(rows) * block.norm_mix.weight).t().contiguous(), b_in=torch.cat(biases),
+            w_out_t=block.w_out.weight.t().contiguous(),
+            ffn_b0=ffn_in.bias.clone(), ffn_w0_t=(ffn_in.weight * block.norm_ffn.weight).t().contiguous(),
+            ffn_b2=ffn_out.bias.clone(), ffn_w2_t=ffn_out.weight.t().contiguous(),
+        )  # fmt: skip
+        self.n_mdi = folded["decay_w_t"].shape[0] if "decay_w_t" in folded else 0
+        for name, value in folded.items():
+            if hasattr(self, name):
+                getattr(self, name).copy_(value)
+            else:
+                setattr(self, name, value)
+
+    def decay(self, hidden_in: Tensor) -> Tensor:
+        """MDI's gamma ``[B, D]`` from its first layers' outputs ``[B, 2 hidden]`` (``fused_mdi``)."""
+        D = self.config.dim
+        both = torch.sigmoid(torch.addmm(self.decay_b, F.gelu(hidden_in), self.decay_w_t))
+        return torch.addcmul(self.decay_eps, both[:, :D], both[:, D:], value=1 - 2 * EPS)
 
     def load(self, state: BlockState, position: int) -> None:
         """Fills the buffers, in place, from ``state`` (after ``position`` tokens)."""
@@ -200,8 +229,8 @@ class BlockDecoder:
         m = self.read(q, mask, gates)
         h = None if self.mode == "none" else self.recurrence(projected[:, 4 * D : 4 * D + self.n_mdi], z)
         y = torch.addmm(x, (m if h is None else h + m).view(B, D), self.w_out_t)
-        b0, w0_t, b2, w2_t = self.ffn
-        out = y + torch.addmm(b2, F.gelu(torch.addmm(b0, self.unit_rms(y), w0_t)), w2_t)
+        hidden = F.gelu(torch.addmm(self.ffn_b0, self.unit_rms(y), self.ffn_w0_t))
+        out = y + torch.addmm(self.ffn_b2, hidden, self.ffn_w2_t)
         if self.block.has_long_term:
             self.add_to_memory(kv, h, plan, slots)
         if h is not None:
@@ -220,13 +249,13 @@ class BlockDecoder:
 
     def read(self, q: Tensor, mask: Tensor, gates: Tensor | None) -> Tensor:
         """The multi-memory read ``[B, H, d]`` of q ``[B, H, d]`` over the cache."""
-        keys, values = self.keys, self.values
+        keys, values, attend_to = self.keys, self.values, self.attend
         if not self.gated:
-            return attend(q, keys, values, mask)
+            return attend_to(q, keys, values, mask)
         n = self.window_start
-        m = gates[..., 1:] * attend(q, keys[:, :, :n], values[:, :, :n], mask[:, :n])
+        m = gates[..., 1:] * attend_to(q, keys[:, :, :n], values[:, :, :n], mask[:, :n])
         if self.window > 0:
-            m = m + gates[..., :1] * attend(q, keys[:, :, n:], values[:, :, n:], mask[:, n:])
+            m = m + gates[..., :1] * attend_to(q, keys[:, :, n:], values[:, :, n:], mask[:, n:])
         return m
 
     def add_to_memory(self, kv: Tensor, h: Tensor | None, plan: TokenPlan, slots: TokenSlots) -> None:
@@ -320,12 +349,14 @@ class Decoder:
 
     @torch.no_grad()
     def load(self, state: MemoryState) -> None:
-        """Decode from ``state`` (of this batch size) on: its values into the same buffers."""
+        """Decode from ``state`` (of this batch size) on: its values, and the model's weights
+        as they are now, into the same buffers."""
         if state.blocks[0].h.shape != self.blocks[0].h.shape:
             raise ValueError(f"Decoder.load: expected a state of batch size {self.token.shape[0]}, "
                              f"got {state.blocks[0].h.shape[0]}")  # fmt: skip
         self.position = int(state.position)
         for block, block_state in zip(self.blocks, state.blocks):
+            block.fold_weights()
             block.load(block_state, self.position)
         self.load_mask()
 

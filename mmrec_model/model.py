@@ -201,14 +201,15 @@ class MMRecModel(nn.Module):
                 logits = decoder.step(token)
 
     def _decoder(self, state: MemoryState, cuda_graphs: bool | None) -> Decoder:
-        """A Decoder from ``state``: the CUDA-graph one of its batch size, reloaded, unless
-        a parameter has changed (moved, cast or updated in place) since it was built."""
+        """A Decoder from ``state``: the CUDA-graph one of its batch size, reloaded (with the
+        weights as they are now), unless a parameter has moved or changed dtype since it was
+        built."""
         on_cuda = state.position.device.type == "cuda"
         if cuda_graphs and not on_cuda:
             raise ValueError(f"generate: cuda_graphs needs a model on CUDA, got one on {state.position.device}")
         if not (on_cuda if cuda_graphs is None else cuda_graphs):
             return Decoder(self, state)
-        weights = tuple((p.data_ptr(), p.dtype, p._version) for p in self.parameters())
+        weights = tuple((p.data_ptr(), p.dtype) for p in self.parameters())
         batch_size = state.blocks[0].h.shape[0]
         built, decoder = self._graph_decoders.get(batch_size, (None, None))
         if built != weights:

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from mmrec_model import MMRecModel
-from mmrec_model.decode import Decoder
+from mmrec_model.decode import Decoder, attend, attend_cuda
 from tests.helpers import assert_close_rel, output_tolerance
 from tests.model.models import small_config
 
@@ -98,3 +98,40 @@ def test_cuda_graphs_need_cuda():
     model = MMRecModel(small_config("exact")).eval()
     with torch.no_grad(), pytest.raises(ValueError, match="cuda_graphs needs a model and state on CUDA"):
         Decoder(model, model(torch.zeros(1, 3, dtype=torch.int64))[1], cuda_graphs=True)
+
+
+def test_load_refreshes_the_folded_weights():
+    """After the parameters change in place (an optimizer step), a reloaded decoder reads the
+    new weights, as a fresh one does."""
+    torch.manual_seed(0)
+    model = MMRecModel(small_config(**CONFIGS["parallel-gated"])).eval()
+    ids = torch.randint(0, 256, (2, 60))
+    with torch.no_grad():
+        state = model(ids[:, :20])[1]
+        reused = Decoder(model, state)
+        for parameter in model.parameters():
+            parameter.add_(0.05 * torch.randn_like(parameter))
+        state = model(ids[:, :20])[1]
+        reused.load(state)
+        fresh = Decoder(model, state)
+        for t in range(20, 60):
+            token = ids[:, t : t + 1]
+            assert_close_rel(reused.static_step(token), fresh.step(token), FLOAT32_TOL, f"logits at {t}")
+
+
+@pytest.mark.parametrize("shape", [(1, 4, 368, 32), (3, 5, 41, 24)], ids=lambda s: "B{}-H{}-K{}-d{}".format(*s))
+def test_attend_forms_agree(shape):
+    """The CUDA form of the one-query read (matrix times vector) against the CPU form, on
+    the whole cache and on a slice of it (the gated read's), with masked slots."""
+    B, H, K, d = shape
+    q, cache = torch.randn(B, H, d, dtype=torch.float64), torch.randn(2, B, H, K, d, dtype=torch.float64)
+    mask = torch.zeros(1, K, dtype=torch.float64).masked_fill_(torch.rand(1, K) < 0.3, float("-inf"))
+    mask[0, 0] = 0
+    keys, values = cache
+    scores = torch.einsum("bhd,bhkd->bhk", q, keys) / d**0.5 + mask
+    expected = torch.einsum("bhk,bhkd->bhd", torch.softmax(scores, -1), values)
+    for read in (attend, attend_cuda):
+        assert_close_rel(read(q, keys, values, mask), expected, output_tolerance(torch.float64), read.__name__)
+    n = K // 2
+    assert_close_rel(attend_cuda(q, keys[:, :, :n], values[:, :, :n], mask[:, :n]),
+                     attend(q, keys[:, :, :n], values[:, :, :n], mask[:, :n]), output_tolerance(torch.float64), "slice")
