@@ -19,7 +19,7 @@ Paths:
                            under ``torch.compile(mode="reduce-overhead")``: one CUDA graph a token
 Each (preset, batch, context): per model family, fresh weights (seed 0) and the prompt read
 once (MM-Rec in chunks of --prefill-chunk), then each path from a copy of that state:
-warm-up tokens (3; for mmrec-graphs enough for every plan's graph to be captured, the
+warm-up tokens (20; for mmrec-graphs enough for every plan's graph to be captured, the
 capture being once per model and batch size; for transformer-kv-compiled the compilation
 too), their time kept apart, then --tokens greedy tokens timed; float32, no autograd, eval
 mode. A path that runs out of memory gets a row that says so.
@@ -49,7 +49,7 @@ PATHS = MMREC_PATHS + TRANSFORMER_PATHS
 CUDA_ONLY = ("mmrec-graphs", "transformer-kv-compiled")
 DEFAULT_PATHS = {"cpu": ("mmrec-decoder", "mmrec-step", "transformer-kv"),
                  "cuda": ("mmrec-graphs", "mmrec-decoder", "transformer-kv", "transformer-kv-compiled")}  # fmt: skip
-WARM_UP = 3
+WARM_UP = 20  # the first row of a process also warms its thread pool and allocator up
 SMOKE = dict(presets=["tiny"], batches=[1, 2], contexts=[16, 40], tokens=4, prefill_chunk=32)
 
 

@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from mmrec_model.attention import sliding_window_attention
-from mmrec_model.decode import attend, attend_cuda
+from mmrec_model.decode import attend
 
 DECODE_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
@@ -110,12 +110,11 @@ class Block(nn.Module):
         """One token x ``[B, 1, D]`` at ``position`` (``[1]``, a tensor) against the whole
         preallocated cache ``[B, H, T_max, d]``, the slots after it masked out (``bias``
         ``[1, T_max]``, -inf there). Attention as MM-Rec's decoder computes it
-        (``mmrec_model.decode.attend``/``attend_cuda``: SDPA's kernels are slow for one query row)."""
+        (``mmrec_model.decode.attend``: SDPA's kernels are slow for one query row)."""
         q, k, v = self.rotated_qkv(x, rotation)
         keys.index_copy_(2, position, k)
         values.index_copy_(2, position, v)
-        read = attend_cuda if q.is_cuda else attend
-        return self.residual(x, read(q.squeeze(2), keys, values, bias).unsqueeze(2))
+        return self.residual(x, attend(q.squeeze(2), keys, values, bias).unsqueeze(2))
 
     def forward(self, x: Tensor, rotation: tuple[Tensor, Tensor], cache: KVCache | None = None, layer: int = 0) -> Tensor:
         """x ``[B, T, D]``; rotation: cos and sin of x's positions (``rotary_tables``)."""

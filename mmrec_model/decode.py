@@ -117,16 +117,6 @@ def attend(q: Tensor, keys: Tensor, values: Tensor, mask: Tensor) -> Tensor:
     return torch.bmm(torch.softmax(scores, dim=-1), values.flatten(0, 1)).view(B, H, d)
 
 
-def attend_cuda(q: Tensor, keys: Tensor, values: Tensor, mask: Tensor) -> Tensor:
-    """``attend`` with both products as matrix times vector, the cache as the matrix (keys
-    as they lie, values as a transposed view): cuBLAS runs a row vector times the values as
-    a matrix product, slow for many rows; on a CPU this form is the slower one."""
-    B, H, d = q.shape
-    scores = torch.baddbmm(mask.to(q.dtype).view(1, -1, 1), keys.flatten(0, 1), q.reshape(B * H, d, 1),
-                           alpha=d**-0.5)  # [B H, K, 1]  # fmt: skip
-    return torch.bmm(values.flatten(0, 1).transpose(1, 2), torch.softmax(scores, dim=1)).view(B, H, d)
-
-
 class BlockDecoder:
     """One block's buffers (from its ``BlockState``) and its one-token step."""
 
@@ -138,7 +128,6 @@ class BlockDecoder:
         # [2, B, H, K, d]: keys, values.
         self.cache = torch.zeros(2, B, H, P + L * M + W, d, dtype=state.h.dtype, device=state.h.device)
         self.keys, self.values = self.cache  # views, kept: unbinding costs an op a token
-        self.attend = attend_cuda if state.h.is_cuda else attend
         self.h, self.sums = torch.empty_like(state.h), torch.empty_like(state.sums)
         self.span_sum = self.sums[:, 0] if block.has_long_term else None  # level 0's running sum, [B, 2, D]
         self.load(state, position)
@@ -249,13 +238,13 @@ class BlockDecoder:
 
     def read(self, q: Tensor, mask: Tensor, gates: Tensor | None) -> Tensor:
         """The multi-memory read ``[B, H, d]`` of q ``[B, H, d]`` over the cache."""
-        keys, values, attend_to = self.keys, self.values, self.attend
+        keys, values = self.keys, self.values
         if not self.gated:
-            return attend_to(q, keys, values, mask)
+            return attend(q, keys, values, mask)
         n = self.window_start
-        m = gates[..., 1:] * attend_to(q, keys[:, :, :n], values[:, :, :n], mask[:, :n])
+        m = gates[..., 1:] * attend(q, keys[:, :, :n], values[:, :, :n], mask[:, :n])
         if self.window > 0:
-            m = m + gates[..., :1] * attend_to(q, keys[:, :, n:], values[:, :, n:], mask[:, n:])
+            m = m + gates[..., :1] * attend(q, keys[:, :, n:], values[:, :, n:], mask[:, n:])
         return m
 
     def add_to_memory(self, kv: Tensor, h: Tensor | None, plan: TokenPlan, slots: TokenSlots) -> None:

@@ -8,6 +8,7 @@ from collections import Counter
 
 import pytest
 import torch
+import torch._inductor.exc
 
 from mmrec_model import MMRecModel
 from mmrec_model.decode import Decoder, token_plan
@@ -79,6 +80,9 @@ def test_cuda_compiled_matches_eager(mode):
 @pytest.mark.compile
 @pytest.mark.grad
 @pytest.mark.parametrize("memory_read", ["joint", "gated"])
+@pytest.mark.xfail(raises=torch._inductor.exc.InductorError, strict=False,
+                   reason="torch 2.11's inductor cannot lower the flex read's mask_mod on CUDA: it indexes the "
+                          "read mask, a torch.cat, whose inlined masked load has no graph (H100, 2026-11-26)")
 def test_cuda_compiled_flex_read_matches_eager(memory_read):
     """read_kernel 'flex': the compiled model reads with flex_attention, forward and
     backward, at two lengths (the second compiled for dynamic lengths); eager with
