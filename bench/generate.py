@@ -2,7 +2,7 @@
 a KV cache, after a prompt of each context length, at each batch size, side by side.
 
     python bench/generate.py --device cpu --out bench/results/generate_cpu
-    python bench/generate.py --device cuda --presets base --contexts 2048 32768 131072 --out bench/results/generate_cuda_h100
+    python bench/generate.py --device cuda --presets base --batches 1 --contexts 2048 32768 131072
     python bench/generate.py --device cpu --smoke                  # tiny shapes, checks the script
 
 Paths:

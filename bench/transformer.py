@@ -185,7 +185,8 @@ class StaticDecoder(nn.Module):
         for layer, (keys, values) in enumerate(zip(cache.keys, cache.values)):
             self.register_buffer(f"keys_{layer}", keys, persistent=False)
             self.register_buffer(f"values_{layer}", values, persistent=False)
-        self.register_buffer("slots", torch.arange(cache.keys[0].shape[2], device=cache.keys[0].device), persistent=False)
+        slots = torch.arange(cache.keys[0].shape[2], device=cache.keys[0].device)
+        self.register_buffer("slots", slots, persistent=False)
 
     def forward(self, token: Tensor, position: Tensor) -> Tensor:
         model = self.model

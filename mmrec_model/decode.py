@@ -132,7 +132,10 @@ class BlockDecoder:
         self.span_sum = self.sums[:, 0] if block.has_long_term else None  # level 0's running sum, [B, 2, D]
         self.load(state, position)
         eps = block.norm_mix.eps
-        self.unit_rms = partial(unit_rms, eps=eps) if state.h.is_cuda else partial(unit_rms_cpu, eps=state.h.new_tensor(eps))
+        if state.h.is_cuda:
+            self.unit_rms = partial(unit_rms, eps=eps)
+        else:
+            self.unit_rms = partial(unit_rms_cpu, eps=state.h.new_tensor(eps))
         self.mode, self.gated, self.window = block.mode, block.memory.gated, config.window
         self.decay_eps = state.h.new_tensor(EPS)
         if block.mode != "none":
@@ -323,6 +326,7 @@ class Decoder:
         self.device_position_at = None
         self.graphs: dict[TokenPlan, tuple[torch.cuda.CUDAGraph, Tensor]] = {}
         self.warmed_up: set[TokenPlan] = set()
+        self.streaming = False  # MMRecModel.stream's: whether a stream is reading from it
         self.load_mask()
 
     def initial_mask(self) -> Tensor:

@@ -64,8 +64,8 @@ def sample_tokens(
     was_training = model.training
     model.eval()
     try:
-        stream = model.stream(ids, max_new_tokens, sampling.temperature, sampling.top_k, None, sampling.top_p, generator,
-                              cuda_graphs)
+        stream = model.stream(ids, max_new_tokens, sampling.temperature, sampling.top_k, None, sampling.top_p,
+                              generator, cuda_graphs)
         for token in stream:
             yield token[:, 0].tolist()
     finally:

@@ -188,22 +188,26 @@ class MMRecModel(nn.Module):
         torch's default). ``state``: the state before the prompt (None: the prompt starts
         the sequences). ``cuda_graphs`` (default: on CUDA): each token's step replays CUDA
         graphs, captured once per batch size and kept on the model, reused by later calls
-        at any context while the weights stay the same (``release_graphs`` frees them);
-        False: the same step launched op by op.
+        at any context (reading the weights as they are then; ``release_graphs`` frees
+        them); False: the same step launched op by op.
         """
         check_sampling(max_new_tokens, temperature, top_k, top_p)
         logits, state = self(prompt_ids, state)
         logits, decoder = logits[:, -1], self._decoder(state, cuda_graphs)
-        for step in range(max_new_tokens):
-            token = _sample(logits, temperature, top_k, top_p, generator)
-            yield token
-            if step + 1 < max_new_tokens:
-                logits = decoder.step(token)
+        decoder.streaming = True  # a stream started meanwhile (interleaved) gets a decoder of its own
+        try:
+            for step in range(max_new_tokens):
+                token = _sample(logits, temperature, top_k, top_p, generator)
+                yield token
+                if step + 1 < max_new_tokens:
+                    logits = decoder.step(token)
+        finally:
+            decoder.streaming = False
 
     def _decoder(self, state: MemoryState, cuda_graphs: bool | None) -> Decoder:
         """A Decoder from ``state``: the CUDA-graph one of its batch size, reloaded (with the
         weights as they are now), unless a parameter has moved or changed dtype since it was
-        built."""
+        built or another stream is still using it."""
         on_cuda = state.position.device.type == "cuda"
         if cuda_graphs and not on_cuda:
             raise ValueError(f"generate: cuda_graphs needs a model on CUDA, got one on {state.position.device}")
@@ -212,7 +216,7 @@ class MMRecModel(nn.Module):
         weights = tuple((p.data_ptr(), p.dtype) for p in self.parameters())
         batch_size = state.blocks[0].h.shape[0]
         built, decoder = self._graph_decoders.get(batch_size, (None, None))
-        if built != weights:
+        if built != weights or decoder.streaming:
             decoder = Decoder(self, state, cuda_graphs=True)
             self._graph_decoders[batch_size] = weights, decoder
         else:

@@ -159,3 +159,19 @@ def test_cuda_graph_decoder_follows_an_optimizer_step():
     graphed = model.generate(prompt, 60, temperature=0)
     assert torch.equal(graphed, model.generate(prompt, 60, temperature=0, cuda_graphs=False))
     assert model._graph_decoders[1][1] is before
+
+
+def test_cuda_graph_streams_interleaved_keep_their_own_decoders():
+    """Two streams of one batch size read in turn: the second does not reuse the first's
+    buffers (each gives the eager path's greedy tokens)."""
+    torch.manual_seed(0)
+    model = MMRecModel(small_config("exact")).cuda().eval()
+    prompts = [torch.randint(0, 256, (1, n), device="cuda") for n in (30, 50)]
+    streams = [model.stream(prompt, 80, temperature=0) for prompt in prompts]
+    tokens = [[], []]
+    for _ in range(80):
+        for i, stream in enumerate(streams):
+            tokens[i].append(next(stream))
+    for prompt, made in zip(prompts, tokens):
+        eager = model.generate(prompt, 80, temperature=0, cuda_graphs=False)
+        assert torch.equal(torch.cat(made, dim=1), eager[:, prompt.shape[1] :])
