@@ -70,17 +70,13 @@ def warm_up_tokens(path: str, config) -> int:
     return WARM_UP
 
 
-def copied(state: MemoryState) -> MemoryState:
-    return MemoryState(state.position.clone(), tuple(type(b)(*(t.clone() for t in b)) for b in state.blocks))
-
-
 def mmrec_stepper(path: str, model, state: MemoryState):
     """A function token [B, 1] -> logits [B, V] continuing from (a copy of) ``state``."""
     if path == "mmrec-graphs":
-        return model._decoder(copied(state), cuda_graphs=True).step
+        return model._decoder(state.clone(), cuda_graphs=True).step
     if path == "mmrec-decoder":
-        return Decoder(model, copied(state)).step
-    state = copied(state)
+        return Decoder(model, state.clone()).step
+    state = state.clone()
 
     def step(token):
         nonlocal state

@@ -53,7 +53,6 @@ from bench.common import (  # noqa: E402
 )
 from bench.transformer import KVCache, Transformer, TransformerConfig  # noqa: E402
 from mmrec_model import MMRecConfig, MMRecModel  # noqa: E402
-from mmrec_model.memory import BlockState, MemoryState  # noqa: E402
 from mmrec_model.training import autocast, next_byte_loss  # noqa: E402
 
 ARCHS = ("transformer", "mmrec-parallel", "mmrec-exact")
@@ -202,7 +201,7 @@ def start_decoding(model, step, prompt, sizes, device):
             nonlocal state
             out, state = step(token, state)
             if step is not model:  # CUDA graph outputs are overwritten by the next replay
-                state = MemoryState(state.position.clone(), tuple(BlockState(*(t.clone() for t in b)) for b in state.blocks))
+                state = state.clone()
             return out
 
         return logits, next_logits, state_bytes(state)

@@ -83,6 +83,12 @@ class MemoryState(NamedTuple):
     position: Tensor
     blocks: tuple[BlockState, ...]
 
+    def clone(self) -> "MemoryState":
+        """A copy of every tensor: for a state that in-place updates (a CUDA graph's
+        outputs, a decoder's buffers) must not change."""
+        blocks = tuple(BlockState(*(t.clone() for t in block)) for block in self.blocks)
+        return MemoryState(self.position.clone(), blocks)
+
     def detach(self) -> "MemoryState":
         """The same values, cut from the autograd graph (truncated backpropagation
         through time across calls)."""

@@ -143,6 +143,9 @@ def test_state_is_a_pytree_and_not_stored_on_modules():
     assert pytree.tree_unflatten(leaves, spec) == state
     assert state.position.dtype == torch.int64 and state.position.item() == 20
     assert all(not t.requires_grad for t in pytree.tree_leaves(state.detach()))
+    copy = state.clone()
+    for kept, copied in zip(pytree.tree_leaves(state), pytree.tree_leaves(copy)):
+        assert torch.equal(kept, copied) and kept.data_ptr() != copied.data_ptr()
 
 
 def test_fresh_model_loss_is_uniform():
