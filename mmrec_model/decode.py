@@ -32,6 +32,14 @@ from .mdi import EPS
 from .memory import BRANCHING, BlockState, MemoryState, span_len
 
 
+def down_parts(batch: int, hidden: int, device: torch.device) -> int:
+    """In how many parts the FFN's output product splits its inner dimension ``hidden``: 8
+    on CUDA when a step has more than one row (and 8 divides it). For [16, 4 D] x [4 D, D]
+    in float32 cuBLAS picks a SIMT kernel with D / 128 thread blocks, where the parts as one
+    batched product, summed, spread over the GPU (bench/results/generate_graphs_cuda_h100.md)."""
+    return 8 if device.type == "cuda" and batch > 1 and hidden % 8 == 0 else 1
+
+
 def fused_mdi(mdi, w_in: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """MDI's gamma = eps + (1 - 2 eps) sigmoid(A(z)) sigmoid(C(k)), both MLPs at once, their
     first layers folded into the block's input projection ``w_in`` ``[4 D, D]`` (rows q, k,
@@ -138,6 +146,7 @@ class BlockDecoder:
             self.unit_rms = partial(unit_rms_cpu, eps=state.h.new_tensor(eps))
         self.mode, self.gated, self.window = block.mode, block.memory.gated, config.window
         self.decay_eps = state.h.new_tensor(EPS)
+        self.down_parts = down_parts(B, block.ffn[0].out_features, state.h.device)
         if block.mode != "none":
             # Per head W_g s + b_g as [H, B, d] @ [H, d, d]^T + [H, 1, d]: views of the parameters.
             self.gate = (block.gate_bias.unsqueeze(1), block.gate_weight.transpose(1, 2))
@@ -164,7 +173,7 @@ class BlockDecoder:
             w_in_t=(torch.cat(rows) * block.norm_mix.weight).t().contiguous(), b_in=torch.cat(biases),
             w_out_t=block.w_out.weight.t().contiguous(),
             ffn_b0=ffn_in.bias.clone(), ffn_w0_t=(ffn_in.weight * block.norm_ffn.weight).t().contiguous(),
-            ffn_b2=ffn_out.bias.clone(), ffn_w2_t=ffn_out.weight.t().contiguous(),
+            ffn_b2=ffn_out.bias.clone(), ffn_w2_t=ffn_out.weight.t().contiguous().unflatten(0, (self.down_parts, -1)),
         )  # fmt: skip
         self.n_mdi = folded["decay_w_t"].shape[0] if "decay_w_t" in folded else 0
         for name, value in folded.items():
@@ -222,12 +231,20 @@ class BlockDecoder:
         h = None if self.mode == "none" else self.recurrence(projected[:, 4 * D : 4 * D + self.n_mdi], z)
         y = torch.addmm(x, (m if h is None else h + m).view(B, D), self.w_out_t)
         hidden = F.gelu(torch.addmm(self.ffn_b0, self.unit_rms(y), self.ffn_w0_t))
-        out = y + torch.addmm(self.ffn_b2, hidden, self.ffn_w2_t)
+        out = y + self.ffn_down(hidden)
         if self.block.has_long_term:
             self.add_to_memory(kv, h, plan, slots)
         if h is not None:
             self.h.copy_(h)
         return out
+
+    def ffn_down(self, hidden: Tensor) -> Tensor:
+        """The FFN's output layer of hidden ``[B, F]`` -> ``[B, D]``: one product, or
+        ``down_parts`` products over slices of F, summed."""
+        if self.down_parts == 1:
+            return torch.addmm(self.ffn_b2, hidden, self.ffn_w2_t[0])
+        parts = torch.bmm(hidden.view(hidden.shape[0], self.down_parts, -1).transpose(0, 1), self.ffn_w2_t)
+        return parts.sum(0) + self.ffn_b2
 
     def recurrence(self, mdi_hidden: Tensor, z: Tensor) -> Tensor:
         """The new state h ``[B, H, d]``: h' = z sigmoid(W_g s + b_g) + gamma h, s = h (mode

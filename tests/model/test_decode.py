@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mmrec_model import MMRecModel
+from mmrec_model import MMRecModel, decode
 from mmrec_model.decode import Decoder, attend
 from tests.helpers import assert_close_rel, output_tolerance
 from tests.model.models import small_config
@@ -44,6 +44,22 @@ def test_decoder_matches_one_call(name, start):
     for i, (block, expected) in enumerate(zip(state.blocks, full_state.blocks)):
         for field, actual, wanted in zip(block._fields, block, expected):
             assert_close_rel(actual, wanted, FLOAT32_TOL, f"state.blocks[{i}].{field}")
+
+
+@pytest.mark.parametrize("parts", [2, 8])
+def test_split_ffn_product_matches_one_call(monkeypatch, parts):
+    """The FFN's output product in parts (``down_parts``: CUDA at batch > 1) gives the
+    logits of one call."""
+    monkeypatch.setattr(decode, "down_parts", lambda batch, hidden, device: parts)
+    torch.manual_seed(0)
+    model = MMRecModel(small_config("exact")).eval()
+    ids = torch.randint(0, 256, (3, 40))
+    with torch.no_grad():
+        full = model(ids)[0]
+        decoder = Decoder(model, model(ids[:, :5])[1])
+        logits = torch.stack([decoder.step(ids[:, t : t + 1]) for t in range(5, ids.shape[1])], dim=1)
+    assert all(block.down_parts == parts for block in decoder.blocks)
+    assert_close_rel(logits, full[:, 5:], FLOAT32_TOL, "logits")
 
 
 def test_decoder_leaves_the_state_it_started_from():
