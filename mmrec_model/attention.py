@@ -39,6 +39,9 @@ def blocked_attention(q: Tensor, keys_values: Tensor, mask: Tensor) -> Tensor:
 # flex_attention's tile of keys: each query block's long-term group is padded to whole
 # tiles, so that a block's group and its window start on tile boundaries.
 FLEX_TILE = 128
+# The fused forward kernel's tiles on CUDA: smaller than flex_attention's default for
+# d = 64, faster at small's shapes on an H100 (bench/results/read_cuda_h100.md).
+FLEX_CUDA_KERNEL = {"BLOCK_M": 64, "BLOCK_N": 64}
 
 
 def flex_blocked_attention(q: Tensor, group: Tensor | None, tokens: Tensor | None, mask: Tensor, window: int) -> Tensor:
@@ -49,14 +52,15 @@ def flex_blocked_attention(q: Tensor, group: Tensor | None, tokens: Tensor | Non
 
     q ``[B, T, H, d]``; group ``[B, nb, G, 2, D]`` (None: none); tokens ``[B, W - 1 + T, 2, D]``,
     the working memory oldest first then the chunk (None: none); mask ``[nb, Q, G + Q + W - 1]``
-    -> ``[B, T, H, d]``. The kernel skips the tiles the mask hides and evaluates it only on
+    -> ``[B, T, H, d]``. Query t sees token s iff t <= s <= t + W - 1 and s exists, which
+    the kernel computes (existence from the first query's mask row) rather than reading the
+    mask's window columns. It skips the tiles nothing sees and evaluates the mask only on
     the tiles it cuts; compiled code fuses it, eager code materialises every score.
     """
     B, T, H, d = q.shape
     nb, Q, _ = mask.shape
     G = 0 if group is None else group.shape[2]
     padded_group = -(-G // FLEX_TILE) * FLEX_TILE
-    n_window = 0 if tokens is None else Q + window - 1
     parts = [] if group is None else [F.pad(group, (0, 0, 0, 0, 0, padded_group - G)).flatten(1, 2)]
     parts += [] if tokens is None else [tokens]
     kv = torch.cat(parts, dim=1).to(q.dtype)
@@ -65,14 +69,21 @@ def flex_blocked_attention(q: Tensor, group: Tensor | None, tokens: Tensor | Non
 
     def mask_mod(batch: Tensor, head: Tensor, query: Tensor, key: Tensor) -> Tensor:
         block, row = query // Q, query % Q
-        in_group = key < group_keys
-        column = torch.where(in_group, key - block * padded_group, G + key - group_keys - block * Q)
-        inside = torch.where(in_group, (column >= 0) & (column < G), (column >= G) & (column < G + n_window))
-        return inside & mask[block, row, torch.where(inside, column, 0)]
+        column = key - block * padded_group
+        in_group = (key < group_keys) & (column >= 0) & (column < G)
+        sees = in_group & mask[block, row, torch.where(in_group, column, 0)]
+        if tokens is None:
+            return sees
+        token = key - group_keys
+        in_window = (key >= group_keys) & (token >= query) & (token <= query + window - 1)
+        # The first block's first query sees those of the tokens 0 .. W - 1 that exist.
+        exists = (token >= window - 1) | mask[0, 0, G + torch.clamp(token, 0, window - 1)]
+        return sees | (in_window & exists)
 
     block_mask = create_block_mask(mask_mod, None, None, nb * Q, kv.shape[1], device=q.device)
     queries = F.pad(q, (0, 0, 0, 0, 0, nb * Q - T)).transpose(1, 2)
-    return flex_attention(queries, keys, values, block_mask=block_mask).transpose(1, 2)[:, :T]
+    options = FLEX_CUDA_KERNEL if q.is_cuda else None
+    return flex_attention(queries, keys, values, block_mask=block_mask, kernel_options=options).transpose(1, 2)[:, :T]
 
 
 def window_tokens(window: Tensor, kv: Tensor) -> Tensor:

@@ -1,4 +1,4 @@
-"""The benchmarks (GPU model, training-step breakdown, decoding, quality) run end to end
+"""The benchmarks (GPU model, training-step breakdown, the read, decoding, quality) run end to end
 on tiny shapes on the CPU (--smoke), so the scripts cannot rot between GPU sessions; the
 Transformer baseline's KV-cache decoding gives the logits of a full forward, and its
 windowed variant sees the last `window` tokens only."""
@@ -224,6 +224,17 @@ def test_train_breakdown_smoke(tmp_path):
     assert [r["variant"] for r in rows] == ["transformer", "mmrec"] and all(r["step_ms"] > 0 for r in rows)
     assert rows[0]["kernels"] == [] and any(k["name"].startswith("mmrec::") for k in rows[1]["kernels"])
     assert "| mmrec |" in out.with_suffix(".md").read_text()
+
+
+def test_read_bench_smoke(tmp_path):
+    out = tmp_path / "read"
+    result = subprocess.run([sys.executable, "bench/read.py", "--smoke", "--device", "cpu", "--out", str(out)],
+                            cwd=ROOT, capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = json.loads(out.with_suffix(".json").read_text())["results"]
+    assert [r["read"] for r in rows] == ["causal-sdpa", "blocked-sdpa eager", "blocked-sdpa compiled", "flex compiled"]
+    assert all(r["forward_ms"] > 0 for r in rows)
+    assert rows[-1]["forward_backward_ms"] is None and all(r["forward_backward_ms"] > 0 for r in rows[:-1])
 
 
 def test_quality_refuses_probe_beyond_long_windows(tmp_path):

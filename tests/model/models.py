@@ -38,16 +38,22 @@ def small_config(mode: str, **overrides) -> MMRecConfig:
     return MMRecConfig.preset("tiny", **{**fields, **overrides})
 
 
-def compile_noting_ops(module: torch.nn.Module, **options) -> tuple[torch.nn.Module, list[str]]:
-    """``torch.compile(module, **options)`` through inductor, and the ops of every graph
-    it captures (filled as it compiles), to show which path compiled code took."""
-    ops = []
+def noting_backend(ops: list[str]):
+    """A torch.compile backend: inductor, after appending the ops of each graph it is
+    given to ``ops``, to show which path compiled code took."""
 
     def backend(graph_module: torch.fx.GraphModule, example_inputs):
         ops.extend(str(node.target) for node in graph_module.graph.nodes if node.op == "call_function")
         return compile_fx(graph_module, example_inputs)
 
-    return torch.compile(module, backend=backend, **options), ops
+    return backend
+
+
+def compile_noting_ops(module: torch.nn.Module, **options) -> tuple[torch.nn.Module, list[str]]:
+    """``torch.compile(module, **options)`` through ``noting_backend``, and the ops of every
+    graph it captures (filled as it compiles)."""
+    ops = []
+    return torch.compile(module, backend=noting_backend(ops), **options), ops
 
 
 def next_token_loss(logits: Tensor, ids: Tensor) -> Tensor:

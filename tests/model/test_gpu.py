@@ -13,7 +13,14 @@ import torch._inductor.exc
 from mmrec_model import MMRecModel
 from mmrec_model.decode import Decoder, token_plan
 from tests.helpers import assert_close_rel, output_tolerance
-from tests.model.models import MODES, assert_logits_and_grads_close, compile_noting_ops, next_token_loss, small_config
+from tests.model.models import (
+    MODES,
+    assert_logits_and_grads_close,
+    compile_noting_ops,
+    next_token_loss,
+    noting_backend,
+    small_config,
+)
 
 pytestmark = [
     pytest.mark.model,
@@ -97,6 +104,24 @@ def test_cuda_compiled_flex_read_matches_eager(memory_read):
         expected_logits, expected_grads = loss_and_grads(model, ids)
         assert_logits_and_grads_close(model, logits, grads, expected_logits, expected_grads, f"T = {T}")
     assert any("flex_attention" in op for op in ops), "the compiled model did not read with flex_attention"
+
+
+@pytest.mark.compile
+@pytest.mark.grad
+@pytest.mark.parametrize("memory_read", ["joint", "gated"])
+def test_cuda_regionally_compiled_flex_read_matches_eager(memory_read):
+    """read_kernel 'flex' with each block compiled alone (how training compiles: the read
+    mask is then a graph input), forward and backward, against the eager model's SDPA read."""
+    torch._dynamo.reset()
+    model = MMRecModel(small_config("exact", n_layers=2, memory_read=memory_read, read_kernel="flex")).cuda()
+    compiled, ops = copy.deepcopy(model), []
+    for block in compiled.blocks:
+        block.compile(fullgraph=True, backend=noting_backend(ops))
+    ids = torch.randint(0, 256, (2, 300), device="cuda")
+    logits, grads = loss_and_grads(compiled, ids)
+    expected_logits, expected_grads = loss_and_grads(model, ids)
+    assert_logits_and_grads_close(model, logits, grads, expected_logits, expected_grads, "T = 300")
+    assert any("flex_attention" in op for op in ops), "the compiled blocks did not read with flex_attention"
 
 
 @pytest.mark.parametrize("mode", MODES)
