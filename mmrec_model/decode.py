@@ -34,10 +34,11 @@ from .memory import BRANCHING, BlockState, MemoryState, span_len
 
 def down_parts(batch: int, hidden: int, device: torch.device) -> int:
     """In how many parts the FFN's output product splits its inner dimension ``hidden``: 8
-    on CUDA when a step has more than one row (and 8 divides it). For [16, 4 D] x [4 D, D]
-    in float32 cuBLAS picks a SIMT kernel with D / 128 thread blocks, where the parts as one
-    batched product, summed, spread over the GPU (bench/results/generate_graphs_cuda_h100.md)."""
-    return 8 if device.type == "cuda" and batch > 1 and hidden % 8 == 0 else 1
+    on CUDA from 16 rows a step (and when 8 divides it). For [16, 4 D] x [4 D, D] in
+    float32 cuBLAS picks a SIMT kernel with D / 128 thread blocks, where the parts as one
+    batched product, summed, spread over the GPU; at one row the split is slower, and
+    between 2 and 15 rows it is not measured (bench/results/generate_graphs_cuda_h100.md)."""
+    return 8 if device.type == "cuda" and batch >= 16 and hidden % 8 == 0 else 1
 
 
 def fused_mdi(mdi, w_in: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:

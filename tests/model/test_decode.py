@@ -48,7 +48,7 @@ def test_decoder_matches_one_call(name, start):
 
 @pytest.mark.parametrize("parts", [2, 8])
 def test_split_ffn_product_matches_one_call(monkeypatch, parts):
-    """The FFN's output product in parts (``down_parts``: CUDA at batch > 1) gives the
+    """The FFN's output product in parts (``down_parts``: CUDA from batch 16) gives the
     logits of one call."""
     monkeypatch.setattr(decode, "down_parts", lambda batch, hidden, device: parts)
     torch.manual_seed(0)
