@@ -132,6 +132,14 @@ def versions(device: str) -> dict:
     return info
 
 
+def apply_smoke(args, values: dict) -> None:
+    """With ``args.smoke``, overwrite the parsed options named in ``values`` with the tiny
+    settings there (``--smoke`` checks a script end to end, measuring nothing)."""
+    if args.smoke:
+        for name, value in values.items():
+            setattr(args, name, value)
+
+
 def compile_blocks(model: torch.nn.Module) -> None:
     """Regional compilation: every block of ``model.blocks`` through torch.compile (one
     shared graph), the way PyTorch's docs recommend for stacks of identical layers.

@@ -36,7 +36,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import markdown_table, synchronize, versions, write_results  # noqa: E402
+from bench.common import apply_smoke, markdown_table, synchronize, versions, write_results  # noqa: E402
 from bench.transformer import KVCache, StaticDecoder, Transformer, TransformerConfig  # noqa: E402
 from mmrec_model import MMRecConfig, MMRecModel  # noqa: E402
 from mmrec_model.decode import Decoder  # noqa: E402
@@ -198,9 +198,7 @@ def main() -> None:
     parser.add_argument("--smoke", action="store_true", help="tiny shapes: checks the script, measures nothing")
     parser.add_argument("--out", type=Path, default=None, help="output stem (.md, .json)")
     args = parser.parse_args()
-    if args.smoke:
-        for name, value in SMOKE.items():
-            setattr(args, name, value)
+    apply_smoke(args, SMOKE)
     device = pick_device(args.device)
     paths = args.paths or DEFAULT_PATHS[device.type]
     if device.type != "cuda" and set(paths) & set(CUDA_ONLY):

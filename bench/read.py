@@ -30,7 +30,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import forward_backward, markdown_table, median_time_ms, versions, write_results  # noqa: E402
+from bench.common import apply_smoke, forward_backward, markdown_table, median_time_ms, versions, write_results  # noqa: E402
 from mmrec_model import MMRecConfig  # noqa: E402
 from mmrec_model.attention import flex_blocked_attention, sdpa_blocked_attention, window_keys  # noqa: E402
 from mmrec_model.memory import memory_layout  # noqa: E402
@@ -128,9 +128,7 @@ def main() -> None:
     parser.add_argument("--smoke", action="store_true", help="tiny shapes: checks the script, measures nothing")
     parser.add_argument("--out", type=Path, default=None, help="output stem (.md, .json)")
     args = parser.parse_args()
-    if args.smoke:
-        for name, value in SMOKE.items():
-            setattr(args, name, value)
+    apply_smoke(args, SMOKE)
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device here (use --device cpu)")
     device = torch.device(args.device)
