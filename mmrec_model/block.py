@@ -12,7 +12,7 @@ import mmrec_ops
 
 from .attention import MultiMemoryAttention
 from .config import MMRecConfig
-from .entries import LearnedEntries
+from .entries import BestTokenEntries, LearnedEntries
 from .mdi import MDI
 from .memory import (
     BlockState,
@@ -33,7 +33,8 @@ class MMRecBlock(nn.Module):
         h          = recurrence(z, gamma, W_g, b_g, h0)      per head, [B, T, H, d]
         m          = MultiMemoryAttention(q; working, long-term, persistent memory)
                      (memory_read 'gated': its two reads mixed by gates sigmoid(u W_r + b_r);
-                     the long-term entries as entry_summary says: means, learned, states)
+                     the long-term entries as entry_summary says: means, learned, states,
+                     best tokens)
         y          = x + W_o (h + m)
         out        = y + FFN(RMSNorm(y))
 
@@ -61,6 +62,8 @@ class MMRecBlock(nn.Module):
         self.read_gate = nn.Linear(D, 2 * H) if gated else None
         learned = self.has_long_term and config.entry_summary == "learned"
         self.learned_entries = LearnedEntries(D, H, config.segment_len) if learned else None
+        best = self.has_long_term and config.entry_summary == "best"
+        self.best_entries = BestTokenEntries(H, d) if best else None
         self.w_out = nn.Linear(D, D, bias=False)
         self.norm_ffn = nn.RMSNorm(D, eps=config.norm_eps)
         self.ffn = nn.Sequential(
@@ -86,6 +89,8 @@ class MMRecBlock(nn.Module):
         nn.init.normal_(self.memory.persistent, std=init_std * math.sqrt(self.w_in.in_features))
         if self.learned_entries is not None:
             self.learned_entries.init_weights(init_std)
+        if self.best_entries is not None:
+            self.best_entries.init_weights(init_std)
         if self.read_gate is not None:
             # Both reads at weight 1/2 at first, whatever the token.
             nn.init.zeros_(self.read_gate.weight)
@@ -112,9 +117,11 @@ class MMRecBlock(nn.Module):
     ) -> tuple[Tensor, Tensor, Tensor]:
         """``update_long_term`` with entries as ``MMRecConfig.entry_summary`` says, from
         the chunk's kv ``[B, T, 2, D]`` and recurrence states h ``[B, T, H, d]``."""
-        finish = None
+        finish, key = None, None
         if self.learned_entries is not None:
             kv, finish = self.learned_entries.weigh(kv, layout.phase), self.learned_entries.finish
+        elif self.best_entries is not None:
+            finish, key = self.best_entries.finish, self.best_entries.key
         elif self.entry_summary == "state":
             states = h.flatten(-2)
 
@@ -122,27 +129,33 @@ class MMRecBlock(nn.Module):
                 last = states[:, layout.levels[level].last_token].to(means.dtype)
                 return torch.stack([means[:, :, 0], last], dim=2)
 
-        return update_long_term(kv, state.memory, state.sums, layout, self.segment_len, finish)
+        return update_long_term(kv, state.memory, state.sums, layout, self.segment_len, finish, key)
 
     def update_memory_token(
         self, kv: Tensor, h: Tensor | None, state: BlockState, layout: TokenLayout
     ) -> tuple[Tensor, Tensor]:
         """``update_long_term_token`` with entries as ``MMRecConfig.entry_summary`` says,
         from one token's kv ``[B, 1, 2, D]`` and state h ``[B, 1, H, d]``."""
-        finish = None
+        finish, better = None, None
         if self.learned_entries is not None:
             kv = self.learned_entries.weigh(kv, layout.phase)
 
             def finish(means: Tensor) -> Tensor:
                 return self.learned_entries.finish(0, means)
 
+        elif self.best_entries is not None:
+
+            def finish(chosen: Tensor) -> Tensor:
+                return self.best_entries.finish(0, chosen)
+
+            better = self.best_entries.better
         elif self.entry_summary == "state":
 
             def finish(means: Tensor) -> Tensor:
                 last = h.flatten(-2).to(means.dtype).expand(-1, means.shape[1], -1)
                 return torch.stack([means[:, :, 0], last], dim=2)
 
-        return update_long_term_token(kv, state.memory, state.sums, layout, finish)
+        return update_long_term_token(kv, state.memory, state.sums, layout, finish, better)
 
     def project(self, x: Tensor, state: BlockState) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
         """q ``[B, T, H, d]``, kv ``[B, T, 2, D]``, the read's gates ``[B, T, H, 2]`` and

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 # 'none' removes the short-term memory: an ablation for bench/quality.py.
 MODES = ("exact", "parallel", "none")
 MEMORY_READS = ("joint", "gated")
-ENTRY_SUMMARIES = ("mean", "learned", "state")
+ENTRY_SUMMARIES = ("mean", "learned", "state", "best")
 READ_KERNELS = ("sdpa", "flex")
 
 # Chosen by measurement on the project's 2-core CPU (bench/results/model_cpu.md):
@@ -50,7 +50,8 @@ class MMRecConfig:
             values over its span; 'learned', place-weighted means and a residual MLP
             (``LearnedEntries``); 'state', the mean key and, as its value, the recurrence
             state h at the span's last token (needs a recurrence: mode 'exact' or
-            'parallel').
+            'parallel'); 'best', per head one token of the span, the one whose key
+            scores highest, its value gated by the score (``BestTokenEntries``).
         read_kernel: how compiled code computes a chunk's read: 'sdpa', each block of
             queries over a copy of its keys, masked (``blocked_attention``); or 'flex',
             flex_attention's block-sparse kernel over the keys in place

@@ -272,28 +272,34 @@ class BlockDecoder:
         """The running sums after the token's kv ``[B, 2, D]`` (its state h ``[B, H, d]``),
         and the entries it completes into the rings (``update_long_term_token``'s
         arithmetic, branching on the plan)."""
-        S = self.config.segment_len
+        S, best = self.config.segment_len, self.block.best_entries
         if self.block.learned_entries is not None:
             phase = slots.phase if isinstance(slots.phase, Tensor) else torch.tensor([slots.phase], device=kv.device)
             kv = self.block.learned_entries.weigh(kv.unsqueeze(1), phase)[:, 0]
         if plan.starts_span:
             self.span_sum.copy_(kv)
+        elif best is not None:
+            self.span_sum.copy_(best.better(self.span_sum, kv))
         else:
             self.span_sum.add_(kv)
         for level, restart in enumerate(plan.restarts, start=1):
             if restart:
                 self.sums[:, level] = self.sums[:, level - 1]
+            elif best is not None:
+                self.sums[:, level] = best.better(self.sums[:, level], self.sums[:, level - 1])
             else:
                 self.sums[:, level] += self.sums[:, level - 1]
         for level, slot in enumerate(slots.rings):
-            means = self.sums[:, level : level + 1] / span_len(S, level)
-            self.write(slot, self.entry(means, h)[:, 0])
+            summary = self.sums[:, level : level + 1]
+            self.write(slot, self.entry(summary if best is not None else summary / span_len(S, level), h)[:, 0])
 
     def entry(self, means: Tensor, h: Tensor | None) -> Tensor:
-        """What an entry of means ``[B, 1, 2, D]`` holds (``MMRecConfig.entry_summary``), h ``[B, H, d]``
-        the state of the token that completes it."""
+        """What an entry of means ``[B, 1, 2, D]`` (the chosen token with ``BestTokenEntries``)
+        holds (``MMRecConfig.entry_summary``), h ``[B, H, d]`` the state of the token that completes it."""
         if self.block.learned_entries is not None:
             return self.block.learned_entries.finish(0, means)
+        if self.block.best_entries is not None:
+            return self.block.best_entries.finish(0, means)
         if self.block.entry_summary == "state":
             return torch.stack([means[:, :, 0], h.flatten(-2).unsqueeze(1).to(means.dtype)], dim=2)
         return means

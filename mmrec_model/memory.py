@@ -239,19 +239,32 @@ def token_layout(position: Tensor, config: MMRecConfig) -> TokenLayout:
 
 
 def update_long_term_token(
-    x: Tensor, memory: Tensor, sums: Tensor, layout: TokenLayout, finish: Callable[[Tensor], Tensor] | None = None
+    x: Tensor,
+    memory: Tensor,
+    sums: Tensor,
+    layout: TokenLayout,
+    finish: Callable[[Tensor], Tensor] | None = None,
+    better: Callable[[Tensor, Tensor], Tensor] | None = None,
 ) -> tuple[Tensor, Tensor]:
     """HDS after one token (``update_long_term`` for T = 1, in a few ops): the running
     sums gain the token's x ``[B, 1, 2, D]`` (level 0) or the entry it completes (levels
     >= 1), and each entry it completes, ``finish(means)`` of its level's mean
-    ``[B, L, 2, D]`` (None: the means), goes to its ring slot. -> (memory, sums)."""
+    ``[B, L, 2, D]`` (None: the means), goes to its ring slot. With ``better(best, new)``
+    (``BestTokenEntries.better``), sums holds running bests instead, which the token or
+    entry replaces where better, and ``finish`` gets them. -> (memory, sums)."""
     L = sums.shape[1]
-    new = [torch.where(layout.span_start, 0, sums[:, 0]) + x[:, 0].to(sums.dtype)]
+
+    def gain(running: Tensor, restart: Tensor, new: Tensor) -> Tensor:
+        if better is None:
+            return torch.where(restart, 0, running) + new
+        return torch.where(restart, new, better(running, new))
+
+    new = [gain(sums[:, 0], layout.span_start, x[:, 0].to(sums.dtype))]
     for level in range(1, L):
-        running = torch.where(layout.first_child[level], 0, sums[:, level]) + new[-1]
+        running = gain(sums[:, level], layout.first_child[level], new[-1])
         new.append(torch.where(layout.completes[level - 1], running, sums[:, level]))
     sums = torch.stack(new, dim=1)
-    means = sums / layout.widths.view(1, L, 1, 1)
+    means = sums / layout.widths.view(1, L, 1, 1) if better is None else sums
     entries = means if finish is None else finish(means)
     levels = torch.arange(L, device=sums.device)
     kept = memory[:, levels, layout.entry_slot]
@@ -426,6 +439,53 @@ def summarise(kv: Tensor, sums: Tensor, layout: MemoryLayout, segment_len: int) 
     return level_sums, torch.stack(new_sums, dim=1)
 
 
+def running_best(candidates: Tensor, spans: Tensor, valid: Tensor | None, key: Callable[[Tensor], Tensor]) -> Tensor:
+    """Per head, for each of the candidates ``[B, n, 2, D]`` (in order; ``spans`` ``[n]``,
+    nondecreasing, the span each belongs to), the index ``[B, n, H]`` of the best candidate so
+    far within its span: the last of the highest ``key`` ``[B, n, H]`` (int64 in
+    [-2^31, 2^31)). Candidates where not ``valid`` are never chosen. One running maximum of
+    (span, key), so that each span starts afresh."""
+    rank = spans.view(1, -1, 1) * 2**32 + key(candidates) + 2**31
+    if valid is not None:
+        rank = torch.where(valid.view(1, -1, 1), rank, -1)
+    return torch.cummax(rank, dim=1).indices
+
+
+def gather_heads(candidates: Tensor, index: Tensor) -> Tensor:
+    """Per head, the candidates ``[B, n, 2, D]`` at ``index`` ``[B, m, H]`` -> ``[B, m, 2, D]``."""
+    heads = candidates.unflatten(-1, (index.shape[-1], -1))
+    return heads.gather(1, index[:, :, None, :, None].expand(-1, -1, 2, -1, heads.shape[-1])).flatten(-2)
+
+
+def choose(
+    kv: Tensor, best: Tensor, layout: MemoryLayout, segment_len: int, key: Callable[[Tensor], Tensor]
+) -> tuple[list[Tensor], Tensor]:
+    """``summarise`` for entries that keep one token (``BestTokenEntries``): per level, the
+    chosen kv ``[B, n_l, 2, D]`` of the entries ``layout.levels[l].index`` (garbage where not
+    valid), and the new running bests ``[B, L, 2, D]`` (``best``: the state's, the best of
+    each level's span in progress).
+
+    Level 0 chooses among the tokens, level l among the entries of level l - 1, each after
+    the state's best, whose span is that of the token (entry) before the chunk: a chunk
+    that starts a span leaves it out."""
+    T = kv.shape[1]
+    before = (layout.phase[:1] - 1) % segment_len  # the place of the token before the chunk
+    spans = torch.cat([torch.zeros_like(before), (before + 1 + torch.arange(T, device=kv.device)) // segment_len])
+    candidates = torch.cat([best[:, :1], kv.to(best.dtype)], dim=1)
+    index = running_best(candidates, spans, None, key)
+    chosen = [gather_heads(candidates, index[:, layout.levels[0].last_token + 1])]
+    new_best = [gather_heads(candidates, index[:, -1:])[:, 0]]
+    for level in range(1, best.shape[1]):
+        below, this = layout.levels[level - 1], layout.levels[level]
+        children = torch.cat([below.index[:1] - 1, below.index]) // BRANCHING
+        valid = torch.cat([torch.ones_like(below.valid[:1]), below.valid])
+        candidates = torch.cat([best[:, level : level + 1], chosen[-1]], dim=1)
+        index = running_best(candidates, children - children[:1], valid, key)
+        chosen.append(gather_heads(candidates, index[:, this.last_child + 1]))
+        new_best.append(gather_heads(candidates, index[:, -1:])[:, 0])
+    return chosen, torch.stack(new_best, dim=1)
+
+
 def update_long_term(
     kv: Tensor,
     memory: Tensor,
@@ -433,6 +493,7 @@ def update_long_term(
     layout: MemoryLayout,
     segment_len: int,
     finish: Callable[[int, Tensor], Tensor] | None = None,
+    key: Callable[[Tensor], Tensor] | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """One chunk of HDS: the pool of entries its tokens may read, and the new memory.
 
@@ -442,16 +503,22 @@ def update_long_term(
         layout: ``memory_layout`` of the chunk.
         finish: ``finish(level, means)``, what the level's new entries hold given the means
             ``[B, n_l, 2, D]`` of kv over their spans (None: the means).
+        key: with entries that keep one token (``BestTokenEntries.key``), the score by which
+            ``choose`` picks it; ``sums`` then holds the running bests and ``finish`` gets
+            the chosen tokens instead of the means.
 
     Returns:
         pool ``[B, sum_l (M + n_l), 2, D]`` (per level: the ring buffer as it was, then
         the ``n_l`` entries ``layout.levels[l].index``, completed in the chunk where
         valid), from which ``layout.read_source`` gathers; and the new memory and sums.
     """
-    level_sums, new_sums = summarise(kv, sums, layout, segment_len)
+    if key is None:
+        level_sums, new_sums = summarise(kv, sums, layout, segment_len)
+    else:
+        level_sums, new_sums = choose(kv, sums, layout, segment_len, key)
     pool, rings = [], []
     for level, (entry_sums, placed) in enumerate(zip(level_sums, layout.levels)):
-        entries = entry_sums / span_len(segment_len, level)
+        entries = entry_sums / span_len(segment_len, level) if key is None else entry_sums
         if finish is not None:
             entries = finish(level, entries)
         ring = memory[:, level]

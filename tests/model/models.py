@@ -14,12 +14,13 @@ from mmrec_ops.reference import recurrence_reference, scan_reference
 from tests.helpers import assert_close_rel, grad_tolerance, output_tolerance
 
 MODES = ["exact", "parallel"]
-# The modes, the gated read (MMRecConfig.memory_read) and learned long-term entries
+# The modes, the gated read (MMRecConfig.memory_read) and the other long-term entries
 # (MMRecConfig.entry_summary) beside the defaults.
 VARIANTS = {"exact": dict(mode="exact"), "parallel": dict(mode="parallel"),
             "exact-gated": dict(mode="exact", memory_read="gated"),
             "exact-learned-entries": dict(mode="exact", entry_summary="learned"),
-            "parallel-state-entries": dict(mode="parallel", entry_summary="state")}  # fmt: skip
+            "parallel-state-entries": dict(mode="parallel", entry_summary="state"),
+            "exact-best-entries": dict(mode="exact", entry_summary="best")}  # fmt: skip
 
 
 def variant_config(variant: str, **overrides) -> MMRecConfig:
@@ -69,18 +70,19 @@ def assert_logits_and_grads_close(model, logits, grads, expected_logits, expecte
         assert_close_rel(g, e, grad_tolerance(torch.float32), f"grad of {name}, {what}")
 
 
-def reference_visible(kv: Tensor, p: int, segment_len: int, n_levels: int, slots: int, finish=None) -> Tensor:
+def reference_visible(kv: Tensor, p: int, segment_len: int, n_levels: int, slots: int, summary=None) -> Tensor:
     """The memory entries token p may read, straight from DESIGN.md 2.2: kv ``[B, N, 2, D]``
     holds the whole history; level-l entry i is the mean over tokens [i S 4^l, (i+1) S 4^l)
-    (or ``finish(mean, last)`` of it and of its span's last token), visible iff
-    floor(j / 4^l) - M <= i < floor(j / 4^l) with j = floor(p / S). Returns ``[B, n, 2, D]``."""
+    (or ``summary(span, last)`` of the span's kv ``[B, S 4^l, 2, D]`` and its last token),
+    visible iff floor(j / 4^l) - M <= i < floor(j / 4^l) with j = floor(p / S).
+    Returns ``[B, n, 2, D]``."""
     j = p // segment_len
     entries = []
     for level in range(n_levels):
         width, newest = segment_len * 4**level, j // 4**level
         for i in range(max(0, newest - slots), newest):
-            mean = kv[:, i * width : (i + 1) * width].mean(1)
-            entries.append(mean if finish is None else finish(mean, (i + 1) * width - 1))
+            span = kv[:, i * width : (i + 1) * width]
+            entries.append(span.mean(1) if summary is None else summary(span, (i + 1) * width - 1))
     if not entries:
         return kv.new_zeros(kv.shape[0], 0, *kv.shape[2:])
     return torch.stack(entries, dim=1)
@@ -110,21 +112,40 @@ def reference_short_term(block, z: Tensor, k: Tensor, config: MMRecConfig) -> Te
 
 
 def reference_entries(block, kv: Tensor, h: Tensor, config: MMRecConfig):
-    """What the long-term entries average, and what they then hold (``reference_visible``'s
-    finish), as MMRecConfig.entry_summary says: 'learned', kv_p weighted by its head's
-    w[p mod S], then mean + MLP(mean); 'state', the mean key and the state h at the span's
-    last token."""
+    """What the long-term entries summarise, and how (``reference_visible``'s summary), as
+    MMRecConfig.entry_summary says: 'learned', kv_p weighted by its head's w[p mod S], then
+    mean + MLP(mean); 'state', the mean key and the state h at the span's last token;
+    'best', per head the key and the gated value of the span's last highest-scoring token
+    (scores compared in float32)."""
+    H, d = config.n_heads, config.head_dim
     if config.entry_summary == "mean":
         return kv, None
     if config.entry_summary == "state":
-        return kv, lambda mean, last: torch.stack([mean[:, 0], h[:, last].flatten(-2)], dim=1)
+        return kv, lambda span, last: torch.stack([span.mean(1)[:, 0], h[:, last].flatten(-2)], dim=1)
+    if config.entry_summary == "best":
+        weight = block.best_entries.score_weight
+
+        def best(span: Tensor, last: int) -> Tensor:
+            heads = span.unflatten(-1, (H, d))  # [B, w, 2, H, d]
+            scores = (heads[:, :, 0] * weight).sum(-1)  # [B, w, H]
+            chosen = span.shape[1] - 1 - scores.float().flip(1).argmax(1)  # the last of the highest, [B, H]
+            picked = torch.stack([heads[b, chosen[b, i], :, i] for b in range(span.shape[0]) for i in range(H)])
+            key, value = picked.view(span.shape[0], H, 2, d).unbind(2)  # [B, H, d] each
+            gate = torch.sigmoid((key * weight).sum(-1, keepdim=True))
+            return torch.stack([key.flatten(-2), (gate * value).flatten(-2)], dim=1)
+
+        return kv, best
     entries = block.learned_entries
-    H, d = config.n_heads, config.head_dim
     weighted = torch.stack([
         (kv[:, p].unflatten(-1, (H, d)) * entries.place_weight[p % config.segment_len].unsqueeze(-1)).flatten(-2)
         for p in range(kv.shape[1])
     ], dim=1)  # fmt: skip
-    return weighted, lambda mean, last: mean + torch.stack([entries.key_mlp(mean[:, 0]), entries.value_mlp(mean[:, 1])], 1)
+
+    def learned(span: Tensor, last: int) -> Tensor:
+        mean = span.mean(1)
+        return mean + torch.stack([entries.key_mlp(mean[:, 0]), entries.value_mlp(mean[:, 1])], 1)
+
+    return weighted, learned
 
 
 def reference_block(block, x: Tensor, config: MMRecConfig) -> Tensor:
@@ -139,11 +160,11 @@ def reference_block(block, x: Tensor, config: MMRecConfig) -> Tensor:
     q, k, v, z = block.w_in(u).chunk(4, dim=-1)
     h = reference_short_term(block, z, k, config)
     kv = torch.stack([k, v], dim=2)
-    entry_kv, finish = reference_entries(block, kv, h, config)
+    entry_kv, summary = reference_entries(block, kv, h, config)
     persistent = block.memory.persistent.unsqueeze(0).expand(B, -1, -1, -1)
     m = []
     for p in range(T):
-        seen = reference_visible(entry_kv, p, config.segment_len, config.n_levels, config.level_slots, finish)
+        seen = reference_visible(entry_kv, p, config.segment_len, config.n_levels, config.level_slots, summary)
         window = kv[:, max(0, p - config.window + 1) : p + 1] if config.window > 0 else kv[:, :0]
         query = q[:, p].unflatten(-1, (H, d))
         if config.memory_read == "joint":

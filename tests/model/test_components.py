@@ -191,6 +191,7 @@ BLOCK_VARIANTS = {
     "learned-entries": dict(mode="exact", entry_summary="learned"),
     "state-entries": dict(mode="parallel", entry_summary="state"),
     "state-entries-gated": dict(mode="exact", entry_summary="state", memory_read="gated"),
+    "best-entries": dict(mode="exact", entry_summary="best"),
 }
 
 
@@ -205,7 +206,7 @@ def test_block_against_reference(variant):
     block = model.blocks[0]
     # Random weights where init makes a part the identity or a constant, which would
     # hide a mistake in it: the gates start at 1/2, learned entries as plain means.
-    for module in (block.read_gate, block.learned_entries):
+    for module in (block.read_gate, block.learned_entries, block.best_entries):
         for parameter in module.parameters() if module is not None else ():
             torch.nn.init.normal_(parameter)
     T = QUERY_BLOCK + 41

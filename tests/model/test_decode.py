@@ -20,6 +20,7 @@ CONFIGS = {
     "parallel-gated": dict(mode="parallel", memory_read="gated"),
     "learned-entries": dict(mode="exact", entry_summary="learned"),
     "state-entries": dict(mode="parallel", entry_summary="state"),
+    "best-entries": dict(mode="exact", entry_summary="best"),
     "no-window-no-recurrence": dict(mode="none", window=0),
     "window-1": dict(mode="exact", window=1),
     "no-long-term": dict(mode="exact", n_levels=0),

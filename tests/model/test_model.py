@@ -81,11 +81,11 @@ def test_token_steps_agree_with_one_call_in_every_ablation(ablation):
     assert_states_close(state, full_state)
 
 
-@pytest.mark.parametrize("entry_summary", ["learned", "state"])
+@pytest.mark.parametrize("entry_summary", ["learned", "state", "best"])
 def test_entry_summaries_agree_chunked_and_token_by_token(entry_summary):
-    """Entries from place-weighted means with an MLP, or from the recurrence's state: the
-    same logits in one call, in chunks of 7 and token by token (S = 8, rings wrapped at
-    levels 0 and 1)."""
+    """Entries from place-weighted means with an MLP, from the recurrence's state, or one
+    chosen token: the same logits in one call, in chunks of 7 and token by token (S = 8,
+    rings wrapped at levels 0 and 1)."""
     model = MMRecModel(small_config("exact", entry_summary=entry_summary, n_layers=1))
     ids = torch.randint(0, 256, (2, 300))
     with torch.no_grad():
