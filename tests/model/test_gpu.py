@@ -140,6 +140,7 @@ GRAPH_CONFIGS = {
     "exact": dict(mode="exact"),
     "parallel-gated-learned": dict(mode="parallel", memory_read="gated", entry_summary="learned"),
     "no-long-term": dict(mode="exact", n_levels=0),
+    "best-entries": dict(mode="exact", entry_summary="best"),
 }
 
 
