@@ -72,10 +72,10 @@ def test_cuda_token_by_token(mode):
 
 @pytest.mark.compile
 @pytest.mark.grad
-@pytest.mark.parametrize("mode", MODES)
-def test_cuda_compiled_matches_eager(mode):
+@pytest.mark.parametrize("mode, entry_summary", [(mode, "mean") for mode in MODES] + [("exact", "best")])
+def test_cuda_compiled_matches_eager(mode, entry_summary):
     torch._dynamo.reset()
-    model = MMRecModel(small_config(mode, n_layers=1)).cuda()
+    model = MMRecModel(small_config(mode, n_layers=1, entry_summary=entry_summary)).cuda()
     compiled = torch.compile(model, fullgraph=True)
     for T in (13, 70):
         ids = torch.randint(0, 256, (2, T), device="cuda")
