@@ -457,7 +457,7 @@ def gather_heads(candidates: Tensor, index: Tensor) -> Tensor:
     return heads.gather(1, index[:, :, None, :, None].expand(-1, -1, 2, -1, heads.shape[-1])).flatten(-2)
 
 
-def choose(
+def best_tokens(
     kv: Tensor, best: Tensor, layout: MemoryLayout, segment_len: int, key: Callable[[Tensor], Tensor]
 ) -> tuple[list[Tensor], Tensor]:
     """``summarise`` for entries that keep one token (``BestTokenEntries``): per level, the
@@ -504,7 +504,7 @@ def update_long_term(
         finish: ``finish(level, means)``, what the level's new entries hold given the means
             ``[B, n_l, 2, D]`` of kv over their spans (None: the means).
         key: with entries that keep one token (``BestTokenEntries.key``), the score by which
-            ``choose`` picks it; ``sums`` then holds the running bests and ``finish`` gets
+            ``best_tokens`` picks it; ``sums`` then holds the running bests and ``finish`` gets
             the chosen tokens instead of the means.
 
     Returns:
@@ -515,7 +515,7 @@ def update_long_term(
     if key is None:
         level_sums, new_sums = summarise(kv, sums, layout, segment_len)
     else:
-        level_sums, new_sums = choose(kv, sums, layout, segment_len, key)
+        level_sums, new_sums = best_tokens(kv, sums, layout, segment_len, key)
     pool, rings = [], []
     for level, (entry_sums, placed) in enumerate(zip(level_sums, layout.levels)):
         entries = entry_sums / span_len(segment_len, level) if key is None else entry_sums
