@@ -3,7 +3,8 @@
 Level l of the memory holds entries that each summarise S * 4^l consecutive
 tokens: entry i of level l is the mean of the keys and values of tokens
 [i S 4^l, (i+1) S 4^l). (It equals the mean of four consecutive level-(l-1)
-entries, which is how it is computed.) A level keeps its M most recent
+entries, which is how it is computed; ``mmrec_model.entries`` has the other
+summaries, such as one chosen token.) A level keeps its M most recent
 entries in a ring buffer, entry i in slot i mod M.
 
 Everything about which entry exists, where it lives and who may see it is
