@@ -174,7 +174,7 @@ class BlockDecoder:
             w_in_t=(torch.cat(rows) * block.norm_mix.weight).t().contiguous(), b_in=torch.cat(biases),
             w_out_t=block.w_out.weight.t().contiguous(),
             ffn_b0=ffn_in.bias.clone(), ffn_w0_t=(ffn_in.weight * block.norm_ffn.weight).t().contiguous(),
-            ffn_b2=ffn_out.bias.clone(), ffn_w2_t=ffn_out.weight.t().contiguous().unflatten(0, (self.down_parts, -1)),
+            ffn_b2=ffn_out.bias.clone(), ffn_w2_t=self.split_down(ffn_out.weight.t().contiguous()),
         )  # fmt: skip
         self.n_mdi = folded["decay_w_t"].shape[0] if "decay_w_t" in folded else 0
         for name, value in folded.items():
@@ -239,11 +239,16 @@ class BlockDecoder:
             self.h.copy_(h)
         return out
 
+    def split_down(self, weight_t: Tensor) -> Tensor:
+        """The FFN's output weight, transposed, ``[F, D]``, as ``ffn_down`` reads it: as is,
+        or in ``down_parts`` slices of F, ``[parts, F / parts, D]``."""
+        return weight_t if self.down_parts == 1 else weight_t.unflatten(0, (self.down_parts, -1))
+
     def ffn_down(self, hidden: Tensor) -> Tensor:
         """The FFN's output layer of hidden ``[B, F]`` -> ``[B, D]``: one product, or
         ``down_parts`` products over slices of F, summed."""
         if self.down_parts == 1:
-            return torch.addmm(self.ffn_b2, hidden, self.ffn_w2_t[0])
+            return torch.addmm(self.ffn_b2, hidden, self.ffn_w2_t)
         parts = torch.bmm(hidden.view(hidden.shape[0], self.down_parts, -1).transpose(0, 1), self.ffn_w2_t)
         return parts.sum(0) + self.ffn_b2
 
