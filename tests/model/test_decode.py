@@ -27,6 +27,16 @@ CONFIGS = {
 }
 
 
+def assert_reloaded_steps_as_fresh(reused: Decoder, model, state, tokens) -> None:
+    """``reused``, loaded with ``state``, gives over ``tokens`` ``[B, n]`` (its CUDA-graph body,
+    run eagerly) the logits of a fresh decoder of the state, token after token."""
+    reused.load(state)
+    fresh = Decoder(model, state)
+    for t in range(tokens.shape[1]):
+        token = tokens[:, t : t + 1]
+        assert_close_rel(reused.static_step(token), fresh.step(token), FLOAT32_TOL, f"logits at token {t}")
+
+
 @pytest.mark.parametrize("start", [1, 37])
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_decoder_matches_one_call(name, start):
@@ -104,11 +114,7 @@ def test_load_restarts_the_decoder_from_another_state():
         for t in range(70, 90):
             reused.static_step(ids[:, t : t + 1])
         state = model(ids[:, :9])[1]
-        reused.load(state)
-        fresh = Decoder(model, state)
-        for t in range(9, 80):
-            token = ids[:, t : t + 1]
-            assert_close_rel(reused.static_step(token), fresh.step(token), FLOAT32_TOL, f"logits at {t}")
+        assert_reloaded_steps_as_fresh(reused, model, state, ids[:, 9:80])
 
 
 def test_cuda_graphs_need_cuda():
@@ -129,11 +135,7 @@ def test_load_refreshes_the_folded_weights():
         for parameter in model.parameters():
             parameter.add_(0.05 * torch.randn_like(parameter))
         state = model(ids[:, :20])[1]
-        reused.load(state)
-        fresh = Decoder(model, state)
-        for t in range(20, 60):
-            token = ids[:, t : t + 1]
-            assert_close_rel(reused.static_step(token), fresh.step(token), FLOAT32_TOL, f"logits at {t}")
+        assert_reloaded_steps_as_fresh(reused, model, state, ids[:, 20:60])
 
 
 @pytest.mark.parametrize("shape", [(1, 4, 368, 32), (3, 5, 41, 24)], ids=lambda s: "B{}-H{}-K{}-d{}".format(*s))
