@@ -4,6 +4,7 @@
     h = mmrec_ops.scan(gamma, x)          # torch.ops.mmrec.scan
     p = mmrec_ops.cumprod(gamma)          # scan without x: cumulative product
     h = mmrec_ops.recurrence(z, gamma, W) # torch.ops.mmrec.recurrence
+    m = mmrec_ops.decode_read(q, k, v, mask)  # one query per row against a cache
 
 The compiled library (mmrec_ops._C) is required; importing this package
 without it raises ImportError with build instructions.
@@ -15,7 +16,8 @@ from ._version import __version__
 _C = load_library()
 
 if _C is not None:  # None only inside `python -m mmrec_ops.check`, which reports why
+    from .ops.decode_read import decode_read
     from .ops.recurrence import recurrence
     from .ops.scan import cumprod, scan
 
-__all__ = ["__version__", "cumprod", "recurrence", "scan"]
+__all__ = ["__version__", "cumprod", "decode_read", "recurrence", "scan"]

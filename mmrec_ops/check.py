@@ -34,6 +34,7 @@ REQUIRED_KEYS = {
     "recurrence": ("CPU", "CUDA", "Meta", "Autograd"),
     # No second derivatives of the recurrence: its backward has no Autograd kernel.
     "recurrence_backward": ("CPU", "CUDA", "Meta"),
+    "decode_read": ("CPU", "CUDA", "Meta", "Autograd"),
 }
 REPORTED_KEYS = ("CPU", "CUDA", "Meta", "Autograd")
 

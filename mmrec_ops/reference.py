@@ -52,3 +52,12 @@ def recurrence_reference(
     if not outputs:
         return z.new_empty(z.shape)
     return torch.stack(outputs, dim=1)
+
+
+def decode_read_reference(q: Tensor, keys: Tensor, values: Tensor, mask: Tensor) -> Tensor:
+    """softmax(q k / sqrt(d) + mask) v per (batch row, head); see ``mmrec_ops.decode_read``.
+
+    q: ``[B, H, d]``; keys, values: ``[B, H, K, d]``; mask: ``[K]``.
+    """
+    scores = torch.einsum("bhd,bhkd->bhk", q, keys) / q.shape[-1] ** 0.5 + mask
+    return torch.einsum("bhk,bhkd->bhd", torch.softmax(scores, dim=-1), values)

@@ -35,6 +35,10 @@ TORCH_LIBRARY(mmrec, m) {
   m.def(
       "recurrence_backward(Tensor grad_h, Tensor z, Tensor gamma, Tensor weight, Tensor? bias, Tensor? h0, "
       "Tensor h) -> (Tensor grad_z, Tensor grad_gamma, Tensor grad_weight, Tensor grad_bias, Tensor grad_h0)");
+  // One query per row against a cache (a decode step's read):
+  // out[b, h] = softmax_s(q[b, h] . keys[b, h, s] / sqrt(d) + mask[s]) . values[b, h, s].
+  // q: [B, H, d]; keys, values: [B, H, K, d]; mask: [K], added to the scores (0, or -inf for an empty slot).
+  m.def("decode_read(Tensor q, Tensor keys, Tensor values, Tensor mask) -> Tensor");
 }
 
 extern "C" {

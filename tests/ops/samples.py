@@ -233,3 +233,72 @@ def recurrence_grad_output(sample: Sample, device, dtype):
     if sample.layout == "strided":
         return draw((B, H, T, d), device, dtype).transpose(1, 2)
     return draw((B, T, H, d), device, dtype)
+
+
+# ---------------------------------------------------------------------------
+# mmrec::decode_read: q [B, H, d], keys and values [B, H, K, d], mask [K].
+
+DECODE_READ_NAMES = ("q", "keys", "values", "mask")
+
+
+@dataclass(frozen=True)
+class ReadSample:
+    """One entry of decode_read's table: sizes (B, H, K, d), layout, the tests that use it."""
+
+    shape: tuple[int, int, int, int]
+    layout: str = "contiguous"
+    uses: tuple[str, ...] = ()
+
+    @property
+    def id(self) -> str:
+        B, H, K, d = self.shape
+        return f"B{B}-H{H}-K{K}-d{d}" + LAYOUT_SUFFIX[self.layout]
+
+
+DECODE_READ_SAMPLES = [
+    # K = 1, prime K, d not a power of two, one row, a decoder's base cache
+    # (1136 slots of 12 heads of 64).
+    ReadSample((2, 3, 1, 40), uses=FORWARD_AND_GRADIENTS),
+    ReadSample((1, 2, 131, 64), uses=FORWARD_AND_GRADIENTS),
+    ReadSample((3, 2, 300, 17), uses=FORWARD_AND_GRADIENTS),
+    ReadSample((1, 1, 7, 3), uses=FORWARD_AND_GRADIENTS),
+    ReadSample((2, 12, 1136, 64), uses=("forward", "other_device")),
+    # q every other element of a wider tensor, keys a [B, K, H, d] tensor seen
+    # through .transpose(1, 2), values a slice of a decoder's [2, B, H, K', d] cache,
+    # mask every other element.
+    ReadSample((2, 3, 37, 24), "strided", ("strided", "triton_strided")),
+    ReadSample((2, 2, 5, 3), uses=("gradcheck", "opcheck")),
+    ReadSample((2, 2, 5, 3), "strided", ("gradcheck", "opcheck")),
+    ReadSample((2, 3, 6, 4), uses=("compile",)),
+    ReadSample((2, 3, 19, 4), uses=("compile",)),
+    *(ReadSample(shape, uses=("empty",)) for shape in [(0, 3, 5, 4), (2, 0, 5, 4), (2, 3, 5, 0)]),
+    # The Triton kernels under the interpreter: K = 1, K over several chunks of
+    # 64 slots, d = 17 (padded to 32).
+    ReadSample((2, 3, 1, 16), uses=("triton",)),
+    ReadSample((1, 2, 300, 17), uses=("triton", "triton_masked_chunks")),
+    ReadSample((3, 1, 130, 64), uses=("triton",)),
+]
+
+
+def decode_read_mask(K: int, device, dtype, layout: str = "contiguous"):
+    """[K]: scores to add, standard normal with every third slot -inf (empty), slot 0 kept."""
+    mask = draw((2 * K,), device, torch.float64)
+    mask[3::3] = float("-inf")
+    mask = mask.to(dtype)
+    return mask[::2] if layout == "strided" else mask[:K]
+
+
+def decode_read_inputs(sample: ReadSample, device, dtype):
+    """(q, keys, values, mask) of a decode_read sample in its layout."""
+    B, H, K, d = sample.shape
+    if sample.layout == "strided":
+        q = draw((B, H, 2 * d), device, dtype)[..., ::2]
+        keys = draw((B, K, H, d), device, dtype).transpose(1, 2)
+        values = draw((2, B, H, K + 3, d), device, dtype)[1, :, :, 2 : K + 2]
+    elif sample.layout == "contiguous":
+        q = draw((B, H, d), device, dtype)
+        keys = draw((B, H, K, d), device, dtype)
+        values = draw((B, H, K, d), device, dtype)
+    else:
+        raise ValueError(sample.layout)
+    return q, keys, values, decode_read_mask(K, device, dtype, sample.layout)
