@@ -19,8 +19,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+import mmrec_ops
 from mmrec_model.attention import sliding_window_attention
-from mmrec_model.decode import attend
 
 DECODE_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
@@ -109,12 +109,12 @@ class Block(nn.Module):
     def decode(self, x: Tensor, rotation, keys: Tensor, values: Tensor, position: Tensor, bias: Tensor) -> Tensor:
         """One token x ``[B, 1, D]`` at ``position`` (``[1]``, a tensor) against the whole
         preallocated cache ``[B, H, T_max, d]``, the slots after it masked out (``bias``
-        ``[1, T_max]``, -inf there). Attention as MM-Rec's decoder computes it
-        (``mmrec_model.decode.attend``: SDPA's kernels are slow for one query row)."""
+        ``[T_max]``, -inf there). The read as MM-Rec's decoder computes it,
+        ``mmrec_ops.decode_read`` (SDPA's kernels are slow for one query row)."""
         q, k, v = self.rotated_qkv(x, rotation)
         keys.index_copy_(2, position, k)
         values.index_copy_(2, position, v)
-        return self.residual(x, attend(q.squeeze(2), keys, values, bias).unsqueeze(2))
+        return self.residual(x, mmrec_ops.decode_read(q.squeeze(2), keys, values, bias.to(q.dtype)).unsqueeze(2))
 
     def forward(self, x: Tensor, rotation: tuple[Tensor, Tensor], cache: KVCache | None = None, layer: int = 0) -> Tensor:
         """x ``[B, T, D]``; rotation: cos and sin of x's positions (``rotary_tables``)."""
@@ -192,7 +192,7 @@ class StaticDecoder(nn.Module):
         model = self.model
         x = model.embed(token)
         rotation = rotary_tables(position, model.config.dim // model.config.n_heads, model.config.rope_base)
-        bias = torch.where(self.slots <= position, 0.0, float("-inf")).unsqueeze(0)  # [1, T_max]
+        bias = torch.where(self.slots <= position, 0.0, float("-inf"))  # [T_max]
         for layer, block in enumerate(model.blocks):
             keys, values = getattr(self, f"keys_{layer}"), getattr(self, f"values_{layer}")
             x = block.decode(x, rotation, keys, values, position, bias)

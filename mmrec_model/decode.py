@@ -28,6 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+import mmrec_ops
+
 from .mdi import EPS
 from .memory import BRANCHING, BlockState, MemoryState, span_len
 
@@ -97,11 +99,11 @@ def token_slots(config, position, plan: TokenPlan) -> TokenSlots:
 
 
 def open_slot(mask: Tensor, slot: int | Tensor) -> None:
-    """Marks cache slot ``slot`` as holding a key in the additive mask ``[1, K]``."""
+    """Marks cache slot ``slot`` as holding a key in the additive mask ``[K]``."""
     if isinstance(slot, Tensor):
-        mask.index_fill_(1, slot, 0.0)
+        mask.index_fill_(0, slot, 0.0)
     else:
-        mask[0, slot] = 0
+        mask[slot] = 0
 
 
 def unit_rms(x: Tensor, eps: float) -> Tensor:
@@ -113,17 +115,6 @@ def unit_rms_cpu(x: Tensor, eps: Tensor) -> Tensor:
     """``unit_rms`` in four ops that cost less on a CPU than F.rms_norm's composite of a row."""
     norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True)
     return x * torch.rsqrt(torch.addcmul(eps, norm, norm, value=1 / x.shape[-1]))
-
-
-def attend(q: Tensor, keys: Tensor, values: Tensor, mask: Tensor) -> Tensor:
-    """softmax(q k^T / sqrt(d) + mask) v for one query per row: q ``[B, H, d]``, keys and
-    values ``[B, H, K, d]``, mask ``[1, K]`` -> ``[B, H, d]``. Three kernels (the mask added
-    in the first product's epilogue) where SDPA's fused kernels give a single query row one
-    thread block per head, far from a GPU's bandwidth (bench/results/generate_cuda_h100.md)."""
-    B, H, d = q.shape
-    scores = torch.baddbmm(mask.to(q.dtype), q.reshape(B * H, 1, d), keys.flatten(0, 1).transpose(1, 2),
-                           alpha=d**-0.5)  # [B H, 1, K]  # fmt: skip
-    return torch.bmm(torch.softmax(scores, dim=-1), values.flatten(0, 1)).view(B, H, d)
 
 
 class BlockDecoder:
@@ -215,7 +206,7 @@ class BlockDecoder:
             self.cache.select(3, slot).copy_(kv)
 
     def step(self, x: Tensor, plan: TokenPlan, slots: TokenSlots, mask: Tensor) -> Tensor:
-        """x ``[B, D]`` of a token -> the block's output ``[B, D]``; ``mask`` ``[1, K]``: 0 on
+        """x ``[B, D]`` of a token -> the block's output ``[B, D]``; ``mask`` ``[K]``: 0 on
         the slots that hold a key, this token's included, -inf elsewhere (added to the
         scores).
 
@@ -263,14 +254,15 @@ class BlockDecoder:
         return torch.addcmul(gamma * self.h, z, gate.transpose(0, 1))
 
     def read(self, q: Tensor, mask: Tensor, gates: Tensor | None) -> Tensor:
-        """The multi-memory read ``[B, H, d]`` of q ``[B, H, d]`` over the cache."""
-        keys, values = self.keys, self.values
+        """The multi-memory read ``[B, H, d]`` of q ``[B, H, d]`` over the cache
+        (``mmrec_ops.decode_read``: one kernel, split over the slots on CUDA)."""
+        keys, values, mask = self.keys, self.values, mask.to(q.dtype)
         if not self.gated:
-            return attend(q, keys, values, mask)
+            return mmrec_ops.decode_read(q, keys, values, mask)
         n = self.window_start
-        m = gates[..., 1:] * attend(q, keys[:, :, :n], values[:, :, :n], mask[:, :n])
+        m = gates[..., 1:] * mmrec_ops.decode_read(q, keys[:, :, :n], values[:, :, :n], mask[:n])
         if self.window > 0:
-            m = m + gates[..., :1] * attend(q, keys[:, :, n:], values[:, :, n:], mask[:, n:])
+            m = m + gates[..., :1] * mmrec_ops.decode_read(q, keys[:, :, n:], values[:, :, n:], mask[n:])
         return m
 
     def add_to_memory(self, kv: Tensor, h: Tensor | None, plan: TokenPlan, slots: TokenSlots) -> None:
@@ -345,8 +337,8 @@ class Decoder:
         self.position = int(state.position)
         with torch.no_grad():
             self.blocks = [BlockDecoder(b, s, self.position, self.config) for b, s in zip(model.blocks, state.blocks)]
-        # The read's mask as scores to add, [1, K]: 0 where a slot holds a key, else -inf.
-        self.mask = torch.empty(1, len(self.initial_mask()), device=device)
+        # The read's mask as scores to add, [K]: 0 where a slot holds a key, else -inf.
+        self.mask = torch.empty(len(self.initial_mask()), device=device)
         # static_step's inputs: the token, and the position as the device sees it (its
         # graphs advance it; ``device_position_at`` is the host's copy of its value).
         B = state.blocks[0].h.shape[0]

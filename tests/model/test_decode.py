@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from mmrec_model import MMRecModel, decode
-from mmrec_model.decode import Decoder, attend
+from mmrec_model.decode import Decoder
 from tests.helpers import assert_close_rel, output_tolerance
 from tests.model.models import small_config
 
@@ -136,18 +136,3 @@ def test_load_refreshes_the_folded_weights():
             parameter.add_(0.05 * torch.randn_like(parameter))
         state = model(ids[:, :20])[1]
         assert_reloaded_steps_as_fresh(reused, model, state, ids[:, 20:60])
-
-
-@pytest.mark.parametrize("shape", [(1, 4, 368, 32), (3, 5, 41, 24)], ids=lambda s: "B{}-H{}-K{}-d{}".format(*s))
-def test_attend_matches_softmax_attention(shape):
-    """The one-query read against float64 softmax attention, on the whole cache and on a
-    slice of it (the gated read's), with masked slots."""
-    B, H, K, d = shape
-    q, cache = torch.randn(B, H, d, dtype=torch.float64), torch.randn(2, B, H, K, d, dtype=torch.float64)
-    mask = torch.zeros(1, K, dtype=torch.float64).masked_fill_(torch.rand(1, K) < 0.3, float("-inf"))
-    mask[0, 0] = 0
-    for n in (K, K // 2):
-        keys, values = cache[:, :, :, :n]
-        scores = torch.einsum("bhd,bhkd->bhk", q, keys) / d**0.5 + mask[:, :n]
-        expected = torch.einsum("bhk,bhkd->bhd", torch.softmax(scores, -1), values)
-        assert_close_rel(attend(q, keys, values, mask[:, :n]), expected, output_tolerance(torch.float64), f"K = {n}")
