@@ -14,7 +14,15 @@ import torch
 import mmrec_ops
 from mmrec_ops.triton import _common
 from tests.helpers import assert_close_rel, grad_tolerance, output_tolerance
-from tests.ops.samples import RECURRENCE_SAMPLES, SCAN_SAMPLES, entries, recurrence_inputs, scan_inputs
+from tests.ops.samples import (
+    DECODE_READ_SAMPLES,
+    RECURRENCE_SAMPLES,
+    SCAN_SAMPLES,
+    decode_read_inputs,
+    entries,
+    recurrence_inputs,
+    scan_inputs,
+)
 
 pytestmark = pytest.mark.triton
 
@@ -142,13 +150,15 @@ def test_direct_path_launches_on_the_tensors_device(devices, device, monkeypatch
 @pytest.mark.gpu
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
 def test_ops_run_on_a_gpu_other_than_the_current_one():
-    """Both ops, forward and backward, on cuda:1 while cuda:0 is current: the
+    """Every op, forward and backward, on cuda:1 while cuda:0 is current: the
     same results as on the CPU."""
     torch.cuda.set_device(0)
     (scan_sample,), (recurrence_sample,) = entries(SCAN_SAMPLES, "other_device"), entries(RECURRENCE_SAMPLES,
                                                                                                "other_device")
+    (read_sample,) = entries(DECODE_READ_SAMPLES, "other_device")
     cases = [(mmrec_ops.scan, scan_inputs(scan_sample, "cpu", torch.float32, True, True)),
-             (mmrec_ops.recurrence, recurrence_inputs(recurrence_sample, "cpu", torch.float32))]
+             (mmrec_ops.recurrence, recurrence_inputs(recurrence_sample, "cpu", torch.float32)),
+             (mmrec_ops.decode_read, decode_read_inputs(read_sample, "cpu", torch.float32))]
     for op, inputs in cases:
         results = []
         for device in ("cpu", "cuda:1"):
