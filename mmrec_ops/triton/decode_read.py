@@ -44,13 +44,15 @@ def _partial_kernel(
     q_ptr, k_ptr, v_ptr, mask_ptr, part_ptr,
     H, K, D, CHUNK,
     q_sb, q_sh, q_sd, k_sb, k_sh, k_ss, k_sd, v_sb, v_sh, v_ss, v_sd, mask_s,
-    scale,
     SPLITS: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, ACC: tl.constexpr,
 ):  # fmt: skip
     row, chunk = tl.program_id(0), tl.program_id(1)
     b, h = row // H, row % H
     dims = tl.arange(0, BLOCK_D)
     in_d = dims < D
+    # 1 / sqrt(d) in the accumulation dtype (a float argument would be float32; D may be
+    # a constexpr, which Triton makes of an int argument equal to 1).
+    scale = 1.0 / tl.sqrt(tl.zeros((), ACC) + D)
     q = tl.load(q_ptr + b * q_sb + h * q_sh + dims * q_sd, mask=in_d, other=0.0).to(ACC) * scale
     k_row, v_row = k_ptr + b * k_sb + h * k_sh, v_ptr + b * v_sb + h * v_sh
     m = tl.full((), float("-inf"), ACC)
@@ -120,7 +122,7 @@ def _plans(B, H, K, D, strides, dtype, sms):
     partial = Plan(
         _partial_kernel,
         (rows, splits),
-        (H, K, D, chunk, *q_s, *k_s, *v_s, mask_s, D**-0.5),
+        (H, K, D, chunk, *q_s, *k_s, *v_s, mask_s),
         (splits, BLOCK_K, block_d, acc),
         num_warps=NUM_WARPS,
     )

@@ -262,6 +262,7 @@ DECODE_READ_SAMPLES = [
     ReadSample((1, 2, 131, 64), uses=FORWARD_AND_GRADIENTS),
     ReadSample((3, 2, 300, 17), uses=FORWARD_AND_GRADIENTS),
     ReadSample((1, 1, 7, 3), uses=FORWARD_AND_GRADIENTS),
+    ReadSample((2, 2, 9, 1), uses=(*FORWARD_AND_GRADIENTS, "triton")),
     ReadSample((2, 12, 1136, 64), uses=("forward", "other_device")),
     # q every other element of a wider tensor, keys a [B, K, H, d] tensor seen
     # through .transpose(1, 2), values a slice of a decoder's [2, B, H, K', d] cache,
@@ -273,7 +274,7 @@ DECODE_READ_SAMPLES = [
     ReadSample((2, 3, 19, 4), uses=("compile",)),
     *(ReadSample(shape, uses=("empty",)) for shape in [(0, 3, 5, 4), (2, 0, 5, 4), (2, 3, 5, 0)]),
     # The Triton kernels under the interpreter: K = 1, K over several chunks of
-    # 64 slots, d = 17 (padded to 32).
+    # 64 slots, d = 17 (padded to 32); d = 1 above.
     ReadSample((2, 3, 1, 16), uses=("triton",)),
     ReadSample((1, 2, 300, 17), uses=("triton", "triton_masked_chunks")),
     ReadSample((3, 1, 130, 64), uses=("triton",)),
