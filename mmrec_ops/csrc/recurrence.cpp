@@ -22,6 +22,7 @@
 
 #include "autograd.h"
 #include "common.h"
+#include "vectorise.h"
 
 #include <torch/library.h>
 
@@ -30,52 +31,14 @@
 #include <cstring>
 #include <vector>
 
-#if defined(__GNUC__) && defined(__x86_64__)
-#define MMREC_X86_DISPATCH 1
-#endif
-
-#define MMREC_INLINE inline __attribute__((always_inline))
-
 namespace mmrec {
 namespace {
 
 constexpr const char* kRecurrence = "mmrec::recurrence";
 constexpr const char* kRecurrenceBackward = "mmrec::recurrence_backward";
 
-// Head width padded so that the matvec works on whole blocks of 16 lanes.
-constexpr int64_t kLanes = 16;
-int64_t padded(int64_t d) {
-  return (d + kLanes - 1) / kLanes * kLanes;
-}
-
-// exp(x) in float32 that the compiler vectorises (std::exp does not, short of
-// -ffast-math): Cody-Waite reduction x = n ln2 + r, |r| <= ln2 / 2, Cephes'
-// degree-6 polynomial for exp(r) (relative error below 2 ulp), and 2^n put
-// into the exponent bits. The clamp keeps 2^n a normal float; sigmoid has
-// saturated to float precision long before it matters.
-MMREC_INLINE float exp_vectorisable(float x) {
-  // Comparisons, not std::fmin/fmax: those are library calls that stop the
-  // loop from vectorising (their NaN rules differ from minps/maxps).
-  x = x < -87.0f ? -87.0f : x;
-  x = x > 88.0f ? 88.0f : x;
-  // Adding and subtracting 1.5 * 2^23 rounds to the nearest integer without
-  // a call to nearbyint (not vectorised on baseline x86-64).
-  const float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
-  float r = x - n * 0.693359375f;
-  r = r - n * -2.12194440e-4f;
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  const float e = p * r * r + r + 1.0f;
-  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
-  float scale;
-  std::memcpy(&scale, &bits, sizeof(scale));
-  return e * scale;
-}
-
+// exp_vectorisable's clamp at -87 is far beyond where sigmoid has saturated
+// to float precision.
 MMREC_INLINE float sigmoid(float a) {
   return 1.0f / (1.0f + exp_vectorisable(-a));
 }
@@ -142,12 +105,6 @@ Seq<T> step_view(const std::optional<Tensor>& t) {
   return {static_cast<T*>(t->data_ptr()), t->stride(0), 0, t->stride(1), t->stride(2)};
 }
 
-template <typename scalar_t, typename acc_t>
-MMREC_INLINE void load(const scalar_t* src, int64_t stride, int64_t d, acc_t* dst) {
-  for (int64_t i = 0; i < d; ++i) {
-    dst[i] = static_cast<acc_t>(src[i * stride]);
-  }
-}
 
 // Everything a task needs; weights are float (double) buffers [H, n, n] with
 // n = padded(d), zero outside d x d, so padded lanes stay 0.
@@ -272,14 +229,6 @@ __attribute__((target("avx2,fma"))) void backward_tasks_avx2(
 }
 #endif
 
-bool has_avx2_fma() {
-#if MMREC_X86_DISPATCH
-  static const bool supported = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  return supported;
-#else
-  return false;
-#endif
-}
 
 template <typename scalar_t, typename acc_t>
 void forward_tasks(const ForwardProblem<scalar_t, acc_t>& p, int64_t begin, int64_t end) {

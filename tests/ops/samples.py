@@ -266,8 +266,11 @@ DECODE_READ_SAMPLES = [
     ReadSample((2, 12, 1136, 64), uses=("forward", "other_device")),
     # q every other element of a wider tensor, keys a [B, K, H, d] tensor seen
     # through .transpose(1, 2), values a slice of a decoder's [2, B, H, K', d] cache,
-    # mask every other element.
+    # mask every other element. On the CPU, reads of 8192 (row, slot) pairs or
+    # more take the BLAS path (csrc/decode_read.cpp), smaller ones the per-row one:
+    # both here and above.
     ReadSample((2, 3, 37, 24), "strided", ("strided", "triton_strided")),
+    ReadSample((2, 4, 1031, 24), "strided", ("strided",)),
     ReadSample((2, 2, 5, 3), uses=("gradcheck", "opcheck")),
     ReadSample((2, 2, 5, 3), "strided", ("gradcheck", "opcheck")),
     ReadSample((2, 3, 6, 4), uses=("compile",)),
