@@ -34,7 +34,8 @@ def decode_read(q: Tensor, keys: Tensor, values: Tensor, mask: Tensor) -> Tensor
             key, -inf for one that does not.
 
     All tensors share one dtype (float32, float64, bfloat16 or float16) and
-    device; any strides.
+    device; any strides. On CUDA each must span fewer than 2**31 elements (its
+    kernels' offsets are int32; a ValueError says so).
 
     Returns:
         ``[B, H, d]``, a new contiguous tensor in q's dtype; scores, softmax and

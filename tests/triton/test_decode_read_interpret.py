@@ -59,3 +59,15 @@ def test_split_slots_covers_every_slot_once(interpreted):
         splits, chunk = interpreted.split_slots(rows, K, H100_SMS)
         assert chunk % interpreted.BLOCK_K == 0 and (splits - 1) * chunk < K <= splits * chunk
     assert interpreted.split_slots(1, 1136, H100_SMS)[0] > interpreted.split_slots(192, 1136, H100_SMS)[0]
+
+
+def test_offsets_past_int32_are_refused(interpreted):
+    """A cache spanning 2**31 elements (checked from sizes and strides, nothing allocated)
+    is a clear error rather than overflowing offsets."""
+    B, H, K, d = 16, 12, 2**18, 64  # 3.2e9 elements of keys
+    contiguous = (H * K * d, K * d, d, 1)
+    strides = ((H * d, d, 1), contiguous, contiguous, 1, (H * d, d, 1))
+    with pytest.raises(ValueError, match=r"keys spans \d+ elements, beyond the kernels' int32 offsets"):
+        interpreted.check_offsets(B, H, K, d, strides)
+    interpreted.check_offsets(1, H, 1136, d, ((H * d, d, 1), (H * 1136 * d, 1136 * d, d, 1),
+                                               (H * 1136 * d, 1136 * d, d, 1), 1, (H * d, d, 1)))
