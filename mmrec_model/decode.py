@@ -256,7 +256,7 @@ class BlockDecoder:
     def read(self, q: Tensor, mask: Tensor, gates: Tensor | None) -> Tensor:
         """The multi-memory read ``[B, H, d]`` of q ``[B, H, d]`` over the cache
         (``mmrec_ops.decode_read``: one kernel, split over the slots on CUDA)."""
-        keys, values, mask = self.keys, self.values, mask.to(q.dtype)
+        keys, values = self.keys, self.values
         if not self.gated:
             return mmrec_ops.decode_read(q, keys, values, mask)
         n = self.window_start
@@ -337,8 +337,9 @@ class Decoder:
         self.position = int(state.position)
         with torch.no_grad():
             self.blocks = [BlockDecoder(b, s, self.position, self.config) for b, s in zip(model.blocks, state.blocks)]
-        # The read's mask as scores to add, [K]: 0 where a slot holds a key, else -inf.
-        self.mask = torch.empty(len(self.initial_mask()), device=device)
+        # The read's mask as scores to add, [K]: 0 where a slot holds a key, else -inf; in
+        # the caches' dtype, as decode_read takes it.
+        self.mask = torch.empty(len(self.initial_mask()), dtype=state.blocks[0].h.dtype, device=device)
         # static_step's inputs: the token, and the position as the device sees it (its
         # graphs advance it; ``device_position_at`` is the host's copy of its value).
         B = state.blocks[0].h.shape[0]
