@@ -35,6 +35,7 @@ REQUIRED_KEYS = {
     # No second derivatives of the recurrence: its backward has no Autograd kernel.
     "recurrence_backward": ("CPU", "CUDA", "Meta"),
     "decode_read": ("CPU", "CUDA", "Meta", "Autograd"),
+    "skinny_addmm": ("CPU", "CUDA", "Meta", "Autograd"),
 }
 REPORTED_KEYS = ("CPU", "CUDA", "Meta", "Autograd")
 

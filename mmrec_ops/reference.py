@@ -61,3 +61,11 @@ def decode_read_reference(q: Tensor, keys: Tensor, values: Tensor, mask: Tensor)
     """
     scores = torch.einsum("bhd,bhkd->bhk", q, keys) / q.shape[-1] ** 0.5 + mask
     return torch.einsum("bhk,bhkd->bhd", torch.softmax(scores, dim=-1), values)
+
+
+def skinny_addmm_reference(bias: Tensor, x: Tensor, weight: Tensor) -> Tensor:
+    """bias + x @ weight, term by term; see ``mmrec_ops.skinny_addmm``.
+
+    bias: ``[N]``; x: ``[M, K]``; weight: ``[K, N]``.
+    """
+    return bias + (x.unsqueeze(2) * weight.unsqueeze(0)).sum(1)

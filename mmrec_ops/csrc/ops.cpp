@@ -39,6 +39,9 @@ TORCH_LIBRARY(mmrec, m) {
   // out[b, h] = softmax_s(q[b, h] . keys[b, h, s] / sqrt(d) + mask[s]) . values[b, h, s].
   // q: [B, H, d]; keys, values: [B, H, K, d]; mask: [K], added to the scores (0, or -inf for an empty slot).
   m.def("decode_read(Tensor q, Tensor keys, Tensor values, Tensor mask) -> Tensor");
+  // A matrix product of a few rows (a decode step's projections): out = bias + x @ weight.
+  // bias: [N]; x: [M, K]; weight: [K, N].
+  m.def("skinny_addmm(Tensor bias, Tensor x, Tensor weight) -> Tensor");
 }
 
 extern "C" {

@@ -306,3 +306,57 @@ def decode_read_inputs(sample: ReadSample, device, dtype):
     else:
         raise ValueError(sample.layout)
     return q, keys, values, decode_read_mask(K, device, dtype, sample.layout)
+
+
+# ---------------------------------------------------------------------------
+# mmrec::skinny_addmm: bias [N], x [M, K], weight [K, N].
+
+SKINNY_ADDMM_NAMES = ("bias", "x", "weight")
+
+
+@dataclass(frozen=True)
+class ProductSample:
+    """One entry of skinny_addmm's table: sizes (M, K, N), layout, the tests that use it."""
+
+    shape: tuple[int, int, int]
+    layout: str = "contiguous"
+    uses: tuple[str, ...] = ()
+
+    @property
+    def id(self) -> str:
+        M, K, N = self.shape
+        return f"M{M}-K{K}-N{N}" + LAYOUT_SUFFIX[self.layout]
+
+
+SKINNY_ADDMM_SAMPLES = [
+    # One row, K = 1, prime K over several parts, N not a multiple of the column tile,
+    # more rows than one tile of 16, a base decoder's input projection at 16 rows.
+    ProductSample((1, 1, 1), uses=(*FORWARD_AND_GRADIENTS, "triton")),
+    ProductSample((1, 131, 40), uses=(*FORWARD_AND_GRADIENTS, "triton")),
+    ProductSample((5, 769, 33), uses=(*FORWARD_AND_GRADIENTS, "triton")),
+    ProductSample((16, 200, 96), uses=FORWARD_AND_GRADIENTS),
+    ProductSample((37, 64, 70), uses=(*FORWARD_AND_GRADIENTS, "triton")),
+    ProductSample((16, 768, 3456), uses=("forward", "other_device")),
+    # x every other column of a wider tensor, weight a [N, K] tensor seen through
+    # .t() (a linear layer's weight), bias every other element.
+    ProductSample((3, 97, 21), "strided", ("strided", "triton_strided")),
+    ProductSample((2, 5, 3), uses=("gradcheck", "opcheck")),
+    ProductSample((2, 5, 3), "strided", ("gradcheck", "opcheck")),
+    ProductSample((2, 6, 4), uses=("compile",)),
+    ProductSample((3, 19, 4), uses=("compile",)),
+    *(ProductSample(shape, uses=("empty",)) for shape in [(0, 5, 4), (3, 0, 4), (3, 5, 0)]),
+]
+
+
+def skinny_addmm_inputs(sample: ProductSample, device, dtype):
+    """(bias, x, weight) of a skinny_addmm sample in its layout."""
+    M, K, N = sample.shape
+    if sample.layout == "strided":
+        bias = draw((2 * N,), device, dtype)[::2]
+        x = draw((M, 2 * K), device, dtype)[:, ::2]
+        weight = draw((N, K), device, dtype).t()
+    elif sample.layout == "contiguous":
+        bias, x, weight = draw((N,), device, dtype), draw((M, K), device, dtype), draw((K, N), device, dtype)
+    else:
+        raise ValueError(sample.layout)
+    return bias, x, weight

@@ -18,10 +18,12 @@ from tests.ops.samples import (
     DECODE_READ_SAMPLES,
     RECURRENCE_SAMPLES,
     SCAN_SAMPLES,
+    SKINNY_ADDMM_SAMPLES,
     decode_read_inputs,
     entries,
     recurrence_inputs,
     scan_inputs,
+    skinny_addmm_inputs,
 )
 
 pytestmark = pytest.mark.triton
@@ -155,10 +157,12 @@ def test_ops_run_on_a_gpu_other_than_the_current_one():
     torch.cuda.set_device(0)
     (scan_sample,), (recurrence_sample,) = entries(SCAN_SAMPLES, "other_device"), entries(RECURRENCE_SAMPLES,
                                                                                                "other_device")
-    (read_sample,) = entries(DECODE_READ_SAMPLES, "other_device")
+    (read_sample,), (product_sample,) = entries(DECODE_READ_SAMPLES, "other_device"), entries(SKINNY_ADDMM_SAMPLES,
+                                                                                              "other_device")
     cases = [(mmrec_ops.scan, scan_inputs(scan_sample, "cpu", torch.float32, True, True)),
              (mmrec_ops.recurrence, recurrence_inputs(recurrence_sample, "cpu", torch.float32)),
-             (mmrec_ops.decode_read, decode_read_inputs(read_sample, "cpu", torch.float32))]
+             (mmrec_ops.decode_read, decode_read_inputs(read_sample, "cpu", torch.float32)),
+             (mmrec_ops.skinny_addmm, skinny_addmm_inputs(product_sample, "cpu", torch.float32))]
     for op, inputs in cases:
         results = []
         for device in ("cpu", "cuda:1"):

@@ -1,0 +1,92 @@
+"""mmrec::skinny_addmm, a matrix product of a few rows: a decode step's projections.
+
+Registers, for the schema in csrc/ops.cpp: the fake kernel, the CUDA kernel (Triton
+launchers, triton/skinny_addmm.py) and the autograd kernel, whose backward is composite
+(PyTorch ops, so it has second derivatives too). The CPU kernel is C++
+(csrc/skinny_addmm.cpp).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ._autograd import register_autograd
+from ._checks import check_floating, check_like, check_shape
+from ._triton import triton_launchers
+
+SKINNY_ADDMM = "mmrec::skinny_addmm"
+
+
+def skinny_addmm(bias: Tensor, x: Tensor, weight: Tensor) -> Tensor:
+    """``torch.addmm(bias, x, weight)`` for a few rows of x, split over K on CUDA.
+
+        out[m, n] = bias[n] + sum_k x[m, k] weight[k, n]
+
+    What a decoder's projections are at a batch of a few rows: a stream of the
+    weight, which cuBLAS reads at about half the memory's rate for 16 float32
+    rows. On CUDA programs split K among them and each streams its slice of the
+    weight once for all rows; partial sums are added in a fixed order (the
+    result does not depend on scheduling). Any number of rows works; the split
+    pays while the weight dominates the bytes, i.e. for M well below K and N.
+    On CPU the kernel is ATen's addmm (BLAS).
+
+    Args:
+        bias: ``[N]``.
+        x: ``[M, K]``.
+        weight: ``[K, N]``, e.g. a linear layer's ``weight.t()``.
+
+    All tensors share one dtype (float32, float64, bfloat16 or float16) and
+    device; any strides. On CUDA each must span fewer than 2**31 elements (its
+    kernels' offsets are int32; a ValueError says so).
+
+    Returns:
+        ``[M, N]``, a new contiguous tensor in x's dtype; products and sums in
+        float32 (exact float32 products, no TF32; float64 for float64).
+        Differentiable in every input.
+    """
+    return torch.ops.mmrec.skinny_addmm.default(bias, x, weight)
+
+
+def check_skinny_addmm_args(bias: Tensor, x: Tensor, weight: Tensor) -> None:
+    """The checks of csrc/skinny_addmm.cpp, for the kernels written in Python."""
+    op = SKINNY_ADDMM
+    check_floating(x, op, "x")
+    if x.dim() != 2:
+        raise ValueError(f"{op}: expected x of shape [M, K] (2 dims), got {list(x.shape)}")
+    if weight.dim() != 2:
+        raise ValueError(f"{op}: expected weight of shape [K, N] (2 dims), got {list(weight.shape)}")
+    check_like(weight, x, op, "weight", "x")
+    check_shape(weight, (x.shape[1], weight.shape[1]), op, "weight")
+    check_like(bias, x, op, "bias", "x")
+    check_shape(bias, (weight.shape[1],), op, "bias")
+
+
+@torch.library.register_fake(SKINNY_ADDMM)
+def _skinny_addmm_fake(bias, x, weight):
+    check_skinny_addmm_args(bias, x, weight)
+    return x.new_empty(x.shape[0], weight.shape[1])
+
+
+@torch.library.register_kernel(SKINNY_ADDMM, "cuda")
+def _skinny_addmm_cuda(bias, x, weight):
+    check_skinny_addmm_args(bias, x, weight)
+    M, K = x.shape
+    N = weight.shape[1]
+    if M == 0 or N == 0 or K == 0:  # no products: bias alone (or nothing)
+        return bias.expand(M, N).contiguous()
+    return triton_launchers("skinny_addmm").skinny_addmm(bias, x, weight)
+
+
+def _skinny_addmm_setup_context(ctx, inputs, output):
+    _, x, weight = inputs
+    ctx.save_for_backward(x, weight)
+
+
+def _skinny_addmm_backward(ctx, grad_out):
+    """grad_bias = sum_m grad_out, grad_x = grad_out weight^T, grad_weight = x^T grad_out."""
+    x, weight = ctx.saved_tensors
+    return grad_out.sum(0), grad_out @ weight.t(), x.t() @ grad_out
+
+
+register_autograd(SKINNY_ADDMM, _skinny_addmm_backward, setup_context=_skinny_addmm_setup_context)
