@@ -170,6 +170,20 @@ def test_cuda_graph_generate_matches_eager(name):
             assert_close_rel(reused.step(token), fresh.step(token), output_tolerance(torch.float32), f"logits at {t}")
 
 
+@pytest.mark.parametrize("batch", [1, 2, 16, 17])
+def test_cuda_decoder_matches_forward(batch):
+    """The decoder's logits are the model's, token by token, through every plan, with its
+    projections by mmrec_ops.skinny_addmm (2 to 16 rows) or by addmm (1 and 17)."""
+    torch.manual_seed(0)
+    model = MMRecModel(small_config("exact")).cuda().eval()
+    ids = torch.randint(0, 256, (batch, 150), device="cuda")
+    with torch.no_grad():
+        full, _ = model(ids)
+        decoder = Decoder(model, model.initial_state(batch, "cuda"))
+        steps = torch.stack([decoder.step(ids[:, t : t + 1]) for t in range(ids.shape[1])], dim=1)
+    assert_close_rel(steps, full, output_tolerance(torch.float32), "logits, decoder against forward")
+
+
 def test_cuda_graph_decoder_follows_an_optimizer_step():
     """The graphs read folded copies of the weights: after a (fused AdamW) step, generate
     refreshes them in place and reuses the decoder and its graphs."""
