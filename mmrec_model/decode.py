@@ -45,10 +45,11 @@ def down_parts(batch: int, hidden: int, device: torch.device) -> int:
 
 def few_rows_product(batch: int, device: torch.device):
     """The product bias + x W of the step's projections: ``mmrec_ops.skinny_addmm`` on
-    CUDA from 2 to 16 rows, where cuBLAS streams a weight at about half the memory's
-    rate (at 16 float32 rows, 768 -> 3456: 10.5 us against addmm's 16.8, weights out of
-    L2), else ``torch.addmm`` (at one row cuBLAS's matrix-vector kernel is the faster)."""
-    return mmrec_ops.skinny_addmm if device.type == "cuda" and 2 <= batch <= 16 else torch.addmm
+    CUDA from 2 to 32 rows, where it is 1.3x-2.6x faster than cuBLAS's addmm at a base
+    block's products (16 float32 rows, 768 -> 3456: 10.4 us against 16.6, weights out of
+    L2; bench/results/skinny_addmm_cuda_h100.md), else ``torch.addmm``: at one row
+    cuBLAS's matrix-vector kernel is the faster, beyond 32 rows it is not measured."""
+    return mmrec_ops.skinny_addmm if device.type == "cuda" and 2 <= batch <= 32 else torch.addmm
 
 
 def fused_mdi(mdi, w_in: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
