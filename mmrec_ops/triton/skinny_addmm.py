@@ -3,14 +3,15 @@
     out[m, n] = bias[n] + sum_k x[m, k] weight[k, n]      x [M, K], weight [K, N], bias [N]
 
 Split over K. With a few rows the product is a stream of the weight, and what counts is
-how many loads a GPU keeps in flight. For 16 float32 rows cuBLAS picks kernels that
-reach about half the memory's rate; here program (column tile, part of K, row tile)
-streams a [K / SPLITS, BLOCK_N] slice of the weight in tiles of BLOCK_K rows, software
-pipelined, and multiplies it by its rows of x (tl.dot on the inputs in the accumulation
-dtype: float32, exact products and sums without TF32, float64 for float64). With one part the
-program adds the bias and stores the output; with several each stores its partial sums
-and a second kernel adds them in the order of the parts, then the bias, so that the
-result does not depend on the order in which programs finish.
+how many loads a GPU keeps in flight. For 2 to 32 float32 rows cuBLAS picks kernels that
+stream the weight at a fifth of an H100's memory rate or less. Here program (column tile,
+part of K, row tile) streams a [K / parts, BLOCK_N] slice of the weight in tiles of
+BLOCK_K rows, software pipelined, and multiplies it by its rows of x (tl.dot on the
+inputs in the accumulation dtype: float32, exact products and sums without TF32; float64
+for float64). With one part the program adds the bias and stores the output; with
+several each stores its partial sums and a second kernel adds them in the order of the
+parts, then the bias, so that the result does not depend on the order in which programs
+finish.
 
 This module does not import mmrec_ops: the callers validate the arguments.
 """
@@ -29,10 +30,9 @@ from ._common import Plan, cast_out, cdiv, kernel_dtypes, soft_bf16
 __all__ = ["skinny_addmm", "split_k", "check_offsets"]
 
 # Rows of x per program (tl.dot's smallest tile), weight tile and pipeline depth, and the
-# part of K each program sums: the fastest of a sweep at a base decoder's products, 16
-# float32 rows with cold weights (scratch sweep on an H100, 2026-11-26; 768 -> 3456:
-# 10.5 us against addmm's 16.8, 768 -> 768: 5.7 against 9.5, 3072 -> 768: 12.1 against
-# 77.6).
+# part of K each program sums: the fastest single setting over a base decoder's products
+# in a sweep at 16 float32 rows, weights out of L2 (an H100, 2026-11-26; the op's figures:
+# bench/results/skinny_addmm_cuda_h100.md).
 BLOCK_M = 16
 BLOCK_N = 32
 BLOCK_K = 32
