@@ -96,11 +96,18 @@ def split_k(K: int) -> tuple[int, int]:
 
 # The kernels index elements with int32 offsets from each tensor's data pointer.
 OFFSET_LIMIT = 2**31
+# A CUDA grid's third axis (the row tiles) holds at most 65535 programs.
+MAX_ROWS = 65535 * BLOCK_M
 
 
 def check_offsets(M, K, N, parts, strides) -> None:
-    """Refuses a tensor whose last element lies 2**31 elements or more past its first:
-    its offsets would overflow int32."""
+    """Refuses more rows than the grid holds, and a tensor whose last element lies 2**31
+    elements or more past its first: its offsets would overflow int32."""
+    if M > MAX_ROWS:
+        raise ValueError(
+            f"mmrec::skinny_addmm on CUDA: x has {M} rows, more than the kernel's grid holds "
+            f"({MAX_ROWS}); for that many rows torch.addmm is the faster anyway"
+        )
     x_s, w_s, b_s = strides
     spans = {
         "x": (M - 1) * abs(x_s[0]) + (K - 1) * abs(x_s[1]),

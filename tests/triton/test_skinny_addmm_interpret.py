@@ -50,9 +50,12 @@ def test_split_k_covers_every_row_of_the_weight_once(interpreted):
 
 
 def test_offsets_past_int32_are_refused(interpreted):
-    """A weight spanning 2**31 elements (checked from sizes and strides, nothing allocated)
-    is a clear error rather than overflowing offsets."""
+    """A weight spanning 2**31 elements, or more rows than the grid holds (checked from
+    sizes and strides, nothing allocated), is a clear error rather than a wrong launch."""
     M, K, N = 16, 2**16, 2**15 + 1
     with pytest.raises(ValueError, match=r"weight spans \d+ elements, beyond the kernels' int32 offsets"):
         interpreted.check_offsets(M, K, N, 4, ((K, 1), (N, 1), 1))
     interpreted.check_offsets(16, 768, 3456, 4, ((768, 1), (3456, 1), 1))
+    rows = interpreted.MAX_ROWS + 1
+    with pytest.raises(ValueError, match=rf"x has {rows} rows, more than the kernel's grid holds"):
+        interpreted.check_offsets(rows, 8, 8, 1, ((8, 1), (8, 1), 1))
