@@ -26,10 +26,10 @@ def skinny_addmm(bias: Tensor, x: Tensor, weight: Tensor) -> Tensor:
     What a decoder's projections are at a batch of a few rows: a stream of the
     weight, which cuBLAS's kernels for 2 to 32 rows read slowly (16 float32 rows
     times a 768 x 3456 weight: 16.6 us on an H100, this op 10.4 us; see
-    bench/skinny_addmm.py). On CUDA programs split K among them and each streams its slice of the
-    weight once for all rows; partial sums are added in a fixed order (the
-    result does not depend on scheduling). Any number of rows works; the split
-    pays while the weight dominates the bytes, i.e. for M well below K and N.
+    bench/skinny_addmm.py). On CUDA programs split K among them and each
+    streams its slice of the weight once for all rows; partial sums are added
+    in a fixed order (the result does not depend on scheduling). The split pays
+    while the weight dominates the bytes, i.e. for M well below K and N.
     On CPU the kernel is ATen's addmm (BLAS).
 
     Args:
@@ -39,7 +39,8 @@ def skinny_addmm(bias: Tensor, x: Tensor, weight: Tensor) -> Tensor:
 
     All tensors share one dtype (float32, float64, bfloat16 or float16) and
     device; any strides. On CUDA each must span fewer than 2**31 elements (its
-    kernels' offsets are int32; a ValueError says so).
+    kernels' offsets are int32) and x may have up to 1,048,560 rows (the grid's
+    row tiles); a ValueError says which.
 
     Returns:
         ``[M, N]``, a new contiguous tensor in x's dtype; products and sums in
