@@ -17,48 +17,27 @@ from mmrec_ops.reference import decode_read_reference
 from tests.helpers import (
     DEVICES,
     DTYPES,
-    assert_close_rel,
     assert_compiled_matches_eager,
     call_kernel,
-    nan_poison,
-    output_tolerance,
+    check_output,
+    check_output_and_gradients,
 )
 from tests.ops.samples import (
     DECODE_READ_NAMES,
     DECODE_READ_SAMPLES,
     ReadSample,
     decode_read_inputs,
-    draw,
     entries,
     params,
 )
 
 
-def reference_with_grads(inputs, grad_out):
-    """Output and gradients of the float64 reference on upcast copies."""
-    leaves = [t.detach().double().cpu().requires_grad_() for t in inputs]
-    out = decode_read_reference(*leaves)
-    return out.detach(), torch.autograd.grad(out, leaves, grad_out.double().cpu())
-
-
 def check_forward(inputs, dtype):
-    with nan_poison():
-        out = mmrec_ops.decode_read(*inputs)
-    assert out.dtype == dtype and out.shape == inputs[0].shape and out.is_contiguous()
-    assert_close_rel(out, decode_read_reference(*(t.double().cpu() for t in inputs)), output_tolerance(dtype))
+    check_output(mmrec_ops.decode_read, decode_read_reference, inputs, dtype)
 
 
 def check_gradients(inputs, dtype):
-    leaves = [t.detach().requires_grad_() for t in inputs]
-    grad_out = draw(inputs[0].shape, inputs[0].device, dtype)
-    with nan_poison():
-        out = mmrec_ops.decode_read(*leaves)
-        grads = torch.autograd.grad(out, leaves, grad_out)
-    ref_out, ref_grads = reference_with_grads(inputs, grad_out)
-    assert_close_rel(out, ref_out, output_tolerance(dtype))
-    for name, leaf, grad, ref in zip(DECODE_READ_NAMES, leaves, grads, ref_grads):
-        assert grad.dtype == dtype and grad.shape == leaf.shape
-        assert_close_rel(grad, ref, output_tolerance(dtype), what=f"grad of {name}")
+    check_output_and_gradients(mmrec_ops.decode_read, decode_read_reference, inputs, DECODE_READ_NAMES, dtype)
 
 
 @pytest.mark.ops

@@ -16,17 +16,15 @@ from mmrec_ops.reference import skinny_addmm_reference
 from tests.helpers import (
     DEVICES,
     DTYPES,
-    assert_close_rel,
     assert_compiled_matches_eager,
     call_kernel,
-    nan_poison,
-    output_tolerance,
+    check_output,
+    check_output_and_gradients,
 )
 from tests.ops.samples import (
     SKINNY_ADDMM_NAMES,
     SKINNY_ADDMM_SAMPLES,
     ProductSample,
-    draw,
     entries,
     params,
     skinny_addmm_inputs,
@@ -38,31 +36,12 @@ def out_shape(inputs):
     return x.shape[0], weight.shape[1]
 
 
-def reference_with_grads(inputs, grad_out):
-    """Output and gradients of the float64 reference on upcast copies."""
-    leaves = [t.detach().double().cpu().requires_grad_() for t in inputs]
-    out = skinny_addmm_reference(*leaves)
-    return out.detach(), torch.autograd.grad(out, leaves, grad_out.double().cpu())
-
-
 def check_forward(inputs, dtype):
-    with nan_poison():
-        out = mmrec_ops.skinny_addmm(*inputs)
-    assert out.dtype == dtype and out.shape == out_shape(inputs) and out.is_contiguous()
-    assert_close_rel(out, skinny_addmm_reference(*(t.double().cpu() for t in inputs)), output_tolerance(dtype))
+    check_output(mmrec_ops.skinny_addmm, skinny_addmm_reference, inputs, dtype)
 
 
 def check_gradients(inputs, dtype):
-    leaves = [t.detach().requires_grad_() for t in inputs]
-    grad_out = draw(out_shape(inputs), inputs[0].device, dtype)
-    with nan_poison():
-        out = mmrec_ops.skinny_addmm(*leaves)
-        grads = torch.autograd.grad(out, leaves, grad_out)
-    ref_out, ref_grads = reference_with_grads(inputs, grad_out)
-    assert_close_rel(out, ref_out, output_tolerance(dtype))
-    for name, leaf, grad, ref in zip(SKINNY_ADDMM_NAMES, leaves, grads, ref_grads):
-        assert grad.dtype == dtype and grad.shape == leaf.shape
-        assert_close_rel(grad, ref, output_tolerance(dtype), what=f"grad of {name}")
+    check_output_and_gradients(mmrec_ops.skinny_addmm, skinny_addmm_reference, inputs, SKINNY_ADDMM_NAMES, dtype)
 
 
 @pytest.mark.ops

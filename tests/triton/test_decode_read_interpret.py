@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from mmrec_ops.reference import decode_read_reference
-from tests.helpers import DTYPES, INTERPRETER_ONLY, assert_close_rel, nan_poison, output_tolerance
+from tests.helpers import DTYPES, INTERPRETER_ONLY, check_output
 from tests.ops.samples import DECODE_READ_SAMPLES, decode_read_inputs, params
 
 pytestmark = [pytest.mark.triton, INTERPRETER_ONLY]
@@ -22,10 +22,7 @@ H100_SMS = 132  # what the launchers assume for CPU tensors
 
 
 def check(interpreted, inputs, dtype):
-    with nan_poison():
-        out = interpreted.decode_read(*inputs)
-    assert out.dtype == dtype and out.shape == inputs[0].shape and out.is_contiguous()
-    assert_close_rel(out, decode_read_reference(*(t.double() for t in inputs)), output_tolerance(dtype))
+    check_output(interpreted.decode_read, decode_read_reference, inputs, dtype)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)

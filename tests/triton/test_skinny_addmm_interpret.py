@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from mmrec_ops.reference import skinny_addmm_reference
-from tests.helpers import DTYPES, INTERPRETER_ONLY, assert_close_rel, nan_poison, output_tolerance
+from tests.helpers import DTYPES, INTERPRETER_ONLY, check_output
 from tests.ops.samples import SKINNY_ADDMM_SAMPLES, params, skinny_addmm_inputs
 
 pytestmark = [pytest.mark.triton, INTERPRETER_ONLY]
@@ -21,11 +21,7 @@ OP = "skinny_addmm"  # the launchers under test: mmrec_ops.triton.<OP> (the `int
 
 
 def check(interpreted, inputs, dtype):
-    with nan_poison():
-        out = interpreted.skinny_addmm(*inputs)
-    _, x, weight = inputs
-    assert out.dtype == dtype and out.shape == (x.shape[0], weight.shape[1]) and out.is_contiguous()
-    assert_close_rel(out, skinny_addmm_reference(*(t.double() for t in inputs)), output_tolerance(dtype))
+    check_output(interpreted.skinny_addmm, skinny_addmm_reference, inputs, dtype)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
