@@ -1,11 +1,11 @@
 // CPU kernel of mmrec::skinny_addmm: out = bias + x @ weight, x [M, K], weight [K, N],
 // bias [N].
 //
-// On a CPU the product of a few rows is BLAS's: its GEMM reads each block of the
-// weight once for all rows, and a CPU keeps few loads in flight per core anyway, so the
-// kernel is ATen's addmm, with the op's argument checks and a contiguous output. The split over K that the op exists for is
-// the CUDA kernel's (mmrec_ops/triton/skinny_addmm.py); the gradients are composite
-// (mmrec_ops/ops/skinny_addmm.py).
+// On a CPU the kernel is ATen's addmm (BLAS, whose GEMM reads each block of the weight
+// once for all rows), with the op's argument checks and a contiguous output. The split
+// over K that the op exists for answers a GPU's need for many programs streaming at once:
+// it is the CUDA kernel's (mmrec_ops/triton/skinny_addmm.py). The gradients are
+// composite (mmrec_ops/ops/skinny_addmm.py).
 
 #include "common.h"
 
