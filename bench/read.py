@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.common import apply_smoke, forward_backward, markdown_table, median_time_ms, versions, write_results  # noqa: E402
 from mmrec_model import MMRecConfig  # noqa: E402
 from mmrec_model.attention import flex_blocked_attention, sdpa_blocked_attention, window_keys  # noqa: E402
-from mmrec_model.memory import MemoryLayout, memory_layout  # noqa: E402
+from mmrec_model.memory import memory_layout  # noqa: E402
 
 SMOKE = dict(preset="tiny", seq_lens=[200], tokens=400, warmup=1, repeats=2)
 
@@ -44,7 +44,7 @@ def causal_read(q, k, v):
 
 def read_inputs(config: MMRecConfig, batch: int, T: int, device, dtype):
     """q ``[B, T, H, d]``, groups ``[B, nb, G, 2, D]``, window tokens ``[B, W - 1 + T, 2, D]``,
-    the chunk's ``MemoryLayout`` (its read mask ``[nb, Q, G + Q + W - 1]`` and rule)."""
+    the read mask ``[nb, Q, G + Q + W - 1]``."""
     layout = memory_layout(torch.zeros((), dtype=torch.int64, device=device), T, config)
     n_blocks, Q, n_keys = layout.read_mask.shape
     H, d, W = config.n_heads, config.head_dim, config.window
@@ -52,19 +52,19 @@ def read_inputs(config: MMRecConfig, batch: int, T: int, device, dtype):
     q = torch.randn(batch, T, H, d, device=device, dtype=dtype)
     group = torch.randn(batch, n_blocks, n_group, 2, H * d, device=device, dtype=dtype)
     tokens = torch.randn(batch, W - 1 + T, 2, H * d, device=device, dtype=dtype)
-    return q, group, tokens, layout
+    return q, group, tokens, layout.read_mask
 
 
-def variants(config: MMRecConfig, layout: MemoryLayout, device) -> dict:
+def variants(config: MMRecConfig, mask: torch.Tensor, device) -> dict:
     """name -> (read of (q, group, tokens), whether its backward runs here)."""
-    n_blocks, Q, _ = layout.read_mask.shape
+    n_blocks, Q, _ = mask.shape
     W = config.window
 
     def blocked(q, group, tokens):
-        return sdpa_blocked_attention(q, group, window_keys(tokens, n_blocks, Q, W), layout.read_mask)
+        return sdpa_blocked_attention(q, group, window_keys(tokens, n_blocks, Q, W), mask)
 
     def flex(q, group, tokens):
-        return flex_blocked_attention(q, group, tokens, n_blocks, layout.read_rule)
+        return flex_blocked_attention(q, group, tokens, mask, W)
 
     return {
         "blocked-sdpa eager": (blocked, True),
@@ -77,10 +77,10 @@ def rows_of(config: MMRecConfig, T: int, args, device, dtype) -> list[dict]:
     batch = max(args.tokens // T, 1)
     H, d = config.n_heads, config.head_dim
     base = {"T": T, "batch": batch}
-    q, group, tokens, layout = read_inputs(config, batch, T, device, dtype)
+    q, group, tokens, mask = read_inputs(config, batch, T, device, dtype)
     qkv = [torch.randn(batch, H, T, d, device=device, dtype=dtype) for _ in range(3)]
     reads = {"causal-sdpa": (causal_read, qkv, True)}
-    reads.update({name: (fn, (q, group, tokens), backward) for name, (fn, backward) in variants(config, layout, device).items()})
+    reads.update({name: (fn, (q, group, tokens), backward) for name, (fn, backward) in variants(config, mask, device).items()})
     rows = []
     for name, (fn, inputs, backward) in reads.items():
         torch._dynamo.reset()

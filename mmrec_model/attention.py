@@ -3,6 +3,7 @@ the long-term memory it may see and the persistent slots, in one softmax."""
 
 from __future__ import annotations
 
+import functools
 from typing import Callable
 
 import torch
@@ -10,7 +11,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
-from .memory import MemoryLayout, ReadRule, block_starts, window_mask
+from .memory import MemoryLayout, block_starts, window_mask
 
 
 def blocked_attention(q: Tensor, keys_values: Tensor, mask: Tensor) -> Tensor:
@@ -43,38 +44,44 @@ FLEX_TILE = 128
 FLEX_CUDA_KERNEL = {"BLOCK_M": 64, "BLOCK_N": 64}
 
 
-def flex_blocked_attention(q: Tensor, group: Tensor | None, tokens: Tensor | None, n_blocks: int, rule: ReadRule) -> Tensor:
+def flex_blocked_attention(q: Tensor, group: Tensor | None, tokens: Tensor | None, mask: Tensor, window: int) -> Tensor:
     """``blocked_attention`` through flex_attention's block-sparse kernel, over the keys in
-    place rather than a copy per block: block b's keys are its group ``group[:, b]`` (the
-    ``rule``'s columns [0, G)) and its window, the tokens ``tokens[:, b Q : b Q + Q + W - 1]``
-    (columns [G, G + Q + W - 1)).
+    place rather than a copy per block: block b's candidates are its group ``group[:, b]``
+    (mask columns [0, G)) and its window, the tokens ``tokens[:, b Q : b Q + Q + W - 1]``
+    (mask columns [G, G + Q + W - 1)).
 
     q ``[B, T, H, d]``; group ``[B, nb, G, 2, D]`` (None: none); tokens ``[B, W - 1 + T, 2, D]``,
-    the working memory oldest first then the chunk (None: none) -> ``[B, T, H, d]``. The
-    kernel computes who sees what from the ``ReadRule`` (arithmetic on positions, nothing
-    read from memory); it skips the tiles nothing sees and evaluates the rule only on the
-    tiles it cuts. Compiled code fuses it, eager code materialises every score.
+    the working memory oldest first then the chunk (None: none); mask ``[nb, Q, G + Q + W - 1]``
+    -> ``[B, T, H, d]``. Query t sees token s iff t <= s <= t + W - 1 and s exists, which
+    the kernel computes (existence from the first query's mask row) rather than reading the
+    mask's window columns. It skips the tiles nothing sees and evaluates the mask only on
+    the tiles it cuts; compiled code fuses it, eager code materialises every score.
     """
     B, T, H, d = q.shape
-    Q, G = rule.query_block, rule.n_group
-    padded_group = 0 if group is None else -(-G // FLEX_TILE) * FLEX_TILE
+    nb, Q, _ = mask.shape
+    G = 0 if group is None else group.shape[2]
+    padded_group = -(-G // FLEX_TILE) * FLEX_TILE
     parts = [] if group is None else [F.pad(group, (0, 0, 0, 0, 0, padded_group - G)).flatten(1, 2)]
     parts += [] if tokens is None else [tokens]
     kv = torch.cat(parts, dim=1).to(q.dtype)
     keys, values = (kv[:, :, i].unflatten(-1, (H, d)).transpose(1, 2) for i in (0, 1))
-    group_keys = n_blocks * padded_group
+    group_keys = nb * padded_group
 
     def mask_mod(batch: Tensor, head: Tensor, query: Tensor, key: Tensor) -> Tensor:
-        block = query // Q
-        group_column = key - block * padded_group
-        # Block b's window keys are the tokens b Q .. b Q + Q + W - 2; -1 is no column.
-        token = key - group_keys - block * Q
-        window_column = torch.where(token >= 0, G + token, -1)
-        in_group = (key < group_keys) & (group_column >= 0) & (group_column < G)
-        return rule(query, torch.where(in_group, group_column, window_column))
+        block, row = query // Q, query % Q
+        column = key - block * padded_group
+        in_group = (key < group_keys) & (column >= 0) & (column < G)
+        sees = in_group & mask[block, row, torch.where(in_group, column, 0)]
+        if tokens is None:
+            return sees
+        token = key - group_keys
+        in_window = (key >= group_keys) & (token >= query) & (token <= query + window - 1)
+        # The first block's first query sees those of the tokens 0 .. W - 1 that exist.
+        exists = (token >= window - 1) | mask[0, 0, G + torch.clamp(token, 0, window - 1)]
+        return sees | (in_window & exists)
 
-    block_mask = create_block_mask(mask_mod, None, None, n_blocks * Q, kv.shape[1], device=q.device)
-    queries = F.pad(q, (0, 0, 0, 0, 0, n_blocks * Q - T)).transpose(1, 2)
+    block_mask = create_block_mask(mask_mod, None, None, nb * Q, kv.shape[1], device=q.device)
+    queries = F.pad(q, (0, 0, 0, 0, 0, nb * Q - T)).transpose(1, 2)
     options = FLEX_CUDA_KERNEL if q.is_cuda else None
     return flex_attention(queries, keys, values, block_mask=block_mask, kernel_options=options).transpose(1, 2)[:, :T]
 
@@ -145,11 +152,7 @@ class MultiMemoryAttention(nn.Module):
         entries = None if pool is None else pool.to(q.dtype)[:, layout.read_source].unflatten(1, (n_blocks, -1))
         tokens = window_tokens(window, kv.to(q.dtype)) if self.window > 0 else None
         if self.kernel == "flex" and torch.compiler.is_compiling():
-
-            def attend(q: Tensor, group: Tensor | None, tokens: Tensor | None, mask: Tensor) -> Tensor:
-                # The rule computes the mask's values where the kernel needs them.
-                return flex_blocked_attention(q, group, tokens, n_blocks, layout.read_rule)
-
+            attend = functools.partial(flex_blocked_attention, window=self.window)
             return self.read(q, entries, tokens, layout.read_mask, gates, attend)
         working = None if tokens is None else window_keys(tokens, n_blocks, Q, self.window)
         return self.read(q, entries, working, layout.read_mask, gates)

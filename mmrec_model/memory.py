@@ -171,8 +171,7 @@ class MemoryLayout(NamedTuple):
     read_source: ``[nb * K_l]``, for each of the nb query blocks, where its K_l long-term
                  candidates lie in the pool of ``update_long_term``.
     read_mask:   ``[nb, Q, P + K_l + Q + W - 1]``, True where a block's query sees a key:
-                 the persistent slots, its long-term candidates, its window keys ...
-    read_rule:   ... and the ``ReadRule`` that computes it.
+                 the persistent slots, its long-term candidates, its window keys.
     phase:       ``[T]``, each token's place in its level-0 span, (position + t) mod S.
     window_order: ``[W - 1]``, the working memory's ring slots, oldest token first.
     window_slots: ``[W - 1]``, for each ring slot after the chunk, which of the last W - 1
@@ -185,7 +184,6 @@ class MemoryLayout(NamedTuple):
     levels: tuple[LevelLayout, ...]
     read_source: Tensor
     read_mask: Tensor
-    read_rule: ReadRule
     phase: Tensor
     window_order: Tensor
     window_slots: Tensor
@@ -283,10 +281,11 @@ def window_ring(position: Tensor, kept: int) -> Tensor:
     return (position + torch.arange(kept, device=position.device)) % max(kept, 1)
 
 
-def visible(index: Tensor, token: Tensor, width: int, slots: int) -> Tensor:
-    """Whether the level entry of absolute ``index`` is visible to the token at absolute
-    position ``token`` (broadcast): the rule of the module docstring."""
-    newest_allowed = token // width  # floor(j / 4^l) with j = floor(p / S)
+def visible(index: Tensor, tokens: Tensor, width: int, slots: int) -> Tensor:
+    """``[..., T, n]`` visibility of level entries of absolute ``index`` ``[..., 1, n]`` to
+    the tokens at absolute positions ``tokens`` ``[..., T]``: the rule of the module
+    docstring."""
+    newest_allowed = (tokens // width).unsqueeze(-1)  # floor(j / 4^l) with j = floor(p / S)
     return (index >= 0) & (index >= newest_allowed - slots) & (index < newest_allowed)
 
 
@@ -315,86 +314,31 @@ def block_starts(position: Tensor, T: int) -> tuple[Tensor, int]:
     return position + Q * torch.arange(n_blocks, device=position.device), Q
 
 
-def in_window(row: Tensor, column: Tensor, start: Tensor, window: int) -> Tensor:
-    """Whether query ``row`` of the block starting at absolute position ``start`` sees
-    window key ``column`` (the token s = start - (W - 1) + column), broadcast:
-    t - W < s <= t, i.e. row <= column <= row + W - 1, and the token exists (s >= 0)."""
-    return (column >= row) & (column < row + window) & (start - (window - 1) + column >= 0)
-
-
 def window_mask(starts: Tensor, Q: int, window: int) -> Tensor:
-    """``[nb, Q, Q + W - 1]``: ``in_window`` for every query of the blocks starting at
-    ``starts`` ``[nb]`` and each of their window keys."""
+    """``[nb, Q, Q + W - 1]``: query i of the block starting at ``starts[b]`` sees window
+    key j (the token at starts[b] - (W - 1) + j) iff t - W < s <= t, i.e.
+    i <= j <= i + W - 1, and the token exists (s >= 0)."""
     i = torch.arange(Q, device=starts.device).view(-1, 1)
     j = torch.arange(Q + window - 1, device=starts.device)
-    return in_window(i, j, starts.view(-1, 1, 1), window)
+    band = (j >= i) & (j < i + window)
+    return band & (starts.view(-1, 1, 1) - (window - 1) + j >= 0)
 
 
-class ReadRule(NamedTuple):
-    """``MemoryLayout.read_mask`` as arithmetic on positions, for a kernel that evaluates
-    visibility where it needs it (flex_attention's ``mask_mod``) instead of reading a
-    mask: ``rule(query, column)`` is whether the chunk's query ``query`` (block
-    query // Q) sees column ``column`` of its block's keys, the P persistent slots, then
-    each level's candidates, then the window keys (broadcast; False outside them).
+def long_term_read(starts: Tensor, Q: int, level: LevelLayout, width: int, slots: int) -> tuple[Tensor, Tensor]:
+    """For each query block, the level entries any of its tokens may see: their places
+    ``[nb, n]`` in the level's pool (the ring's M slots, then the chunk's new entries
+    ``level.index``) and their visibility ``[nb, Q, n]``, n = M + (Q - 1) // width + 1.
 
-    position:    ``[]``, the chunk's first token.
-    query_block: Q.
-    persistent:  P.
-    levels:      per level, (S 4^l, the candidates per block: M + (Q - 1) // (S 4^l) + 1).
-    slots:       M.
-    window:      W.
+    The tokens of a block see entries from floor(start / width) - M on; an index past the
+    chunk's new entries is seen by none of its tokens and reads slot 0.
     """
-
-    position: Tensor
-    query_block: int
-    persistent: int
-    levels: tuple[tuple[int, int], ...]
-    slots: int
-    window: int
-
-    @property
-    def n_group(self) -> int:
-        """Columns before the window's: the persistent slots and the long-term candidates."""
-        return self.persistent + sum(n for _, n in self.levels)
-
-    @property
-    def n_keys(self) -> int:
-        """Columns of a block's keys."""
-        return self.n_group + (self.query_block + self.window - 1 if self.window > 0 else 0)
-
-    def __call__(self, query: Tensor, column: Tensor) -> Tensor:
-        Q, first = self.query_block, self.persistent
-        start = self.position + query // Q * Q
-        sees = (column >= 0) & (column < first)
-        for width, n in self.levels:
-            # The block's candidates are the entries start // width - M + c, c < n.
-            c = column - first
-            index = start // width - self.slots + c
-            sees = sees | ((c >= 0) & (c < n) & visible(index, self.position + query, width, self.slots))
-            first += n
-        if self.window > 0:
-            sees = sees | in_window(query % Q, column - first, start, self.window)
-        return sees
-
-
-def long_term_candidates(Q: int, width: int, slots: int) -> int:
-    """n = M + (Q - 1) // width + 1: the level entries any token of a query block may see."""
-    return slots + (Q - 1) // width + 1
-
-
-def long_term_read(starts: Tensor, Q: int, level: LevelLayout, width: int, slots: int) -> Tensor:
-    """For each query block, where the level entries any of its tokens may see lie in the
-    level's pool (the ring's M slots, then the chunk's new entries ``level.index``):
-    ``[nb, n]``, n = ``long_term_candidates``.
-
-    The tokens of a block see entries from floor(start / width) - M on (``ReadRule``); an
-    index past the chunk's new entries is seen by none of its tokens and reads slot 0.
-    """
-    n = long_term_candidates(Q, width, slots)
+    n = slots + (Q - 1) // width + 1
     index = (starts // width - slots).view(-1, 1) + torch.arange(n, device=starts.device)
     first_new, n_new = level.index[0], level.index.shape[0]
     source = torch.where(index < first_new, index % slots, slots + index - first_new)
-    return torch.where(source < slots + n_new, source, 0)
+    source = torch.where(source < slots + n_new, source, 0)
+    tokens = starts.view(-1, 1) + torch.arange(Q, device=starts.device)
+    return source, visible(index.unsqueeze(1), tokens, width, slots)
 
 
 def memory_layout(position: Tensor, T: int, config: MMRecConfig) -> MemoryLayout:
@@ -406,7 +350,7 @@ def memory_layout(position: Tensor, T: int, config: MMRecConfig) -> MemoryLayout
     """
     device, S, slots = position.device, config.segment_len, config.level_slots
     starts, Q = block_starts(position, T)
-    levels, sources, pool_offset = [], [], 0
+    levels, sources, masks, pool_offset = [], [], [], 0
     below = None
     for level in range(config.n_levels):
         width = span_len(S, level)
@@ -422,14 +366,12 @@ def memory_layout(position: Tensor, T: int, config: MMRecConfig) -> MemoryLayout
             index, valid, resets, last_child, only_valid(newest - index[0], ring_new), ring_new, last_token
         )
         levels.append(below)
-        sources.append(long_term_read(starts, Q, below, width, slots) + pool_offset)
+        source, mask = long_term_read(starts, Q, below, width, slots)
+        sources.append(source + pool_offset)
+        masks.append(mask)
         pool_offset += slots + index.shape[0]
-    widths = [span_len(S, level) for level in range(config.n_levels)]
-    rule = ReadRule(
-        position, Q, config.persistent_slots, tuple((w, long_term_candidates(Q, w, slots)) for w in widths),
-        slots, config.window,
-    )
-    queries = torch.arange(starts.shape[0] * Q, device=device).view(-1, Q, 1)
+    persistent = torch.ones(starts.shape[0], Q, config.persistent_slots, dtype=torch.bool, device=device)
+    window = [window_mask(starts, Q, config.window)] if config.window > 0 else []
     head_len = S - position % S
     return MemoryLayout(
         in_head=torch.arange(S, device=device) < head_len,
@@ -437,8 +379,7 @@ def memory_layout(position: Tensor, T: int, config: MMRecConfig) -> MemoryLayout
         last_span=((position + T - 1) // S - position // S).view(1),
         levels=tuple(levels),
         read_source=torch.cat(sources, dim=1).flatten() if sources else torch.zeros(0, dtype=torch.int64, device=device),
-        read_mask=rule(queries, torch.arange(rule.n_keys, device=device)),
-        read_rule=rule,
+        read_mask=torch.cat([persistent, *masks, *window], dim=2),
         phase=(position + torch.arange(T, device=device)) % S,
         window_order=window_ring(position, max(config.window - 1, 0)),
         window_slots=window_ring(-(position + T), max(config.window - 1, 0)),

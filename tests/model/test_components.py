@@ -85,7 +85,7 @@ def read_inputs(T: int, window: int, position: int, dtype: torch.dtype):
     q = torch.randn(B, T, H, d, dtype=dtype)
     group = torch.randn(B, n_blocks, n_group, 2, H * d, dtype=dtype)
     tokens = torch.randn(B, window - 1 + T, 2, H * d, dtype=dtype)
-    return q, group, tokens, layout
+    return q, group, tokens, layout.read_mask
 
 
 @pytest.mark.parametrize("T,window,position", [(5, 20, 0), (131, 20, 300), (300, 150, 37)],
@@ -96,28 +96,27 @@ def test_flex_read_matches_blocked_sdpa(T, window, position, parts):
     """flex_attention over the keys in place (the 'flex' read kernel) against blocked SDPA
     over per-block copies, for the joint read and each of the gated read's two (eager:
     flex_attention's unfused reference)."""
-    q, group, tokens, layout = read_inputs(T, window, position, torch.float64)
-    n_blocks, Q, _ = layout.read_mask.shape
+    q, group, tokens, mask = read_inputs(T, window, position, torch.float64)
+    n_blocks, Q, _ = mask.shape
     n_group = group.shape[2]
     group, tokens, mask = {
-        "joint": (group, tokens, layout.read_mask), "long-term": (group, None, layout.read_mask[..., :n_group]),
-        "working": (None, tokens, layout.read_mask[..., n_group:]),
+        "joint": (group, tokens, mask), "long-term": (group, None, mask[..., :n_group]),
+        "working": (None, tokens, mask[..., n_group:]),
     }[parts]  # fmt: skip
     working = None if tokens is None else window_keys(tokens, n_blocks, Q, window)
     expected = sdpa_blocked_attention(q, group, working, mask)
-    got = flex_blocked_attention(q, group, tokens, n_blocks, layout.read_rule)
-    assert_close_rel(got, expected, FLOAT64_ACCUMULATION)
+    assert_close_rel(flex_blocked_attention(q, group, tokens, mask, window), expected, FLOAT64_ACCUMULATION)
 
 
 @pytest.mark.compile
 def test_compiled_flex_read_matches_blocked_sdpa():
     """The fused kernel flex_attention compiles to (CPU: forward only)."""
     torch._dynamo.reset()
-    q, group, tokens, layout = read_inputs(300, 150, 37, torch.float32)
-    n_blocks, Q, _ = layout.read_mask.shape
-    expected = sdpa_blocked_attention(q, group, window_keys(tokens, n_blocks, Q, 150), layout.read_mask)
+    q, group, tokens, mask = read_inputs(300, 150, 37, torch.float32)
+    n_blocks, Q, _ = mask.shape
+    expected = sdpa_blocked_attention(q, group, window_keys(tokens, n_blocks, Q, 150), mask)
     compiled = torch.compile(flex_blocked_attention, fullgraph=True)
-    assert_close_rel(compiled(q, group, tokens, n_blocks, layout.read_rule), expected, FLOAT32_ACCUMULATION)
+    assert_close_rel(compiled(q, group, tokens, mask, 150), expected, FLOAT32_ACCUMULATION)
 
 
 def test_persistent_slots_learned_and_always_visible():
