@@ -36,13 +36,13 @@ VARIANTS = {
     "transformer": ("transformer", {}),
     "mmrec": ("mmrec", {}),
     "mmrec-parallel": ("mmrec", {"mode": "parallel"}),
-    "mmrec-flex": ("mmrec", {"read_kernel": "flex"}),
-    "mmrec-parallel-flex": ("mmrec", {"mode": "parallel", "read_kernel": "flex"}),
+    "mmrec-sdpa": ("mmrec", {"read_kernel": "sdpa"}),
+    "mmrec-parallel-sdpa": ("mmrec", {"mode": "parallel", "read_kernel": "sdpa"}),
     "mmrec-no-window": ("mmrec-no-window", {}),
     "mmrec-no-longterm": ("mmrec-no-longterm", {}),
     "mmrec-no-recurrence": ("mmrec-no-recurrence", {}),
     "mmrec-window-only": ("mmrec-no-recurrence", {"n_levels": 0}),
-    "mmrec-window-only-flex": ("mmrec-no-recurrence", {"n_levels": 0, "read_kernel": "flex"}),
+    "mmrec-window-only-sdpa": ("mmrec-no-recurrence", {"n_levels": 0, "read_kernel": "sdpa"}),
 }
 SMOKE_SIZES = {"dim": 32, "n_layers": 2, "n_heads": 2, "window": 16}
 KERNEL_ROWS = 25

@@ -3,13 +3,13 @@ the long-term memory it may see and the persistent slots, in one softmax."""
 
 from __future__ import annotations
 
-import functools
+from functools import partial
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+from torch.nn.attention.flex_attention import AuxRequest, create_block_mask, flex_attention
 
 from .memory import MemoryLayout, block_starts, window_mask
 
@@ -36,54 +36,83 @@ def blocked_attention(q: Tensor, keys_values: Tensor, mask: Tensor) -> Tensor:
     return out.view(nb, B, H, Q, d).permute(1, 0, 3, 2, 4).reshape(B, nb * Q, H, d)[:, :T]
 
 
-# flex_attention's tile of keys: each query block's long-term group is padded to whole
-# tiles, so that a block's group and its window start on tile boundaries.
-FLEX_TILE = 128
 # The fused forward kernel's tiles on CUDA: smaller than flex_attention's default for
 # d = 64, faster at small's shapes on an H100 (bench/results/read_cuda_h100.md).
 FLEX_CUDA_KERNEL = {"BLOCK_M": 64, "BLOCK_N": 64}
 
 
+def group_attention(q: Tensor, group: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+    """Each block of queries over its own group of keys, dense (a group is small):
+
+        o_t = sum_c softmax_c(q_t . k_c / sqrt(d) | mask[b, i, c]) v_c,   lse_t = log sum_c exp(...)
+
+    q ``[B, T, H, d]``; group ``[B, nb, G, 2, D]``; mask ``[nb, Q, G]``, every row must see a
+    key (the persistent slots) -> o ``[B, T, H, d]`` and lse ``[B, T, H]`` in float32 (float64
+    for float64 q)."""
+    B, T, H, d = q.shape
+    nb, Q, G = mask.shape
+    queries = F.pad(q, (0, 0, 0, 0, 0, nb * Q - T)).view(B, nb, Q, H, d)
+    keys, values = (group[:, :, :, i].to(q.dtype).unflatten(-1, (H, d)) for i in (0, 1))
+    accumulate = torch.promote_types(q.dtype, torch.float32)
+    scores = torch.einsum("bnqhd,bnghd->bnhqg", queries, keys).to(accumulate) * d**-0.5
+    scores = scores.masked_fill(~mask.unsqueeze(1), float("-inf"))
+    lse = torch.logsumexp(scores, dim=-1, keepdim=True)
+    weights = torch.exp(scores - lse)
+    out = torch.einsum("bnhqg,bnghd->bnqhd", weights.to(q.dtype), values)
+    out = out.reshape(B, nb * Q, H, d)[:, :T].to(accumulate)
+    return out, lse.squeeze(-1).transpose(2, 3).reshape(B, nb * Q, H)[:, :T]
+
+
+def flex_window_attention(q: Tensor, tokens: Tensor, window_mask: Tensor, window: int) -> tuple[Tensor, Tensor]:
+    """Each query over its working memory with flex_attention's block-sparse kernel, over
+    the tokens in place: query t sees token j of ``tokens`` (the W - 1 before the chunk,
+    then the chunk) iff t <= j <= t + W - 1 and j exists, arithmetic in the kernel.
+
+    q ``[B, T, H, d]``; tokens ``[B, W - 1 + T, 2, D]``; window_mask ``[nb, Q, Q + W - 1]``
+    (the read mask's window columns: which of the W - 1 tokens before the chunk exist is
+    read from its first row) -> o ``[B, T, H, d]`` and lse ``[B, T, H]`` in float32 (float64
+    for float64 q).
+    Compiled code fuses it and skips the tiles nothing sees; eager code materialises every
+    score.
+    """
+    B, T, H, d = q.shape
+    keys, values = (tokens[:, :, i].to(q.dtype).unflatten(-1, (H, d)).transpose(1, 2) for i in (0, 1))
+    missing = (~window_mask[0, 0, : window - 1]).sum()
+
+    def mask_mod(batch: Tensor, head: Tensor, query: Tensor, key: Tensor) -> Tensor:
+        return (key >= query) & (key < query + window) & (key >= missing)
+
+    block_mask = create_block_mask(mask_mod, None, None, T, keys.shape[2], device=q.device)
+    options = FLEX_CUDA_KERNEL if q.is_cuda else None
+    out, aux = flex_attention(
+        q.transpose(1, 2), keys, values, block_mask=block_mask, kernel_options=options, return_aux=AuxRequest(lse=True)
+    )
+    accumulate = torch.promote_types(q.dtype, torch.float32)
+    return out.transpose(1, 2).to(accumulate), aux.lse.transpose(1, 2).to(accumulate)
+
+
 def flex_blocked_attention(q: Tensor, group: Tensor | None, tokens: Tensor | None, mask: Tensor, window: int) -> Tensor:
-    """``blocked_attention`` through flex_attention's block-sparse kernel, over the keys in
-    place rather than a copy per block: block b's candidates are its group ``group[:, b]``
-    (mask columns [0, G)) and its window, the tokens ``tokens[:, b Q : b Q + Q + W - 1]``
-    (mask columns [G, G + Q + W - 1)).
+    """``blocked_attention`` over each block's group and its working memory, with the keys
+    in place rather than a copy per block: ``group_attention`` and ``flex_window_attention``,
+    each with its log-sum-exp, merged into the one softmax over both,
+
+        o = o_g exp(lse_g - lse) + o_w exp(lse_w - lse),   lse = log(exp(lse_g) + exp(lse_w)).
 
     q ``[B, T, H, d]``; group ``[B, nb, G, 2, D]`` (None: none); tokens ``[B, W - 1 + T, 2, D]``,
     the working memory oldest first then the chunk (None: none); mask ``[nb, Q, G + Q + W - 1]``
-    -> ``[B, T, H, d]``. Query t sees token s iff t <= s <= t + W - 1 and s exists, which
-    the kernel computes (existence from the first query's mask row) rather than reading the
-    mask's window columns. It skips the tiles nothing sees and evaluates the mask only on
-    the tiles it cuts; compiled code fuses it, eager code materialises every score.
+    (without the group's or the window's columns where that is None) -> ``[B, T, H, d]``.
     """
-    B, T, H, d = q.shape
-    nb, Q, _ = mask.shape
-    G = 0 if group is None else group.shape[2]
-    padded_group = -(-G // FLEX_TILE) * FLEX_TILE
-    parts = [] if group is None else [F.pad(group, (0, 0, 0, 0, 0, padded_group - G)).flatten(1, 2)]
-    parts += [] if tokens is None else [tokens]
-    kv = torch.cat(parts, dim=1).to(q.dtype)
-    keys, values = (kv[:, :, i].unflatten(-1, (H, d)).transpose(1, 2) for i in (0, 1))
-    group_keys = nb * padded_group
-
-    def mask_mod(batch: Tensor, head: Tensor, query: Tensor, key: Tensor) -> Tensor:
-        block, row = query // Q, query % Q
-        column = key - block * padded_group
-        in_group = (key < group_keys) & (column >= 0) & (column < G)
-        sees = in_group & mask[block, row, torch.where(in_group, column, 0)]
-        if tokens is None:
-            return sees
-        token = key - group_keys
-        in_window = (key >= group_keys) & (token >= query) & (token <= query + window - 1)
-        # The first block's first query sees those of the tokens 0 .. W - 1 that exist.
-        exists = (token >= window - 1) | mask[0, 0, G + torch.clamp(token, 0, window - 1)]
-        return sees | (in_window & exists)
-
-    block_mask = create_block_mask(mask_mod, None, None, nb * Q, kv.shape[1], device=q.device)
-    queries = F.pad(q, (0, 0, 0, 0, 0, nb * Q - T)).transpose(1, 2)
-    options = FLEX_CUDA_KERNEL if q.is_cuda else None
-    return flex_attention(queries, keys, values, block_mask=block_mask, kernel_options=options).transpose(1, 2)[:, :T]
+    parts = []
+    if group is not None:
+        parts.append(group_attention(q, group, mask[..., : group.shape[2]]))
+    if tokens is not None:
+        parts.append(flex_window_attention(q, tokens, mask[..., mask.shape[-1] - (mask.shape[1] + window - 1) :], window))
+    if len(parts) == 1:
+        return parts[0][0].to(q.dtype)
+    (out_g, lse_g), (out_w, lse_w) = parts
+    lse = torch.logaddexp(lse_g, lse_w).unsqueeze(-1)
+    out = out_g * torch.exp(lse_g.unsqueeze(-1) - lse) + out_w * torch.exp(lse_w.unsqueeze(-1) - lse)
+    return out.to(q.dtype)
 
 
 def window_tokens(window: Tensor, kv: Tensor) -> Tensor:
@@ -151,8 +180,9 @@ class MultiMemoryAttention(nn.Module):
         n_blocks, Q, _ = layout.read_mask.shape
         entries = None if pool is None else pool.to(q.dtype)[:, layout.read_source].unflatten(1, (n_blocks, -1))
         tokens = window_tokens(window, kv.to(q.dtype)) if self.window > 0 else None
-        if self.kernel == "flex" and torch.compiler.is_compiling():
-            attend = functools.partial(flex_blocked_attention, window=self.window)
+        # flex_attention on the CPU has neither a backward nor a compiled log-sum-exp.
+        if self.kernel == "flex" and q.is_cuda and torch.compiler.is_compiling():
+            attend = partial(flex_blocked_attention, window=self.window)
             return self.read(q, entries, tokens, layout.read_mask, gates, attend)
         working = None if tokens is None else window_keys(tokens, n_blocks, Q, self.window)
         return self.read(q, entries, working, layout.read_mask, gates)

@@ -52,11 +52,13 @@ class MMRecConfig:
             state h at the span's last token (needs a recurrence: mode 'exact' or
             'parallel'); 'best', per head one token of the span, the one whose key
             scores highest, its value gated by the score (``BestTokenEntries``).
-        read_kernel: how compiled code computes a chunk's read: 'sdpa', each block of
-            queries over a copy of its keys, masked (``blocked_attention``); or 'flex',
-            flex_attention's block-sparse kernel over the keys in place
-            (``flex_blocked_attention``; no backward on the CPU). Eager code always takes
-            'sdpa': uncompiled flex_attention materialises every score.
+        read_kernel: how compiled code on CUDA computes a chunk's read: 'flex' (the
+            default), each block's long-term group dense and its working memory through
+            flex_attention's block-sparse kernel over the tokens in place, merged by their
+            log-sum-exps (``flex_blocked_attention``); or 'sdpa', each block of queries
+            over a copy of its keys, masked (``blocked_attention``). Eager code and the
+            CPU always take 'sdpa': uncompiled flex_attention materialises every score,
+            and the CPU's has no backward.
         ffn_mult: hidden width of the feed-forward network, in multiples of D.
         norm_eps: epsilon of the RMSNorms.
         init_std: standard deviation of the embedding and projection weights at init.
@@ -74,7 +76,7 @@ class MMRecConfig:
     persistent_slots: int = 16
     memory_read: str = "joint"
     entry_summary: str = "mean"
-    read_kernel: str = "sdpa"
+    read_kernel: str = "flex"
     ffn_mult: int = 4
     norm_eps: float = 1e-6
     init_std: float = 0.02

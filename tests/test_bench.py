@@ -232,9 +232,8 @@ def test_read_bench_smoke(tmp_path):
                             cwd=ROOT, capture_output=True, text=True, timeout=600)  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     rows = json.loads(out.with_suffix(".json").read_text())["results"]
-    assert [r["read"] for r in rows] == ["causal-sdpa", "blocked-sdpa eager", "blocked-sdpa compiled", "flex compiled"]
-    assert all(r["forward_ms"] > 0 for r in rows)
-    assert rows[-1]["forward_backward_ms"] is None and all(r["forward_backward_ms"] > 0 for r in rows[:-1])
+    assert [r["read"] for r in rows] == ["causal-sdpa", "blocked-sdpa eager", "blocked-sdpa compiled"]
+    assert all(r["forward_ms"] > 0 and r["forward_backward_ms"] > 0 for r in rows)
 
 
 def test_quality_refuses_probe_beyond_long_windows(tmp_path):

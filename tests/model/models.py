@@ -9,6 +9,7 @@ from torch import Tensor
 from torch._inductor.compile_fx import compile_fx
 
 from mmrec_model import MMRecConfig
+from mmrec_model.memory import QUERY_BLOCK, memory_layout
 from mmrec_model.training import next_byte_loss
 from mmrec_ops.reference import recurrence_reference, scan_reference
 from tests.helpers import assert_close_rel, grad_tolerance, output_tolerance
@@ -177,3 +178,18 @@ def reference_block(block, x: Tensor, config: MMRecConfig) -> Tensor:
         m.append(read)
     y = x + block.w_out((h + torch.stack(m, dim=1)).flatten(-2))
     return y + block.ffn(block.norm_ffn(y))
+
+
+def read_inputs(T: int, window: int, position: int, dtype: torch.dtype, device="cpu"):
+    """A chunk's read as MultiMemoryAttention.forward sees it, with random keys: q, each
+    query block's long-term group (persistent slots and HDS candidates), the working
+    memory and chunk tokens, and the chunk's read mask."""
+    config = small_config("exact", window=window)
+    layout = memory_layout(torch.tensor(position, device=device), T, config)
+    n_blocks, _, n_keys = layout.read_mask.shape
+    B, H, d = 2, config.n_heads, config.head_dim
+    n_group = n_keys - (QUERY_BLOCK + window - 1)
+    q = torch.randn(B, T, H, d, dtype=dtype, device=device)
+    group = torch.randn(B, n_blocks, n_group, 2, H * d, dtype=dtype, device=device)
+    tokens = torch.randn(B, window - 1 + T, 2, H * d, dtype=dtype, device=device)
+    return q, group, tokens, layout.read_mask

@@ -12,8 +12,8 @@ from mmrec_model import MDI, MMRecBlock, MMRecConfig, MMRecModel
 from mmrec_model.attention import flex_blocked_attention, sdpa_blocked_attention, sliding_window_attention, window_keys
 from mmrec_model.mdi import EPS, GAMMA_INIT
 from mmrec_model.memory import QUERY_BLOCK, memory_layout, update_long_term
-from tests.helpers import FLOAT32_ACCUMULATION, FLOAT64_ACCUMULATION, assert_close_rel
-from tests.model.models import reference_attention, reference_block, reference_visible, small_config
+from tests.helpers import FLOAT64_ACCUMULATION, assert_close_rel
+from tests.model.models import read_inputs, reference_attention, reference_block, reference_visible, small_config
 
 pytestmark = pytest.mark.model
 
@@ -73,29 +73,16 @@ def test_window_edge(window):
     assert reads.nonzero().flatten().tolist() == list(range(s, min(T, s + window)))
 
 
-def read_inputs(T: int, window: int, position: int, dtype: torch.dtype):
-    """A chunk's read as MultiMemoryAttention.forward sees it, with random keys: q, each
-    query block's long-term group (persistent slots and HDS candidates), the working
-    memory and chunk tokens, and the chunk's read mask."""
-    config = small_config("exact", window=window)
-    layout = memory_layout(torch.tensor(position), T, config)
-    n_blocks, _, n_keys = layout.read_mask.shape
-    B, H, d = 2, config.n_heads, config.head_dim
-    n_group = n_keys - (QUERY_BLOCK + window - 1)
-    q = torch.randn(B, T, H, d, dtype=dtype)
-    group = torch.randn(B, n_blocks, n_group, 2, H * d, dtype=dtype)
-    tokens = torch.randn(B, window - 1 + T, 2, H * d, dtype=dtype)
-    return q, group, tokens, layout.read_mask
-
-
 @pytest.mark.parametrize("T,window,position", [(5, 20, 0), (131, 20, 300), (300, 150, 37)],
                          ids=lambda v: str(v))  # fmt: skip
 @pytest.mark.parametrize("parts", ["joint", "long-term", "working"])
 @pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
 def test_flex_read_matches_blocked_sdpa(T, window, position, parts):
-    """flex_attention over the keys in place (the 'flex' read kernel) against blocked SDPA
-    over per-block copies, for the joint read and each of the gated read's two (eager:
-    flex_attention's unfused reference)."""
+    """The 'flex' read kernel (the group dense, the window through flex_attention over the
+    tokens in place, merged by their log-sum-exps) against blocked SDPA over per-block
+    copies, for the joint read and each of the gated read's two (eager: flex_attention's
+    unfused reference; its gradients are tests/model/test_gpu.py's: flex_attention has no
+    CPU backward)."""
     q, group, tokens, mask = read_inputs(T, window, position, torch.float64)
     n_blocks, Q, _ = mask.shape
     n_group = group.shape[2]
@@ -106,17 +93,6 @@ def test_flex_read_matches_blocked_sdpa(T, window, position, parts):
     working = None if tokens is None else window_keys(tokens, n_blocks, Q, window)
     expected = sdpa_blocked_attention(q, group, working, mask)
     assert_close_rel(flex_blocked_attention(q, group, tokens, mask, window), expected, FLOAT64_ACCUMULATION)
-
-
-@pytest.mark.compile
-def test_compiled_flex_read_matches_blocked_sdpa():
-    """The fused kernel flex_attention compiles to (CPU: forward only)."""
-    torch._dynamo.reset()
-    q, group, tokens, mask = read_inputs(300, 150, 37, torch.float32)
-    n_blocks, Q, _ = mask.shape
-    expected = sdpa_blocked_attention(q, group, window_keys(tokens, n_blocks, Q, 150), mask)
-    compiled = torch.compile(flex_blocked_attention, fullgraph=True)
-    assert_close_rel(compiled(q, group, tokens, mask, 150), expected, FLOAT32_ACCUMULATION)
 
 
 def test_persistent_slots_learned_and_always_visible():

@@ -8,9 +8,9 @@ from collections import Counter
 
 import pytest
 import torch
-import torch._inductor.exc
 
 from mmrec_model import MMRecModel
+from mmrec_model.attention import flex_blocked_attention, sdpa_blocked_attention, window_keys
 from mmrec_model.decode import Decoder, token_plan
 from tests.helpers import assert_close_rel, output_tolerance
 from tests.model.models import (
@@ -19,6 +19,7 @@ from tests.model.models import (
     compile_noting_ops,
     next_token_loss,
     noting_backend,
+    read_inputs,
     small_config,
 )
 
@@ -87,9 +88,6 @@ def test_cuda_compiled_matches_eager(mode, entry_summary):
 @pytest.mark.compile
 @pytest.mark.grad
 @pytest.mark.parametrize("memory_read", ["joint", "gated"])
-@pytest.mark.xfail(raises=torch._inductor.exc.InductorError, strict=False,
-                   reason="torch 2.11's inductor cannot lower the flex read's mask_mod on CUDA: it indexes the "
-                          "read mask, a torch.cat, whose inlined masked load has no graph (H100, 2026-11-26)")
 def test_cuda_compiled_flex_read_matches_eager(memory_read):
     """read_kernel 'flex': the compiled model reads with flex_attention, forward and
     backward, at two lengths (the second compiled for dynamic lengths); eager with
@@ -122,6 +120,45 @@ def test_cuda_regionally_compiled_flex_read_matches_eager(memory_read):
     expected_logits, expected_grads = loss_and_grads(model, ids)
     assert_logits_and_grads_close(model, logits, grads, expected_logits, expected_grads, "T = 300")
     assert any("flex_attention" in op for op in ops), "the compiled blocks did not read with flex_attention"
+
+
+@pytest.mark.compile
+@pytest.mark.grad
+@pytest.mark.parametrize("T,window,position", [(5, 20, 0), (131, 20, 300), (300, 150, 37)], ids=lambda v: str(v))
+@pytest.mark.parametrize("parts", ["joint", "long-term", "working"])
+def test_cuda_compiled_flex_read_matches_blocked_sdpa(T, window, position, parts):
+    """The compiled 'flex' read in float32 (flex_attention's fused kernels, the log-sum-exp
+    merge) against blocked SDPA in float64, output and every input's gradient, for the
+    joint read and each of the gated read's two."""
+    torch._dynamo.reset()
+    q, group, tokens, mask = read_inputs(T, window, position, torch.float32, "cuda")
+    n_blocks, Q, _ = mask.shape
+    n_group = group.shape[2]
+    group, tokens, mask = {
+        "joint": (group, tokens, mask), "long-term": (group, None, mask[..., :n_group]),
+        "working": (None, tokens, mask[..., n_group:]),
+    }[parts]  # fmt: skip
+    names = [name for name, t in (("q", q), ("group", group), ("tokens", tokens)) if t is not None]
+    leaves = [t.requires_grad_() for t in (q, group, tokens) if t is not None]
+
+    def call(read, *tensors):
+        given = dict(zip(names, tensors))
+        return read(given["q"], given.get("group"), given.get("tokens"))
+
+    def blocked(q, group, tokens):
+        working = None if tokens is None else window_keys(tokens, n_blocks, Q, window)
+        return sdpa_blocked_attention(q, group, working, mask)
+
+    flex = torch.compile(lambda q, group, tokens: flex_blocked_attention(q, group, tokens, mask, window), fullgraph=True)
+    reference_leaves = [t.detach().double().requires_grad_() for t in leaves]
+    out, expected = call(flex, *leaves), call(blocked, *reference_leaves)
+    tolerance = output_tolerance(torch.float32)
+    assert_close_rel(out, expected, tolerance)
+    grad_out = torch.randn_like(expected)
+    grads = torch.autograd.grad(out, leaves, grad_out.float())
+    expected_grads = torch.autograd.grad(expected, reference_leaves, grad_out)
+    for name, grad, expected_grad in zip(names, grads, expected_grads):
+        assert_close_rel(grad, expected_grad, tolerance, f"grad of {name}")
 
 
 @pytest.mark.parametrize("mode", MODES)
