@@ -29,6 +29,16 @@ def variant_config(variant: str, **overrides) -> MMRecConfig:
     return small_config(**{**VARIANTS[variant], **overrides})
 
 
+def distinct_byte_chunks(batch: int, lengths: list[int]) -> list[Tensor]:
+    """Chunks ``[batch, T]`` of byte ids, for T in ``lengths``, with no byte twice in a row
+    of the whole sequence (sum(lengths) <= 256). In a one-block model a key is a function
+    of its byte alone, so the same byte twice ties the 'best' entries' scores: exactly
+    within one code path, only to the last bit across two (a compiled chunk against the
+    eager state it carries), where the choice, and with it where the gradient goes, may
+    differ. Distinct bytes rule such ties out."""
+    return list(torch.argsort(torch.rand(batch, 256), dim=1)[:, : sum(lengths)].split(lengths, dim=1))
+
+
 def small_config(mode: str, **overrides) -> MMRecConfig:
     """A fast configuration whose memory fills and wraps within a few hundred tokens:
     segments of 8 tokens, levels of 8/32/128 tokens, 4 slots per level, a window of

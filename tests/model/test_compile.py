@@ -16,6 +16,7 @@ from tests.model.models import (
     VARIANTS,
     assert_logits_and_grads_close,
     compile_noting_ops,
+    distinct_byte_chunks,
     next_token_loss,
     small_config,
     variant_config,
@@ -35,14 +36,15 @@ def loss_and_grads(model, ids, state):
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_compiled_model_matches_eager(variant):
     """Inductor, forward and backward, over chunks of 13, 5 and 70 tokens with the
-    state carried: one compilation (the length marked dynamic) serves them all."""
+    state carried (eager's, so distinct bytes: ``distinct_byte_chunks``): one compilation
+    (the length marked dynamic) serves them all."""
     torch._dynamo.reset()
     model = MMRecModel(variant_config(variant, n_layers=1))
     counter = CompileCounterWithBackend("inductor")
     compiled = torch.compile(model, fullgraph=True, backend=counter)
     state = model.initial_state(2)  # not None: one input structure for every call
-    for T in (13, 5, 70):
-        ids = torch.randint(0, 256, (2, T))
+    for ids in distinct_byte_chunks(2, [13, 5, 70]):
+        T = ids.shape[1]
         torch._dynamo.mark_dynamic(ids, 1)
         logits, new_state, grads = loss_and_grads(compiled, ids, state)
         expected_logits, expected_state, expected_grads = loss_and_grads(model, ids, state)
