@@ -160,7 +160,7 @@ class MultiMemoryAttention(nn.Module):
 
     so that the few long-term entries are not outweighed by the W exact keys.
     Queries go in blocks (``MemoryLayout``), so the cost is O(T (P + L M + Q + W)),
-    never O(T^2). Compiled code with ``kernel`` 'flex' reads a chunk with
+    never O(T^2). Compiled CUDA code with ``kernel`` 'flex' reads a chunk with
     ``flex_blocked_attention``, everything else with ``blocked_attention``.
     """
 
