@@ -37,6 +37,18 @@ inline std::string dtype_name(at::ScalarType dtype) {
   }
 }
 
+// A shape as "[2, 3, 5]", as at::IntArrayRef prints. Built with std::to_string rather
+// than iostreams: in extensions built on the lent GPU machines (their g++ against torch
+// 2.11), streaming an integer into an error message, c10::str(t.sizes()), killed the
+// process with SIGSEGV where a message of text alone raised.
+inline std::string shape_string(IntArrayRef shape) {
+  std::string out = "[";
+  for (size_t i = 0; i < shape.size(); ++i) {
+    out += (i > 0 ? ", " : "") + std::to_string(shape[i]);
+  }
+  return out + "]";
+}
+
 // Accepts exactly the storage dtypes the design supports; anything else is a
 // clear error that names the op and the argument.
 inline void check_floating(const Tensor& t, const char* op, const char* name) {
@@ -56,7 +68,9 @@ inline void check_like(const Tensor& t, const Tensor& ref, const char* op, const
 }
 
 inline void check_shape(const Tensor& t, IntArrayRef expected, const char* op, const char* name) {
-  TORCH_CHECK_VALUE(t.sizes() == expected, op, ": expected ", name, " of shape ", expected, ", got ", t.sizes());
+  TORCH_CHECK_VALUE(
+      t.sizes() == expected, op, ": expected ", name, " of shape ", shape_string(expected), ", got ",
+      shape_string(t.sizes()));
 }
 
 // Shape of one time step of a [B, T, ...] tensor: [B, ...].

@@ -34,9 +34,11 @@ constexpr const char* kDecodeRead = "mmrec::decode_read";
 
 void check_decode_read_args(const Tensor& q, const Tensor& keys, const Tensor& values, const Tensor& mask) {
   check_floating(q, kDecodeRead, "q");
-  TORCH_CHECK_VALUE(q.dim() == 3, kDecodeRead, ": expected q of shape [B, H, d] (3 dims), got ", q.sizes());
   TORCH_CHECK_VALUE(
-      keys.dim() == 4, kDecodeRead, ": expected keys of shape [B, H, K, d] (4 dims), got ", keys.sizes());
+      q.dim() == 3, kDecodeRead, ": expected q of shape [B, H, d] (3 dims), got ",
+      shape_string(q.sizes()));
+  TORCH_CHECK_VALUE(
+      keys.dim() == 4, kDecodeRead, ": expected keys of shape [B, H, K, d] (4 dims), got ", shape_string(keys.sizes()));
   check_like(keys, q, kDecodeRead, "keys", "q");
   const int64_t K = keys.size(2);
   check_shape(keys, {q.size(0), q.size(1), K, q.size(2)}, kDecodeRead, "keys");

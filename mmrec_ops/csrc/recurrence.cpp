@@ -254,7 +254,7 @@ void check_recurrence_args(
     const char* op, const Tensor& z, const Tensor& gamma, const Tensor& weight, const std::optional<Tensor>& bias,
     const std::optional<Tensor>& h0) {
   check_floating(z, op, "z");
-  TORCH_CHECK_VALUE(z.dim() == 4, op, ": expected z of shape [B, T, H, d] (4 dims), got ", z.sizes());
+  TORCH_CHECK_VALUE(z.dim() == 4, op, ": expected z of shape [B, T, H, d] (4 dims), got ", shape_string(z.sizes()));
   const int64_t B = z.size(0), H = z.size(2), d = z.size(3);
   check_like(gamma, z, op, "gamma", "z");
   check_shape(gamma, z.sizes(), op, "gamma");

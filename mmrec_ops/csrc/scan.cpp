@@ -303,7 +303,8 @@ void check_scan_inputs(
     const char* op, const Tensor& gamma, const std::optional<Tensor>& x, const std::optional<Tensor>& h0) {
   check_floating(gamma, op, "gamma");
   TORCH_CHECK_VALUE(
-      gamma.dim() >= 2, op, ": expected gamma of shape [B, T, ...] (at least 2 dims), got ", gamma.sizes());
+      gamma.dim() >= 2, op, ": expected gamma of shape [B, T, ...] (at least 2 dims), got ",
+      shape_string(gamma.sizes()));
   if (x) {
     check_like(*x, gamma, op, "x", "gamma");
     check_shape(*x, gamma.sizes(), op, "x");

@@ -19,9 +19,10 @@ constexpr const char* kSkinnyAddmm = "mmrec::skinny_addmm";
 
 void check_skinny_addmm_args(const Tensor& bias, const Tensor& x, const Tensor& weight) {
   check_floating(x, kSkinnyAddmm, "x");
-  TORCH_CHECK_VALUE(x.dim() == 2, kSkinnyAddmm, ": expected x of shape [M, K] (2 dims), got ", x.sizes());
+  TORCH_CHECK_VALUE(x.dim() == 2, kSkinnyAddmm, ": expected x of shape [M, K] (2 dims), got ", shape_string(x.sizes()));
   TORCH_CHECK_VALUE(
-      weight.dim() == 2, kSkinnyAddmm, ": expected weight of shape [K, N] (2 dims), got ", weight.sizes());
+      weight.dim() == 2, kSkinnyAddmm, ": expected weight of shape [K, N] (2 dims), got ",
+      shape_string(weight.sizes()));
   check_like(weight, x, kSkinnyAddmm, "weight", "x");
   check_shape(weight, {x.size(1), weight.size(1)}, kSkinnyAddmm, "weight");
   check_like(bias, x, kSkinnyAddmm, "bias", "x");
