@@ -63,12 +63,12 @@ def group_attention(q: Tensor, group: Tensor, mask: Tensor) -> tuple[Tensor, Ten
     return out, lse.squeeze(-1).transpose(2, 3).reshape(B, nb * Q, H)[:, :T]
 
 
-def flex_window_attention(q: Tensor, tokens: Tensor, window_mask: Tensor, window: int) -> tuple[Tensor, Tensor]:
+def flex_window_attention(q: Tensor, tokens: Tensor, window_columns: Tensor, window: int) -> tuple[Tensor, Tensor]:
     """Each query over its working memory with flex_attention's block-sparse kernel, over
     the tokens in place: query t sees token j of ``tokens`` (the W - 1 before the chunk,
     then the chunk) iff t <= j <= t + W - 1 and j exists, arithmetic in the kernel.
 
-    q ``[B, T, H, d]``; tokens ``[B, W - 1 + T, 2, D]``; window_mask ``[nb, Q, Q + W - 1]``
+    q ``[B, T, H, d]``; tokens ``[B, W - 1 + T, 2, D]``; window_columns ``[nb, Q, Q + W - 1]``
     (the read mask's window columns: which of the W - 1 tokens before the chunk exist is
     read from its first row) -> o ``[B, T, H, d]`` and lse ``[B, T, H]`` in float32 (float64
     for float64 q).
@@ -77,7 +77,7 @@ def flex_window_attention(q: Tensor, tokens: Tensor, window_mask: Tensor, window
     """
     B, T, H, d = q.shape
     keys, values = (tokens[:, :, i].to(q.dtype).unflatten(-1, (H, d)).transpose(1, 2) for i in (0, 1))
-    missing = (~window_mask[0, 0, : window - 1]).sum()
+    missing = (~window_columns[0, 0, : window - 1]).sum()
 
     def mask_mod(batch: Tensor, head: Tensor, query: Tensor, key: Tensor) -> Tensor:
         return (key >= query) & (key < query + window) & (key >= missing)
