@@ -190,10 +190,12 @@ def reference_block(block, x: Tensor, config: MMRecConfig) -> Tensor:
     return y + block.ffn(block.norm_ffn(y))
 
 
-def read_inputs(T: int, window: int, position: int, dtype: torch.dtype, device="cpu"):
+def read_inputs(T: int, window: int, position: int, dtype: torch.dtype, device="cpu", parts: str = "joint"):
     """A chunk's read as MultiMemoryAttention.forward sees it, with random keys: q, each
     query block's long-term group (persistent slots and HDS candidates), the working
-    memory and chunk tokens, and the chunk's read mask."""
+    memory and chunk tokens, and the chunk's read mask; for ``parts`` 'joint' all of them,
+    for 'long-term' or 'working' the gated read's one (the other None, its mask columns
+    left out)."""
     config = small_config("exact", window=window)
     layout = memory_layout(torch.tensor(position, device=device), T, config)
     n_blocks, _, n_keys = layout.read_mask.shape
@@ -202,4 +204,8 @@ def read_inputs(T: int, window: int, position: int, dtype: torch.dtype, device="
     q = torch.randn(B, T, H, d, dtype=dtype, device=device)
     group = torch.randn(B, n_blocks, n_group, 2, H * d, dtype=dtype, device=device)
     tokens = torch.randn(B, window - 1 + T, 2, H * d, dtype=dtype, device=device)
-    return q, group, tokens, layout.read_mask
+    mask = layout.read_mask
+    return {
+        "joint": (q, group, tokens, mask), "long-term": (q, group, None, mask[..., :n_group]),
+        "working": (q, None, tokens, mask[..., n_group:]),
+    }[parts]  # fmt: skip

@@ -83,13 +83,8 @@ def test_flex_read_matches_blocked_sdpa(T, window, position, parts):
     copies, for the joint read and each of the gated read's two (eager: flex_attention's
     unfused reference; its gradients are tests/model/test_gpu.py's: flex_attention has no
     CPU backward)."""
-    q, group, tokens, mask = read_inputs(T, window, position, torch.float64)
+    q, group, tokens, mask = read_inputs(T, window, position, torch.float64, parts=parts)
     n_blocks, Q, _ = mask.shape
-    n_group = group.shape[2]
-    group, tokens, mask = {
-        "joint": (group, tokens, mask), "long-term": (group, None, mask[..., :n_group]),
-        "working": (None, tokens, mask[..., n_group:]),
-    }[parts]  # fmt: skip
     working = None if tokens is None else window_keys(tokens, n_blocks, Q, window)
     expected = sdpa_blocked_attention(q, group, working, mask)
     assert_close_rel(flex_blocked_attention(q, group, tokens, mask, window), expected, FLOAT64_ACCUMULATION)

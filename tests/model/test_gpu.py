@@ -131,13 +131,8 @@ def test_cuda_compiled_flex_read_matches_blocked_sdpa(T, window, position, parts
     merge) against blocked SDPA in float64, output and every input's gradient, for the
     joint read and each of the gated read's two."""
     torch._dynamo.reset()
-    q, group, tokens, mask = read_inputs(T, window, position, torch.float32, "cuda")
+    q, group, tokens, mask = read_inputs(T, window, position, torch.float32, "cuda", parts)
     n_blocks, Q, _ = mask.shape
-    n_group = group.shape[2]
-    group, tokens, mask = {
-        "joint": (group, tokens, mask), "long-term": (group, None, mask[..., :n_group]),
-        "working": (None, tokens, mask[..., n_group:]),
-    }[parts]  # fmt: skip
     names = [name for name, t in (("q", q), ("group", group), ("tokens", tokens)) if t is not None]
     leaves = [t.requires_grad_() for t in (q, group, tokens) if t is not None]
 
