@@ -71,6 +71,26 @@ def cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
+# The kernels index elements with int32 offsets from each tensor's data pointer.
+OFFSET_LIMIT = 2**31
+
+
+def tensor_span(shape, strides) -> int:
+    """Elements from a tensor's first element to its last: sum (n - 1) |stride|."""
+    return sum((n - 1) * abs(s) for n, s in zip(shape, strides))
+
+
+def check_offsets_fit(op: str, spans: dict[str, int], remedy: str) -> None:
+    """Refuses a tensor (name -> ``tensor_span``) whose last element lies ``OFFSET_LIMIT``
+    elements or more past its first: the int32 offsets of ``op``'s kernels would overflow."""
+    for name, span in spans.items():
+        if span >= OFFSET_LIMIT:
+            raise ValueError(
+                f"{op} on CUDA: {name} spans {span + 1} elements, beyond the kernels' "
+                f"int32 offsets (at most {OFFSET_LIMIT}); {remedy}"
+            )
+
+
 def next_power_of_2(n: int) -> int:
     return 1 << max(n - 1, 0).bit_length()
 

@@ -27,7 +27,17 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._common import Plan, cast_out, cdiv, kernel_dtypes, next_power_of_2, num_sms, soft_bf16
+from ._common import (
+    Plan,
+    cast_out,
+    cdiv,
+    check_offsets_fit,
+    kernel_dtypes,
+    next_power_of_2,
+    num_sms,
+    soft_bf16,
+    tensor_span,
+)
 
 __all__ = ["decode_read", "split_slots", "check_offsets"]
 
@@ -112,23 +122,14 @@ def split_slots(rows: int, K: int, sms: int) -> tuple[int, int]:
     return cdiv(K, chunk), chunk
 
 
-# The kernels index elements with int32 offsets from each tensor's data pointer.
-OFFSET_LIMIT = 2**31
-
-
 def check_offsets(B, H, K, D, strides) -> None:
     """Refuses a tensor whose last element lies 2**31 elements or more past its first (a
     cache of 8 GiB in float32): its offsets would overflow int32."""
     q_s, k_s, v_s, mask_s, _ = strides
     shapes = {"q": ((B, H, D), q_s), "keys": ((B, H, K, D), k_s), "values": ((B, H, K, D), v_s),
               "mask": ((K,), (mask_s,))}  # fmt: skip
-    for name, (shape, stride) in shapes.items():
-        span = sum((n - 1) * abs(s) for n, s in zip(shape, stride))
-        if span >= OFFSET_LIMIT:
-            raise ValueError(
-                f"mmrec::decode_read on CUDA: {name} spans {span + 1} elements, beyond the kernels' "
-                f"int32 offsets (at most {OFFSET_LIMIT}); split the batch"
-            )
+    spans = {name: tensor_span(shape, stride) for name, (shape, stride) in shapes.items()}
+    check_offsets_fit("mmrec::decode_read", spans, "split the batch")
 
 
 @functools.lru_cache(maxsize=None)

@@ -25,7 +25,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._common import Plan, cast_out, cdiv, kernel_dtypes, soft_bf16
+from ._common import Plan, cast_out, cdiv, check_offsets_fit, kernel_dtypes, soft_bf16, tensor_span
 
 __all__ = ["skinny_addmm", "split_k", "check_offsets"]
 
@@ -94,8 +94,6 @@ def split_k(K: int) -> tuple[int, int]:
     return cdiv(K, per_part), per_part
 
 
-# The kernels index elements with int32 offsets from each tensor's data pointer.
-OFFSET_LIMIT = 2**31
 # A CUDA grid's third axis (the row tiles) holds at most 65535 programs.
 MAX_ROWS = 65535 * BLOCK_M
 
@@ -110,17 +108,12 @@ def check_offsets(M, K, N, parts, strides) -> None:
         )
     x_s, w_s, b_s = strides
     spans = {
-        "x": (M - 1) * abs(x_s[0]) + (K - 1) * abs(x_s[1]),
-        "weight": (K - 1) * abs(w_s[0]) + (N - 1) * abs(w_s[1]),
-        "bias": (N - 1) * abs(b_s),
+        "x": tensor_span((M, K), x_s),
+        "weight": tensor_span((K, N), w_s),
+        "bias": tensor_span((N,), (b_s,)),
         "the output": parts * M * N - 1,
     }
-    for name, span in spans.items():
-        if span >= OFFSET_LIMIT:
-            raise ValueError(
-                f"mmrec::skinny_addmm on CUDA: {name} spans {span + 1} elements, beyond the kernels' "
-                f"int32 offsets (at most {OFFSET_LIMIT}); split the product"
-            )
+    check_offsets_fit("mmrec::skinny_addmm", spans, "split the product")
 
 
 @functools.lru_cache(maxsize=None)
