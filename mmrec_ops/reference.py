@@ -69,3 +69,26 @@ def skinny_addmm_reference(bias: Tensor, x: Tensor, weight: Tensor) -> Tensor:
     bias: ``[N]``; x: ``[M, K]``; weight: ``[K, N]``.
     """
     return bias + (x.unsqueeze(2) * weight.unsqueeze(0)).sum(1)
+
+
+def memory_read_reference(
+    q: Tensor, group: Tensor, group_mask: Tensor, tokens: Tensor, token_mask: Tensor, window: int
+) -> tuple[Tensor, Tensor]:
+    """Each query's softmax over its group and its window, one query at a time; see
+    ``mmrec_ops.memory_read``. Returns (out ``[B, T, H, d]``, lse ``[B, H, T]``)."""
+    B, T, H, d = q.shape
+    Q = group_mask.shape[1]
+    outs, lses = [], []
+    for t in range(T):
+        n, i = divmod(t, Q)
+        keys = torch.cat([group[:, n, :, 0], tokens[:, t : t + window, 0]], dim=1).unflatten(-1, (H, d))
+        values = torch.cat([group[:, n, :, 1], tokens[:, t : t + window, 1]], dim=1).unflatten(-1, (H, d))
+        visible = torch.cat([group_mask[n, i], token_mask[t : t + window]])
+        scores = torch.einsum("bhd,bkhd->bhk", q[:, t], keys) / d**0.5
+        scores = scores.masked_fill(~visible, float("-inf"))
+        lse = torch.logsumexp(scores, dim=-1)
+        outs.append(torch.einsum("bhk,bkhd->bhd", torch.exp(scores - lse.unsqueeze(-1)), values))
+        lses.append(lse)
+    if not outs:
+        return q.new_empty(q.shape), q.new_empty(B, H, 0)
+    return torch.stack(outs, dim=1), torch.stack(lses, dim=2)

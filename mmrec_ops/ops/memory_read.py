@@ -1,0 +1,165 @@
+"""mmrec::memory_read, the read of a training step: each token over its group of memory
+entries and its window of the tokens before it, in one softmax.
+
+Registers, for the schemas in csrc/ops.cpp: the fake kernels, the CUDA kernels (Triton
+launchers, triton/memory_read.py) and the autograd kernel. The CPU kernels are C++
+(csrc/memory_read.cpp).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ._autograd import register_autograd
+from ._checks import check_floating, check_like, check_shape
+from ._triton import triton_launchers
+
+MEMORY_READ = "mmrec::memory_read"
+MEMORY_READ_BACKWARD = "mmrec::memory_read_backward"
+
+
+def memory_read(
+    q: Tensor, group: Tensor, group_mask: Tensor, tokens: Tensor, token_mask: Tensor, window: int
+) -> tuple[Tensor, Tensor]:
+    """Softmax attention of each query over its block's group and its own window:
+
+        out_t = sum_c p_c v_c,   p = softmax_c(q_t . k_c / sqrt(d)),   lse_t = log sum_c exp(q_t . k_c / sqrt(d))
+
+    over the keys query t = n Q + i sees: ``group[b, n, c]`` where ``group_mask[n, i, c]``,
+    and ``tokens[b, j]`` where t <= j <= t + W - 1 and ``token_mask[j]`` (the token j - (W - 1)
+    of the chunk: the last W tokens up to t, its own included). Time and memory are
+    O(T (G + W)); on CUDA one pass per query tile, nothing materialised.
+
+    Args:
+        q: ``[B, T, H, d]``.
+        group: ``[B, nb, G, 2, H d]``, the keys (``[..., 0, :]``) and values (``[..., 1, :]``)
+            of each block of Q queries' G candidates (memory entries, learned slots); G >= 0.
+        group_mask: ``[nb, Q, G]`` bool, True where query i of block n sees candidate c;
+            nb Q >= T (blocks past the end are ignored).
+        tokens: ``[B, W - 1 + T, 2, H d]``, the keys and values of the W - 1 tokens before the
+            chunk (oldest first), then the chunk's T.
+        token_mask: ``[W - 1 + T]`` bool, True where a token exists (at the start of a
+            sequence the tokens before it do not).
+        window: W >= 1.
+
+    q, group and tokens share one dtype (float32, float64, bfloat16 or float16) and device,
+    any strides; the masks are bool on that device.
+
+    Returns:
+        out ``[B, T, H, d]`` in q's dtype and lse ``[B, H, T]`` in float32 (float64 for
+        float64), new contiguous tensors; scores and sums accumulate in lse's dtype. A query
+        that sees no key gives NaN and -inf, as softmax does. Differentiable in q, group and
+        tokens, through out and lse (so reads can be merged through their lse).
+    """
+    return torch.ops.mmrec.memory_read.default(q, group, group_mask, tokens, token_mask, window)
+
+
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def check_memory_read_args(
+    q: Tensor, group: Tensor, group_mask: Tensor, tokens: Tensor, token_mask: Tensor, window: int
+) -> None:
+    """The checks of csrc/memory_read.cpp, for the kernels written in Python."""
+    op = MEMORY_READ
+    check_floating(q, op, "q")
+    if q.dim() != 4:
+        raise ValueError(f"{op}: expected q of shape [B, T, H, d] (4 dims), got {list(q.shape)}")
+    if window < 1:
+        raise ValueError(f"{op}: expected window >= 1, got {window}")
+    B, T, H, d = q.shape
+    if group.dim() != 5:
+        raise ValueError(f"{op}: expected group of shape [B, nb, G, 2, H d] (5 dims), got {list(group.shape)}")
+    check_like(group, q, op, "group", "q")
+    nb, G = group.shape[1], group.shape[2]
+    check_shape(group, (B, nb, G, 2, H * d), op, "group")
+    if group_mask.dim() != 3:
+        raise ValueError(f"{op}: expected group_mask of shape [nb, Q, G] (3 dims), got {list(group_mask.shape)}")
+    check_bool_mask(group_mask, q, "group_mask")
+    Q = group_mask.shape[1]
+    check_shape(group_mask, (nb, Q, G), op, "group_mask")
+    if nb * Q < T:
+        raise ValueError(f"{op}: expected group_mask's nb Q >= T (blocks covering every query), got nb = {nb}, Q = {Q}, T = {T}")
+    check_like(tokens, q, op, "tokens", "q")
+    check_shape(tokens, (B, window - 1 + T, 2, H * d), op, "tokens")
+    check_bool_mask(token_mask, q, "token_mask")
+    check_shape(token_mask, (window - 1 + T,), op, "token_mask")
+
+
+def check_bool_mask(mask: Tensor, q: Tensor, name: str) -> None:
+    if mask.dtype != torch.bool:
+        raise ValueError(f"{MEMORY_READ}: expected {name} to be bool, got {mask.dtype}")
+    if mask.device != q.device:
+        raise ValueError(f"{MEMORY_READ}: expected {name} to be on the device of q ({q.device}), got {mask.device}")
+
+
+def _empty_outputs(q: Tensor) -> tuple[Tensor, Tensor]:
+    B, T, H, _ = q.shape
+    return q.new_empty(q.shape), q.new_empty((B, H, T), dtype=accumulation_dtype(q.dtype))
+
+
+@torch.library.register_fake(MEMORY_READ)
+def _memory_read_fake(q, group, group_mask, tokens, token_mask, window):
+    check_memory_read_args(q, group, group_mask, tokens, token_mask, window)
+    return _empty_outputs(q)
+
+
+@torch.library.register_kernel(MEMORY_READ, "cuda")
+def _memory_read_cuda(q, group, group_mask, tokens, token_mask, window):
+    check_memory_read_args(q, group, group_mask, tokens, token_mask, window)
+    if q.numel() == 0:
+        return _empty_outputs(q)
+    return triton_launchers("memory_read").memory_read(q, group, group_mask, tokens, token_mask, window)
+
+
+def check_memory_read_backward_args(grad_out, grad_lse, q, group, group_mask, tokens, token_mask, out, lse, window):
+    check_memory_read_args(q, group, group_mask, tokens, token_mask, window)
+    op = MEMORY_READ_BACKWARD
+    B, T, H, _ = q.shape
+    for name, t, like in (("grad_out", grad_out, q), ("out", out, q)):
+        check_like(t, like, op, name, "q")
+        check_shape(t, q.shape, op, name)
+    for name, t in (("grad_lse", grad_lse), ("lse", lse)):
+        if t.dtype != accumulation_dtype(q.dtype) or t.device != q.device:
+            raise ValueError(
+                f"{op}: expected {name} in {accumulation_dtype(q.dtype)} on {q.device}, got {t.dtype} on {t.device}"
+            )
+        check_shape(t, (B, H, T), op, name)
+
+
+@torch.library.register_fake(MEMORY_READ_BACKWARD)
+def _memory_read_backward_fake(grad_out, grad_lse, q, group, group_mask, tokens, token_mask, out, lse, window):
+    check_memory_read_backward_args(grad_out, grad_lse, q, group, group_mask, tokens, token_mask, out, lse, window)
+    return q.new_empty(q.shape), group.new_empty(group.shape), tokens.new_empty(tokens.shape)
+
+
+@torch.library.register_kernel(MEMORY_READ_BACKWARD, "cuda")
+def _memory_read_backward_cuda(grad_out, grad_lse, q, group, group_mask, tokens, token_mask, out, lse, window):
+    check_memory_read_backward_args(grad_out, grad_lse, q, group, group_mask, tokens, token_mask, out, lse, window)
+    if q.numel() == 0:
+        return torch.zeros_like(q), torch.zeros_like(group), torch.zeros_like(tokens)
+    return triton_launchers("memory_read").memory_read_backward(
+        grad_out, grad_lse, q, group, group_mask, tokens, token_mask, out, lse, window
+    )
+
+
+def _memory_read_setup_context(ctx, inputs, output):
+    q, group, group_mask, tokens, token_mask, window = inputs
+    ctx.save_for_backward(q, group, group_mask, tokens, token_mask, *output)
+    ctx.window = window
+
+
+def _memory_read_backward(ctx, grad_out, grad_lse):
+    """With s the scores of the keys a query sees, p = exp(s - lse), delta = grad_out . out - grad_lse:
+    grad_v = p grad_out, grad_s = p (grad_out . v - delta), grad_q = grad_s k / sqrt(d),
+    grad_k = grad_s q / sqrt(d); memory_read_backward recomputes p from lse."""
+    q, group, group_mask, tokens, token_mask, out, lse = ctx.saved_tensors
+    grad_q, grad_group, grad_tokens = torch.ops.mmrec.memory_read_backward.default(
+        grad_out, grad_lse, q, group, group_mask, tokens, token_mask, out, lse, ctx.window
+    )
+    return grad_q, grad_group, None, grad_tokens, None, None
+
+
+register_autograd(MEMORY_READ, _memory_read_backward, setup_context=_memory_read_setup_context)

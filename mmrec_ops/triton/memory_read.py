@@ -1,0 +1,381 @@
+"""Triton kernels of mmrec::memory_read and mmrec::memory_read_backward (CUDA).
+
+    query t = n Q + i sees group[b, n, c] where group_mask[n, i, c], and tokens[b, j]
+    where t <= j <= t + W - 1 and token_mask[j];
+    out_t = sum_c p_c v_c,  p = softmax(q_t . k_c / sqrt(d)),  lse_t = log sum_c exp(q_t . k_c / sqrt(d))
+
+Forward. One program per (tile of BM queries, batch row and head) runs one online
+softmax (flash attention's) over the group of each block its tile touches (one, when
+BM divides Q), then over the key tiles of its window, t0 <= j < t0 + BM - 1 + W, in
+place in ``tokens``: no copy per block, no merge of two softmaxes. Visibility is the
+group mask's bits for the group and arithmetic on t and j (plus the token mask) for
+the window. Scores are kept in base 2 (exp2, the scale times log2(e) folded in; float64 keeps
+exp); lse is stored in natural units, [B, H, T].
+
+Backward, from lse (the weights recomputed, never stored) and
+delta = grad_out . out - grad_lse:
+- dq: per query tile, the same walk as the forward;
+- d tokens: per key tile of the tokens, over the query tiles whose window holds it
+  (t in [j - W + 1, j]);
+- d group: per (tile of candidates, block), over the block's Q queries.
+Each writes every element of its output once, so no atomics and no zero fill.
+
+float32 products run as IEEE float32 (no TF32), float64 as float64; bfloat16 and
+float16 on the tensor cores, accumulating in float32. Tile sizes: a sweep on an H100
+at small's shapes (bench/results/read_cuda_h100.md).
+
+This module does not import mmrec_ops: the callers validate the arguments.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from ._common import INTERPRET, Plan, cast_out, cdiv, check_offsets_fit, next_power_of_2, soft_bf16
+
+__all__ = ["memory_read", "memory_read_backward"]
+
+# (BM queries, BN keys, warps) per kernel.
+FORWARD_TILES = (64, 64, 4)
+DQ_TILES = (64, 64, 4)
+DTOKENS_TILES = (32, 64, 4)
+DGROUP_TILES = (64, 64, 4)
+
+
+@triton.jit
+def _scales(D: tl.constexpr, ACC: tl.constexpr, BASE2: tl.constexpr):
+    # (1/sqrt(d) in the accumulation type, the scores' factor, lse's factor) in the
+    # kernels' exponent base: base 2 with exp2 (float32), e with exp (float64, where a
+    # float32 log2(e) would cost precision).
+    scale = 1.0 / tl.sqrt(tl.full([], D, ACC))
+    if BASE2:
+        return scale, scale * 1.4426950408889634, 1.4426950408889634
+    else:
+        return scale, scale, 1.0
+
+
+@triton.jit
+def _operand(x, DOT_F32: tl.constexpr):
+    # A loaded tile as a tl.dot operand: float32 under the interpreter for bfloat16 and
+    # float16, whose tl.dot there returns garbage (Triton 3.9's interpreter).
+    if DOT_F32:
+        return x.to(tl.float32)
+    else:
+        return x
+
+
+@triton.jit
+def _exp(x, BASE2: tl.constexpr):
+    if BASE2:
+        return tl.exp2(x)
+    else:
+        return tl.exp(x)
+
+
+@triton.jit
+def _group_visible(gm_ptr, n, rows, c, row_in, c_ok, smn, smq, Q: tl.constexpr):
+    # [BM, BN]: query rows (those of block n: row_in) see candidates c of block n.
+    bits = tl.load(gm_ptr + n * smn + (rows - n * Q)[:, None] * smq + c[None, :],
+                   mask=row_in[:, None] & c_ok[None, :], other=0)  # fmt: skip
+    return bits != 0
+
+
+@triton.jit
+def _window_visible(rows, j, tm_ptr, NTOK, W: tl.constexpr):
+    # [BM, BN]: query t sees token j iff t <= j <= t + W - 1 and the token exists.
+    exists = tl.load(tm_ptr + j, mask=j < NTOK, other=0) != 0
+    return (j[None, :] >= rows[:, None]) & (j[None, :] < rows[:, None] + W) & exists[None, :]
+
+
+@triton.jit
+def _online_step(q, k, v, vis, m_i, l_i, acc, qk_scale, IEEE: tl.constexpr, BASE2: tl.constexpr):
+    # One key tile into the running (max, sum, weighted sum), scores in the exponent base.
+    prec: tl.constexpr = "ieee" if IEEE else "tf32"
+    s = tl.dot(q, tl.trans(k), input_precision=prec) * qk_scale
+    s = tl.where(vis, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = _exp(m_i - m_safe, BASE2)
+    p = _exp(s - m_safe[:, None], BASE2)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=prec)
+    return m_new, l_i, acc
+
+
+@triton.jit
+def _forward_kernel(
+    q_ptr, g_ptr, gm_ptr, tok_ptr, tm_ptr, o_ptr, lse_ptr,
+    T, H, G, NTOK, sqb, sqt, sqh, sgb, sgn, sgc, sgkv, smn, smq, stb, stt, stkv,
+    W: tl.constexpr, Q: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+    ACC: tl.constexpr, IEEE: tl.constexpr, BASE2: tl.constexpr, SOFT_BF16: tl.constexpr, DOT_F32: tl.constexpr,
+):  # fmt: skip
+    pid_m, pid_bh = tl.program_id(0), tl.program_id(1)
+    b, h = pid_bh // H, pid_bh % H
+    scale, qk_scale, unit = _scales(D, ACC, BASE2)
+    t0 = pid_m * BM
+    rows = t0 + tl.arange(0, BM)
+    dims = tl.arange(0, BD)
+    cols = tl.arange(0, BN)
+    row_ok = rows < T
+    dim_ok = dims < D
+    q_off = b * sqb + rows[:, None] * sqt + h * sqh + dims[None, :]
+    q = _operand(tl.load(q_ptr + q_off, mask=row_ok[:, None] & dim_ok[None, :], other=0.0), DOT_F32)
+    m_i = tl.full([BM], float("-inf"), ACC)
+    l_i = tl.zeros([BM], ACC)
+    acc = tl.zeros([BM, BD], ACC)
+    for n in range(t0 // Q, (tl.minimum(t0 + BM, T) - 1) // Q + 1):
+        row_in = row_ok & (rows // Q == n)
+        for c0 in range(0, G, BN):
+            c = c0 + cols
+            c_ok = c < G
+            kv = g_ptr + b * sgb + n * sgn + c[:, None] * sgc + h * D + dims[None, :]
+            k = _operand(tl.load(kv, mask=c_ok[:, None] & dim_ok[None, :], other=0.0), DOT_F32)
+            v = _operand(tl.load(kv + sgkv, mask=c_ok[:, None] & dim_ok[None, :], other=0.0), DOT_F32)
+            vis = _group_visible(gm_ptr, n, rows, c, row_in, c_ok, smn, smq, Q)
+            m_i, l_i, acc = _online_step(q, k, v, vis, m_i, l_i, acc, qk_scale, IEEE, BASE2)
+    for j0 in range(t0, tl.minimum(t0 + BM - 1 + W, NTOK), BN):
+        j = j0 + cols
+        j_ok = j < NTOK
+        kv = tok_ptr + b * stb + j[:, None] * stt + h * D + dims[None, :]
+        k = _operand(tl.load(kv, mask=j_ok[:, None] & dim_ok[None, :], other=0.0), DOT_F32)
+        v = _operand(tl.load(kv + stkv, mask=j_ok[:, None] & dim_ok[None, :], other=0.0), DOT_F32)
+        vis = _window_visible(rows, j, tm_ptr, NTOK, W)
+        m_i, l_i, acc = _online_step(q, k, v, vis, m_i, l_i, acc, qk_scale, IEEE, BASE2)
+    out = acc / l_i[:, None]
+    tl.store(o_ptr + q_off, cast_out(out, o_ptr, SOFT_BF16), mask=row_ok[:, None] & dim_ok[None, :])
+    if BASE2:
+        lse = (m_i + tl.log2(l_i)) * 0.6931471805599453
+    else:
+        lse = m_i + tl.log(l_i)
+    tl.store(lse_ptr + pid_bh * T + rows, lse, mask=row_ok)
+
+
+@triton.jit
+def _grad_scores(q, do, k, v, vis, lse2, delta, qk_scale, IEEE: tl.constexpr, BASE2: tl.constexpr):
+    # [BM, BN] grad_s of one key tile: p (grad_out . v - delta), p = exp(s - lse) in the exponent base.
+    prec: tl.constexpr = "ieee" if IEEE else "tf32"
+    s = tl.dot(q, tl.trans(k), input_precision=prec) * qk_scale
+    p = tl.where(vis, _exp(s - lse2[:, None], BASE2), 0.0)
+    dp = tl.dot(do, tl.trans(v), input_precision=prec)
+    return p * (dp - delta[:, None])
+
+
+@triton.jit
+def _dq_kernel(
+    q_ptr, g_ptr, gm_ptr, tok_ptr, tm_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr,
+    T, H, G, NTOK, sqb, sqt, sqh, sgb, sgn, sgc, sgkv, smn, smq, stb, stt, stkv,
+    W: tl.constexpr, Q: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+    ACC: tl.constexpr, IEEE: tl.constexpr, BASE2: tl.constexpr, SOFT_BF16: tl.constexpr, DOT_F32: tl.constexpr,
+):  # fmt: skip
+    prec: tl.constexpr = "ieee" if IEEE else "tf32"
+    pid_m, pid_bh = tl.program_id(0), tl.program_id(1)
+    b, h = pid_bh // H, pid_bh % H
+    scale, qk_scale, unit = _scales(D, ACC, BASE2)
+    t0 = pid_m * BM
+    rows = t0 + tl.arange(0, BM)
+    dims = tl.arange(0, BD)
+    cols = tl.arange(0, BN)
+    row_ok = rows < T
+    dim_ok = dims < D
+    q_off = b * sqb + rows[:, None] * sqt + h * sqh + dims[None, :]
+    q_mask = row_ok[:, None] & dim_ok[None, :]
+    q = _operand(tl.load(q_ptr + q_off, mask=q_mask, other=0.0), DOT_F32)
+    do = _operand(tl.load(do_ptr + q_off, mask=q_mask, other=0.0), DOT_F32)
+    lse2 = tl.load(lse_ptr + pid_bh * T + rows, mask=row_ok, other=0.0) * unit
+    delta = tl.load(delta_ptr + pid_bh * T + rows, mask=row_ok, other=0.0)
+    dq = tl.zeros([BM, BD], ACC)
+    for n in range(t0 // Q, (tl.minimum(t0 + BM, T) - 1) // Q + 1):
+        row_in = row_ok & (rows // Q == n)
+        for c0 in range(0, G, BN):
+            c = c0 + cols
+            c_ok = c < G
+            kv = g_ptr + b * sgb + n * sgn + c[:, None] * sgc + h * D + dims[None, :]
+            k = _operand(tl.load(kv, mask=c_ok[:, None] & dim_ok[None, :], other=0.0), DOT_F32)
+            v = _operand(tl.load(kv + sgkv, mask=c_ok[:, None] & dim_ok[None, :], other=0.0), DOT_F32)
+            vis = _group_visible(gm_ptr, n, rows, c, row_in, c_ok, smn, smq, Q)
+            ds = _grad_scores(q, do, k, v, vis, lse2, delta, qk_scale, IEEE, BASE2)
+            dq += tl.dot(ds.to(k.dtype), k, input_precision=prec)
+    for j0 in range(t0, tl.minimum(t0 + BM - 1 + W, NTOK), BN):
+        j = j0 + cols
+        j_ok = j < NTOK
+        kv = tok_ptr + b * stb + j[:, None] * stt + h * D + dims[None, :]
+        k = _operand(tl.load(kv, mask=j_ok[:, None] & dim_ok[None, :], other=0.0), DOT_F32)
+        v = _operand(tl.load(kv + stkv, mask=j_ok[:, None] & dim_ok[None, :], other=0.0), DOT_F32)
+        vis = _window_visible(rows, j, tm_ptr, NTOK, W)
+        ds = _grad_scores(q, do, k, v, vis, lse2, delta, qk_scale, IEEE, BASE2)
+        dq += tl.dot(ds.to(k.dtype), k, input_precision=prec)
+    tl.store(dq_ptr + q_off, cast_out(dq * scale, dq_ptr, SOFT_BF16), mask=q_mask)
+
+
+@triton.jit
+def _key_grads(k, v, q, do, vis, lse2, delta, dk, dv, qk_scale, IEEE: tl.constexpr, BASE2: tl.constexpr):
+    # Adds one query tile's contribution to a key tile's [BN, BD] dk (unscaled) and dv.
+    prec: tl.constexpr = "ieee" if IEEE else "tf32"
+    st = tl.dot(k, tl.trans(q), input_precision=prec) * qk_scale  # [BN, BM]
+    pt = tl.where(vis, _exp(st - lse2[None, :], BASE2), 0.0)
+    dv += tl.dot(pt.to(do.dtype), do, input_precision=prec)
+    dpt = tl.dot(v, tl.trans(do), input_precision=prec)
+    dst = pt * (dpt - delta[None, :])
+    dk += tl.dot(dst.to(q.dtype), q, input_precision=prec)
+    return dk, dv
+
+
+@triton.jit
+def _dtokens_kernel(
+    q_ptr, tok_ptr, tm_ptr, do_ptr, lse_ptr, delta_ptr, dtok_ptr,
+    T, H, NTOK, sqb, sqt, sqh, stb, stt, stkv,
+    W: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+    ACC: tl.constexpr, IEEE: tl.constexpr, BASE2: tl.constexpr, SOFT_BF16: tl.constexpr, DOT_F32: tl.constexpr,
+):  # fmt: skip
+    pid_n, pid_bh = tl.program_id(0), tl.program_id(1)
+    b, h = pid_bh // H, pid_bh % H
+    scale, qk_scale, unit = _scales(D, ACC, BASE2)
+    j0 = pid_n * BN
+    j = j0 + tl.arange(0, BN)
+    dims = tl.arange(0, BD)
+    j_ok = j < NTOK
+    dim_ok = dims < D
+    kv_off = b * stb + j[:, None] * stt + h * D + dims[None, :]
+    kv_mask = j_ok[:, None] & dim_ok[None, :]
+    k = _operand(tl.load(tok_ptr + kv_off, mask=kv_mask, other=0.0), DOT_F32)
+    v = _operand(tl.load(tok_ptr + kv_off + stkv, mask=kv_mask, other=0.0), DOT_F32)
+    exists = tl.load(tm_ptr + j, mask=j_ok, other=0) != 0
+    dk = tl.zeros([BN, BD], ACC)
+    dv = tl.zeros([BN, BD], ACC)
+    for t0 in range(tl.maximum(j0 - W + 1, 0) // BM * BM, tl.minimum(j0 + BN, T), BM):
+        rows = t0 + tl.arange(0, BM)
+        row_ok = rows < T
+        q_off = b * sqb + rows[:, None] * sqt + h * sqh + dims[None, :]
+        q_mask = row_ok[:, None] & dim_ok[None, :]
+        q = _operand(tl.load(q_ptr + q_off, mask=q_mask, other=0.0), DOT_F32)
+        do = _operand(tl.load(do_ptr + q_off, mask=q_mask, other=0.0), DOT_F32)
+        lse2 = tl.load(lse_ptr + pid_bh * T + rows, mask=row_ok, other=0.0) * unit
+        delta = tl.load(delta_ptr + pid_bh * T + rows, mask=row_ok, other=0.0)
+        vis = (j[:, None] >= rows[None, :]) & (j[:, None] < rows[None, :] + W) & exists[:, None] & row_ok[None, :]
+        dk, dv = _key_grads(k, v, q, do, vis, lse2, delta, dk, dv, qk_scale, IEEE, BASE2)
+    tl.store(dtok_ptr + kv_off, cast_out(dk * scale, dtok_ptr, SOFT_BF16), mask=kv_mask)
+    tl.store(dtok_ptr + kv_off + stkv, cast_out(dv, dtok_ptr, SOFT_BF16), mask=kv_mask)
+
+
+@triton.jit
+def _dgroup_kernel(
+    q_ptr, g_ptr, gm_ptr, do_ptr, lse_ptr, delta_ptr, dg_ptr,
+    T, H, G, sqb, sqt, sqh, sgb, sgn, sgc, sgkv, smn, smq,
+    Q: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+    ACC: tl.constexpr, IEEE: tl.constexpr, BASE2: tl.constexpr, SOFT_BF16: tl.constexpr, DOT_F32: tl.constexpr,
+):  # fmt: skip
+    pid_c, n, pid_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    b, h = pid_bh // H, pid_bh % H
+    scale, qk_scale, unit = _scales(D, ACC, BASE2)
+    c = pid_c * BN + tl.arange(0, BN)
+    dims = tl.arange(0, BD)
+    c_ok = c < G
+    dim_ok = dims < D
+    kv_off = b * sgb + n * sgn + c[:, None] * sgc + h * D + dims[None, :]
+    kv_mask = c_ok[:, None] & dim_ok[None, :]
+    k = _operand(tl.load(g_ptr + kv_off, mask=kv_mask, other=0.0), DOT_F32)
+    v = _operand(tl.load(g_ptr + kv_off + sgkv, mask=kv_mask, other=0.0), DOT_F32)
+    dk = tl.zeros([BN, BD], ACC)
+    dv = tl.zeros([BN, BD], ACC)
+    for i0 in range(0, Q, BM):
+        i = i0 + tl.arange(0, BM)
+        rows = n * Q + i
+        row_ok = (i < Q) & (rows < T)
+        q_off = b * sqb + rows[:, None] * sqt + h * sqh + dims[None, :]
+        q_mask = row_ok[:, None] & dim_ok[None, :]
+        q = _operand(tl.load(q_ptr + q_off, mask=q_mask, other=0.0), DOT_F32)
+        do = _operand(tl.load(do_ptr + q_off, mask=q_mask, other=0.0), DOT_F32)
+        lse2 = tl.load(lse_ptr + pid_bh * T + rows, mask=row_ok, other=0.0) * unit
+        delta = tl.load(delta_ptr + pid_bh * T + rows, mask=row_ok, other=0.0)
+        bits = tl.load(gm_ptr + n * smn + i[None, :] * smq + c[:, None], mask=c_ok[:, None] & row_ok[None, :], other=0)
+        dk, dv = _key_grads(k, v, q, do, bits != 0, lse2, delta, dk, dv, qk_scale, IEEE, BASE2)
+    tl.store(dg_ptr + kv_off, cast_out(dk * scale, dg_ptr, SOFT_BF16), mask=kv_mask)
+    tl.store(dg_ptr + kv_off + sgkv, cast_out(dv, dg_ptr, SOFT_BF16), mask=kv_mask)
+
+
+def _check_offsets(q_shape, group_shape, tokens_shape) -> None:
+    # The kernels take contiguous tensors, whose last element lies numel - 1 past the first.
+    spans = {"q": math.prod(q_shape) - 1, "group": math.prod(group_shape) - 1, "tokens": math.prod(tokens_shape) - 1}
+    check_offsets_fit("mmrec::memory_read", spans, "split the batch")
+
+
+@functools.lru_cache(maxsize=None)
+def _plans(q_shape, group_shape, Q, window, dtype):
+    """The four launch plans of one call's shapes (contiguous tensors): forward, dq,
+    d tokens, d group."""
+    _check_offsets(q_shape, group_shape, (q_shape[0], window - 1 + q_shape[1], 2, group_shape[-1]))
+    B, T, H, d = q_shape
+    _, nb, G, _, D = group_shape
+    n_tokens = window - 1 + T
+    q_strides = (T * H * d, H * d, d)
+    group_strides = (nb * G * 2 * D, G * 2 * D, 2 * D, D)
+    mask_strides = (Q * G, G)
+    token_strides = (n_tokens * 2 * D, 2 * D, D)
+    acc = tl.float64 if dtype == torch.float64 else tl.float32
+    half = dtype in (torch.bfloat16, torch.float16)
+    flags = (acc, not half, dtype != torch.float64, soft_bf16(dtype), INTERPRET and half)
+    block_d = max(16, next_power_of_2(d))
+    bm, bn, warps = FORWARD_TILES
+    forward = Plan(
+        _forward_kernel, (cdiv(T, bm), B * H),
+        (T, H, G, n_tokens, *q_strides, *group_strides, *mask_strides, *token_strides),
+        (window, Q, d, block_d, bm, bn, *flags), warps,
+    )  # fmt: skip
+    bm, bn, warps = DQ_TILES
+    dq = Plan(
+        _dq_kernel, (cdiv(T, bm), B * H),
+        (T, H, G, n_tokens, *q_strides, *group_strides, *mask_strides, *token_strides),
+        (window, Q, d, block_d, bm, bn, *flags), warps,
+    )  # fmt: skip
+    bm, bn, warps = DTOKENS_TILES
+    dtokens = Plan(
+        _dtokens_kernel, (cdiv(n_tokens, bn), B * H),
+        (T, H, n_tokens, *q_strides, *token_strides),
+        (window, d, block_d, bm, bn, *flags), warps,
+    )  # fmt: skip
+    bm, bn, warps = DGROUP_TILES
+    dgroup = Plan(
+        _dgroup_kernel, (cdiv(G, bn), nb, B * H),
+        (T, H, G, *q_strides, *group_strides, *mask_strides),
+        (Q, d, block_d, bm, bn, *flags), warps,
+    )  # fmt: skip
+    return forward, dq, dtokens, dgroup
+
+
+def _operands(q, group, group_mask, tokens, token_mask):
+    # Contiguous values; the bool masks as bytes (a view).
+    return (q.contiguous(), group.contiguous(), group_mask.contiguous().view(torch.uint8),
+            tokens.contiguous(), token_mask.contiguous().view(torch.uint8))  # fmt: skip
+
+
+def memory_read(q: Tensor, group: Tensor, group_mask: Tensor, tokens: Tensor, token_mask: Tensor, window: int):
+    """(out ``[B, T, H, d]``, lse ``[B, H, T]``) of mmrec::memory_read."""
+    q, group, group_mask, tokens, token_mask = _operands(q, group, group_mask, tokens, token_mask)
+    B, T, H, _ = q.shape
+    forward, *_ = _plans(tuple(q.shape), tuple(group.shape), group_mask.shape[1], window, q.dtype)
+    out = torch.empty_like(q)
+    lse = torch.empty(B, H, T, device=q.device, dtype=torch.float64 if q.dtype == torch.float64 else torch.float32)
+    forward.launch(q, group, group_mask, tokens, token_mask, out, lse)
+    return out, lse
+
+
+def memory_read_backward(grad_out, grad_lse, q, group, group_mask, tokens, token_mask, out, lse, window):
+    """(grad_q, grad_group, grad_tokens) of mmrec::memory_read."""
+    q, group, group_mask, tokens, token_mask = _operands(q, group, group_mask, tokens, token_mask)
+    _, dq_plan, dtokens_plan, dgroup_plan = _plans(
+        tuple(q.shape), tuple(group.shape), group_mask.shape[1], window, q.dtype
+    )
+    grad_out, lse = grad_out.contiguous(), lse.contiguous()
+    delta = ((grad_out.to(lse.dtype) * out.to(lse.dtype)).sum(-1).transpose(1, 2) - grad_lse).contiguous()
+    grad_q, grad_group, grad_tokens = torch.empty_like(q), torch.empty_like(group), torch.empty_like(tokens)
+    dq_plan.launch(q, group, group_mask, tokens, token_mask, grad_out, lse, delta, grad_q)
+    dtokens_plan.launch(q, tokens, token_mask, grad_out, lse, delta, grad_tokens)
+    if group.shape[2] > 0:
+        dgroup_plan.launch(q, group, group_mask, grad_out, lse, delta, grad_group)
+    return grad_q, grad_group, grad_tokens
