@@ -11,6 +11,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.attention.flex_attention import AuxRequest, create_block_mask, flex_attention
 
+import mmrec_ops
+
 from .memory import MemoryLayout, block_starts, window_mask
 
 
@@ -115,6 +117,21 @@ def flex_blocked_attention(q: Tensor, group: Tensor | None, tokens: Tensor | Non
     return out.to(q.dtype)
 
 
+def op_blocked_attention(
+    q: Tensor, group: Tensor | None, tokens: Tensor | None, mask: Tensor, window: int, token_exists: Tensor
+) -> Tensor:
+    """``flex_blocked_attention``'s read through ``mmrec_ops.memory_read`` (the group and
+    the window in one pass); token_exists ``[W - 1 + T]``: which tokens exist. A read
+    without a window (the long-term part of a gated read, or W = 0) is
+    ``blocked_attention``'s (``group_attention``'s einsums specialise a compiled
+    graph's dynamic T on the CPU)."""
+    if tokens is None:
+        return sdpa_blocked_attention(q, group, None, mask)
+    if group is None:
+        group = tokens.new_empty(tokens.shape[0], mask.shape[0], 0, 2, tokens.shape[-1])
+    return mmrec_ops.memory_read(q, group, mask[..., : group.shape[2]], tokens, token_exists, window)[0]
+
+
 def window_tokens(window: Tensor, kv: Tensor) -> Tensor:
     """``[B, W - 1 + T, 2, D]``: the working memory ``window`` ``[B, W - 1, 2, D]`` (oldest
     first), then the chunk's ``kv`` ``[B, T, 2, D]``, in kv's dtype."""
@@ -160,11 +177,12 @@ class MultiMemoryAttention(nn.Module):
 
     so that the few long-term entries are not outweighed by the W exact keys.
     Queries go in blocks (``MemoryLayout``), so the cost is O(T (P + L M + Q + W)),
-    never O(T^2). Compiled CUDA code with ``kernel`` 'flex' reads a chunk with
-    ``flex_blocked_attention``, everything else with ``blocked_attention``.
+    never O(T^2). ``kernel`` (``MMRecConfig.read_kernel``) picks how a chunk is read:
+    'memory_read' (``op_blocked_attention``), 'sdpa' (``blocked_attention``), or 'flex'
+    (``flex_blocked_attention`` in compiled CUDA code, else 'sdpa').
     """
 
-    def __init__(self, dim: int, persistent_slots: int, window: int, gated: bool, kernel: str = "sdpa"):
+    def __init__(self, dim: int, persistent_slots: int, window: int, gated: bool, kernel: str = "memory_read"):
         super().__init__()
         self.window, self.gated, self.kernel = window, gated, kernel
         self.persistent = nn.Parameter(torch.empty(persistent_slots, 2, dim))
@@ -180,6 +198,9 @@ class MultiMemoryAttention(nn.Module):
         n_blocks, Q, _ = layout.read_mask.shape
         entries = None if pool is None else pool.to(q.dtype)[:, layout.read_source].unflatten(1, (n_blocks, -1))
         tokens = window_tokens(window, kv.to(q.dtype)) if self.window > 0 else None
+        if self.kernel == "memory_read":
+            attend = partial(op_blocked_attention, window=self.window, token_exists=layout.token_exists)
+            return self.read(q, entries, tokens, layout.read_mask, gates, attend)
         # flex_attention on the CPU has neither a backward nor a compiled log-sum-exp.
         if self.kernel == "flex" and q.is_cuda and torch.compiler.is_compiling():
             attend = partial(flex_blocked_attention, window=self.window)
@@ -210,7 +231,7 @@ class MultiMemoryAttention(nn.Module):
         """The read of q ``[B, T, H, d]`` in nb blocks, each over the persistent slots, its
         long-term candidates ``entries`` ``[B, nb, K_l, 2, D]`` and its working memory
         ``working`` (None: none; ``attend``'s form of it: ``window_keys`` for SDPA,
-        ``window_tokens`` for flex), visible where ``mask`` ``[nb, Q, P + K_l + K_w]``, in one
+        ``window_tokens`` for memory_read and flex), visible where ``mask`` ``[nb, Q, P + K_l + K_w]``, in one
         softmax or two gated ones."""
         long_term = [self.persistent.to(q.dtype).expand(q.shape[0], mask.shape[0], -1, -1, -1)]
         group = torch.cat(long_term + ([] if entries is None else [entries]), dim=2)

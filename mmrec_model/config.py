@@ -9,7 +9,7 @@ from dataclasses import dataclass
 MODES = ("exact", "parallel", "none")
 MEMORY_READS = ("joint", "gated")
 ENTRY_SUMMARIES = ("mean", "learned", "state", "best")
-READ_KERNELS = ("sdpa", "flex")
+READ_KERNELS = ("memory_read", "sdpa", "flex")
 
 # Chosen by measurement on the project's 2-core CPU (bench/results/model_cpu.md):
 # tiny pretrains usefully there in minutes; base is about 100M parameters.
@@ -52,13 +52,13 @@ class MMRecConfig:
             state h at the span's last token (needs a recurrence: mode 'exact' or
             'parallel'); 'best', per head one token of the span, the one whose key
             scores highest, its value gated by the score (``BestTokenEntries``).
-        read_kernel: how compiled code on CUDA computes a chunk's read: 'flex' (the
-            default), each block's long-term group dense and its working memory through
-            flex_attention's block-sparse kernel over the tokens in place, merged by their
-            log-sum-exps (``flex_blocked_attention``); or 'sdpa', each block of queries
-            over a copy of its keys, masked (``blocked_attention``). Eager code and the
-            CPU always take 'sdpa': uncompiled flex_attention materialises every score,
-            and the CPU's has no backward.
+        read_kernel: how a chunk's read is computed: 'memory_read' (the default),
+            ``torch.ops.mmrec.memory_read``, one pass per query tile over its group and
+            its window in place (C++ on the CPU, Triton on CUDA); 'sdpa', each block of
+            queries over a copy of its keys, masked (``blocked_attention``); or 'flex'
+            (compiled CUDA code only, else 'sdpa'), each block's group dense and its
+            window through flex_attention, merged by their log-sum-exps
+            (``flex_blocked_attention``).
         ffn_mult: hidden width of the feed-forward network, in multiples of D.
         norm_eps: epsilon of the RMSNorms.
         init_std: standard deviation of the embedding and projection weights at init.
@@ -76,7 +76,7 @@ class MMRecConfig:
     persistent_slots: int = 16
     memory_read: str = "joint"
     entry_summary: str = "mean"
-    read_kernel: str = "flex"
+    read_kernel: str = "memory_read"
     ffn_mult: int = 4
     norm_eps: float = 1e-6
     init_std: float = 0.02

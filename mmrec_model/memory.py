@@ -176,6 +176,8 @@ class MemoryLayout(NamedTuple):
     window_order: ``[W - 1]``, the working memory's ring slots, oldest token first.
     window_slots: ``[W - 1]``, for each ring slot after the chunk, which of the last W - 1
                  tokens (the working memory oldest first, then the chunk) it holds.
+    token_exists: ``[W - 1 + T]``, which of the working memory's tokens (oldest first) and
+                 the chunk's exist: none before the sequence's first token.
     """
 
     in_head: Tensor
@@ -187,6 +189,7 @@ class MemoryLayout(NamedTuple):
     phase: Tensor
     window_order: Tensor
     window_slots: Tensor
+    token_exists: Tensor
 
 
 class TokenLayout(NamedTuple):
@@ -383,6 +386,7 @@ def memory_layout(position: Tensor, T: int, config: MMRecConfig) -> MemoryLayout
         phase=(position + torch.arange(T, device=device)) % S,
         window_order=window_ring(position, max(config.window - 1, 0)),
         window_slots=window_ring(-(position + T), max(config.window - 1, 0)),
+        token_exists=position - max(config.window - 1, 0) + torch.arange(max(config.window - 1, 0) + T, device=device) >= 0,
     )
 
 
