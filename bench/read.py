@@ -10,6 +10,8 @@ one MMRecBlock of the --preset as its forward computes it in a chunk with no sta
 layout from ``memory_layout``, random queries, long-term groups and window tokens):
 
   causal-sdpa          the Transformer's read of the same tokens: SDPA with is_causal, [B, H, T, d]
+  memory_read          ``op_blocked_attention``: mmrec::memory_read, each query tile over its
+                       group and its window in place in one pass (the model's default)
   blocked-sdpa         ``sdpa_blocked_attention``: each block of queries over a copy of its
                        keys, masked (eager, and compiled)
   flex                 ``flex_blocked_attention``: each block's group dense, the window
@@ -34,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import apply_smoke, forward_backward, markdown_table, median_time_ms, versions, write_results  # noqa: E402
 from mmrec_model import MMRecConfig  # noqa: E402
-from mmrec_model.attention import flex_blocked_attention, sdpa_blocked_attention, window_keys  # noqa: E402
+from mmrec_model.attention import flex_blocked_attention, op_blocked_attention, sdpa_blocked_attention, window_keys  # noqa: E402
 from mmrec_model.memory import memory_layout  # noqa: E402
 
 SMOKE = dict(preset="tiny", seq_lens=[200], tokens=400, warmup=1, repeats=2)
@@ -46,7 +48,8 @@ def causal_read(q, k, v):
 
 def read_inputs(config: MMRecConfig, batch: int, T: int, device, dtype):
     """q ``[B, T, H, d]``, groups ``[B, nb, G, 2, D]``, window tokens ``[B, W - 1 + T, 2, D]``,
-    the read mask ``[nb, Q, G + Q + W - 1]``."""
+    the read mask ``[nb, Q, G + Q + W - 1]`` and which tokens exist ``[W - 1 + T]``, for a
+    sequence's first chunk."""
     layout = memory_layout(torch.zeros((), dtype=torch.int64, device=device), T, config)
     n_blocks, Q, n_keys = layout.read_mask.shape
     H, d, W = config.n_heads, config.head_dim, config.window
@@ -54,10 +57,10 @@ def read_inputs(config: MMRecConfig, batch: int, T: int, device, dtype):
     q = torch.randn(batch, T, H, d, device=device, dtype=dtype)
     group = torch.randn(batch, n_blocks, n_group, 2, H * d, device=device, dtype=dtype)
     tokens = torch.randn(batch, W - 1 + T, 2, H * d, device=device, dtype=dtype)
-    return q, group, tokens, layout.read_mask
+    return q, group, tokens, layout.read_mask, layout.token_exists
 
 
-def variants(config: MMRecConfig, mask: torch.Tensor, device) -> dict:
+def variants(config: MMRecConfig, mask: torch.Tensor, token_exists: torch.Tensor, device) -> dict:
     """name -> read of (q, group, tokens)."""
     n_blocks, Q, _ = mask.shape
     W = config.window
@@ -68,7 +71,14 @@ def variants(config: MMRecConfig, mask: torch.Tensor, device) -> dict:
     def flex(q, group, tokens):
         return flex_blocked_attention(q, group, tokens, mask, W)
 
-    reads = {"blocked-sdpa eager": blocked, "blocked-sdpa compiled": torch.compile(blocked, fullgraph=True)}
+    def memory_read(q, group, tokens):
+        return op_blocked_attention(q, group, tokens, mask, W, token_exists)
+
+    reads = {
+        "memory_read op": memory_read,
+        "blocked-sdpa eager": blocked,
+        "blocked-sdpa compiled": torch.compile(blocked, fullgraph=True),
+    }
     if device.type == "cuda":
         reads["flex compiled"] = torch.compile(flex, fullgraph=True)
     return reads
@@ -78,10 +88,10 @@ def rows_of(config: MMRecConfig, T: int, args, device, dtype) -> list[dict]:
     batch = max(args.tokens // T, 1)
     H, d = config.n_heads, config.head_dim
     base = {"T": T, "batch": batch}
-    q, group, tokens, mask = read_inputs(config, batch, T, device, dtype)
+    q, group, tokens, mask, token_exists = read_inputs(config, batch, T, device, dtype)
     qkv = [torch.randn(batch, H, T, d, device=device, dtype=dtype) for _ in range(3)]
     reads = {"causal-sdpa": (causal_read, qkv)}
-    reads.update({name: (fn, (q, group, tokens)) for name, fn in variants(config, mask, device).items()})
+    reads.update({name: (fn, (q, group, tokens)) for name, fn in variants(config, mask, token_exists, device).items()})
     rows = []
     for name, (fn, inputs) in reads.items():
         torch._dynamo.reset()

@@ -7,10 +7,10 @@
 // A block of Q queries reads the same K = G + Q + W - 1 candidates (its group,
 // then the W - 1 tokens before it and its own Q), so the kernels are batched
 // matrix products over blocks, as the CPU's attention is: scores [B, H, nb, Q, K]
-// in the accumulation type (float32, float64 for float64), masked, their
-// log-sum-exp, the weights, the weighted sum. Blocks go in slices whose scores
+// in the accumulation type (float32, float64 for float64), masked, the softmax
+// and its log-sum-exp, the weighted sum. Blocks go in slices whose scores
 // take at most kSliceBytes, so memory stays O(T (G + W)) in slices of bounded
-// size. The backward recomputes the weights from lse:
+// size. The backward recomputes the weights:
 //
 //   delta = grad_out . out - grad_lse,   grad_s = p (grad_out . v - delta),
 //   grad_q = grad_s k / sqrt(d),  grad_k = grad_s q / sqrt(d),  grad_v = p grad_out,
@@ -126,6 +126,23 @@ struct Blocks {
   Tensor visible(int64_t n0, int64_t n1) const {
     return at::cat({group_mask.narrow(0, n0, n1 - n0), window_mask.narrow(0, n0, n1 - n0)}, 2);
   }
+
+  struct Weights {
+    Tensor weights;  // [B, H, n, Q, K], the softmax over the keys each query sees
+    Tensor lse;      // [B, H, n, Q, 1]
+  };
+
+  // The softmax of blocks [n0, n1) and its log-sum-exp, lse = max - log(max weight): the
+  // vectorised softmax kernel does the one exponential per score (the largest weight,
+  // exp(0) / sum, is at least 1 / K). A query that sees no key: NaN weights, lse -inf.
+  Weights weights(const Tensor& queries, const Tensor& keys, int64_t n0, int64_t n1) const {
+    auto scores = at::matmul(queries, keys.transpose(-1, -2)).mul_(scale);
+    scores.masked_fill_(visible(n0, n1).logical_not(), -std::numeric_limits<double>::infinity());
+    auto top = scores.amax(-1, true);
+    auto p = at::softmax(scores, -1);
+    auto lse = (top - p.amax(-1, true).log_()).masked_fill_(top.isneginf(), -std::numeric_limits<double>::infinity());
+    return {p, lse};
+  }
 };
 
 std::tuple<Tensor, Tensor> memory_read_cpu(const Tensor& q, const Tensor& group, const Tensor& group_mask,
@@ -143,11 +160,9 @@ std::tuple<Tensor, Tensor> memory_read_cpu(const Tensor& q, const Tensor& group,
   for (int64_t n0 = 0; n0 < nb; n0 += blocks.slice_blocks()) {
     const int64_t n1 = std::min(nb, n0 + blocks.slice_blocks());
     auto [keys, values] = blocks.keys_values(n0, n1);
-    auto scores = at::matmul(blocks.queries.narrow(2, n0, n1 - n0), keys.transpose(-1, -2)).mul_(blocks.scale);
-    scores.masked_fill_(blocks.visible(n0, n1).logical_not(), -std::numeric_limits<double>::infinity());
-    auto slice_lse = at::logsumexp(scores, -1, true);
-    out.narrow(2, n0, n1 - n0).copy_(at::matmul(scores.sub_(slice_lse).exp_(), values));
-    lse.narrow(2, n0, n1 - n0).copy_(slice_lse.squeeze(-1));
+    auto p = blocks.weights(blocks.queries.narrow(2, n0, n1 - n0), keys, n0, n1);
+    out.narrow(2, n0, n1 - n0).copy_(at::matmul(p.weights, values));
+    lse.narrow(2, n0, n1 - n0).copy_(p.lse.squeeze(-1));
   }
   return {
       out.flatten(2, 3).narrow(2, 0, T).permute({0, 2, 1, 3}).to(q.scalar_type()).contiguous(),
@@ -194,7 +209,6 @@ std::tuple<Tensor, Tensor, Tensor> memory_read_backward_cpu(const Tensor& grad_o
   Tensor grad_blocks =
       at::constant_pad_nd(grad_out.to(acc), {0, 0, 0, 0, 0, nb * Q - T}).view({B, nb, Q, H, d}).permute({0, 3, 1, 2, 4});
   Tensor delta = by_block((grad_out.to(acc) * out.to(acc)).sum(-1).permute({0, 2, 1}) - grad_lse);
-  Tensor lse_blocks = by_block(lse);
   Tensor grad_q = at::empty({B, H, nb, Q, d}, q.options().dtype(acc));
   Tensor grad_group = at::empty({B, H, nb, G, 2, d}, q.options().dtype(acc));
   Tensor grad_tokens = at::zeros({B, H, W - 1 + nb * Q, 2, d}, q.options().dtype(acc));
@@ -203,10 +217,8 @@ std::tuple<Tensor, Tensor, Tensor> memory_read_backward_cpu(const Tensor& grad_o
     auto [keys, values] = blocks.keys_values(n0, n1);
     auto queries = blocks.queries.narrow(2, n0, n);
     auto grad = grad_blocks.narrow(2, n0, n);
-    auto scores = at::matmul(queries, keys.transpose(-1, -2)).mul_(blocks.scale);
-    // Padding queries (t >= T) and unseen keys weigh 0, whatever their lse.
-    auto seen = blocks.visible(n0, n1).logical_and(blocks.row_valid.narrow(0, n0, n));
-    auto p = at::where(seen, scores.sub_(lse_blocks.narrow(2, n0, n)).exp_(), 0.0);
+    // Padding queries (t >= T) weigh nothing (a padding row may see no key: NaN weights).
+    auto p = blocks.weights(queries, keys, n0, n1).weights.masked_fill_(blocks.row_valid.narrow(0, n0, n).logical_not(), 0.0);
     auto grad_values = at::matmul(p.transpose(-1, -2), grad);  // [B, H, n, K, d]
     auto grad_scores = p.mul_(at::matmul(grad, values.transpose(-1, -2)).sub_(delta.narrow(2, n0, n)));
     grad_q.narrow(2, n0, n).copy_(at::matmul(grad_scores, keys).mul_(blocks.scale));
