@@ -39,6 +39,7 @@ from mmrec_model import MMRecConfig  # noqa: E402
 from mmrec_model.attention import flex_blocked_attention, op_blocked_attention, sdpa_blocked_attention, window_keys  # noqa: E402
 from mmrec_model.memory import memory_layout  # noqa: E402
 
+READS = ("causal-sdpa", "memory_read", "blocked-sdpa", "flex")
 SMOKE = dict(preset="tiny", seq_lens=[200], tokens=400, warmup=1, repeats=2)
 
 
@@ -92,6 +93,8 @@ def rows_of(config: MMRecConfig, T: int, args, device, dtype) -> list[dict]:
     qkv = [torch.randn(batch, H, T, d, device=device, dtype=dtype) for _ in range(3)]
     reads = {"causal-sdpa": (causal_read, qkv)}
     reads.update({name: (fn, (q, group, tokens)) for name, fn in variants(config, mask, token_exists, device).items()})
+    if args.reads:
+        reads = {name: read for name, read in reads.items() if name.split()[0] in args.reads}
     rows = []
     for name, (fn, inputs) in reads.items():
         torch._dynamo.reset()
@@ -133,6 +136,7 @@ def main() -> None:
     parser.add_argument("--preset", default="small")
     parser.add_argument("--seq-lens", type=int, nargs="+", default=[2048, 8192])
     parser.add_argument("--tokens", type=int, default=32768, help="tokens per call (batch = tokens / T)")
+    parser.add_argument("--reads", nargs="+", default=None, choices=READS, help="only these reads (default: all)")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--smoke", action="store_true", help="tiny shapes: checks the script, measures nothing")

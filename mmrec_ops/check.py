@@ -35,6 +35,9 @@ REQUIRED_KEYS = {
     # No second derivatives of the recurrence: its backward has no Autograd kernel.
     "recurrence_backward": ("CPU", "CUDA", "Meta"),
     "decode_read": ("CPU", "CUDA", "Meta", "Autograd"),
+    "memory_read": ("CPU", "CUDA", "Meta", "Autograd"),
+    # No second derivatives of the read: its backward has no Autograd kernel.
+    "memory_read_backward": ("CPU", "CUDA", "Meta"),
     "skinny_addmm": ("CPU", "CUDA", "Meta", "Autograd"),
 }
 REPORTED_KEYS = ("CPU", "CUDA", "Meta", "Autograd")

@@ -41,11 +41,12 @@ from ._common import INTERPRET, Plan, cast_out, cdiv, check_offsets_fit, next_po
 
 __all__ = ["memory_read", "memory_read_backward"]
 
-# (BM queries, BN keys, warps) per kernel.
+# (BM queries, BN keys, warps) per kernel; float64 (no tl.dot) takes FLOAT64_TILES.
 FORWARD_TILES = (64, 64, 4)
 DQ_TILES = (64, 64, 4)
 DTOKENS_TILES = (32, 64, 4)
 DGROUP_TILES = (64, 64, 4)
+FLOAT64_TILES = (16, 16, 4)
 
 
 @triton.jit
@@ -68,6 +69,26 @@ def _operand(x, DOT_F32: tl.constexpr):
         return x.to(tl.float32)
     else:
         return x
+
+
+@triton.jit
+def _dot_nt(a, b, IEEE: tl.constexpr, NO_DOT: tl.constexpr):
+    # a [M, K] times b [N, K] transposed. float64 multiplies and sums in registers:
+    # Triton 3.6's float64 tl.dot fails to compile in these kernels (an assertion in its
+    # MMAv2 lowering), so float64 is the exact path with small tiles, not the fast one.
+    if NO_DOT:
+        return tl.sum(a[:, None, :] * b[None, :, :], 2)
+    else:
+        return tl.dot(a, tl.trans(b), input_precision="ieee" if IEEE else "tf32")
+
+
+@triton.jit
+def _dot_nn(a, b, IEEE: tl.constexpr, NO_DOT: tl.constexpr):
+    # a [M, K] times b [K, N], a rounded to b's dtype as the tensor cores take it.
+    if NO_DOT:
+        return tl.sum(a[:, :, None] * b[None, :, :], 1)
+    else:
+        return tl.dot(a.to(b.dtype), b, input_precision="ieee" if IEEE else "tf32")
 
 
 @triton.jit
@@ -94,17 +115,16 @@ def _window_visible(rows, j, tm_ptr, NTOK, W: tl.constexpr):
 
 
 @triton.jit
-def _online_step(q, k, v, vis, m_i, l_i, acc, qk_scale, IEEE: tl.constexpr, BASE2: tl.constexpr):
+def _online_step(q, k, v, vis, m_i, l_i, acc, qk_scale, IEEE: tl.constexpr, BASE2: tl.constexpr, NO_DOT: tl.constexpr):
     # One key tile into the running (max, sum, weighted sum), scores in the exponent base.
-    prec: tl.constexpr = "ieee" if IEEE else "tf32"
-    s = tl.dot(q, tl.trans(k), input_precision=prec) * qk_scale
+    s = _dot_nt(q, k, IEEE, NO_DOT) * qk_scale
     s = tl.where(vis, s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, 1))
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
     alpha = _exp(m_i - m_safe, BASE2)
     p = _exp(s - m_safe[:, None], BASE2)
     l_i = l_i * alpha + tl.sum(p, 1)
-    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=prec)
+    acc = acc * alpha[:, None] + _dot_nn(p, v, IEEE, NO_DOT)
     return m_new, l_i, acc
 
 
@@ -113,7 +133,7 @@ def _forward_kernel(
     q_ptr, g_ptr, gm_ptr, tok_ptr, tm_ptr, o_ptr, lse_ptr,
     T, H, G, NTOK, sqb, sqt, sqh, sgb, sgn, sgc, sgkv, smn, smq, stb, stt, stkv,
     W: tl.constexpr, Q: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-    ACC: tl.constexpr, IEEE: tl.constexpr, BASE2: tl.constexpr, SOFT_BF16: tl.constexpr, DOT_F32: tl.constexpr,
+    ACC: tl.constexpr, IEEE: tl.constexpr, BASE2: tl.constexpr, SOFT_BF16: tl.constexpr, DOT_F32: tl.constexpr, NO_DOT: tl.constexpr,
 ):  # fmt: skip
     pid_m, pid_bh = tl.program_id(0), tl.program_id(1)
     b, h = pid_bh // H, pid_bh % H
@@ -138,7 +158,7 @@ def _forward_kernel(
             k = _operand(tl.load(kv, mask=c_ok[:, None] & dim_ok[None, :], other=0.0), DOT_F32)
             v = _operand(tl.load(kv + sgkv, mask=c_ok[:, None] & dim_ok[None, :], other=0.0), DOT_F32)
             vis = _group_visible(gm_ptr, n, rows, c, row_in, c_ok, smn, smq, Q)
-            m_i, l_i, acc = _online_step(q, k, v, vis, m_i, l_i, acc, qk_scale, IEEE, BASE2)
+            m_i, l_i, acc = _online_step(q, k, v, vis, m_i, l_i, acc, qk_scale, IEEE, BASE2, NO_DOT)
     for j0 in range(t0, tl.minimum(t0 + BM - 1 + W, NTOK), BN):
         j = j0 + cols
         j_ok = j < NTOK
@@ -146,7 +166,7 @@ def _forward_kernel(
         k = _operand(tl.load(kv, mask=j_ok[:, None] & dim_ok[None, :], other=0.0), DOT_F32)
         v = _operand(tl.load(kv + stkv, mask=j_ok[:, None] & dim_ok[None, :], other=0.0), DOT_F32)
         vis = _window_visible(rows, j, tm_ptr, NTOK, W)
-        m_i, l_i, acc = _online_step(q, k, v, vis, m_i, l_i, acc, qk_scale, IEEE, BASE2)
+        m_i, l_i, acc = _online_step(q, k, v, vis, m_i, l_i, acc, qk_scale, IEEE, BASE2, NO_DOT)
     out = acc / l_i[:, None]
     tl.store(o_ptr + q_off, cast_out(out, o_ptr, SOFT_BF16), mask=row_ok[:, None] & dim_ok[None, :])
     if BASE2:
@@ -157,12 +177,11 @@ def _forward_kernel(
 
 
 @triton.jit
-def _grad_scores(q, do, k, v, vis, lse2, delta, qk_scale, IEEE: tl.constexpr, BASE2: tl.constexpr):
+def _grad_scores(q, do, k, v, vis, lse2, delta, qk_scale, IEEE: tl.constexpr, BASE2: tl.constexpr, NO_DOT: tl.constexpr):
     # [BM, BN] grad_s of one key tile: p (grad_out . v - delta), p = exp(s - lse) in the exponent base.
-    prec: tl.constexpr = "ieee" if IEEE else "tf32"
-    s = tl.dot(q, tl.trans(k), input_precision=prec) * qk_scale
+    s = _dot_nt(q, k, IEEE, NO_DOT) * qk_scale
     p = tl.where(vis, _exp(s - lse2[:, None], BASE2), 0.0)
-    dp = tl.dot(do, tl.trans(v), input_precision=prec)
+    dp = _dot_nt(do, v, IEEE, NO_DOT)
     return p * (dp - delta[:, None])
 
 
@@ -171,9 +190,8 @@ def _dq_kernel(
     q_ptr, g_ptr, gm_ptr, tok_ptr, tm_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr,
     T, H, G, NTOK, sqb, sqt, sqh, sgb, sgn, sgc, sgkv, smn, smq, stb, stt, stkv,
     W: tl.constexpr, Q: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-    ACC: tl.constexpr, IEEE: tl.constexpr, BASE2: tl.constexpr, SOFT_BF16: tl.constexpr, DOT_F32: tl.constexpr,
+    ACC: tl.constexpr, IEEE: tl.constexpr, BASE2: tl.constexpr, SOFT_BF16: tl.constexpr, DOT_F32: tl.constexpr, NO_DOT: tl.constexpr,
 ):  # fmt: skip
-    prec: tl.constexpr = "ieee" if IEEE else "tf32"
     pid_m, pid_bh = tl.program_id(0), tl.program_id(1)
     b, h = pid_bh // H, pid_bh % H
     scale, qk_scale, unit = _scales(D, ACC, BASE2)
@@ -199,8 +217,8 @@ def _dq_kernel(
             k = _operand(tl.load(kv, mask=c_ok[:, None] & dim_ok[None, :], other=0.0), DOT_F32)
             v = _operand(tl.load(kv + sgkv, mask=c_ok[:, None] & dim_ok[None, :], other=0.0), DOT_F32)
             vis = _group_visible(gm_ptr, n, rows, c, row_in, c_ok, smn, smq, Q)
-            ds = _grad_scores(q, do, k, v, vis, lse2, delta, qk_scale, IEEE, BASE2)
-            dq += tl.dot(ds.to(k.dtype), k, input_precision=prec)
+            ds = _grad_scores(q, do, k, v, vis, lse2, delta, qk_scale, IEEE, BASE2, NO_DOT)
+            dq += _dot_nn(ds, k, IEEE, NO_DOT)
     for j0 in range(t0, tl.minimum(t0 + BM - 1 + W, NTOK), BN):
         j = j0 + cols
         j_ok = j < NTOK
@@ -208,21 +226,20 @@ def _dq_kernel(
         k = _operand(tl.load(kv, mask=j_ok[:, None] & dim_ok[None, :], other=0.0), DOT_F32)
         v = _operand(tl.load(kv + stkv, mask=j_ok[:, None] & dim_ok[None, :], other=0.0), DOT_F32)
         vis = _window_visible(rows, j, tm_ptr, NTOK, W)
-        ds = _grad_scores(q, do, k, v, vis, lse2, delta, qk_scale, IEEE, BASE2)
-        dq += tl.dot(ds.to(k.dtype), k, input_precision=prec)
+        ds = _grad_scores(q, do, k, v, vis, lse2, delta, qk_scale, IEEE, BASE2, NO_DOT)
+        dq += _dot_nn(ds, k, IEEE, NO_DOT)
     tl.store(dq_ptr + q_off, cast_out(dq * scale, dq_ptr, SOFT_BF16), mask=q_mask)
 
 
 @triton.jit
-def _key_grads(k, v, q, do, vis, lse2, delta, dk, dv, qk_scale, IEEE: tl.constexpr, BASE2: tl.constexpr):
+def _key_grads(k, v, q, do, vis, lse2, delta, dk, dv, qk_scale, IEEE: tl.constexpr, BASE2: tl.constexpr, NO_DOT: tl.constexpr):
     # Adds one query tile's contribution to a key tile's [BN, BD] dk (unscaled) and dv.
-    prec: tl.constexpr = "ieee" if IEEE else "tf32"
-    st = tl.dot(k, tl.trans(q), input_precision=prec) * qk_scale  # [BN, BM]
+    st = _dot_nt(k, q, IEEE, NO_DOT) * qk_scale  # [BN, BM]
     pt = tl.where(vis, _exp(st - lse2[None, :], BASE2), 0.0)
-    dv += tl.dot(pt.to(do.dtype), do, input_precision=prec)
-    dpt = tl.dot(v, tl.trans(do), input_precision=prec)
+    dv += _dot_nn(pt, do, IEEE, NO_DOT)
+    dpt = _dot_nt(v, do, IEEE, NO_DOT)
     dst = pt * (dpt - delta[None, :])
-    dk += tl.dot(dst.to(q.dtype), q, input_precision=prec)
+    dk += _dot_nn(dst, q, IEEE, NO_DOT)
     return dk, dv
 
 
@@ -231,7 +248,7 @@ def _dtokens_kernel(
     q_ptr, tok_ptr, tm_ptr, do_ptr, lse_ptr, delta_ptr, dtok_ptr,
     T, H, NTOK, sqb, sqt, sqh, stb, stt, stkv,
     W: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-    ACC: tl.constexpr, IEEE: tl.constexpr, BASE2: tl.constexpr, SOFT_BF16: tl.constexpr, DOT_F32: tl.constexpr,
+    ACC: tl.constexpr, IEEE: tl.constexpr, BASE2: tl.constexpr, SOFT_BF16: tl.constexpr, DOT_F32: tl.constexpr, NO_DOT: tl.constexpr,
 ):  # fmt: skip
     pid_n, pid_bh = tl.program_id(0), tl.program_id(1)
     b, h = pid_bh // H, pid_bh % H
@@ -258,7 +275,7 @@ def _dtokens_kernel(
         lse2 = tl.load(lse_ptr + pid_bh * T + rows, mask=row_ok, other=0.0) * unit
         delta = tl.load(delta_ptr + pid_bh * T + rows, mask=row_ok, other=0.0)
         vis = (j[:, None] >= rows[None, :]) & (j[:, None] < rows[None, :] + W) & exists[:, None] & row_ok[None, :]
-        dk, dv = _key_grads(k, v, q, do, vis, lse2, delta, dk, dv, qk_scale, IEEE, BASE2)
+        dk, dv = _key_grads(k, v, q, do, vis, lse2, delta, dk, dv, qk_scale, IEEE, BASE2, NO_DOT)
     tl.store(dtok_ptr + kv_off, cast_out(dk * scale, dtok_ptr, SOFT_BF16), mask=kv_mask)
     tl.store(dtok_ptr + kv_off + stkv, cast_out(dv, dtok_ptr, SOFT_BF16), mask=kv_mask)
 
@@ -268,7 +285,7 @@ def _dgroup_kernel(
     q_ptr, g_ptr, gm_ptr, do_ptr, lse_ptr, delta_ptr, dg_ptr,
     T, H, G, sqb, sqt, sqh, sgb, sgn, sgc, sgkv, smn, smq,
     Q: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-    ACC: tl.constexpr, IEEE: tl.constexpr, BASE2: tl.constexpr, SOFT_BF16: tl.constexpr, DOT_F32: tl.constexpr,
+    ACC: tl.constexpr, IEEE: tl.constexpr, BASE2: tl.constexpr, SOFT_BF16: tl.constexpr, DOT_F32: tl.constexpr, NO_DOT: tl.constexpr,
 ):  # fmt: skip
     pid_c, n, pid_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     b, h = pid_bh // H, pid_bh % H
@@ -294,7 +311,7 @@ def _dgroup_kernel(
         lse2 = tl.load(lse_ptr + pid_bh * T + rows, mask=row_ok, other=0.0) * unit
         delta = tl.load(delta_ptr + pid_bh * T + rows, mask=row_ok, other=0.0)
         bits = tl.load(gm_ptr + n * smn + i[None, :] * smq + c[:, None], mask=c_ok[:, None] & row_ok[None, :], other=0)
-        dk, dv = _key_grads(k, v, q, do, bits != 0, lse2, delta, dk, dv, qk_scale, IEEE, BASE2)
+        dk, dv = _key_grads(k, v, q, do, bits != 0, lse2, delta, dk, dv, qk_scale, IEEE, BASE2, NO_DOT)
     tl.store(dg_ptr + kv_off, cast_out(dk * scale, dg_ptr, SOFT_BF16), mask=kv_mask)
     tl.store(dg_ptr + kv_off + sgkv, cast_out(dv, dg_ptr, SOFT_BF16), mask=kv_mask)
 
@@ -319,27 +336,28 @@ def _plans(q_shape, group_shape, Q, window, dtype):
     token_strides = (n_tokens * 2 * D, 2 * D, D)
     acc = tl.float64 if dtype == torch.float64 else tl.float32
     half = dtype in (torch.bfloat16, torch.float16)
-    flags = (acc, not half, dtype != torch.float64, soft_bf16(dtype), INTERPRET and half)
+    fp64 = dtype == torch.float64
+    flags = (acc, not half, not fp64, soft_bf16(dtype), INTERPRET and half, fp64)
     block_d = max(16, next_power_of_2(d))
-    bm, bn, warps = FORWARD_TILES
+    bm, bn, warps = FLOAT64_TILES if fp64 else FORWARD_TILES
     forward = Plan(
         _forward_kernel, (cdiv(T, bm), B * H),
         (T, H, G, n_tokens, *q_strides, *group_strides, *mask_strides, *token_strides),
         (window, Q, d, block_d, bm, bn, *flags), warps,
     )  # fmt: skip
-    bm, bn, warps = DQ_TILES
+    bm, bn, warps = FLOAT64_TILES if fp64 else DQ_TILES
     dq = Plan(
         _dq_kernel, (cdiv(T, bm), B * H),
         (T, H, G, n_tokens, *q_strides, *group_strides, *mask_strides, *token_strides),
         (window, Q, d, block_d, bm, bn, *flags), warps,
     )  # fmt: skip
-    bm, bn, warps = DTOKENS_TILES
+    bm, bn, warps = FLOAT64_TILES if fp64 else DTOKENS_TILES
     dtokens = Plan(
         _dtokens_kernel, (cdiv(n_tokens, bn), B * H),
         (T, H, n_tokens, *q_strides, *token_strides),
         (window, d, block_d, bm, bn, *flags), warps,
     )  # fmt: skip
-    bm, bn, warps = DGROUP_TILES
+    bm, bn, warps = FLOAT64_TILES if fp64 else DGROUP_TILES
     dgroup = Plan(
         _dgroup_kernel, (cdiv(G, bn), nb, B * H),
         (T, H, G, *q_strides, *group_strides, *mask_strides),
