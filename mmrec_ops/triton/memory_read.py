@@ -100,7 +100,7 @@ def _exp(x, BASE2: tl.constexpr):
 
 
 @triton.jit
-def _group_visible(gm_ptr, n, rows, c, row_in, c_ok, smn, smq, Q: tl.constexpr):
+def _group_visible(gm_ptr, n, rows, c, row_in, c_ok, smn, smq, Q):
     # [BM, BN]: query rows (those of block n: row_in) see candidates c of block n.
     bits = tl.load(gm_ptr + n * smn + (rows - n * Q)[:, None] * smq + c[None, :],
                    mask=row_in[:, None] & c_ok[None, :], other=0)  # fmt: skip
@@ -108,7 +108,7 @@ def _group_visible(gm_ptr, n, rows, c, row_in, c_ok, smn, smq, Q: tl.constexpr):
 
 
 @triton.jit
-def _window_visible(rows, j, tm_ptr, NTOK, W: tl.constexpr):
+def _window_visible(rows, j, tm_ptr, NTOK, W):
     # [BM, BN]: query t sees token j iff t <= j <= t + W - 1 and the token exists.
     exists = tl.load(tm_ptr + j, mask=j < NTOK, other=0) != 0
     return (j[None, :] >= rows[:, None]) & (j[None, :] < rows[:, None] + W) & exists[None, :]
@@ -131,8 +131,8 @@ def _online_step(q, k, v, vis, m_i, l_i, acc, qk_scale, IEEE: tl.constexpr, BASE
 @triton.jit
 def _forward_kernel(
     q_ptr, g_ptr, gm_ptr, tok_ptr, tm_ptr, o_ptr, lse_ptr,
-    T, H, G, NTOK, sqb, sqt, sqh, sgb, sgn, sgc, sgkv, smn, smq, stb, stt, stkv,
-    W: tl.constexpr, Q: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+    T, H, G, NTOK, W, Q, sqb, sqt, sqh, sgb, sgn, sgc, sgkv, smn, smq, stb, stt, stkv,
+    D: tl.constexpr, BD: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
     ACC: tl.constexpr, IEEE: tl.constexpr, BASE2: tl.constexpr, SOFT_BF16: tl.constexpr, DOT_F32: tl.constexpr, NO_DOT: tl.constexpr,
 ):  # fmt: skip
     pid_m, pid_bh = tl.program_id(0), tl.program_id(1)
@@ -188,8 +188,8 @@ def _grad_scores(q, do, k, v, vis, lse2, delta, qk_scale, IEEE: tl.constexpr, BA
 @triton.jit
 def _dq_kernel(
     q_ptr, g_ptr, gm_ptr, tok_ptr, tm_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr,
-    T, H, G, NTOK, sqb, sqt, sqh, sgb, sgn, sgc, sgkv, smn, smq, stb, stt, stkv,
-    W: tl.constexpr, Q: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+    T, H, G, NTOK, W, Q, sqb, sqt, sqh, sgb, sgn, sgc, sgkv, smn, smq, stb, stt, stkv,
+    D: tl.constexpr, BD: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
     ACC: tl.constexpr, IEEE: tl.constexpr, BASE2: tl.constexpr, SOFT_BF16: tl.constexpr, DOT_F32: tl.constexpr, NO_DOT: tl.constexpr,
 ):  # fmt: skip
     pid_m, pid_bh = tl.program_id(0), tl.program_id(1)
@@ -246,8 +246,8 @@ def _key_grads(k, v, q, do, vis, lse2, delta, dk, dv, qk_scale, IEEE: tl.constex
 @triton.jit
 def _dtokens_kernel(
     q_ptr, tok_ptr, tm_ptr, do_ptr, lse_ptr, delta_ptr, dtok_ptr,
-    T, H, NTOK, sqb, sqt, sqh, stb, stt, stkv,
-    W: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+    T, H, NTOK, W, sqb, sqt, sqh, stb, stt, stkv,
+    D: tl.constexpr, BD: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
     ACC: tl.constexpr, IEEE: tl.constexpr, BASE2: tl.constexpr, SOFT_BF16: tl.constexpr, DOT_F32: tl.constexpr, NO_DOT: tl.constexpr,
 ):  # fmt: skip
     pid_n, pid_bh = tl.program_id(0), tl.program_id(1)
@@ -283,8 +283,8 @@ def _dtokens_kernel(
 @triton.jit
 def _dgroup_kernel(
     q_ptr, g_ptr, gm_ptr, do_ptr, lse_ptr, delta_ptr, dg_ptr,
-    T, H, G, sqb, sqt, sqh, sgb, sgn, sgc, sgkv, smn, smq,
-    Q: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+    T, H, G, Q, sqb, sqt, sqh, sgb, sgn, sgc, sgkv, smn, smq,
+    D: tl.constexpr, BD: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
     ACC: tl.constexpr, IEEE: tl.constexpr, BASE2: tl.constexpr, SOFT_BF16: tl.constexpr, DOT_F32: tl.constexpr, NO_DOT: tl.constexpr,
 ):  # fmt: skip
     pid_c, n, pid_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -342,26 +342,26 @@ def _plans(q_shape, group_shape, Q, window, dtype):
     bm, bn, warps = FLOAT64_TILES if fp64 else FORWARD_TILES
     forward = Plan(
         _forward_kernel, (cdiv(T, bm), B * H),
-        (T, H, G, n_tokens, *q_strides, *group_strides, *mask_strides, *token_strides),
-        (window, Q, d, block_d, bm, bn, *flags), warps,
+        (T, H, G, n_tokens, window, Q, *q_strides, *group_strides, *mask_strides, *token_strides),
+        (d, block_d, bm, bn, *flags), warps,
     )  # fmt: skip
     bm, bn, warps = FLOAT64_TILES if fp64 else DQ_TILES
     dq = Plan(
         _dq_kernel, (cdiv(T, bm), B * H),
-        (T, H, G, n_tokens, *q_strides, *group_strides, *mask_strides, *token_strides),
-        (window, Q, d, block_d, bm, bn, *flags), warps,
+        (T, H, G, n_tokens, window, Q, *q_strides, *group_strides, *mask_strides, *token_strides),
+        (d, block_d, bm, bn, *flags), warps,
     )  # fmt: skip
     bm, bn, warps = FLOAT64_TILES if fp64 else DTOKENS_TILES
     dtokens = Plan(
         _dtokens_kernel, (cdiv(n_tokens, bn), B * H),
-        (T, H, n_tokens, *q_strides, *token_strides),
-        (window, d, block_d, bm, bn, *flags), warps,
+        (T, H, n_tokens, window, *q_strides, *token_strides),
+        (d, block_d, bm, bn, *flags), warps,
     )  # fmt: skip
     bm, bn, warps = FLOAT64_TILES if fp64 else DGROUP_TILES
     dgroup = Plan(
         _dgroup_kernel, (cdiv(G, bn), nb, B * H),
-        (T, H, G, *q_strides, *group_strides, *mask_strides),
-        (Q, d, block_d, bm, bn, *flags), warps,
+        (T, H, G, Q, *q_strides, *group_strides, *mask_strides),
+        (d, block_d, bm, bn, *flags), warps,
     )  # fmt: skip
     return forward, dq, dtokens, dgroup
 
