@@ -100,6 +100,29 @@ def _exp(x, BASE2: tl.constexpr):
 
 
 @triton.jit
+def _key_tile(base_ptr, idx, ok, stride, kv_stride, h, dims, D: tl.constexpr, DOT_F32: tl.constexpr):
+    # Keys and values [len(idx), BD] of rows idx (of stride `stride`) of a [..., 2, H d] tensor.
+    kv = base_ptr + idx[:, None] * stride + h * D + dims[None, :]
+    mask = ok[:, None] & (dims < D)[None, :]
+    k = _operand(tl.load(kv, mask=mask, other=0.0), DOT_F32)
+    v = _operand(tl.load(kv + kv_stride, mask=mask, other=0.0), DOT_F32)
+    return k, v
+
+
+@triton.jit
+def _query_tile(q_ptr, do_ptr, lse_ptr, delta_ptr, b, h, pid_bh, rows, row_ok, dims, T, sqb, sqt, sqh, unit,
+                D: tl.constexpr, DOT_F32: tl.constexpr):  # fmt: skip
+    # What the backward reads of query rows: q, grad_out, lse (in the exponent base) and delta.
+    q_off = b * sqb + rows[:, None] * sqt + h * sqh + dims[None, :]
+    q_mask = row_ok[:, None] & (dims < D)[None, :]
+    q = _operand(tl.load(q_ptr + q_off, mask=q_mask, other=0.0), DOT_F32)
+    do = _operand(tl.load(do_ptr + q_off, mask=q_mask, other=0.0), DOT_F32)
+    lse2 = tl.load(lse_ptr + pid_bh * T + rows, mask=row_ok, other=0.0) * unit
+    delta = tl.load(delta_ptr + pid_bh * T + rows, mask=row_ok, other=0.0)
+    return q, do, lse2, delta
+
+
+@triton.jit
 def _group_visible(gm_ptr, n, rows, c, row_in, c_ok, smn, smq, Q):
     # [BM, BN]: query rows (those of block n: row_in) see candidates c of block n.
     bits = tl.load(gm_ptr + n * smn + (rows - n * Q)[:, None] * smq + c[None, :],
@@ -154,17 +177,12 @@ def _forward_kernel(
         for c0 in range(0, G, BN):
             c = c0 + cols
             c_ok = c < G
-            kv = g_ptr + b * sgb + n * sgn + c[:, None] * sgc + h * D + dims[None, :]
-            k = _operand(tl.load(kv, mask=c_ok[:, None] & dim_ok[None, :], other=0.0), DOT_F32)
-            v = _operand(tl.load(kv + sgkv, mask=c_ok[:, None] & dim_ok[None, :], other=0.0), DOT_F32)
+            k, v = _key_tile(g_ptr + b * sgb + n * sgn, c, c_ok, sgc, sgkv, h, dims, D, DOT_F32)
             vis = _group_visible(gm_ptr, n, rows, c, row_in, c_ok, smn, smq, Q)
             m_i, l_i, acc = _online_step(q, k, v, vis, m_i, l_i, acc, qk_scale, IEEE, BASE2, NO_DOT)
     for j0 in range(t0, tl.minimum(t0 + BM - 1 + W, NTOK), BN):
         j = j0 + cols
-        j_ok = j < NTOK
-        kv = tok_ptr + b * stb + j[:, None] * stt + h * D + dims[None, :]
-        k = _operand(tl.load(kv, mask=j_ok[:, None] & dim_ok[None, :], other=0.0), DOT_F32)
-        v = _operand(tl.load(kv + stkv, mask=j_ok[:, None] & dim_ok[None, :], other=0.0), DOT_F32)
+        k, v = _key_tile(tok_ptr + b * stb, j, j < NTOK, stt, stkv, h, dims, D, DOT_F32)
         vis = _window_visible(rows, j, tm_ptr, NTOK, W)
         m_i, l_i, acc = _online_step(q, k, v, vis, m_i, l_i, acc, qk_scale, IEEE, BASE2, NO_DOT)
     out = acc / l_i[:, None]
@@ -200,35 +218,26 @@ def _dq_kernel(
     dims = tl.arange(0, BD)
     cols = tl.arange(0, BN)
     row_ok = rows < T
-    dim_ok = dims < D
-    q_off = b * sqb + rows[:, None] * sqt + h * sqh + dims[None, :]
-    q_mask = row_ok[:, None] & dim_ok[None, :]
-    q = _operand(tl.load(q_ptr + q_off, mask=q_mask, other=0.0), DOT_F32)
-    do = _operand(tl.load(do_ptr + q_off, mask=q_mask, other=0.0), DOT_F32)
-    lse2 = tl.load(lse_ptr + pid_bh * T + rows, mask=row_ok, other=0.0) * unit
-    delta = tl.load(delta_ptr + pid_bh * T + rows, mask=row_ok, other=0.0)
+    q, do, lse2, delta = _query_tile(q_ptr, do_ptr, lse_ptr, delta_ptr, b, h, pid_bh, rows, row_ok, dims, T,
+                                     sqb, sqt, sqh, unit, D, DOT_F32)  # fmt: skip
     dq = tl.zeros([BM, BD], ACC)
     for n in range(t0 // Q, (tl.minimum(t0 + BM, T) - 1) // Q + 1):
         row_in = row_ok & (rows // Q == n)
         for c0 in range(0, G, BN):
             c = c0 + cols
             c_ok = c < G
-            kv = g_ptr + b * sgb + n * sgn + c[:, None] * sgc + h * D + dims[None, :]
-            k = _operand(tl.load(kv, mask=c_ok[:, None] & dim_ok[None, :], other=0.0), DOT_F32)
-            v = _operand(tl.load(kv + sgkv, mask=c_ok[:, None] & dim_ok[None, :], other=0.0), DOT_F32)
+            k, v = _key_tile(g_ptr + b * sgb + n * sgn, c, c_ok, sgc, sgkv, h, dims, D, DOT_F32)
             vis = _group_visible(gm_ptr, n, rows, c, row_in, c_ok, smn, smq, Q)
             ds = _grad_scores(q, do, k, v, vis, lse2, delta, qk_scale, IEEE, BASE2, NO_DOT)
             dq += _dot_nn(ds, k, IEEE, NO_DOT)
     for j0 in range(t0, tl.minimum(t0 + BM - 1 + W, NTOK), BN):
         j = j0 + cols
-        j_ok = j < NTOK
-        kv = tok_ptr + b * stb + j[:, None] * stt + h * D + dims[None, :]
-        k = _operand(tl.load(kv, mask=j_ok[:, None] & dim_ok[None, :], other=0.0), DOT_F32)
-        v = _operand(tl.load(kv + stkv, mask=j_ok[:, None] & dim_ok[None, :], other=0.0), DOT_F32)
+        k, v = _key_tile(tok_ptr + b * stb, j, j < NTOK, stt, stkv, h, dims, D, DOT_F32)
         vis = _window_visible(rows, j, tm_ptr, NTOK, W)
         ds = _grad_scores(q, do, k, v, vis, lse2, delta, qk_scale, IEEE, BASE2, NO_DOT)
         dq += _dot_nn(ds, k, IEEE, NO_DOT)
-    tl.store(dq_ptr + q_off, cast_out(dq * scale, dq_ptr, SOFT_BF16), mask=q_mask)
+    q_off = b * sqb + rows[:, None] * sqt + h * sqh + dims[None, :]
+    tl.store(dq_ptr + q_off, cast_out(dq * scale, dq_ptr, SOFT_BF16), mask=row_ok[:, None] & (dims < D)[None, :])
 
 
 @triton.jit
@@ -268,12 +277,8 @@ def _dtokens_kernel(
     for t0 in range(tl.maximum(j0 - W + 1, 0) // BM * BM, tl.minimum(j0 + BN, T), BM):
         rows = t0 + tl.arange(0, BM)
         row_ok = rows < T
-        q_off = b * sqb + rows[:, None] * sqt + h * sqh + dims[None, :]
-        q_mask = row_ok[:, None] & dim_ok[None, :]
-        q = _operand(tl.load(q_ptr + q_off, mask=q_mask, other=0.0), DOT_F32)
-        do = _operand(tl.load(do_ptr + q_off, mask=q_mask, other=0.0), DOT_F32)
-        lse2 = tl.load(lse_ptr + pid_bh * T + rows, mask=row_ok, other=0.0) * unit
-        delta = tl.load(delta_ptr + pid_bh * T + rows, mask=row_ok, other=0.0)
+        q, do, lse2, delta = _query_tile(q_ptr, do_ptr, lse_ptr, delta_ptr, b, h, pid_bh, rows, row_ok, dims, T,
+                                         sqb, sqt, sqh, unit, D, DOT_F32)  # fmt: skip
         vis = (j[:, None] >= rows[None, :]) & (j[:, None] < rows[None, :] + W) & exists[:, None] & row_ok[None, :]
         dk, dv = _key_grads(k, v, q, do, vis, lse2, delta, dk, dv, qk_scale, IEEE, BASE2, NO_DOT)
     tl.store(dtok_ptr + kv_off, cast_out(dk * scale, dtok_ptr, SOFT_BF16), mask=kv_mask)
@@ -304,12 +309,8 @@ def _dgroup_kernel(
         i = i0 + tl.arange(0, BM)
         rows = n * Q + i
         row_ok = (i < Q) & (rows < T)
-        q_off = b * sqb + rows[:, None] * sqt + h * sqh + dims[None, :]
-        q_mask = row_ok[:, None] & dim_ok[None, :]
-        q = _operand(tl.load(q_ptr + q_off, mask=q_mask, other=0.0), DOT_F32)
-        do = _operand(tl.load(do_ptr + q_off, mask=q_mask, other=0.0), DOT_F32)
-        lse2 = tl.load(lse_ptr + pid_bh * T + rows, mask=row_ok, other=0.0) * unit
-        delta = tl.load(delta_ptr + pid_bh * T + rows, mask=row_ok, other=0.0)
+        q, do, lse2, delta = _query_tile(q_ptr, do_ptr, lse_ptr, delta_ptr, b, h, pid_bh, rows, row_ok, dims, T,
+                                         sqb, sqt, sqh, unit, D, DOT_F32)  # fmt: skip
         bits = tl.load(gm_ptr + n * smn + i[None, :] * smq + c[:, None], mask=c_ok[:, None] & row_ok[None, :], other=0)
         dk, dv = _key_grads(k, v, q, do, bits != 0, lse2, delta, dk, dv, qk_scale, IEEE, BASE2, NO_DOT)
     tl.store(dg_ptr + kv_off, cast_out(dk * scale, dg_ptr, SOFT_BF16), mask=kv_mask)
