@@ -120,7 +120,8 @@ def render(rows: list[dict], info: dict, args, dtype) -> str:
         return f"{value:.3f}"
 
     def ratio(row, key):
-        return f"{row[key] / causal[row['T']][key]:.2f}x"
+        baseline = causal.get(row["T"])  # absent when --reads leaves causal-sdpa out
+        return f"{row[key] / baseline[key]:.2f}x" if baseline else "-"
 
     lines += markdown_table(
         ["T", "batch", "read", "forward ms", "x causal", "forward+backward ms", "x causal"],

@@ -232,8 +232,17 @@ def test_read_bench_smoke(tmp_path):
                             cwd=ROOT, capture_output=True, text=True, timeout=600)  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     rows = json.loads(out.with_suffix(".json").read_text())["results"]
-    assert [r["read"] for r in rows] == ["causal-sdpa", "blocked-sdpa eager", "blocked-sdpa compiled"]
+    assert [r["read"] for r in rows] == ["causal-sdpa", "memory_read op", "blocked-sdpa eager", "blocked-sdpa compiled"]
     assert all(r["forward_ms"] > 0 and r["forward_backward_ms"] > 0 for r in rows)
+
+
+def test_read_bench_picks_reads(tmp_path):
+    out = tmp_path / "read"
+    args = ["--smoke", "--device", "cpu", "--reads", "memory_read", "--out", str(out)]
+    result = subprocess.run([sys.executable, "bench/read.py", *args], cwd=ROOT, capture_output=True, text=True,
+                            timeout=600)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert [r["read"] for r in json.loads(out.with_suffix(".json").read_text())["results"]] == ["memory_read op"]
 
 
 def test_quality_refuses_probe_beyond_long_windows(tmp_path):
