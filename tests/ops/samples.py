@@ -459,6 +459,10 @@ MEMORY_READ_SAMPLES = [
     MemoryReadSample((1, 10, 1, 16, 3, 4, 4), uses=("triton",), masks="token_holes"),
     MemoryReadSample((1, 11, 2, 16, 3, 4, 3), "strided", ("triton_strided",), missing=1),
     MemoryReadSample((1, 70, 1, 16, 70, 70, 70), uses=("triton_tiles",), missing=30),
+    # Windows of several 64-key tiles, with the tokens before the sequence's start missing,
+    # and with holes.
+    MemoryReadSample((1, 150, 1, 16, 5, 64, 200), uses=("triton_tiles",), missing=130),
+    MemoryReadSample((1, 130, 1, 16, 5, 32, 260), uses=("triton_tiles",), masks="token_holes"),
 ]
 
 
