@@ -178,11 +178,12 @@ class MultiMemoryAttention(nn.Module):
     so that the few long-term entries are not outweighed by the W exact keys.
     Queries go in blocks (``MemoryLayout``), so the cost is O(T (P + L M + Q + W)),
     never O(T^2). ``kernel`` (``MMRecConfig.read_kernel``) picks how a chunk is read:
-    'memory_read' (``op_blocked_attention``), 'sdpa' (``blocked_attention``), or 'flex'
-    (``flex_blocked_attention`` in compiled CUDA code, else 'sdpa').
+    'memory_read' (``op_blocked_attention``), 'sdpa' (``blocked_attention``), 'flex'
+    (``flex_blocked_attention`` in compiled CUDA code, else 'sdpa'), or 'auto'
+    ('memory_read' on CUDA, 'sdpa' on the CPU).
     """
 
-    def __init__(self, dim: int, persistent_slots: int, window: int, gated: bool, kernel: str = "memory_read"):
+    def __init__(self, dim: int, persistent_slots: int, window: int, gated: bool, kernel: str = "auto"):
         super().__init__()
         self.window, self.gated, self.kernel = window, gated, kernel
         self.persistent = nn.Parameter(torch.empty(persistent_slots, 2, dim))
@@ -198,7 +199,8 @@ class MultiMemoryAttention(nn.Module):
         n_blocks, Q, _ = layout.read_mask.shape
         entries = None if pool is None else pool.to(q.dtype)[:, layout.read_source].unflatten(1, (n_blocks, -1))
         tokens = window_tokens(window, kv.to(q.dtype)) if self.window > 0 else None
-        if self.kernel == "memory_read":
+        # On the CPU, SDPA's fused attention reads faster than memory_read's block products.
+        if self.kernel == "memory_read" or (self.kernel == "auto" and q.is_cuda):
             attend = partial(op_blocked_attention, window=self.window, token_exists=layout.token_exists)
             return self.read(q, entries, tokens, layout.read_mask, gates, attend)
         # flex_attention on the CPU has neither a backward nor a compiled log-sum-exp.

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 MODES = ("exact", "parallel", "none")
 MEMORY_READS = ("joint", "gated")
 ENTRY_SUMMARIES = ("mean", "learned", "state", "best")
-READ_KERNELS = ("memory_read", "sdpa", "flex")
+READ_KERNELS = ("auto", "memory_read", "sdpa", "flex")
 
 # Chosen by measurement on the project's 2-core CPU (bench/results/model_cpu.md):
 # tiny pretrains usefully there in minutes; base is about 100M parameters.
@@ -52,13 +52,14 @@ class MMRecConfig:
             state h at the span's last token (needs a recurrence: mode 'exact' or
             'parallel'); 'best', per head one token of the span, the one whose key
             scores highest, its value gated by the score (``BestTokenEntries``).
-        read_kernel: how a chunk's read is computed: 'memory_read' (the default),
+        read_kernel: how a chunk's read is computed: 'memory_read',
             ``torch.ops.mmrec.memory_read``, one pass per query tile over its group and
             its window in place (C++ on the CPU, Triton on CUDA); 'sdpa', each block of
-            queries over a copy of its keys, masked (``blocked_attention``); or 'flex'
+            queries over a copy of its keys, masked (``blocked_attention``); 'flex'
             (compiled CUDA code only, else 'sdpa'), each block's group dense and its
             window through flex_attention, merged by their log-sum-exps
-            (``flex_blocked_attention``).
+            (``flex_blocked_attention``); or 'auto' (the default), 'memory_read' on CUDA
+            and 'sdpa' on the CPU, the faster on each (``bench/results/read_cpu.md``).
         ffn_mult: hidden width of the feed-forward network, in multiples of D.
         norm_eps: epsilon of the RMSNorms.
         init_std: standard deviation of the embedding and projection weights at init.
@@ -76,7 +77,7 @@ class MMRecConfig:
     persistent_slots: int = 16
     memory_read: str = "joint"
     entry_summary: str = "mean"
-    read_kernel: str = "memory_read"
+    read_kernel: str = "auto"
     ffn_mult: int = 4
     norm_eps: float = 1e-6
     init_std: float = 0.02

@@ -9,7 +9,13 @@ import pytest
 import torch
 
 from mmrec_model import MDI, MMRecBlock, MMRecConfig, MMRecModel
-from mmrec_model.attention import flex_blocked_attention, sdpa_blocked_attention, sliding_window_attention, window_keys
+from mmrec_model.attention import (
+    flex_blocked_attention,
+    op_blocked_attention,
+    sdpa_blocked_attention,
+    sliding_window_attention,
+    window_keys,
+)
 from mmrec_model.mdi import EPS, GAMMA_INIT
 from mmrec_model.memory import QUERY_BLOCK, memory_layout, update_long_term
 from tests.helpers import FLOAT64_ACCUMULATION, assert_close_rel
@@ -88,6 +94,26 @@ def test_flex_read_matches_blocked_sdpa(T, window, position, parts):
     working = None if tokens is None else window_keys(tokens, n_blocks, Q, window)
     expected = sdpa_blocked_attention(q, group, working, mask)
     assert_close_rel(flex_blocked_attention(q, group, tokens, mask, window), expected, FLOAT64_ACCUMULATION)
+
+
+@pytest.mark.parametrize("T,window,position", [(5, 20, 0), (131, 20, 300), (300, 150, 37)],
+                         ids=lambda v: str(v))  # fmt: skip
+@pytest.mark.parametrize("parts", ["joint", "long-term", "working"])
+def test_memory_read_kernel_matches_blocked_sdpa(T, window, position, parts):
+    """The 'memory_read' read kernel (mmrec_ops.memory_read over the tokens in place) against
+    blocked SDPA over per-block copies, output and every input's gradient, for the joint
+    read and each of the gated read's two."""
+    q, group, tokens, mask = read_inputs(T, window, position, torch.float64, parts=parts)
+    token_exists = memory_layout(torch.tensor(position), T, small_config("exact", window=window)).token_exists
+    leaves = [t.requires_grad_() for t in (q, group, tokens) if t is not None]
+    n_blocks, Q, _ = mask.shape
+    working = None if tokens is None else window_keys(tokens, n_blocks, Q, window)
+    expected = sdpa_blocked_attention(q, group, working, mask)
+    out = op_blocked_attention(q, group, tokens, mask, window, token_exists)
+    assert_close_rel(out, expected, FLOAT64_ACCUMULATION)
+    grad = torch.randn_like(out)
+    for got, want in zip(torch.autograd.grad(out, leaves, grad), torch.autograd.grad(expected, leaves, grad)):
+        assert_close_rel(got, want, FLOAT64_ACCUMULATION)
 
 
 def test_persistent_slots_learned_and_always_visible():
