@@ -70,6 +70,8 @@ def check_memory_read_args(
     if window < 1:
         raise ValueError(f"{op}: expected window >= 1, got {window}")
     B, T, H, d = q.shape
+    if d < 1:
+        raise ValueError(f"{op}: expected q with d >= 1 channels per head, got d = 0")
     if group.dim() != 5:
         raise ValueError(f"{op}: expected group of shape [B, nb, G, 2, H d] (5 dims), got {list(group.shape)}")
     check_like(group, q, op, "group", "q")

@@ -319,6 +319,7 @@ def bad_memory_read_inputs():
     return [
         ("int_q", (q.long(), g, gm, tk, tm, W), "q to be float32, float64, bfloat16 or float16"),
         ("q_rank3", (q[0], g, gm, tk, tm, W), r"q of shape \[B, T, H, d\] \(4 dims\)"),
+        ("d_0", (q[..., :0], g[..., :0], gm, tk[..., :0], tm, W), r"q with d >= 1 channels per head, got d = 0"),
         ("window_0", (q, g, gm, tk, tm, 0), r"window >= 1, got 0"),
         ("window_negative", (q, g, gm, tk, tm, -2), r"window >= 1, got -2"),
         ("group_rank4", (q, g[:, 0], gm, tk, tm, W), r"group of shape \[B, nb, G, 2, H d\] \(5 dims\)"),
