@@ -27,7 +27,7 @@ from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import compile_blocks, markdown_table, model_logits, synchronize, versions, write_results  # noqa: E402
+from bench.common import markdown_table, model_logits, synchronize, versions, write_results  # noqa: E402
 from bench.quality import Settings, build_model, model_config  # noqa: E402
 from mmrec_model.training import autocast, next_byte_loss  # noqa: E402
 
@@ -42,6 +42,7 @@ VARIANTS = {
     "mmrec-parallel-flex": ("mmrec", {"mode": "parallel", "read_kernel": "flex"}),
     "mmrec-no-window": ("mmrec-no-window", {}),
     "mmrec-no-longterm": ("mmrec-no-longterm", {}),
+    "mmrec-parallel-no-longterm": ("mmrec-no-longterm", {"mode": "parallel"}),
     "mmrec-no-recurrence": ("mmrec-no-recurrence", {}),
     "mmrec-window-only": ("mmrec-no-recurrence", {"n_levels": 0}),
     "mmrec-window-only-sdpa": ("mmrec-no-recurrence", {"n_levels": 0, "read_kernel": "sdpa"}),
@@ -50,19 +51,26 @@ SMOKE_SIZES = {"dim": 32, "n_layers": 2, "n_heads": 2, "window": 16}
 KERNEL_ROWS = 25
 
 
-def build(variant: str, settings: Settings, device: torch.device) -> torch.nn.Module:
+def build(variant: str, settings: Settings, device: torch.device, scope: str = "blocks", mode: str | None = None) -> torch.nn.Module:
+    """The variant's model, compiled: each block alone (``compile_blocks``) or the whole
+    model, in torch.compile's ``mode`` (None: the default; 'reduce-overhead': CUDA graphs)."""
     arch, overrides = VARIANTS[variant]
     config = dataclasses.replace(model_config(arch, settings), **overrides)
     model = build_model(config, seed=0, device=device)
-    compile_blocks(model)
+    torch._dynamo.reset()
+    for module in model.blocks if scope == "blocks" else [model]:
+        module.compile(fullgraph=True, mode=mode)
     return model
 
 
-def make_step(model: torch.nn.Module, ids: torch.Tensor, device: torch.device):
+def make_step(model: torch.nn.Module, ids: torch.Tensor, device: torch.device, cuda_graphs: bool = False):
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
     dtype = torch.bfloat16 if device.type == "cuda" else None
 
     def step():
+        if cuda_graphs:
+            # The previous step's graph outputs are dead: their memory may be reused.
+            torch.compiler.cudagraph_mark_step_begin()
         with autocast(device, dtype):
             loss = next_byte_loss(model_logits(model, ids[:, :-1]), ids[:, 1:]).mean()
         loss.backward()
@@ -85,8 +93,10 @@ def step_ms(step, device: torch.device, steps: int) -> float:
     return 1e3 * statistics.median(times)
 
 
-def kernels(step, device: torch.device, steps: int) -> list[dict]:
-    """The profiled steps' kernels (on CUDA; ops on CPU), by time per step, longest first."""
+def kernels(step, device: torch.device, steps: int) -> tuple[list[dict], dict]:
+    """The profiled steps' kernels (on CUDA; ops on CPU), by time per step, longest first,
+    and their totals per step: {"launches", "ms"} (on CUDA, the GPU's busy time: what the
+    step's wall time holds beyond it is the GPU waiting for the host)."""
     activity = ProfilerActivity.CUDA if device.type == "cuda" else ProfilerActivity.CPU
     with profile(activities=[activity]) as prof:
         for _ in range(steps):
@@ -97,7 +107,8 @@ def kernels(step, device: torch.device, steps: int) -> list[dict]:
         total = event.self_device_time_total if device.type == "cuda" else event.self_cpu_time_total
         if total > 0 and (device.type == "cpu" or "::" not in event.key):
             rows.append({"name": event.key, "calls_per_step": event.count / steps, "ms_per_step": total / 1e3 / steps})
-    return sorted(rows, key=lambda row: -row["ms_per_step"])[:KERNEL_ROWS]
+    totals = {"launches": sum(r["calls_per_step"] for r in rows), "ms": sum(r["ms_per_step"] for r in rows)}
+    return sorted(rows, key=lambda row: -row["ms_per_step"])[:KERNEL_ROWS], totals
 
 
 def render(rows: list[dict], info: dict, args: argparse.Namespace) -> str:
@@ -108,7 +119,8 @@ def render(rows: list[dict], info: dict, args: argparse.Namespace) -> str:
         "",
         f"`bench/train_breakdown.py`; {info['device']}; torch {info['torch']}; Triton {info.get('triton', '-')}; "
         f"{info['date']}. Preset {args.preset}, {args.tokens_per_step} tokens a step in sequences of "
-        f"{args.seq_len}; compiled blocks; median of {args.steps} steps.",
+        f"{args.seq_len}; {'compiled blocks' if args.compile == 'blocks' else 'the whole model compiled'}"
+        f"{', CUDA graphs' if args.cuda_graphs else ''}; median of {args.steps} steps.",
         "",
     ]
     lines += markdown_table(
@@ -118,7 +130,11 @@ def render(rows: list[dict], info: dict, args: argparse.Namespace) -> str:
     )  # fmt: skip
     for r in rows:
         if r["kernels"]:
+            totals = r["kernel_totals"]
             lines += ["", f"## {r['variant']}: kernels by time per step", ""]
+            what = "kernels" if args.device == "cuda" else "ops (self CPU time)"
+            lines += [f"All {what}: {totals['launches']:g} calls, {totals['ms']:.1f} ms a step "
+                      f"({totals['ms'] / r['step_ms']:.0%} of the step's {r['step_ms']:.1f} ms).", ""]
             lines += markdown_table(
                 ["kernel", "calls / step", "ms / step"],
                 [[k["name"][:100], f"{k['calls_per_step']:g}", f"{k['ms_per_step']:.2f}"] for k in r["kernels"]],
@@ -132,6 +148,9 @@ def main() -> None:
     parser.add_argument("--preset", default="small")
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     parser.add_argument("--profile", nargs="*", default=["transformer", "mmrec", "mmrec-window-only"])
+    parser.add_argument("--compile", default="blocks", choices=["blocks", "model"],
+                        help="compile each block alone (regional compilation) or the whole model")
+    parser.add_argument("--cuda-graphs", action="store_true", help="torch.compile mode 'reduce-overhead'")
     parser.add_argument("--seq-len", type=int, default=2048)
     parser.add_argument("--tokens-per-step", type=int, default=32768)
     parser.add_argument("--steps", type=int, default=10, help="timed steps")
@@ -148,9 +167,10 @@ def main() -> None:
     ids = torch.randint(0, 256, (args.tokens_per_step // args.seq_len, args.seq_len + 1), device=device)
     rows = []
     for variant in args.variants:
-        step = make_step(build(variant, settings, device), ids, device)
+        mode = "reduce-overhead" if args.cuda_graphs else None
+        step = make_step(build(variant, settings, device, args.compile, mode), ids, device, args.cuda_graphs)
         row = {"variant": variant, "step_ms": step_ms(step, device, args.steps)}
-        row["kernels"] = kernels(step, device, args.profiled_steps) if variant in args.profile else []
+        row["kernels"], row["kernel_totals"] = kernels(step, device, args.profiled_steps) if variant in args.profile else ([], {})
         print(f"{variant}: {row['step_ms']:.1f} ms/step", file=sys.stderr, flush=True)
         rows.append(row)
         del step
