@@ -58,10 +58,10 @@ def read_inputs(config: MMRecConfig, batch: int, T: int, device, dtype):
     q = torch.randn(batch, T, H, d, device=device, dtype=dtype)
     group = torch.randn(batch, n_blocks, n_group, 2, H * d, device=device, dtype=dtype)
     tokens = torch.randn(batch, W - 1 + T, 2, H * d, device=device, dtype=dtype)
-    return q, group, tokens, layout.read_mask, layout.token_exists
+    return q, group, tokens, layout.read_mask, layout.first_token
 
 
-def variants(config: MMRecConfig, mask: torch.Tensor, token_exists: torch.Tensor, device) -> dict:
+def variants(config: MMRecConfig, mask: torch.Tensor, first_token: torch.Tensor, device) -> dict:
     """name -> read of (q, group, tokens)."""
     n_blocks, Q, _ = mask.shape
     W = config.window
@@ -73,7 +73,7 @@ def variants(config: MMRecConfig, mask: torch.Tensor, token_exists: torch.Tensor
         return flex_blocked_attention(q, group, tokens, mask, W)
 
     def memory_read(q, group, tokens):
-        return op_blocked_attention(q, group, tokens, mask, W, token_exists)
+        return op_blocked_attention(q, group, tokens, mask, W, first_token)
 
     reads = {
         "memory_read op": memory_read,
@@ -89,10 +89,10 @@ def rows_of(config: MMRecConfig, T: int, args, device, dtype) -> list[dict]:
     batch = max(args.tokens // T, 1)
     H, d = config.n_heads, config.head_dim
     base = {"T": T, "batch": batch}
-    q, group, tokens, mask, token_exists = read_inputs(config, batch, T, device, dtype)
+    q, group, tokens, mask, first_token = read_inputs(config, batch, T, device, dtype)
     qkv = [torch.randn(batch, H, T, d, device=device, dtype=dtype) for _ in range(3)]
     reads = {"causal-sdpa": (causal_read, qkv)}
-    reads.update({name: (fn, (q, group, tokens)) for name, fn in variants(config, mask, token_exists, device).items()})
+    reads.update({name: (fn, (q, group, tokens)) for name, fn in variants(config, mask, first_token, device).items()})
     if args.reads:
         reads = {name: read for name, read in reads.items() if name.split()[0] in args.reads}
     rows = []

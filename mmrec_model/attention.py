@@ -118,10 +118,10 @@ def flex_blocked_attention(q: Tensor, group: Tensor | None, tokens: Tensor | Non
 
 
 def op_blocked_attention(
-    q: Tensor, group: Tensor | None, tokens: Tensor | None, mask: Tensor, window: int, token_exists: Tensor
+    q: Tensor, group: Tensor | None, tokens: Tensor | None, mask: Tensor, window: int, first_token: Tensor
 ) -> Tensor:
     """``flex_blocked_attention``'s read through ``mmrec_ops.memory_read`` (the group and
-    the window in one pass); token_exists ``[W - 1 + T]``: which tokens exist. A read
+    the window in one pass); first_token int64 ``[]``: the first of the tokens that exists. A read
     without a window (the long-term part of a gated read, or W = 0) is
     ``blocked_attention``'s (``group_attention``'s einsums specialise a compiled
     graph's dynamic T on the CPU)."""
@@ -129,7 +129,7 @@ def op_blocked_attention(
         return sdpa_blocked_attention(q, group, None, mask)
     if group is None:
         group = tokens.new_empty(tokens.shape[0], mask.shape[0], 0, 2, tokens.shape[-1])
-    return mmrec_ops.memory_read(q, group, mask[..., : group.shape[2]], tokens, token_exists, window)[0]
+    return mmrec_ops.memory_read(q, group, mask[..., : group.shape[2]], tokens, first_token, window)[0]
 
 
 def window_tokens(window: Tensor, kv: Tensor) -> Tensor:
@@ -201,7 +201,7 @@ class MultiMemoryAttention(nn.Module):
         tokens = window_tokens(window, kv.to(q.dtype)) if self.window > 0 else None
         # On the CPU, SDPA's fused attention reads faster than memory_read's block products.
         if self.kernel == "memory_read" or (self.kernel == "auto" and q.is_cuda):
-            attend = partial(op_blocked_attention, window=self.window, token_exists=layout.token_exists)
+            attend = partial(op_blocked_attention, window=self.window, first_token=layout.first_token)
             return self.read(q, entries, tokens, layout.read_mask, gates, attend)
         # flex_attention on the CPU has neither a backward nor a compiled log-sum-exp.
         if self.kernel == "flex" and q.is_cuda and torch.compiler.is_compiling():

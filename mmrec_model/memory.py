@@ -176,8 +176,9 @@ class MemoryLayout(NamedTuple):
     window_order: ``[W - 1]``, the working memory's ring slots, oldest token first.
     window_slots: ``[W - 1]``, for each ring slot after the chunk, which of the last W - 1
                  tokens (the working memory oldest first, then the chunk) it holds.
-    token_exists: ``[W - 1 + T]``, which of the working memory's tokens (oldest first) and
-                 the chunk's exist: none before the sequence's first token.
+    first_token: int64 ``[]``, the first of the working memory's tokens (oldest first) then
+                 the chunk's that exists: none before the sequence's first token, so
+                 max(W - 1 - position, 0).
     """
 
     in_head: Tensor
@@ -189,7 +190,7 @@ class MemoryLayout(NamedTuple):
     phase: Tensor
     window_order: Tensor
     window_slots: Tensor
-    token_exists: Tensor
+    first_token: Tensor
 
 
 class TokenLayout(NamedTuple):
@@ -386,7 +387,7 @@ def memory_layout(position: Tensor, T: int, config: MMRecConfig) -> MemoryLayout
         phase=(position + torch.arange(T, device=device)) % S,
         window_order=window_ring(position, max(config.window - 1, 0)),
         window_slots=window_ring(-(position + T), max(config.window - 1, 0)),
-        token_exists=position - max(config.window - 1, 0) + torch.arange(max(config.window - 1, 0) + T, device=device) >= 0,
+        first_token=(max(config.window - 1, 0) - position).clamp(min=0),
     )
 
 

@@ -5,7 +5,7 @@
     p = mmrec_ops.cumprod(gamma)          # scan without x: cumulative product
     h = mmrec_ops.recurrence(z, gamma, W) # torch.ops.mmrec.recurrence
     m = mmrec_ops.decode_read(q, k, v, mask)  # one query per row against a cache
-    o, lse = mmrec_ops.memory_read(q, group, group_mask, tokens, token_mask, W)  # a training step's read
+    o, lse = mmrec_ops.memory_read(q, group, group_mask, tokens, first_token, W)  # a training step's read
     y = mmrec_ops.skinny_addmm(b, x, w)   # bias + x @ w for a few rows of x
 
 The compiled library (mmrec_ops._C) is required; importing this package

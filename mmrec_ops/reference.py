@@ -72,7 +72,7 @@ def skinny_addmm_reference(bias: Tensor, x: Tensor, weight: Tensor) -> Tensor:
 
 
 def memory_read_reference(
-    q: Tensor, group: Tensor, group_mask: Tensor, tokens: Tensor, token_mask: Tensor, window: int
+    q: Tensor, group: Tensor, group_mask: Tensor, tokens: Tensor, first_token: Tensor | int, window: int
 ) -> tuple[Tensor, Tensor]:
     """Each query's softmax over its group and its window, one query at a time; see
     ``mmrec_ops.memory_read``. Returns (out ``[B, T, H, d]``, lse ``[B, H, T]``)."""
@@ -83,7 +83,8 @@ def memory_read_reference(
         n, i = divmod(t, Q)
         keys = torch.cat([group[:, n, :, 0], tokens[:, t : t + window, 0]], dim=1).unflatten(-1, (H, d))
         values = torch.cat([group[:, n, :, 1], tokens[:, t : t + window, 1]], dim=1).unflatten(-1, (H, d))
-        visible = torch.cat([group_mask[n, i], token_mask[t : t + window]])
+        exists = torch.arange(t, t + window, device=q.device) >= first_token
+        visible = torch.cat([group_mask[n, i], exists])
         scores = torch.einsum("bhd,bkhd->bhk", q[:, t], keys) / d**0.5
         scores = scores.masked_fill(~visible, float("-inf"))
         lse = torch.logsumexp(scores, dim=-1)

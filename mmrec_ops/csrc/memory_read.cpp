@@ -1,6 +1,6 @@
 // CPU kernels of mmrec::memory_read and mmrec::memory_read_backward: each query
 // t = n Q + i over the keys it sees, its block's group (group_mask[n, i]) and
-// the tokens t <= j <= t + W - 1 that exist (token_mask[j]), in one softmax:
+// the tokens t <= j <= t + W - 1 that exist (j >= first_token), in one softmax:
 //
 //   out_t = sum_c p_c v_c,  p = softmax(q_t . k_c / sqrt(d)),  lse_t = log sum_c exp(q_t . k_c / sqrt(d)).
 //
@@ -45,7 +45,7 @@ void check_bool_mask(const Tensor& mask, const Tensor& q, const char* name) {
 }
 
 void check_memory_read_args(const Tensor& q, const Tensor& group, const Tensor& group_mask, const Tensor& tokens,
-                            const Tensor& token_mask, int64_t window) {
+                            const Tensor& first_token, int64_t window) {
   check_floating(q, kMemoryRead, "q");
   TORCH_CHECK_VALUE(
       q.dim() == 4, kMemoryRead, ": expected q of shape [B, T, H, d] (4 dims), got ", shape_string(q.sizes()));
@@ -69,8 +69,13 @@ void check_memory_read_args(const Tensor& q, const Tensor& group, const Tensor& 
       std::to_string(nb), ", Q = ", std::to_string(Q), ", T = ", std::to_string(T));
   check_like(tokens, q, kMemoryRead, "tokens", "q");
   check_shape(tokens, {B, window - 1 + T, 2, H * d}, kMemoryRead, "tokens");
-  check_bool_mask(token_mask, q, "token_mask");
-  check_shape(token_mask, {window - 1 + T}, kMemoryRead, "token_mask");
+  TORCH_CHECK_VALUE(
+      first_token.scalar_type() == at::kLong && first_token.dim() == 0, kMemoryRead,
+      ": expected first_token to be an int64 tensor of 0 dims, got ", dtype_name(first_token.scalar_type()),
+      " of shape ", shape_string(first_token.sizes()));
+  TORCH_CHECK_VALUE(
+      first_token.device() == q.device(), kMemoryRead, ": expected first_token to be on the device of q (",
+      q.device().str(), "), got ", first_token.device().str());
 }
 
 // One call's operands in the accumulation type, in the layouts of the block products.
@@ -85,7 +90,7 @@ struct Blocks {
   Tensor row_valid;    // [nb, Q, 1]: the query exists (t < T)
 
   Blocks(const Tensor& q, const Tensor& group_in, const Tensor& group_mask_in, const Tensor& tokens_in,
-         const Tensor& token_mask, int64_t window) {
+         const Tensor& first_token, int64_t window) {
     B = q.size(0), T = q.size(1), H = q.size(2), d = q.size(3);
     nb = group_in.size(1), G = group_in.size(2), Q = group_mask_in.size(1), W = window;
     K = G + Q + W - 1;
@@ -101,7 +106,8 @@ struct Blocks {
     auto i = at::arange(Q, at::TensorOptions().dtype(at::kLong).device(device)).view({Q, 1});
     auto j = at::arange(Q + W - 1, at::TensorOptions().dtype(at::kLong).device(device));
     auto band = j.ge(i).logical_and(j.lt(i + W));
-    auto exists = at::constant_pad_nd(token_mask, {0, nb * Q - T}, 0).unfold(0, Q + W - 1, Q);  // [nb, Q + W - 1]
+    auto token = at::arange(W - 1 + nb * Q, at::TensorOptions().dtype(at::kLong).device(device));
+    auto exists = token.ge(first_token).logical_and(token.lt(W - 1 + T)).unfold(0, Q + W - 1, Q);  // [nb, Q + W - 1]
     window_mask = band.unsqueeze(0).logical_and(exists.unsqueeze(1));
     auto t = at::arange(nb * Q, at::TensorOptions().dtype(at::kLong).device(device)).view({nb, Q, 1});
     row_valid = t.lt(T);
@@ -146,14 +152,14 @@ struct Blocks {
 };
 
 std::tuple<Tensor, Tensor> memory_read_cpu(const Tensor& q, const Tensor& group, const Tensor& group_mask,
-                                           const Tensor& tokens, const Tensor& token_mask, int64_t window) {
-  check_memory_read_args(q, group, group_mask, tokens, token_mask, window);
+                                           const Tensor& tokens, const Tensor& first_token, int64_t window) {
+  check_memory_read_args(q, group, group_mask, tokens, first_token, window);
   const auto acc = at::toOpMathType(q.scalar_type());
   const int64_t B = q.size(0), T = q.size(1), H = q.size(2);
   if (B * T * H == 0) {
     return {at::empty(q.sizes(), q.options()), at::empty({B, H, T}, q.options().dtype(acc))};
   }
-  const Blocks blocks(q, group, group_mask, tokens, token_mask, window);
+  const Blocks blocks(q, group, group_mask, tokens, first_token, window);
   const int64_t nb = blocks.nb, Q = blocks.Q, d = blocks.d;
   Tensor out = at::empty({B, H, nb, Q, d}, q.options().dtype(acc));
   Tensor lse = at::empty({B, H, nb, Q}, q.options().dtype(acc));
@@ -192,15 +198,15 @@ void check_memory_read_backward_args(const Tensor& grad_out, const Tensor& grad_
 std::tuple<Tensor, Tensor, Tensor> memory_read_backward_cpu(const Tensor& grad_out, const Tensor& grad_lse,
                                                             const Tensor& q, const Tensor& group,
                                                             const Tensor& group_mask, const Tensor& tokens,
-                                                            const Tensor& token_mask, const Tensor& out,
+                                                            const Tensor& first_token, const Tensor& out,
                                                             const Tensor& lse, int64_t window) {
-  check_memory_read_args(q, group, group_mask, tokens, token_mask, window);
+  check_memory_read_args(q, group, group_mask, tokens, first_token, window);
   check_memory_read_backward_args(grad_out, grad_lse, q, out, lse);
   const int64_t B = q.size(0), T = q.size(1), H = q.size(2);
   if (B * T * H == 0) {
     return {at::zeros_like(q), at::zeros_like(group), at::zeros_like(tokens)};
   }
-  const Blocks blocks(q, group, group_mask, tokens, token_mask, window);
+  const Blocks blocks(q, group, group_mask, tokens, first_token, window);
   const int64_t nb = blocks.nb, Q = blocks.Q, d = blocks.d, G = blocks.G, W = blocks.W;
   const auto acc = at::toOpMathType(q.scalar_type());
   auto by_block = [&](const Tensor& t) {  // [B, H, T] -> [B, H, nb, Q, 1], zero-padded

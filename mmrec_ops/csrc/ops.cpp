@@ -41,16 +41,17 @@ TORCH_LIBRARY(mmrec, m) {
   m.def("decode_read(Tensor q, Tensor keys, Tensor values, Tensor mask) -> Tensor");
   // Each token's read of its memories (a training step's read), one softmax per query t = n Q + i:
   // over group[b, n, c] where group_mask[n, i, c], and tokens[b, j] where t <= j <= t + W - 1 and
-  // token_mask[j]. q: [B, T, H, d]; group: [B, nb, G, 2, H d] (keys, values); group_mask: [nb, Q, G]
-  // bool, nb Q >= T; tokens: [B, W - 1 + T, 2, H d]; token_mask: [W - 1 + T] bool.
+  // j >= first_token. q: [B, T, H, d]; group: [B, nb, G, 2, H d] (keys, values); group_mask: [nb, Q, G]
+  // bool, nb Q >= T; tokens: [B, W - 1 + T, 2, H d]; first_token: int64 [], the first token that
+  // exists (those before it precede the sequence's start).
   // out: [B, T, H, d]; lse: [B, H, T], the log of each softmax's denominator (float32; float64 for float64).
   m.def(
-      "memory_read(Tensor q, Tensor group, Tensor group_mask, Tensor tokens, Tensor token_mask, int window) "
+      "memory_read(Tensor q, Tensor group, Tensor group_mask, Tensor tokens, Tensor first_token, int window) "
       "-> (Tensor out, Tensor lse)");
   // Gradients of memory_read from its saved outputs; grad_lse: [B, H, T] in lse's dtype.
   m.def(
       "memory_read_backward(Tensor grad_out, Tensor grad_lse, Tensor q, Tensor group, Tensor group_mask, "
-      "Tensor tokens, Tensor token_mask, Tensor out, Tensor lse, int window) "
+      "Tensor tokens, Tensor first_token, Tensor out, Tensor lse, int window) "
       "-> (Tensor grad_q, Tensor grad_group, Tensor grad_tokens)");
   // A matrix product of a few rows (a decode step's projections): out = bias + x @ weight.
   // bias: [N]; x: [M, K]; weight: [K, N].

@@ -20,16 +20,16 @@ MEMORY_READ_BACKWARD = "mmrec::memory_read_backward"
 
 
 def memory_read(
-    q: Tensor, group: Tensor, group_mask: Tensor, tokens: Tensor, token_mask: Tensor, window: int
+    q: Tensor, group: Tensor, group_mask: Tensor, tokens: Tensor, first_token: Tensor | int, window: int
 ) -> tuple[Tensor, Tensor]:
     """Softmax attention of each query over its block's group and its own window:
 
         out_t = sum_c p_c v_c,   p = softmax_c(q_t . k_c / sqrt(d)),   lse_t = log sum_c exp(q_t . k_c / sqrt(d))
 
     over the keys query t = n Q + i sees: ``group[b, n, c]`` where ``group_mask[n, i, c]``,
-    and ``tokens[b, j]`` where t <= j <= t + W - 1 and ``token_mask[j]`` (the token j - (W - 1)
-    of the chunk: the last W tokens up to t, its own included). Time and memory are
-    O(T (G + W)); on CUDA one pass per query tile, nothing materialised.
+    and ``tokens[b, j]`` where t <= j <= t + W - 1 and j >= ``first_token`` (the token
+    j - (W - 1) of the chunk: the last W tokens up to t, its own included, that exist).
+    Time and memory are O(T (G + W)); on CUDA one pass per query tile, nothing materialised.
 
     Args:
         q: ``[B, T, H, d]``.
@@ -39,12 +39,14 @@ def memory_read(
             nb Q >= T (blocks past the end are ignored).
         tokens: ``[B, W - 1 + T, 2, H d]``, the keys and values of the W - 1 tokens before the
             chunk (oldest first), then the chunk's T.
-        token_mask: ``[W - 1 + T]`` bool, True where a token exists (at the start of a
-            sequence the tokens before it do not).
+        first_token: int64 tensor of 0 dims, the first of ``tokens`` that exists (at the
+            start of a sequence the W - 1 before it do not: then W - 1 - position; 0 when
+            they all exist). A tensor, so that it may follow a position held on the device
+            (an int is taken as one on q's device).
         window: W >= 1.
 
     q, group and tokens share one dtype (float32, float64, bfloat16 or float16) and device,
-    any strides; the masks are bool on that device.
+    any strides; group_mask is bool and first_token int64 on that device.
 
     Returns:
         out ``[B, T, H, d]`` in q's dtype and lse ``[B, H, T]`` in float32 (float64 for
@@ -52,7 +54,9 @@ def memory_read(
         that sees no key gives NaN and -inf, as softmax does. Differentiable in q, group and
         tokens, through out and lse (so reads can be merged through their lse).
     """
-    return torch.ops.mmrec.memory_read.default(q, group, group_mask, tokens, token_mask, window)
+    if isinstance(first_token, int) and not isinstance(first_token, bool):
+        first_token = torch.tensor(first_token, device=q.device)
+    return torch.ops.mmrec.memory_read.default(q, group, group_mask, tokens, first_token, window)
 
 
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -60,7 +64,7 @@ def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def check_memory_read_args(
-    q: Tensor, group: Tensor, group_mask: Tensor, tokens: Tensor, token_mask: Tensor, window: int
+    q: Tensor, group: Tensor, group_mask: Tensor, tokens: Tensor, first_token: Tensor, window: int
 ) -> None:
     """The checks of csrc/memory_read.cpp, for the kernels written in Python."""
     op = MEMORY_READ
@@ -86,8 +90,13 @@ def check_memory_read_args(
         raise ValueError(f"{op}: expected group_mask's nb Q >= T (blocks covering every query), got nb = {nb}, Q = {Q}, T = {T}")
     check_like(tokens, q, op, "tokens", "q")
     check_shape(tokens, (B, window - 1 + T, 2, H * d), op, "tokens")
-    check_bool_mask(token_mask, q, "token_mask")
-    check_shape(token_mask, (window - 1 + T,), op, "token_mask")
+    if first_token.dtype != torch.int64 or first_token.dim() != 0:
+        raise ValueError(
+            f"{op}: expected first_token to be an int64 tensor of 0 dims, got {first_token.dtype} "
+            f"of shape {list(first_token.shape)}"
+        )
+    if first_token.device != q.device:
+        raise ValueError(f"{op}: expected first_token to be on the device of q ({q.device}), got {first_token.device}")
 
 
 def check_bool_mask(mask: Tensor, q: Tensor, name: str) -> None:
@@ -103,21 +112,21 @@ def _empty_outputs(q: Tensor) -> tuple[Tensor, Tensor]:
 
 
 @torch.library.register_fake(MEMORY_READ)
-def _memory_read_fake(q, group, group_mask, tokens, token_mask, window):
-    check_memory_read_args(q, group, group_mask, tokens, token_mask, window)
+def _memory_read_fake(q, group, group_mask, tokens, first_token, window):
+    check_memory_read_args(q, group, group_mask, tokens, first_token, window)
     return _empty_outputs(q)
 
 
 @torch.library.register_kernel(MEMORY_READ, "cuda")
-def _memory_read_cuda(q, group, group_mask, tokens, token_mask, window):
-    check_memory_read_args(q, group, group_mask, tokens, token_mask, window)
+def _memory_read_cuda(q, group, group_mask, tokens, first_token, window):
+    check_memory_read_args(q, group, group_mask, tokens, first_token, window)
     if q.numel() == 0:
         return _empty_outputs(q)
-    return triton_launchers("memory_read").memory_read(q, group, group_mask, tokens, token_mask, window)
+    return triton_launchers("memory_read").memory_read(q, group, group_mask, tokens, first_token, window)
 
 
-def check_memory_read_backward_args(grad_out, grad_lse, q, group, group_mask, tokens, token_mask, out, lse, window):
-    check_memory_read_args(q, group, group_mask, tokens, token_mask, window)
+def check_memory_read_backward_args(grad_out, grad_lse, q, group, group_mask, tokens, first_token, out, lse, window):
+    check_memory_read_args(q, group, group_mask, tokens, first_token, window)
     op = MEMORY_READ_BACKWARD
     B, T, H, _ = q.shape
     for name, t, like in (("grad_out", grad_out, q), ("out", out, q)):
@@ -132,24 +141,24 @@ def check_memory_read_backward_args(grad_out, grad_lse, q, group, group_mask, to
 
 
 @torch.library.register_fake(MEMORY_READ_BACKWARD)
-def _memory_read_backward_fake(grad_out, grad_lse, q, group, group_mask, tokens, token_mask, out, lse, window):
-    check_memory_read_backward_args(grad_out, grad_lse, q, group, group_mask, tokens, token_mask, out, lse, window)
+def _memory_read_backward_fake(grad_out, grad_lse, q, group, group_mask, tokens, first_token, out, lse, window):
+    check_memory_read_backward_args(grad_out, grad_lse, q, group, group_mask, tokens, first_token, out, lse, window)
     return q.new_empty(q.shape), group.new_empty(group.shape), tokens.new_empty(tokens.shape)
 
 
 @torch.library.register_kernel(MEMORY_READ_BACKWARD, "cuda")
-def _memory_read_backward_cuda(grad_out, grad_lse, q, group, group_mask, tokens, token_mask, out, lse, window):
-    check_memory_read_backward_args(grad_out, grad_lse, q, group, group_mask, tokens, token_mask, out, lse, window)
+def _memory_read_backward_cuda(grad_out, grad_lse, q, group, group_mask, tokens, first_token, out, lse, window):
+    check_memory_read_backward_args(grad_out, grad_lse, q, group, group_mask, tokens, first_token, out, lse, window)
     if q.numel() == 0:
         return torch.zeros_like(q), torch.zeros_like(group), torch.zeros_like(tokens)
     return triton_launchers("memory_read").memory_read_backward(
-        grad_out, grad_lse, q, group, group_mask, tokens, token_mask, out, lse, window
+        grad_out, grad_lse, q, group, group_mask, tokens, first_token, out, lse, window
     )
 
 
 def _memory_read_setup_context(ctx, inputs, output):
-    q, group, group_mask, tokens, token_mask, window = inputs
-    ctx.save_for_backward(q, group, group_mask, tokens, token_mask, *output)
+    q, group, group_mask, tokens, first_token, window = inputs
+    ctx.save_for_backward(q, group, group_mask, tokens, first_token, *output)
     ctx.window = window
 
 
@@ -157,9 +166,9 @@ def _memory_read_backward(ctx, grad_out, grad_lse):
     """With s the scores of the keys a query sees, p = exp(s - lse), delta = grad_out . out - grad_lse:
     grad_v = p grad_out, grad_s = p (grad_out . v - delta), grad_q = grad_s k / sqrt(d),
     grad_k = grad_s q / sqrt(d); memory_read_backward recomputes p from lse."""
-    q, group, group_mask, tokens, token_mask, out, lse = ctx.saved_tensors
+    q, group, group_mask, tokens, first_token, out, lse = ctx.saved_tensors
     grad_q, grad_group, grad_tokens = torch.ops.mmrec.memory_read_backward.default(
-        grad_out, grad_lse, q, group, group_mask, tokens, token_mask, out, lse, ctx.window
+        grad_out, grad_lse, q, group, group_mask, tokens, first_token, out, lse, ctx.window
     )
     return grad_q, grad_group, None, grad_tokens, None, None
 

@@ -1,19 +1,19 @@
 """Triton kernels of mmrec::memory_read and mmrec::memory_read_backward (CUDA).
 
     query t = n Q + i sees group[b, n, c] where group_mask[n, i, c], and tokens[b, j]
-    where t <= j <= t + W - 1 and token_mask[j];
+    where t <= j <= t + W - 1 and j >= first_token;
     out_t = sum_c p_c v_c,  p = softmax(q_t . k_c / sqrt(d)),  lse_t = log sum_c exp(q_t . k_c / sqrt(d))
 
 Forward. One program per (tile of BM queries, batch row and head) runs one online
 softmax (flash attention's) over the group of each block its tile touches (one, when
 BM divides Q), then over the key tiles of its window, t0 <= j < t0 + BM - 1 + W, in
 place in ``tokens``: no copy per block, no merge of two softmaxes. Visibility is the
-group mask's bits for the group and arithmetic on t and j (plus the token mask) for
+group mask's bits for the group and arithmetic on t, j and first_token for
 the window. Scores are kept in base 2 (exp2, the scale times log2(e) folded in; float64 keeps
 exp); lse is stored in natural units, [B, H, T].
 
 Backward, from lse (the weights recomputed, never stored) and
-delta = grad_out . out - grad_lse:
+delta = grad_out . out - grad_lse (a pass of its own over grad_out and out):
 - dq: per query tile, the same walk as the forward;
 - d tokens: per key tile of the tokens, over the query tiles whose window holds it
   (t in [j - W + 1, j]);
@@ -47,6 +47,7 @@ DQ_TILES = (64, 64, 4)
 DTOKENS_TILES = (32, 64, 4)
 DGROUP_TILES = (64, 64, 4)
 FLOAT64_TILES = (16, 16, 4)
+DELTA_ROWS = 64
 
 
 @triton.jit
@@ -123,6 +124,21 @@ def _query_tile(q_ptr, do_ptr, lse_ptr, delta_ptr, b, h, pid_bh, rows, row_ok, d
 
 
 @triton.jit
+def _group_iterations(t0, n_first, n_tiles, T, Q, BM: tl.constexpr):
+    # A query tile's group pass is one loop over (block, candidate tile) pairs, the blocks
+    # its rows fall in: nested loops (blocks, then tiles) run slower (read_cuda_h100.md).
+    return ((tl.minimum(t0 + BM, T) - 1) // Q + 1 - n_first) * n_tiles
+
+
+@triton.jit
+def _group_tile(it, n_first, n_tiles, rows, row_ok, cols, G, Q, BN: tl.constexpr):
+    # Iteration it's block n, its candidates c, the rows in the block and the candidates that exist.
+    n = n_first + it // n_tiles
+    c = (it % n_tiles) * BN + cols
+    return n, c, row_ok & (rows // Q == n), c < G
+
+
+@triton.jit
 def _group_visible(gm_ptr, n, rows, c, row_in, c_ok, smn, smq, Q):
     # [BM, BN]: query rows (those of block n: row_in) see candidates c of block n.
     bits = tl.load(gm_ptr + n * smn + (rows - n * Q)[:, None] * smq + c[None, :],
@@ -131,9 +147,10 @@ def _group_visible(gm_ptr, n, rows, c, row_in, c_ok, smn, smq, Q):
 
 
 @triton.jit
-def _window_visible(rows, j, tm_ptr, NTOK, W):
-    # [BM, BN]: query t sees token j iff t <= j <= t + W - 1 and the token exists.
-    exists = tl.load(tm_ptr + j, mask=j < NTOK, other=0) != 0
+def _window_visible(rows, j, first, NTOK, W):
+    # [BM, BN]: query t sees token j iff t <= j <= t + W - 1 and the token exists (j >= first):
+    # arithmetic, where a mask loaded per key tile slows the loop (read_cuda_h100.md).
+    exists = (j >= first) & (j < NTOK)
     return (j[None, :] >= rows[:, None]) & (j[None, :] < rows[:, None] + W) & exists[None, :]
 
 
@@ -153,7 +170,7 @@ def _online_step(q, k, v, vis, m_i, l_i, acc, qk_scale, IEEE: tl.constexpr, BASE
 
 @triton.jit
 def _forward_kernel(
-    q_ptr, g_ptr, gm_ptr, tok_ptr, tm_ptr, o_ptr, lse_ptr,
+    q_ptr, g_ptr, gm_ptr, tok_ptr, first_ptr, o_ptr, lse_ptr,
     T, H, G, NTOK, W, Q, sqb, sqt, sqh, sgb, sgn, sgc, sgkv, smn, smq, stb, stt, stkv,
     D: tl.constexpr, BD: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
     ACC: tl.constexpr, IEEE: tl.constexpr, BASE2: tl.constexpr, SOFT_BF16: tl.constexpr, DOT_F32: tl.constexpr, NO_DOT: tl.constexpr,
@@ -172,18 +189,17 @@ def _forward_kernel(
     m_i = tl.full([BM], float("-inf"), ACC)
     l_i = tl.zeros([BM], ACC)
     acc = tl.zeros([BM, BD], ACC)
-    for n in range(t0 // Q, (tl.minimum(t0 + BM, T) - 1) // Q + 1):
-        row_in = row_ok & (rows // Q == n)
-        for c0 in range(0, G, BN):
-            c = c0 + cols
-            c_ok = c < G
-            k, v = _key_tile(g_ptr + b * sgb + n * sgn, c, c_ok, sgc, sgkv, h, dims, D, DOT_F32)
-            vis = _group_visible(gm_ptr, n, rows, c, row_in, c_ok, smn, smq, Q)
-            m_i, l_i, acc = _online_step(q, k, v, vis, m_i, l_i, acc, qk_scale, IEEE, BASE2, NO_DOT)
+    n_first, n_tiles = t0 // Q, tl.cdiv(G, BN)
+    for it in range(0, _group_iterations(t0, n_first, n_tiles, T, Q, BM)):
+        n, c, row_in, c_ok = _group_tile(it, n_first, n_tiles, rows, row_ok, cols, G, Q, BN)
+        k, v = _key_tile(g_ptr + b * sgb + n * sgn, c, c_ok, sgc, sgkv, h, dims, D, DOT_F32)
+        vis = _group_visible(gm_ptr, n, rows, c, row_in, c_ok, smn, smq, Q)
+        m_i, l_i, acc = _online_step(q, k, v, vis, m_i, l_i, acc, qk_scale, IEEE, BASE2, NO_DOT)
+    first = tl.load(first_ptr)
     for j0 in range(t0, tl.minimum(t0 + BM - 1 + W, NTOK), BN):
         j = j0 + cols
         k, v = _key_tile(tok_ptr + b * stb, j, j < NTOK, stt, stkv, h, dims, D, DOT_F32)
-        vis = _window_visible(rows, j, tm_ptr, NTOK, W)
+        vis = _window_visible(rows, j, first, NTOK, W)
         m_i, l_i, acc = _online_step(q, k, v, vis, m_i, l_i, acc, qk_scale, IEEE, BASE2, NO_DOT)
     out = acc / l_i[:, None]
     tl.store(o_ptr + q_off, cast_out(out, o_ptr, SOFT_BF16), mask=row_ok[:, None] & dim_ok[None, :])
@@ -205,7 +221,7 @@ def _grad_scores(q, do, k, v, vis, lse2, delta, qk_scale, IEEE: tl.constexpr, BA
 
 @triton.jit
 def _dq_kernel(
-    q_ptr, g_ptr, gm_ptr, tok_ptr, tm_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr,
+    q_ptr, g_ptr, gm_ptr, tok_ptr, first_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr,
     T, H, G, NTOK, W, Q, sqb, sqt, sqh, sgb, sgn, sgc, sgkv, smn, smq, stb, stt, stkv,
     D: tl.constexpr, BD: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
     ACC: tl.constexpr, IEEE: tl.constexpr, BASE2: tl.constexpr, SOFT_BF16: tl.constexpr, DOT_F32: tl.constexpr, NO_DOT: tl.constexpr,
@@ -221,19 +237,18 @@ def _dq_kernel(
     q, do, lse2, delta = _query_tile(q_ptr, do_ptr, lse_ptr, delta_ptr, b, h, pid_bh, rows, row_ok, dims, T,
                                      sqb, sqt, sqh, unit, D, DOT_F32)  # fmt: skip
     dq = tl.zeros([BM, BD], ACC)
-    for n in range(t0 // Q, (tl.minimum(t0 + BM, T) - 1) // Q + 1):
-        row_in = row_ok & (rows // Q == n)
-        for c0 in range(0, G, BN):
-            c = c0 + cols
-            c_ok = c < G
-            k, v = _key_tile(g_ptr + b * sgb + n * sgn, c, c_ok, sgc, sgkv, h, dims, D, DOT_F32)
-            vis = _group_visible(gm_ptr, n, rows, c, row_in, c_ok, smn, smq, Q)
-            ds = _grad_scores(q, do, k, v, vis, lse2, delta, qk_scale, IEEE, BASE2, NO_DOT)
-            dq += _dot_nn(ds, k, IEEE, NO_DOT)
+    n_first, n_tiles = t0 // Q, tl.cdiv(G, BN)
+    for it in range(0, _group_iterations(t0, n_first, n_tiles, T, Q, BM)):
+        n, c, row_in, c_ok = _group_tile(it, n_first, n_tiles, rows, row_ok, cols, G, Q, BN)
+        k, v = _key_tile(g_ptr + b * sgb + n * sgn, c, c_ok, sgc, sgkv, h, dims, D, DOT_F32)
+        vis = _group_visible(gm_ptr, n, rows, c, row_in, c_ok, smn, smq, Q)
+        ds = _grad_scores(q, do, k, v, vis, lse2, delta, qk_scale, IEEE, BASE2, NO_DOT)
+        dq += _dot_nn(ds, k, IEEE, NO_DOT)
+    first = tl.load(first_ptr)
     for j0 in range(t0, tl.minimum(t0 + BM - 1 + W, NTOK), BN):
         j = j0 + cols
         k, v = _key_tile(tok_ptr + b * stb, j, j < NTOK, stt, stkv, h, dims, D, DOT_F32)
-        vis = _window_visible(rows, j, tm_ptr, NTOK, W)
+        vis = _window_visible(rows, j, first, NTOK, W)
         ds = _grad_scores(q, do, k, v, vis, lse2, delta, qk_scale, IEEE, BASE2, NO_DOT)
         dq += _dot_nn(ds, k, IEEE, NO_DOT)
     q_off = b * sqb + rows[:, None] * sqt + h * sqh + dims[None, :]
@@ -254,7 +269,7 @@ def _key_grads(k, v, q, do, vis, lse2, delta, dk, dv, qk_scale, IEEE: tl.constex
 
 @triton.jit
 def _dtokens_kernel(
-    q_ptr, tok_ptr, tm_ptr, do_ptr, lse_ptr, delta_ptr, dtok_ptr,
+    q_ptr, tok_ptr, first_ptr, do_ptr, lse_ptr, delta_ptr, dtok_ptr,
     T, H, NTOK, W, sqb, sqt, sqh, stb, stt, stkv,
     D: tl.constexpr, BD: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
     ACC: tl.constexpr, IEEE: tl.constexpr, BASE2: tl.constexpr, SOFT_BF16: tl.constexpr, DOT_F32: tl.constexpr, NO_DOT: tl.constexpr,
@@ -271,7 +286,7 @@ def _dtokens_kernel(
     kv_mask = j_ok[:, None] & dim_ok[None, :]
     k = _operand(tl.load(tok_ptr + kv_off, mask=kv_mask, other=0.0), DOT_F32)
     v = _operand(tl.load(tok_ptr + kv_off + stkv, mask=kv_mask, other=0.0), DOT_F32)
-    exists = tl.load(tm_ptr + j, mask=j_ok, other=0) != 0
+    exists = j >= tl.load(first_ptr)
     dk = tl.zeros([BN, BD], ACC)
     dv = tl.zeros([BN, BD], ACC)
     for t0 in range(tl.maximum(j0 - W + 1, 0) // BM * BM, tl.minimum(j0 + BN, T), BM):
@@ -317,6 +332,24 @@ def _dgroup_kernel(
     tl.store(dg_ptr + kv_off + sgkv, cast_out(dv, dg_ptr, SOFT_BF16), mask=kv_mask)
 
 
+@triton.jit
+def _delta_kernel(do_ptr, o_ptr, glse_ptr, delta_ptr, T, H, D: tl.constexpr, BD: tl.constexpr, BM: tl.constexpr,
+                  ACC: tl.constexpr):  # fmt: skip
+    # delta [B, H, T] = grad_out . out - grad_lse per query, of contiguous [B, T, H, d] rows:
+    # one pass, where eager ops would cast, multiply, sum and subtract in turn.
+    pid_m, pid_bh = tl.program_id(0), tl.program_id(1)
+    b, h = pid_bh // H, pid_bh % H
+    rows = pid_m * BM + tl.arange(0, BM)
+    dims = tl.arange(0, BD)
+    row_ok = rows < T
+    off = (b * T + rows[:, None]) * H * D + h * D + dims[None, :]
+    mask = row_ok[:, None] & (dims < D)[None, :]
+    do = tl.load(do_ptr + off, mask=mask, other=0.0).to(ACC)
+    o = tl.load(o_ptr + off, mask=mask, other=0.0).to(ACC)
+    grad_lse = tl.load(glse_ptr + pid_bh * T + rows, mask=row_ok, other=0.0)
+    tl.store(delta_ptr + pid_bh * T + rows, tl.sum(do * o, 1) - grad_lse, mask=row_ok)
+
+
 def _check_offsets(q_shape, group_shape, tokens_shape) -> None:
     # The kernels take contiguous tensors, whose last element lies numel - 1 past the first.
     spans = {"q": math.prod(q_shape) - 1, "group": math.prod(group_shape) - 1, "tokens": math.prod(tokens_shape) - 1}
@@ -325,8 +358,8 @@ def _check_offsets(q_shape, group_shape, tokens_shape) -> None:
 
 @functools.lru_cache(maxsize=None)
 def _plans(q_shape, group_shape, Q, window, dtype):
-    """The four launch plans of one call's shapes (contiguous tensors): forward, dq,
-    d tokens, d group."""
+    """The five launch plans of one call's shapes (contiguous tensors): forward, dq,
+    d tokens, d group, delta."""
     _check_offsets(q_shape, group_shape, (q_shape[0], window - 1 + q_shape[1], 2, group_shape[-1]))
     B, T, H, d = q_shape
     _, nb, G, _, D = group_shape
@@ -364,37 +397,39 @@ def _plans(q_shape, group_shape, Q, window, dtype):
         (T, H, G, Q, *q_strides, *group_strides, *mask_strides),
         (d, block_d, bm, bn, *flags), warps,
     )  # fmt: skip
-    return forward, dq, dtokens, dgroup
+    delta = Plan(_delta_kernel, (cdiv(T, DELTA_ROWS), B * H), (T, H), (d, block_d, DELTA_ROWS, acc), 4)
+    return forward, dq, dtokens, dgroup, delta
 
 
-def _operands(q, group, group_mask, tokens, token_mask):
-    # Contiguous values; the bool masks as bytes (a view).
+def _operands(q, group, group_mask, tokens, first_token):
+    # Contiguous values; the bool mask as bytes (a view).
     return (q.contiguous(), group.contiguous(), group_mask.contiguous().view(torch.uint8),
-            tokens.contiguous(), token_mask.contiguous().view(torch.uint8))  # fmt: skip
+            tokens.contiguous(), first_token)  # fmt: skip
 
 
-def memory_read(q: Tensor, group: Tensor, group_mask: Tensor, tokens: Tensor, token_mask: Tensor, window: int):
+def memory_read(q: Tensor, group: Tensor, group_mask: Tensor, tokens: Tensor, first_token: Tensor, window: int):
     """(out ``[B, T, H, d]``, lse ``[B, H, T]``) of mmrec::memory_read."""
-    q, group, group_mask, tokens, token_mask = _operands(q, group, group_mask, tokens, token_mask)
+    q, group, group_mask, tokens, first_token = _operands(q, group, group_mask, tokens, first_token)
     B, T, H, _ = q.shape
     forward, *_ = _plans(tuple(q.shape), tuple(group.shape), group_mask.shape[1], window, q.dtype)
     out = torch.empty_like(q)
     lse = torch.empty(B, H, T, device=q.device, dtype=torch.float64 if q.dtype == torch.float64 else torch.float32)
-    forward.launch(q, group, group_mask, tokens, token_mask, out, lse)
+    forward.launch(q, group, group_mask, tokens, first_token, out, lse)
     return out, lse
 
 
-def memory_read_backward(grad_out, grad_lse, q, group, group_mask, tokens, token_mask, out, lse, window):
+def memory_read_backward(grad_out, grad_lse, q, group, group_mask, tokens, first_token, out, lse, window):
     """(grad_q, grad_group, grad_tokens) of mmrec::memory_read."""
-    q, group, group_mask, tokens, token_mask = _operands(q, group, group_mask, tokens, token_mask)
-    _, dq_plan, dtokens_plan, dgroup_plan = _plans(
+    q, group, group_mask, tokens, first_token = _operands(q, group, group_mask, tokens, first_token)
+    _, dq_plan, dtokens_plan, dgroup_plan, delta_plan = _plans(
         tuple(q.shape), tuple(group.shape), group_mask.shape[1], window, q.dtype
     )
     grad_out, lse = grad_out.contiguous(), lse.contiguous()
-    delta = ((grad_out.to(lse.dtype) * out.to(lse.dtype)).sum(-1).transpose(1, 2) - grad_lse).contiguous()
+    delta = torch.empty_like(lse)
+    delta_plan.launch(grad_out, out.contiguous(), grad_lse.contiguous(), delta)
     grad_q, grad_group, grad_tokens = torch.empty_like(q), torch.empty_like(group), torch.empty_like(tokens)
-    dq_plan.launch(q, group, group_mask, tokens, token_mask, grad_out, lse, delta, grad_q)
-    dtokens_plan.launch(q, tokens, token_mask, grad_out, lse, delta, grad_tokens)
+    dq_plan.launch(q, group, group_mask, tokens, first_token, grad_out, lse, delta, grad_q)
+    dtokens_plan.launch(q, tokens, first_token, grad_out, lse, delta, grad_tokens)
     if group.shape[2] > 0:
         dgroup_plan.launch(q, group, group_mask, grad_out, lse, delta, grad_group)
     return grad_q, grad_group, grad_tokens

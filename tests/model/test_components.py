@@ -104,12 +104,12 @@ def test_memory_read_kernel_matches_blocked_sdpa(T, window, position, parts):
     blocked SDPA over per-block copies, output and every input's gradient, for the joint
     read and each of the gated read's two."""
     q, group, tokens, mask = read_inputs(T, window, position, torch.float64, parts=parts)
-    token_exists = memory_layout(torch.tensor(position), T, small_config("exact", window=window)).token_exists
+    first_token = memory_layout(torch.tensor(position), T, small_config("exact", window=window)).first_token
     leaves = [t.requires_grad_() for t in (q, group, tokens) if t is not None]
     n_blocks, Q, _ = mask.shape
     working = None if tokens is None else window_keys(tokens, n_blocks, Q, window)
     expected = sdpa_blocked_attention(q, group, working, mask)
-    out = op_blocked_attention(q, group, tokens, mask, window, token_exists)
+    out = op_blocked_attention(q, group, tokens, mask, window, first_token)
     assert_close_rel(out, expected, FLOAT64_ACCUMULATION)
     grad = torch.randn_like(out)
     for got, want in zip(torch.autograd.grad(out, leaves, grad), torch.autograd.grad(expected, leaves, grad)):

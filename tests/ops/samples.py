@@ -364,7 +364,7 @@ def skinny_addmm_inputs(sample: ProductSample, device, dtype):
 
 # ---------------------------------------------------------------------------
 # mmrec::memory_read: q [B, T, H, d], group [B, nb, G, 2, H d], group_mask [nb, Q, G],
-# tokens [B, W - 1 + T, 2, H d], token_mask [W - 1 + T], window W.
+# tokens [B, W - 1 + T, 2, H d], first_token [] int64, window W.
 
 MEMORY_READ_NAMES = ("q", "group", "tokens")  # the differentiable inputs
 
@@ -373,9 +373,10 @@ MEMORY_READ_NAMES = ("q", "group", "tokens")  # the differentiable inputs
 class MemoryReadSample:
     """One entry of memory_read's table: sizes (B, T, H, d, G, Q, W), layout, the tests
     that use it; `extra_blocks` blocks of group past the last query's (nb Q > T + Q - 1),
-    the first `missing` tokens absent (token_mask False: a sequence's start), and the masks:
-    "random" (group_mask drawn, token_mask True from `missing` on) or "token_holes"
-    (group_mask all True, token_mask drawn everywhere, the chunk's own tokens included)."""
+    the first `missing` tokens absent (first_token = missing: a sequence's start), and the
+    group mask: "random" (drawn; missing <= W - 1, so every query sees its own token) or
+    "all" (all True, so that `missing` may reach into the chunk: queries whose own token
+    and window are absent, which read their group alone)."""
 
     shape: tuple[int, int, int, int, int, int, int]
     layout: str = "contiguous"
@@ -386,8 +387,8 @@ class MemoryReadSample:
 
     def __post_init__(self):
         B, T, H, d, G, Q, W = self.shape
-        assert Q >= 1 and W >= 1 and 0 <= self.missing <= W - 1, self
-        assert self.masks == "random" or G >= 1, "token holes need a group every query sees"
+        assert Q >= 1 and W >= 1 and 0 <= self.missing <= (W - 1 if self.masks == "random" else W - 1 + T), self
+        assert self.masks == "random" or G >= 1, "tokens missing in the chunk need a group every query sees"
 
     @property
     def blocks(self) -> int:
@@ -397,15 +398,15 @@ class MemoryReadSample:
 
     @property
     def id(self) -> str:
-        """B2-T37-H3-d24-G5-Q16-W9, then -nb<nb> (extra blocks), -missing<m>, -holes, layout."""
+        """B2-T37-H3-d24-G5-Q16-W9, then -nb<nb> (extra blocks), -missing<m>, -allgroup, layout."""
         B, T, H, d, G, Q, W = self.shape
         parts = [f"B{B}", f"T{T}", f"H{H}", f"d{d}", f"G{G}", f"Q{Q}", f"W{W}"]
         if self.extra_blocks:
             parts.append(f"nb{self.blocks}")
         if self.missing:
             parts.append(f"missing{self.missing}")
-        if self.masks == "token_holes":
-            parts.append("holes")
+        if self.masks == "all":
+            parts.append("allgroup")
         return "-".join(parts) + LAYOUT_SUFFIX[self.layout]
 
 
@@ -414,7 +415,7 @@ MEMORY_READ_SAMPLES = [
     # Q = 5 and two blocks past the end; d = 64 in one block of 64 queries; no group
     # (G = 0); window 1; window 1 without a group (one key: out = the token's value);
     # windows longer than T, with every earlier token missing (a sequence's first chunk)
-    # or some; a block per query (Q = 1) with d = 3; token_mask False inside the chunk;
+    # or some; a block per query (Q = 1) with d = 3; the chunk's first 4 tokens missing too;
     # more candidates and a longer window than one tile of 64 keys.
     MemoryReadSample((3, 1, 2, 16, 4, 16, 4), uses=FORWARD_AND_GRADIENTS),
     MemoryReadSample((2, 37, 3, 24, 5, 16, 9), uses=(*FORWARD_AND_GRADIENTS, "one_output"), missing=3),
@@ -426,11 +427,11 @@ MEMORY_READ_SAMPLES = [
     MemoryReadSample((2, 7, 2, 16, 3, 3, 12), uses=FORWARD_AND_GRADIENTS, missing=11),
     MemoryReadSample((2, 6, 2, 16, 2, 4, 10), uses=FORWARD_AND_GRADIENTS, missing=4),
     MemoryReadSample((2, 11, 1, 3, 2, 1, 3), uses=FORWARD_AND_GRADIENTS),
-    MemoryReadSample((2, 19, 2, 16, 4, 7, 6), uses=(*FORWARD_AND_GRADIENTS, "one_output"), masks="token_holes"),
+    MemoryReadSample((2, 19, 2, 16, 4, 7, 6), uses=(*FORWARD_AND_GRADIENTS, "one_output"), missing=9, masks="all"),
     MemoryReadSample((1, 20, 2, 32, 70, 10, 3), uses=FORWARD_AND_GRADIENTS),
     MemoryReadSample((1, 9, 1, 32, 2, 9, 100), uses=FORWARD_AND_GRADIENTS, missing=40),
     # q a [B, H, T, d] tensor seen through .transpose(1, 2); then every input strided
-    # (group_mask and token_mask every other element of wider masks too).
+    # (group_mask every other element of a wider mask too).
     MemoryReadSample((2, 21, 3, 24, 5, 8, 6), "BHTd_transposed", ("strided",), missing=2),
     MemoryReadSample((2, 21, 3, 24, 5, 8, 6), "strided", ("strided",), extra_blocks=1, missing=2),
     # Small, for gradcheck (float64) and opcheck.
@@ -450,19 +451,20 @@ MEMORY_READ_SAMPLES = [
     MemoryReadSample((2, 5, 0, 4, 3, 4, 3), uses=("empty",)),
     # The Triton kernels under the interpreter (tiny): T = 1; prime T with d = 24, Q = 5,
     # a block past the end and missing tokens; no group with d = 64; window longer than T;
-    # window 1; token holes; strided; more queries, candidates and window than one tile.
+    # window 1; the chunk's first tokens missing; strided; more queries, candidates and
+    # window than one tile.
     MemoryReadSample((1, 1, 1, 16, 2, 16, 2), uses=("triton",)),
     MemoryReadSample((2, 13, 2, 24, 3, 5, 4), uses=("triton",), extra_blocks=1, missing=2),
     MemoryReadSample((1, 20, 1, 64, 0, 16, 7), uses=("triton",), missing=6),
     MemoryReadSample((1, 6, 1, 16, 2, 4, 9), uses=("triton",), missing=8),
     MemoryReadSample((2, 9, 1, 16, 4, 3, 1), uses=("triton",)),
-    MemoryReadSample((1, 10, 1, 16, 3, 4, 4), uses=("triton",), masks="token_holes"),
+    MemoryReadSample((1, 10, 1, 16, 3, 4, 4), uses=("triton",), missing=6, masks="all"),
     MemoryReadSample((1, 11, 2, 16, 3, 4, 3), "strided", ("triton_strided",), missing=1),
     MemoryReadSample((1, 70, 1, 16, 70, 70, 70), uses=("triton_tiles",), missing=30),
     # Windows of several 64-key tiles, with the tokens before the sequence's start missing,
-    # and with holes.
+    # and with the chunk's first 40 missing too.
     MemoryReadSample((1, 150, 1, 16, 5, 64, 200), uses=("triton_tiles",), missing=130),
-    MemoryReadSample((1, 130, 1, 16, 5, 32, 260), uses=("triton_tiles",), masks="token_holes"),
+    MemoryReadSample((1, 130, 1, 16, 5, 32, 260), uses=("triton_tiles",), missing=299, masks="all"),
 ]
 
 
@@ -474,36 +476,33 @@ def strided_mask(mask):
 
 
 def memory_read_masks(sample: MemoryReadSample, device):
-    """(group_mask [nb, Q, G], token_mask [W - 1 + T]), contiguous. Every query sees at
-    least one key: its own token (token_mask True from `missing` on) or, with token holes,
-    its whole group. A random group mask has (when T >= 2) a row all False (query 0's,
-    and the middle query's) and one all True (the last query's)."""
-    _, T, _, _, G, Q, W = sample.shape
+    """(group_mask [nb, Q, G] contiguous, first_token). Every query sees at least one key:
+    its own token (with a random group mask) or its whole group. A random group mask has
+    (when T >= 2) a row all False (query 0's, and the middle query's) and one all True
+    (the last query's)."""
+    _, T, _, _, G, Q, _ = sample.shape
     nb = sample.blocks
-    if sample.masks == "token_holes":
+    if sample.masks == "all":
         group_mask = torch.ones((nb, Q, G), dtype=torch.bool, device=device)
-        token_mask = torch.rand(W - 1 + T, device=device) < 0.5
     elif sample.masks == "random":
         group_mask = torch.rand((nb, Q, G), device=device) < 0.5
         if T >= 2 and G > 0:
             rows = group_mask.view(nb * Q, G)
             rows[0], rows[T // 2], rows[T - 1] = False, False, True
-        token_mask = torch.ones(W - 1 + T, dtype=torch.bool, device=device)
-        token_mask[: sample.missing] = False
     else:
         raise ValueError(sample.masks)
-    return group_mask, token_mask
+    return group_mask, torch.tensor(sample.missing, device=device)
 
 
 def memory_read_inputs(sample: MemoryReadSample, device, dtype):
-    """(q, group, group_mask, tokens, token_mask, window) of a memory_read sample in its
+    """(q, group, group_mask, tokens, first_token, window) of a memory_read sample in its
     layout: "BHTd_transposed" q a [B, H, T, d] tensor seen through .transpose(1, 2);
     "strided" that q, group a [B, nb, 2, G, H d] tensor seen through .transpose(2, 3),
     tokens the keys and values of a fused [B, L + 3, 3, H d] projection of a longer
-    sequence, and the masks every other element of wider ones."""
+    sequence, and group_mask every other element of a wider one."""
     B, T, H, d, G, Q, W = sample.shape
     nb, L = sample.blocks, W - 1 + T
-    group_mask, token_mask = memory_read_masks(sample, device)
+    group_mask, first_token = memory_read_masks(sample, device)
     if sample.layout in ("contiguous", "BHTd_transposed"):
         if sample.layout == "contiguous":
             q = draw((B, T, H, d), device, dtype)
@@ -515,7 +514,7 @@ def memory_read_inputs(sample: MemoryReadSample, device, dtype):
         q = draw((B, H, T, d), device, dtype).transpose(1, 2)
         group = draw((B, nb, 2, G, H * d), device, dtype).transpose(2, 3)
         tokens = draw((B, L + 3, 3, H * d), device, dtype)[:, 2 : L + 2, 1:]
-        group_mask, token_mask = strided_mask(group_mask), strided_mask(token_mask)
+        group_mask = strided_mask(group_mask)
     else:
         raise ValueError(sample.layout)
-    return q, group, group_mask, tokens, token_mask, W
+    return q, group, group_mask, tokens, first_token, W

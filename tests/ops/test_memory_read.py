@@ -62,8 +62,8 @@ def differentiable(inputs):
 
 def with_differentiable(inputs, q, group, tokens):
     """memory_read's arguments with q, group and tokens replaced."""
-    _, _, group_mask, _, token_mask, window = inputs
-    return q, group, group_mask, tokens, token_mask, window
+    _, _, group_mask, _, first_token, window = inputs
+    return q, group, group_mask, tokens, first_token, window
 
 
 def reference_with_grads(inputs, grad_out, grad_lse, saved_out=None):
@@ -72,8 +72,8 @@ def reference_with_grads(inputs, grad_out, grad_lse, saved_out=None):
     out a backward reads), the gradients the backward formula gives from it: the
     reference's for grad_lse less grad_out . (saved_out - out) (the module's docstring)."""
     leaves = [t.detach().double().cpu().requires_grad_() for t in differentiable(inputs)]
-    _, _, group_mask, _, token_mask, window = inputs
-    out, lse = memory_read_reference(leaves[0], leaves[1], group_mask.cpu(), leaves[2], token_mask.cpu(), window)
+    _, _, group_mask, _, first_token, window = inputs
+    out, lse = memory_read_reference(leaves[0], leaves[1], group_mask.cpu(), leaves[2], first_token.cpu(), window)
     grad_out, grad_lse = grad_out.double().cpu(), grad_lse.double().cpu()
     if saved_out is not None:
         grad_lse = grad_lse - (grad_out * (saved_out.double().cpu() - out.detach())).sum(-1).transpose(1, 2)
@@ -93,22 +93,22 @@ def check_forward(inputs, dtype):
     """memory_read (NaN-poisoned outputs) against the float64 reference on upcast copies."""
     with nan_poison():
         out, lse = mmrec_ops.memory_read(*inputs)
-    q, group, group_mask, tokens, token_mask, window = inputs
+    q, group, group_mask, tokens, first_token, window = inputs
     ref_out, ref_lse = memory_read_reference(q.double().cpu(), group.double().cpu(), group_mask.cpu(),
-                                             tokens.double().cpu(), token_mask.cpu(), window)
+                                             tokens.double().cpu(), first_token.cpu(), window)
     check_outputs(out, lse, ref_out, ref_lse, q, dtype)
 
 
 def unseen(inputs):
     """(group_unseen [nb, G], token_unseen [W - 1 + T]): the entries no query sees, whose
     gradients are exactly zero: the candidates no query of a block selects (all of the
-    blocks past the last query's), and the tokens token_mask leaves out (each other token
-    is in its own query's window)."""
-    q, _, group_mask, _, token_mask, _ = inputs
+    blocks past the last query's), and the tokens before first_token (each other token is
+    in its own query's window)."""
+    q, _, group_mask, tokens, first_token, _ = inputs
     nb, Q, G = group_mask.shape
     T = q.shape[1]
     rows = torch.arange(nb * Q, device=group_mask.device).view(nb, Q, 1) < T
-    return ~(group_mask & rows).any(1), ~token_mask
+    return ~(group_mask & rows).any(1), torch.arange(tokens.shape[1], device=tokens.device) < first_token
 
 
 def check_gradients_of(inputs, dtype, out, lse, grads, grad_out, grad_lse):
@@ -122,7 +122,7 @@ def check_gradients_of(inputs, dtype, out, lse, grads, grad_out, grad_lse):
     _, grad_group, grad_tokens = grads
     group_unseen, token_unseen = unseen(inputs)
     assert (grad_group[:, group_unseen] == 0).all(), "grad of group: nonzero where no query sees the candidate"
-    assert (grad_tokens[:, token_unseen] == 0).all(), "grad of tokens: nonzero where token_mask is False"
+    assert (grad_tokens[:, token_unseen] == 0).all(), "grad of tokens: nonzero before first_token"
 
 
 def upstream_grads(inputs, dtype, through=("out", "lse")):
@@ -184,8 +184,8 @@ def test_memory_read_gradients_through_one_output(sample, through, dtype, device
 def test_memory_read_strided_inputs(sample, dtype, device):
     inputs = memory_read_inputs(sample, device, dtype)
     assert not inputs[0].is_contiguous()
-    if sample.layout == "strided":
-        assert not any(t.is_contiguous() for t in inputs[:5])
+    if sample.layout == "strided":  # all but first_token, a 0-dim tensor
+        assert not any(t.is_contiguous() for t in inputs[:4])
     check_forward(inputs, dtype)
     check_gradients(inputs, dtype)
 
@@ -197,18 +197,19 @@ def test_memory_read_query_seeing_nothing_gives_nan(device):
     sees no key (query 0: no candidate, its window's tokens missing), and the others'
     results unchanged (they share its tiles)."""
     sample = MemoryReadSample((2, 9, 2, 8, 3, 4, 3), missing=2)
-    q, group, group_mask, tokens, token_mask, window = memory_read_inputs(sample, device, torch.float32)
+    q, group, group_mask, tokens, first_token, window = memory_read_inputs(sample, device, torch.float32)
     group_mask[0, 0] = False
-    token_mask[: window] = False  # query 0's window: tokens 0 .. W - 1; query 1 still sees token W
+    first_token.fill_(window)  # query 0's window: tokens 0 .. W - 1; query 1 still sees token W
     with nan_poison():
-        out, lse = mmrec_ops.memory_read(q, group, group_mask, tokens, token_mask, window)
+        out, lse = mmrec_ops.memory_read(q, group, group_mask, tokens, first_token, window)
     assert out[:, 0].isnan().all() and (lse[:, :, 0] == float("-inf")).all()
     ref_out, ref_lse = memory_read_reference(q.double().cpu(), group.double().cpu(), group_mask.cpu(),
-                                             tokens.double().cpu(), token_mask.cpu(), window)
+                                             tokens.double().cpu(), first_token.cpu(), window)
     assert_close_rel(out[:, 1:], ref_out[:, 1:], output_tolerance(torch.float32))
     assert_close_rel(lse[:, :, 1:], ref_lse[:, :, 1:], accumulation_error(torch.float32), what="lse")
-    group_mask[:], token_mask[:] = False, False
-    out, lse = mmrec_ops.memory_read(q, group, group_mask, tokens, token_mask, window)
+    group_mask[:] = False
+    first_token.fill_(tokens.shape[1])
+    out, lse = mmrec_ops.memory_read(q, group, group_mask, tokens, first_token, window)
     assert out.isnan().all() and (lse == float("-inf")).all()
 
 
@@ -256,11 +257,11 @@ def test_memory_read_opcheck(requires_grad, dtype, device):
 def test_memory_read_backward_opcheck(dtype, device):
     """Without requires_grad: memory_read_backward has no derivative of its own."""
     for args in opcheck_args(device, dtype, requires_grad=False):
-        q, group, group_mask, tokens, token_mask, window = args
+        q, group, group_mask, tokens, first_token, window = args
         out, lse = mmrec_ops.memory_read(*args)
         grad_out, grad_lse = torch.randn_like(out), torch.randn_like(lse)
         torch.library.opcheck(torch.ops.mmrec.memory_read_backward.default,
-                              (grad_out, grad_lse, q, group, group_mask, tokens, token_mask, out, lse, window))
+                              (grad_out, grad_lse, q, group, group_mask, tokens, first_token, out, lse, window))
 
 
 @pytest.mark.compile
@@ -272,8 +273,8 @@ def test_memory_read_compiles_without_graph_break(device):
     samples = entries(MEMORY_READ_SAMPLES, "compile")
     assert len({s.shape[-1] for s in samples}) == 1
 
-    def loss_fn(q, group, group_mask, tokens, token_mask, window):
-        out, lse = mmrec_ops.memory_read(torch.tanh(q), group, group_mask, tokens, token_mask, window)
+    def loss_fn(q, group, group_mask, tokens, first_token, window):
+        out, lse = mmrec_ops.memory_read(torch.tanh(q), group, group_mask, tokens, first_token, window)
         return out.square().mean() + torch.sin(lse).mean()
 
     torch._dynamo.reset()
@@ -337,9 +338,9 @@ def bad_memory_read_inputs():
         ("tokens_length", (q, g, gm, tk[:, 2:], tm, W), r"tokens of shape \[2, 7, 2, 8\]"),
         ("tokens_rank3", (q, g, gm, tk[0], tm, W), r"tokens of shape \[2, 7, 2, 8\]"),
         ("tokens_window", (q, g, gm, tk, tm, W + 1), r"tokens of shape \[2, 8, 2, 8\]"),
-        ("token_mask_float", (q, g, gm, tk, tm.float(), W), "token_mask to be bool"),
-        ("token_mask_uint8", (q, g, gm, tk, tm.to(torch.uint8), W), "token_mask to be bool"),
-        ("token_mask_length", (q, g, gm, tk, tm[2:], W), r"token_mask of shape \[7\]"),
+        ("first_token_float", (q, g, gm, tk, tm.float(), W), "first_token to be an int64 tensor of 0 dims, got torch.float32"),
+        ("first_token_int32", (q, g, gm, tk, tm.int(), W), "first_token to be an int64 tensor of 0 dims, got torch.int32"),
+        ("first_token_1dim", (q, g, gm, tk, tm.reshape(1), W), r"first_token to be an int64 tensor of 0 dims, got torch.int64 of shape \[1\]"),
     ]
 
 
@@ -353,10 +354,10 @@ def test_memory_read_bad_inputs_raise_clear_errors(case, kernel):
 
 
 @pytest.mark.ops
-@pytest.mark.parametrize("name", ["group", "group_mask", "tokens", "token_mask"])
+@pytest.mark.parametrize("name", ["group", "group_mask", "tokens", "first_token"])
 def test_memory_read_mixed_devices_raise_clear_errors(name):
     """A tensor on another device (meta stands in for one on machines without a GPU)."""
-    args = dict(zip(("q", "group", "group_mask", "tokens", "token_mask", "window"),
+    args = dict(zip(("q", "group", "group_mask", "tokens", "first_token", "window"),
                     memory_read_inputs(MemoryReadSample((2, 5, 2, 4, 3, 4, 3)), "cpu", torch.float32)))
     args[name] = args[name].to("meta")
     with pytest.raises(ValueError, match=rf"{name} to be on the device of q \(cpu\), got meta"):

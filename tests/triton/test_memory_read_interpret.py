@@ -18,11 +18,11 @@ OP = "memory_read"  # the launchers under test: mmrec_ops.triton.<OP> (the `inte
 
 def check_launchers(interpreted, inputs, dtype):
     """The launchers' forward and backward (NaN-poisoned) against the reference."""
-    q, group, group_mask, tokens, token_mask, window = inputs
+    q, group, group_mask, tokens, first_token, window = inputs
     grad_out, grad_lse = upstream_grads(inputs, dtype)
     with nan_poison():
         out, lse = interpreted.memory_read(*inputs)
-        grads = interpreted.memory_read_backward(grad_out, grad_lse, q, group, group_mask, tokens, token_mask,
+        grads = interpreted.memory_read_backward(grad_out, grad_lse, q, group, group_mask, tokens, first_token,
                                                  out, lse, window)
     check_gradients_of(inputs, dtype, out, lse, grads, grad_out, grad_lse)
 
@@ -36,7 +36,7 @@ def test_memory_read_kernels_match_reference(interpreted, sample, dtype):
 @pytest.mark.parametrize("sample", params(MEMORY_READ_SAMPLES, "triton_strided"))
 def test_memory_read_kernels_strided(interpreted, sample):
     inputs = memory_read_inputs(sample, "cpu", torch.float32)
-    assert not any(t.is_contiguous() for t in inputs[:5])
+    assert not any(t.is_contiguous() for t in inputs[:4])  # all but first_token, a 0-dim tensor
     check_launchers(interpreted, inputs, torch.float32)
 
 
