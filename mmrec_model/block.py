@@ -164,7 +164,10 @@ class MMRecBlock(nn.Module):
         q, k, v, z = self.w_in(u).chunk(4, dim=-1)
         gates = None if self.read_gate is None else torch.sigmoid(self.read_gate(u)).unflatten(-1, (self.n_heads, 2))
         h = None if self.mode == "none" else self.recurrence(z, k, state.h)
-        return q.unflatten(-1, (self.n_heads, -1)), torch.stack([k, v], dim=2), gates, h
+        # Contiguous here, in the compiled graph, rather than copied by the read's kernels
+        # in its forward and again in its backward (2 eager copies of q a block on CUDA).
+        q = q.unflatten(-1, (self.n_heads, -1)).contiguous()
+        return q, torch.stack([k, v], dim=2), gates, h
 
     def output(self, x: Tensor, m: Tensor, h: Tensor | None, state: BlockState) -> tuple[Tensor, Tensor]:
         """out ``[B, T, D]`` from x, the read m and h ``[B, T, H, d]``, and the new h state."""
