@@ -5,7 +5,8 @@ Transformer, timed alike, plus the kernels that fill the step.
     python bench/train_breakdown.py --smoke --device cpu        # tiny shapes, checks the script
 
 Every variant is bench/quality.py's model for its arch (the preset's width, depth, heads and
-window), built with seed 0, its blocks compiled (regional compilation), trained on random
+window), built with seed 0, compiled (each block alone, regional compilation, or with
+--compile model the whole model; --cuda-graphs adds torch.compile's CUDA graphs), trained on random
 bytes: --tokens-per-step tokens a step in sequences of --seq-len, bf16 autocast on CUDA,
 fused AdamW. The step time is the median of --steps timed steps after 3 warm-up steps; the
 difference between a variant and the full model is what the memory it removes costs.
