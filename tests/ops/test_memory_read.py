@@ -192,6 +192,18 @@ def test_memory_read_strided_inputs(sample, dtype, device):
 
 @pytest.mark.ops
 @pytest.mark.parametrize("device", DEVICES)
+def test_memory_read_takes_first_token_as_an_int(device):
+    """The Python wrapper takes first_token as an int too, the same read as the tensor's."""
+    q, group, group_mask, tokens, first_token, window = memory_read_inputs(
+        MemoryReadSample((2, 9, 2, 8, 3, 4, 3), missing=2), device, torch.float32
+    )
+    out, lse = mmrec_ops.memory_read(q, group, group_mask, tokens, first_token, window)
+    out_int, lse_int = mmrec_ops.memory_read(q, group, group_mask, tokens, int(first_token), window)
+    assert torch.equal(out, out_int) and torch.equal(lse, lse_int)
+
+
+@pytest.mark.ops
+@pytest.mark.parametrize("device", DEVICES)
 def test_memory_read_query_seeing_nothing_gives_nan(device):
     """As softmax over nothing: NaN and -inf, not an arbitrary value, for the query that
     sees no key (query 0: no candidate, its window's tokens missing), and the others'
