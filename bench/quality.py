@@ -43,8 +43,9 @@ the same windows without a state. Then, eagerly:
     passages' first occurrences. What a model recalls from beyond its window shows as
     copies cheaper than a model without that memory reads them at D > window.
 It is written (atomically) to DIR/<label>-seed<S>.json, the label being the arch, for an
-MM-Rec arch its --config overrides, and +carryK with --carry-chunks K > 1
-(mmrec+memory_read=gated, transformer+carry8): settings, model configuration,
+MM-Rec arch its --config overrides, +window=W with --window for an arch that has one, and
++carryK with --carry-chunks K > 1 (mmrec+memory_read=gated, mmrec+window=256,
+transformer+carry8): settings, model configuration,
 parameters, training bytes, time and tokens/s, the training curve (mean bits per byte of
 every --log-every steps), the measurements, device, versions and date.
 
@@ -369,11 +370,17 @@ def measure_row(arch: str, seed: int, settings: Settings, config, documents: lis
 
 
 def row_label(row: dict) -> str:
-    """The row's arch, with the --config overrides an MM-Rec arch ran with, then +carryK for any
-    arch trained with --carry-chunks K > 1: 'mmrec+memory_read=gated', 'transformer+carry8'."""
+    """The row's arch, with the --config overrides an MM-Rec arch ran with, +window=W for an
+    arch with a window trained with --window W, then +carryK for any arch trained with
+    --carry-chunks K > 1: 'mmrec+memory_read=gated', 'mmrec+window=256', 'transformer+carry8'.
+    Rows of different settings so get different files in one folder, and the report pairs
+    each ablation with the full model of the same settings."""
     label = row["arch"]
     if row["arch"] in MMREC_ARCHS:
         label += "".join(f"+{name}={value}" for name, value in row["settings"].get("config", {}).items())
+    window = row["settings"].get("window")
+    if window is not None and row["arch"] in (*MMREC_ARCHS, "transformer-window"):
+        label += f"+window={window}"
     carry = row["settings"].get("carry_chunks", 1)  # rows from before --carry-chunks read independent windows
     return label + (f"+carry{carry}" if carry != 1 else "")
 
@@ -527,8 +534,8 @@ def distinct(rows: list[dict], key: str) -> str:
 def header_summary(rows: list[dict]) -> dict:
     """Where and with what the rows ran, and the settings that differ between them."""
     settings = [r["settings"] for r in rows]
-    # The labels carry each MM-Rec row's --config overrides and each row's --carry-chunks.
-    labelled = ("config", "carry_chunks")
+    # The labels carry each MM-Rec row's --config overrides, --window and each row's --carry-chunks.
+    labelled = ("config", "window", "carry_chunks")
     differing = sorted(name for name in settings[0]
                        if name not in labelled and len({json.dumps(s.get(name)) for s in settings}) > 1)  # fmt: skip
     return {

@@ -104,7 +104,7 @@ def test_quality_smoke_rows_in_parallel_then_report(tmp_path):
             for arch in ("mmrec", "transformer")]  # fmt: skip
     for process in runs:
         finished(process)
-    row = json.loads((rows / "mmrec-seed3.json").read_text())
+    row = json.loads((rows / "mmrec+window=8-seed3.json").read_text())
     assert 0 < row["val_bpb"] < 9 and row["tokens"] == 6 * 2 * 128 and row["parameters"] > 0
     assert row["model_config"]["window"] == 8 and row["settings"]["window"] == 8
     assert [b["band"] for b in row["long_context"]["bands"]] == ["0-64", "64-256", "256-1K"]
@@ -114,12 +114,12 @@ def test_quality_smoke_rows_in_parallel_then_report(tmp_path):
     assert all(0 < d["copy_bpb"] < 9 for d in row["recall"]["distances"]) and 0 < row["recall"]["first_bpb"] < 9
     stem = tmp_path / "report" / "quality"
     table = finished(run_quality("report", str(rows), "--out", str(stem)))
-    assert "| mmrec | 1 |" in table and "| transformer | 1 |" in table and "256-1K" in table
+    assert "| mmrec+window=8 | 1 |" in table and "| transformer | 1 |" in table and "256-1K" in table
     assert "| arch | first | D = 64 | D = 512 |" in table
     assert stem.with_suffix(".md").read_text() == table
     report = json.loads(stem.with_suffix(".json").read_text())
     assert {r["arch"] for r in report["rows"]} == {"mmrec", "transformer"}
-    assert report["summary"]["archs"]["mmrec"]["val_bpb"]["mean"] == row["val_bpb"]
+    assert report["summary"]["archs"]["mmrec+window=8"]["val_bpb"]["mean"] == row["val_bpb"]
     assert stem.with_suffix(".png").read_bytes().startswith(b"\x89PNG")
 
 
@@ -168,6 +168,25 @@ def test_quality_report_keeps_carried_rows_apart_and_pairs_each_ablation_with_it
     deltas = {(a["arch"], a["full"]): a["val_delta"]["mean"] for a in report["summary"]["ablations"]}
     assert deltas == {("mmrec-no-longterm+carry2", "mmrec+carry2"): pytest.approx(val["mmrec-no-longterm+carry2"]
                                                                                   - val["mmrec+carry2"])}  # fmt: skip
+
+
+def test_quality_report_keeps_windows_apart_and_pairs_each_ablation_with_its_own(tmp_path):
+    window = ("--window", "8")
+    runs = [run_quality("run", "--smoke", "--arch", arch, "--seed", "0", "--out", str(tmp_path), *options)
+            for arch, options in [("mmrec", ()), ("mmrec", window), ("mmrec-no-longterm", window),
+                                  ("transformer", window)]]  # fmt: skip
+    for process in runs:
+        finished(process)
+    assert sorted(path.name for path in tmp_path.glob("*.json")) == [
+        "mmrec+window=8-seed0.json", "mmrec-no-longterm+window=8-seed0.json", "mmrec-seed0.json",
+        "transformer-seed0.json",
+    ]  # fmt: skip
+    row = json.loads((tmp_path / "mmrec+window=8-seed0.json").read_text())
+    assert row["settings"]["window"] == 8 and row["model_config"]["window"] == 8
+    table = finished(run_quality("report", str(tmp_path)))
+    assert "| mmrec+window=8 | 1 |" in table and "| mmrec | 1 |" in table and "differ in settings" not in table
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert [(a["arch"], a["full"]) for a in report["summary"]["ablations"]] == [("mmrec-no-longterm+window=8", "mmrec+window=8")]
 
 
 def training_calls(arch: str, settings: Settings, corpus: Corpus, monkeypatch) -> list[tuple]:
