@@ -131,27 +131,30 @@ def _group_iterations(t0, n_first, n_tiles, T, Q, BM: tl.constexpr):
 
 
 @triton.jit
-def _group_tile(it, n_first, n_tiles, rows, row_ok, cols, G, Q, BN: tl.constexpr):
-    # Iteration it's block n, its candidates c, the rows in the block and the candidates that exist.
+def _group_keys(g_ptr, gm_ptr, it, n_first, n_tiles, b, h, rows, row_ok, cols, dims, G, Q, sgb, sgn, sgc, sgkv, smn, smq,
+                D: tl.constexpr, BN: tl.constexpr, DOT_F32: tl.constexpr):  # fmt: skip
+    # Iteration it of the group pass (block n, candidates c): keys, values [BN, BD] and the
+    # [BM, BN] visibility, the group mask's bits for the query rows of block n.
     n = n_first + it // n_tiles
     c = (it % n_tiles) * BN + cols
-    return n, c, row_ok & (rows // Q == n), c < G
-
-
-@triton.jit
-def _group_visible(gm_ptr, n, rows, c, row_in, c_ok, smn, smq, Q):
-    # [BM, BN]: query rows (those of block n: row_in) see candidates c of block n.
+    c_ok = c < G
+    k, v = _key_tile(g_ptr + b * sgb + n * sgn, c, c_ok, sgc, sgkv, h, dims, D, DOT_F32)
+    row_in = row_ok & (rows // Q == n)
     bits = tl.load(gm_ptr + n * smn + (rows - n * Q)[:, None] * smq + c[None, :],
                    mask=row_in[:, None] & c_ok[None, :], other=0)  # fmt: skip
-    return bits != 0
+    return k, v, bits != 0
 
 
 @triton.jit
-def _window_visible(rows, j, first, NTOK, W):
-    # [BM, BN]: query t sees token j iff t <= j <= t + W - 1 and the token exists (j >= first):
+def _window_keys(tok_ptr, first, j0, b, h, rows, cols, dims, NTOK, W, stb, stt, stkv,
+                 D: tl.constexpr, DOT_F32: tl.constexpr):  # fmt: skip
+    # The window's key tile from token j0: keys, values [BN, BD] and the [BM, BN] visibility,
+    # query t sees token j iff t <= j <= t + W - 1 and the token exists (j >= first):
     # arithmetic, where a mask loaded per key tile slows the loop (read_cuda_h100.md).
+    j = j0 + cols
+    k, v = _key_tile(tok_ptr + b * stb, j, j < NTOK, stt, stkv, h, dims, D, DOT_F32)
     exists = (j >= first) & (j < NTOK)
-    return (j[None, :] >= rows[:, None]) & (j[None, :] < rows[:, None] + W) & exists[None, :]
+    return k, v, (j[None, :] >= rows[:, None]) & (j[None, :] < rows[:, None] + W) & exists[None, :]
 
 
 @triton.jit
@@ -191,15 +194,12 @@ def _forward_kernel(
     acc = tl.zeros([BM, BD], ACC)
     n_first, n_tiles = t0 // Q, tl.cdiv(G, BN)
     for it in range(0, _group_iterations(t0, n_first, n_tiles, T, Q, BM)):
-        n, c, row_in, c_ok = _group_tile(it, n_first, n_tiles, rows, row_ok, cols, G, Q, BN)
-        k, v = _key_tile(g_ptr + b * sgb + n * sgn, c, c_ok, sgc, sgkv, h, dims, D, DOT_F32)
-        vis = _group_visible(gm_ptr, n, rows, c, row_in, c_ok, smn, smq, Q)
+        k, v, vis = _group_keys(g_ptr, gm_ptr, it, n_first, n_tiles, b, h, rows, row_ok, cols, dims, G, Q,
+                                sgb, sgn, sgc, sgkv, smn, smq, D, BN, DOT_F32)  # fmt: skip
         m_i, l_i, acc = _online_step(q, k, v, vis, m_i, l_i, acc, qk_scale, IEEE, BASE2, NO_DOT)
     first = tl.load(first_ptr)
     for j0 in range(t0, tl.minimum(t0 + BM - 1 + W, NTOK), BN):
-        j = j0 + cols
-        k, v = _key_tile(tok_ptr + b * stb, j, j < NTOK, stt, stkv, h, dims, D, DOT_F32)
-        vis = _window_visible(rows, j, first, NTOK, W)
+        k, v, vis = _window_keys(tok_ptr, first, j0, b, h, rows, cols, dims, NTOK, W, stb, stt, stkv, D, DOT_F32)
         m_i, l_i, acc = _online_step(q, k, v, vis, m_i, l_i, acc, qk_scale, IEEE, BASE2, NO_DOT)
     out = acc / l_i[:, None]
     tl.store(o_ptr + q_off, cast_out(out, o_ptr, SOFT_BF16), mask=row_ok[:, None] & dim_ok[None, :])
@@ -239,16 +239,13 @@ def _dq_kernel(
     dq = tl.zeros([BM, BD], ACC)
     n_first, n_tiles = t0 // Q, tl.cdiv(G, BN)
     for it in range(0, _group_iterations(t0, n_first, n_tiles, T, Q, BM)):
-        n, c, row_in, c_ok = _group_tile(it, n_first, n_tiles, rows, row_ok, cols, G, Q, BN)
-        k, v = _key_tile(g_ptr + b * sgb + n * sgn, c, c_ok, sgc, sgkv, h, dims, D, DOT_F32)
-        vis = _group_visible(gm_ptr, n, rows, c, row_in, c_ok, smn, smq, Q)
+        k, v, vis = _group_keys(g_ptr, gm_ptr, it, n_first, n_tiles, b, h, rows, row_ok, cols, dims, G, Q,
+                                sgb, sgn, sgc, sgkv, smn, smq, D, BN, DOT_F32)  # fmt: skip
         ds = _grad_scores(q, do, k, v, vis, lse2, delta, qk_scale, IEEE, BASE2, NO_DOT)
         dq += _dot_nn(ds, k, IEEE, NO_DOT)
     first = tl.load(first_ptr)
     for j0 in range(t0, tl.minimum(t0 + BM - 1 + W, NTOK), BN):
-        j = j0 + cols
-        k, v = _key_tile(tok_ptr + b * stb, j, j < NTOK, stt, stkv, h, dims, D, DOT_F32)
-        vis = _window_visible(rows, j, first, NTOK, W)
+        k, v, vis = _window_keys(tok_ptr, first, j0, b, h, rows, cols, dims, NTOK, W, stb, stt, stkv, D, DOT_F32)
         ds = _grad_scores(q, do, k, v, vis, lse2, delta, qk_scale, IEEE, BASE2, NO_DOT)
         dq += _dot_nn(ds, k, IEEE, NO_DOT)
     q_off = b * sqb + rows[:, None] * sqt + h * sqh + dims[None, :]
