@@ -123,22 +123,35 @@ def test_quality_smoke_rows_in_parallel_then_report(tmp_path):
     assert stem.with_suffix(".png").read_bytes().startswith(b"\x89PNG")
 
 
-def test_quality_report_keeps_configurations_apart_and_pairs_each_ablation_with_its_own(tmp_path):
-    gated = ("--config", "memory_read=gated")
-    runs = [run_quality("run", "--smoke", "--arch", arch, "--seed", "0", "--out", str(tmp_path), *config)
-            for arch in ("mmrec", "mmrec-no-longterm") for config in ((), gated)]  # fmt: skip
+def run_seed0_rows(folder, rows) -> list[str]:
+    """quality.py --smoke rows (arch, options), seed 0, side by side into folder: the names of
+    the row files there, sorted."""
+    runs = [run_quality("run", "--smoke", "--arch", arch, "--seed", "0", "--out", str(folder), *options)
+            for arch, options in rows]  # fmt: skip
     for process in runs:
         finished(process)
-    assert sorted(path.name for path in tmp_path.glob("*.json")) == [
+    return sorted(path.name for path in folder.glob("*.json"))
+
+
+def ablation_deltas(folder) -> tuple[dict, dict]:
+    """The folder's report's validation deltas {(ablation, full): mean}, and each label's
+    validation bits/byte from its seed-0 row file."""
+    report = json.loads((folder / "report.json").read_text())
+    val = {path.name.removesuffix("-seed0.json"): json.loads(path.read_text())["val_bpb"]
+           for path in folder.glob("*-seed0.json")}  # fmt: skip
+    return {(a["arch"], a["full"]): a["val_delta"]["mean"] for a in report["summary"]["ablations"]}, val
+
+
+def test_quality_report_keeps_configurations_apart_and_pairs_each_ablation_with_its_own(tmp_path):
+    gated = ("--config", "memory_read=gated")
+    assert run_seed0_rows(tmp_path, [(arch, config) for arch in ("mmrec", "mmrec-no-longterm")
+                                     for config in ((), gated)]) == [
         "mmrec+memory_read=gated-seed0.json", "mmrec-no-longterm+memory_read=gated-seed0.json",
         "mmrec-no-longterm-seed0.json", "mmrec-seed0.json",
     ]  # fmt: skip
     table = finished(run_quality("report", str(tmp_path)))
     assert "| mmrec+memory_read=gated | 1 |" in table and "differ in settings" not in table
-    report = json.loads((tmp_path / "report.json").read_text())
-    val = {path.name.removesuffix("-seed0.json"): json.loads(path.read_text())["val_bpb"]
-           for path in tmp_path.glob("*-seed0.json")}  # fmt: skip
-    deltas = {(a["arch"], a["full"]): a["val_delta"]["mean"] for a in report["summary"]["ablations"]}
+    deltas, val = ablation_deltas(tmp_path)
     assert deltas == {
         (ablation, full): pytest.approx(val[ablation] - val[full])
         for ablation, full in [("mmrec-no-longterm", "mmrec"),
@@ -148,12 +161,8 @@ def test_quality_report_keeps_configurations_apart_and_pairs_each_ablation_with_
 
 def test_quality_report_keeps_carried_rows_apart_and_pairs_each_ablation_with_its_own(tmp_path):
     carry = ("--carry-chunks", "2")
-    runs = [run_quality("run", "--smoke", "--arch", arch, "--seed", "0", "--out", str(tmp_path), *options)
-            for arch, options in [("mmrec", ()), ("mmrec", carry), ("mmrec-no-longterm", carry),
-                                  ("transformer", carry)]]  # fmt: skip
-    for process in runs:
-        finished(process)
-    assert sorted(path.name for path in tmp_path.glob("*.json")) == [
+    assert run_seed0_rows(tmp_path, [("mmrec", ()), ("mmrec", carry), ("mmrec-no-longterm", carry),
+                                     ("transformer", carry)]) == [
         "mmrec+carry2-seed0.json", "mmrec-no-longterm+carry2-seed0.json", "mmrec-seed0.json",
         "transformer+carry2-seed0.json",
     ]  # fmt: skip
@@ -162,22 +171,15 @@ def test_quality_report_keeps_carried_rows_apart_and_pairs_each_ablation_with_it
     table = finished(run_quality("report", str(tmp_path)))
     assert "| mmrec+carry2 | 1 |" in table and "| mmrec | 1 |" in table and "| transformer+carry2 | 1 |" in table
     assert "Rows labelled +carryK" in table and "differ in settings" not in table
-    report = json.loads((tmp_path / "report.json").read_text())
-    val = {path.name.removesuffix("-seed0.json"): json.loads(path.read_text())["val_bpb"]
-           for path in tmp_path.glob("*-seed0.json")}  # fmt: skip
-    deltas = {(a["arch"], a["full"]): a["val_delta"]["mean"] for a in report["summary"]["ablations"]}
+    deltas, val = ablation_deltas(tmp_path)
     assert deltas == {("mmrec-no-longterm+carry2", "mmrec+carry2"): pytest.approx(val["mmrec-no-longterm+carry2"]
                                                                                   - val["mmrec+carry2"])}  # fmt: skip
 
 
 def test_quality_report_keeps_windows_apart_and_pairs_each_ablation_with_its_own(tmp_path):
     window = ("--window", "8")
-    runs = [run_quality("run", "--smoke", "--arch", arch, "--seed", "0", "--out", str(tmp_path), *options)
-            for arch, options in [("mmrec", ()), ("mmrec", window), ("mmrec-no-longterm", window),
-                                  ("transformer", window)]]  # fmt: skip
-    for process in runs:
-        finished(process)
-    assert sorted(path.name for path in tmp_path.glob("*.json")) == [
+    assert run_seed0_rows(tmp_path, [("mmrec", ()), ("mmrec", window), ("mmrec-no-longterm", window),
+                                     ("transformer", window)]) == [
         "mmrec+window=8-seed0.json", "mmrec-no-longterm+window=8-seed0.json", "mmrec-seed0.json",
         "transformer-seed0.json",
     ]  # fmt: skip
@@ -185,8 +187,9 @@ def test_quality_report_keeps_windows_apart_and_pairs_each_ablation_with_its_own
     assert row["settings"]["window"] == 8 and row["model_config"]["window"] == 8
     table = finished(run_quality("report", str(tmp_path)))
     assert "| mmrec+window=8 | 1 |" in table and "| mmrec | 1 |" in table and "differ in settings" not in table
-    report = json.loads((tmp_path / "report.json").read_text())
-    assert [(a["arch"], a["full"]) for a in report["summary"]["ablations"]] == [("mmrec-no-longterm+window=8", "mmrec+window=8")]
+    deltas, val = ablation_deltas(tmp_path)
+    assert deltas == {("mmrec-no-longterm+window=8", "mmrec+window=8"): pytest.approx(val["mmrec-no-longterm+window=8"]
+                                                                                      - val["mmrec+window=8"])}  # fmt: skip
 
 
 def training_calls(arch: str, settings: Settings, corpus: Corpus, monkeypatch) -> list[tuple]:
