@@ -140,16 +140,18 @@ def apply_smoke(args, values: dict) -> None:
             setattr(args, name, value)
 
 
-def compile_blocks(model: torch.nn.Module) -> None:
+def compile_blocks(model: torch.nn.Module, mode: str | None = None, whole: bool = False) -> None:
     """Regional compilation: every block of ``model.blocks`` through torch.compile (one
-    shared graph), the way PyTorch's docs recommend for stacks of identical layers.
+    shared graph), the way PyTorch's docs recommend for stacks of identical layers; or,
+    with ``whole``, the whole model. ``mode``: torch.compile's (None: the default;
+    'reduce-overhead': CUDA graphs).
 
     Dynamo's caches are reset first, so that each measurement compiles its own static
     graph (not a dynamic one left by an earlier length, nor eager past the recompile limit).
     """
     torch._dynamo.reset()
-    for block in model.blocks:
-        block.compile(fullgraph=True)
+    for module in [model] if whole else model.blocks:
+        module.compile(fullgraph=True, mode=mode)
 
 
 def model_logits(model: torch.nn.Module, ids: torch.Tensor, chunk_size: int | None = None) -> torch.Tensor:

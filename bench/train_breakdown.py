@@ -29,7 +29,7 @@ from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import markdown_table, model_logits, synchronize, versions, write_results  # noqa: E402
+from bench.common import compile_blocks, markdown_table, model_logits, synchronize, versions, write_results  # noqa: E402
 from bench.quality import Settings, build_model, model_config  # noqa: E402
 from mmrec_model.training import autocast, next_byte_loss  # noqa: E402
 
@@ -59,9 +59,7 @@ def build(variant: str, settings: Settings, device: torch.device, scope: str = "
     arch, overrides = VARIANTS[variant]
     config = dataclasses.replace(model_config(arch, settings), **overrides)
     model = build_model(config, seed=0, device=device)
-    torch._dynamo.reset()
-    for module in model.blocks if scope == "blocks" else [model]:
-        module.compile(fullgraph=True, mode=mode)
+    compile_blocks(model, mode, whole=scope == "model")
     return model
 
 
