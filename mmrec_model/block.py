@@ -3,6 +3,7 @@ long-term and persistent memory)."""
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -139,16 +140,9 @@ class MMRecBlock(nn.Module):
         finish, better = None, None
         if self.learned_entries is not None:
             kv = self.learned_entries.weigh(kv, layout.phase)
-
-            def finish(means: Tensor) -> Tensor:
-                return self.learned_entries.finish(0, means)
-
+            finish = functools.partial(self.learned_entries.finish, 0)
         elif self.best_entries is not None:
-
-            def finish(chosen: Tensor) -> Tensor:
-                return self.best_entries.finish(0, chosen)
-
-            better = self.best_entries.better
+            finish, better = functools.partial(self.best_entries.finish, 0), self.best_entries.better
         elif self.entry_summary == "state":
 
             def finish(means: Tensor) -> Tensor:
