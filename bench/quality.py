@@ -51,8 +51,9 @@ every --log-every steps), the measurements, device, versions and date.
 
 The report reads every DIR/*-seed*.json and gives, per label, the mean over seeds with
 the range [min, max]; each ablation against the full model of the same seed, --config
-overrides and --carry-chunks (so that one folder can hold a study of configurations);
-bits per byte by position. It writes STEM.md, STEM.json (rows and summary) and STEM.png
+overrides and --carry-chunks (so that one folder can hold a study of configurations), in
+validation, past the first position band (2K-32K: issue 17's measure), in the farthest
+band and on the farthest copy; bits per byte by position. It writes STEM.md, STEM.json (rows and summary) and STEM.png
 (training curves and bits per byte by position, means over seeds).
 """
 
@@ -457,6 +458,17 @@ def farthest_bpb(row: dict) -> float | None:
     return bands[-1]["bpb"] if bands else None
 
 
+def past_first_band(row: dict) -> tuple[str, float] | None:
+    """(label, bits per byte) over every position past the first band (2K-32K at L = 32768:
+    beyond the preset's training windows), the bands' figures weighted by their lengths;
+    None if not measured."""
+    bands = row["long_context"]["bands"][1:]
+    if not bands:
+        return None
+    bpb = sum(b["bpb"] * (b["end"] - b["start"]) for b in bands) / sum(b["end"] - b["start"] for b in bands)
+    return f"{size_label(bands[0]['start'])}-{size_label(bands[-1]['end'])}", bpb
+
+
 def copy_bpb(row: dict) -> dict[int, float]:
     """Bits per byte on the recalled copy by distance ({} for rows from before the probe)."""
     return {d["distance"]: d["copy_bpb"] for d in row.get("recall", {}).get("distances", [])}
@@ -499,8 +511,8 @@ def spread(summary: dict | None) -> float | None:
 
 def ablation_summary(groups: dict[str, list[dict]], archs: dict[str, dict]) -> list[dict]:
     """Each ablation minus the full model (mmrec) of the same seed, --config overrides and
-    --carry-chunks (the rest of its label): validation, the farthest band and the farthest
-    recalled copy."""
+    --carry-chunks (the rest of its label): validation, the positions past the first band
+    (beyond the training windows), the farthest band and the farthest recalled copy."""
     ablations = []
     for full_label, full_rows in groups.items():
         if full_rows[0]["arch"] != "mmrec":
@@ -514,14 +526,20 @@ def ablation_summary(groups: dict[str, list[dict]], archs: dict[str, dict]) -> l
             if not pairs:
                 continue
             far = [(farthest_bpb(r), farthest_bpb(f)) for r, f in pairs]
+            past = [(past_first_band(r), past_first_band(f)) for r, f in pairs]
+            past = [(a[1], b[1], b[0]) for a, b in past if a is not None and b is not None]
+            full_past = [b[1] for b in map(past_first_band, full_rows) if b is not None]
             recalled = [(farthest_copy_bpb(r), farthest_copy_bpb(f)) for r, f in pairs]
             ablations.append({
                 "arch": arch + overrides, "full": full_label, "removes": removes,
                 "seeds": [r["seed"] for r, _ in pairs],
                 "val_delta": stats([r["val_bpb"] - f["val_bpb"] for r, f in pairs]),
                 "far_band": far_band, "far_delta": stats([a - b for a, b in far if a is not None and b is not None]),
+                "past_band": past[0][2] if past else None,
+                "past_delta": stats([a - b for a, b, _ in past]),
                 "full_val_spread": spread(archs[full_label]["val_bpb"]),
                 "full_far_spread": spread(full_bands.get(far_band)),
+                "full_past_spread": spread(stats(full_past)),
                 "recall_delta": stats([a - b for a, b in recalled if a is not None and b is not None]),
             })  # fmt: skip
     return ablations
@@ -602,11 +620,13 @@ def render(summary: dict) -> str:
                   "Δ = ablation - full model (bits/byte; > 0: the memory helps). Beyond spread: the mean Δ "
                   "exceeds the full model's spread (max - min) between seeds (n/a with one seed).", ""]  # fmt: skip
         lines += markdown_table(
-            ["without", "arch", "seeds", "Δ val", "Δ farthest band", "beyond spread (val, far)",
-             "Δ recall, farthest copy"],
+            ["without", "arch", "seeds", "Δ val", "Δ past the first band", "Δ farthest band",
+             "beyond spread (val, past first, far)", "Δ recall, farthest copy"],
             [[a["removes"], a["arch"], str(len(a["seeds"])), fmt_stats(a["val_delta"], "+.4f"),
+              f"{fmt_stats(a['past_delta'], '+.4f')} ({a['past_band'] or '-'})",
               f"{fmt_stats(a['far_delta'], '+.4f')} ({a['far_band'] or '-'})",
-              f"{beyond(a['val_delta'], a['full_val_spread'])}, {beyond(a['far_delta'], a['full_far_spread'])}",
+              f"{beyond(a['val_delta'], a['full_val_spread'])}, {beyond(a['past_delta'], a['full_past_spread'])}, "
+              f"{beyond(a['far_delta'], a['full_far_spread'])}",
               fmt_stats(a.get("recall_delta"), "+.4f")]
              for a in summary["ablations"]],
         )  # fmt: skip

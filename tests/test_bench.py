@@ -14,7 +14,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from bench.quality import SMOKE, Settings, build_model, model_config, probe_offsets, recall_sequence, train
+from bench.quality import (
+    SMOKE, Settings, build_model, model_config, past_first_band, probe_offsets, recall_sequence, train,
+)
 from bench.transformer import KVCache, StaticDecoder, Transformer, TransformerConfig
 from mmrec_model.data import Corpus
 from mmrec_model.training import train_step_carried
@@ -142,6 +144,20 @@ def ablation_deltas(folder) -> tuple[dict, dict]:
     return {(a["arch"], a["full"]): a["val_delta"]["mean"] for a in report["summary"]["ablations"]}, val
 
 
+def test_past_first_band_weighs_each_band_by_its_positions():
+    bands = [{"band": "0-64", "start": 0, "end": 64, "bpb": 9.0}, {"band": "64-256", "start": 64, "end": 256, "bpb": 2.0},
+             {"band": "256-1K", "start": 256, "end": 1024, "bpb": 1.0}]  # fmt: skip
+    label, bpb = past_first_band({"long_context": {"bands": bands}})
+    assert label == "64-1K" and bpb == pytest.approx((192 * 2.0 + 768 * 1.0) / 960)
+    assert past_first_band({"long_context": {"bands": []}}) is None
+
+
+def past_deltas(folder) -> dict:
+    """The folder's report's deltas past the first band {(ablation, full): mean}."""
+    report = json.loads((folder / "report.json").read_text())
+    return {(a["arch"], a["full"]): a["past_delta"]["mean"] for a in report["summary"]["ablations"]}
+
+
 def test_quality_report_keeps_configurations_apart_and_pairs_each_ablation_with_its_own(tmp_path):
     gated = ("--config", "memory_read=gated")
     assert run_seed0_rows(tmp_path, [(arch, config) for arch in ("mmrec", "mmrec-no-longterm")
@@ -190,6 +206,11 @@ def test_quality_report_keeps_windows_apart_and_pairs_each_ablation_with_its_own
     deltas, val = ablation_deltas(tmp_path)
     assert deltas == {("mmrec-no-longterm+window=8", "mmrec+window=8"): pytest.approx(val["mmrec-no-longterm+window=8"]
                                                                                       - val["mmrec+window=8"])}  # fmt: skip
+    past = {label: past_first_band(json.loads((tmp_path / f"{label}-seed0.json").read_text()))[1]
+            for label in ("mmrec+window=8", "mmrec-no-longterm+window=8")}  # fmt: skip
+    assert past_deltas(tmp_path) == {("mmrec-no-longterm+window=8", "mmrec+window=8"): pytest.approx(
+        past["mmrec-no-longterm+window=8"] - past["mmrec+window=8"])}  # fmt: skip
+    assert "(64-1K)" in table
 
 
 def training_calls(arch: str, settings: Settings, corpus: Corpus, monkeypatch) -> list[tuple]:
