@@ -53,8 +53,9 @@ The report reads every DIR/*-seed*.json and gives, per label, the mean over seed
 the range [min, max]; each ablation against the full model of the same seed, --config
 overrides and --carry-chunks (so that one folder can hold a study of configurations), in
 validation, past the first position band (2K-32K: issue 17's measure), in the farthest
-band and on the farthest copy; bits per byte by position. It writes STEM.md, STEM.json (rows and summary) and STEM.png
-(training curves and bits per byte by position, means over seeds).
+band and on the farthest copy; bits per byte by position. It writes STEM.md, STEM.json
+(rows and summary) and STEM.png (training curves and bits per byte by position, means over
+seeds).
 """
 
 from __future__ import annotations
