@@ -8,7 +8,9 @@
 
 Rows are independent: run them in any order, in separate calls or side by side in
 parallel processes (processes that share a GPU share its throughput, so their tokens/s
-are not the model's alone), then report the folder.
+are not the model's alone), then report the folder. A row longer than one sitting:
+--checkpoint-every N writes its training checkpoint every N steps and --stop-at K stops at
+step K; the same command then continues from the checkpoint, to the same row.
 
 Archs, all with the preset's width, depth and heads:
   mmrec                the preset's MM-Rec
@@ -229,15 +231,98 @@ def loss_curve(losses: torch.Tensor, every: int) -> dict:
     }
 
 
-def train(model: torch.nn.Module, corpus: Corpus, settings: Settings, seed: int, autocast_dtype) -> dict:
-    """settings.steps steps on the batches of `seed`; times and the training curve. The loop
-    reads nothing back from the GPU; the first step (which compiles) is timed apart."""
+ROW_CHECKPOINT_FORMAT = "mmrec-quality-row-1"
+
+
+@dataclasses.dataclass
+class Resume:
+    """A row's training checkpoint: written to `path` every `every` steps (0: never) and at
+    `stop_at` (where training then stops), at the end of a --carry-chunks group; a row
+    whose checkpoint exists continues from it, exactly, if `identity` (arch, seed and
+    settings) is the checkpoint's."""
+
+    path: Path
+    identity: dict
+    every: int = 0
+    stop_at: int | None = None
+
+    def due(self, done: int, settings: Settings) -> bool:
+        if done % settings.carry_chunks or done >= settings.steps:
+            return False
+        return done == self.stop_at or bool(self.every and done % self.every == 0)
+
+
+@dataclasses.dataclass
+class Progress:
+    """Where training stands: steps done, their losses (CPU) and the clocks. `steady_s` is the
+    time of the steps after each run's first (which compiles), `steady_steps` their count."""
+
+    done: int = 0
+    losses: torch.Tensor = dataclasses.field(default_factory=lambda: torch.zeros(0))
+    train_s: float = 0.0
+    first_step_s: float | None = None
+    steady_s: float = 0.0
+    steady_steps: int = 0
+
+
+def load_progress(resume: Resume, model, optimizer, scheduler) -> Progress:
+    """The progress of resume.path, its states loaded into model, optimizer and scheduler
+    (a fresh Progress when there is no checkpoint yet)."""
+    if not resume.path.exists():
+        return Progress()
+    try:
+        saved = torch.load(resume.path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises several types for truncated or foreign files
+        raise ValueError(f"{resume.path}: not a readable row checkpoint ({type(err).__name__}); delete it to "
+                         f"start the row again") from None  # fmt: skip
+    if not isinstance(saved, dict) or saved.get("format") != ROW_CHECKPOINT_FORMAT:
+        raise ValueError(f"{resume.path}: not a row checkpoint of format {ROW_CHECKPOINT_FORMAT}")
+    if saved["identity"] != resume.identity:
+        differ = sorted(k for k in resume.identity["settings"]
+                        if saved["identity"]["settings"].get(k) != resume.identity["settings"][k])  # fmt: skip
+        raise ValueError(f"{resume.path}: the checkpoint is of another row (it differs in "
+                         f"{', '.join(differ) or 'arch or seed'}); delete it or use another --out")  # fmt: skip
+    model.load_state_dict(saved["model"])
+    optimizer.load_state_dict(saved["optimizer"])
+    scheduler.load_state_dict(saved["scheduler"])
+    return Progress(**saved["progress"])
+
+
+def save_progress(resume: Resume, progress: Progress, model, optimizer, scheduler) -> None:
+    checkpoint = {
+        "format": ROW_CHECKPOINT_FORMAT, "identity": resume.identity, "progress": dataclasses.asdict(progress),
+        "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+    }  # fmt: skip
+    resume.path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(resume.path, lambda file: torch.save(checkpoint, file))
+
+
+def train(model: torch.nn.Module, corpus: Corpus, settings: Settings, seed: int, autocast_dtype,
+          resume: Resume | None = None) -> dict | None:  # fmt: skip
+    """settings.steps steps on the batches of `seed`; times and the training curve (None when
+    stopped at resume.stop_at). The loop reads nothing back from the GPU but at checkpoints;
+    the first step of each run (which compiles) is timed apart."""
     device = next(model.parameters()).device
     optimizer = make_optimizer(model, settings.lr, settings.weight_decay, fused=device.type == "cuda")
     scheduler = make_scheduler(optimizer, settings.warmup_steps, settings.steps)
-    losses, state = [], None
-    start = time.perf_counter()
-    for step in tqdm(range(settings.steps), desc="train", unit="step", mininterval=10, file=sys.stderr):
+    progress = load_progress(resume, model, optimizer, scheduler) if resume else Progress()
+    if progress.done:
+        print(f"quality: continuing from step {progress.done} ({resume.path})", file=sys.stderr, flush=True)
+    losses, state, first = [], None, progress.done
+    clock = steady_clock = time.perf_counter()
+    steady_from = first + 1  # the first step of a run compiles: the steady clock starts after it
+
+    def take_stock() -> None:
+        nonlocal losses, clock, steady_clock, steady_from
+        synchronize(device.type)
+        now = time.perf_counter()
+        progress.train_s += now - clock
+        progress.steady_s += now - steady_clock
+        progress.steady_steps += progress.done - steady_from
+        progress.losses = torch.cat([progress.losses, torch.stack(losses).cpu().float()])
+        losses, clock, steady_clock, steady_from = [], now, now, progress.done
+
+    for step in tqdm(range(first, settings.steps), desc="train", unit="step", mininterval=10, file=sys.stderr):
         batch = train_batch(corpus, step, seed, settings.batch_size, settings.seq_len,
                             carry_chunks=settings.carry_chunks)  # fmt: skip
         inputs, targets = to_device(batch, device)
@@ -248,17 +333,25 @@ def train(model: torch.nn.Module, corpus: Corpus, settings: Settings, seed: int,
         loss, state = train_step_carried(model, inputs, targets, state, optimizer, scheduler, settings.grad_clip,
                                          autocast_dtype)  # fmt: skip
         losses.append(loss)
-        if step == 0:
+        if step == first:
             synchronize(device.type)
-            first_done = time.perf_counter()
-    synchronize(device.type)
-    end = time.perf_counter()
+            steady_clock = time.perf_counter()
+            if progress.first_step_s is None:
+                progress.first_step_s = steady_clock - clock
+        if resume and resume.due(step + 1, settings):
+            progress.done = step + 1
+            take_stock()
+            save_progress(resume, progress, model, optimizer, scheduler)
+            if progress.done == resume.stop_at:
+                return None
+    progress.done = settings.steps
+    take_stock()
     step_tokens = settings.batch_size * settings.seq_len
     return {
-        "train_s": end - start,
-        "first_step_s": first_done - start,
-        "tokens_per_s": (settings.steps - 1) * step_tokens / (end - first_done) if settings.steps > 1 else None,
-        "curve": loss_curve(torch.stack(losses).cpu(), settings.log_every),
+        "train_s": progress.train_s,
+        "first_step_s": progress.first_step_s,
+        "tokens_per_s": progress.steady_steps * step_tokens / progress.steady_s if progress.steady_steps else None,
+        "curve": loss_curve(progress.losses, settings.log_every),
     }
 
 
@@ -344,8 +437,10 @@ def recall(model, documents: list[bytes], corpus: Corpus, settings: Settings, au
     return measured
 
 
-def measure_row(arch: str, seed: int, settings: Settings, config, documents: list[bytes], corpus: Corpus) -> dict:
-    """Trains the arch on the batches of `seed`, then measures it: the row's record."""
+def measure_row(arch: str, seed: int, settings: Settings, config, documents: list[bytes], corpus: Corpus,
+                resume: Resume | None = None) -> dict | None:  # fmt: skip
+    """Trains the arch on the batches of `seed`, then measures it: the row's record (None when
+    training stopped at resume.stop_at)."""
     device = torch.device(settings.device)
     model = build_model(config, seed, device)
     if settings.compile:
@@ -354,7 +449,9 @@ def measure_row(arch: str, seed: int, settings: Settings, config, documents: lis
     parameters = sum(p.numel() for p in model.parameters())
     print(f"quality: {arch} seed {seed}: {parameters:,} parameters, {settings.steps} steps of "
           f"{settings.batch_size} x {settings.seq_len} bytes on {device}", file=sys.stderr, flush=True)  # fmt: skip
-    trained = train(model, corpus, settings, seed, autocast_dtype)
+    trained = train(model, corpus, settings, seed, autocast_dtype, resume)
+    if trained is None:
+        return None
     # Evaluation shapes differ from training's: eager spares compiling them.
     with torch.compiler.set_stance("force_eager"):
         offsets = validation_offsets(corpus, settings.val_windows, settings.seq_len)
@@ -387,11 +484,30 @@ def row_label(row: dict) -> str:
     return label + (f"+carry{carry}" if carry != 1 else "")
 
 
+def row_stem(row: dict) -> str:
+    return f"{row_label(row)}-seed{row['seed']}"
+
+
 def write_row(row: dict, folder: Path) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"{row_label(row)}-seed{row['seed']}.json"
+    path = folder / f"{row_stem(row)}.json"
     atomic_write(path, lambda f: f.write(json.dumps(row, indent=2).encode()))
     return path
+
+
+def row_resume(args: argparse.Namespace, settings: Settings) -> Resume | None:
+    """The row's checkpointing as --checkpoint-every and --stop-at ask (None: neither)."""
+    every, stop_at = args.checkpoint_every, args.stop_at
+    if not every and stop_at is None:
+        return None
+    group = settings.carry_chunks
+    if every < 0 or every % group:
+        raise ValueError(f"--checkpoint-every: expected a multiple of --carry-chunks ({group}), got {every}")
+    if stop_at is not None and not (0 < stop_at < settings.steps and stop_at % group == 0):
+        raise ValueError(f"--stop-at: expected a multiple of --carry-chunks ({group}) between 0 and --steps "
+                         f"({settings.steps}), exclusive, got {stop_at}")  # fmt: skip
+    identity = {"arch": args.arch, "seed": args.seed, "settings": dataclasses.asdict(settings)}
+    return Resume(args.out / f"{row_stem(identity)}.ckpt.pt", identity, every, stop_at)
 
 
 def run_command(args: argparse.Namespace) -> None:
@@ -406,10 +522,19 @@ def run_command(args: argparse.Namespace) -> None:
         documents, source = read_documents(None)
         corpus = corpus_from_documents(documents, source)
         check_window_fits(corpus, settings.seq_len)
+        resume = row_resume(args, settings)
     except ValueError as err:
         sys.exit(f"quality.py run: error: {err}")
-    row = measure_row(args.arch, args.seed, settings, config, documents, corpus)
+    try:
+        row = measure_row(args.arch, args.seed, settings, config, documents, corpus, resume)
+    except ValueError as err:  # a checkpoint of another row, or not one
+        sys.exit(f"quality.py run: error: {err}")
+    if row is None:
+        print(f"{resume.path}: stopped at step {resume.stop_at}; the same command without --stop-at continues")
+        return
     path = write_row(row, args.out)
+    if resume:
+        resume.path.unlink(missing_ok=True)
     bands = ", ".join(f"{b['band']} {b['bpb']:.3f}" for b in row["long_context"]["bands"]) or "-"
     copies = ", ".join(f"{size_label(d['distance'])} {d['copy_bpb']:.3f}" for d in row["recall"]["distances"]) or "-"
     print(f"{path}: val bits/byte {row['val_bpb']:.4f}; by position {bands}; recalled passage at {copies}; "
@@ -723,6 +848,12 @@ def build_parser() -> argparse.ArgumentParser:
                           "memory_read=gated or level_slots=128; repeatable")  # fmt: skip
     run.add_argument("--compile", action="store_true", default=argparse.SUPPRESS, help="torch.compile each block")
     run.add_argument("--device", choices=["cuda", "cpu"], default=argparse.SUPPRESS, help="default cuda (--smoke: cpu)")
+    run.add_argument("--checkpoint-every", type=int, default=0, metavar="N",
+                     help="write the row's training checkpoint (OUT/<label>-seed<S>.ckpt.pt) every N steps; a run "
+                          "whose checkpoint exists continues from it, exactly (default 0: never)")  # fmt: skip
+    run.add_argument("--stop-at", type=int, default=None, metavar="STEP",
+                     help="stop training at STEP with a checkpoint, to continue in a later run (rows longer than "
+                          "one sitting)")  # fmt: skip
     report = commands.add_parser("report", help="tables and plots over the rows of a folder")
     report.add_argument("folder", type=Path, help="folder of the rows (run's --out)")
     report.add_argument("--out", type=Path, default=None, metavar="STEM",

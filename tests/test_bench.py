@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from bench.quality import (
-    SMOKE, Settings, build_model, model_config, past_first_band, probe_offsets, recall_sequence, train,
+    SMOKE, Resume, Settings, build_model, model_config, past_first_band, probe_offsets, recall_sequence, train,
 )
 from bench.transformer import KVCache, StaticDecoder, Transformer, TransformerConfig
 from mmrec_model.data import Corpus
@@ -123,6 +123,39 @@ def test_quality_smoke_rows_in_parallel_then_report(tmp_path):
     assert {r["arch"] for r in report["rows"]} == {"mmrec", "transformer"}
     assert report["summary"]["archs"]["mmrec+window=8"]["val_bpb"]["mean"] == row["val_bpb"]
     assert stem.with_suffix(".png").read_bytes().startswith(b"\x89PNG")
+
+
+def test_quality_row_stopped_and_continued_is_the_row_of_one_run(tmp_path):
+    whole, parts = tmp_path / "whole", tmp_path / "parts"
+    row = ("run", "--smoke", "--arch", "mmrec", "--seed", "1")
+    finished(run_quality(*row, "--out", str(whole)))
+    stopped = finished(run_quality(*row, "--out", str(parts), "--checkpoint-every", "2", "--stop-at", "4"))
+    checkpoint = parts / "mmrec-seed1.ckpt.pt"
+    assert "stopped at step 4" in stopped and checkpoint.exists() and not list(parts.glob("*.json"))
+    finished(run_quality(*row, "--out", str(parts), "--checkpoint-every", "2"))
+    one, continued = (json.loads((folder / "mmrec-seed1.json").read_text()) for folder in (whole, parts))
+    assert continued["curve"] == one["curve"] and continued["val_bpb"] == one["val_bpb"]
+    assert continued["long_context"] == one["long_context"] and continued["recall"] == one["recall"]
+    assert continued["tokens_per_s"] > 0 and not checkpoint.exists()
+
+
+def test_row_checkpoints_fall_at_the_end_of_carry_groups_and_never_at_the_last_step(tmp_path):
+    settings = dataclasses.replace(SMOKE, steps=12, carry_chunks=3)
+    resume = Resume(tmp_path / "row.ckpt.pt", {}, every=6, stop_at=9)
+    assert [done for done in range(1, 13) if resume.due(done, settings)] == [6, 9]
+    assert [done for done in range(1, 13) if Resume(tmp_path, {}, every=3).due(done, settings)] == [3, 6, 9]
+
+
+def test_quality_refuses_the_checkpoint_of_another_row(tmp_path):
+    row = ("run", "--smoke", "--arch", "transformer", "--seed", "0", "--out", str(tmp_path), "--stop-at", "2")
+    finished(run_quality(*row))
+    process = run_quality(*row, "--lr", "0.01")
+    _, stderr = process.communicate(timeout=300)
+    assert process.returncode == 1
+    assert stderr.strip().splitlines()[-1].startswith("quality.py run: error: ") and "differs in lr" in stderr
+    process = run_quality(*row[:-2], "--stop-at", "6")
+    _, stderr = process.communicate(timeout=300)
+    assert process.returncode == 1 and "--stop-at: expected" in stderr.strip().splitlines()[-1]
 
 
 def run_seed0_rows(folder, rows) -> list[str]:
