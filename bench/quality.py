@@ -600,6 +600,11 @@ def copy_bpb(row: dict) -> dict[int, float]:
     return {d["distance"]: d["copy_bpb"] for d in row.get("recall", {}).get("distances", [])}
 
 
+def first_occurrence_bpb(row: dict) -> float | None:
+    """Bits per byte on the probe's passages themselves (None for rows from before the probe)."""
+    return row.get("recall", {}).get("first_bpb")
+
+
 def farthest_copy_bpb(row: dict) -> float | None:
     copies = copy_bpb(row)
     return copies[max(copies)] if copies else None
@@ -609,7 +614,7 @@ def recall_summary(rows: list[dict]) -> dict:
     copies = [copy_bpb(r) for r in rows]
     distances = sorted({d for c in copies for d in c})
     return {
-        "first_bpb": stats([r["recall"]["first_bpb"] for r in rows if r.get("recall", {}).get("first_bpb")]),
+        "first_bpb": stats([bpb for bpb in map(first_occurrence_bpb, rows) if bpb]),
         "copy_bpb": {str(d): stats([c[d] for c in copies if d in c]) for d in distances},
     }
 
@@ -656,6 +661,7 @@ def ablation_summary(groups: dict[str, list[dict]], archs: dict[str, dict]) -> l
             past = [(a[1], b[1], b[0]) for a, b in past if a is not None and b is not None]
             full_past = [b[1] for b in map(past_first_band, full_rows) if b is not None]
             recalled = [(farthest_copy_bpb(r), farthest_copy_bpb(f)) for r, f in pairs]
+            firsts = [(first_occurrence_bpb(r), first_occurrence_bpb(f)) for r, f in pairs]
             ablations.append({
                 "arch": arch + overrides, "full": full_label, "removes": removes,
                 "seeds": [r["seed"] for r, _ in pairs],
@@ -667,6 +673,7 @@ def ablation_summary(groups: dict[str, list[dict]], archs: dict[str, dict]) -> l
                 "full_far_spread": spread(full_bands.get(far_band)),
                 "full_past_spread": spread(stats(full_past)),
                 "recall_delta": stats([a - b for a, b in recalled if a is not None and b is not None]),
+                "first_delta": stats([a - b for a, b in firsts if a is not None and b is not None]),
             })  # fmt: skip
     return ablations
 
@@ -744,16 +751,18 @@ def render(summary: dict) -> str:
     if summary["ablations"]:
         lines += ["", "## Ablations: the full model (mmrec) without one memory, seed by seed", "",
                   "Δ = ablation - full model (bits/byte; > 0: the memory helps). Beyond spread: the mean Δ "
-                  "exceeds the full model's spread (max - min) between seeds (n/a with one seed).", ""]  # fmt: skip
+                  "exceeds the full model's spread (max - min) between seeds (n/a with one seed). A memory "
+                  "recalls only as far as its Δ on a copy exceeds its Δ on the passage's first occurrence, "
+                  "which no memory can help.", ""]  # fmt: skip
         lines += markdown_table(
             ["without", "arch", "seeds", "Δ val", "Δ past the first band", "Δ farthest band",
-             "beyond spread (val, past first, far)", "Δ recall, farthest copy"],
+             "beyond spread (val, past first, far)", "Δ recall, farthest copy", "Δ first occurrence"],
             [[a["removes"], a["arch"], str(len(a["seeds"])), fmt_stats(a["val_delta"], "+.4f"),
               f"{fmt_stats(a['past_delta'], '+.4f')} ({a['past_band'] or '-'})",
               f"{fmt_stats(a['far_delta'], '+.4f')} ({a['far_band'] or '-'})",
               f"{beyond(a['val_delta'], a['full_val_spread'])}, {beyond(a['past_delta'], a['full_past_spread'])}, "
               f"{beyond(a['far_delta'], a['full_far_spread'])}",
-              fmt_stats(a.get("recall_delta"), "+.4f")]
+              fmt_stats(a.get("recall_delta"), "+.4f"), fmt_stats(a.get("first_delta"), "+.4f")]
              for a in summary["ablations"]],
         )  # fmt: skip
     labels = list(dict.fromkeys(label for a in archs.values() for label in a["bands"]))

@@ -185,10 +185,10 @@ def test_past_first_band_weighs_each_band_by_its_positions():
     assert past_first_band({"long_context": {"bands": []}}) is None
 
 
-def past_deltas(folder) -> dict:
-    """The folder's report's deltas past the first band {(ablation, full): mean}."""
+def report_deltas(folder, name: str) -> dict:
+    """The folder's report's deltas `name` ('past_delta', 'first_delta') {(ablation, full): mean}."""
     report = json.loads((folder / "report.json").read_text())
-    return {(a["arch"], a["full"]): a["past_delta"]["mean"] for a in report["summary"]["ablations"]}
+    return {(a["arch"], a["full"]): a[name]["mean"] for a in report["summary"]["ablations"]}
 
 
 def test_quality_report_keeps_configurations_apart_and_pairs_each_ablation_with_its_own(tmp_path):
@@ -239,11 +239,14 @@ def test_quality_report_keeps_windows_apart_and_pairs_each_ablation_with_its_own
     deltas, val = ablation_deltas(tmp_path)
     assert deltas == {("mmrec-no-longterm+window=8", "mmrec+window=8"): pytest.approx(val["mmrec-no-longterm+window=8"]
                                                                                       - val["mmrec+window=8"])}  # fmt: skip
-    past = {label: past_first_band(json.loads((tmp_path / f"{label}-seed0.json").read_text()))[1]
+    rows = {label: json.loads((tmp_path / f"{label}-seed0.json").read_text())
             for label in ("mmrec+window=8", "mmrec-no-longterm+window=8")}  # fmt: skip
-    assert past_deltas(tmp_path) == {("mmrec-no-longterm+window=8", "mmrec+window=8"): pytest.approx(
-        past["mmrec-no-longterm+window=8"] - past["mmrec+window=8"])}  # fmt: skip
-    assert "(64-1K)" in table
+    pair = ("mmrec-no-longterm+window=8", "mmrec+window=8")
+    past = {label: past_first_band(row)[1] for label, row in rows.items()}
+    assert report_deltas(tmp_path, "past_delta") == {pair: pytest.approx(past[pair[0]] - past[pair[1]])}
+    first = {label: row["recall"]["first_bpb"] for label, row in rows.items()}
+    assert report_deltas(tmp_path, "first_delta") == {pair: pytest.approx(first[pair[0]] - first[pair[1]])}
+    assert "(64-1K)" in table and "Δ first occurrence" in table
 
 
 def training_calls(arch: str, settings: Settings, corpus: Corpus, monkeypatch) -> list[tuple]:
