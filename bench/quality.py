@@ -237,14 +237,15 @@ ROW_CHECKPOINT_FORMAT = "mmrec-quality-row-1"
 @dataclasses.dataclass
 class Resume:
     """A row's training checkpoint: written to `path` every `every` steps (0: never) and at
-    `stop_at` (where training then stops), at the end of a --carry-chunks group; a row
-    whose checkpoint exists continues from it, exactly, if `identity` (arch, seed and
-    settings) is the checkpoint's."""
+    `stop_at` (where training then stops), at the end of a --carry-chunks group, with the
+    row's `identity` (arch, seed and settings); `saved`, the checkpoint found at `path` when
+    the row started (read_row_checkpoint), from which it continues, exactly."""
 
     path: Path
     identity: dict
     every: int = 0
     stop_at: int | None = None
+    saved: dict | None = None
 
     def due(self, done: int, settings: Settings) -> bool:
         if done % settings.carry_chunks or done >= settings.steps:
@@ -265,27 +266,35 @@ class Progress:
     steady_steps: int = 0
 
 
-def load_progress(resume: Resume, model, optimizer, scheduler) -> Progress:
-    """The progress of resume.path, its states loaded into model, optimizer and scheduler
-    (a fresh Progress when there is no checkpoint yet)."""
-    if not resume.path.exists():
-        return Progress()
+def read_row_checkpoint(path: Path, identity: dict) -> dict | None:
+    """The row checkpoint at path (None when there is none yet); a ValueError that says why
+    for a file that is not one, or one of another row than `identity`."""
+    if not path.exists():
+        return None
     try:
-        saved = torch.load(resume.path, map_location="cpu", weights_only=True)
+        saved = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises several types for truncated or foreign files
-        raise ValueError(f"{resume.path}: not a readable row checkpoint ({type(err).__name__}); delete it to "
+        raise ValueError(f"{path}: not a readable row checkpoint ({type(err).__name__}); delete it to "
                          f"start the row again") from None  # fmt: skip
     if not isinstance(saved, dict) or saved.get("format") != ROW_CHECKPOINT_FORMAT:
-        raise ValueError(f"{resume.path}: not a row checkpoint of format {ROW_CHECKPOINT_FORMAT}")
-    if saved["identity"] != resume.identity:
-        differ = sorted(k for k in resume.identity["settings"]
-                        if saved["identity"]["settings"].get(k) != resume.identity["settings"][k])  # fmt: skip
-        raise ValueError(f"{resume.path}: the checkpoint is of another row (it differs in "
+        raise ValueError(f"{path}: not a row checkpoint of format {ROW_CHECKPOINT_FORMAT}")
+    if saved["identity"] != identity:
+        differ = sorted(k for k in identity["settings"]
+                        if saved["identity"]["settings"].get(k) != identity["settings"][k])  # fmt: skip
+        raise ValueError(f"{path}: the checkpoint is of another row (it differs in "
                          f"{', '.join(differ) or 'arch or seed'}); delete it or use another --out")  # fmt: skip
-    model.load_state_dict(saved["model"])
-    optimizer.load_state_dict(saved["optimizer"])
-    scheduler.load_state_dict(saved["scheduler"])
-    return Progress(**saved["progress"])
+    return saved
+
+
+def load_progress(resume: Resume, model, optimizer, scheduler) -> Progress:
+    """The progress of resume.saved, its states loaded into model, optimizer and scheduler
+    (a fresh Progress when the row had no checkpoint)."""
+    if resume.saved is None:
+        return Progress()
+    model.load_state_dict(resume.saved["model"])
+    optimizer.load_state_dict(resume.saved["optimizer"])
+    scheduler.load_state_dict(resume.saved["scheduler"])
+    return Progress(**resume.saved["progress"])
 
 
 def save_progress(resume: Resume, progress: Progress, model, optimizer, scheduler) -> None:
@@ -507,7 +516,8 @@ def row_resume(args: argparse.Namespace, settings: Settings) -> Resume | None:
         raise ValueError(f"--stop-at: expected a multiple of --carry-chunks ({group}) between 0 and --steps "
                          f"({settings.steps}), exclusive, got {stop_at}")  # fmt: skip
     identity = {"arch": args.arch, "seed": args.seed, "settings": dataclasses.asdict(settings)}
-    return Resume(args.out / f"{row_stem(identity)}.ckpt.pt", identity, every, stop_at)
+    path = args.out / f"{row_stem(identity)}.ckpt.pt"
+    return Resume(path, identity, every, stop_at, read_row_checkpoint(path, identity))
 
 
 def run_command(args: argparse.Namespace) -> None:
@@ -525,10 +535,7 @@ def run_command(args: argparse.Namespace) -> None:
         resume = row_resume(args, settings)
     except ValueError as err:
         sys.exit(f"quality.py run: error: {err}")
-    try:
-        row = measure_row(args.arch, args.seed, settings, config, documents, corpus, resume)
-    except ValueError as err:  # a checkpoint of another row, or not one
-        sys.exit(f"quality.py run: error: {err}")
+    row = measure_row(args.arch, args.seed, settings, config, documents, corpus, resume)
     if row is None:
         print(f"{resume.path}: stopped at step {resume.stop_at}; the same command without --stop-at continues")
         return
@@ -584,15 +591,20 @@ def farthest_bpb(row: dict) -> float | None:
     return bands[-1]["bpb"] if bands else None
 
 
-def past_first_band(row: dict) -> tuple[str, float] | None:
-    """(label, bits per byte) over every position past the first band (2K-32K at L = 32768:
-    beyond the preset's training windows), the bands' figures weighted by their lengths;
-    None if not measured."""
+def past_first_band_bpb(row: dict) -> float | None:
+    """Bits per byte over every position past the first band (2K-32K at L = 32768: beyond
+    the preset's training windows), the bands' figures weighted by their lengths; None if
+    not measured."""
     bands = row["long_context"]["bands"][1:]
     if not bands:
         return None
-    bpb = sum(b["bpb"] * (b["end"] - b["start"]) for b in bands) / sum(b["end"] - b["start"] for b in bands)
-    return f"{size_label(bands[0]['start'])}-{size_label(bands[-1]['end'])}", bpb
+    return sum(b["bpb"] * (b["end"] - b["start"]) for b in bands) / sum(b["end"] - b["start"] for b in bands)
+
+
+def past_first_band_label(row: dict) -> str | None:
+    """'2K-32K' at L = 32768: the positions past_first_band_bpb covers."""
+    bands = row["long_context"]["bands"][1:]
+    return f"{size_label(bands[0]['start'])}-{size_label(bands[-1]['end'])}" if bands else None
 
 
 def copy_bpb(row: dict) -> dict[int, float]:
@@ -640,6 +652,13 @@ def spread(summary: dict | None) -> float | None:
     return summary["max"] - summary["min"] if summary and summary["n"] > 1 else None
 
 
+def delta_stats(pairs: list[tuple[dict, dict]], measure) -> dict | None:
+    """stats of measure(ablation) - measure(full) over the (ablation, full) row pairs where
+    both were measured (measure: row -> float or None)."""
+    values = [(measure(r), measure(f)) for r, f in pairs]
+    return stats([a - b for a, b in values if a is not None and b is not None])
+
+
 def ablation_summary(groups: dict[str, list[dict]], archs: dict[str, dict]) -> list[dict]:
     """Each ablation minus the full model (mmrec) of the same seed, --config overrides and
     --carry-chunks (the rest of its label): validation, the positions past the first band
@@ -656,24 +675,18 @@ def ablation_summary(groups: dict[str, list[dict]], archs: dict[str, dict]) -> l
             pairs = [(r, full[r["seed"]]) for r in groups.get(arch + overrides, []) if r["seed"] in full]
             if not pairs:
                 continue
-            far = [(farthest_bpb(r), farthest_bpb(f)) for r, f in pairs]
-            past = [(past_first_band(r), past_first_band(f)) for r, f in pairs]
-            past = [(a[1], b[1], b[0]) for a, b in past if a is not None and b is not None]
-            full_past = [b[1] for b in map(past_first_band, full_rows) if b is not None]
-            recalled = [(farthest_copy_bpb(r), farthest_copy_bpb(f)) for r, f in pairs]
-            firsts = [(first_occurrence_bpb(r), first_occurrence_bpb(f)) for r, f in pairs]
+            full_past = [bpb for bpb in map(past_first_band_bpb, full_rows) if bpb is not None]
             ablations.append({
                 "arch": arch + overrides, "full": full_label, "removes": removes,
                 "seeds": [r["seed"] for r, _ in pairs],
-                "val_delta": stats([r["val_bpb"] - f["val_bpb"] for r, f in pairs]),
-                "far_band": far_band, "far_delta": stats([a - b for a, b in far if a is not None and b is not None]),
-                "past_band": past[0][2] if past else None,
-                "past_delta": stats([a - b for a, b, _ in past]),
+                "val_delta": delta_stats(pairs, lambda row: row["val_bpb"]),
+                "far_band": far_band, "far_delta": delta_stats(pairs, farthest_bpb),
+                "past_band": past_first_band_label(full_rows[0]), "past_delta": delta_stats(pairs, past_first_band_bpb),
                 "full_val_spread": spread(archs[full_label]["val_bpb"]),
                 "full_far_spread": spread(full_bands.get(far_band)),
                 "full_past_spread": spread(stats(full_past)),
-                "recall_delta": stats([a - b for a, b in recalled if a is not None and b is not None]),
-                "first_delta": stats([a - b for a, b in firsts if a is not None and b is not None]),
+                "recall_delta": delta_stats(pairs, farthest_copy_bpb),
+                "first_delta": delta_stats(pairs, first_occurrence_bpb),
             })  # fmt: skip
     return ablations
 

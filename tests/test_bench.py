@@ -15,7 +15,8 @@ import pytest
 import torch
 
 from bench.quality import (
-    SMOKE, Resume, Settings, build_model, model_config, past_first_band, probe_offsets, recall_sequence, train,
+    SMOKE, Resume, Settings, build_model, model_config, past_first_band_bpb, past_first_band_label, probe_offsets,
+    recall_sequence, train,
 )
 from bench.transformer import KVCache, StaticDecoder, Transformer, TransformerConfig
 from mmrec_model.data import Corpus
@@ -180,9 +181,11 @@ def ablation_deltas(folder) -> tuple[dict, dict]:
 def test_past_first_band_weighs_each_band_by_its_positions():
     bands = [{"band": "0-64", "start": 0, "end": 64, "bpb": 9.0}, {"band": "64-256", "start": 64, "end": 256, "bpb": 2.0},
              {"band": "256-1K", "start": 256, "end": 1024, "bpb": 1.0}]  # fmt: skip
-    label, bpb = past_first_band({"long_context": {"bands": bands}})
-    assert label == "64-1K" and bpb == pytest.approx((192 * 2.0 + 768 * 1.0) / 960)
-    assert past_first_band({"long_context": {"bands": []}}) is None
+    row = {"long_context": {"bands": bands}}
+    assert past_first_band_label(row) == "64-1K"
+    assert past_first_band_bpb(row) == pytest.approx((192 * 2.0 + 768 * 1.0) / 960)
+    nothing = {"long_context": {"bands": []}}
+    assert past_first_band_bpb(nothing) is None and past_first_band_label(nothing) is None
 
 
 def report_deltas(folder, name: str) -> dict:
@@ -242,7 +245,7 @@ def test_quality_report_keeps_windows_apart_and_pairs_each_ablation_with_its_own
     rows = {label: json.loads((tmp_path / f"{label}-seed0.json").read_text())
             for label in ("mmrec+window=8", "mmrec-no-longterm+window=8")}  # fmt: skip
     pair = ("mmrec-no-longterm+window=8", "mmrec+window=8")
-    past = {label: past_first_band(row)[1] for label, row in rows.items()}
+    past = {label: past_first_band_bpb(row) for label, row in rows.items()}
     assert report_deltas(tmp_path, "past_delta") == {pair: pytest.approx(past[pair[0]] - past[pair[1]])}
     first = {label: row["recall"]["first_bpb"] for label, row in rows.items()}
     assert report_deltas(tmp_path, "first_delta") == {pair: pytest.approx(first[pair[0]] - first[pair[1]])}
