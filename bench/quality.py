@@ -30,7 +30,10 @@ batch_size streams of K * seq_len + 1 bytes (the same bytes per step, only conse
 MM-Rec carries its state from one window to the next, detached (truncated backpropagation
 through time), starting each group from no state, so that training too shows it context
 from beyond its working memory (what its long-term memory is for); the Transformers read
-the same windows without a state. Then, eagerly:
+the same windows without a state. With --final-steps N --final-seq-len L, the last N steps
+read windows of L bytes instead, batch_size * seq_len / L of them (the same bytes a step),
+as long-context pretraining ends on long windows: what a memory beyond the working memory
+can learn to keep, it learns where the windows are long. Then, eagerly:
   - validation bits per byte on the fixed windows validation_offsets(corpus, val_windows, seq_len);
   - long-context bits per byte by position: the first L + 1 bytes (L = --long-len) of each
     validation document that has them (at most --long-docs, in corpus order), batch 1;
@@ -53,7 +56,7 @@ every --log-every steps), the measurements, device, versions and date.
 
 The report reads every DIR/*-seed*.json and gives, per label, the mean over seeds with
 the range [min, max]; each ablation against the full model of the same seed, --config
-overrides and --carry-chunks (so that one folder can hold a study of configurations), in
+overrides, --carry-chunks and final phase (so that one folder can hold a study of configurations), in
 validation, past the first position band (2K-32K: issue 17's measure), in the farthest
 band and on the farthest copy; bits per byte by position. It writes STEM.md, STEM.json
 (rows and summary) and STEM.png (training curves and bits per byte by position, means over
@@ -125,6 +128,8 @@ class Settings:
     batch_size: int = 16
     seq_len: int = 2048
     carry_chunks: int = 1
+    final_steps: int = 0
+    final_seq_len: int | None = None
     lr: float = 1e-3
     weight_decay: float = 0.1
     grad_clip: float = 1.0
@@ -160,6 +165,10 @@ OPTIONS = {  # option: (type, help)
     "carry_chunks": (int, "K: each group of K steps reads K consecutive windows of the same streams, MM-Rec "
                           "carrying its state (detached) from one to the next, each group from no state; "
                           "1: independent windows"),
+    "final_steps": (int, "N: the last N steps read windows of --final-seq-len bytes (a long-window phase at the "
+                        "end, as long-context pretraining ends), the same bytes a step; 0: none"),
+    "final_seq_len": (int, "bytes per training window of the last --final-steps steps (a divisor of "
+                           "batch_size x seq_len)"),
     "lr": (float, "peak learning rate"),
     "log_every": (int, "steps per point of the training curve"),
     "val_windows": (int, "validation windows"),
@@ -188,8 +197,30 @@ def check_settings(settings: Settings) -> None:
                          f"got {list(settings.probe_distances)}")  # fmt: skip
     if not settings.lr > 0:
         raise ValueError(f"--lr: expected a positive number, got {settings.lr}")
+    check_final_phase(settings)
     if settings.device == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda: no CUDA device is available here (--device cpu, or --smoke)")
+
+
+def check_final_phase(settings: Settings) -> None:
+    if not 0 <= settings.final_steps <= settings.steps:
+        raise ValueError(f"--final-steps: expected 0 to --steps ({settings.steps}), got {settings.final_steps}")
+    if not settings.final_steps:
+        return
+    step_bytes = settings.batch_size * settings.seq_len
+    if settings.final_seq_len is None or settings.final_seq_len < 1 or step_bytes % settings.final_seq_len:
+        raise ValueError(f"--final-seq-len: expected a divisor of --batch-size x --seq-len ({step_bytes}) with "
+                         f"--final-steps, got {settings.final_seq_len}")  # fmt: skip
+    if settings.carry_chunks != 1:
+        raise ValueError(f"--final-steps: expected --carry-chunks 1 (independent windows), got {settings.carry_chunks}")
+
+
+def step_windows(settings: Settings, step: int) -> tuple[int, int]:
+    """(windows, bytes a window) that step `step` trains on: batch_size x seq_len, or in the
+    last final_steps steps batch_size x seq_len / final_seq_len windows of final_seq_len."""
+    if step < settings.steps - settings.final_steps:
+        return settings.batch_size, settings.seq_len
+    return settings.batch_size * settings.seq_len // settings.final_seq_len, settings.final_seq_len
 
 
 def model_config(arch: str, settings: Settings) -> MMRecConfig | TransformerConfig:
@@ -310,7 +341,8 @@ def train(model: torch.nn.Module, corpus: Corpus, settings: Settings, seed: int,
           resume: Resume | None = None) -> dict | None:  # fmt: skip
     """settings.steps steps on the batches of `seed`; times and the training curve (None when
     stopped at resume.stop_at). The loop reads nothing back from the GPU but at checkpoints;
-    the first step of each run (which compiles) is timed apart."""
+    the steps that compile (each run's first, and the first of the final phase, which starts
+    its own static graph) are left out of the steady clock."""
     device = next(model.parameters()).device
     optimizer = make_optimizer(model, settings.lr, settings.weight_decay, fused=device.type == "cuda")
     scheduler = make_scheduler(optimizer, settings.warmup_steps, settings.steps)
@@ -318,6 +350,8 @@ def train(model: torch.nn.Module, corpus: Corpus, settings: Settings, seed: int,
     if progress.done:
         print(f"quality: continuing from step {progress.done} ({resume.path})", file=sys.stderr, flush=True)
     losses, state, first = [], None, progress.done
+    final_from = settings.steps - settings.final_steps
+    compiling = {first, final_from} if settings.final_steps else {first}
     clock = steady_clock = time.perf_counter()
     steady_from = first + 1  # the first step of a run compiles: the steady clock starts after it
 
@@ -331,9 +365,18 @@ def train(model: torch.nn.Module, corpus: Corpus, settings: Settings, seed: int,
         progress.losses = torch.cat([progress.losses, torch.stack(losses).cpu().float()])
         losses, clock, steady_clock, steady_from = [], now, now, progress.done
 
+    def hold_steady_clock(step: int) -> None:
+        synchronize(device.type)
+        progress.steady_s += time.perf_counter() - steady_clock
+        progress.steady_steps += step - steady_from
+
     for step in tqdm(range(first, settings.steps), desc="train", unit="step", mininterval=10, file=sys.stderr):
-        batch = train_batch(corpus, step, seed, settings.batch_size, settings.seq_len,
-                            carry_chunks=settings.carry_chunks)  # fmt: skip
+        if step in compiling and step != first:
+            hold_steady_clock(step)
+            if settings.compile:
+                torch._dynamo.reset()  # a static graph for the new shape, not a dynamic one for both
+        windows, seq_len = step_windows(settings, step)
+        batch = train_batch(corpus, step, seed, windows, seq_len, carry_chunks=settings.carry_chunks)
         inputs, targets = to_device(batch, device)
         # A group's chunks continue the same streams: MM-Rec's state goes from one to the next
         # (detached), and each group starts from none. A Transformer's is always None.
@@ -342,9 +385,9 @@ def train(model: torch.nn.Module, corpus: Corpus, settings: Settings, seed: int,
         loss, state = train_step_carried(model, inputs, targets, state, optimizer, scheduler, settings.grad_clip,
                                          autocast_dtype)  # fmt: skip
         losses.append(loss)
-        if step == first:
+        if step in compiling:
             synchronize(device.type)
-            steady_clock = time.perf_counter()
+            steady_clock, steady_from = time.perf_counter(), step + 1
             if progress.first_step_s is None:
                 progress.first_step_s = steady_clock - clock
         if resume and resume.due(step + 1, settings):
@@ -480,7 +523,8 @@ def measure_row(arch: str, seed: int, settings: Settings, config, documents: lis
 def row_label(row: dict) -> str:
     """The row's arch, with the --config overrides an MM-Rec arch ran with, +window=W for an
     arch with a window trained with --window W, then +carryK for any arch trained with
-    --carry-chunks K > 1: 'mmrec+memory_read=gated', 'mmrec+window=256', 'transformer+carry8'.
+    --carry-chunks K > 1 and +finalLxN for one whose last N steps read windows of L bytes:
+    'mmrec+memory_read=gated', 'mmrec+window=256', 'transformer+carry8', 'mmrec+final16384x500'.
     Rows of different settings so get different files in one folder, and the report pairs
     each ablation with the full model of the same settings."""
     label = row["arch"]
@@ -490,7 +534,9 @@ def row_label(row: dict) -> str:
     if window is not None and row["arch"] in (*MMREC_ARCHS, "transformer-window"):
         label += f"+window={window}"
     carry = row["settings"].get("carry_chunks", 1)  # rows from before --carry-chunks read independent windows
-    return label + (f"+carry{carry}" if carry != 1 else "")
+    label += f"+carry{carry}" if carry != 1 else ""
+    final = row["settings"].get("final_steps", 0)
+    return label + (f"+final{row['settings']['final_seq_len']}x{final}" if final else "")
 
 
 def row_stem(row: dict) -> str:
@@ -660,8 +706,8 @@ def delta_stats(pairs: list[tuple[dict, dict]], measure) -> dict | None:
 
 
 def ablation_summary(groups: dict[str, list[dict]], archs: dict[str, dict]) -> list[dict]:
-    """Each ablation minus the full model (mmrec) of the same seed, --config overrides and
-    --carry-chunks (the rest of its label): validation, the positions past the first band
+    """Each ablation minus the full model (mmrec) of the same seed, --config overrides,
+    --carry-chunks and final phase (the rest of its label): validation, the positions past the first band
     (beyond the training windows), the farthest band and the farthest recalled copy."""
     ablations = []
     for full_label, full_rows in groups.items():
@@ -698,8 +744,9 @@ def distinct(rows: list[dict], key: str) -> str:
 def header_summary(rows: list[dict]) -> dict:
     """Where and with what the rows ran, and the settings that differ between them."""
     settings = [r["settings"] for r in rows]
-    # The labels carry each MM-Rec row's --config overrides, --window and each row's --carry-chunks.
-    labelled = ("config", "window", "carry_chunks")
+    # The labels carry each MM-Rec row's --config overrides, --window and each row's --carry-chunks
+    # and final phase.
+    labelled = ("config", "window", "carry_chunks", "final_steps", "final_seq_len")
     differing = sorted(name for name in settings[0]
                        if name not in labelled and len({json.dumps(s.get(name)) for s in settings}) > 1)  # fmt: skip
     return {
@@ -707,6 +754,7 @@ def header_summary(rows: list[dict]) -> dict:
         "triton": distinct(rows, "triton"), "dates": distinct(rows, "date"), "corpus": distinct(rows, "corpus"),
         "settings": settings[0], "differing_settings": differing,
         "carry_chunks": sorted({s.get("carry_chunks", 1) for s in settings}),
+        "final_phase": any(s.get("final_steps", 0) for s in settings),
     }  # fmt: skip
 
 
@@ -754,6 +802,9 @@ def render(summary: dict) -> str:
         lines.append("Rows labelled +carryK trained on each group of K steps as K consecutive windows of the same "
                      "streams, MM-Rec carrying its state (detached) from one to the next; the others, on "
                      "independent windows.")  # fmt: skip
+    if head.get("final_phase"):
+        lines.append("Rows labelled +finalLxN trained their last N steps on windows of L bytes (as many as make "
+                     "the same bytes a step); validation is on the windows of seq_len bytes for every row.")  # fmt: skip
     if head["differing_settings"]:
         lines.append(f"**The rows differ in settings: {', '.join(head['differing_settings'])}.**")
     lines += ["", "## Validation", ""] + markdown_table(
