@@ -279,6 +279,45 @@ def test_quality_training_carries_mmrec_state_through_a_group_and_feeds_every_ar
         assert torch.equal(mmrec[step][1][:, -1], mmrec[step + 1][0][:, 0])
 
 
+def test_quality_final_phase_trains_its_last_steps_on_long_windows_of_the_same_bytes(monkeypatch):
+    settings = dataclasses.replace(SMOKE, steps=5, seq_len=16, batch_size=4, final_steps=2, final_seq_len=32,
+                                   log_every=5)  # fmt: skip
+    stream = torch.randint(0, 256, (4000,), dtype=torch.uint8)
+    corpus = Corpus(train=stream[:3000], val=stream[3000:], source="random bytes", sha256="")
+    calls = training_calls("mmrec", settings, corpus, monkeypatch)
+    assert [tuple(inputs.shape) for inputs, _, _ in calls] == [(4, 16)] * 3 + [(2, 32)] * 2
+    assert all(position is None for _, _, position in calls)
+    for inputs, targets, _ in calls:  # each window is consecutive bytes of the corpus, targets one ahead
+        assert torch.equal(inputs[:, 1:], targets[:, :-1])
+
+
+def test_quality_report_keeps_final_phase_rows_apart_and_pairs_each_ablation_with_its_own(tmp_path):
+    final = ("--final-steps", "2", "--final-seq-len", "256")
+    assert run_seed0_rows(tmp_path, [("mmrec", ()), ("mmrec", final), ("mmrec-no-longterm", final)]) == [
+        "mmrec+final256x2-seed0.json", "mmrec-no-longterm+final256x2-seed0.json", "mmrec-seed0.json",
+    ]  # fmt: skip
+    row = json.loads((tmp_path / "mmrec+final256x2-seed0.json").read_text())
+    assert row["settings"]["final_steps"] == 2 and row["tokens"] == 6 * 2 * 128
+    table = finished(run_quality("report", str(tmp_path)))
+    assert "| mmrec+final256x2 | 1 |" in table and "Rows labelled +finalLxN" in table
+    assert "differ in settings" not in table
+    deltas, val = ablation_deltas(tmp_path)
+    pair = ("mmrec-no-longterm+final256x2", "mmrec+final256x2")
+    assert deltas == {pair: pytest.approx(val[pair[0]] - val[pair[1]])}
+
+
+@pytest.mark.parametrize("options, expected", [
+    (("--final-steps", "7", "--final-seq-len", "256"), "--final-steps: expected 0 to --steps (6), got 7"),
+    (("--final-steps", "2"), "--final-seq-len: expected a divisor of --batch-size x --seq-len (256)"),
+    (("--final-steps", "2", "--final-seq-len", "100"), "--final-seq-len: expected a divisor"),
+    (("--final-steps", "2", "--final-seq-len", "128", "--carry-chunks", "2"), "--final-steps: expected --carry-chunks 1"),
+])  # fmt: skip
+def test_quality_refuses_a_final_phase_it_cannot_train(tmp_path, options, expected):
+    process = run_quality("run", "--smoke", "--arch", "mmrec", "--seed", "0", "--out", str(tmp_path), *options)
+    _, stderr = process.communicate(timeout=300)
+    assert process.returncode == 1 and expected in stderr.strip().splitlines()[-1]
+
+
 def test_windowed_transformer_sees_the_last_window_tokens_only():
     torch.manual_seed(0)
     full = Transformer(TransformerConfig(dim=32, n_layers=2, n_heads=4)).eval()
