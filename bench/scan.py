@@ -11,7 +11,8 @@ engine, whose host time can exceed theirs), the cumulative-product mode
 against torch.cumprod, a Python loop over time, and on CUDA PyTorch's
 compiled associative_scan and, when installed (pip install accelerated-scan;
 never a dependency), accelerated-scan and flash-linear-attention's HGRN chunk
-kernel, through autograd too (each in its own layout, same element count).
+kernel, through autograd too (each in its own layout, same element count), and
+accelerated-scan as a caller with [B, T, D] tensors uses it (inputs transposed).
 Forward and forward+backward; median times. Below the table, forward+backward
 through autograd against the ops called directly, sampled in turn (the CPU
 goal of issue 19: within 1.1x). On CUDA each
@@ -127,6 +128,13 @@ def cuda_peers(B, T, H, d, dtype, device):
         x_bdt = torch.randn(B, H * d, T, dtype=dtype, device=device)
         rows.append(("accelerated-scan (Triton), through autograd", lambda: accelerated_scan(g_bdt, x_bdt),
                      forward_backward(accelerated_scan, (g_bdt, x_bdt)), "[B,D,T]"))
+
+        def from_btd(g, u):
+            # A [B, T, D] caller's price: its inputs transposed to [B, D, T], the output left a view.
+            return accelerated_scan(g.transpose(1, 2).contiguous(), u.transpose(1, 2).contiguous()).transpose(1, 2)
+
+        rows.append(("accelerated-scan from [B,T,D], through autograd", lambda: from_btd(gamma, x),
+                     forward_backward(from_btd, (gamma, x)), "inputs transposed, output a view"))
     try:
         from fla.ops.hgrn import chunk_hgrn
     except ImportError:
