@@ -215,6 +215,13 @@ def check_final_phase(settings: Settings) -> None:
         raise ValueError(f"--final-steps: expected --carry-chunks 1 (independent windows), got {settings.carry_chunks}")
 
 
+def check_final_windows_fit(corpus: Corpus, settings: Settings) -> None:
+    length = settings.final_seq_len
+    if settings.final_steps and len(corpus.train) < length + 1:
+        raise ValueError(f"--final-seq-len {length} needs windows of {length + 1} bytes, but the training split of "
+                         f"{corpus.source} holds only {len(corpus.train)} bytes")  # fmt: skip
+
+
 def step_windows(settings: Settings, step: int) -> tuple[int, int]:
     """(windows, bytes a window) that step `step` trains on: batch_size x seq_len, or in the
     last final_steps steps batch_size x seq_len / final_seq_len windows of final_seq_len."""
@@ -578,6 +585,7 @@ def run_command(args: argparse.Namespace) -> None:
         documents, source = read_documents(None)
         corpus = corpus_from_documents(documents, source)
         check_window_fits(corpus, settings.seq_len)
+        check_final_windows_fit(corpus, settings)
         resume = row_resume(args, settings)
     except ValueError as err:
         sys.exit(f"quality.py run: error: {err}")

@@ -15,8 +15,8 @@ import pytest
 import torch
 
 from bench.quality import (
-    SMOKE, Resume, Settings, build_model, model_config, past_first_band_bpb, past_first_band_label, probe_offsets,
-    recall_sequence, train,
+    SMOKE, Resume, Settings, build_model, check_final_windows_fit, model_config, past_first_band_bpb,
+    past_first_band_label, probe_offsets, recall_sequence, train,
 )
 from bench.transformer import KVCache, StaticDecoder, Transformer, TransformerConfig
 from mmrec_model.data import Corpus
@@ -289,6 +289,15 @@ def test_quality_final_phase_trains_its_last_steps_on_long_windows_of_the_same_b
     assert all(position is None for _, _, position in calls)
     for inputs, targets, _ in calls:  # each window is consecutive bytes of the corpus, targets one ahead
         assert torch.equal(inputs[:, 1:], targets[:, :-1])
+
+
+def test_quality_refuses_final_windows_longer_than_the_training_split():
+    stream = torch.zeros(300, dtype=torch.uint8)
+    corpus = Corpus(train=stream[:200], val=stream[200:], source="zeros", sha256="")
+    check_final_windows_fit(corpus, dataclasses.replace(SMOKE, final_steps=2, final_seq_len=199))
+    with pytest.raises(ValueError, match="--final-seq-len 256 needs windows of 257 bytes, but the training split "
+                                         "of zeros holds only 200 bytes"):  # fmt: skip
+        check_final_windows_fit(corpus, dataclasses.replace(SMOKE, final_steps=2, final_seq_len=256))
 
 
 def test_quality_report_keeps_final_phase_rows_apart_and_pairs_each_ablation_with_its_own(tmp_path):
