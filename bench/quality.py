@@ -362,20 +362,20 @@ def train(model: torch.nn.Module, corpus: Corpus, settings: Settings, seed: int,
     clock = steady_clock = time.perf_counter()
     steady_from = first + 1  # the first step of a run compiles: the steady clock starts after it
 
-    def take_stock() -> None:
-        nonlocal losses, clock, steady_clock, steady_from
+    def hold_steady_clock(step: int) -> float:
+        """Adds the steady steps before `step` and their time; returns the time now."""
         synchronize(device.type)
         now = time.perf_counter()
-        progress.train_s += now - clock
         progress.steady_s += now - steady_clock
-        progress.steady_steps += progress.done - steady_from
+        progress.steady_steps += step - steady_from
+        return now
+
+    def take_stock() -> None:
+        nonlocal losses, clock, steady_clock, steady_from
+        now = hold_steady_clock(progress.done)
+        progress.train_s += now - clock
         progress.losses = torch.cat([progress.losses, torch.stack(losses).cpu().float()])
         losses, clock, steady_clock, steady_from = [], now, now, progress.done
-
-    def hold_steady_clock(step: int) -> None:
-        synchronize(device.type)
-        progress.steady_s += time.perf_counter() - steady_clock
-        progress.steady_steps += step - steady_from
 
     for step in tqdm(range(first, settings.steps), desc="train", unit="step", mininterval=10, file=sys.stderr):
         if step in compiling and step != first:
