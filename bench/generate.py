@@ -47,8 +47,10 @@ MMREC_PATHS = ("mmrec-graphs", "mmrec-decoder", "mmrec-step")
 TRANSFORMER_PATHS = ("transformer-kv", "transformer-kv-compiled")
 PATHS = MMREC_PATHS + TRANSFORMER_PATHS
 CUDA_ONLY = ("mmrec-graphs", "transformer-kv-compiled")
-DEFAULT_PATHS = {"cpu": ("mmrec-decoder", "mmrec-step", "transformer-kv"),
-                 "cuda": ("mmrec-graphs", "mmrec-decoder", "transformer-kv", "transformer-kv-compiled")}  # fmt: skip
+DEFAULT_PATHS = {
+    "cpu": ("mmrec-decoder", "mmrec-step", "transformer-kv"),
+    "cuda": ("mmrec-graphs", "mmrec-decoder", "transformer-kv", "transformer-kv-compiled"),
+}
 WARM_UP = 20  # the first row of a process also warms its thread pool and allocator up
 SMOKE = dict(presets=["tiny"], batches=[1, 2], contexts=[16, 40], tokens=4, prefill_chunk=32)
 
@@ -125,8 +127,13 @@ def measure(path: str, start, warm_up: int, args, device: torch.device) -> dict:
         seconds = timed_tokens(next_logits, logits, args.tokens, device) / args.tokens
     except torch.OutOfMemoryError:
         return {"warm_up_tokens": warm_up, "note": "out of memory"}
-    return {"warm_up_tokens": warm_up, "start_s": start_s, "warm_up_s": warm_up_s, "ms_per_token": 1e3 * seconds,
-            "note": ""}  # fmt: skip
+    return {
+        "warm_up_tokens": warm_up,
+        "start_s": start_s,
+        "warm_up_s": warm_up_s,
+        "ms_per_token": 1e3 * seconds,
+        "note": "",
+    }
 
 
 @torch.no_grad()
@@ -144,13 +151,19 @@ def rows_of(family: str, paths: list[str], preset: str, batch: int, context: int
         prefill_s = time.perf_counter() - began
         for path in paths:
             warm_up = warm_up_tokens(path, model.config)
-            row = measure(path, lambda: (logits, mmrec_stepper(path, model, state)), warm_up, args, device)
+            row = measure(path, lambda path=path: (logits, mmrec_stepper(path, model, state)), warm_up, args, device)
             rows.append({"path": path, **base, "prefill_s": prefill_s, **row})
             model.release_graphs()
     else:
         for path in paths:
             max_len = context + WARM_UP + args.tokens
-            row = measure(path, lambda: transformer_stepper(path, model, prompt, max_len), WARM_UP, args, device)
+            row = measure(
+                path,
+                lambda path=path, max_len=max_len: transformer_stepper(path, model, prompt, max_len),
+                WARM_UP,
+                args,
+                device,
+            )
             rows.append({"path": path, **base, "prefill_s": row.get("start_s"), **row})
             torch._dynamo.reset()
             if device.type == "cuda":
@@ -175,12 +188,34 @@ def render(rows: list[dict], info: dict, args) -> str:
         return "-" if value is None else format(value, spec)
 
     lines += markdown_table(
-        ["preset", "batch", "context", "path", "ms / token", "tokens/s (all batch rows)", "prefill s",
-         "warm-up tokens", "warm-up s", "note"],
-        [[r["preset"], str(r["batch"]), str(r["context"]), r["path"], fmt(r.get("ms_per_token"), ".3f"),
-          fmt(r.get("tokens_per_s"), ",.0f"), fmt(r.get("prefill_s"), ".2f"), str(r["warm_up_tokens"]),
-          fmt(r.get("warm_up_s"), ".2f"), r["note"]] for r in rows],
-    )  # fmt: skip
+        [
+            "preset",
+            "batch",
+            "context",
+            "path",
+            "ms / token",
+            "tokens/s (all batch rows)",
+            "prefill s",
+            "warm-up tokens",
+            "warm-up s",
+            "note",
+        ],
+        [
+            [
+                r["preset"],
+                str(r["batch"]),
+                str(r["context"]),
+                r["path"],
+                fmt(r.get("ms_per_token"), ".3f"),
+                fmt(r.get("tokens_per_s"), ",.0f"),
+                fmt(r.get("prefill_s"), ".2f"),
+                str(r["warm_up_tokens"]),
+                fmt(r.get("warm_up_s"), ".2f"),
+                r["note"],
+            ]
+            for r in rows
+        ],
+    )
     return "\n".join(lines)
 
 
@@ -188,8 +223,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--presets", nargs="+", default=["tiny", "small"])
-    parser.add_argument("--paths", nargs="+", default=None, choices=PATHS,
-                        help="default: " + "; ".join(f"{d}: {' '.join(p)}" for d, p in DEFAULT_PATHS.items()))
+    parser.add_argument(
+        "--paths",
+        nargs="+",
+        default=None,
+        choices=PATHS,
+        help="default: " + "; ".join(f"{d}: {' '.join(p)}" for d, p in DEFAULT_PATHS.items()),
+    )
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 16])
     parser.add_argument("--contexts", type=int, nargs="+", default=[64, 2048])
     parser.add_argument("--tokens", type=int, default=200, help="timed tokens per row")

@@ -88,9 +88,17 @@ def render(results, info) -> str:
         "",
     ]
     header = ["preset", "parameters", "mode", "", "fwd (tokens/s)", "fwd+bwd (tokens/s)"]
-    rows = [[r["preset"], f"{r['parameters'] / 1e6:.2f}M", r["mode"], "compiled" if r["compiled"] else "eager",
-             f"{r['fwd_tokens_per_s']:,.0f} ({r['fwd_best_tokens_per_s']:,.0f})",
-             f"{r['fwdbwd_tokens_per_s']:,.0f} ({r['fwdbwd_best_tokens_per_s']:,.0f})"] for r in results]
+    rows = [
+        [
+            r["preset"],
+            f"{r['parameters'] / 1e6:.2f}M",
+            r["mode"],
+            "compiled" if r["compiled"] else "eager",
+            f"{r['fwd_tokens_per_s']:,.0f} ({r['fwd_best_tokens_per_s']:,.0f})",
+            f"{r['fwdbwd_tokens_per_s']:,.0f} ({r['fwdbwd_best_tokens_per_s']:,.0f})",
+        ]
+        for r in results
+    ]
     return "\n".join(lines + markdown_table(header, rows))
 
 

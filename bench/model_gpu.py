@@ -242,8 +242,12 @@ def section(title: str, header: list[str], rows: list[list[str]]) -> list[str]:
 
 
 def render(results: dict, info: dict) -> str:
-    lines = [f"MM-Rec vs Transformer on {info['device']}; torch {info['torch']}"
-             + (f", Triton {info['triton']}" if "triton" in info else "") + f"; {info['date']}; bf16 autocast", ""]
+    lines = [
+        f"MM-Rec vs Transformer on {info['device']}; torch {info['torch']}"
+        + (f", Triton {info['triton']}" if "triton" in info else "")
+        + f"; {info['date']}; bf16 autocast",
+        "",
+    ]
 
     def yes(flag):
         return "yes" if flag else "no"
@@ -252,16 +256,37 @@ def render(results: dict, info: dict) -> str:
         lines += section(
             "Training (tokens/s, optimizer step included):",
             ["model", "compiled", "T", "chunk", "batch", "tokens/s", "step (ms)", "peak (GiB)", "first step (s)"],
-            [[r["arch"], yes(r["compiled"]), str(r["T"]), str(r["chunk_size"] or "-"), str(r["batch"]),
-              r.get("error") or f"{r['tokens_per_s'] / 1e3:.1f}K", fmt(r.get("step_ms"), ".1f"),
-              fmt(r.get("peak_gib"), ".1f"), fmt(r.get("first_step_s"), ".1f")] for r in results["train"]])
+            [
+                [
+                    r["arch"],
+                    yes(r["compiled"]),
+                    str(r["T"]),
+                    str(r["chunk_size"] or "-"),
+                    str(r["batch"]),
+                    r.get("error") or f"{r['tokens_per_s'] / 1e3:.1f}K",
+                    fmt(r.get("step_ms"), ".1f"),
+                    fmt(r.get("peak_gib"), ".1f"),
+                    fmt(r.get("first_step_s"), ".1f"),
+                ]
+                for r in results["train"]
+            ],
+        )
     if results.get("generate"):
         lines += section(
             "Generation (batch 1, greedy; compiled: CUDA graphs):",
             ["model", "compiled", "context", "ms / token", "state or KV cache (MiB)", "prompt (s)"],
-            [[r["arch"], yes(r["compiled"]), str(r["context"]), r.get("error") or fmt(r.get("ms_per_token"), ".2f"),
-              fmt(r["state_bytes"] / 2**20 if "state_bytes" in r else None, ".1f"), fmt(r.get("prefill_s"), ".2f")]
-             for r in results["generate"]])
+            [
+                [
+                    r["arch"],
+                    yes(r["compiled"]),
+                    str(r["context"]),
+                    r.get("error") or fmt(r.get("ms_per_token"), ".2f"),
+                    fmt(r["state_bytes"] / 2**20 if "state_bytes" in r else None, ".1f"),
+                    fmt(r.get("prefill_s"), ".2f"),
+                ]
+                for r in results["generate"]
+            ],
+        )
     return "\n".join(lines).rstrip()
 
 
@@ -283,10 +308,15 @@ def plot(results: dict, path: Path) -> None:
         ok = [r for r in rows if "ms_per_token" in r]
         name = f"{arch}{' compiled' if compiled else ''}"
         if not compiled:
-            ax_gen.plot([r["context"] for r in ok], [r["state_bytes"] / 2**20 for r in ok], "o-", label=f"{arch} state MiB")
+            ax_gen.plot(
+                [r["context"] for r in ok], [r["state_bytes"] / 2**20 for r in ok], "o-", label=f"{arch} state MiB"
+            )
         ax_gen.plot([r["context"] for r in ok], [r["ms_per_token"] for r in ok], "s--", label=f"{name} ms/token")
-    titles = [("training tokens/s (K) vs T", "T"), ("peak memory (GiB) vs T", "T"),
-              ("generation: state MiB and ms/token vs context", "context")]
+    titles = [
+        ("training tokens/s (K) vs T", "T"),
+        ("peak memory (GiB) vs T", "T"),
+        ("generation: state MiB and ms/token vs context", "context"),
+    ]
     for ax, (title, xlabel) in zip(axes, titles):
         ax.set_title(title)
         ax.set_xlabel(xlabel)
@@ -311,14 +341,26 @@ def main() -> None:
     parser.add_argument("--sections", nargs="+", default=["train", "generate"], choices=["train", "generate"])
     parser.add_argument("--archs", nargs="+", default=list(ARCHS), choices=ARCHS)
     parser.add_argument("--seq-lens", type=int, nargs="+", default=None, help="training T (default 2048 8192 32768)")
-    parser.add_argument("--chunk-sizes", type=int, nargs="*", default=None,
-                        help="MM-Rec training also in chunks of these sizes (default 8192)")
-    parser.add_argument("--compiled", type=int, nargs="+", default=[0, 1], choices=[0, 1], help="eager (0), compiled (1)")
-    parser.add_argument("--contexts", type=int, nargs="+", default=None, help="generation contexts (default 2K 32K 128K)")
+    parser.add_argument(
+        "--chunk-sizes",
+        type=int,
+        nargs="*",
+        default=None,
+        help="MM-Rec training also in chunks of these sizes (default 8192)",
+    )
+    parser.add_argument(
+        "--compiled", type=int, nargs="+", default=[0, 1], choices=[0, 1], help="eager (0), compiled (1)"
+    )
+    parser.add_argument(
+        "--contexts", type=int, nargs="+", default=None, help="generation contexts (default 2K 32K 128K)"
+    )
     parser.add_argument("--smoke", action="store_true", help="tiny shapes: checks the script, measures nothing")
     parser.add_argument("--out", type=Path, default=None, help="output stem (.md, .json, .png)")
-    parser.add_argument("--append", action="store_true",
-                        help="add this run's rows to those already in --out's .json (a benchmark split over calls)")
+    parser.add_argument(
+        "--append",
+        action="store_true",
+        help="add this run's rows to those already in --out's .json (a benchmark split over calls)",
+    )
     args = parser.parse_args()
 
     sizes = SMOKE if args.smoke else Sizes()

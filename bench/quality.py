@@ -150,11 +150,22 @@ class Settings:
 
 
 SMOKE = Settings(
-    preset="tiny", sizes=dict(dim=32, n_layers=2, n_heads=2), steps=6, batch_size=2, seq_len=128, lr=3e-3,
-    log_every=2, val_windows=4, long_len=1024, long_docs=2, chunk_size=256, probe_len=32, probe_distances=(64, 512),
+    preset="tiny",
+    sizes=dict(dim=32, n_layers=2, n_heads=2),
+    steps=6,
+    batch_size=2,
+    seq_len=128,
+    lr=3e-3,
+    log_every=2,
+    val_windows=4,
+    long_len=1024,
+    long_docs=2,
+    chunk_size=256,
+    probe_len=32,
+    probe_distances=(64, 512),
     probe_passages=2,
     device="cpu",
-)  # fmt: skip
+)
 
 OPTIONS = {  # option: (type, help)
     "preset": (str, "MMRecConfig preset whose width, depth, heads (and window) every arch takes"),
@@ -162,13 +173,21 @@ OPTIONS = {  # option: (type, help)
     "steps": (int, "optimizer steps"),
     "batch_size": (int, "windows per step"),
     "seq_len": (int, "bytes per training and validation window"),
-    "carry_chunks": (int, "K: each group of K steps reads K consecutive windows of the same streams, MM-Rec "
-                          "carrying its state (detached) from one to the next, each group from no state; "
-                          "1: independent windows"),
-    "final_steps": (int, "N: the last N steps read windows of --final-seq-len bytes (a long-window phase at the "
-                        "end, as long-context pretraining ends), the same bytes a step; 0: none"),
-    "final_seq_len": (int, "bytes per training window of the last --final-steps steps (a divisor of "
-                           "batch_size x seq_len)"),
+    "carry_chunks": (
+        int,
+        "K: each group of K steps reads K consecutive windows of the same streams, MM-Rec "
+        "carrying its state (detached) from one to the next, each group from no state; "
+        "1: independent windows",
+    ),
+    "final_steps": (
+        int,
+        "N: the last N steps read windows of --final-seq-len bytes (a long-window phase at the "
+        "end, as long-context pretraining ends), the same bytes a step; 0: none",
+    ),
+    "final_seq_len": (
+        int,
+        "bytes per training window of the last --final-steps steps (a divisor of batch_size x seq_len)",
+    ),
     "lr": (float, "peak learning rate"),
     "log_every": (int, "steps per point of the training curve"),
     "val_windows": (int, "validation windows"),
@@ -185,16 +204,29 @@ OPTIONS = {  # option: (type, help)
 
 
 def check_settings(settings: Settings) -> None:
-    positive = ("steps", "batch_size", "seq_len", "carry_chunks", "log_every", "val_windows", "long_len", "long_docs",
-                "chunk_size", "probe_len", "probe_passages")  # fmt: skip
+    positive = (
+        "steps",
+        "batch_size",
+        "seq_len",
+        "carry_chunks",
+        "log_every",
+        "val_windows",
+        "long_len",
+        "long_docs",
+        "chunk_size",
+        "probe_len",
+        "probe_passages",
+    )
     for name in positive:
         if getattr(settings, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')}: expected a positive integer, got {getattr(settings, name)}")
     longest = 2 * settings.probe_len + max(settings.probe_distances)
     if min(settings.probe_distances) < settings.probe_len or longest > settings.long_len + 1:
-        raise ValueError(f"--probe-distances: expected each at least --probe-len ({settings.probe_len}) and "
-                         f"2 x --probe-len + the largest at most --long-len + 1 ({settings.long_len + 1}), "
-                         f"got {list(settings.probe_distances)}")  # fmt: skip
+        raise ValueError(
+            f"--probe-distances: expected each at least --probe-len ({settings.probe_len}) and "
+            f"2 x --probe-len + the largest at most --long-len + 1 ({settings.long_len + 1}), "
+            f"got {list(settings.probe_distances)}"
+        )
     if not settings.lr > 0:
         raise ValueError(f"--lr: expected a positive number, got {settings.lr}")
     check_final_phase(settings)
@@ -209,8 +241,10 @@ def check_final_phase(settings: Settings) -> None:
         return
     step_bytes = settings.batch_size * settings.seq_len
     if settings.final_seq_len is None or settings.final_seq_len < 1 or step_bytes % settings.final_seq_len:
-        raise ValueError(f"--final-seq-len: expected a divisor of --batch-size x --seq-len ({step_bytes}) with "
-                         f"--final-steps, got {settings.final_seq_len}")  # fmt: skip
+        raise ValueError(
+            f"--final-seq-len: expected a divisor of --batch-size x --seq-len ({step_bytes}) with "
+            f"--final-steps, got {settings.final_seq_len}"
+        )
     if settings.carry_chunks != 1:
         raise ValueError(f"--final-steps: expected --carry-chunks 1 (independent windows), got {settings.carry_chunks}")
 
@@ -218,8 +252,10 @@ def check_final_phase(settings: Settings) -> None:
 def check_final_windows_fit(corpus: Corpus, settings: Settings) -> None:
     length = settings.final_seq_len
     if settings.final_steps and len(corpus.train) < length + 1:
-        raise ValueError(f"--final-seq-len {length} needs windows of {length + 1} bytes, but the training split of "
-                         f"{corpus.source} holds only {len(corpus.train)} bytes")  # fmt: skip
+        raise ValueError(
+            f"--final-seq-len {length} needs windows of {length + 1} bytes, but the training split of "
+            f"{corpus.source} holds only {len(corpus.train)} bytes"
+        )
 
 
 def step_windows(settings: Settings, step: int) -> tuple[int, int]:
@@ -312,15 +348,19 @@ def read_row_checkpoint(path: Path, identity: dict) -> dict | None:
     try:
         saved = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises several types for truncated or foreign files
-        raise ValueError(f"{path}: not a readable row checkpoint ({type(err).__name__}); delete it to "
-                         f"start the row again") from None  # fmt: skip
+        raise ValueError(
+            f"{path}: not a readable row checkpoint ({type(err).__name__}); delete it to start the row again"
+        ) from None
     if not isinstance(saved, dict) or saved.get("format") != ROW_CHECKPOINT_FORMAT:
         raise ValueError(f"{path}: not a row checkpoint of format {ROW_CHECKPOINT_FORMAT}")
     if saved["identity"] != identity:
-        differ = sorted(k for k in identity["settings"]
-                        if saved["identity"]["settings"].get(k) != identity["settings"][k])  # fmt: skip
-        raise ValueError(f"{path}: the checkpoint is of another row (it differs in "
-                         f"{', '.join(differ) or 'arch or seed'}); delete it or use another --out")  # fmt: skip
+        differ = sorted(
+            k for k in identity["settings"] if saved["identity"]["settings"].get(k) != identity["settings"][k]
+        )
+        raise ValueError(
+            f"{path}: the checkpoint is of another row (it differs in "
+            f"{', '.join(differ) or 'arch or seed'}); delete it or use another --out"
+        )
     return saved
 
 
@@ -337,15 +377,20 @@ def load_progress(resume: Resume, model, optimizer, scheduler) -> Progress:
 
 def save_progress(resume: Resume, progress: Progress, model, optimizer, scheduler) -> None:
     checkpoint = {
-        "format": ROW_CHECKPOINT_FORMAT, "identity": resume.identity, "progress": dataclasses.asdict(progress),
-        "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-    }  # fmt: skip
+        "format": ROW_CHECKPOINT_FORMAT,
+        "identity": resume.identity,
+        "progress": dataclasses.asdict(progress),
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+    }
     resume.path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(resume.path, lambda file: torch.save(checkpoint, file))
 
 
-def train(model: torch.nn.Module, corpus: Corpus, settings: Settings, seed: int, autocast_dtype,
-          resume: Resume | None = None) -> dict | None:  # fmt: skip
+def train(
+    model: torch.nn.Module, corpus: Corpus, settings: Settings, seed: int, autocast_dtype, resume: Resume | None = None
+) -> dict | None:
     """settings.steps steps on the batches of `seed`; times and the training curve (None when
     stopped at resume.stop_at). The loop reads nothing back from the GPU but at checkpoints;
     the steps that compile (each run's first, and the first of the final phase, which starts
@@ -389,8 +434,9 @@ def train(model: torch.nn.Module, corpus: Corpus, settings: Settings, seed: int,
         # (detached), and each group starts from none. A Transformer's is always None.
         if step % settings.carry_chunks == 0:
             state = None
-        loss, state = train_step_carried(model, inputs, targets, state, optimizer, scheduler, settings.grad_clip,
-                                         autocast_dtype)  # fmt: skip
+        loss, state = train_step_carried(
+            model, inputs, targets, state, optimizer, scheduler, settings.grad_clip, autocast_dtype
+        )
         losses.append(loss)
         if step in compiling:
             synchronize(device.type)
@@ -447,8 +493,10 @@ def long_context(model, documents: list[bytes], corpus: Corpus, settings: Settin
     windows = long_windows(documents, corpus, length, settings.long_docs)
     measured = {"length": length, "documents": len(windows), "bands": []}
     if len(windows) < MIN_LONG_DOCS:
-        measured["note"] = (f"not measured: {len(windows)} validation document(s) of {corpus.source} hold "
-                            f"{length + 1} bytes, fewer than {MIN_LONG_DOCS}")  # fmt: skip
+        measured["note"] = (
+            f"not measured: {len(windows)} validation document(s) of {corpus.source} hold "
+            f"{length + 1} bytes, fewer than {MIN_LONG_DOCS}"
+        )
         return measured
     losses = position_losses(model, windows, settings.chunk_size, autocast_dtype)
     for start, end in position_bands(length):
@@ -496,8 +544,15 @@ def recall(model, documents: list[bytes], corpus: Corpus, settings: Settings, au
     return measured
 
 
-def measure_row(arch: str, seed: int, settings: Settings, config, documents: list[bytes], corpus: Corpus,
-                resume: Resume | None = None) -> dict | None:  # fmt: skip
+def measure_row(
+    arch: str,
+    seed: int,
+    settings: Settings,
+    config,
+    documents: list[bytes],
+    corpus: Corpus,
+    resume: Resume | None = None,
+) -> dict | None:
     """Trains the arch on the batches of `seed`, then measures it: the row's record (None when
     training stopped at resume.stop_at)."""
     device = torch.device(settings.device)
@@ -506,8 +561,12 @@ def measure_row(arch: str, seed: int, settings: Settings, config, documents: lis
         compile_blocks(model)
     autocast_dtype = default_autocast_dtype(device)
     parameters = sum(p.numel() for p in model.parameters())
-    print(f"quality: {arch} seed {seed}: {parameters:,} parameters, {settings.steps} steps of "
-          f"{settings.batch_size} x {settings.seq_len} bytes on {device}", file=sys.stderr, flush=True)  # fmt: skip
+    print(
+        f"quality: {arch} seed {seed}: {parameters:,} parameters, {settings.steps} steps of "
+        f"{settings.batch_size} x {settings.seq_len} bytes on {device}",
+        file=sys.stderr,
+        flush=True,
+    )
     trained = train(model, corpus, settings, seed, autocast_dtype, resume)
     if trained is None:
         return None
@@ -518,13 +577,22 @@ def measure_row(arch: str, seed: int, settings: Settings, config, documents: lis
         long = long_context(model, documents, corpus, settings, autocast_dtype)
         recalled = recall(model, documents, corpus, settings, autocast_dtype)
     return {
-        "arch": arch, "seed": seed, "settings": dataclasses.asdict(settings),
-        "model_config": dataclasses.asdict(config), "parameters": parameters,
-        "tokens": settings.steps * settings.batch_size * settings.seq_len, **trained,
-        "val_loss": val_loss, "val_bpb": bits_per_byte(val_loss), "long_context": long, "recall": recalled,
-        "corpus": corpus.describe(), "autocast": str(autocast_dtype).replace("torch.", ""),
-        **versions(settings.device), "command": "python " + " ".join(sys.argv),
-    }  # fmt: skip
+        "arch": arch,
+        "seed": seed,
+        "settings": dataclasses.asdict(settings),
+        "model_config": dataclasses.asdict(config),
+        "parameters": parameters,
+        "tokens": settings.steps * settings.batch_size * settings.seq_len,
+        **trained,
+        "val_loss": val_loss,
+        "val_bpb": bits_per_byte(val_loss),
+        "long_context": long,
+        "recall": recalled,
+        "corpus": corpus.describe(),
+        "autocast": str(autocast_dtype).replace("torch.", ""),
+        **versions(settings.device),
+        "command": "python " + " ".join(sys.argv),
+    }
 
 
 def row_label(row: dict) -> str:
@@ -566,16 +634,21 @@ def row_resume(args: argparse.Namespace, settings: Settings) -> Resume | None:
     if every < 0 or every % group:
         raise ValueError(f"--checkpoint-every: expected a multiple of --carry-chunks ({group}), got {every}")
     if stop_at is not None and not (0 < stop_at < settings.steps and stop_at % group == 0):
-        raise ValueError(f"--stop-at: expected a multiple of --carry-chunks ({group}) between 0 and --steps "
-                         f"({settings.steps}), exclusive, got {stop_at}")  # fmt: skip
+        raise ValueError(
+            f"--stop-at: expected a multiple of --carry-chunks ({group}) between 0 and --steps "
+            f"({settings.steps}), exclusive, got {stop_at}"
+        )
     identity = {"arch": args.arch, "seed": args.seed, "settings": dataclasses.asdict(settings)}
     path = args.out / f"{row_stem(identity)}.ckpt.pt"
     return Resume(path, identity, every, stop_at, read_row_checkpoint(path, identity))
 
 
 def run_command(args: argparse.Namespace) -> None:
-    given = {name: tuple(value) if isinstance(value, list) else value
-             for name, value in vars(args).items() if name in OPTIONS or name in ("compile", "device")}  # fmt: skip
+    given = {
+        name: tuple(value) if isinstance(value, list) else value
+        for name, value in vars(args).items()
+        if name in OPTIONS or name in ("compile", "device")
+    }
     if "config" in args:
         given["config"] = dict(args.config)
     settings = dataclasses.replace(SMOKE if args.smoke else Settings(), **given)
@@ -598,8 +671,10 @@ def run_command(args: argparse.Namespace) -> None:
         resume.path.unlink(missing_ok=True)
     bands = ", ".join(f"{b['band']} {b['bpb']:.3f}" for b in row["long_context"]["bands"]) or "-"
     copies = ", ".join(f"{size_label(d['distance'])} {d['copy_bpb']:.3f}" for d in row["recall"]["distances"]) or "-"
-    print(f"{path}: val bits/byte {row['val_bpb']:.4f}; by position {bands}; recalled passage at {copies}; "
-          f"{row['train_s']:.0f} s")  # fmt: skip
+    print(
+        f"{path}: val bits/byte {row['val_bpb']:.4f}; by position {bands}; recalled passage at {copies}; "
+        f"{row['train_s']:.0f} s"
+    )
 
 
 # --- the report ----------------------------------------------------------------------------
@@ -730,18 +805,24 @@ def ablation_summary(groups: dict[str, list[dict]], archs: dict[str, dict]) -> l
             if not pairs:
                 continue
             full_past = [bpb for bpb in map(past_first_band_bpb, full_rows) if bpb is not None]
-            ablations.append({
-                "arch": arch + overrides, "full": full_label, "removes": removes,
-                "seeds": [r["seed"] for r, _ in pairs],
-                "val_delta": delta_stats(pairs, lambda row: row["val_bpb"]),
-                "far_band": far_band, "far_delta": delta_stats(pairs, farthest_bpb),
-                "past_band": past_first_band_label(full_rows[0]), "past_delta": delta_stats(pairs, past_first_band_bpb),
-                "full_val_spread": spread(archs[full_label]["val_bpb"]),
-                "full_far_spread": spread(full_bands.get(far_band)),
-                "full_past_spread": spread(stats(full_past)),
-                "recall_delta": delta_stats(pairs, farthest_copy_bpb),
-                "first_delta": delta_stats(pairs, first_occurrence_bpb),
-            })  # fmt: skip
+            ablations.append(
+                {
+                    "arch": arch + overrides,
+                    "full": full_label,
+                    "removes": removes,
+                    "seeds": [r["seed"] for r, _ in pairs],
+                    "val_delta": delta_stats(pairs, lambda row: row["val_bpb"]),
+                    "far_band": far_band,
+                    "far_delta": delta_stats(pairs, farthest_bpb),
+                    "past_band": past_first_band_label(full_rows[0]),
+                    "past_delta": delta_stats(pairs, past_first_band_bpb),
+                    "full_val_spread": spread(archs[full_label]["val_bpb"]),
+                    "full_far_spread": spread(full_bands.get(far_band)),
+                    "full_past_spread": spread(stats(full_past)),
+                    "recall_delta": delta_stats(pairs, farthest_copy_bpb),
+                    "first_delta": delta_stats(pairs, first_occurrence_bpb),
+                }
+            )
     return ablations
 
 
@@ -755,15 +836,21 @@ def header_summary(rows: list[dict]) -> dict:
     # The labels carry each MM-Rec row's --config overrides, --window and each row's --carry-chunks
     # and final phase.
     labelled = ("config", "window", "carry_chunks", "final_steps", "final_seq_len")
-    differing = sorted(name for name in settings[0]
-                       if name not in labelled and len({json.dumps(s.get(name)) for s in settings}) > 1)  # fmt: skip
+    differing = sorted(
+        name for name in settings[0] if name not in labelled and len({json.dumps(s.get(name)) for s in settings}) > 1
+    )
     return {
-        "rows": len(rows), "device": distinct(rows, "device"), "torch": distinct(rows, "torch"),
-        "triton": distinct(rows, "triton"), "dates": distinct(rows, "date"), "corpus": distinct(rows, "corpus"),
-        "settings": settings[0], "differing_settings": differing,
+        "rows": len(rows),
+        "device": distinct(rows, "device"),
+        "torch": distinct(rows, "torch"),
+        "triton": distinct(rows, "triton"),
+        "dates": distinct(rows, "date"),
+        "corpus": distinct(rows, "corpus"),
+        "settings": settings[0],
+        "differing_settings": differing,
         "carry_chunks": sorted({s.get("carry_chunks", 1) for s in settings}),
         "final_phase": any(s.get("final_steps", 0) for s in settings),
-    }  # fmt: skip
+    }
 
 
 def summarize(rows: list[dict]) -> dict:
@@ -807,36 +894,71 @@ def render(summary: dict) -> str:
         "(bench/model_gpu.py measures that).",
     ]
     if head["carry_chunks"] != [1]:
-        lines.append("Rows labelled +carryK trained on each group of K steps as K consecutive windows of the same "
-                     "streams, MM-Rec carrying its state (detached) from one to the next; the others, on "
-                     "independent windows.")  # fmt: skip
+        lines.append(
+            "Rows labelled +carryK trained on each group of K steps as K consecutive windows of the same "
+            "streams, MM-Rec carrying its state (detached) from one to the next; the others, on "
+            "independent windows."
+        )
     if head.get("final_phase"):
-        lines.append("Rows labelled +finalLxN trained their last N steps on windows of L bytes (as many as make "
-                     "the same bytes a step); validation is on the windows of seq_len bytes for every row.")  # fmt: skip
+        lines.append(
+            "Rows labelled +finalLxN trained their last N steps on windows of L bytes (as many as make "
+            "the same bytes a step); validation is on the windows of seq_len bytes for every row."
+        )
     if head["differing_settings"]:
         lines.append(f"**The rows differ in settings: {', '.join(head['differing_settings'])}.**")
     lines += ["", "## Validation", ""] + markdown_table(
         ["arch", "seeds", "parameters", "training bytes", "tokens/s", "val bits/byte"],
-        [[arch, str(len(a["seeds"])), f"{a['parameters'] / 1e6:.2f}M", f"{a['tokens'] / 1e6:.1f}M",
-          fmt_stats(a["tokens_per_s"], ",.0f"), fmt_stats(a["val_bpb"])] for arch, a in archs.items()],
-    )  # fmt: skip
+        [
+            [
+                arch,
+                str(len(a["seeds"])),
+                f"{a['parameters'] / 1e6:.2f}M",
+                f"{a['tokens'] / 1e6:.1f}M",
+                fmt_stats(a["tokens_per_s"], ",.0f"),
+                fmt_stats(a["val_bpb"]),
+            ]
+            for arch, a in archs.items()
+        ],
+    )
     if summary["ablations"]:
-        lines += ["", "## Ablations: the full model (mmrec) without one memory, seed by seed", "",
-                  "Δ = ablation - full model (bits/byte; > 0: the memory helps). Beyond spread: the mean Δ "
-                  "exceeds the full model's spread (max - min) between seeds (n/a with one seed). A memory "
-                  "recalls only as far as its Δ on a copy exceeds its Δ on the passage's first occurrence, "
-                  "which no memory can help.", ""]  # fmt: skip
+        lines += [
+            "",
+            "## Ablations: the full model (mmrec) without one memory, seed by seed",
+            "",
+            "Δ = ablation - full model (bits/byte; > 0: the memory helps). Beyond spread: the mean Δ "
+            "exceeds the full model's spread (max - min) between seeds (n/a with one seed). A memory "
+            "recalls only as far as its Δ on a copy exceeds its Δ on the passage's first occurrence, "
+            "which no memory can help.",
+            "",
+        ]
         lines += markdown_table(
-            ["without", "arch", "seeds", "Δ val", "Δ past the first band", "Δ farthest band",
-             "beyond spread (val, past first, far)", "Δ recall, farthest copy", "Δ first occurrence"],
-            [[a["removes"], a["arch"], str(len(a["seeds"])), fmt_stats(a["val_delta"], "+.4f"),
-              f"{fmt_stats(a['past_delta'], '+.4f')} ({a['past_band'] or '-'})",
-              f"{fmt_stats(a['far_delta'], '+.4f')} ({a['far_band'] or '-'})",
-              f"{beyond(a['val_delta'], a['full_val_spread'])}, {beyond(a['past_delta'], a['full_past_spread'])}, "
-              f"{beyond(a['far_delta'], a['full_far_spread'])}",
-              fmt_stats(a.get("recall_delta"), "+.4f"), fmt_stats(a.get("first_delta"), "+.4f")]
-             for a in summary["ablations"]],
-        )  # fmt: skip
+            [
+                "without",
+                "arch",
+                "seeds",
+                "Δ val",
+                "Δ past the first band",
+                "Δ farthest band",
+                "beyond spread (val, past first, far)",
+                "Δ recall, farthest copy",
+                "Δ first occurrence",
+            ],
+            [
+                [
+                    a["removes"],
+                    a["arch"],
+                    str(len(a["seeds"])),
+                    fmt_stats(a["val_delta"], "+.4f"),
+                    f"{fmt_stats(a['past_delta'], '+.4f')} ({a['past_band'] or '-'})",
+                    f"{fmt_stats(a['far_delta'], '+.4f')} ({a['far_band'] or '-'})",
+                    f"{beyond(a['val_delta'], a['full_val_spread'])}, {beyond(a['past_delta'], a['full_past_spread'])}, "
+                    f"{beyond(a['far_delta'], a['full_far_spread'])}",
+                    fmt_stats(a.get("recall_delta"), "+.4f"),
+                    fmt_stats(a.get("first_delta"), "+.4f"),
+                ]
+                for a in summary["ablations"]
+            ],
+        )
     labels = list(dict.fromkeys(label for a in archs.values() for label in a["bands"]))
     lines += ["", "## Long context: bits per byte by position", ""]
     if labels:
@@ -845,15 +967,27 @@ def render(summary: dict) -> str:
     lines += [f"{arch}: {note}" for arch, a in archs.items() for note in a["long_context_notes"]]
     distances = sorted({int(d) for a in archs.values() for d in a["recall"]["copy_bpb"]})
     if distances:
-        lines += ["", "## Recall: bits per byte on a passage's copy, D bytes after the passage", "",
-                  f"Passages of {s.get('probe_len')} bytes, {s.get('probe_passages', 1)} per long document; "
-                  "\"first\": the passages themselves (never seen before). What a memory recalls shows as copies "
-                  "cheaper than without it.", ""]  # fmt: skip
+        lines += [
+            "",
+            "## Recall: bits per byte on a passage's copy, D bytes after the passage",
+            "",
+            f"Passages of {s.get('probe_len')} bytes, {s.get('probe_passages', 1)} per long document; "
+            '"first": the passages themselves (never seen before). What a memory recalls shows as copies '
+            "cheaper than without it.",
+            "",
+        ]
         lines += markdown_table(
             ["arch", "first", *(f"D = {size_label(d)}" for d in distances)],
-            [[arch, fmt_stats(a["recall"]["first_bpb"]), *(fmt_stats(a["recall"]["copy_bpb"].get(str(d)))
-              for d in distances)] for arch, a in archs.items() if a["recall"]["copy_bpb"]],
-        )  # fmt: skip
+            [
+                [
+                    arch,
+                    fmt_stats(a["recall"]["first_bpb"]),
+                    *(fmt_stats(a["recall"]["copy_bpb"].get(str(d))) for d in distances),
+                ]
+                for arch, a in archs.items()
+                if a["recall"]["copy_bpb"]
+            ],
+        )
     return "\n".join(lines)
 
 
@@ -873,8 +1007,12 @@ def plot(summary: dict, path: Path) -> None:
     ax_curve.set(title="training loss, mean over seeds", xlabel="step", ylabel="bits per byte")
     ax_bands.set(title="long context: bits per byte by position", xlabel="position band", ylabel="bits per byte")
     for ax in ax_recall:
-        ax.set(title="recall: bits per byte on a passage's copy", xlabel="bytes from the passage to its copy",
-               ylabel="bits per byte", xscale="log")
+        ax.set(
+            title="recall: bits per byte on a passage's copy",
+            xlabel="bytes from the passage to its copy",
+            ylabel="bits per byte",
+            xscale="log",
+        )
     for ax in (ax_curve, ax_bands, *ax_recall):
         ax.grid(alpha=0.3)
         if ax.lines:
@@ -922,23 +1060,48 @@ def build_parser() -> argparse.ArgumentParser:
     for name, (kind, help_text) in OPTIONS.items():
         defaults = f"default {getattr(Settings(), name)}, --smoke {getattr(SMOKE, name)}"
         several = "+" if isinstance(getattr(Settings(), name), tuple) else None
-        run.add_argument("--" + name.replace("_", "-"), type=kind, nargs=several, default=argparse.SUPPRESS,
-                         help=f"{help_text} ({defaults})")  # fmt: skip
-    run.add_argument("--config", type=config_item, action="append", default=argparse.SUPPRESS, metavar="FIELD=VALUE",
-                     help="an MMRecConfig field of every MM-Rec arch (the ablation's own field wins), e.g. "
-                          "memory_read=gated or level_slots=128; repeatable")  # fmt: skip
+        run.add_argument(
+            "--" + name.replace("_", "-"),
+            type=kind,
+            nargs=several,
+            default=argparse.SUPPRESS,
+            help=f"{help_text} ({defaults})",
+        )
+    run.add_argument(
+        "--config",
+        type=config_item,
+        action="append",
+        default=argparse.SUPPRESS,
+        metavar="FIELD=VALUE",
+        help="an MMRecConfig field of every MM-Rec arch (the ablation's own field wins), e.g. "
+        "memory_read=gated or level_slots=128; repeatable",
+    )
     run.add_argument("--compile", action="store_true", default=argparse.SUPPRESS, help="torch.compile each block")
     run.add_argument("--device", choices=["cuda", "cpu"], default=argparse.SUPPRESS, help="default cuda (--smoke: cpu)")
-    run.add_argument("--checkpoint-every", type=int, default=0, metavar="N",
-                     help="write the row's training checkpoint (OUT/<label>-seed<S>.ckpt.pt) every N steps; a run "
-                          "whose checkpoint exists continues from it, exactly (default 0: never)")  # fmt: skip
-    run.add_argument("--stop-at", type=int, default=None, metavar="STEP",
-                     help="stop training at STEP with a checkpoint, to continue in a later run (rows longer than "
-                          "one sitting)")  # fmt: skip
+    run.add_argument(
+        "--checkpoint-every",
+        type=int,
+        default=0,
+        metavar="N",
+        help="write the row's training checkpoint (OUT/<label>-seed<S>.ckpt.pt) every N steps; a run "
+        "whose checkpoint exists continues from it, exactly (default 0: never)",
+    )
+    run.add_argument(
+        "--stop-at",
+        type=int,
+        default=None,
+        metavar="STEP",
+        help="stop training at STEP with a checkpoint, to continue in a later run (rows longer than one sitting)",
+    )
     report = commands.add_parser("report", help="tables and plots over the rows of a folder")
     report.add_argument("folder", type=Path, help="folder of the rows (run's --out)")
-    report.add_argument("--out", type=Path, default=None, metavar="STEM",
-                        help="writes STEM.md, STEM.json, STEM.png (default: FOLDER/report)")
+    report.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        metavar="STEM",
+        help="writes STEM.md, STEM.json, STEM.png (default: FOLDER/report)",
+    )
     return parser
 
 

@@ -26,6 +26,7 @@ the forward with the gradients of every input.
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 from pathlib import Path
 
@@ -99,7 +100,7 @@ def rows_of(config: MMRecConfig, T: int, args, device, dtype) -> list[dict]:
     for name, (fn, inputs) in reads.items():
         torch._dynamo.reset()
         with torch.no_grad():
-            forward_ms = median_time_ms(lambda: fn(*inputs), device.type, args.warmup, args.repeats)
+            forward_ms = median_time_ms(functools.partial(fn, *inputs), device.type, args.warmup, args.repeats)
         both_ms = median_time_ms(forward_backward(fn, inputs), device.type, args.warmup, args.repeats)
         rows.append({**base, "read": name, "forward_ms": forward_ms, "forward_backward_ms": both_ms})
         print(rows[-1], flush=True)
@@ -125,9 +126,19 @@ def render(rows: list[dict], info: dict, args, dtype) -> str:
 
     lines += markdown_table(
         ["T", "batch", "read", "forward ms", "x causal", "forward+backward ms", "x causal"],
-        [[str(r["T"]), str(r["batch"]), r["read"], fmt(r["forward_ms"]), ratio(r, "forward_ms"),
-          fmt(r["forward_backward_ms"]), ratio(r, "forward_backward_ms")] for r in rows],
-    )  # fmt: skip
+        [
+            [
+                str(r["T"]),
+                str(r["batch"]),
+                r["read"],
+                fmt(r["forward_ms"]),
+                ratio(r, "forward_ms"),
+                fmt(r["forward_backward_ms"]),
+                ratio(r, "forward_backward_ms"),
+            ]
+            for r in rows
+        ],
+    )
     return "\n".join(lines)
 
 

@@ -32,7 +32,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import mmrec_ops  # noqa: E402
 from bench.common import (  # noqa: E402
-    forward_backward, keep_freed_memory, markdown_table, median_time_ms, paired_median_times_ms, versions,
+    forward_backward,
+    keep_freed_memory,
+    markdown_table,
+    median_time_ms,
+    paired_median_times_ms,
+    versions,
     write_results,
 )
 from mmrec_ops.reference import recurrence_reference  # noqa: E402
@@ -45,6 +50,7 @@ CUDA_SHAPES = [[16, 1024, 12, 64], [8, 1024, 16, 64]]
 def model_inputs(B, T, H, d, dtype, device, layout="BTHd"):
     """(z, gamma, weight, bias, h0) in the model's regime: z standard normal,
     gamma in (0, 1), W of scale 1/sqrt(d)."""
+
     def draw(shape, kind="normal"):
         values = torch.rand(shape, device=device) if kind == "gamma" else torch.randn(shape, device=device)
         return values.to(dtype)
@@ -87,8 +93,12 @@ def autograd_against_direct(B, T, H, d, dtype, device, repeats) -> dict:
     """Forward+backward of recurrence eagerly through autograd and as the two
     ops called directly, sampled in turn: median ms of each and their ratio."""
     inputs = model_inputs(B, T, H, d, dtype, device)
-    times = paired_median_times_ms({"autograd_ms": forward_backward(mmrec_ops.recurrence, inputs),
-                                    "direct_ms": ops_without_autograd(inputs)}, device, 3, repeats)
+    times = paired_median_times_ms(
+        {"autograd_ms": forward_backward(mmrec_ops.recurrence, inputs), "direct_ms": ops_without_autograd(inputs)},
+        device,
+        3,
+        repeats,
+    )
     return {**times, "ratio": times["autograd_ms"] / times["direct_ms"]}
 
 
@@ -144,10 +154,22 @@ def accelerated_scan_rows(B, T, H, d, dtype, device):
         # Its backward loads states[t - 1] masked by t > 0 only, so for T not a multiple of its
         # block it reads up to a block past each sequence: past the tensor's end on the last
         # (an illegal address at float32 on an H100, 2026-11-26), which poisons the process.
-        return [(name, lambda: accelerated_scan(gates, tokens), None,
-                 f"[B,H*d,T], no gate: a floor; backward not run (out of bounds for T % {ACCELERATED_SCAN_BLOCK} > 0)")]
-    return [(name, lambda: accelerated_scan(gates, tokens), forward_backward(accelerated_scan, (gates, tokens)),
-             "[B,H*d,T], no gate: a floor")]
+        return [
+            (
+                name,
+                lambda: accelerated_scan(gates, tokens),
+                None,
+                f"[B,H*d,T], no gate: a floor; backward not run (out of bounds for T % {ACCELERATED_SCAN_BLOCK} > 0)",
+            )
+        ]
+    return [
+        (
+            name,
+            lambda: accelerated_scan(gates, tokens),
+            forward_backward(accelerated_scan, (gates, tokens)),
+            "[B,H*d,T], no gate: a floor",
+        )
+    ]
 
 
 def contenders(B, T, H, d, dtype, device):
@@ -155,20 +177,44 @@ def contenders(B, T, H, d, dtype, device):
     inputs = model_inputs(B, T, H, d, dtype, device)
     inputs_bhtd = model_inputs(B, T, H, d, dtype, device, "BHTd")
     rows = [
-        ("mmrec.recurrence (op) [B,T,H,d], eager through autograd", lambda: mmrec_ops.recurrence(*inputs),
-         forward_backward(mmrec_ops.recurrence, inputs), "bias and h0 given"),
-        ("mmrec.recurrence (op) [B,H,T,d] as transposed view, through autograd",
-         lambda: mmrec_ops.recurrence(*inputs_bhtd), forward_backward(mmrec_ops.recurrence, inputs_bhtd), ""),
-        ("mmrec ops called directly, no autograd", lambda: mmrec_ops.recurrence(*inputs),
-         ops_without_autograd(inputs), "recurrence then recurrence_backward"),
+        (
+            "mmrec.recurrence (op) [B,T,H,d], eager through autograd",
+            lambda: mmrec_ops.recurrence(*inputs),
+            forward_backward(mmrec_ops.recurrence, inputs),
+            "bias and h0 given",
+        ),
+        (
+            "mmrec.recurrence (op) [B,H,T,d] as transposed view, through autograd",
+            lambda: mmrec_ops.recurrence(*inputs_bhtd),
+            forward_backward(mmrec_ops.recurrence, inputs_bhtd),
+            "",
+        ),
+        (
+            "mmrec ops called directly, no autograd",
+            lambda: mmrec_ops.recurrence(*inputs),
+            ops_without_autograd(inputs),
+            "recurrence then recurrence_backward",
+        ),
     ]
     if device == "cuda":
         from mmrec_ops.triton import recurrence as triton_recurrence
 
-        rows.append(("Triton launchers, bare", lambda: triton_recurrence.recurrence_forward(*inputs),
-                     launchers_forward_backward(inputs), "no dispatch, no autograd"))
-    rows.append(("PyTorch eager loop over t", lambda: recurrence_reference(*inputs),
-                 forward_backward(recurrence_reference, inputs), "the original model's loop"))
+        rows.append(
+            (
+                "Triton launchers, bare",
+                lambda: triton_recurrence.recurrence_forward(*inputs),
+                launchers_forward_backward(inputs),
+                "no dispatch, no autograd",
+            )
+        )
+    rows.append(
+        (
+            "PyTorch eager loop over t",
+            lambda: recurrence_reference(*inputs),
+            forward_backward(recurrence_reference, inputs),
+            "the original model's loop",
+        )
+    )
     rows += gru_rows(B, T, H, d, dtype, device)
     rows += flashrnn_rows(B, T, H, d, dtype, device)
     rows += accelerated_scan_rows(B, T, H, d, dtype, device)
@@ -192,22 +238,52 @@ def render(results, info, device) -> str:
         base = ours.get((r["dtype"], str(r["shape"])), {}).get(key)
         return f"{r[key] / base:.2f}x" if r[key] and base else "-"
 
-    header = ["dtype", "[B, T, H, d]", "", f"fwd ({unit})", f"fwd+bwd ({unit})", "fwd / mmrec op",
-              "fwd+bwd / mmrec op", "note"]
-    rows = [[r["dtype"], str(r["shape"]), r["name"], fmt(r["fwd_ms"]), fmt(r["fwdbwd_ms"]), ratio(r, "fwd_ms"),
-             ratio(r, "fwdbwd_ms"), r["note"]] for r in results]
-    pairs = [f"{p['dtype']} {p['shape']} {fmt(p['autograd_ms'])} / {fmt(p['direct_ms'])} {unit} = {p['ratio']:.3f}x"
-             for p in info["autograd_over_direct"]]
-    footer = ["", "Forward+backward eagerly through autograd / recurrence and recurrence_backward called directly, "
-              "sampled in turn: " + "; ".join(pairs)]
+    header = [
+        "dtype",
+        "[B, T, H, d]",
+        "",
+        f"fwd ({unit})",
+        f"fwd+bwd ({unit})",
+        "fwd / mmrec op",
+        "fwd+bwd / mmrec op",
+        "note",
+    ]
+    rows = [
+        [
+            r["dtype"],
+            str(r["shape"]),
+            r["name"],
+            fmt(r["fwd_ms"]),
+            fmt(r["fwdbwd_ms"]),
+            ratio(r, "fwd_ms"),
+            ratio(r, "fwdbwd_ms"),
+            r["note"],
+        ]
+        for r in results
+    ]
+    pairs = [
+        f"{p['dtype']} {p['shape']} {fmt(p['autograd_ms'])} / {fmt(p['direct_ms'])} {unit} = {p['ratio']:.3f}x"
+        for p in info["autograd_over_direct"]
+    ]
+    footer = [
+        "",
+        "Forward+backward eagerly through autograd / recurrence and recurrence_backward called directly, "
+        "sampled in turn: " + "; ".join(pairs),
+    ]
     return "\n".join(lines + markdown_table(header, rows) + footer)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    parser.add_argument("--shape", type=int, nargs=4, action="append", metavar=("B", "T", "H", "d"),
-                        help="repeatable; default: per device (see the module docstring)")
+    parser.add_argument(
+        "--shape",
+        type=int,
+        nargs=4,
+        action="append",
+        metavar=("B", "T", "H", "d"),
+        help="repeatable; default: per device (see the module docstring)",
+    )
     parser.add_argument("--dtype", nargs="+", help="default: float32 on CPU, bfloat16 on CUDA")
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--skip-slow", action="store_true", help="skip the PyTorch eager loop")
@@ -230,21 +306,33 @@ def main() -> None:
             torch.manual_seed(0)
             pair = autograd_against_direct(*shape, dtype, device, 2 * args.repeats)
             info["autograd_over_direct"].append({"dtype": dtype_name, "shape": shape, **pair})
-            print(f"{dtype_name:9} {shape} forward+backward through autograd / ops called directly: {pair}",
-                  file=sys.stderr, flush=True)
+            print(
+                f"{dtype_name:9} {shape} forward+backward through autograd / ops called directly: {pair}",
+                file=sys.stderr,
+                flush=True,
+            )
             for name, fwd, fwdbwd, note in contenders(*shape, dtype, device):
-                row = {"dtype": dtype_name, "shape": shape, "name": name, "note": note,
-                       "fwd_ms": None, "fwdbwd_ms": None}
+                row = {
+                    "dtype": dtype_name,
+                    "shape": shape,
+                    "name": name,
+                    "note": note,
+                    "fwd_ms": None,
+                    "fwdbwd_ms": None,
+                }
                 slow = name.startswith("PyTorch eager loop")
                 if fwd is not None and not (slow and args.skip_slow):
                     # The eager loop takes ~0.2-0.7 s a call on a GPU (10 calls a sample there).
-                    warmup, reps = ((1, 1 if device == "cuda" else 3) if slow else (3, args.repeats))
+                    warmup, reps = (1, 1 if device == "cuda" else 3) if slow else (3, args.repeats)
                     row["fwd_ms"] = median_time_ms(fwd, device, warmup, reps)
                     if fwdbwd is not None:
                         row["fwdbwd_ms"] = median_time_ms(fwdbwd, device, warmup, reps)
                 results.append(row)
-                print(f"{dtype_name:9} {shape} {name:52} fwd {row['fwd_ms']}  fwd+bwd {row['fwdbwd_ms']}",
-                      file=sys.stderr, flush=True)
+                print(
+                    f"{dtype_name:9} {shape} {name:52} fwd {row['fwd_ms']}  fwd+bwd {row['fwdbwd_ms']}",
+                    file=sys.stderr,
+                    flush=True,
+                )
 
     write_results(args.out, info, results, render(results, info, device))
 

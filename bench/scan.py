@@ -43,8 +43,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import mmrec_ops  # noqa: E402
 from bench.common import (  # noqa: E402
-    forward_backward, graph_time_ms, keep_freed_memory, markdown_table, median_time_ms, paired_median_times_ms,
-    versions, write_results,
+    forward_backward,
+    graph_time_ms,
+    keep_freed_memory,
+    markdown_table,
+    median_time_ms,
+    paired_median_times_ms,
+    versions,
+    write_results,
 )
 from mmrec_ops.reference import scan_reference  # noqa: E402
 
@@ -74,8 +80,12 @@ def autograd_against_direct(B, T, H, d, dtype, device, repeats) -> dict:
     called directly, sampled in turn: median ms of each and their ratio."""
     gamma = torch.rand(B, T, H, d, dtype=dtype, device=device)
     x = torch.randn(B, T, H, d, dtype=dtype, device=device)
-    times = paired_median_times_ms({"autograd_ms": forward_backward(mmrec_ops.scan, (gamma, x)),
-                                    "direct_ms": ops_without_autograd(gamma, x)}, device, 3, repeats)
+    times = paired_median_times_ms(
+        {"autograd_ms": forward_backward(mmrec_ops.scan, (gamma, x)), "direct_ms": ops_without_autograd(gamma, x)},
+        device,
+        3,
+        repeats,
+    )
     return {**times, "ratio": times["autograd_ms"] / times["direct_ms"]}
 
 
@@ -88,18 +98,42 @@ def contenders(B, T, H, d, dtype, device):
     x_bhtd = torch.randn(B, H, T, d, dtype=dtype, device=device).transpose(1, 2)
     rows = [
         # forward: read gamma, x, write h = 3n; backward: read grad, gamma, h, write dgamma, dx = 5n
-        ("memory floor (copy of the same bytes)", copy_floor(3 * n, dtype, device), copy_floor(8 * n, dtype, device),
-         "3 tensors fwd, 8 fwd+bwd"),
-        ("mmrec.scan [B,T,H,d], eager through autograd", lambda: mmrec_ops.scan(gamma, x),
-         forward_backward(mmrec_ops.scan, (gamma, x)), ""),
-        ("mmrec.scan [B,H,T,d] as transposed view, through autograd", lambda: mmrec_ops.scan(gamma_bhtd, x_bhtd),
-         forward_backward(mmrec_ops.scan, (gamma_bhtd, x_bhtd)), ""),
-        ("mmrec ops called directly, no autograd", lambda: mmrec_ops.scan(gamma, x), ops_without_autograd(gamma, x),
-         "scan then scan_backward"),
-        ("mmrec.cumprod (x omitted)", lambda: mmrec_ops.cumprod(gamma),
-         forward_backward(mmrec_ops.cumprod, (gamma,)), ""),
-        ("torch.cumprod (x omitted)", lambda: torch.cumprod(gamma, 1),
-         forward_backward(lambda g: torch.cumprod(g, 1), (gamma,)), ""),
+        (
+            "memory floor (copy of the same bytes)",
+            copy_floor(3 * n, dtype, device),
+            copy_floor(8 * n, dtype, device),
+            "3 tensors fwd, 8 fwd+bwd",
+        ),
+        (
+            "mmrec.scan [B,T,H,d], eager through autograd",
+            lambda: mmrec_ops.scan(gamma, x),
+            forward_backward(mmrec_ops.scan, (gamma, x)),
+            "",
+        ),
+        (
+            "mmrec.scan [B,H,T,d] as transposed view, through autograd",
+            lambda: mmrec_ops.scan(gamma_bhtd, x_bhtd),
+            forward_backward(mmrec_ops.scan, (gamma_bhtd, x_bhtd)),
+            "",
+        ),
+        (
+            "mmrec ops called directly, no autograd",
+            lambda: mmrec_ops.scan(gamma, x),
+            ops_without_autograd(gamma, x),
+            "scan then scan_backward",
+        ),
+        (
+            "mmrec.cumprod (x omitted)",
+            lambda: mmrec_ops.cumprod(gamma),
+            forward_backward(mmrec_ops.cumprod, (gamma,)),
+            "",
+        ),
+        (
+            "torch.cumprod (x omitted)",
+            lambda: torch.cumprod(gamma, 1),
+            forward_backward(lambda g: torch.cumprod(g, 1), (gamma,)),
+            "",
+        ),
         ("Python loop over t", lambda: scan_reference(gamma, x), None, "forward only"),
     ]
     if device == "cuda":
@@ -126,15 +160,27 @@ def cuda_peers(B, T, H, d, dtype, device):
     else:
         g_bdt = torch.rand(B, H * d, T, dtype=dtype, device=device)
         x_bdt = torch.randn(B, H * d, T, dtype=dtype, device=device)
-        rows.append(("accelerated-scan (Triton), through autograd", lambda: accelerated_scan(g_bdt, x_bdt),
-                     forward_backward(accelerated_scan, (g_bdt, x_bdt)), "[B,D,T]"))
+        rows.append(
+            (
+                "accelerated-scan (Triton), through autograd",
+                lambda: accelerated_scan(g_bdt, x_bdt),
+                forward_backward(accelerated_scan, (g_bdt, x_bdt)),
+                "[B,D,T]",
+            )
+        )
 
         def from_btd(g, u):
             # A [B, T, D] caller's price: its inputs transposed to [B, D, T], the output left a view.
             return accelerated_scan(g.transpose(1, 2).contiguous(), u.transpose(1, 2).contiguous()).transpose(1, 2)
 
-        rows.append(("accelerated-scan from [B,T,D], through autograd", lambda: from_btd(gamma, x),
-                     forward_backward(from_btd, (gamma, x)), "inputs transposed, output a view"))
+        rows.append(
+            (
+                "accelerated-scan from [B,T,D], through autograd",
+                lambda: from_btd(gamma, x),
+                forward_backward(from_btd, (gamma, x)),
+                "inputs transposed, output a view",
+            )
+        )
     try:
         from fla.ops.hgrn import chunk_hgrn
     except ImportError:
@@ -145,7 +191,9 @@ def cuda_peers(B, T, H, d, dtype, device):
         def hgrn(u, g):
             return chunk_hgrn(u, g)[0]
 
-        rows.append(("fla HGRN chunk", lambda: hgrn(x, log_g), forward_backward(hgrn, (x, log_g)), "[B,T,D], log gates"))
+        rows.append(
+            ("fla HGRN chunk", lambda: hgrn(x, log_g), forward_backward(hgrn, (x, log_g)), "[B,T,D], log gates")
+        )
     return rows
 
 
@@ -167,7 +215,9 @@ def main() -> None:
     dtypes = args.dtypes or (["float32"] if device == "cpu" else ["bfloat16", "float32"])
     repeats = args.repeats or 20
     info = versions(device)
-    info.update(shape=shape, allocator="glibc default" if args.glibc_default or device == "cuda" else "freed memory kept")
+    info.update(
+        shape=shape, allocator="glibc default" if args.glibc_default or device == "cuda" else "freed memory kept"
+    )
 
     results = []
     info["autograd_over_direct"] = []
@@ -178,8 +228,15 @@ def main() -> None:
         info["autograd_over_direct"].append({"dtype": dtype_name, **pair})
         print(f"{dtype_name:9} forward+backward through autograd / ops called directly: {pair}", file=sys.stderr)
         for name, fwd, fwdbwd, note in contenders(*shape, dtype, device):
-            row = {"dtype": dtype_name, "name": name, "note": note, "fwd_ms": None, "fwdbwd_ms": None,
-                   "fwd_graph_ms": None, "fwdbwd_graph_ms": None}
+            row = {
+                "dtype": dtype_name,
+                "name": name,
+                "note": note,
+                "fwd_ms": None,
+                "fwdbwd_ms": None,
+                "fwd_graph_ms": None,
+                "fwdbwd_graph_ms": None,
+            }
             slow = name.startswith("Python loop")
             if fwd is not None and not (slow and args.skip_slow):
                 reps = 3 if slow else repeats
@@ -191,8 +248,11 @@ def main() -> None:
                     if fwdbwd is not None:
                         row["fwdbwd_graph_ms"] = graph_time_ms(fwdbwd, reps)
             results.append(row)
-            print(f"{dtype_name:9} {name:42} fwd {row['fwd_ms']}  fwd+bwd {row['fwdbwd_ms']}  "
-                  f"CUDA graph {row['fwd_graph_ms']} / {row['fwdbwd_graph_ms']}", file=sys.stderr)
+            print(
+                f"{dtype_name:9} {name:42} fwd {row['fwd_ms']}  fwd+bwd {row['fwdbwd_ms']}  "
+                f"CUDA graph {row['fwd_graph_ms']} / {row['fwdbwd_graph_ms']}",
+                file=sys.stderr,
+            )
 
     write_results(args.out, info, results, render(results, info, device))
 
@@ -215,16 +275,31 @@ def render(results, info, device) -> str:
         return f"{r[key] / floor:.2f}x" if r[key] and floor else "-"
 
     header = ["dtype", "", f"fwd ({unit})", f"fwd+bwd ({unit})", "fwd / floor", "fwd+bwd / fwd floor", "note"]
-    rows = [[r["dtype"], r["name"], fmt(r["fwd_ms"]), fmt(r["fwdbwd_ms"]), ratio(r, "fwd_ms"), ratio(r, "fwdbwd_ms"),
-             r["note"]] for r in results]
+    rows = [
+        [
+            r["dtype"],
+            r["name"],
+            fmt(r["fwd_ms"]),
+            fmt(r["fwdbwd_ms"]),
+            ratio(r, "fwd_ms"),
+            ratio(r, "fwdbwd_ms"),
+            r["note"],
+        ]
+        for r in results
+    ]
     if device == "cuda":  # device time alone, next to the eager figures
         header[4:4] = [f"fwd, CUDA graph ({unit})", f"fwd+bwd, CUDA graph ({unit})"]
         for row, r in zip(rows, results):
             row[4:4] = [fmt(r["fwd_graph_ms"]), fmt(r["fwdbwd_graph_ms"])]
-    pairs = [f"{p['dtype']} {fmt(p['autograd_ms'])} / {fmt(p['direct_ms'])} {unit} = {p['ratio']:.3f}x"
-             for p in info["autograd_over_direct"]]
-    footer = ["", "Forward+backward eagerly through autograd / scan and scan_backward called directly, "
-              "sampled in turn: " + "; ".join(pairs)]
+    pairs = [
+        f"{p['dtype']} {fmt(p['autograd_ms'])} / {fmt(p['direct_ms'])} {unit} = {p['ratio']:.3f}x"
+        for p in info["autograd_over_direct"]
+    ]
+    footer = [
+        "",
+        "Forward+backward eagerly through autograd / scan and scan_backward called directly, "
+        "sampled in turn: " + "; ".join(pairs),
+    ]
     return "\n".join(lines + markdown_table(header, rows) + footer)
 
 

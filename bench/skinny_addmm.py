@@ -25,8 +25,13 @@ import mmrec_ops  # noqa: E402
 from bench.common import graph_time_ms, markdown_table, versions, write_results  # noqa: E402
 
 # (name, K, N) of a base block's products.
-PRODUCTS = [("input projection", 768, 3456), ("MDI second layers", 384, 1536), ("output projection", 768, 768),
-            ("FFN in", 768, 3072), ("FFN out", 3072, 768)]
+PRODUCTS = [
+    ("input projection", 768, 3456),
+    ("MDI second layers", 384, 1536),
+    ("output projection", 768, 768),
+    ("FFN in", 768, 3072),
+    ("FFN out", 3072, 768),
+]
 SPILL_BYTES = 128 * 2**20  # more than an H100's (50 MB) or H200's L2
 
 
@@ -45,12 +50,17 @@ def measure(name: str, rows: int, K: int, N: int, repeats: int) -> dict:
         out = fn(bias, x, weights[0]).double()
         errors[label] = ((out - exact).norm() / exact.norm()).item()
     return dict(
-        product=name, rows=rows, K=K, N=N, weight_copies=copies,
+        product=name,
+        rows=rows,
+        K=K,
+        N=N,
+        weight_copies=copies,
         skinny_addmm_us=time_per_product(lambda w: mmrec_ops.skinny_addmm(bias, x, w), weights, repeats),
         addmm_us=time_per_product(lambda w: torch.addmm(bias, x, w), weights, repeats),
         read_floor_us=time_per_product(torch.sum, weights, repeats),
-        skinny_addmm_rel_error=errors["skinny_addmm"], addmm_rel_error=errors["addmm"],
-    )  # fmt: skip
+        skinny_addmm_rel_error=errors["skinny_addmm"],
+        addmm_rel_error=errors["addmm"],
+    )
 
 
 def main() -> None:
@@ -66,17 +76,50 @@ def main() -> None:
     for name, K, N in PRODUCTS:
         for rows in args.rows:
             results.append(measure(name, rows, K, N, args.repeats))
-            print(f"{name} {K} -> {N}, {rows} rows: skinny_addmm {results[-1]['skinny_addmm_us']:.2f} us, "
-                  f"addmm {results[-1]['addmm_us']:.2f} us", flush=True)
+            print(
+                f"{name} {K} -> {N}, {rows} rows: skinny_addmm {results[-1]['skinny_addmm_us']:.2f} us, "
+                f"addmm {results[-1]['addmm_us']:.2f} us",
+                flush=True,
+            )
     info = versions("cuda")
-    table_rows = [[r["product"], f"{r['K']} -> {r['N']}", str(r["rows"]), f"{r['skinny_addmm_us']:.2f}",
-                   f"{r['addmm_us']:.2f}", f"{r['addmm_us'] / r['skinny_addmm_us']:.2f}x", f"{r['read_floor_us']:.2f}",
-                   f"{r['skinny_addmm_rel_error']:.1e}", f"{r['addmm_rel_error']:.1e}"] for r in results]  # fmt: skip
-    header = (f"skinny_addmm against addmm, float32, weights out of L2; {info['device']}; torch {info['torch']}, "
-              f"Triton {info['triton']}; {info['date']}")  # fmt: skip
-    table = "\n".join([header, "", *markdown_table(
-        ["product", "K -> N", "rows", "skinny_addmm (us)", "addmm (us)", "addmm / skinny", "read of W (us)",
-         "skinny rel. error", "addmm rel. error"], table_rows)])  # fmt: skip
+    table_rows = [
+        [
+            r["product"],
+            f"{r['K']} -> {r['N']}",
+            str(r["rows"]),
+            f"{r['skinny_addmm_us']:.2f}",
+            f"{r['addmm_us']:.2f}",
+            f"{r['addmm_us'] / r['skinny_addmm_us']:.2f}x",
+            f"{r['read_floor_us']:.2f}",
+            f"{r['skinny_addmm_rel_error']:.1e}",
+            f"{r['addmm_rel_error']:.1e}",
+        ]
+        for r in results
+    ]
+    header = (
+        f"skinny_addmm against addmm, float32, weights out of L2; {info['device']}; torch {info['torch']}, "
+        f"Triton {info['triton']}; {info['date']}"
+    )
+    table = "\n".join(
+        [
+            header,
+            "",
+            *markdown_table(
+                [
+                    "product",
+                    "K -> N",
+                    "rows",
+                    "skinny_addmm (us)",
+                    "addmm (us)",
+                    "addmm / skinny",
+                    "read of W (us)",
+                    "skinny rel. error",
+                    "addmm rel. error",
+                ],
+                table_rows,
+            ),
+        ]
+    )
     write_results(args.out, info, results, table)
 
 

@@ -53,7 +53,9 @@ SMOKE_SIZES = {"dim": 32, "n_layers": 2, "n_heads": 2, "window": 16}
 KERNEL_ROWS = 25
 
 
-def build(variant: str, settings: Settings, device: torch.device, scope: str = "blocks", mode: str | None = None) -> torch.nn.Module:
+def build(
+    variant: str, settings: Settings, device: torch.device, scope: str = "blocks", mode: str | None = None
+) -> torch.nn.Module:
     """The variant's model, compiled: each block alone (``compile_blocks``) or the whole
     model, in torch.compile's ``mode`` (None: the default; 'reduce-overhead': CUDA graphs)."""
     arch, overrides = VARIANTS[variant]
@@ -126,16 +128,26 @@ def render(rows: list[dict], info: dict, args: argparse.Namespace) -> str:
     ]
     lines += markdown_table(
         ["variant", "ms / step", "tokens/s vs Transformer", "ms vs mmrec"],
-        [[r["variant"], f"{r['step_ms']:.1f}", f"{reference / r['step_ms']:.2f}x" if reference else "-",
-          f"{r['step_ms'] - full:+.1f}" if full else "-"] for r in rows],
-    )  # fmt: skip
+        [
+            [
+                r["variant"],
+                f"{r['step_ms']:.1f}",
+                f"{reference / r['step_ms']:.2f}x" if reference else "-",
+                f"{r['step_ms'] - full:+.1f}" if full else "-",
+            ]
+            for r in rows
+        ],
+    )
     for r in rows:
         if r["kernels"]:
             totals = r["kernel_totals"]
             lines += ["", f"## {r['variant']}: kernels by time per step", ""]
             what = "kernels" if args.device == "cuda" else "ops (self CPU time)"
-            lines += [f"All {what}: {totals['launches']:g} calls, {totals['ms']:.1f} ms a step "
-                      f"({totals['ms'] / r['step_ms']:.0%} of the step's {r['step_ms']:.1f} ms).", ""]
+            lines += [
+                f"All {what}: {totals['launches']:g} calls, {totals['ms']:.1f} ms a step "
+                f"({totals['ms'] / r['step_ms']:.0%} of the step's {r['step_ms']:.1f} ms).",
+                "",
+            ]
             lines += markdown_table(
                 ["kernel", "calls / step", "ms / step"],
                 [[k["name"][:100], f"{k['calls_per_step']:g}", f"{k['ms_per_step']:.2f}"] for k in r["kernels"]],
@@ -149,8 +161,12 @@ def main() -> None:
     parser.add_argument("--preset", default="small")
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     parser.add_argument("--profile", nargs="*", default=["transformer", "mmrec", "mmrec-window-only"])
-    parser.add_argument("--compile", default="blocks", choices=["blocks", "model"],
-                        help="compile each block alone (regional compilation) or the whole model")
+    parser.add_argument(
+        "--compile",
+        default="blocks",
+        choices=["blocks", "model"],
+        help="compile each block alone (regional compilation) or the whole model",
+    )
     parser.add_argument("--cuda-graphs", action="store_true", help="torch.compile mode 'reduce-overhead'")
     parser.add_argument("--seq-len", type=int, default=2048)
     parser.add_argument("--tokens-per-step", type=int, default=32768)
@@ -171,7 +187,9 @@ def main() -> None:
         mode = "reduce-overhead" if args.cuda_graphs else None
         step = make_step(build(variant, settings, device, args.compile, mode), ids, device, args.cuda_graphs)
         row = {"variant": variant, "step_ms": step_ms(step, device, args.steps)}
-        row["kernels"], row["kernel_totals"] = kernels(step, device, args.profiled_steps) if variant in args.profile else ([], {})
+        row["kernels"], row["kernel_totals"] = (
+            kernels(step, device, args.profiled_steps) if variant in args.profile else ([], {})
+        )
         print(f"{variant}: {row['step_ms']:.1f} ms/step", file=sys.stderr, flush=True)
         rows.append(row)
         del step

@@ -98,7 +98,9 @@ class Block(nn.Module):
 
     def rotated_qkv(self, x: Tensor, rotation: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
         """q, k (rotated), v ``[B, H, T, d]`` of x ``[B, T, D]``."""
-        q, k, v = (t.unflatten(-1, (self.n_heads, -1)).transpose(1, 2) for t in self.qkv(self.norm_attn(x)).chunk(3, -1))
+        q, k, v = (
+            t.unflatten(-1, (self.n_heads, -1)).transpose(1, 2) for t in self.qkv(self.norm_attn(x)).chunk(3, -1)
+        )
         return rotate(q, *rotation), rotate(k, *rotation), v
 
     def residual(self, x: Tensor, attn: Tensor) -> Tensor:
@@ -116,7 +118,9 @@ class Block(nn.Module):
         values.index_copy_(2, position, v)
         return self.residual(x, mmrec_ops.decode_read(q.squeeze(2), keys, values, bias.to(q.dtype)).unsqueeze(2))
 
-    def forward(self, x: Tensor, rotation: tuple[Tensor, Tensor], cache: KVCache | None = None, layer: int = 0) -> Tensor:
+    def forward(
+        self, x: Tensor, rotation: tuple[Tensor, Tensor], cache: KVCache | None = None, layer: int = 0
+    ) -> Tensor:
         """x ``[B, T, D]``; rotation: cos and sin of x's positions (``rotary_tables``)."""
         q, k, v = self.rotated_qkv(x, rotation)
         if self.window is not None:

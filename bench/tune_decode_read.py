@@ -25,8 +25,18 @@ from mmrec_ops.triton import decode_read as triton_read  # noqa: E402
 
 HEADS, SLOTS, HEAD_DIM = 12, 1136, 64
 # (BLOCK_K, PROGRAMS_PER_SM, NUM_WARPS); the first is the shipped setting.
-CANDIDATES = [(64, 4, 2), (64, 4, 4), (32, 4, 2), (32, 4, 4), (128, 4, 2), (128, 4, 4), (64, 2, 2), (64, 8, 2),
-              (32, 8, 4), (32, 16, 2)]
+CANDIDATES = [
+    (64, 4, 2),
+    (64, 4, 4),
+    (32, 4, 2),
+    (32, 4, 4),
+    (128, 4, 2),
+    (128, 4, 4),
+    (64, 2, 2),
+    (64, 8, 2),
+    (32, 8, 4),
+    (32, 16, 2),
+]
 
 
 def inputs(batch: int):
@@ -45,8 +55,9 @@ def measure(batch: int, candidate, repeats: int) -> dict:
     ref = decode_read_reference(*(t.double() for t in args))
     error = ((out.double() - ref).norm() / ref.norm()).item()
     us = graph_time_ms(lambda: triton_read.decode_read(*args), repeats) * 1000
-    return dict(batch=batch, block_k=candidate[0], programs_per_sm=candidate[1], num_warps=candidate[2], us=us,
-                rel_error=error)
+    return dict(
+        batch=batch, block_k=candidate[0], programs_per_sm=candidate[1], num_warps=candidate[2], us=us, rel_error=error
+    )
 
 
 def main() -> None:
@@ -60,11 +71,23 @@ def main() -> None:
     triton_read.BLOCK_K, triton_read.PROGRAMS_PER_SM, triton_read.NUM_WARPS = shipped
     triton_read._plans.cache_clear()
     info = versions("cuda")
-    rows = [[str(r["batch"]), str(r["block_k"]), str(r["programs_per_sm"]), str(r["num_warps"]), f"{r['us']:.2f}",
-             f"{r['rel_error']:.1e}"] for r in results]
-    header = f"decode_read launch sweep; {info['device']}; torch {info['torch']}, Triton {info['triton']}; {info['date']}"
-    table = "\n".join([header, "", *markdown_table(["batch", "BLOCK_K", "programs / SM", "warps", "us", "rel. error"],
-                                                   rows)])
+    rows = [
+        [
+            str(r["batch"]),
+            str(r["block_k"]),
+            str(r["programs_per_sm"]),
+            str(r["num_warps"]),
+            f"{r['us']:.2f}",
+            f"{r['rel_error']:.1e}",
+        ]
+        for r in results
+    ]
+    header = (
+        f"decode_read launch sweep; {info['device']}; torch {info['torch']}, Triton {info['triton']}; {info['date']}"
+    )
+    table = "\n".join(
+        [header, "", *markdown_table(["batch", "BLOCK_K", "programs / SM", "warps", "us", "rel. error"], rows)]
+    )
     write_results(args.out, info, results, table)
 
 

@@ -29,10 +29,12 @@ from mmrec_ops.triton import scan as triton_scan  # noqa: E402
 # Candidates per (dtype, kernel): R, num_warps, tile elements, stages, programs
 # per SM; the first of each is the shipped setting.
 GRIDS = {
-    (torch.bfloat16, "forward"): dict(rows=[8, 4], num_warps=[4, 8], tile=[8192, 16384], stages=[3, 2],
-                                      per_sm=[0.5, 1]),
-    (torch.bfloat16, "backward"): dict(rows=[4, 2], num_warps=[8, 4], tile=[4096, 8192], stages=[0, 3],
-                                       per_sm=[0.5, 1]),
+    (torch.bfloat16, "forward"): dict(
+        rows=[8, 4], num_warps=[4, 8], tile=[8192, 16384], stages=[3, 2], per_sm=[0.5, 1]
+    ),
+    (torch.bfloat16, "backward"): dict(
+        rows=[4, 2], num_warps=[8, 4], tile=[4096, 8192], stages=[0, 3], per_sm=[0.5, 1]
+    ),
     (torch.float32, "forward"): dict(rows=[4, 8], num_warps=[8, 4], tile=[4096], stages=[3, 2], per_sm=[0.5, 1]),
     (torch.float32, "backward"): dict(rows=[4, 2], num_warps=[8, 4], tile=[4096], stages=[0], per_sm=[0.5, 1]),
 }
@@ -62,8 +64,9 @@ def sweep(dtype, shape):
             tunings[kernel][size] = triton_scan._Tuning(rows, num_warps, tile, stages)
             triton_scan._MIN_PROGRAMS_PER_SM[size] = per_sm
             triton_scan._clear_plans()  # the launch plans are cached per shape and knobs
-            row = dict(dtype=str(dtype), kernel=kernel, rows=rows, num_warps=num_warps, tile=tile, stages=stages,
-                       per_sm=per_sm)
+            row = dict(
+                dtype=str(dtype), kernel=kernel, rows=rows, num_warps=num_warps, tile=tile, stages=stages, per_sm=per_sm
+            )
             try:
                 out = call()
             except Exception as err:  # e.g. out of registers or shared memory: report, go on
@@ -88,15 +91,23 @@ def main():
     args = parser.parse_args()
     results = [row for dtype in (torch.bfloat16, torch.float32) for row in sweep(dtype, tuple(args.shape))]
     for dtype, kernel in GRIDS:
-        rows = sorted((r for r in results if (r["dtype"], r["kernel"]) == (str(dtype), kernel) and "us" in r),
-                      key=lambda r: r["us"])
+        rows = sorted(
+            (r for r in results if (r["dtype"], r["kernel"]) == (str(dtype), kernel) and "us" in r),
+            key=lambda r: r["us"],
+        )
         print(f"\nfastest {kernel} for {dtype} (us; rows, num_warps, tile, stages, programs per SM):")
         for r in rows[:6]:
-            print(f"  {r['us']:7.1f}  err {r['err_vs_cpu']:.1e}  {r['rows']}, {r['num_warps']}, {r['tile']}, {r['stages']}, {r['per_sm']}")
+            print(
+                f"  {r['us']:7.1f}  err {r['err_vs_cpu']:.1e}  {r['rows']}, {r['num_warps']}, {r['tile']}, {r['stages']}, {r['per_sm']}"
+            )
     if args.out:
-        info = {**versions("cuda"), "shape": args.shape, "command": "python bench/tune_scan.py",
-                "how": "launchers alone, bench.common.median_time_ms; err_vs_cpu: relative error (norm) of the "
-                       "outputs against the C++ CPU kernel on the same inputs"}
+        info = {
+            **versions("cuda"),
+            "shape": args.shape,
+            "command": "python bench/tune_scan.py",
+            "how": "launchers alone, bench.common.median_time_ms; err_vs_cpu: relative error (norm) of the "
+            "outputs against the C++ CPU kernel on the same inputs",
+        }
         args.out.write_text(json.dumps({"info": info, "rows": results}, indent=1))
 
 

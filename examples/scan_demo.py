@@ -1,6 +1,6 @@
 """A short tour of torch.ops.mmrec.scan: what it computes, its gradients, and its speed.
 
-    python examples/scan_demo.py
+python examples/scan_demo.py
 """
 
 import time

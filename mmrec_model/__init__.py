@@ -1,10 +1,10 @@
 """MM-Rec language model (DESIGN.md section 2).
 
-    from mmrec_model import MMRecConfig, MMRecModel
-    model = MMRecModel(MMRecConfig.preset("tiny", mode="parallel"))
-    logits, state = model(ids)                 # ids [B, T] int64 -> logits [B, T, 256]
-    logits, state = model(next_ids, state)     # continue; same logits as one long call
-    out = model.generate(prompt_ids, 100)      # [B, T0 + 100]
+from mmrec_model import MMRecConfig, MMRecModel
+model = MMRecModel(MMRecConfig.preset("tiny", mode="parallel"))
+logits, state = model(ids)                 # ids [B, T] int64 -> logits [B, T, 256]
+logits, state = model(next_ids, state)     # continue; same logits as one long call
+out = model.generate(prompt_ids, 100)      # [B, T0 + 100]
 """
 
 from .attention import MultiMemoryAttention

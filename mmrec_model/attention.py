@@ -3,8 +3,8 @@ the long-term memory it may see and the persistent slots, in one softmax."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from functools import partial
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -108,7 +108,9 @@ def flex_blocked_attention(q: Tensor, group: Tensor | None, tokens: Tensor | Non
     if group is not None:
         parts.append(group_attention(q, group, mask[..., : group.shape[2]]))
     if tokens is not None:
-        parts.append(flex_window_attention(q, tokens, mask[..., mask.shape[-1] - (mask.shape[1] + window - 1) :], window))
+        parts.append(
+            flex_window_attention(q, tokens, mask[..., mask.shape[-1] - (mask.shape[1] + window - 1) :], window)
+        )
     if len(parts) == 1:
         return parts[0][0].to(q.dtype)
     (out_g, lse_g), (out_w, lse_w) = parts

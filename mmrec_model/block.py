@@ -67,9 +67,7 @@ class MMRecBlock(nn.Module):
         self.best_entries = BestTokenEntries(H, d) if best else None
         self.w_out = nn.Linear(D, D, bias=False)
         self.norm_ffn = nn.RMSNorm(D, eps=config.norm_eps)
-        self.ffn = nn.Sequential(
-            nn.Linear(D, config.ffn_mult * D), nn.GELU(), nn.Linear(config.ffn_mult * D, D)
-        )
+        self.ffn = nn.Sequential(nn.Linear(D, config.ffn_mult * D), nn.GELU(), nn.Linear(config.ffn_mult * D, D))
 
     @torch.no_grad()
     def init_weights(self, init_std: float, n_layers: int) -> None:

@@ -83,8 +83,18 @@ class MMRecConfig:
     init_std: float = 0.02
 
     def __post_init__(self) -> None:
-        for name in ("vocab_size", "dim", "n_layers", "n_heads", "window", "segment_len", "n_levels",
-                     "level_slots", "persistent_slots", "ffn_mult"):
+        for name in (
+            "vocab_size",
+            "dim",
+            "n_layers",
+            "n_heads",
+            "window",
+            "segment_len",
+            "n_levels",
+            "level_slots",
+            "persistent_slots",
+            "ffn_mult",
+        ):
             value, least = getattr(self, name), 0 if name in ("window", "n_levels") else 1
             if isinstance(value, bool) or not isinstance(value, int) or value < least:
                 kind = "an int >= 0" if least == 0 else "a positive int"
@@ -106,9 +116,7 @@ class MMRecConfig:
         if self.entry_summary == "state" and self.mode == "none":
             raise ValueError("MMRecConfig.entry_summary: 'state' reads the recurrence, which mode 'none' removes")
         if self.dim % self.n_heads != 0:
-            raise ValueError(
-                f"MMRecConfig.dim: expected a multiple of n_heads ({self.n_heads}), got {self.dim}"
-            )
+            raise ValueError(f"MMRecConfig.dim: expected a multiple of n_heads ({self.n_heads}), got {self.dim}")
         if self.dim < 4:
             raise ValueError(f"MMRecConfig.dim: expected at least 4 (MDI's hidden width is dim // 4), got {self.dim}")
 
@@ -117,7 +125,7 @@ class MMRecConfig:
         return self.dim // self.n_heads
 
     @classmethod
-    def preset(cls, name: str, **overrides) -> "MMRecConfig":
+    def preset(cls, name: str, **overrides) -> MMRecConfig:
         """A named configuration ('tiny', 'small', 'base') with any field overridden."""
         if name not in PRESETS:
             raise ValueError(f"MMRecConfig.preset: expected name in {sorted(PRESETS)}, got {name!r}")

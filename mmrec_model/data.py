@@ -84,7 +84,9 @@ def jsonl_texts(path: Path) -> list[bytes]:
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError as err:
-                raise DataError(f"--data {path}: line {number} is not UTF-8 (byte {err.start + 1}: {err.reason})") from None
+                raise DataError(
+                    f"--data {path}: line {number} is not UTF-8 (byte {err.start + 1}: {err.reason})"
+                ) from None
             if not line.strip():
                 continue
             try:

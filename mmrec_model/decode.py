@@ -100,8 +100,7 @@ class TokenSlots(NamedTuple):
 def token_slots(config, position, plan: TokenPlan) -> TokenSlots:
     """The slots of the token at ``position`` (an int, or a device tensor ``[1]``):
     level l's entry i = (position + 1) // (S 4^l) - 1 sits in ring slot l M + i mod M."""
-    P, L, M, W, S = (config.persistent_slots, config.n_levels, config.level_slots, config.window,
-                     config.segment_len)  # fmt: skip
+    P, L, M, W, S = (config.persistent_slots, config.n_levels, config.level_slots, config.window, config.segment_len)
     window = P + L * M + position % W if W > 0 else None
     rings = tuple(P + level * M + ((position + 1) // span_len(S, level) - 1) % M for level in range(plan.completed))
     return TokenSlots(window, rings, position % S)
@@ -172,11 +171,14 @@ class BlockDecoder:
             rows, biases = rows + [block.read_gate.weight], biases + [block.read_gate.bias]
         ffn_in, ffn_out = block.ffn[0], block.ffn[2]
         folded.update(
-            w_in_t=(torch.cat(rows) * block.norm_mix.weight).t().contiguous(), b_in=torch.cat(biases),
+            w_in_t=(torch.cat(rows) * block.norm_mix.weight).t().contiguous(),
+            b_in=torch.cat(biases),
             w_out_t=block.w_out.weight.t().contiguous(),
-            ffn_b0=ffn_in.bias.clone(), ffn_w0_t=(ffn_in.weight * block.norm_ffn.weight).t().contiguous(),
-            ffn_b2=ffn_out.bias.clone(), ffn_w2_t=self.split_down(ffn_out.weight.t().contiguous()),
-        )  # fmt: skip
+            ffn_b0=ffn_in.bias.clone(),
+            ffn_w0_t=(ffn_in.weight * block.norm_ffn.weight).t().contiguous(),
+            ffn_b2=ffn_out.bias.clone(),
+            ffn_w2_t=self.split_down(ffn_out.weight.t().contiguous()),
+        )
         self.n_mdi = folded["decay_w_t"].shape[0] if "decay_w_t" in folded else 0
         for name, value in folded.items():
             if hasattr(self, name):
@@ -377,8 +379,9 @@ class Decoder:
         """Decode from ``state`` (of this batch size) on: its values, and the model's weights
         as they are now, into the same buffers."""
         if state.blocks[0].h.shape != self.blocks[0].h.shape:
-            raise ValueError(f"Decoder.load: expected a state of batch size {self.token.shape[0]}, "
-                             f"got {state.blocks[0].h.shape[0]}")  # fmt: skip
+            raise ValueError(
+                f"Decoder.load: expected a state of batch size {self.token.shape[0]}, got {state.blocks[0].h.shape[0]}"
+            )
         self.position = int(state.position)
         for block, block_state in zip(self.blocks, state.blocks):
             block.fold_weights()

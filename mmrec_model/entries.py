@@ -89,8 +89,9 @@ class BestTokenEntries(nn.Module):
     def better(self, best: Tensor, new: Tensor) -> Tensor:
         """Per head, ``new`` where it scores at least as high as ``best`` (both ``[..., 2, D]``)."""
         wins = (self.key(new) >= self.key(best)).unsqueeze(-1)  # [..., H, 1]
-        chosen = torch.where(wins.unsqueeze(-3), new.unflatten(-1, (wins.shape[-2], -1)),
-                             best.unflatten(-1, (wins.shape[-2], -1)))  # fmt: skip
+        chosen = torch.where(
+            wins.unsqueeze(-3), new.unflatten(-1, (wins.shape[-2], -1)), best.unflatten(-1, (wins.shape[-2], -1))
+        )
         return chosen.flatten(-2)
 
     def finish(self, level: int, chosen: Tensor) -> Tensor:

@@ -64,8 +64,9 @@ def sample_tokens(
     was_training = model.training
     model.eval()
     try:
-        stream = model.stream(ids, max_new_tokens, sampling.temperature, sampling.top_k, None, sampling.top_p,
-                              generator, cuda_graphs)
+        stream = model.stream(
+            ids, max_new_tokens, sampling.temperature, sampling.top_k, None, sampling.top_p, generator, cuda_graphs
+        )
         for token in stream:
             yield token[:, 0].tolist()
     finally:
@@ -93,14 +94,27 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-new-tokens", type=int, default=300, help="bytes to generate (default: 300)")
     parser.add_argument("--temperature", type=float, default=0.8, help="softmax temperature; 0: greedy (default: 0.8)")
     parser.add_argument("--top-k", type=int, default=40, help="sample among the k likeliest bytes; 0: all (default 40)")
-    parser.add_argument("--top-p", type=float, default=1.0,
-                        help="sample among the fewest likeliest bytes whose probabilities sum to p; 1: all (default 1)")
-    parser.add_argument("--num-samples", type=int, default=1,
-                        help="samples of the same prompt, generated together as a batch (default: 1)")
+    parser.add_argument(
+        "--top-p",
+        type=float,
+        default=1.0,
+        help="sample among the fewest likeliest bytes whose probabilities sum to p; 1: all (default 1)",
+    )
+    parser.add_argument(
+        "--num-samples",
+        type=int,
+        default=1,
+        help="samples of the same prompt, generated together as a batch (default: 1)",
+    )
     parser.add_argument("--seed", type=int, default=0, help="seed of the sampling (default: 0)")
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="auto: CUDA when available")
-    parser.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false", default=None,
-                        help="on CUDA, launch each step op by op instead of replaying CUDA graphs")
+    parser.add_argument(
+        "--no-cuda-graphs",
+        dest="cuda_graphs",
+        action="store_false",
+        default=None,
+        help="on CUDA, launch each step op by op instead of replaying CUDA graphs",
+    )
     return parser
 
 
@@ -139,8 +153,11 @@ def main(argv: list[str] | None = None) -> int:
             print(continued(args.prompt, list(sample)))
     seconds = time.perf_counter() - started
     made = args.max_new_tokens * args.num_samples
-    print(f"{PROG}: {made} bytes in {seconds:.2f} s, {made / seconds:,.0f} bytes/s (prompt included) on "
-          f"{next(model.parameters()).device}", file=sys.stderr)  # fmt: skip
+    print(
+        f"{PROG}: {made} bytes in {seconds:.2f} s, {made / seconds:,.0f} bytes/s (prompt included) on "
+        f"{next(model.parameters()).device}",
+        file=sys.stderr,
+    )
     return 0
 
 

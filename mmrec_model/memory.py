@@ -32,7 +32,8 @@ memory, whatever the context.
 
 from __future__ import annotations
 
-from typing import Callable, NamedTuple
+from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -84,18 +85,16 @@ class MemoryState(NamedTuple):
     position: Tensor
     blocks: tuple[BlockState, ...]
 
-    def clone(self) -> "MemoryState":
+    def clone(self) -> MemoryState:
         """A copy of every tensor: for a state that in-place updates (a CUDA graph's
         outputs, a decoder's buffers) must not change."""
         blocks = tuple(BlockState(*(t.clone() for t in block)) for block in self.blocks)
         return MemoryState(self.position.clone(), blocks)
 
-    def detach(self) -> "MemoryState":
+    def detach(self) -> MemoryState:
         """The same values, cut from the autograd graph (truncated backpropagation
         through time across calls)."""
-        return MemoryState(
-            self.position, tuple(BlockState(*(t.detach() for t in block)) for block in self.blocks)
-        )
+        return MemoryState(self.position, tuple(BlockState(*(t.detach() for t in block)) for block in self.blocks))
 
 
 def span_len(segment_len: int, level: int) -> int:
@@ -274,7 +273,9 @@ def update_long_term_token(
     levels = torch.arange(L, device=sums.device)
     kept = memory[:, levels, layout.entry_slot]
     memory = memory.clone()
-    memory[:, levels, layout.entry_slot] = torch.where(layout.completes.view(1, L, 1, 1), entries.to(memory.dtype), kept)
+    memory[:, levels, layout.entry_slot] = torch.where(
+        layout.completes.view(1, L, 1, 1), entries.to(memory.dtype), kept
+    )
     return memory, sums
 
 
@@ -382,7 +383,9 @@ def memory_layout(position: Tensor, T: int, config: MMRecConfig) -> MemoryLayout
         carry_in=(chunk_entry_slots(position, T, S)[0] == position // S) & (head_len < S),
         last_span=((position + T - 1) // S - position // S).view(1),
         levels=tuple(levels),
-        read_source=torch.cat(sources, dim=1).flatten() if sources else torch.zeros(0, dtype=torch.int64, device=device),
+        read_source=torch.cat(sources, dim=1).flatten()
+        if sources
+        else torch.zeros(0, dtype=torch.int64, device=device),
         read_mask=torch.cat([persistent, *masks, *window], dim=2),
         phase=(position + torch.arange(T, device=device)) % S,
         window_order=window_ring(position, max(config.window - 1, 0)),

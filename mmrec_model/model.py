@@ -74,9 +74,7 @@ class MMRecModel(nn.Module):
             memory=torch.zeros(batch_size, c.n_levels, c.level_slots, 2, c.dim, device=device, dtype=dtype),
             sums=torch.zeros(batch_size, c.n_levels, 2, c.dim, device=device, dtype=dtype),
         )
-        return MemoryState(
-            torch.zeros((), dtype=torch.int64, device=device), tuple(block for _ in self.blocks)
-        )
+        return MemoryState(torch.zeros((), dtype=torch.int64, device=device), tuple(block for _ in self.blocks))
 
     def forward(
         self, ids: Tensor, state: MemoryState | None = None, chunk_size: int | None = None
@@ -134,7 +132,9 @@ class MMRecModel(nn.Module):
                     f"MMRecModel: expected ids in [0, {vocab_size}) (vocab_size {vocab_size}), "
                     f"got values from {low} to {high}"
                 )
-        if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
+        if chunk_size is not None and (
+            isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1
+        ):
             raise ValueError(f"MMRecModel: expected chunk_size to be a positive int or None, got {chunk_size!r}")
         if state is None:
             return

@@ -132,9 +132,21 @@ class TrainConfig:
 # What a resumed run must keep: everything that changes its arithmetic. The
 # other options (where it runs, how often it reports, where it stops) may change.
 FIXED_ON_RESUME = (
-    "preset", "data", "mode", "dim", "n_layers", "n_heads", "steps", "batch_size", "seq_len",
-    "lr", "warmup", "weight_decay", "grad_clip", "seed",
-)  # fmt: skip
+    "preset",
+    "data",
+    "mode",
+    "dim",
+    "n_layers",
+    "n_heads",
+    "steps",
+    "batch_size",
+    "seq_len",
+    "lr",
+    "warmup",
+    "weight_decay",
+    "grad_clip",
+    "seed",
+)
 
 HELP = {
     "preset": "model size: tiny, small or base (DESIGN 2.3)",
@@ -171,9 +183,11 @@ def build_parser() -> argparse.ArgumentParser:
     # Defaults are left out of the namespace (SUPPRESS) so that a resumed run
     # can tell the options given on its command line from the saved ones.
     parser = argparse.ArgumentParser(
-        prog=PROG, description=__doc__, argument_default=argparse.SUPPRESS,
+        prog=PROG,
+        description=__doc__,
+        argument_default=argparse.SUPPRESS,
         formatter_class=argparse.RawDescriptionHelpFormatter,
-    )  # fmt: skip
+    )
     for field in dataclasses.fields(TrainConfig):
         flag = "--" + field.name.replace("_", "-")
         default = field.default
@@ -380,8 +394,19 @@ def prepare(argv: list[str] | None) -> Run:
         raise UsageError(f"--resume: the checkpoint was trained on other data ({saved}) than {corpus.source}")
     training = build_training(model_config, config, device, checkpoint)
     rank = int(os.environ.get("RANK", "0"))
-    return Run(config, model_config, corpus, out, device, autocast_dtype, checkpoint, world_size, rank, training,
-               checkpoint_stamp)  # fmt: skip
+    return Run(
+        config,
+        model_config,
+        corpus,
+        out,
+        device,
+        autocast_dtype,
+        checkpoint,
+        world_size,
+        rank,
+        training,
+        checkpoint_stamp,
+    )
 
 
 # --- training -------------------------------------------------------------------
@@ -391,8 +416,16 @@ def validation_loss(run: Run) -> float:
     """Mean validation loss (nats per byte) over the fixed validation windows, shared among ranks."""
     config = run.config
     offsets = validation_offsets(run.corpus, config.eval_batches * config.batch_size, config.seq_len)
-    return evaluate(run.training.model, run.corpus.val, offsets, config.seq_len, config.batch_size,
-                    run.autocast_dtype, run.rank, run.world_size)  # fmt: skip
+    return evaluate(
+        run.training.model,
+        run.corpus.val,
+        offsets,
+        config.seq_len,
+        config.batch_size,
+        run.autocast_dtype,
+        run.rank,
+        run.world_size,
+    )
 
 
 def run_step(net: torch.nn.Module, run: Run, step: int) -> float:
@@ -400,8 +433,9 @@ def run_step(net: torch.nn.Module, run: Run, step: int) -> float:
     config, training = run.config, run.training
     share = train_batch(run.corpus, step, config.seed, config.batch_size, config.seq_len, run.rank, run.world_size)
     inputs, targets = (t.to(run.device) for t in share)
-    loss = train_step(net, inputs, targets, training.optimizer, training.scheduler, config.grad_clip,
-                      run.autocast_dtype)  # fmt: skip
+    loss = train_step(
+        net, inputs, targets, training.optimizer, training.scheduler, config.grad_clip, run.autocast_dtype
+    )
     return all_reduce_sum(loss.double(), run.world_size).item() / run.world_size
 
 
@@ -540,9 +574,14 @@ def training_module(run: Run) -> torch.nn.Module:
 
 def progress_bar(run: Run):
     return tqdm(
-        total=run.stop_step, initial=run.start_step, disable=run.rank != 0, unit="step",
-        dynamic_ncols=True, mininterval=0.5, desc="pretrain",
-    )  # fmt: skip
+        total=run.stop_step,
+        initial=run.start_step,
+        disable=run.rank != 0,
+        unit="step",
+        dynamic_ncols=True,
+        mininterval=0.5,
+        desc="pretrain",
+    )
 
 
 def describe(run: Run) -> str:
@@ -563,8 +602,10 @@ def write_sample(run: Run) -> None:
     atomic_write(run.out / "sample.txt", lambda f: f.write(sample.encode("utf-8")))
     print(f"\n--- sample (prompt {config.sample_prompt!r}, {config.sample_tokens} bytes) ---\n{sample}\n---")
     finished = run.stop_step == config.steps
-    print(f"{PROG}: {'finished' if finished else 'stopped'} at step {run.stop_step}; in {run.out}: "
-          f"{CHECKPOINT_NAME}, {METRICS_NAME}, loss.png, sample.txt, config.json")  # fmt: skip
+    print(
+        f"{PROG}: {'finished' if finished else 'stopped'} at step {run.stop_step}; in {run.out}: "
+        f"{CHECKPOINT_NAME}, {METRICS_NAME}, loss.png, sample.txt, config.json"
+    )
     if not finished:
         print(f"{PROG}: continue with: python -m mmrec_model.pretrain --resume {run.out}")
     print(f"{PROG}: more samples: python -m mmrec_model.generate --checkpoint {run.out} --prompt 'import '")

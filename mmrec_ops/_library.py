@@ -72,7 +72,7 @@ def check_torch_version(built: str, running: str) -> None:
         return
     if major_minor(built) != major_minor(running):
         raise ImportError(torch_mismatch_message(built, running))
-    warnings.warn(torch_mismatch_message(built, running), RuntimeWarning)
+    warnings.warn(torch_mismatch_message(built, running), RuntimeWarning, stacklevel=2)
 
 
 def recorded_torch_version(path: Path) -> str | None:

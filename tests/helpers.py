@@ -112,7 +112,9 @@ def nan_poison():
 _no_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 # The Triton kernels under the interpreter, on CPU tensors: where a GPU is, the
 # gpu tests run them compiled instead.
-INTERPRETER_ONLY = pytest.mark.skipif(torch.cuda.is_available(), reason="with a GPU, the gpu tests run these kernels compiled")
+INTERPRETER_ONLY = pytest.mark.skipif(
+    torch.cuda.is_available(), reason="with a GPU, the gpu tests run these kernels compiled"
+)
 DEVICES = [
     pytest.param("cpu", id="cpu"),
     pytest.param("cuda", id="cuda", marks=[pytest.mark.gpu, _no_cuda]),

@@ -15,8 +15,17 @@ import pytest
 import torch
 
 from bench.quality import (
-    SMOKE, Resume, Settings, build_model, check_final_windows_fit, model_config, past_first_band_bpb,
-    past_first_band_label, probe_offsets, recall_sequence, train,
+    SMOKE,
+    Resume,
+    Settings,
+    build_model,
+    check_final_windows_fit,
+    model_config,
+    past_first_band_bpb,
+    past_first_band_label,
+    probe_offsets,
+    recall_sequence,
+    train,
 )
 from bench.transformer import KVCache, StaticDecoder, Transformer, TransformerConfig
 from mmrec_model.data import Corpus
@@ -31,8 +40,9 @@ ROOT = Path(__file__).resolve().parent.parent
 def test_model_gpu_smoke(tmp_path):
     out = tmp_path / "model"
     args = ["--smoke", "--device", "cpu", "--seq-lens", "128", "--contexts", "64", "--out", str(out)]
-    result = subprocess.run([sys.executable, "bench/model_gpu.py", *args], cwd=ROOT, capture_output=True,
-                            text=True, timeout=900)
+    result = subprocess.run(
+        [sys.executable, "bench/model_gpu.py", *args], cwd=ROOT, capture_output=True, text=True, timeout=900
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     results = json.loads(out.with_suffix(".json").read_text())["results"]
     archs = {"transformer", "mmrec-parallel", "mmrec-exact"}
@@ -50,8 +60,9 @@ def test_op_benchmark_smoke(tmp_path, op, shape):
     the ratio of forward+backward through autograd to the ops called directly."""
     out = tmp_path / op
     args = ["--shape", *shape, "--repeats", "2", "--skip-slow", "--out", str(out)]
-    result = subprocess.run([sys.executable, f"bench/{op}.py", *args], cwd=ROOT, capture_output=True, text=True,
-                            timeout=300)  # fmt: skip
+    result = subprocess.run(
+        [sys.executable, f"bench/{op}.py", *args], cwd=ROOT, capture_output=True, text=True, timeout=300
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(out.with_suffix(".json").read_text())
     through_autograd = [r for r in report["results"] if "eager through autograd" in r["name"]]
@@ -91,8 +102,9 @@ def test_transformer_static_decoder_matches_full_forward():
 
 
 def run_quality(*args: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "bench/quality.py", *args], cwd=ROOT, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)  # fmt: skip
+    return subprocess.Popen(
+        [sys.executable, "bench/quality.py", *args], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
 
 
 def finished(process: subprocess.Popen) -> str:
@@ -103,8 +115,10 @@ def finished(process: subprocess.Popen) -> str:
 
 def test_quality_smoke_rows_in_parallel_then_report(tmp_path):
     rows = tmp_path / "rows"
-    runs = [run_quality("run", "--smoke", "--arch", arch, "--seed", "3", "--out", str(rows), "--window", "8")
-            for arch in ("mmrec", "transformer")]  # fmt: skip
+    runs = [
+        run_quality("run", "--smoke", "--arch", arch, "--seed", "3", "--out", str(rows), "--window", "8")
+        for arch in ("mmrec", "transformer")
+    ]
     for process in runs:
         finished(process)
     row = json.loads((rows / "mmrec+window=8-seed3.json").read_text())
@@ -162,8 +176,10 @@ def test_quality_refuses_the_checkpoint_of_another_row(tmp_path):
 def run_seed0_rows(folder, rows) -> list[str]:
     """quality.py --smoke rows (arch, options), seed 0, side by side into folder: the names of
     the row files there, sorted."""
-    runs = [run_quality("run", "--smoke", "--arch", arch, "--seed", "0", "--out", str(folder), *options)
-            for arch, options in rows]  # fmt: skip
+    runs = [
+        run_quality("run", "--smoke", "--arch", arch, "--seed", "0", "--out", str(folder), *options)
+        for arch, options in rows
+    ]
     for process in runs:
         finished(process)
     return sorted(path.name for path in folder.glob("*.json"))
@@ -173,14 +189,19 @@ def ablation_deltas(folder) -> tuple[dict, dict]:
     """The folder's report's validation deltas {(ablation, full): mean}, and each label's
     validation bits/byte from its seed-0 row file."""
     report = json.loads((folder / "report.json").read_text())
-    val = {path.name.removesuffix("-seed0.json"): json.loads(path.read_text())["val_bpb"]
-           for path in folder.glob("*-seed0.json")}  # fmt: skip
+    val = {
+        path.name.removesuffix("-seed0.json"): json.loads(path.read_text())["val_bpb"]
+        for path in folder.glob("*-seed0.json")
+    }
     return {(a["arch"], a["full"]): a["val_delta"]["mean"] for a in report["summary"]["ablations"]}, val
 
 
 def test_past_first_band_weighs_each_band_by_its_positions():
-    bands = [{"band": "0-64", "start": 0, "end": 64, "bpb": 9.0}, {"band": "64-256", "start": 64, "end": 256, "bpb": 2.0},
-             {"band": "256-1K", "start": 256, "end": 1024, "bpb": 1.0}]  # fmt: skip
+    bands = [
+        {"band": "0-64", "start": 0, "end": 64, "bpb": 9.0},
+        {"band": "64-256", "start": 64, "end": 256, "bpb": 2.0},
+        {"band": "256-1K", "start": 256, "end": 1024, "bpb": 1.0},
+    ]
     row = {"long_context": {"bands": bands}}
     assert past_first_band_label(row) == "64-1K"
     assert past_first_band_bpb(row) == pytest.approx((192 * 2.0 + 768 * 1.0) / 960)
@@ -196,54 +217,73 @@ def report_deltas(folder, name: str) -> dict:
 
 def test_quality_report_keeps_configurations_apart_and_pairs_each_ablation_with_its_own(tmp_path):
     gated = ("--config", "memory_read=gated")
-    assert run_seed0_rows(tmp_path, [(arch, config) for arch in ("mmrec", "mmrec-no-longterm")
-                                     for config in ((), gated)]) == [
-        "mmrec+memory_read=gated-seed0.json", "mmrec-no-longterm+memory_read=gated-seed0.json",
-        "mmrec-no-longterm-seed0.json", "mmrec-seed0.json",
-    ]  # fmt: skip
+    assert run_seed0_rows(
+        tmp_path, [(arch, config) for arch in ("mmrec", "mmrec-no-longterm") for config in ((), gated)]
+    ) == [
+        "mmrec+memory_read=gated-seed0.json",
+        "mmrec-no-longterm+memory_read=gated-seed0.json",
+        "mmrec-no-longterm-seed0.json",
+        "mmrec-seed0.json",
+    ]
     table = finished(run_quality("report", str(tmp_path)))
     assert "| mmrec+memory_read=gated | 1 |" in table and "differ in settings" not in table
     deltas, val = ablation_deltas(tmp_path)
     assert deltas == {
         (ablation, full): pytest.approx(val[ablation] - val[full])
-        for ablation, full in [("mmrec-no-longterm", "mmrec"),
-                               ("mmrec-no-longterm+memory_read=gated", "mmrec+memory_read=gated")]
-    }  # fmt: skip
+        for ablation, full in [
+            ("mmrec-no-longterm", "mmrec"),
+            ("mmrec-no-longterm+memory_read=gated", "mmrec+memory_read=gated"),
+        ]
+    }
 
 
 def test_quality_report_keeps_carried_rows_apart_and_pairs_each_ablation_with_its_own(tmp_path):
     carry = ("--carry-chunks", "2")
-    assert run_seed0_rows(tmp_path, [("mmrec", ()), ("mmrec", carry), ("mmrec-no-longterm", carry),
-                                     ("transformer", carry)]) == [
-        "mmrec+carry2-seed0.json", "mmrec-no-longterm+carry2-seed0.json", "mmrec-seed0.json",
+    assert run_seed0_rows(
+        tmp_path, [("mmrec", ()), ("mmrec", carry), ("mmrec-no-longterm", carry), ("transformer", carry)]
+    ) == [
+        "mmrec+carry2-seed0.json",
+        "mmrec-no-longterm+carry2-seed0.json",
+        "mmrec-seed0.json",
         "transformer+carry2-seed0.json",
-    ]  # fmt: skip
+    ]
     row = json.loads((tmp_path / "mmrec+carry2-seed0.json").read_text())
     assert row["settings"]["carry_chunks"] == 2 and row["tokens"] == 6 * 2 * 128
     table = finished(run_quality("report", str(tmp_path)))
     assert "| mmrec+carry2 | 1 |" in table and "| mmrec | 1 |" in table and "| transformer+carry2 | 1 |" in table
     assert "Rows labelled +carryK" in table and "differ in settings" not in table
     deltas, val = ablation_deltas(tmp_path)
-    assert deltas == {("mmrec-no-longterm+carry2", "mmrec+carry2"): pytest.approx(val["mmrec-no-longterm+carry2"]
-                                                                                  - val["mmrec+carry2"])}  # fmt: skip
+    assert deltas == {
+        ("mmrec-no-longterm+carry2", "mmrec+carry2"): pytest.approx(
+            val["mmrec-no-longterm+carry2"] - val["mmrec+carry2"]
+        )
+    }
 
 
 def test_quality_report_keeps_windows_apart_and_pairs_each_ablation_with_its_own(tmp_path):
     window = ("--window", "8")
-    assert run_seed0_rows(tmp_path, [("mmrec", ()), ("mmrec", window), ("mmrec-no-longterm", window),
-                                     ("transformer", window)]) == [
-        "mmrec+window=8-seed0.json", "mmrec-no-longterm+window=8-seed0.json", "mmrec-seed0.json",
+    assert run_seed0_rows(
+        tmp_path, [("mmrec", ()), ("mmrec", window), ("mmrec-no-longterm", window), ("transformer", window)]
+    ) == [
+        "mmrec+window=8-seed0.json",
+        "mmrec-no-longterm+window=8-seed0.json",
+        "mmrec-seed0.json",
         "transformer-seed0.json",
-    ]  # fmt: skip
+    ]
     row = json.loads((tmp_path / "mmrec+window=8-seed0.json").read_text())
     assert row["settings"]["window"] == 8 and row["model_config"]["window"] == 8
     table = finished(run_quality("report", str(tmp_path)))
     assert "| mmrec+window=8 | 1 |" in table and "| mmrec | 1 |" in table and "differ in settings" not in table
     deltas, val = ablation_deltas(tmp_path)
-    assert deltas == {("mmrec-no-longterm+window=8", "mmrec+window=8"): pytest.approx(val["mmrec-no-longterm+window=8"]
-                                                                                      - val["mmrec+window=8"])}  # fmt: skip
-    rows = {label: json.loads((tmp_path / f"{label}-seed0.json").read_text())
-            for label in ("mmrec+window=8", "mmrec-no-longterm+window=8")}  # fmt: skip
+    assert deltas == {
+        ("mmrec-no-longterm+window=8", "mmrec+window=8"): pytest.approx(
+            val["mmrec-no-longterm+window=8"] - val["mmrec+window=8"]
+        )
+    }
+    rows = {
+        label: json.loads((tmp_path / f"{label}-seed0.json").read_text())
+        for label in ("mmrec+window=8", "mmrec-no-longterm+window=8")
+    }
     pair = ("mmrec-no-longterm+window=8", "mmrec+window=8")
     past = {label: past_first_band_bpb(row) for label, row in rows.items()}
     assert report_deltas(tmp_path, "past_delta") == {pair: pytest.approx(past[pair[0]] - past[pair[1]])}
@@ -280,8 +320,9 @@ def test_quality_training_carries_mmrec_state_through_a_group_and_feeds_every_ar
 
 
 def test_quality_final_phase_trains_its_last_steps_on_long_windows_of_the_same_bytes(monkeypatch):
-    settings = dataclasses.replace(SMOKE, steps=5, seq_len=16, batch_size=4, final_steps=2, final_seq_len=32,
-                                   log_every=5)  # fmt: skip
+    settings = dataclasses.replace(
+        SMOKE, steps=5, seq_len=16, batch_size=4, final_steps=2, final_seq_len=32, log_every=5
+    )
     stream = torch.randint(0, 256, (4000,), dtype=torch.uint8)
     corpus = Corpus(train=stream[:3000], val=stream[3000:], source="random bytes", sha256="")
     calls = training_calls("mmrec", settings, corpus, monkeypatch)
@@ -295,16 +336,20 @@ def test_quality_refuses_final_windows_longer_than_the_training_split():
     stream = torch.zeros(300, dtype=torch.uint8)
     corpus = Corpus(train=stream[:200], val=stream[200:], source="zeros", sha256="")
     check_final_windows_fit(corpus, dataclasses.replace(SMOKE, final_steps=2, final_seq_len=199))
-    with pytest.raises(ValueError, match="--final-seq-len 256 needs windows of 257 bytes, but the training split "
-                                         "of zeros holds only 200 bytes"):  # fmt: skip
+    with pytest.raises(
+        ValueError,
+        match="--final-seq-len 256 needs windows of 257 bytes, but the training split of zeros holds only 200 bytes",
+    ):
         check_final_windows_fit(corpus, dataclasses.replace(SMOKE, final_steps=2, final_seq_len=256))
 
 
 def test_quality_report_keeps_final_phase_rows_apart_and_pairs_each_ablation_with_its_own(tmp_path):
     final = ("--final-steps", "2", "--final-seq-len", "256")
     assert run_seed0_rows(tmp_path, [("mmrec", ()), ("mmrec", final), ("mmrec-no-longterm", final)]) == [
-        "mmrec+final256x2-seed0.json", "mmrec-no-longterm+final256x2-seed0.json", "mmrec-seed0.json",
-    ]  # fmt: skip
+        "mmrec+final256x2-seed0.json",
+        "mmrec-no-longterm+final256x2-seed0.json",
+        "mmrec-seed0.json",
+    ]
     row = json.loads((tmp_path / "mmrec+final256x2-seed0.json").read_text())
     assert row["settings"]["final_steps"] == 2 and row["tokens"] == 6 * 2 * 128
     table = finished(run_quality("report", str(tmp_path)))
@@ -315,12 +360,18 @@ def test_quality_report_keeps_final_phase_rows_apart_and_pairs_each_ablation_wit
     assert deltas == {pair: pytest.approx(val[pair[0]] - val[pair[1]])}
 
 
-@pytest.mark.parametrize("options, expected", [
-    (("--final-steps", "7", "--final-seq-len", "256"), "--final-steps: expected 0 to --steps (6), got 7"),
-    (("--final-steps", "2"), "--final-seq-len: expected a divisor of --batch-size x --seq-len (256)"),
-    (("--final-steps", "2", "--final-seq-len", "100"), "--final-seq-len: expected a divisor"),
-    (("--final-steps", "2", "--final-seq-len", "128", "--carry-chunks", "2"), "--final-steps: expected --carry-chunks 1"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "options, expected",
+    [
+        (("--final-steps", "7", "--final-seq-len", "256"), "--final-steps: expected 0 to --steps (6), got 7"),
+        (("--final-steps", "2"), "--final-seq-len: expected a divisor of --batch-size x --seq-len (256)"),
+        (("--final-steps", "2", "--final-seq-len", "100"), "--final-seq-len: expected a divisor"),
+        (
+            ("--final-steps", "2", "--final-seq-len", "128", "--carry-chunks", "2"),
+            "--final-steps: expected --carry-chunks 1",
+        ),
+    ],
+)
 def test_quality_refuses_a_final_phase_it_cannot_train(tmp_path, options, expected):
     process = run_quality("run", "--smoke", "--arch", "mmrec", "--seed", "0", "--out", str(tmp_path), *options)
     _, stderr = process.communicate(timeout=300)
@@ -347,8 +398,9 @@ def test_windowed_transformer_sees_the_last_window_tokens_only():
 def test_train_breakdown_smoke(tmp_path):
     out = tmp_path / "breakdown"
     args = ["--smoke", "--device", "cpu", "--variants", "transformer", "mmrec", "--profile", "mmrec", "--out", str(out)]
-    result = subprocess.run([sys.executable, "bench/train_breakdown.py", *args], cwd=ROOT, capture_output=True,
-                            text=True, timeout=600)  # fmt: skip
+    result = subprocess.run(
+        [sys.executable, "bench/train_breakdown.py", *args], cwd=ROOT, capture_output=True, text=True, timeout=600
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     rows = json.loads(out.with_suffix(".json").read_text())["results"]
     assert [r["variant"] for r in rows] == ["transformer", "mmrec"] and all(r["step_ms"] > 0 for r in rows)
@@ -358,8 +410,13 @@ def test_train_breakdown_smoke(tmp_path):
 
 def test_read_bench_smoke(tmp_path):
     out = tmp_path / "read"
-    result = subprocess.run([sys.executable, "bench/read.py", "--smoke", "--device", "cpu", "--out", str(out)],
-                            cwd=ROOT, capture_output=True, text=True, timeout=600)  # fmt: skip
+    result = subprocess.run(
+        [sys.executable, "bench/read.py", "--smoke", "--device", "cpu", "--out", str(out)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     rows = json.loads(out.with_suffix(".json").read_text())["results"]
     assert [r["read"] for r in rows] == ["causal-sdpa", "memory_read op", "blocked-sdpa eager", "blocked-sdpa compiled"]
@@ -369,17 +426,21 @@ def test_read_bench_smoke(tmp_path):
 def test_read_bench_picks_reads(tmp_path):
     out = tmp_path / "read"
     args = ["--smoke", "--device", "cpu", "--reads", "memory_read", "--out", str(out)]
-    result = subprocess.run([sys.executable, "bench/read.py", *args], cwd=ROOT, capture_output=True, text=True,
-                            timeout=600)  # fmt: skip
+    result = subprocess.run(
+        [sys.executable, "bench/read.py", *args], cwd=ROOT, capture_output=True, text=True, timeout=600
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert [r["read"] for r in json.loads(out.with_suffix(".json").read_text())["results"]] == ["memory_read op"]
 
 
 def test_quality_refuses_probe_beyond_long_windows(tmp_path):
-    process = run_quality("run", "--smoke", "--arch", "mmrec", "--seed", "0", "--out", str(tmp_path),
-                          "--probe-distances", "64", "1000")  # fmt: skip
+    process = run_quality(
+        "run", "--smoke", "--arch", "mmrec", "--seed", "0", "--out", str(tmp_path), "--probe-distances", "64", "1000"
+    )
     _, stderr = process.communicate(timeout=300)
-    assert process.returncode == 1 and stderr.strip().splitlines()[-1].startswith("quality.py run: error: --probe-distances")
+    assert process.returncode == 1 and stderr.strip().splitlines()[-1].startswith(
+        "quality.py run: error: --probe-distances"
+    )
     assert not list(tmp_path.iterdir())
 
 
@@ -408,8 +469,13 @@ def test_quality_config_reaches_every_mmrec_arch_and_the_ablation_keeps_its_fiel
 
 def test_generate_bench_smoke(tmp_path):
     out = tmp_path / "generate"
-    result = subprocess.run([sys.executable, "bench/generate.py", "--device", "cpu", "--smoke", "--out", str(out)],
-                            cwd=ROOT, capture_output=True, text=True, timeout=300)  # fmt: skip
+    result = subprocess.run(
+        [sys.executable, "bench/generate.py", "--device", "cpu", "--smoke", "--out", str(out)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     rows = json.loads(out.with_suffix(".json").read_text())["results"]
     assert {r["path"] for r in rows} == {"mmrec-decoder", "mmrec-step", "transformer-kv"} and len(rows) == 12

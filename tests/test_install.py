@@ -74,7 +74,18 @@ def test_sdist_builds_a_wheel_that_installs_and_runs(tmp_path):
     build_dir = tmp_path / "build"  # nowhere near the repository, which holds a built library
     build_dir.mkdir()
     run(
-        [sys.executable, "-m", "pip", "wheel", "--no-build-isolation", "--no-deps", "--no-cache-dir", "-w", wheels, sdist],
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-build-isolation",
+            "--no-deps",
+            "--no-cache-dir",
+            "-w",
+            wheels,
+            sdist,
+        ],
         cwd=build_dir,
         timeout=BUILD_TIMEOUT_S,
     )

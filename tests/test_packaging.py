@@ -110,7 +110,10 @@ def another_torch(minor_step: int = 0, patch_step: int = 0) -> str:
 def assert_names_versions_and_commands(message: str, built: str, running: str) -> None:
     assert f"built with torch {built}" in message
     assert f"runs torch {running}" in message
-    assert f"{sys.executable} -m pip install --no-build-isolation --no-deps --force-reinstall --no-cache-dir mmrec-" in message
+    assert (
+        f"{sys.executable} -m pip install --no-build-isolation --no-deps --force-reinstall --no-cache-dir mmrec-"
+        in message
+    )
     assert f"cd {PACKAGE_DIR.parent} && {sys.executable} -m pip install --no-build-isolation -e ." in message
 
 

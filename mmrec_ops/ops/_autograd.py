@@ -20,7 +20,7 @@ own batching rule. Forward mode raises an error that names the op.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import Tensor

@@ -87,7 +87,9 @@ def check_memory_read_args(
     Q = group_mask.shape[1]
     check_shape(group_mask, (nb, Q, G), op, "group_mask")
     if nb * Q < T:
-        raise ValueError(f"{op}: expected group_mask's nb Q >= T (blocks covering every query), got nb = {nb}, Q = {Q}, T = {T}")
+        raise ValueError(
+            f"{op}: expected group_mask's nb Q >= T (blocks covering every query), got nb = {nb}, Q = {Q}, T = {T}"
+        )
     check_like(tokens, q, op, "tokens", "q")
     check_shape(tokens, (B, window - 1 + T, 2, H * d), op, "tokens")
     if first_token.dtype != torch.int64 or first_token.dim() != 0:

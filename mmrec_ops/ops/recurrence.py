@@ -97,7 +97,13 @@ def _recurrence_backward_fake(grad_h, z, gamma, weight, bias, h0, h):
     check_recurrence_backward_args(grad_h, z, gamma, weight, bias, h0, h)
     check_device_limits(z)
     B, _, H, d = z.shape
-    return z.new_empty(z.shape), z.new_empty(z.shape), z.new_empty((H, d, d)), z.new_empty((H, d)), z.new_empty((B, H, d))
+    return (
+        z.new_empty(z.shape),
+        z.new_empty(z.shape),
+        z.new_empty((H, d, d)),
+        z.new_empty((H, d)),
+        z.new_empty((B, H, d)),
+    )
 
 
 @torch.library.register_kernel(RECURRENCE, "cuda")

@@ -6,7 +6,7 @@ Split over the slots (flash-decoding). A decode step has one query per (batch ro
 head), so one program per row leaves most of a GPU idle while it streams the row's
 K x d keys and values. Here the slots of a row are cut into SPLITS chunks: program
 (row, chunk) streams its chunk's keys and values once, in tiles of BLOCK_K slots, with
-an online softmax, and writes a partial (running max m, normalizer l, unnormalized
+an online softmax, and writes a partial (running max m, normalizer total, unnormalized
 output acc); a second kernel merges a row's partials,
 
     out = sum_c exp(m_c - M) acc_c / sum_c exp(m_c - M) l_c,   M = max_c m_c,
@@ -52,11 +52,32 @@ NUM_WARPS = 2
 
 @triton.jit
 def _partial_kernel(
-    q_ptr, k_ptr, v_ptr, mask_ptr, part_ptr,
-    H, K, D, CHUNK,
-    q_sb, q_sh, q_sd, k_sb, k_sh, k_ss, k_sd, v_sb, v_sh, v_ss, v_sd, mask_s,
-    SPLITS: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, ACC: tl.constexpr,
-):  # fmt: skip
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    mask_ptr,
+    part_ptr,
+    H,
+    K,
+    D,
+    CHUNK,
+    q_sb,
+    q_sh,
+    q_sd,
+    k_sb,
+    k_sh,
+    k_ss,
+    k_sd,
+    v_sb,
+    v_sh,
+    v_ss,
+    v_sd,
+    mask_s,
+    SPLITS: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    ACC: tl.constexpr,
+):
     row, chunk = tl.program_id(0), tl.program_id(1)
     b, h = row // H, row % H
     dims = tl.arange(0, BLOCK_D)
@@ -67,7 +88,7 @@ def _partial_kernel(
     q = tl.load(q_ptr + b * q_sb + h * q_sh + dims * q_sd, mask=in_d, other=0.0).to(ACC) * scale
     k_row, v_row = k_ptr + b * k_sb + h * k_sh, v_ptr + b * v_sb + h * v_sh
     m = tl.full((), float("-inf"), ACC)
-    l = tl.zeros((), ACC)
+    total = tl.zeros((), ACC)
     acc = tl.zeros((BLOCK_D,), ACC)
     start = chunk * CHUNK
     for offset in range(0, CHUNK, BLOCK_K):
@@ -84,32 +105,41 @@ def _partial_kernel(
         p = tl.exp(scores - shift)
         alpha = tl.exp(m - shift)
         values = tl.load(v_row + slots[:, None] * v_ss + dims[None, :] * v_sd, mask=tile, other=0.0).to(ACC)
-        l = l * alpha + tl.sum(p, axis=0)
+        total = total * alpha + tl.sum(p, axis=0)
         acc = acc * alpha + tl.sum(p[:, None] * values, axis=0)
         m = m_new
-    # part: [rows, SPLITS, 2 + BLOCK_D] = (m, l, acc).
+    # part: [rows, SPLITS, 2 + BLOCK_D] = (m, total, acc).
     out = part_ptr + (row * SPLITS + chunk) * (2 + BLOCK_D)
     tl.store(out, m)
-    tl.store(out + 1, l)
+    tl.store(out + 1, total)
     tl.store(out + 2 + dims, acc)
 
 
 @triton.jit
 def _merge_kernel(
-    part_ptr, out_ptr, H, D, o_sb, o_sh, o_sd,
-    SPLITS: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, SOFT_BF16: tl.constexpr,
-):  # fmt: skip
+    part_ptr,
+    out_ptr,
+    H,
+    D,
+    o_sb,
+    o_sh,
+    o_sd,
+    SPLITS: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    SOFT_BF16: tl.constexpr,
+):
     row = tl.program_id(0)
     b, h = row // H, row % H
     chunks, dims = tl.arange(0, BLOCK_S), tl.arange(0, BLOCK_D)
     in_s = chunks < SPLITS
     part = part_ptr + (row * SPLITS + chunks) * (2 + BLOCK_D)
     m = tl.load(part, mask=in_s, other=float("-inf"))
-    l = tl.load(part + 1, mask=in_s, other=0.0)
+    total = tl.load(part + 1, mask=in_s, other=0.0)
     acc = tl.load(part[:, None] + 2 + dims[None, :], mask=in_s[:, None], other=0.0)
     top = tl.max(m, axis=0)
     weight = tl.where(m == float("-inf"), 0.0, tl.exp(m - top))
-    out = tl.sum(weight[:, None] * acc, axis=0) / tl.sum(weight * l, axis=0)
+    out = tl.sum(weight[:, None] * acc, axis=0) / tl.sum(weight * total, axis=0)
     o = out_ptr + b * o_sb + h * o_sh + dims * o_sd
     tl.store(o, cast_out(out, out_ptr, SOFT_BF16), mask=dims < D)
 
@@ -126,13 +156,17 @@ def check_offsets(B, H, K, D, strides) -> None:
     """Refuses a tensor whose last element lies 2**31 elements or more past its first (a
     cache of 8 GiB in float32): its offsets would overflow int32."""
     q_s, k_s, v_s, mask_s, _ = strides
-    shapes = {"q": ((B, H, D), q_s), "keys": ((B, H, K, D), k_s), "values": ((B, H, K, D), v_s),
-              "mask": ((K,), (mask_s,))}  # fmt: skip
+    shapes = {
+        "q": ((B, H, D), q_s),
+        "keys": ((B, H, K, D), k_s),
+        "values": ((B, H, K, D), v_s),
+        "mask": ((K,), (mask_s,)),
+    }
     spans = {name: tensor_span(shape, stride) for name, (shape, stride) in shapes.items()}
     check_offsets_fit("mmrec::decode_read", spans, "split the batch")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _plans(B, H, K, D, strides, dtype, sms):
     """The two launch plans of one shape: (partial, merge, splits, BLOCK_D)."""
     check_offsets(B, H, K, D, strides)

@@ -111,8 +111,25 @@ def _key_tile(base_ptr, idx, ok, stride, kv_stride, h, dims, D: tl.constexpr, DO
 
 
 @triton.jit
-def _query_tile(q_ptr, do_ptr, lse_ptr, delta_ptr, b, h, pid_bh, rows, row_ok, dims, T, sqb, sqt, sqh, unit,
-                D: tl.constexpr, DOT_F32: tl.constexpr):  # fmt: skip
+def _query_tile(
+    q_ptr,
+    do_ptr,
+    lse_ptr,
+    delta_ptr,
+    b,
+    h,
+    pid_bh,
+    rows,
+    row_ok,
+    dims,
+    T,
+    sqb,
+    sqt,
+    sqh,
+    unit,
+    D: tl.constexpr,
+    DOT_F32: tl.constexpr,
+):
     # What the backward reads of query rows: q, grad_out, lse (in the exponent base) and delta.
     q_off = b * sqb + rows[:, None] * sqt + h * sqh + dims[None, :]
     q_mask = row_ok[:, None] & (dims < D)[None, :]
@@ -131,8 +148,30 @@ def _group_iterations(t0, n_first, n_tiles, T, Q, BM: tl.constexpr):
 
 
 @triton.jit
-def _group_keys(g_ptr, gm_ptr, it, n_first, n_tiles, b, h, rows, row_ok, cols, dims, G, Q, sgb, sgn, sgc, sgkv, smn, smq,
-                D: tl.constexpr, BN: tl.constexpr, DOT_F32: tl.constexpr):  # fmt: skip
+def _group_keys(
+    g_ptr,
+    gm_ptr,
+    it,
+    n_first,
+    n_tiles,
+    b,
+    h,
+    rows,
+    row_ok,
+    cols,
+    dims,
+    G,
+    Q,
+    sgb,
+    sgn,
+    sgc,
+    sgkv,
+    smn,
+    smq,
+    D: tl.constexpr,
+    BN: tl.constexpr,
+    DOT_F32: tl.constexpr,
+):
     # Iteration it of the group pass (block n, candidates c): keys, values [BN, BD] and the
     # [BM, BN] visibility, the group mask's bits for the query rows of block n.
     n = n_first + it // n_tiles
@@ -140,14 +179,16 @@ def _group_keys(g_ptr, gm_ptr, it, n_first, n_tiles, b, h, rows, row_ok, cols, d
     c_ok = c < G
     k, v = _key_tile(g_ptr + b * sgb + n * sgn, c, c_ok, sgc, sgkv, h, dims, D, DOT_F32)
     row_in = row_ok & (rows // Q == n)
-    bits = tl.load(gm_ptr + n * smn + (rows - n * Q)[:, None] * smq + c[None, :],
-                   mask=row_in[:, None] & c_ok[None, :], other=0)  # fmt: skip
+    bits = tl.load(
+        gm_ptr + n * smn + (rows - n * Q)[:, None] * smq + c[None, :], mask=row_in[:, None] & c_ok[None, :], other=0
+    )
     return k, v, bits != 0
 
 
 @triton.jit
-def _window_keys(tok_ptr, first, j0, b, h, rows, cols, dims, NTOK, W, stb, stt, stkv,
-                 D: tl.constexpr, DOT_F32: tl.constexpr):  # fmt: skip
+def _window_keys(
+    tok_ptr, first, j0, b, h, rows, cols, dims, NTOK, W, stb, stt, stkv, D: tl.constexpr, DOT_F32: tl.constexpr
+):
     # The window's key tile from token j0: keys, values [BN, BD] and the [BM, BN] visibility,
     # query t sees token j iff t <= j <= t + W - 1 and the token exists (j >= first):
     # arithmetic, where a mask loaded per key tile slows the loop (read_cuda_h100.md).
@@ -173,11 +214,42 @@ def _online_step(q, k, v, vis, m_i, l_i, acc, qk_scale, IEEE: tl.constexpr, BASE
 
 @triton.jit
 def _forward_kernel(
-    q_ptr, g_ptr, gm_ptr, tok_ptr, first_ptr, o_ptr, lse_ptr,
-    T, H, G, NTOK, W, Q, sqb, sqt, sqh, sgb, sgn, sgc, sgkv, smn, smq, stb, stt, stkv,
-    D: tl.constexpr, BD: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-    ACC: tl.constexpr, IEEE: tl.constexpr, BASE2: tl.constexpr, SOFT_BF16: tl.constexpr, DOT_F32: tl.constexpr, NO_DOT: tl.constexpr,
-):  # fmt: skip
+    q_ptr,
+    g_ptr,
+    gm_ptr,
+    tok_ptr,
+    first_ptr,
+    o_ptr,
+    lse_ptr,
+    T,
+    H,
+    G,
+    NTOK,
+    W,
+    Q,
+    sqb,
+    sqt,
+    sqh,
+    sgb,
+    sgn,
+    sgc,
+    sgkv,
+    smn,
+    smq,
+    stb,
+    stt,
+    stkv,
+    D: tl.constexpr,
+    BD: tl.constexpr,
+    BM: tl.constexpr,
+    BN: tl.constexpr,
+    ACC: tl.constexpr,
+    IEEE: tl.constexpr,
+    BASE2: tl.constexpr,
+    SOFT_BF16: tl.constexpr,
+    DOT_F32: tl.constexpr,
+    NO_DOT: tl.constexpr,
+):
     pid_m, pid_bh = tl.program_id(0), tl.program_id(1)
     b, h = pid_bh // H, pid_bh % H
     scale, qk_scale, unit = _scales(D, ACC, BASE2)
@@ -194,8 +266,30 @@ def _forward_kernel(
     acc = tl.zeros([BM, BD], ACC)
     n_first, n_tiles = t0 // Q, tl.cdiv(G, BN)
     for it in range(0, _group_iterations(t0, n_first, n_tiles, T, Q, BM)):
-        k, v, vis = _group_keys(g_ptr, gm_ptr, it, n_first, n_tiles, b, h, rows, row_ok, cols, dims, G, Q,
-                                sgb, sgn, sgc, sgkv, smn, smq, D, BN, DOT_F32)  # fmt: skip
+        k, v, vis = _group_keys(
+            g_ptr,
+            gm_ptr,
+            it,
+            n_first,
+            n_tiles,
+            b,
+            h,
+            rows,
+            row_ok,
+            cols,
+            dims,
+            G,
+            Q,
+            sgb,
+            sgn,
+            sgc,
+            sgkv,
+            smn,
+            smq,
+            D,
+            BN,
+            DOT_F32,
+        )
         m_i, l_i, acc = _online_step(q, k, v, vis, m_i, l_i, acc, qk_scale, IEEE, BASE2, NO_DOT)
     first = tl.load(first_ptr)
     for j0 in range(t0, tl.minimum(t0 + BM - 1 + W, NTOK), BN):
@@ -211,7 +305,9 @@ def _forward_kernel(
 
 
 @triton.jit
-def _grad_scores(q, do, k, v, vis, lse2, delta, qk_scale, IEEE: tl.constexpr, BASE2: tl.constexpr, NO_DOT: tl.constexpr):
+def _grad_scores(
+    q, do, k, v, vis, lse2, delta, qk_scale, IEEE: tl.constexpr, BASE2: tl.constexpr, NO_DOT: tl.constexpr
+):
     # [BM, BN] grad_s of one key tile: p (grad_out . v - delta), p = exp(s - lse) in the exponent base.
     s = _dot_nt(q, k, IEEE, NO_DOT) * qk_scale
     p = tl.where(vis, _exp(s - lse2[:, None], BASE2), 0.0)
@@ -221,11 +317,44 @@ def _grad_scores(q, do, k, v, vis, lse2, delta, qk_scale, IEEE: tl.constexpr, BA
 
 @triton.jit
 def _dq_kernel(
-    q_ptr, g_ptr, gm_ptr, tok_ptr, first_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr,
-    T, H, G, NTOK, W, Q, sqb, sqt, sqh, sgb, sgn, sgc, sgkv, smn, smq, stb, stt, stkv,
-    D: tl.constexpr, BD: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-    ACC: tl.constexpr, IEEE: tl.constexpr, BASE2: tl.constexpr, SOFT_BF16: tl.constexpr, DOT_F32: tl.constexpr, NO_DOT: tl.constexpr,
-):  # fmt: skip
+    q_ptr,
+    g_ptr,
+    gm_ptr,
+    tok_ptr,
+    first_ptr,
+    do_ptr,
+    lse_ptr,
+    delta_ptr,
+    dq_ptr,
+    T,
+    H,
+    G,
+    NTOK,
+    W,
+    Q,
+    sqb,
+    sqt,
+    sqh,
+    sgb,
+    sgn,
+    sgc,
+    sgkv,
+    smn,
+    smq,
+    stb,
+    stt,
+    stkv,
+    D: tl.constexpr,
+    BD: tl.constexpr,
+    BM: tl.constexpr,
+    BN: tl.constexpr,
+    ACC: tl.constexpr,
+    IEEE: tl.constexpr,
+    BASE2: tl.constexpr,
+    SOFT_BF16: tl.constexpr,
+    DOT_F32: tl.constexpr,
+    NO_DOT: tl.constexpr,
+):
     pid_m, pid_bh = tl.program_id(0), tl.program_id(1)
     b, h = pid_bh // H, pid_bh % H
     scale, qk_scale, unit = _scales(D, ACC, BASE2)
@@ -234,13 +363,36 @@ def _dq_kernel(
     dims = tl.arange(0, BD)
     cols = tl.arange(0, BN)
     row_ok = rows < T
-    q, do, lse2, delta = _query_tile(q_ptr, do_ptr, lse_ptr, delta_ptr, b, h, pid_bh, rows, row_ok, dims, T,
-                                     sqb, sqt, sqh, unit, D, DOT_F32)  # fmt: skip
+    q, do, lse2, delta = _query_tile(
+        q_ptr, do_ptr, lse_ptr, delta_ptr, b, h, pid_bh, rows, row_ok, dims, T, sqb, sqt, sqh, unit, D, DOT_F32
+    )
     dq = tl.zeros([BM, BD], ACC)
     n_first, n_tiles = t0 // Q, tl.cdiv(G, BN)
     for it in range(0, _group_iterations(t0, n_first, n_tiles, T, Q, BM)):
-        k, v, vis = _group_keys(g_ptr, gm_ptr, it, n_first, n_tiles, b, h, rows, row_ok, cols, dims, G, Q,
-                                sgb, sgn, sgc, sgkv, smn, smq, D, BN, DOT_F32)  # fmt: skip
+        k, v, vis = _group_keys(
+            g_ptr,
+            gm_ptr,
+            it,
+            n_first,
+            n_tiles,
+            b,
+            h,
+            rows,
+            row_ok,
+            cols,
+            dims,
+            G,
+            Q,
+            sgb,
+            sgn,
+            sgc,
+            sgkv,
+            smn,
+            smq,
+            D,
+            BN,
+            DOT_F32,
+        )
         ds = _grad_scores(q, do, k, v, vis, lse2, delta, qk_scale, IEEE, BASE2, NO_DOT)
         dq += _dot_nn(ds, k, IEEE, NO_DOT)
     first = tl.load(first_ptr)
@@ -253,7 +405,9 @@ def _dq_kernel(
 
 
 @triton.jit
-def _key_grads(k, v, q, do, vis, lse2, delta, dk, dv, qk_scale, IEEE: tl.constexpr, BASE2: tl.constexpr, NO_DOT: tl.constexpr):
+def _key_grads(
+    k, v, q, do, vis, lse2, delta, dk, dv, qk_scale, IEEE: tl.constexpr, BASE2: tl.constexpr, NO_DOT: tl.constexpr
+):
     # Adds one query tile's contribution to a key tile's [BN, BD] dk (unscaled) and dv.
     st = _dot_nt(k, q, IEEE, NO_DOT) * qk_scale  # [BN, BM]
     pt = tl.where(vis, _exp(st - lse2[None, :], BASE2), 0.0)
@@ -266,11 +420,34 @@ def _key_grads(k, v, q, do, vis, lse2, delta, dk, dv, qk_scale, IEEE: tl.constex
 
 @triton.jit
 def _dtokens_kernel(
-    q_ptr, tok_ptr, first_ptr, do_ptr, lse_ptr, delta_ptr, dtok_ptr,
-    T, H, NTOK, W, sqb, sqt, sqh, stb, stt, stkv,
-    D: tl.constexpr, BD: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-    ACC: tl.constexpr, IEEE: tl.constexpr, BASE2: tl.constexpr, SOFT_BF16: tl.constexpr, DOT_F32: tl.constexpr, NO_DOT: tl.constexpr,
-):  # fmt: skip
+    q_ptr,
+    tok_ptr,
+    first_ptr,
+    do_ptr,
+    lse_ptr,
+    delta_ptr,
+    dtok_ptr,
+    T,
+    H,
+    NTOK,
+    W,
+    sqb,
+    sqt,
+    sqh,
+    stb,
+    stt,
+    stkv,
+    D: tl.constexpr,
+    BD: tl.constexpr,
+    BM: tl.constexpr,
+    BN: tl.constexpr,
+    ACC: tl.constexpr,
+    IEEE: tl.constexpr,
+    BASE2: tl.constexpr,
+    SOFT_BF16: tl.constexpr,
+    DOT_F32: tl.constexpr,
+    NO_DOT: tl.constexpr,
+):
     pid_n, pid_bh = tl.program_id(0), tl.program_id(1)
     b, h = pid_bh // H, pid_bh % H
     scale, qk_scale, unit = _scales(D, ACC, BASE2)
@@ -289,8 +466,9 @@ def _dtokens_kernel(
     for t0 in range(tl.maximum(j0 - W + 1, 0) // BM * BM, tl.minimum(j0 + BN, T), BM):
         rows = t0 + tl.arange(0, BM)
         row_ok = rows < T
-        q, do, lse2, delta = _query_tile(q_ptr, do_ptr, lse_ptr, delta_ptr, b, h, pid_bh, rows, row_ok, dims, T,
-                                         sqb, sqt, sqh, unit, D, DOT_F32)  # fmt: skip
+        q, do, lse2, delta = _query_tile(
+            q_ptr, do_ptr, lse_ptr, delta_ptr, b, h, pid_bh, rows, row_ok, dims, T, sqb, sqt, sqh, unit, D, DOT_F32
+        )
         vis = (j[:, None] >= rows[None, :]) & (j[:, None] < rows[None, :] + W) & exists[:, None] & row_ok[None, :]
         dk, dv = _key_grads(k, v, q, do, vis, lse2, delta, dk, dv, qk_scale, IEEE, BASE2, NO_DOT)
     tl.store(dtok_ptr + kv_off, cast_out(dk * scale, dtok_ptr, SOFT_BF16), mask=kv_mask)
@@ -299,11 +477,37 @@ def _dtokens_kernel(
 
 @triton.jit
 def _dgroup_kernel(
-    q_ptr, g_ptr, gm_ptr, do_ptr, lse_ptr, delta_ptr, dg_ptr,
-    T, H, G, Q, sqb, sqt, sqh, sgb, sgn, sgc, sgkv, smn, smq,
-    D: tl.constexpr, BD: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-    ACC: tl.constexpr, IEEE: tl.constexpr, BASE2: tl.constexpr, SOFT_BF16: tl.constexpr, DOT_F32: tl.constexpr, NO_DOT: tl.constexpr,
-):  # fmt: skip
+    q_ptr,
+    g_ptr,
+    gm_ptr,
+    do_ptr,
+    lse_ptr,
+    delta_ptr,
+    dg_ptr,
+    T,
+    H,
+    G,
+    Q,
+    sqb,
+    sqt,
+    sqh,
+    sgb,
+    sgn,
+    sgc,
+    sgkv,
+    smn,
+    smq,
+    D: tl.constexpr,
+    BD: tl.constexpr,
+    BM: tl.constexpr,
+    BN: tl.constexpr,
+    ACC: tl.constexpr,
+    IEEE: tl.constexpr,
+    BASE2: tl.constexpr,
+    SOFT_BF16: tl.constexpr,
+    DOT_F32: tl.constexpr,
+    NO_DOT: tl.constexpr,
+):
     pid_c, n, pid_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     b, h = pid_bh // H, pid_bh % H
     scale, qk_scale, unit = _scales(D, ACC, BASE2)
@@ -321,8 +525,9 @@ def _dgroup_kernel(
         i = i0 + tl.arange(0, BM)
         rows = n * Q + i
         row_ok = (i < Q) & (rows < T)
-        q, do, lse2, delta = _query_tile(q_ptr, do_ptr, lse_ptr, delta_ptr, b, h, pid_bh, rows, row_ok, dims, T,
-                                         sqb, sqt, sqh, unit, D, DOT_F32)  # fmt: skip
+        q, do, lse2, delta = _query_tile(
+            q_ptr, do_ptr, lse_ptr, delta_ptr, b, h, pid_bh, rows, row_ok, dims, T, sqb, sqt, sqh, unit, D, DOT_F32
+        )
         bits = tl.load(gm_ptr + n * smn + i[None, :] * smq + c[:, None], mask=c_ok[:, None] & row_ok[None, :], other=0)
         dk, dv = _key_grads(k, v, q, do, bits != 0, lse2, delta, dk, dv, qk_scale, IEEE, BASE2, NO_DOT)
     tl.store(dg_ptr + kv_off, cast_out(dk * scale, dg_ptr, SOFT_BF16), mask=kv_mask)
@@ -330,8 +535,9 @@ def _dgroup_kernel(
 
 
 @triton.jit
-def _delta_kernel(do_ptr, o_ptr, glse_ptr, delta_ptr, T, H, D: tl.constexpr, BD: tl.constexpr, BM: tl.constexpr,
-                  ACC: tl.constexpr):  # fmt: skip
+def _delta_kernel(
+    do_ptr, o_ptr, glse_ptr, delta_ptr, T, H, D: tl.constexpr, BD: tl.constexpr, BM: tl.constexpr, ACC: tl.constexpr
+):
     # delta [B, H, T] = grad_out . out - grad_lse per query, of contiguous [B, T, H, d] rows:
     # one pass, where eager ops would cast, multiply, sum and subtract in turn.
     pid_m, pid_bh = tl.program_id(0), tl.program_id(1)
@@ -353,7 +559,7 @@ def _check_offsets(q_shape, group_shape, tokens_shape) -> None:
     check_offsets_fit("mmrec::memory_read", spans, "split the batch")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _plans(q_shape, group_shape, Q, window, dtype):
     """The five launch plans of one call's shapes (contiguous tensors): forward, dq,
     d tokens, d group, delta."""
@@ -372,36 +578,49 @@ def _plans(q_shape, group_shape, Q, window, dtype):
     block_d = max(16, next_power_of_2(d))
     bm, bn, warps = FLOAT64_TILES if fp64 else FORWARD_TILES
     forward = Plan(
-        _forward_kernel, (cdiv(T, bm), B * H),
+        _forward_kernel,
+        (cdiv(T, bm), B * H),
         (T, H, G, n_tokens, window, Q, *q_strides, *group_strides, *mask_strides, *token_strides),
-        (d, block_d, bm, bn, *flags), warps,
-    )  # fmt: skip
+        (d, block_d, bm, bn, *flags),
+        warps,
+    )
     bm, bn, warps = FLOAT64_TILES if fp64 else DQ_TILES
     dq = Plan(
-        _dq_kernel, (cdiv(T, bm), B * H),
+        _dq_kernel,
+        (cdiv(T, bm), B * H),
         (T, H, G, n_tokens, window, Q, *q_strides, *group_strides, *mask_strides, *token_strides),
-        (d, block_d, bm, bn, *flags), warps,
-    )  # fmt: skip
+        (d, block_d, bm, bn, *flags),
+        warps,
+    )
     bm, bn, warps = FLOAT64_TILES if fp64 else DTOKENS_TILES
     dtokens = Plan(
-        _dtokens_kernel, (cdiv(n_tokens, bn), B * H),
+        _dtokens_kernel,
+        (cdiv(n_tokens, bn), B * H),
         (T, H, n_tokens, window, *q_strides, *token_strides),
-        (d, block_d, bm, bn, *flags), warps,
-    )  # fmt: skip
+        (d, block_d, bm, bn, *flags),
+        warps,
+    )
     bm, bn, warps = FLOAT64_TILES if fp64 else DGROUP_TILES
     dgroup = Plan(
-        _dgroup_kernel, (cdiv(G, bn), nb, B * H),
+        _dgroup_kernel,
+        (cdiv(G, bn), nb, B * H),
         (T, H, G, Q, *q_strides, *group_strides, *mask_strides),
-        (d, block_d, bm, bn, *flags), warps,
-    )  # fmt: skip
+        (d, block_d, bm, bn, *flags),
+        warps,
+    )
     delta = Plan(_delta_kernel, (cdiv(T, DELTA_ROWS), B * H), (T, H), (d, block_d, DELTA_ROWS, acc), 4)
     return forward, dq, dtokens, dgroup, delta
 
 
 def _operands(q, group, group_mask, tokens, first_token):
     # Contiguous values; the bool mask as bytes (a view).
-    return (q.contiguous(), group.contiguous(), group_mask.contiguous().view(torch.uint8),
-            tokens.contiguous(), first_token)  # fmt: skip
+    return (
+        q.contiguous(),
+        group.contiguous(),
+        group_mask.contiguous().view(torch.uint8),
+        tokens.contiguous(),
+        first_token,
+    )
 
 
 def memory_read(q: Tensor, group: Tensor, group_mask: Tensor, tokens: Tensor, first_token: Tensor, window: int):

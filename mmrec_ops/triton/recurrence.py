@@ -128,8 +128,7 @@ def _fwd_load(z_base, g_base, t, T, z_st, g_st, m):
 
 
 @triton.jit
-def _fwd_step(h, zt, gt, wt, bias, h_base, t, h_st, m,
-              SPLIT: tl.constexpr, LOW: tl.constexpr, SOFT_BF16: tl.constexpr):
+def _fwd_step(h, zt, gt, wt, bias, h_base, t, h_st, m, SPLIT: tl.constexpr, LOW: tl.constexpr, SOFT_BF16: tl.constexpr):
     s = tl.sigmoid(_dot(h, wt, SPLIT, LOW) + bias)
     h = zt.to(h.dtype) * s + gt.to(h.dtype) * h
     tl.store(h_base + tl.cast(t, tl.int64) * h_st, cast_out(h, h_base, SOFT_BF16), mask=m)
@@ -138,18 +137,46 @@ def _fwd_step(h, zt, gt, wt, bias, h_base, t, h_st, m,
 
 @triton.jit(do_not_specialize=["B", "T"])
 def _recurrence_fwd_kernel(
-    z_ptr, g_ptr, w_ptr, b_ptr, h0_ptr, h_ptr,
-    B, T, D,
-    z_sb, z_st, z_sh, z_sd,
-    g_sb, g_st, g_sh, g_sd,
-    w_sh, w_so, w_si,
-    b_sh, b_sd,
-    h0_sb, h0_sh, h0_sd,
-    h_sb, h_st, h_sh, h_sd,
-    HAS_BIAS: tl.constexpr, HAS_H0: tl.constexpr,
-    ACC: tl.constexpr, SPLIT: tl.constexpr, LOW: tl.constexpr, W_TY: tl.constexpr,
-    BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr,
-    PREFETCH: tl.constexpr, NUM_STAGES: tl.constexpr, SOFT_BF16: tl.constexpr,
+    z_ptr,
+    g_ptr,
+    w_ptr,
+    b_ptr,
+    h0_ptr,
+    h_ptr,
+    B,
+    T,
+    D,
+    z_sb,
+    z_st,
+    z_sh,
+    z_sd,
+    g_sb,
+    g_st,
+    g_sh,
+    g_sd,
+    w_sh,
+    w_so,
+    w_si,
+    b_sh,
+    b_sd,
+    h0_sb,
+    h0_sh,
+    h0_sd,
+    h_sb,
+    h_st,
+    h_sh,
+    h_sd,
+    HAS_BIAS: tl.constexpr,
+    HAS_H0: tl.constexpr,
+    ACC: tl.constexpr,
+    SPLIT: tl.constexpr,
+    LOW: tl.constexpr,
+    W_TY: tl.constexpr,
+    BLOCK_B: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    PREFETCH: tl.constexpr,
+    NUM_STAGES: tl.constexpr,
+    SOFT_BF16: tl.constexpr,
 ):
     pid_b = tl.program_id(0)
     head = tl.program_id(1).to(tl.int64)
@@ -187,8 +214,9 @@ def _recurrence_fwd_kernel(
 
 
 @triton.jit
-def _bwd_load(gh_base, z_base, g_base, h_base, s_base, h0v, t, gh_st, z_st, g_st, h_st, s_st, m,
-              STORED_GATE: tl.constexpr):
+def _bwd_load(
+    gh_base, z_base, g_base, h_base, s_base, h0v, t, gh_st, z_st, g_st, h_st, s_st, m, STORED_GATE: tl.constexpr
+):
     # The inputs of step t: grad_h_t, z_t, gamma_t, h_{t-1} (h0 at t = 0) and,
     # with STORED_GATE, s_t, in their storage dtype. A prefetch past the end
     # (t = -1) reads step 0 again, unused.
@@ -206,9 +234,29 @@ def _bwd_load(gh_base, z_base, g_base, h_base, s_base, h0v, t, gh_st, z_st, g_st
 
 
 @triton.jit
-def _bwd_step(c, dw, db, gh, zt, gt, hp, sg, wt, w, bias, dz_base, dg_base, t, o_st, m,
-              SPLIT: tl.constexpr, LOW: tl.constexpr, ACC: tl.constexpr, STORED_GATE: tl.constexpr,
-              SOFT_BF16: tl.constexpr):
+def _bwd_step(
+    c,
+    dw,
+    db,
+    gh,
+    zt,
+    gt,
+    hp,
+    sg,
+    wt,
+    w,
+    bias,
+    dz_base,
+    dg_base,
+    t,
+    o_st,
+    m,
+    SPLIT: tl.constexpr,
+    LOW: tl.constexpr,
+    ACC: tl.constexpr,
+    STORED_GATE: tl.constexpr,
+    SOFT_BF16: tl.constexpr,
+):
     if STORED_GATE:
         s = sg.to(ACC)
     else:
@@ -228,23 +276,69 @@ def _bwd_step(c, dw, db, gh, zt, gt, hp, sg, wt, w, bias, dz_base, dg_base, t, o
 
 @triton.jit(do_not_specialize=["B", "T"])
 def _recurrence_bwd_kernel(
-    gh_ptr, z_ptr, g_ptr, w_ptr, b_ptr, h0_ptr, h_ptr, s_ptr,
-    dz_ptr, dg_ptr, dw_ptr, db_ptr, dh0_ptr,
-    B, T, D,
-    gh_sb, gh_st, gh_sh, gh_sd,
-    z_sb, z_st, z_sh, z_sd,
-    g_sb, g_st, g_sh, g_sd,
-    w_sh, w_so, w_si,
-    b_sh, b_sd,
-    h0_sb, h0_sh, h0_sd,
-    h_sb, h_st, h_sh, h_sd,
-    s_sb, s_st, s_sh, s_sd,
-    o_sb, o_st, o_sh, o_sd,
-    d0_sb, d0_sh, d0_sd,
-    HAS_BIAS: tl.constexpr, HAS_H0: tl.constexpr,
-    ACC: tl.constexpr, SPLIT: tl.constexpr, LOW: tl.constexpr, W_TY: tl.constexpr,
-    BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr, STORED_GATE: tl.constexpr,
-    PREFETCH: tl.constexpr, NUM_STAGES: tl.constexpr, SOFT_BF16: tl.constexpr,
+    gh_ptr,
+    z_ptr,
+    g_ptr,
+    w_ptr,
+    b_ptr,
+    h0_ptr,
+    h_ptr,
+    s_ptr,
+    dz_ptr,
+    dg_ptr,
+    dw_ptr,
+    db_ptr,
+    dh0_ptr,
+    B,
+    T,
+    D,
+    gh_sb,
+    gh_st,
+    gh_sh,
+    gh_sd,
+    z_sb,
+    z_st,
+    z_sh,
+    z_sd,
+    g_sb,
+    g_st,
+    g_sh,
+    g_sd,
+    w_sh,
+    w_so,
+    w_si,
+    b_sh,
+    b_sd,
+    h0_sb,
+    h0_sh,
+    h0_sd,
+    h_sb,
+    h_st,
+    h_sh,
+    h_sd,
+    s_sb,
+    s_st,
+    s_sh,
+    s_sd,
+    o_sb,
+    o_st,
+    o_sh,
+    o_sd,
+    d0_sb,
+    d0_sh,
+    d0_sd,
+    HAS_BIAS: tl.constexpr,
+    HAS_H0: tl.constexpr,
+    ACC: tl.constexpr,
+    SPLIT: tl.constexpr,
+    LOW: tl.constexpr,
+    W_TY: tl.constexpr,
+    BLOCK_B: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    STORED_GATE: tl.constexpr,
+    PREFETCH: tl.constexpr,
+    NUM_STAGES: tl.constexpr,
+    SOFT_BF16: tl.constexpr,
 ):
     pid_b = tl.program_id(0)
     head = tl.program_id(1).to(tl.int64)
@@ -280,8 +374,9 @@ def _recurrence_bwd_kernel(
     dw = tl.zeros([BLOCK_D, BLOCK_D], ACC)
     db = tl.zeros([1, BLOCK_D], ACC)
     if PREFETCH:
-        ghn, zn, gn, hpn, sn = _bwd_load(gh_base, z_base, g_base, h_base, s_base, h0v, T - 1,
-                                         gh_st, z_st, g_st, h_st, s_st, m, STORED_GATE)
+        ghn, zn, gn, hpn, sn = _bwd_load(
+            gh_base, z_base, g_base, h_base, s_base, h0v, T - 1, gh_st, z_st, g_st, h_st, s_st, m, STORED_GATE
+        )
         for r in range(0, T):
             t = T - 1 - r
             gh = ghn
@@ -289,17 +384,61 @@ def _recurrence_bwd_kernel(
             gt = gn
             hp = hpn
             sg = sn
-            ghn, zn, gn, hpn, sn = _bwd_load(gh_base, z_base, g_base, h_base, s_base, h0v, t - 1,
-                                             gh_st, z_st, g_st, h_st, s_st, m, STORED_GATE)
-            c, dw, db = _bwd_step(c, dw, db, gh, zt, gt, hp, sg, wt, w, bias, dz_base, dg_base, t, o_st, m,
-                                  SPLIT, LOW, ACC, STORED_GATE, SOFT_BF16)
+            ghn, zn, gn, hpn, sn = _bwd_load(
+                gh_base, z_base, g_base, h_base, s_base, h0v, t - 1, gh_st, z_st, g_st, h_st, s_st, m, STORED_GATE
+            )
+            c, dw, db = _bwd_step(
+                c,
+                dw,
+                db,
+                gh,
+                zt,
+                gt,
+                hp,
+                sg,
+                wt,
+                w,
+                bias,
+                dz_base,
+                dg_base,
+                t,
+                o_st,
+                m,
+                SPLIT,
+                LOW,
+                ACC,
+                STORED_GATE,
+                SOFT_BF16,
+            )
     else:
         for r in tl.range(0, T, num_stages=NUM_STAGES):
             t = T - 1 - r
-            gh, zt, gt, hp, sg = _bwd_load(gh_base, z_base, g_base, h_base, s_base, h0v, t,
-                                           gh_st, z_st, g_st, h_st, s_st, m, STORED_GATE)
-            c, dw, db = _bwd_step(c, dw, db, gh, zt, gt, hp, sg, wt, w, bias, dz_base, dg_base, t, o_st, m,
-                                  SPLIT, LOW, ACC, STORED_GATE, SOFT_BF16)
+            gh, zt, gt, hp, sg = _bwd_load(
+                gh_base, z_base, g_base, h_base, s_base, h0v, t, gh_st, z_st, g_st, h_st, s_st, m, STORED_GATE
+            )
+            c, dw, db = _bwd_step(
+                c,
+                dw,
+                db,
+                gh,
+                zt,
+                gt,
+                hp,
+                sg,
+                wt,
+                w,
+                bias,
+                dz_base,
+                dg_base,
+                t,
+                o_st,
+                m,
+                SPLIT,
+                LOW,
+                ACC,
+                STORED_GATE,
+                SOFT_BF16,
+            )
 
     # grad_h0 = c_0; this program's partial sums of grad_W and grad_b.
     tl.store(dh0_ptr + rows * d0_sb + head * d0_sh + cols * d0_sd, cast_out(c, dh0_ptr, SOFT_BF16), mask=m)
@@ -389,8 +528,15 @@ def _forward_plan(shape, z_st, g_st, w_st, b_st, h0_st, dtype) -> Plan:
     block_d = _block_d(D)
     num_warps, stages, _, _ = _CONFIG[dtype.itemsize][block_d]
     ints = (B, T, D, *z_st, *g_st, *_param_strides(w_st, b_st, h0_st), *_contiguous_strides(shape))
-    constexprs = (b_st is not None, h0_st is not None, *_dtype_args(dtype), _BLOCK_B, block_d,
-                  *_pipelining(stages), soft_bf16(dtype))
+    constexprs = (
+        b_st is not None,
+        h0_st is not None,
+        *_dtype_args(dtype),
+        _BLOCK_B,
+        block_d,
+        *_pipelining(stages),
+        soft_bf16(dtype),
+    )
     return Plan(_recurrence_fwd_kernel, (cdiv(B, _BLOCK_B), H), ints, constexprs, num_warps)
 
 
@@ -403,10 +549,29 @@ def _backward_plan(shape, gh_st, z_st, g_st, w_st, b_st, h0_st, h_st, dtype) -> 
     _, _, num_warps, stages = _CONFIG[dtype.itemsize][block_d]
     stored_gate = _stores_gate(dtype, block_d)
     seq = _contiguous_strides(shape)
-    ints = (B, T, D, *gh_st, *z_st, *g_st, *_param_strides(w_st, b_st, h0_st), *h_st,
-            *(seq if stored_gate else (0, 0, 0, 0)), *seq, *_contiguous_strides((B, H, D)))
-    constexprs = (b_st is not None, h0_st is not None, *_dtype_args(dtype), _BLOCK_B, block_d, stored_gate,
-                  *_pipelining(stages), soft_bf16(dtype))
+    ints = (
+        B,
+        T,
+        D,
+        *gh_st,
+        *z_st,
+        *g_st,
+        *_param_strides(w_st, b_st, h0_st),
+        *h_st,
+        *(seq if stored_gate else (0, 0, 0, 0)),
+        *seq,
+        *_contiguous_strides((B, H, D)),
+    )
+    constexprs = (
+        b_st is not None,
+        h0_st is not None,
+        *_dtype_args(dtype),
+        _BLOCK_B,
+        block_d,
+        stored_gate,
+        *_pipelining(stages),
+        soft_bf16(dtype),
+    )
     return Plan(_recurrence_bwd_kernel, (cdiv(B, _BLOCK_B), H), ints, constexprs, num_warps), block_d
 
 
@@ -429,8 +594,7 @@ def _stored_gate(z: Tensor, weight: Tensor, bias: Tensor | None, h0: Tensor | No
     return torch.sigmoid(pre + bias if bias is not None else pre).contiguous()
 
 
-def recurrence_forward(z: Tensor, gamma: Tensor, weight: Tensor, bias: Tensor | None,
-                       h0: Tensor | None) -> Tensor:
+def recurrence_forward(z: Tensor, gamma: Tensor, weight: Tensor, bias: Tensor | None, h0: Tensor | None) -> Tensor:
     """h: [B, T, H, d], a new contiguous tensor; see the module docstring for the formula.
 
     z, gamma: [B, T, H, d]; weight: [H, d, d]; bias: [H, d] or None; h0: [B, H, d]
@@ -444,8 +608,9 @@ def recurrence_forward(z: Tensor, gamma: Tensor, weight: Tensor, bias: Tensor | 
     return h
 
 
-def recurrence_backward(grad_h: Tensor, z: Tensor, gamma: Tensor, weight: Tensor, bias: Tensor | None,
-                        h0: Tensor | None, h: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+def recurrence_backward(
+    grad_h: Tensor, z: Tensor, gamma: Tensor, weight: Tensor, bias: Tensor | None, h0: Tensor | None, h: Tensor
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(grad_z, grad_gamma, grad_weight, grad_bias, grad_h0), new contiguous tensors in z's dtype.
 
     grad_h, h: [B, T, H, d] (h the forward's output); the other arguments as in
@@ -458,18 +623,45 @@ def recurrence_backward(grad_h: Tensor, z: Tensor, gamma: Tensor, weight: Tensor
     grad_gamma = torch.empty(z.shape, dtype=dtype, device=device)
     if grad_z.numel() == 0:
         # No step, or nothing to compute: the sums are empty and c_0 = c_T = 0.
-        return (grad_z, grad_gamma, torch.zeros(H, D, D, dtype=dtype, device=device),
-                torch.zeros(H, D, dtype=dtype, device=device), torch.zeros(B, H, D, dtype=dtype, device=device))
+        return (
+            grad_z,
+            grad_gamma,
+            torch.zeros(H, D, D, dtype=dtype, device=device),
+            torch.zeros(H, D, dtype=dtype, device=device),
+            torch.zeros(B, H, D, dtype=dtype, device=device),
+        )
     grad_h0 = torch.empty(B, H, D, dtype=dtype, device=device)
-    plan, block_d = _backward_plan(z.shape, grad_h.stride(), z.stride(), gamma.stride(), weight.stride(),
-                                   _strides(bias), _strides(h0), h.stride(), dtype)
+    plan, block_d = _backward_plan(
+        z.shape,
+        grad_h.stride(),
+        z.stride(),
+        gamma.stride(),
+        weight.stride(),
+        _strides(bias),
+        _strides(h0),
+        h.stride(),
+        dtype,
+    )
     gate = _stored_gate(z, weight, bias, h0, h) if _stores_gate(dtype, block_d) else None
     part_dtype = torch.float64 if dtype == torch.float64 else torch.float32
     tiles = plan.grid[0]
     dw_part = torch.empty(tiles, H, block_d, block_d, dtype=part_dtype, device=device)
     db_part = torch.empty(tiles, H, block_d, dtype=part_dtype, device=device)
-    plan.launch(grad_h, z, gamma, weight, weight if bias is None else bias, z if h0 is None else h0, h,
-                z if gate is None else gate, grad_z, grad_gamma, dw_part, db_part, grad_h0)
+    plan.launch(
+        grad_h,
+        z,
+        gamma,
+        weight,
+        weight if bias is None else bias,
+        z if h0 is None else h0,
+        h,
+        z if gate is None else gate,
+        grad_z,
+        grad_gamma,
+        dw_part,
+        db_part,
+        grad_h0,
+    )
     grad_weight = dw_part[:, :, :D, :D].sum(0).to(dtype)
     grad_bias = db_part[:, :, :D].sum(0).to(dtype)
     return grad_z, grad_gamma, grad_weight, grad_bias, grad_h0

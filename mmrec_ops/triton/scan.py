@@ -139,7 +139,8 @@ def _tile_scan(a, b, carry, n, R: tl.constexpr, NT: tl.constexpr, HAS_B: tl.cons
     ta, tb = tl.reduce((pa, pb), 1, _second, keep_dims=True)
     if HAS_B:
         ia, ib, ea, eb = tl.associative_scan(
-            (ta, tb, tl.full(ta.shape, 1.0, ta.dtype), tl.zeros(ta.shape, ta.dtype)), 0, _affine_combine_excl)
+            (ta, tb, tl.full(ta.shape, 1.0, ta.dtype), tl.zeros(ta.shape, ta.dtype)), 0, _affine_combine_excl
+        )
         h = pa * (ea * carry + eb) + pb
         carry = tl.sum(tl.where(n == NT - 1, ia * carry + ib, 0.0), axis=0, keep_dims=True)
     else:
@@ -205,16 +206,41 @@ def _fwd_load(g_tile, x_tile, g_off, x_off, m, HAS_X: tl.constexpr):
 
 @triton.jit(do_not_specialize=["T"])
 def _scan_fwd_kernel(
-    g_ptr, x_ptr, h0_ptr, o_ptr,
-    T, G, C, NCB,
-    g_sb, g_st, g_sg, g_sc,
-    x_sb, x_st, x_sg, x_sc,
-    h0_sb, h0_sg, h0_sc,
-    o_sb, o_st, o_sg, o_sc,
-    HAS_X: tl.constexpr, HAS_H0: tl.constexpr, H0_VALUE: tl.constexpr,
-    REVERSE: tl.constexpr, ACC: tl.constexpr,
-    R: tl.constexpr, NT: tl.constexpr, BLOCK_C: tl.constexpr, PREFETCH: tl.constexpr,
-    NUM_STAGES: tl.constexpr, OFF64: tl.constexpr, SHARED_OFFSETS: tl.constexpr,
+    g_ptr,
+    x_ptr,
+    h0_ptr,
+    o_ptr,
+    T,
+    G,
+    C,
+    NCB,
+    g_sb,
+    g_st,
+    g_sg,
+    g_sc,
+    x_sb,
+    x_st,
+    x_sg,
+    x_sc,
+    h0_sb,
+    h0_sg,
+    h0_sc,
+    o_sb,
+    o_st,
+    o_sg,
+    o_sc,
+    HAS_X: tl.constexpr,
+    HAS_H0: tl.constexpr,
+    H0_VALUE: tl.constexpr,
+    REVERSE: tl.constexpr,
+    ACC: tl.constexpr,
+    R: tl.constexpr,
+    NT: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    PREFETCH: tl.constexpr,
+    NUM_STAGES: tl.constexpr,
+    OFF64: tl.constexpr,
+    SHARED_OFFSETS: tl.constexpr,
     SOFT_BF16: tl.constexpr,
 ):
     BLOCK_T: tl.constexpr = R * NT
@@ -245,8 +271,9 @@ def _scan_fwd_kernel(
             a_c = a_n
             b_c = b_n
             t1 = _time_at(s0 + BLOCK_T, T, REVERSE)
-            a_n, b_n = _fwd_load(g_base + t1 * g_st, x_base + t1 * x_st, g_off, x_off,
-                                 (k < T - s0 - BLOCK_T) & cm, HAS_X)
+            a_n, b_n = _fwd_load(
+                g_base + t1 * g_st, x_base + t1 * x_st, g_off, x_off, (k < T - s0 - BLOCK_T) & cm, HAS_X
+            )
             h, carry = _tile_scan(a_c.to(ACC), b_c.to(ACC), carry, n, R, NT, HAS_X)
             o_tile = o_base + _time_at(s0, T, REVERSE) * o_st
             tl.store(o_tile + o_off, cast_out(h, o_ptr, SOFT_BF16), mask=(k < T - s0) & cm)
@@ -260,15 +287,14 @@ def _scan_fwd_kernel(
 
 
 @triton.jit
-def _bwd_load(gh_base, g_base, h_base, s0, T, gh_st, g_st, h_st, gh_off, g_off, h_off, k, cm,
-              REVERSE: tl.constexpr):
+def _bwd_load(gh_base, g_base, h_base, s0, T, gh_st, g_st, h_st, gh_off, g_off, h_off, k, cm, REVERSE: tl.constexpr):
     # The backward visits time in the opposite order of the forward: step s is
     # t = map(s). a(s) = gamma at the time visited at step s - 1 (the forward's
     # next time), hp(s) = h at the time visited at step s + 1 (the forward's
     # previous time). The offsets run in the backward's direction.
     t = _time_at(s0, T, not REVERSE)
     if REVERSE:
-        t_next = t - 1   # the forward ran t = T-1 .. 0
+        t_next = t - 1  # the forward ran t = T-1 .. 0
         t_prev = t + 1
     else:
         t_next = t + 1
@@ -280,9 +306,27 @@ def _bwd_load(gh_base, g_base, h_base, s0, T, gh_st, g_st, h_st, gh_off, g_off, 
 
 
 @triton.jit
-def _bwd_tile(gh, a, hp, carry, h0v, dg_base, dx_base, s0, T, o_st, o_off, k, n, cm,
-              R: tl.constexpr, NT: tl.constexpr, REVERSE: tl.constexpr, ACC: tl.constexpr,
-              SOFT_BF16: tl.constexpr):
+def _bwd_tile(
+    gh,
+    a,
+    hp,
+    carry,
+    h0v,
+    dg_base,
+    dx_base,
+    s0,
+    T,
+    o_st,
+    o_off,
+    k,
+    n,
+    cm,
+    R: tl.constexpr,
+    NT: tl.constexpr,
+    REVERSE: tl.constexpr,
+    ACC: tl.constexpr,
+    SOFT_BF16: tl.constexpr,
+):
     dx, carry = _tile_scan(a.to(ACC), gh.to(ACC), carry, n, R, NT, True)
     hp = tl.where(k == T - 1 - s0, h0v, hp.to(ACC))
     m = (k < T - s0) & cm
@@ -294,18 +338,50 @@ def _bwd_tile(gh, a, hp, carry, h0v, dg_base, dx_base, s0, T, o_st, o_off, k, n,
 
 @triton.jit(do_not_specialize=["T"])
 def _scan_bwd_kernel(
-    gh_ptr, g_ptr, h_ptr, h0_ptr, dg_ptr, dx_ptr, dh0_ptr,
-    T, G, C, NCB,
-    gh_sb, gh_st, gh_sg, gh_sc,
-    g_sb, g_st, g_sg, g_sc,
-    h_sb, h_st, h_sg, h_sc,
-    h0_sb, h0_sg, h0_sc,
-    o_sb, o_st, o_sg, o_sc,
-    d0_sb, d0_sg, d0_sc,
-    HAS_H0: tl.constexpr, H0_VALUE: tl.constexpr,
-    REVERSE: tl.constexpr, ACC: tl.constexpr,
-    R: tl.constexpr, NT: tl.constexpr, BLOCK_C: tl.constexpr, PREFETCH: tl.constexpr,
-    NUM_STAGES: tl.constexpr, OFF64: tl.constexpr, SHARED_OFFSETS: tl.constexpr,
+    gh_ptr,
+    g_ptr,
+    h_ptr,
+    h0_ptr,
+    dg_ptr,
+    dx_ptr,
+    dh0_ptr,
+    T,
+    G,
+    C,
+    NCB,
+    gh_sb,
+    gh_st,
+    gh_sg,
+    gh_sc,
+    g_sb,
+    g_st,
+    g_sg,
+    g_sc,
+    h_sb,
+    h_st,
+    h_sg,
+    h_sc,
+    h0_sb,
+    h0_sg,
+    h0_sc,
+    o_sb,
+    o_st,
+    o_sg,
+    o_sc,
+    d0_sb,
+    d0_sg,
+    d0_sc,
+    HAS_H0: tl.constexpr,
+    H0_VALUE: tl.constexpr,
+    REVERSE: tl.constexpr,
+    ACC: tl.constexpr,
+    R: tl.constexpr,
+    NT: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    PREFETCH: tl.constexpr,
+    NUM_STAGES: tl.constexpr,
+    OFF64: tl.constexpr,
+    SHARED_OFFSETS: tl.constexpr,
     SOFT_BF16: tl.constexpr,
 ):
     BLOCK_T: tl.constexpr = R * NT
@@ -335,30 +411,74 @@ def _scan_bwd_kernel(
     carry = tl.zeros([1, 1, BLOCK_C], ACC)
 
     if PREFETCH:
-        gh_n, a_n, hp_n = _bwd_load(gh_base, g_base, h_base, 0, T, gh_st, g_st, h_st, gh_off, g_off, h_off,
-                                    k, cm, REVERSE)
+        gh_n, a_n, hp_n = _bwd_load(
+            gh_base, g_base, h_base, 0, T, gh_st, g_st, h_st, gh_off, g_off, h_off, k, cm, REVERSE
+        )
         for s0 in range(0, T, BLOCK_T):
             gh_c = gh_n
             a_c = a_n
             hp_c = hp_n
-            gh_n, a_n, hp_n = _bwd_load(gh_base, g_base, h_base, s0 + BLOCK_T, T, gh_st, g_st, h_st,
-                                        gh_off, g_off, h_off, k, cm, REVERSE)
-            carry = _bwd_tile(gh_c, a_c, hp_c, carry, h0v, dg_base, dx_base, s0, T, o_st, o_off, k, n, cm,
-                              R, NT, REVERSE, ACC, SOFT_BF16)
+            gh_n, a_n, hp_n = _bwd_load(
+                gh_base, g_base, h_base, s0 + BLOCK_T, T, gh_st, g_st, h_st, gh_off, g_off, h_off, k, cm, REVERSE
+            )
+            carry = _bwd_tile(
+                gh_c,
+                a_c,
+                hp_c,
+                carry,
+                h0v,
+                dg_base,
+                dx_base,
+                s0,
+                T,
+                o_st,
+                o_off,
+                k,
+                n,
+                cm,
+                R,
+                NT,
+                REVERSE,
+                ACC,
+                SOFT_BF16,
+            )
     else:
         for s0 in tl.range(0, T, BLOCK_T, num_stages=NUM_STAGES):
-            gh_c, a_c, hp_c = _bwd_load(gh_base, g_base, h_base, s0, T, gh_st, g_st, h_st, gh_off, g_off, h_off,
-                                        k, cm, REVERSE)
-            carry = _bwd_tile(gh_c, a_c, hp_c, carry, h0v, dg_base, dx_base, s0, T, o_st, o_off, k, n, cm,
-                              R, NT, REVERSE, ACC, SOFT_BF16)
+            gh_c, a_c, hp_c = _bwd_load(
+                gh_base, g_base, h_base, s0, T, gh_st, g_st, h_st, gh_off, g_off, h_off, k, cm, REVERSE
+            )
+            carry = _bwd_tile(
+                gh_c,
+                a_c,
+                hp_c,
+                carry,
+                h0v,
+                dg_base,
+                dx_base,
+                s0,
+                T,
+                o_st,
+                o_off,
+                k,
+                n,
+                cm,
+                R,
+                NT,
+                REVERSE,
+                ACC,
+                SOFT_BF16,
+            )
 
     # grad_h0 = gamma at the forward's first time * dx there (the last step visited).
     g_first_ptr = g_base + j * g_sc
     if REVERSE:
         g_first_ptr += (T - 1).to(tl.int64) * g_st
     g_first = tl.load(g_first_ptr, mask=cm, other=0.0).to(ACC)
-    tl.store(dh0_ptr + (b * d0_sb + g * d0_sg + c0 * d0_sc) + j * d0_sc,
-             cast_out(g_first * carry, dh0_ptr, SOFT_BF16), mask=cm)
+    tl.store(
+        dh0_ptr + (b * d0_sb + g * d0_sg + c0 * d0_sc) + j * d0_sc,
+        cast_out(g_first * carry, dh0_ptr, SOFT_BF16),
+        mask=cm,
+    )
 
 
 # ----------------------------------------------------------------------------
@@ -402,7 +522,7 @@ def _fold(sizes, stride_lists):
     if not groups:
         return 1, 1, [(0, 0)] * k
     if len(groups) == 1:
-        (C, sc), = groups
+        ((C, sc),) = groups
         return 1, C, [(0, c) for c in sc]
     (C, sc), (G, sg) = groups
     return G, C, list(zip(sg, sc))
@@ -493,8 +613,7 @@ def _pipelining(stages: int):
 def _needs_int64_offsets(block_t: int, block_c: int, time_strides, channel_strides) -> bool:
     """Whether an element offset within a tile (up to block_t steps and block_c
     channels from its first element, either direction) may overflow int32."""
-    reach = (block_t - 1) * max(abs(st) for st in time_strides) + (block_c - 1) * max(
-        abs(sc) for sc in channel_strides)
+    reach = (block_t - 1) * max(abs(st) for st in time_strides) + (block_c - 1) * max(abs(sc) for sc in channel_strides)
     return reach >= 2**31
 
 
@@ -515,17 +634,38 @@ def _forward_plan(shape, g_st, x_st, h0_st, dtype, sms, reverse) -> Plan | None:
     prefetch, stages = _pipelining(tuning.stages)
     has_x, has_h0 = x_st is not None, h0_st is not None
     ints = (
-        T, G, C, ncb,
-        g_st[0], g_st[1], *g_f,
-        x_st[0] if has_x else 0, x_st[1] if has_x else 0, *x_f,
-        h0_st[0] if has_h0 else 0, *h0_f,
-        o_st[0], o_st[1], *o_f,
+        T,
+        G,
+        C,
+        ncb,
+        g_st[0],
+        g_st[1],
+        *g_f,
+        x_st[0] if has_x else 0,
+        x_st[1] if has_x else 0,
+        *x_f,
+        h0_st[0] if has_h0 else 0,
+        *h0_f,
+        o_st[0],
+        o_st[1],
+        *o_f,
     )
     seq = [(g_st[1], g_f[1]), (o_st[1], o_f[1])] + ([(x_st[1], x_f[1])] if has_x else [])
     off64 = _needs_int64_offsets(rows * nt, block_c, [st for st, _ in seq], [sc for _, sc in seq] + [h0_f[1]])
     constexprs = (
-        has_x, has_h0, 0.0 if has_x else 1.0, reverse, kernel_dtypes(dtype)[1],
-        rows, nt, block_c, prefetch, stages, off64, len(set(seq)) == 1, soft_bf16(dtype),
+        has_x,
+        has_h0,
+        0.0 if has_x else 1.0,
+        reverse,
+        kernel_dtypes(dtype)[1],
+        rows,
+        nt,
+        block_c,
+        prefetch,
+        stages,
+        off64,
+        len(set(seq)) == 1,
+        soft_bf16(dtype),
     )
     return Plan(_scan_fwd_kernel, (B * G * ncb,), ints, constexprs, num_warps)
 
@@ -547,19 +687,42 @@ def _backward_plan(shape, gh_st, g_st, h_st, h0_st, dtype, sms, has_x, reverse) 
     ncb = cdiv(C, block_c)
     prefetch, stages = _pipelining(tuning.stages)
     ints = (
-        T, G, C, ncb,
-        gh_st[0], gh_st[1], *gh_f,
-        g_st[0], g_st[1], *g_f,
-        h_st[0], h_st[1], *h_f,
-        h0_st[0] if has_h0 else 0, *h0_f,
-        o_st[0], o_st[1], *o_f,
-        d0_sb, *o_f,
+        T,
+        G,
+        C,
+        ncb,
+        gh_st[0],
+        gh_st[1],
+        *gh_f,
+        g_st[0],
+        g_st[1],
+        *g_f,
+        h_st[0],
+        h_st[1],
+        *h_f,
+        h0_st[0] if has_h0 else 0,
+        *h0_f,
+        o_st[0],
+        o_st[1],
+        *o_f,
+        d0_sb,
+        *o_f,
     )
     seq = [(gh_st[1], gh_f[1]), (g_st[1], g_f[1]), (h_st[1], h_f[1]), (o_st[1], o_f[1])]
     off64 = _needs_int64_offsets(rows * nt, block_c, [st for st, _ in seq], [sc for _, sc in seq] + [h0_f[1]])
     constexprs = (
-        has_h0, 0.0 if has_x else 1.0, reverse, kernel_dtypes(dtype)[1],
-        rows, nt, block_c, prefetch, stages, off64, len(set(seq)) == 1, soft_bf16(dtype),
+        has_h0,
+        0.0 if has_x else 1.0,
+        reverse,
+        kernel_dtypes(dtype)[1],
+        rows,
+        nt,
+        block_c,
+        prefetch,
+        stages,
+        off64,
+        len(set(seq)) == 1,
+        soft_bf16(dtype),
     )
     return Plan(_scan_bwd_kernel, (B * G * ncb,), ints, constexprs, num_warps)
 
@@ -589,8 +752,9 @@ def scan_forward(gamma: Tensor, x: Tensor | None, h0: Tensor | None, reverse: bo
     return out
 
 
-def scan_backward(grad_h: Tensor, gamma: Tensor, h: Tensor, h0: Tensor | None, has_x: bool,
-                  reverse: bool) -> tuple[Tensor, Tensor, Tensor]:
+def scan_backward(
+    grad_h: Tensor, gamma: Tensor, h: Tensor, h0: Tensor | None, has_x: bool, reverse: bool
+) -> tuple[Tensor, Tensor, Tensor]:
     shape = gamma.shape
     step_shape = [shape[0], *shape[2:]]
     grad_gamma = torch.empty(shape, dtype=gamma.dtype, device=gamma.device)
@@ -601,12 +765,14 @@ def scan_backward(grad_h: Tensor, gamma: Tensor, h: Tensor, h0: Tensor | None, h
     if grad_gamma.numel() == 0:
         return grad_gamma, grad_x, grad_h0
     sms, has_x, reverse = num_sms(gamma), bool(has_x), bool(reverse)
-    plan = _backward_plan(shape, grad_h.stride(), gamma.stride(), h.stride(), _strides(h0), gamma.dtype, sms,
-                          has_x, reverse)
+    plan = _backward_plan(
+        shape, grad_h.stride(), gamma.stride(), h.stride(), _strides(h0), gamma.dtype, sms, has_x, reverse
+    )
     if plan is None:
         grad_h, gamma, h = grad_h.contiguous(), gamma.contiguous(), h.contiguous()
         h0 = h0.contiguous() if h0 is not None else None
-        plan = _backward_plan(shape, grad_h.stride(), gamma.stride(), h.stride(), _strides(h0), gamma.dtype, sms,
-                              has_x, reverse)
+        plan = _backward_plan(
+            shape, grad_h.stride(), gamma.stride(), h.stride(), _strides(h0), gamma.dtype, sms, has_x, reverse
+        )
     plan.launch(grad_h, gamma, h, gamma if h0 is None else h0, grad_gamma, grad_x, grad_h0)
     return grad_gamma, grad_x, grad_h0

@@ -45,11 +45,27 @@ REDUCE_BLOCK = 1024
 
 @triton.jit
 def _product_kernel(
-    x_ptr, w_ptr, b_ptr, out_ptr, M, N, K, K_PER,
-    x_sm, x_sk, w_sk, w_sn, b_s,
-    SPLIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    NUM_STAGES: tl.constexpr, ACC: tl.constexpr, SOFT_BF16: tl.constexpr,
-):  # fmt: skip
+    x_ptr,
+    w_ptr,
+    b_ptr,
+    out_ptr,
+    M,
+    N,
+    K,
+    K_PER,
+    x_sm,
+    x_sk,
+    w_sk,
+    w_sn,
+    b_s,
+    SPLIT: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    NUM_STAGES: tl.constexpr,
+    ACC: tl.constexpr,
+    SOFT_BF16: tl.constexpr,
+):
     n_tile, part, m_tile = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     rows = m_tile * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = n_tile * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -74,9 +90,16 @@ def _product_kernel(
 
 @triton.jit
 def _sum_parts_kernel(
-    part_ptr, b_ptr, out_ptr, MN, N, b_s,
-    PARTS: tl.constexpr, BLOCK: tl.constexpr, SOFT_BF16: tl.constexpr,
-):  # fmt: skip
+    part_ptr,
+    b_ptr,
+    out_ptr,
+    MN,
+    N,
+    b_s,
+    PARTS: tl.constexpr,
+    BLOCK: tl.constexpr,
+    SOFT_BF16: tl.constexpr,
+):
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     live = offs < MN
     acc = tl.load(part_ptr + offs, mask=live, other=0.0)
@@ -116,7 +139,7 @@ def check_offsets(M, K, N, parts, strides) -> None:
     check_offsets_fit("mmrec::skinny_addmm", spans, "split the product")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _plans(M, K, N, strides, dtype):
     """The launch plans of one shape: (product, sum of the parts or None, parts)."""
     parts, per_part = split_k(K)

@@ -17,11 +17,14 @@ from tests.helpers import assert_close_rel, grad_tolerance, output_tolerance
 MODES = ["exact", "parallel"]
 # The modes, the gated read (MMRecConfig.memory_read) and the other long-term entries
 # (MMRecConfig.entry_summary) beside the defaults.
-VARIANTS = {"exact": dict(mode="exact"), "parallel": dict(mode="parallel"),
-            "exact-gated": dict(mode="exact", memory_read="gated"),
-            "exact-learned-entries": dict(mode="exact", entry_summary="learned"),
-            "parallel-state-entries": dict(mode="parallel", entry_summary="state"),
-            "exact-best-entries": dict(mode="exact", entry_summary="best")}  # fmt: skip
+VARIANTS = {
+    "exact": dict(mode="exact"),
+    "parallel": dict(mode="parallel"),
+    "exact-gated": dict(mode="exact", memory_read="gated"),
+    "exact-learned-entries": dict(mode="exact", entry_summary="learned"),
+    "parallel-state-entries": dict(mode="parallel", entry_summary="state"),
+    "exact-best-entries": dict(mode="exact", entry_summary="best"),
+}
 
 
 def variant_config(variant: str, **overrides) -> MMRecConfig:
@@ -44,7 +47,14 @@ def small_config(mode: str, **overrides) -> MMRecConfig:
     segments of 8 tokens, levels of 8/32/128 tokens, 4 slots per level, a window of
     20 tokens; d = 24 (not a power of two)."""
     fields = dict(
-        mode=mode, dim=72, n_layers=2, n_heads=3, window=20, segment_len=8, n_levels=3, level_slots=4,
+        mode=mode,
+        dim=72,
+        n_layers=2,
+        n_heads=3,
+        window=20,
+        segment_len=8,
+        n_levels=3,
+        level_slots=4,
         persistent_slots=3,
     )
     return MMRecConfig.preset("tiny", **{**fields, **overrides})
@@ -147,10 +157,13 @@ def reference_entries(block, kv: Tensor, h: Tensor, config: MMRecConfig):
 
         return kv, best
     entries = block.learned_entries
-    weighted = torch.stack([
-        (kv[:, p].unflatten(-1, (H, d)) * entries.place_weight[p % config.segment_len].unsqueeze(-1)).flatten(-2)
-        for p in range(kv.shape[1])
-    ], dim=1)  # fmt: skip
+    weighted = torch.stack(
+        [
+            (kv[:, p].unflatten(-1, (H, d)) * entries.place_weight[p % config.segment_len].unsqueeze(-1)).flatten(-2)
+            for p in range(kv.shape[1])
+        ],
+        dim=1,
+    )
 
     def learned(span: Tensor, last: int) -> Tensor:
         mean = span.mean(1)
@@ -206,6 +219,7 @@ def read_inputs(T: int, window: int, position: int, dtype: torch.dtype, device="
     tokens = torch.randn(B, window - 1 + T, 2, H * d, dtype=dtype, device=device)
     mask = layout.read_mask
     return {
-        "joint": (q, group, tokens, mask), "long-term": (q, group, None, mask[..., :n_group]),
+        "joint": (q, group, tokens, mask),
+        "long-term": (q, group, None, mask[..., :n_group]),
         "working": (q, None, tokens, mask[..., n_group:]),
-    }[parts]  # fmt: skip
+    }[parts]

@@ -51,7 +51,8 @@ def test_mdi_gamma_stays_inside_open_interval():
 
 
 @pytest.mark.parametrize(
-    "T,window", [(1, 1), (13, 5), (13, 40), (QUERY_BLOCK + 45, 1), (2 * QUERY_BLOCK + 7, 29), (QUERY_BLOCK + 3, 300)],
+    "T,window",
+    [(1, 1), (13, 5), (13, 40), (QUERY_BLOCK + 45, 1), (2 * QUERY_BLOCK + 7, 29), (QUERY_BLOCK + 3, 300)],
     ids=lambda v: str(v),
 )
 def test_sliding_window_attention_against_reference(T, window):
@@ -79,8 +80,7 @@ def test_window_edge(window):
     assert reads.nonzero().flatten().tolist() == list(range(s, min(T, s + window)))
 
 
-@pytest.mark.parametrize("T,window,position", [(5, 20, 0), (131, 20, 300), (300, 150, 37)],
-                         ids=lambda v: str(v))  # fmt: skip
+@pytest.mark.parametrize("T,window,position", [(5, 20, 0), (131, 20, 300), (300, 150, 37)], ids=lambda v: str(v))
 @pytest.mark.parametrize("parts", ["joint", "long-term", "working"])
 @pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
 def test_flex_read_matches_blocked_sdpa(T, window, position, parts):
@@ -96,8 +96,7 @@ def test_flex_read_matches_blocked_sdpa(T, window, position, parts):
     assert_close_rel(flex_blocked_attention(q, group, tokens, mask, window), expected, FLOAT64_ACCUMULATION)
 
 
-@pytest.mark.parametrize("T,window,position", [(5, 20, 0), (131, 20, 300), (300, 150, 37)],
-                         ids=lambda v: str(v))  # fmt: skip
+@pytest.mark.parametrize("T,window,position", [(5, 20, 0), (131, 20, 300), (300, 150, 37)], ids=lambda v: str(v))
 @pytest.mark.parametrize("parts", ["joint", "long-term", "working"])
 def test_memory_read_kernel_matches_blocked_sdpa(T, window, position, parts):
     """The 'memory_read' read kernel (mmrec_ops.memory_read over the tokens in place) against
@@ -134,7 +133,9 @@ def test_persistent_slots_learned_and_always_visible():
 def match_entries(actual, expected, what):
     """Assert that the rows of actual and expected ([B, n, 2, D]) are the same set of
     entries (each row of one equal to exactly one row of the other)."""
-    assert actual.shape[1] == expected.shape[1], f"{what}: {actual.shape[1]} visible entries, expected {expected.shape[1]}"
+    assert actual.shape[1] == expected.shape[1], (
+        f"{what}: {actual.shape[1]} visible entries, expected {expected.shape[1]}"
+    )
     if expected.shape[1] == 0:
         return
     a = actual.permute(1, 0, 2, 3).flatten(1)

@@ -41,9 +41,19 @@ def test_preset_overrides_and_unknown_names():
 
 
 BAD_FIELDS = [
-    ("vocab_size", 0), ("dim", -8), ("n_layers", 0), ("n_heads", 2.0), ("segment_len", 0),
-    ("n_levels", -1), ("window", -2), ("level_slots", True), ("persistent_slots", 0), ("ffn_mult", 0),
-    ("norm_eps", 0.0), ("init_std", -1.0), ("mode", "fast"),
+    ("vocab_size", 0),
+    ("dim", -8),
+    ("n_layers", 0),
+    ("n_heads", 2.0),
+    ("segment_len", 0),
+    ("n_levels", -1),
+    ("window", -2),
+    ("level_slots", True),
+    ("persistent_slots", 0),
+    ("ffn_mult", 0),
+    ("norm_eps", 0.0),
+    ("init_std", -1.0),
+    ("mode", "fast"),
 ]
 
 

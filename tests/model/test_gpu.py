@@ -144,7 +144,9 @@ def test_cuda_compiled_flex_read_matches_blocked_sdpa(T, window, position, parts
         working = None if tokens is None else window_keys(tokens, n_blocks, Q, window)
         return sdpa_blocked_attention(q, group, working, mask)
 
-    flex = torch.compile(lambda q, group, tokens: flex_blocked_attention(q, group, tokens, mask, window), fullgraph=True)
+    flex = torch.compile(
+        lambda q, group, tokens: flex_blocked_attention(q, group, tokens, mask, window), fullgraph=True
+    )
     reference_leaves = [t.detach().double().requires_grad_() for t in leaves]
     out, expected = call(flex, *leaves), call(blocked, *reference_leaves)
     tolerance = output_tolerance(torch.float32)

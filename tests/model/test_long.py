@@ -38,7 +38,11 @@ def streaming_peak_mib(n_tokens: int, chunk: int) -> float:
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "PYTHONPATH": str(ROOT)}
     result = subprocess.run(
         [sys.executable, "-m", "tests.model.stream_memory", str(n_tokens), str(chunk)],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert result.returncode == 0, result.stderr
     return float(result.stdout.strip().splitlines()[-1])

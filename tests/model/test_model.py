@@ -63,7 +63,8 @@ def test_chunked_and_token_by_token_agree(variant):
 
 
 @pytest.mark.parametrize(
-    "ablation", [dict(window=0), dict(window=1), dict(n_levels=0), dict(mode="none")],
+    "ablation",
+    [dict(window=0), dict(window=1), dict(n_levels=0), dict(mode="none")],
     ids=["no-window", "window-1", "no-long-term", "no-recurrence"],
 )
 def test_token_steps_agree_with_one_call_in_every_ablation(ablation):
@@ -224,9 +225,18 @@ def test_generate_top_p_samples_within_the_nucleus_and_streams_the_same_tokens()
     [
         (lambda m: m(torch.rand(2, 5)), "expected ids to be an integer tensor"),
         (lambda m: m(torch.zeros(5, dtype=torch.int64)), "expected ids to be an integer tensor"),
-        (lambda m: m(torch.zeros(2, 5, dtype=torch.uint8)), r"expected ids to be an integer tensor .*vocab_size 256.*uint8"),
-        (lambda m: m(torch.zeros(2, 5, dtype=torch.bool)), r"expected ids to be an integer tensor .*vocab_size 256.*bool"),
-        (lambda m: m(torch.tensor([[0, 256]])), r"expected ids in \[0, 256\) \(vocab_size 256\), got values from 0 to 256"),
+        (
+            lambda m: m(torch.zeros(2, 5, dtype=torch.uint8)),
+            r"expected ids to be an integer tensor .*vocab_size 256.*uint8",
+        ),
+        (
+            lambda m: m(torch.zeros(2, 5, dtype=torch.bool)),
+            r"expected ids to be an integer tensor .*vocab_size 256.*bool",
+        ),
+        (
+            lambda m: m(torch.tensor([[0, 256]])),
+            r"expected ids in \[0, 256\) \(vocab_size 256\), got values from 0 to 256",
+        ),
         (lambda m: m(torch.tensor([[-1, 3]], dtype=torch.int32)), r"expected ids in \[0, 256\).*from -1 to 3"),
         (lambda m: m.generate(torch.tensor([[300]]), 2), r"expected ids in \[0, 256\)"),
         (lambda m: m(torch.zeros(2, 0, dtype=torch.int64)), "at least one token"),
@@ -238,7 +248,23 @@ def test_generate_top_p_samples_within_the_nucleus_and_streams_the_same_tokens()
         (lambda m: m.generate(torch.zeros(1, 2, dtype=torch.int64), 2, top_k=0), "top_k"),
         (lambda m: m.generate(torch.zeros(1, 2, dtype=torch.int64), 2, top_p=0.0), "top_p"),
     ],
-    ids=["float_ids", "1d_ids", "uint8_ids", "bool_ids", "id_too_large", "negative_id", "generate_id", "empty", "chunk_size", "state_batch", "state_type", "max_new", "temperature", "top_k", "top_p"],
+    ids=[
+        "float_ids",
+        "1d_ids",
+        "uint8_ids",
+        "bool_ids",
+        "id_too_large",
+        "negative_id",
+        "generate_id",
+        "empty",
+        "chunk_size",
+        "state_batch",
+        "state_type",
+        "max_new",
+        "temperature",
+        "top_k",
+        "top_p",
+    ],
 )
 def test_bad_input_is_named(call, message):
     model = MMRecModel(small_config("exact", n_layers=1))

@@ -26,8 +26,13 @@ import torch
 # Layouts of a [B, T, ...] tensor: its own contiguous storage, a [B, H, T, d]
 # storage seen through .transpose(1, 2), every other channel of a wider
 # tensor; for the recurrence, "strided" is all five inputs strided at once.
-LAYOUT_SUFFIX = {"contiguous": "", "BHTd_transposed": "-transposed", "channel_sliced": "-sliced",
-                 "unfoldable": "-unfoldable", "strided": "-strided"}
+LAYOUT_SUFFIX = {
+    "contiguous": "",
+    "BHTd_transposed": "-transposed",
+    "channel_sliced": "-sliced",
+    "unfoldable": "-unfoldable",
+    "strided": "-strided",
+}
 
 
 @dataclass(frozen=True)
@@ -117,8 +122,10 @@ SCAN_SAMPLES = [
     Sample((2, 5, 3, 4), uses=("compile",)),
     Sample((2, 11, 3, 4), uses=("compile",)),
     # Empty time, batch or channel dims.
-    *(Sample(shape, uses=("empty",)) for shape in [(2, 0, 3), (0, 5, 3), (0, 0, 2, 2), (2, 5, 0), (2, 5, 3, 0),
-                                                   (2, 5, 0, 3)]),
+    *(
+        Sample(shape, uses=("empty",))
+        for shape in [(2, 0, 3), (0, 5, 3), (0, 0, 2, 2), (2, 5, 0), (2, 5, 3, 0), (2, 5, 0, 3)]
+    ),
     # The Triton kernels under the interpreter: T = 1, prime T, no channel
     # dims, d not a power of two; strided; more steps than one tile.
     Sample((2, 1, 3), uses=("triton",)),
@@ -186,8 +193,10 @@ RECURRENCE_SAMPLES = [
     Sample((3, 1, 1, 4), uses=("opcheck",)),
     Sample((2, 5, 3, 4), uses=("compile",)),
     Sample((2, 11, 3, 4), uses=("compile",)),
-    *(Sample(shape, uses=("empty",)) for shape in [(2, 0, 3, 4), (0, 5, 3, 4), (0, 0, 2, 2), (2, 5, 3, 0),
-                                                   (2, 5, 0, 4)]),
+    *(
+        Sample(shape, uses=("empty",))
+        for shape in [(2, 0, 3, 4), (0, 5, 3, 4), (0, 0, 2, 2), (2, 5, 3, 0), (2, 5, 0, 4)]
+    ),
     # The Triton kernels under the interpreter: T = 1, prime T, more than one
     # batch tile of 16, d = 24 (padded to 32); both parameters or one; strided;
     # d below the smallest tile and d = 80 (padded to 128); empty.

@@ -104,9 +104,11 @@ def test_decode_read_compiles_without_graph_break(device):
 
     assert_compiled_matches_eager(
         loss_fn,
-        [[t.requires_grad_() for t in decode_read_inputs(sample, device, torch.float32)]
-         for sample in entries(DECODE_READ_SAMPLES, "compile")],
-    )  # fmt: skip
+        [
+            [t.requires_grad_() for t in decode_read_inputs(sample, device, torch.float32)]
+            for sample in entries(DECODE_READ_SAMPLES, "compile")
+        ],
+    )
 
 
 @pytest.mark.ops

@@ -29,8 +29,10 @@ def scan_inputs(device, with_x, with_h0, vmapped=()):
 
     def draw(name, shape, uniform=False):
         shape = (V, *shape) if name in vmapped else shape
-        return torch.rand(shape, device=device, dtype=torch.float64) if uniform else torch.randn(
-            shape, device=device, dtype=torch.float64
+        return (
+            torch.rand(shape, device=device, dtype=torch.float64)
+            if uniform
+            else torch.randn(shape, device=device, dtype=torch.float64)
         )
 
     B, _, D = SCAN_SHAPE
@@ -119,8 +121,15 @@ def test_scan_vmap_matches_reference(case, reverse, device, no_vmap_fallback):
     _, vmapped, vmapped_dims = case
     inputs = scan_inputs(device, True, True, vmapped)
     actual = vmap(mmrec_ops.scan, in_dims=(*vmapped_dims, None))(*move_vmapped(inputs, vmapped_dims), reverse)
-    expected = vmap(scan_reference, in_dims=(0 if "gamma" in vmapped else None, 0 if "x" in vmapped else None,
-                                             0 if "h0" in vmapped else None, None))(*inputs, reverse)
+    expected = vmap(
+        scan_reference,
+        in_dims=(
+            0 if "gamma" in vmapped else None,
+            0 if "x" in vmapped else None,
+            0 if "h0" in vmapped else None,
+            None,
+        ),
+    )(*inputs, reverse)
     assert_close_rel(actual, expected, TOLERANCE)
 
 

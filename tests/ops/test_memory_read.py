@@ -94,8 +94,9 @@ def check_forward(inputs, dtype):
     with nan_poison():
         out, lse = mmrec_ops.memory_read(*inputs)
     q, group, group_mask, tokens, first_token, window = inputs
-    ref_out, ref_lse = memory_read_reference(q.double().cpu(), group.double().cpu(), group_mask.cpu(),
-                                             tokens.double().cpu(), first_token.cpu(), window)
+    ref_out, ref_lse = memory_read_reference(
+        q.double().cpu(), group.double().cpu(), group_mask.cpu(), tokens.double().cpu(), first_token.cpu(), window
+    )
     check_outputs(out, lse, ref_out, ref_lse, q, dtype)
 
 
@@ -215,8 +216,9 @@ def test_memory_read_query_seeing_nothing_gives_nan(device):
     with nan_poison():
         out, lse = mmrec_ops.memory_read(q, group, group_mask, tokens, first_token, window)
     assert out[:, 0].isnan().all() and (lse[:, :, 0] == float("-inf")).all()
-    ref_out, ref_lse = memory_read_reference(q.double().cpu(), group.double().cpu(), group_mask.cpu(),
-                                             tokens.double().cpu(), first_token.cpu(), window)
+    ref_out, ref_lse = memory_read_reference(
+        q.double().cpu(), group.double().cpu(), group_mask.cpu(), tokens.double().cpu(), first_token.cpu(), window
+    )
     assert_close_rel(out[:, 1:], ref_out[:, 1:], output_tolerance(torch.float32))
     assert_close_rel(lse[:, :, 1:], ref_lse[:, :, 1:], accumulation_error(torch.float32), what="lse")
     group_mask[:] = False
@@ -272,8 +274,10 @@ def test_memory_read_backward_opcheck(dtype, device):
         q, group, group_mask, tokens, first_token, window = args
         out, lse = mmrec_ops.memory_read(*args)
         grad_out, grad_lse = torch.randn_like(out), torch.randn_like(lse)
-        torch.library.opcheck(torch.ops.mmrec.memory_read_backward.default,
-                              (grad_out, grad_lse, q, group, group_mask, tokens, first_token, out, lse, window))
+        torch.library.opcheck(
+            torch.ops.mmrec.memory_read_backward.default,
+            (grad_out, grad_lse, q, group, group_mask, tokens, first_token, out, lse, window),
+        )
 
 
 @pytest.mark.compile
@@ -344,15 +348,30 @@ def bad_memory_read_inputs():
         ("group_mask_rank2", (q, g, gm[0], tk, tm, W), r"group_mask of shape \[nb, Q, G\] \(3 dims\)"),
         ("group_mask_candidates", (q, g, gm[..., :2], tk, tm, W), r"group_mask of shape \[2, 4, 3\]"),
         ("group_mask_blocks", (q, g, gm[:1], tk, tm, W), r"group_mask of shape \[2, 4, 3\]"),
-        ("too_few_blocks", (q, g[:, :1], gm[:1], tk, tm, W),
-         r"group_mask's nb Q >= T \(blocks covering every query\), got nb = 1, Q = 4, T = 5"),
+        (
+            "too_few_blocks",
+            (q, g[:, :1], gm[:1], tk, tm, W),
+            r"group_mask's nb Q >= T \(blocks covering every query\), got nb = 1, Q = 4, T = 5",
+        ),
         ("tokens_dtype", (q, g, gm, tk.half(), tm, W), "tokens to have the dtype of q"),
         ("tokens_length", (q, g, gm, tk[:, 2:], tm, W), r"tokens of shape \[2, 7, 2, 8\]"),
         ("tokens_rank3", (q, g, gm, tk[0], tm, W), r"tokens of shape \[2, 7, 2, 8\]"),
         ("tokens_window", (q, g, gm, tk, tm, W + 1), r"tokens of shape \[2, 8, 2, 8\]"),
-        ("first_token_float", (q, g, gm, tk, tm.float(), W), "first_token to be an int64 tensor of 0 dims, got torch.float32"),
-        ("first_token_int32", (q, g, gm, tk, tm.int(), W), "first_token to be an int64 tensor of 0 dims, got torch.int32"),
-        ("first_token_1dim", (q, g, gm, tk, tm.reshape(1), W), r"first_token to be an int64 tensor of 0 dims, got torch.int64 of shape \[1\]"),
+        (
+            "first_token_float",
+            (q, g, gm, tk, tm.float(), W),
+            "first_token to be an int64 tensor of 0 dims, got torch.float32",
+        ),
+        (
+            "first_token_int32",
+            (q, g, gm, tk, tm.int(), W),
+            "first_token to be an int64 tensor of 0 dims, got torch.int32",
+        ),
+        (
+            "first_token_1dim",
+            (q, g, gm, tk, tm.reshape(1), W),
+            r"first_token to be an int64 tensor of 0 dims, got torch.int64 of shape \[1\]",
+        ),
     ]
 
 
@@ -369,8 +388,12 @@ def test_memory_read_bad_inputs_raise_clear_errors(case, kernel):
 @pytest.mark.parametrize("name", ["group", "group_mask", "tokens", "first_token"])
 def test_memory_read_mixed_devices_raise_clear_errors(name):
     """A tensor on another device (meta stands in for one on machines without a GPU)."""
-    args = dict(zip(("q", "group", "group_mask", "tokens", "first_token", "window"),
-                    memory_read_inputs(MemoryReadSample((2, 5, 2, 4, 3, 4, 3)), "cpu", torch.float32)))
+    args = dict(
+        zip(
+            ("q", "group", "group_mask", "tokens", "first_token", "window"),
+            memory_read_inputs(MemoryReadSample((2, 5, 2, 4, 3, 4, 3)), "cpu", torch.float32),
+        )
+    )
     args[name] = args[name].to("meta")
     with pytest.raises(ValueError, match=rf"{name} to be on the device of q \(cpu\), got meta"):
         torch.ops.mmrec.memory_read(*args.values())
@@ -394,8 +417,9 @@ def bad_memory_read_backward_inputs():
 
 @pytest.mark.ops
 @pytest.mark.parametrize("kernel", ["cpu", "fake"])
-@pytest.mark.parametrize("case", bad_memory_read_backward_inputs(),
-                         ids=[c[0] for c in bad_memory_read_backward_inputs()])
+@pytest.mark.parametrize(
+    "case", bad_memory_read_backward_inputs(), ids=[c[0] for c in bad_memory_read_backward_inputs()]
+)
 def test_memory_read_backward_bad_inputs(case, kernel):
     _, args, message = case
     with pytest.raises(ValueError, match=message):

@@ -41,6 +41,7 @@ from tests.ops.samples import (
     recurrence_inputs,
 )
 
+
 def given(inputs):
     return [(name, t) for name, t in zip(RECURRENCE_NAMES, inputs) if t is not None]
 
@@ -151,7 +152,9 @@ def test_recurrence_second_derivatives_are_refused(sample, mode, device):
     _, ref_grads = reference_with_grads(inputs, 2 * out.detach())
     for grad, ref in zip(grads, ref_grads):
         assert_close_rel(grad, ref, grad_tolerance(torch.float64))
-    with pytest.raises(RuntimeError, match=r"mmrec::recurrence: second derivatives \(double backward\) are not supported"):
+    with pytest.raises(
+        RuntimeError, match=r"mmrec::recurrence: second derivatives \(double backward\) are not supported"
+    ):
         torch.autograd.grad(sum(g.sum() for g in grads), leaves)
 
 
@@ -195,8 +198,10 @@ def test_recurrence_compiles_without_graph_break(device):
 
     assert_compiled_matches_eager(
         loss_fn,
-        [[t.requires_grad_() for t in recurrence_inputs(sample, device, torch.float32)]
-         for sample in entries(RECURRENCE_SAMPLES, "compile")],
+        [
+            [t.requires_grad_() for t in recurrence_inputs(sample, device, torch.float32)]
+            for sample in entries(RECURRENCE_SAMPLES, "compile")
+        ],
     )
 
 

@@ -30,7 +30,11 @@ def reference_with_grads(gamma, x, h0, reverse, grad_h):
     g64, x64, h064 = (as_double_leaf(t) for t in (gamma, x, h0))
     out = scan_reference(g64, x64, h064, reverse)
     leaves = [t for t in (g64, x64, h064) if t is not None]
-    grads = torch.autograd.grad(out, leaves, grad_h.double().cpu()) if out.numel() else [torch.zeros_like(t) for t in leaves]
+    grads = (
+        torch.autograd.grad(out, leaves, grad_h.double().cpu())
+        if out.numel()
+        else [torch.zeros_like(t) for t in leaves]
+    )
     return out.detach(), grads
 
 
@@ -143,7 +147,9 @@ def test_scan_gradients_strided(sample, reverse, device):
     other = Sample(tuple(gamma.shape), "BHTd_transposed" if gamma.dim() == 4 else "contiguous")
     grad_h = scan_seq(other, device, torch.float32, "normal")
     check_gradients(gamma, x, h0, reverse, torch.float32, grad_h)
-    check_gradients(gamma, x, h0, reverse, torch.float32, draw(gamma.shape[-1], device, torch.float32).expand(gamma.shape))
+    check_gradients(
+        gamma, x, h0, reverse, torch.float32, draw(gamma.shape[-1], device, torch.float32).expand(gamma.shape)
+    )
 
 
 @pytest.mark.ops
@@ -204,7 +210,7 @@ def test_scan_pointer_alignment(sample, dtype, device):
     g_full, x_full, h0_full = scan_inputs(sample, device, dtype, True, True)
     gh_full = draw(g_full.shape, device, dtype)
     for offset in (0, 1, 0):
-        gamma, x, h0, grad_h = (t[..., offset:offset + 32] for t in (g_full, x_full, h0_full, gh_full))
+        gamma, x, h0, grad_h = (t[..., offset : offset + 32] for t in (g_full, x_full, h0_full, gh_full))
         assert (gamma.data_ptr() % 16 == 0) == (offset == 0)
         check_gradients(gamma, x, h0, False, dtype, grad_h)
 
@@ -263,8 +269,10 @@ def test_scan_compiles_without_graph_break(device):
 
     assert_compiled_matches_eager(
         loss_fn,
-        [[t.requires_grad_() for t in scan_inputs(sample, device, torch.float32, True, True)]
-         for sample in entries(SCAN_SAMPLES, "compile")],
+        [
+            [t.requires_grad_() for t in scan_inputs(sample, device, torch.float32, True, True)]
+            for sample in entries(SCAN_SAMPLES, "compile")
+        ],
     )
 
 

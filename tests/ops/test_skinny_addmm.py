@@ -99,9 +99,11 @@ def test_skinny_addmm_compiles_without_graph_break(device):
 
     assert_compiled_matches_eager(
         loss_fn,
-        [[t.requires_grad_() for t in skinny_addmm_inputs(sample, device, torch.float32)]
-         for sample in entries(SKINNY_ADDMM_SAMPLES, "compile")],
-    )  # fmt: skip
+        [
+            [t.requires_grad_() for t in skinny_addmm_inputs(sample, device, torch.float32)]
+            for sample in entries(SKINNY_ADDMM_SAMPLES, "compile")
+        ],
+    )
 
 
 @pytest.mark.ops

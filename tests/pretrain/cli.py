@@ -13,8 +13,24 @@ import torch
 REPO = Path(__file__).resolve().parents[2]
 # A model small enough that a step takes milliseconds, with windows longer
 # than one memory segment (64) so that the long-term memory is written and read.
-SMALL = ["--dim", "32", "--n-layers", "1", "--n-heads", "2", "--seq-len", "80", "--batch-size", "4",
-         "--eval-batches", "1", "--sample-tokens", "16", "--device", "cpu"]  # fmt: skip
+SMALL = [
+    "--dim",
+    "32",
+    "--n-layers",
+    "1",
+    "--n-heads",
+    "2",
+    "--seq-len",
+    "80",
+    "--batch-size",
+    "4",
+    "--eval-batches",
+    "1",
+    "--sample-tokens",
+    "16",
+    "--device",
+    "cpu",
+]
 
 
 def environment(**extra: str) -> dict:

@@ -23,6 +23,20 @@ def trained_run(tmp_path_factory, corpus_file) -> Path:
     seed = int(os.environ.get("MMREC_TEST_SEED", random.SystemRandom().randrange(2**31)))
     print(f"trained_run: MMREC_TEST_SEED={seed}")
     out = tmp_path_factory.mktemp("trained") / "run"
-    args = [*SMALL, "--data", corpus_file, "--steps", 6, "--eval-every", 3, "--lr", "5e-3", "--seed", seed, "--out", out]
+    args = [
+        *SMALL,
+        "--data",
+        corpus_file,
+        "--steps",
+        6,
+        "--eval-every",
+        3,
+        "--lr",
+        "5e-3",
+        "--seed",
+        seed,
+        "--out",
+        out,
+    ]
     succeeded(pretrain(args, out.parent))
     return out

@@ -28,8 +28,21 @@ def flat(state: dict) -> torch.Tensor:
 
 
 def test_two_processes_match_one_with_the_same_global_batch(tmp_path, corpus_file, fresh_seed):
-    args = [*SMALL, "--eval-batches", 2, "--data", corpus_file, "--steps", 6, "--eval-every", 3, "--log-every", 1,
-            "--seed", fresh_seed]  # fmt: skip
+    args = [
+        *SMALL,
+        "--eval-batches",
+        2,
+        "--data",
+        corpus_file,
+        "--steps",
+        6,
+        "--eval-every",
+        3,
+        "--log-every",
+        1,
+        "--seed",
+        fresh_seed,
+    ]
     env = environment(OMP_NUM_THREADS="1")  # torchrun gives each of its processes one thread
     succeeded(pretrain([*args, "--out", tmp_path / "one"], tmp_path, env=env))
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--standalone"]

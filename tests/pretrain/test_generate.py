@@ -53,28 +53,58 @@ def test_sampling_is_reproducible_and_leaves_the_global_generator_alone(trained_
 
 
 def test_stream_prints_each_character_once_complete(capsys):
-    print_stream("a", iter("é€".encode("utf-8")))
+    print_stream("a", iter("é€".encode()))
     assert capsys.readouterr().out == "aé€\n"
 
 
 def test_command_prints_the_python_api_sample_reproducibly(tmp_path, trained_run):
-    args = ["--checkpoint", trained_run, "--prompt", "class ", "--max-new-tokens", 40, "--temperature", 0.7,
-            "--top-k", 20, "--seed", 3, "--device", "cpu"]  # fmt: skip
+    args = [
+        "--checkpoint",
+        trained_run,
+        "--prompt",
+        "class ",
+        "--max-new-tokens",
+        40,
+        "--temperature",
+        0.7,
+        "--top-k",
+        20,
+        "--seed",
+        3,
+        "--device",
+        "cpu",
+    ]
     printed = succeeded(generate(args, tmp_path)).stdout
-    expected = generate_text(load_model(str(trained_run), torch.device("cpu")), "class ", 40, Sampling(0.7, 20, None, 3))
+    expected = generate_text(
+        load_model(str(trained_run), torch.device("cpu")), "class ", 40, Sampling(0.7, 20, None, 3)
+    )
     assert printed == expected + "\n"
     from_file = succeeded(generate([*args, "--checkpoint", trained_run / "checkpoint.pt"], tmp_path)).stdout
     assert from_file == printed
 
 
 def test_command_generates_samples_as_a_batch_and_reports_its_speed(tmp_path, trained_run):
-    args = ["--checkpoint", trained_run, "--prompt", "if ", "--max-new-tokens", 16, "--temperature", 0,
-            "--num-samples", 3, "--device", "cpu"]  # fmt: skip
+    args = [
+        "--checkpoint",
+        trained_run,
+        "--prompt",
+        "if ",
+        "--max-new-tokens",
+        16,
+        "--temperature",
+        0,
+        "--num-samples",
+        3,
+        "--device",
+        "cpu",
+    ]
     result = succeeded(generate(args, tmp_path))
     greedy = generate_text(load_model(str(trained_run), torch.device("cpu")), "if ", 16, Sampling(temperature=0))
     samples = [f"--- sample {i} of 3 ---\n{greedy}\n" for i in (1, 2, 3)]
     assert result.stdout == "".join(samples)
-    assert re.fullmatch(r"mmrec-generate: 48 bytes in [\d.]+ s, [\d,]+ bytes/s \(prompt included\) on cpu\n", result.stderr)
+    assert re.fullmatch(
+        r"mmrec-generate: 48 bytes in [\d.]+ s, [\d,]+ bytes/s \(prompt included\) on cpu\n", result.stderr
+    )
 
 
 def test_checkpoint_with_non_finite_weights_is_refused(tmp_path, trained_run):

@@ -25,9 +25,32 @@ pytestmark = pytest.mark.pretrain
 
 def test_learns_on_the_embedded_corpus_and_writes_its_run_folder(tmp_path, fresh_seed):
     out = tmp_path / "run"
-    args = ["--dim", "64", "--n-heads", "4", "--n-layers", "2", "--seq-len", "72", "--batch-size", "8", "--lr", "3e-3",
-            "--steps", 40, "--eval-every", 20, "--eval-batches", 2, "--seed", fresh_seed, "--out", out,
-            "--device", "cpu"]  # fmt: skip
+    args = [
+        "--dim",
+        "64",
+        "--n-heads",
+        "4",
+        "--n-layers",
+        "2",
+        "--seq-len",
+        "72",
+        "--batch-size",
+        "8",
+        "--lr",
+        "3e-3",
+        "--steps",
+        40,
+        "--eval-every",
+        20,
+        "--eval-batches",
+        2,
+        "--seed",
+        fresh_seed,
+        "--out",
+        out,
+        "--device",
+        "cpu",
+    ]
     result = succeeded(pretrain(args, tmp_path))
     val = metrics(out, "val")
     assert [r["step"] for r in val] == [0, 20, 40]
@@ -48,8 +71,21 @@ def test_learns_on_the_embedded_corpus_and_writes_its_run_folder(tmp_path, fresh
 
 
 def run_args(corpus_file, seed, out, eval_every):
-    return [*SMALL, "--data", corpus_file, "--steps", 8, "--eval-every", eval_every, "--log-every", 1,
-            "--seed", seed, "--out", out]  # fmt: skip
+    return [
+        *SMALL,
+        "--data",
+        corpus_file,
+        "--steps",
+        8,
+        "--eval-every",
+        eval_every,
+        "--log-every",
+        1,
+        "--seed",
+        seed,
+        "--out",
+        out,
+    ]
 
 
 def untimed(records: list[dict]) -> list[dict]:
@@ -128,7 +164,9 @@ BAD_INPUT = [
     pytest.param(["--stop-at", "50"], r"--stop-at 50: expected a step in \(0, 6\]", id="stop_after_end"),
     pytest.param(["--sample-prompt", ""], "--sample-prompt: expected at least one character", id="empty_prompt"),
     pytest.param(["--device", "tpu"], "--device: expected auto, cpu or cuda", id="unknown_device"),
-    pytest.param(["--out", "{tmp}/out/notes.txt/run"], "--out .*: .*notes.txt is a file, not a folder", id="out_under_a_file"),
+    pytest.param(
+        ["--out", "{tmp}/out/notes.txt/run"], "--out .*: .*notes.txt is a file, not a folder", id="out_under_a_file"
+    ),
     pytest.param(["--resume", "{tmp}/corrupt"], "not a readable checkpoint", id="corrupt_checkpoint"),
     pytest.param(["--resume", "{tmp}/nowhere"], "no checkpoint there", id="missing_checkpoint"),
 ]
@@ -217,8 +255,23 @@ def test_missing_compiled_library_stops_the_command_with_the_build_commands(tmp_
 
 def test_a_diverging_run_stops_and_keeps_its_last_finite_checkpoint(tmp_path, corpus_file, fresh_seed):
     out = tmp_path / "run"
-    args = [*SMALL, "--data", corpus_file, "--steps", 6, "--eval-every", 3, "--lr", "1e6", "--warmup", 0,
-            "--seed", fresh_seed, "--out", out]  # fmt: skip
+    args = [
+        *SMALL,
+        "--data",
+        corpus_file,
+        "--steps",
+        6,
+        "--eval-every",
+        3,
+        "--lr",
+        "1e6",
+        "--warmup",
+        0,
+        "--seed",
+        fresh_seed,
+        "--out",
+        out,
+    ]
     result = pretrain(args, tmp_path)
     assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
     assert re.search(
@@ -252,7 +305,9 @@ def test_a_folder_that_another_run_writes_is_refused(tmp_path, corpus_file, fres
             assert result.returncode == 1, result.stdout + result.stderr
             assert re.fullmatch(
                 r"mmrec-pretrain: error: --out .*: another run \(process 4242\) is writing this folder; "
-                r"wait until it ends or choose another --out\n", result.stderr), result.stderr  # fmt: skip
+                r"wait until it ends or choose another --out\n",
+                result.stderr,
+            ), result.stderr
         assert snapshot(tmp_path) == before
 
 
@@ -292,14 +347,21 @@ sys.exit(main(sys.argv[1:]))
 def test_a_full_disk_stops_the_run_in_one_line_and_keeps_the_previous_checkpoint(tmp_path, corpus_file, fresh_seed):
     out = tmp_path / "run"
     command = [sys.executable, "-c", FULL_DISK_AT_SAVE, *map(str, run_args(corpus_file, fresh_seed, out, eval_every=3))]
-    result = subprocess.run(command, cwd=tmp_path, env=environment(FULL_AT_SAVE="3"), capture_output=True, text=True,
-                            timeout=300)  # fmt: skip
+    result = subprocess.run(
+        command, cwd=tmp_path, env=environment(FULL_AT_SAVE="3"), capture_output=True, text=True, timeout=300
+    )
     assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
     assert result.stderr.endswith(
         f"mmrec-pretrain: error: cannot write {out}/checkpoint.pt (No space left on device); "
         f"the run stopped, {out}/checkpoint.pt keeps its last checkpoint\n"
     ), result.stderr
-    assert sorted(p.name for p in out.iterdir()) == [".lock", "checkpoint.pt", "config.json", "loss.png", "metrics.jsonl"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        ".lock",
+        "checkpoint.pt",
+        "config.json",
+        "loss.png",
+        "metrics.jsonl",
+    ]
     assert load(out)["step"] == 3
     succeeded(pretrain(["--resume", out], tmp_path))
     assert [r["step"] for r in metrics(out, "val")] == [0, 3, 6, 8]
@@ -315,7 +377,9 @@ def read_only_folder(tmp_path):
         yield folder
         folder.chmod(0o755)
         return
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(folder)], capture_output=True).returncode:
+    if subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(folder)], capture_output=True
+    ).returncode:
         pytest.skip("running as root without the right to mount a read-only tmpfs")
     yield folder
     subprocess.run(["umount", str(folder)], check=True)
@@ -338,7 +402,10 @@ def test_resume_drops_a_last_metrics_line_cut_short_and_refuses_a_damaged_one(tm
     (out / "metrics.jsonl").write_text("".join([*lines[:2], "not json\n", *lines[2:]]))
     result = pretrain(["--resume", out], tmp_path)
     assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
-    assert result.stderr == f"mmrec-pretrain: error: --resume: {out}/metrics.jsonl: line 3 is not a metrics record; mend or delete it\n"
+    assert (
+        result.stderr
+        == f"mmrec-pretrain: error: --resume: {out}/metrics.jsonl: line 3 is not a metrics record; mend or delete it\n"
+    )
     (out / "metrics.jsonl").write_text("".join(lines) + '{"step": 5, "split": "tr')  # a crash mid-append
     succeeded(pretrain(["--resume", out], tmp_path))
     assert [r["step"] for r in metrics(out, "train")] == list(range(1, 9))
@@ -348,14 +415,18 @@ def test_resume_drops_a_last_metrics_line_cut_short_and_refuses_a_damaged_one(tm
     "edit, message",
     [
         pytest.param({"step": "3"}, r"step: expected an integer >= 0, got '3'", id="step_as_text"),
-        pytest.param({"rng": {"torch": torch.zeros(9, dtype=torch.uint8), "cuda": []}}, "rng: expected 'torch'", id="rng"),
+        pytest.param(
+            {"rng": {"torch": torch.zeros(9, dtype=torch.uint8), "cuda": []}}, "rng: expected 'torch'", id="rng"
+        ),
         pytest.param({"hook": print}, "not a readable checkpoint .*it pickles print", id="pickled_code"),
     ],
 )
 def test_a_hand_edited_checkpoint_is_refused_in_one_line(tmp_path, trained_run, edit, message):
     torch.save({**load(trained_run), **edit}, tmp_path / "checkpoint.pt")
-    for result in (pretrain(["--resume", tmp_path], tmp_path),
-                   run_module("mmrec_model.generate", ["--checkpoint", tmp_path, "--prompt", "x"], tmp_path)):  # fmt: skip
+    for result in (
+        pretrain(["--resume", tmp_path], tmp_path),
+        run_module("mmrec_model.generate", ["--checkpoint", tmp_path, "--prompt", "x"], tmp_path),
+    ):
         assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
         assert result.stderr.count("\n") == 1 and "weights_only" not in result.stderr
         assert re.search(message, result.stderr), result.stderr
@@ -380,8 +451,14 @@ def test_a_hung_process_stops_the_others_after_the_dist_timeout(tmp_path, corpus
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--standalone"]
     args = [*SMALL, "--data", corpus_file, "--steps", 6, "--out", tmp_path / "run", "--dist-timeout", 5]
     started = time.monotonic()
-    result = subprocess.run([*torchrun, str(script), *map(str, args)], cwd=tmp_path,
-                            env=environment(OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=300)  # fmt: skip
+    result = subprocess.run(
+        [*torchrun, str(script), *map(str, args)],
+        cwd=tmp_path,
+        env=environment(OMP_NUM_THREADS="1"),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode != 0 and time.monotonic() - started < 120
     assert (
         "mmrec-pretrain: error: rank 0: another process did not answer within --dist-timeout 5 seconds "

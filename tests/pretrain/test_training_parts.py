@@ -139,10 +139,16 @@ def test_atomic_write_names_its_temporary_file_per_writer_and_removes_it_on_fail
 
 def make_checkpoint() -> dict:
     return {
-        "format": C.CHECKPOINT_FORMAT, "step": 3, "model": {"w": torch.randn(2, 3)}, "model_config": {},
-        "train_config": {}, "optimizer": {}, "scheduler": {"last_epoch": 3}, "rng": C.rng_states(),
+        "format": C.CHECKPOINT_FORMAT,
+        "step": 3,
+        "model": {"w": torch.randn(2, 3)},
+        "model_config": {},
+        "train_config": {},
+        "optimizer": {},
+        "scheduler": {"last_epoch": 3},
+        "rng": C.rng_states(),
         "data": {"sha256": "0" * 64, "source": "test data"},
-    }  # fmt: skip
+    }
 
 
 def test_checkpoint_round_trip_from_file_or_folder(tmp_path):
@@ -184,12 +190,19 @@ HAND_EDITS = [
     pytest.param({"step": 4}, r"scheduler: expected last_epoch 4 \(the step\), got 3", id="step_not_the_schedulers"),
     pytest.param({"data": {}}, "data: expected the corpus' 'sha256' and 'source'", id="empty_data"),
     pytest.param({"model": [1, 2]}, "model: expected a dict, got list", id="model_a_list"),
-    pytest.param({"model": {"w": 1.0}}, r"model: expected a state_dict \(parameter names to tensors\)", id="model_of_floats"),
-    pytest.param({"rng": {"torch": torch.zeros(7, dtype=torch.uint8), "cuda": []}},
-                 "rng: expected 'torch', the CPU generator's state of 5056 bytes", id="rng_wrong_size"),
-    pytest.param({"rng": {"torch": torch.get_rng_state(), "cuda": None}}, "rng: expected 'cuda'", id="rng_cuda_missing"),
+    pytest.param(
+        {"model": {"w": 1.0}}, r"model: expected a state_dict \(parameter names to tensors\)", id="model_of_floats"
+    ),
+    pytest.param(
+        {"rng": {"torch": torch.zeros(7, dtype=torch.uint8), "cuda": []}},
+        "rng: expected 'torch', the CPU generator's state of 5056 bytes",
+        id="rng_wrong_size",
+    ),
+    pytest.param(
+        {"rng": {"torch": torch.get_rng_state(), "cuda": None}}, "rng: expected 'cuda'", id="rng_cuda_missing"
+    ),
     pytest.param({"optimizer": "adamw"}, "optimizer: expected a dict, got str", id="optimizer_a_string"),
-]  # fmt: skip
+]
 
 
 @pytest.mark.parametrize("edit, message", HAND_EDITS)
@@ -202,5 +215,10 @@ def test_hand_edited_checkpoint_is_refused_with_one_line(tmp_path, edit, message
 
 
 def test_non_finite_entries_names_the_tensors_holding_nan_or_inf():
-    state = {"a": torch.ones(3), "b": torch.tensor([1.0, math.nan]), "c": torch.tensor([math.inf]), "n": torch.ones(2, dtype=torch.long)}
+    state = {
+        "a": torch.ones(3),
+        "b": torch.tensor([1.0, math.nan]),
+        "c": torch.tensor([math.inf]),
+        "n": torch.ones(2, dtype=torch.long),
+    }
     assert C.non_finite_entries(state) == ["b", "c"]

@@ -31,8 +31,13 @@ pytestmark = pytest.mark.triton
 
 @pytest.mark.parametrize(
     "version, interpret, direct",
-    [((3, 5), False, False), ((3, 6), False, True), ((3, 9), False, True), ((3, 10), False, False),
-     ((3, 6), True, False)],
+    [
+        ((3, 5), False, False),
+        ((3, 6), False, True),
+        ((3, 9), False, True),
+        ((3, 10), False, False),
+        ((3, 6), True, False),
+    ],
     ids=["triton3.5", "triton3.6", "triton3.9", "triton3.10", "interpreter"],
 )
 def test_direct_launch_is_version_gated(version, interpret, direct):
@@ -155,14 +160,20 @@ def test_ops_run_on_a_gpu_other_than_the_current_one():
     """Every op, forward and backward, on cuda:1 while cuda:0 is current: the
     same results as on the CPU."""
     torch.cuda.set_device(0)
-    (scan_sample,), (recurrence_sample,) = entries(SCAN_SAMPLES, "other_device"), entries(RECURRENCE_SAMPLES,
-                                                                                               "other_device")
-    (read_sample,), (product_sample,) = entries(DECODE_READ_SAMPLES, "other_device"), entries(SKINNY_ADDMM_SAMPLES,
-                                                                                              "other_device")
-    cases = [(mmrec_ops.scan, scan_inputs(scan_sample, "cpu", torch.float32, True, True)),
-             (mmrec_ops.recurrence, recurrence_inputs(recurrence_sample, "cpu", torch.float32)),
-             (mmrec_ops.decode_read, decode_read_inputs(read_sample, "cpu", torch.float32)),
-             (mmrec_ops.skinny_addmm, skinny_addmm_inputs(product_sample, "cpu", torch.float32))]
+    (scan_sample,), (recurrence_sample,) = (
+        entries(SCAN_SAMPLES, "other_device"),
+        entries(RECURRENCE_SAMPLES, "other_device"),
+    )
+    (read_sample,), (product_sample,) = (
+        entries(DECODE_READ_SAMPLES, "other_device"),
+        entries(SKINNY_ADDMM_SAMPLES, "other_device"),
+    )
+    cases = [
+        (mmrec_ops.scan, scan_inputs(scan_sample, "cpu", torch.float32, True, True)),
+        (mmrec_ops.recurrence, recurrence_inputs(recurrence_sample, "cpu", torch.float32)),
+        (mmrec_ops.decode_read, decode_read_inputs(read_sample, "cpu", torch.float32)),
+        (mmrec_ops.skinny_addmm, skinny_addmm_inputs(product_sample, "cpu", torch.float32)),
+    ]
     for op, inputs in cases:
         results = []
         for device in ("cpu", "cuda:1"):

@@ -66,5 +66,6 @@ def test_offsets_past_int32_are_refused(interpreted):
     strides = ((H * d, d, 1), contiguous, contiguous, 1, (H * d, d, 1))
     with pytest.raises(ValueError, match=r"keys spans \d+ elements, beyond the kernels' int32 offsets"):
         interpreted.check_offsets(B, H, K, d, strides)
-    interpreted.check_offsets(1, H, 1136, d, ((H * d, d, 1), (H * 1136 * d, 1136 * d, d, 1),
-                                               (H * 1136 * d, 1136 * d, d, 1), 1, (H * d, d, 1)))
+    interpreted.check_offsets(
+        1, H, 1136, d, ((H * d, d, 1), (H * 1136 * d, 1136 * d, d, 1), (H * 1136 * d, 1136 * d, d, 1), 1, (H * d, d, 1))
+    )

@@ -22,8 +22,9 @@ def check_launchers(interpreted, inputs, dtype):
     grad_out, grad_lse = upstream_grads(inputs, dtype)
     with nan_poison():
         out, lse = interpreted.memory_read(*inputs)
-        grads = interpreted.memory_read_backward(grad_out, grad_lse, q, group, group_mask, tokens, first_token,
-                                                 out, lse, window)
+        grads = interpreted.memory_read_backward(
+            grad_out, grad_lse, q, group, group_mask, tokens, first_token, out, lse, window
+        )
     check_gradients_of(inputs, dtype, out, lse, grads, grad_out, grad_lse)
 
 

@@ -57,7 +57,9 @@ def both_loops(interpreted, request, monkeypatch):
     the next step."""
     stages = request.param
     config = {
-        size: {block_d: (fwd_warps, stages, bwd_warps, stages) for block_d, (fwd_warps, _, bwd_warps, _) in by_d.items()}
+        size: {
+            block_d: (fwd_warps, stages, bwd_warps, stages) for block_d, (fwd_warps, _, bwd_warps, _) in by_d.items()
+        }
         for size, by_d in interpreted._CONFIG.items()
     }
     monkeypatch.setattr(interpreted, "_CONFIG", config)
