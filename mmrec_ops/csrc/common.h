@@ -156,8 +156,8 @@ inline IntArrayRef step_channel_strides(const Tensor& t) {
 
 // Channels per task for `rows` independent batch rows of L channels each.
 // Whole rows are best: a task then reads each time step's channels as one
-// contiguous run, and the hardware prefetcher streams them (measured: splitting
-// a 2 KB row in halves made the contiguous scan 2.4x slower on 2 cores). Rows
+// contiguous run, and the hardware prefetcher streams them (measured on 2 cores:
+// splitting a 2 KB row in halves made the contiguous scan markedly slower). Rows
 // are split only to give every thread an equal share of tasks, or to bound the
 // per-task state buffer. C = 0 (an empty channel dim) makes one piece of no
 // channels, so the caller has no task to run.

@@ -91,7 +91,7 @@ struct Tiling {
 // Visits i = 0 .. n-1, or n-1 .. 0 when kDescending. A pass that walks time
 // backwards visits channels backwards too, so that memory is read as one
 // monotone descending stream, which the hardware prefetcher follows; rows
-// descending but channels ascending ran 2.5x slower on 2 cores (measured).
+// descending but channels ascending ran markedly slower (measured on 2 cores).
 template <bool kDescending, typename Body>
 inline void for_each_channel(int64_t n, Body&& body) {
   if constexpr (kDescending) {
@@ -119,7 +119,7 @@ void load_initial(
 // Outputs at least this large are written with non-temporal (streaming)
 // stores: they will not stay in cache for the next op anyway, and streaming
 // skips reading each output line before it is overwritten, a third of the
-// forward's memory traffic (measured on 2 cores: 30-50% faster).
+// forward's memory traffic (faster on 2 cores, measured).
 constexpr int64_t kStreamingBytes = 8 << 20;
 
 // dst[i] = a[i] (* b[i]) for i < n, with streaming stores (call stream_fence()

@@ -24,9 +24,8 @@ def skinny_addmm(bias: Tensor, x: Tensor, weight: Tensor) -> Tensor:
         out[m, n] = bias[n] + sum_k x[m, k] weight[k, n]
 
     What a decoder's projections are at a batch of a few rows: a stream of the
-    weight, which cuBLAS's kernels for 2 to 32 rows read slowly (16 float32 rows
-    times a 768 x 3456 weight: 16.6 us on an H100, this op 10.4 us; see
-    bench/skinny_addmm.py). On CUDA programs split K among them and each
+    weight, which cuBLAS's kernels for 2 to 32 rows read slowly (the figures:
+    bench/results/skinny_addmm_cuda_h100.md). On CUDA programs split K among them and each
     streams its slice of the weight once for all rows; partial sums are added
     in a fixed order (the result does not depend on scheduling). The split pays
     while the weight dominates the bytes, i.e. for M well below K and N.

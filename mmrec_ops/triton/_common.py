@@ -3,9 +3,8 @@ the host layer that launches them (one for both ops).
 
 Host layer. A launch costs host time on every call of an op, and on a GPU it
 can exceed the kernel's own time. kernel[grid](...) (JITFunction.run) binds
-and specializes every argument again on each call: 66-79 us of host time for
-the scan forward on the H100 machines, against 17-27 us for a cached plan
-launched directly (2026-11-24). So a launcher builds, once per key of shapes,
+and specializes every argument again on each call, several times the host
+time of a cached plan launched directly. So a launcher builds, once per key of shapes,
 strides, dtype and flags (functools.lru_cache), a Plan: the grid, num_warps and
 every argument that follows the tensors. Plan.launch then
 - runs under a guard for the tensors' device: Triton launches on the current

@@ -44,7 +44,7 @@ __all__ = ["decode_read", "split_slots", "check_offsets"]
 # Slots per tile of a program (64 x d keys and values per step), programs to aim for per
 # streaming multiprocessor (enough loads in flight to stream the cache at the memory's
 # rate) and warps per program: the fastest of a sweep at a decoder's shapes, batch 1 and
-# 16 (bench/tune_decode_read.py; bench/results/tune_decode_read_h100.md).
+# 16 (python -m bench.tune_decode_read; bench/results/tune_decode_read_h100.md).
 BLOCK_K = 64
 PROGRAMS_PER_SM = 4
 NUM_WARPS = 2

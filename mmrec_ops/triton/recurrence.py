@@ -36,18 +36,15 @@ exact ("ieee") dots (tf32 would cost about 1e-3 relative).
 
 Loads of z, gamma (and grad_h, h_{t-1} in the backward) do not depend on the
 recurrence: they are kept in flight ahead of the dependent chain, either by
-Triton's software pipelining (tl.range num_stages; the default: at 4 stages
-about 1.6x faster than the prefetch, bf16 d = 64) or by issuing the next step's loads before the
+Triton's software pipelining (tl.range num_stages; the default, faster than the
+prefetch wherever its buffers fit) or by issuing the next step's loads before the
 current step is computed (PREFETCH, a register double buffer; float64 at
 d = 128, where pipelining buffers do not fit in shared memory).
 
-Measured on an H100 (torch 2.11, Triton 3.6), bfloat16 [B, T, H, d] =
-[16, 1024, 12, 64]: forward 0.49 ms, backward 0.90 ms (triton.testing.do_bench
-medians of the launchers), 0.51 / 1.42 ms forward / forward+backward through
-the op (bench/results/recurrence_cuda_h100.md). That is about 0.5 us per
-step, and 75 MB moved in 0.49 ms is far from the memory's rate: the time is
-the sequential chain of each step (dot, sigmoid, update, h's change of layout
-from the dot's output to its input), 12 programs walking 1024 steps.
+The kernels run far below the memory's rate (bench/results/recurrence_cuda_h100.md):
+the time is the sequential chain of each step (dot, sigmoid, update, h's change of
+layout from the dot's output to its input), one program per (16 batch rows, head)
+walking all T steps.
 
 This module does not import mmrec_ops: the callers validate the arguments.
 """
@@ -458,9 +455,8 @@ def _recurrence_bwd_kernel(
 # most programs for a given B). Per element size in bytes, then BLOCK_D:
 # (forward warps, forward stages, backward warps, backward stages), where
 # k > 0 stages is tl.range(num_stages=k) and 0 the register prefetch of the
-# next step. bfloat16 at d = 64: 4 stages took the forward from 0.81 ms
-# (prefetch) to 0.49 ms and the backward from 1.46 to 0.90 ms; 4 warps beat
-# 2 and 8. float64 at d = 128 keeps the prefetch: pipelining buffers next to
+# next step. At bfloat16 and d = 64, 4 stages beat the prefetch in both
+# kernels, and 4 warps beat 2 and 8. float64 at d = 128 keeps the prefetch: pipelining buffers next to
 # its 128 KB weight tile would exceed the 227 KB of shared memory.
 # The plans are cached: call _clear_plans() after changing a knob.
 _BLOCK_B = 16

@@ -42,32 +42,21 @@ reads grad_h, gamma, h (and h0) once and writes each output once.
 Accumulation is in float32 (float64 for float64 inputs); outputs are new
 contiguous tensors in the inputs' dtype.
 
-Measured on an H100 (torch 2.11, Triton 3.6) at [B, T, H, d] = [8, 4096, 16, 64],
-the launchers alone (bench.common.median_time_ms: 10 calls between CUDA events;
-2026-11-24, four machine instances): bfloat16 forward 75-76 us, backward
-125-129 us; float32 140-141 / 234-237 us; a device add of two tensors into a
-third (the forward's bytes) takes 69-71 us (bfloat16) and 136-138 us
-(float32). What brought the bfloat16 forward there from 115 us: R consecutive
-steps per thread (R = 8; with R = 1, about 56 SASS instructions per element,
-mostly the cross-thread scan, against 22), then channel blocks of 64 (128-byte
-rows of bfloat16: a whole cache line per time step) with one program per SM
-rather than blocks of 32 with two, 85 -> 75-77 us (the sweeps:
-bench/results/tune_scan_rows_h100.json and tune_scan_blocks_h100.json). More
-stages, more or fewer warps, R = 4 or 16 and blocks of 128 channels (64
-programs for 132 SMs) measured slower.
+Why this shape of kernel: R consecutive steps per thread (R = 8 in bfloat16)
+cut the instructions per element, which with R = 1 are mostly the cross-thread
+scan; channel blocks of 64 (128-byte rows of bfloat16: a whole cache line per
+time step) with one program per SM beat blocks of 32 with two. More stages,
+more or fewer warps, R = 4 or 16 and blocks of 128 channels measured slower
+(the sweeps: bench/results/tune_scan_rows_h100.json and
+tune_scan_blocks_h100.json); other kernels tried and not adopted are listed in
+bench/results/decisions.md.
 
-Host path. A launch costs 17-27 us of host time (bare launcher, forward) and
-30-48 us (backward) on the H100 machines, against 66-79 and 99-111 us through
-JITFunction.run with the per-call folding of before: the launch plans are
-cached and launched directly (_common.py). Forward+backward through autograd
-was still host-bound there (bfloat16: 215 to 726 us of host time per call on
-different machine instances, for about 200 us of kernels): torch's autograd
-engine runs CUDA backward nodes on its device thread, and that hand-off and
-back, plus the Python autograd wrapper of then (now C++, csrc/autograd.h), was
-most of what remained (on the same machine a tiny CUDA autograd.grad(a * b)
-cost 129 us of host time, an op with those registrations and empty kernels
-170 us).
-Figures through the op: bench/results/scan_cuda_h100.md.
+Host path. The launch plans are cached and launched directly (_common.py),
+which costs a fraction of the host time of JITFunction.run's per-call
+specialisation. A small forward+backward through autograd stays host-bound:
+torch's autograd engine runs CUDA backward nodes on its device thread, and that
+hand-off and back is most of what remains.
+Figures through the op, beside a copy of the same bytes: bench/results/scan_cuda_h100.md.
 
 This module does not import mmrec_ops: the callers validate the arguments.
 """
@@ -560,7 +549,7 @@ class _Tuning(NamedTuple):
 # Tuning per kernel and element size in bytes, measured on an H100 at
 # [B, T, H, d] = [8, 4096, 16, 64] (see the module docstring; the sweeps are in
 # bench/results/tune_scan_rows_h100.json and tune_scan_blocks_h100.json, and
-# bench/tune_scan.py runs one). Channel blocks hold up to _MAX_BLOCK_C
+# python -m bench.tune_scan runs one). Channel blocks hold up to _MAX_BLOCK_C
 # channels, narrowed while the grid has fewer than _MIN_PROGRAMS_PER_SM
 # programs per SM: at that shape 64 channels and 128 programs (a row of a
 # tile is then 128 bytes of bfloat16, a whole cache line), which beat twice
@@ -583,7 +572,7 @@ def _config(B: int, G: int, C: int, elem_size: int, sms: int, tuning: _Tuning):
     # A single channel (C = 1, e.g. a [B, T] scan) takes one step per thread:
     # with R > 1, Triton 3.6 compiled wrong results for [NT, R, 1] tiles when
     # the time stride is 1 (float32 forward and backward, bfloat16 and float16
-    # backward; H100, 2026-11-24), which the interpreter does not reproduce.
+    # backward, on an H100), which the interpreter does not reproduce.
     rows = tuning.rows if C > 1 else 1
     if INTERPRET:
         rows = min(rows, _INTERPRET_MAX_ROWS)

@@ -4,7 +4,7 @@
 
 Split over K. With a few rows the product is a stream of the weight, and what counts is
 how many loads a GPU keeps in flight. For 2 to 32 float32 rows cuBLAS picks kernels that
-stream the weight at a fifth of an H100's memory rate or less. Here program (column tile,
+stream the weight far below the memory's rate (bench/results/skinny_addmm_cuda_h100.md). Here program (column tile,
 part of K, row tile) streams a [K / parts, BLOCK_N] slice of the weight in tiles of
 BLOCK_K rows, software pipelined, and multiplies it by its rows of x (tl.dot on the
 inputs in the accumulation dtype: float32, exact products and sums without TF32; float64
@@ -31,7 +31,7 @@ __all__ = ["skinny_addmm", "split_k", "check_offsets"]
 
 # Rows of x per program (tl.dot's smallest tile), weight tile and pipeline depth, and the
 # part of K each program sums: the fastest single setting over a base decoder's products
-# in a sweep at 16 float32 rows, weights out of L2 (an H100, 2026-11-26; the op's figures:
+# in a sweep at 16 float32 rows, weights out of L2 (the op's figures:
 # bench/results/skinny_addmm_cuda_h100.md).
 BLOCK_M = 16
 BLOCK_N = 32
