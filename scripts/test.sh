@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The whole test suite, after setting up. Extra arguments go to pytest
-# (e.g. `bash scripts/test.sh -m ops`).
+# (e.g. `bash scripts/test.sh -m "not install and not long"`, the fast subset).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-.venv/bin/python -m mmrec_ops.check
-.venv/bin/python -m pytest "$@"
+PY="${MMREC_VENV:-.venv}/bin/python"
+"$PY" -m mmrec_ops.check
+"$PY" -m pytest "$@"
