@@ -23,14 +23,8 @@ Archs, all with the preset's width, depth and heads:
 A row: torch.manual_seed(seed), the model, then --steps optimizer steps through
 mmrec_model.training (AdamW, weight decay on matrices, clipping, linear warmup then
 cosine; fused AdamW and bf16 autocast on CUDA; --compile compiles each block) on the
-batches train_batch(corpus, step, seed, carry_chunks=K) of the embedded corpus (the
-standard library's source): every arch of one seed sees the same batches and schedule.
-With --carry-chunks K > 1, each group of K steps reads K consecutive windows of the same
-batch_size streams of K * seq_len + 1 bytes (the same bytes per step, only consecutive):
-MM-Rec carries its state from one window to the next, detached (truncated backpropagation
-through time), starting each group from no state, so that training too shows it context
-from beyond its working memory (what its long-term memory is for); the Transformers read
-the same windows without a state. With --final-steps N --final-seq-len L, the last N steps
+batches train_batch(corpus, step, seed) of the embedded corpus (the standard library's
+source): every arch of one seed sees the same batches and schedule. With --final-steps N --final-seq-len L, the last N steps
 read windows of L bytes instead, batch_size * seq_len / L of them (the same bytes a step),
 as long-context pretraining ends on long windows: what a memory beyond the working memory
 can learn to keep, it learns where the windows are long. Then, eagerly:
@@ -49,14 +43,14 @@ can learn to keep, it learns where the windows are long. Then, eagerly:
     copies cheaper than a model without that memory reads them at D > window.
 It is written (atomically) to DIR/<label>-seed<S>.json, the label being the arch, for an
 MM-Rec arch its --config overrides, +window=W with --window for an arch that has one, and
-+carryK with --carry-chunks K > 1 (mmrec+memory_read=gated, mmrec+window=256,
-transformer+carry8): settings, model configuration,
++finalLxN with a final phase (mmrec+level_slots=128, mmrec+window=256,
+mmrec+final16384x500): settings, model configuration,
 parameters, training bytes, time and tokens/s, the training curve (mean bits per byte of
 every --log-every steps), the measurements, device, versions and date.
 
 The report reads every DIR/*-seed*.json and gives, per label, the mean over seeds with
 the range [min, max]; each ablation against the full model of the same seed, --config
-overrides, --carry-chunks and final phase (so that one folder can hold a study of configurations), in
+overrides and final phase (so that one folder can hold a study of configurations), in
 validation, past the first position band (2K-32K: issue 17's measure), in the farthest
 band and on the farthest copy; bits per byte by position. It writes STEM.md, STEM.json
 (rows and summary) and STEM.png (training curves and bits per byte by position, means over
@@ -101,7 +95,7 @@ from mmrec_model.training import (  # noqa: E402
     make_optimizer,
     make_scheduler,
     token_losses,
-    train_step_carried,
+    train_step,
 )
 
 # Each ablation: the full model with one memory taken out (MMRecConfig overrides).
@@ -127,7 +121,6 @@ class Settings:
     steps: int = 2000
     batch_size: int = 16
     seq_len: int = 2048
-    carry_chunks: int = 1
     final_steps: int = 0
     final_seq_len: int | None = None
     lr: float = 1e-3
@@ -173,12 +166,6 @@ OPTIONS = {  # option: (type, help)
     "steps": (int, "optimizer steps"),
     "batch_size": (int, "windows per step"),
     "seq_len": (int, "bytes per training and validation window"),
-    "carry_chunks": (
-        int,
-        "K: each group of K steps reads K consecutive windows of the same streams, MM-Rec "
-        "carrying its state (detached) from one to the next, each group from no state; "
-        "1: independent windows",
-    ),
     "final_steps": (
         int,
         "N: the last N steps read windows of --final-seq-len bytes (a long-window phase at the "
@@ -208,7 +195,6 @@ def check_settings(settings: Settings) -> None:
         "steps",
         "batch_size",
         "seq_len",
-        "carry_chunks",
         "log_every",
         "val_windows",
         "long_len",
@@ -245,8 +231,6 @@ def check_final_phase(settings: Settings) -> None:
             f"--final-seq-len: expected a divisor of --batch-size x --seq-len ({step_bytes}) with "
             f"--final-steps, got {settings.final_seq_len}"
         )
-    if settings.carry_chunks != 1:
-        raise ValueError(f"--final-steps: expected --carry-chunks 1 (independent windows), got {settings.carry_chunks}")
 
 
 def check_final_windows_fit(corpus: Corpus, settings: Settings) -> None:
@@ -311,8 +295,7 @@ ROW_CHECKPOINT_FORMAT = "mmrec-quality-row-1"
 @dataclasses.dataclass
 class Resume:
     """A row's training checkpoint: written to `path` every `every` steps (0: never) and at
-    `stop_at` (where training then stops), at the end of a --carry-chunks group, with the
-    row's `identity` (arch, seed and settings); `saved`, the checkpoint found at `path` when
+    `stop_at` (where training then stops), with the row's `identity` (arch, seed and settings); `saved`, the checkpoint found at `path` when
     the row started (read_row_checkpoint), from which it continues, exactly."""
 
     path: Path
@@ -322,7 +305,7 @@ class Resume:
     saved: dict | None = None
 
     def due(self, done: int, settings: Settings) -> bool:
-        if done % settings.carry_chunks or done >= settings.steps:
+        if done >= settings.steps:
             return False
         return done == self.stop_at or bool(self.every and done % self.every == 0)
 
@@ -401,7 +384,7 @@ def train(
     progress = load_progress(resume, model, optimizer, scheduler) if resume else Progress()
     if progress.done:
         print(f"quality: continuing from step {progress.done} ({resume.path})", file=sys.stderr, flush=True)
-    losses, state, first = [], None, progress.done
+    losses, first = [], progress.done
     final_from = settings.steps - settings.final_steps
     compiling = {first, final_from} if settings.final_steps else {first}
     clock = steady_clock = time.perf_counter()
@@ -428,15 +411,8 @@ def train(
             if settings.compile:
                 torch._dynamo.reset()  # a static graph for the new shape, not a dynamic one for both
         windows, seq_len = step_windows(settings, step)
-        batch = train_batch(corpus, step, seed, windows, seq_len, carry_chunks=settings.carry_chunks)
-        inputs, targets = to_device(batch, device)
-        # A group's chunks continue the same streams: MM-Rec's state goes from one to the next
-        # (detached), and each group starts from none. A Transformer's is always None.
-        if step % settings.carry_chunks == 0:
-            state = None
-        loss, state = train_step_carried(
-            model, inputs, targets, state, optimizer, scheduler, settings.grad_clip, autocast_dtype
-        )
+        inputs, targets = to_device(train_batch(corpus, step, seed, windows, seq_len), device)
+        loss = train_step(model, inputs, targets, optimizer, scheduler, settings.grad_clip, autocast_dtype)
         losses.append(loss)
         if step in compiling:
             synchronize(device.type)
@@ -597,9 +573,10 @@ def measure_row(
 
 def row_label(row: dict) -> str:
     """The row's arch, with the --config overrides an MM-Rec arch ran with, +window=W for an
-    arch with a window trained with --window W, then +carryK for any arch trained with
-    --carry-chunks K > 1 and +finalLxN for one whose last N steps read windows of L bytes:
-    'mmrec+memory_read=gated', 'mmrec+window=256', 'transformer+carry8', 'mmrec+final16384x500'.
+    arch with a window trained with --window W, then +carryK for a recorded row trained on K
+    consecutive chunks with the state carried (a variant no longer trained) and +finalLxN for
+    one whose last N steps read windows of L bytes:
+    'mmrec+level_slots=128', 'mmrec+window=256', 'transformer+carry8', 'mmrec+final16384x500'.
     Rows of different settings so get different files in one folder, and the report pairs
     each ablation with the full model of the same settings."""
     label = row["arch"]
@@ -608,7 +585,7 @@ def row_label(row: dict) -> str:
     window = row["settings"].get("window")
     if window is not None and row["arch"] in (*MMREC_ARCHS, "transformer-window"):
         label += f"+window={window}"
-    carry = row["settings"].get("carry_chunks", 1)  # rows from before --carry-chunks read independent windows
+    carry = row["settings"].get("carry_chunks", 1)
     label += f"+carry{carry}" if carry != 1 else ""
     final = row["settings"].get("final_steps", 0)
     return label + (f"+final{row['settings']['final_seq_len']}x{final}" if final else "")
@@ -630,13 +607,11 @@ def row_resume(args: argparse.Namespace, settings: Settings) -> Resume | None:
     every, stop_at = args.checkpoint_every, args.stop_at
     if not every and stop_at is None:
         return None
-    group = settings.carry_chunks
-    if every < 0 or every % group:
-        raise ValueError(f"--checkpoint-every: expected a multiple of --carry-chunks ({group}), got {every}")
-    if stop_at is not None and not (0 < stop_at < settings.steps and stop_at % group == 0):
+    if every < 0:
+        raise ValueError(f"--checkpoint-every: expected a number of steps >= 0, got {every}")
+    if stop_at is not None and not 0 < stop_at < settings.steps:
         raise ValueError(
-            f"--stop-at: expected a multiple of --carry-chunks ({group}) between 0 and --steps "
-            f"({settings.steps}), exclusive, got {stop_at}"
+            f"--stop-at: expected a step between 0 and --steps ({settings.steps}), exclusive, got {stop_at}"
         )
     identity = {"arch": args.arch, "seed": args.seed, "settings": dataclasses.asdict(settings)}
     path = args.out / f"{row_stem(identity)}.ckpt.pt"
@@ -790,7 +765,7 @@ def delta_stats(pairs: list[tuple[dict, dict]], measure) -> dict | None:
 
 def ablation_summary(groups: dict[str, list[dict]], archs: dict[str, dict]) -> list[dict]:
     """Each ablation minus the full model (mmrec) of the same seed, --config overrides,
-    --carry-chunks and final phase (the rest of its label): validation, the positions past the first band
+    carried chunks and final phase (the rest of its label): validation, the positions past the first band
     (beyond the training windows), the farthest band and the farthest recalled copy."""
     ablations = []
     for full_label, full_rows in groups.items():
@@ -833,8 +808,8 @@ def distinct(rows: list[dict], key: str) -> str:
 def header_summary(rows: list[dict]) -> dict:
     """Where and with what the rows ran, and the settings that differ between them."""
     settings = [r["settings"] for r in rows]
-    # The labels carry each MM-Rec row's --config overrides, --window and each row's --carry-chunks
-    # and final phase.
+    # The labels carry each MM-Rec row's --config overrides, --window and each row's carried
+    # chunks and final phase.
     labelled = ("config", "window", "carry_chunks", "final_steps", "final_seq_len")
     differing = sorted(
         name for name in settings[0] if name not in labelled and len({json.dumps(s.get(name)) for s in settings}) > 1
@@ -1074,7 +1049,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=argparse.SUPPRESS,
         metavar="FIELD=VALUE",
         help="an MMRecConfig field of every MM-Rec arch (the ablation's own field wins), e.g. "
-        "memory_read=gated or level_slots=128; repeatable",
+        "level_slots=128 or n_levels=2; repeatable",
     )
     run.add_argument("--compile", action="store_true", default=argparse.SUPPRESS, help="torch.compile each block")
     run.add_argument("--device", choices=["cuda", "cpu"], default=argparse.SUPPRESS, help="default cuda (--smoke: cpu)")

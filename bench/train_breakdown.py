@@ -40,8 +40,6 @@ VARIANTS = {
     "mmrec-parallel": ("mmrec", {"mode": "parallel"}),
     "mmrec-sdpa": ("mmrec", {"read_kernel": "sdpa"}),
     "mmrec-parallel-sdpa": ("mmrec", {"mode": "parallel", "read_kernel": "sdpa"}),
-    "mmrec-flex": ("mmrec", {"read_kernel": "flex"}),
-    "mmrec-parallel-flex": ("mmrec", {"mode": "parallel", "read_kernel": "flex"}),
     "mmrec-no-window": ("mmrec-no-window", {}),
     "mmrec-no-longterm": ("mmrec-no-longterm", {}),
     "mmrec-parallel-no-longterm": ("mmrec-no-longterm", {"mode": "parallel"}),

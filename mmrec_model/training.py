@@ -12,10 +12,7 @@ clipping; a learning rate that warms up linearly for `warmup` steps, then follow
 cosine down to lr * MIN_LR_RATIO at `steps`; bf16 autocast where asked.
 
 Models return logits [B, T, V] (a Transformer) or (logits, state) (MMRecModel); every
-function here takes either. Trained on consecutive chunks of long streams
-(data.train_batch's carry_chunks), MMRecModel carries its state from one chunk to the
-next, cut from the autograd graph (truncated backpropagation through time):
-train_step_carried.
+function here takes either.
 """
 
 from __future__ import annotations
@@ -28,7 +25,6 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .data import windows
-from .memory import MemoryState
 
 MIN_LR_RATIO = 0.1
 ADAM_BETAS = (0.9, 0.95)
@@ -122,12 +118,6 @@ def all_reduce_sum(value: Tensor, world_size: int) -> Tensor:
     return value
 
 
-def carried_state(output) -> MemoryState | None:
-    """The state of a model's output, cut from the autograd graph (truncated backpropagation
-    through time: the next chunk's gradients stop there); None for a model returning logits alone."""
-    return output[1].detach() if isinstance(output, tuple) else None
-
-
 def train_step(
     net: torch.nn.Module,
     inputs: Tensor,
@@ -138,41 +128,19 @@ def train_step(
     autocast_dtype: torch.dtype | None = None,
 ) -> Tensor:
     """One optimizer step on the windows inputs, targets [B, T], each read from its start:
-    ``train_step_carried`` with no state. Returns the loss, a detached scalar left on the
-    device (reading it is the caller's host sync)."""
-    loss, _ = train_step_carried(net, inputs, targets, None, optimizer, scheduler, grad_clip, autocast_dtype)
-    return loss
-
-
-def train_step_carried(
-    net: torch.nn.Module,
-    inputs: Tensor,
-    targets: Tensor,
-    state: MemoryState | None,
-    optimizer: torch.optim.Optimizer,
-    scheduler: torch.optim.lr_scheduler.LRScheduler,
-    grad_clip: float,
-    autocast_dtype: torch.dtype | None = None,
-) -> tuple[Tensor, MemoryState | None]:
-    """One optimizer step on the chunks inputs, targets [B, T] that continue the sequences
-    whose state (MMRecModel's MemoryState, detached) is `state` (None: the sequences start
-    here; a model that returns logits alone takes None only): the forward net(inputs, state)
-    under autocast, the mean of next_byte_loss, backward (which stops at `state`), the
+    the forward net(inputs) under autocast, the mean of next_byte_loss, backward, the
     gradient norm clipped to `grad_clip`, then the optimizer and the scheduler step.
-
-    Returns (loss, state after inputs): the loss a detached scalar left on the device
-    (reading it is the caller's host sync), the state ``carried_state`` of the output, to
-    pass with the next chunk of the same sequences.
-    """
+    Returns the loss, a detached scalar left on the device (reading it is the caller's
+    host sync)."""
     with autocast(inputs.device, autocast_dtype):
-        output = net(inputs) if state is None else net(inputs, state)
+        output = net(inputs)
     loss = next_byte_loss(logits_of(output), targets).mean()
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     torch.nn.utils.clip_grad_norm_(net.parameters(), grad_clip)
     optimizer.step()
     scheduler.step()
-    return loss.detach(), carried_state(output)
+    return loss.detach()
 
 
 @torch.no_grad()

@@ -25,11 +25,12 @@ from bench.quality import (
     past_first_band_label,
     probe_offsets,
     recall_sequence,
+    row_label,
     train,
 )
 from bench.transformer import KVCache, StaticDecoder, Transformer, TransformerConfig
 from mmrec_model.data import Corpus
-from mmrec_model.training import train_step_carried
+from mmrec_model.training import train_step
 from tests.helpers import FLOAT32_ACCUMULATION, assert_close_rel
 
 pytestmark = pytest.mark.bench
@@ -154,8 +155,8 @@ def test_quality_row_stopped_and_continued_is_the_row_of_one_run(tmp_path):
     assert continued["tokens_per_s"] > 0 and not checkpoint.exists()
 
 
-def test_row_checkpoints_fall_at_the_end_of_carry_groups_and_never_at_the_last_step(tmp_path):
-    settings = dataclasses.replace(SMOKE, steps=12, carry_chunks=3)
+def test_row_checkpoints_fall_every_n_steps_and_at_the_stop_but_never_at_the_last_step(tmp_path):
+    settings = dataclasses.replace(SMOKE, steps=12)
     resume = Resume(tmp_path / "row.ckpt.pt", {}, every=6, stop_at=9)
     assert [done for done in range(1, 13) if resume.due(done, settings)] == [6, 9]
     assert [done for done in range(1, 13) if Resume(tmp_path, {}, every=3).due(done, settings)] == [3, 6, 9]
@@ -209,6 +210,12 @@ def test_past_first_band_weighs_each_band_by_its_positions():
     assert past_first_band_bpb(nothing) is None and past_first_band_label(nothing) is None
 
 
+def test_recorded_rows_of_carried_chunks_keep_their_label():
+    row = {"arch": "mmrec", "settings": {"carry_chunks": 2, "config": {}, "window": None}}
+    assert row_label(row) == "mmrec+carry2"
+    assert row_label({**row, "settings": {}}) == "mmrec"
+
+
 def report_deltas(folder, name: str) -> dict:
     """The folder's report's deltas `name` ('past_delta', 'first_delta') {(ablation, full): mean}."""
     report = json.loads((folder / "report.json").read_text())
@@ -216,47 +223,24 @@ def report_deltas(folder, name: str) -> dict:
 
 
 def test_quality_report_keeps_configurations_apart_and_pairs_each_ablation_with_its_own(tmp_path):
-    gated = ("--config", "memory_read=gated")
+    slots = ("--config", "persistent_slots=8")
     assert run_seed0_rows(
-        tmp_path, [(arch, config) for arch in ("mmrec", "mmrec-no-longterm") for config in ((), gated)]
+        tmp_path, [(arch, config) for arch in ("mmrec", "mmrec-no-longterm") for config in ((), slots)]
     ) == [
-        "mmrec+memory_read=gated-seed0.json",
-        "mmrec-no-longterm+memory_read=gated-seed0.json",
+        "mmrec+persistent_slots=8-seed0.json",
+        "mmrec-no-longterm+persistent_slots=8-seed0.json",
         "mmrec-no-longterm-seed0.json",
         "mmrec-seed0.json",
     ]
     table = finished(run_quality("report", str(tmp_path)))
-    assert "| mmrec+memory_read=gated | 1 |" in table and "differ in settings" not in table
+    assert "| mmrec+persistent_slots=8 | 1 |" in table and "differ in settings" not in table
     deltas, val = ablation_deltas(tmp_path)
     assert deltas == {
         (ablation, full): pytest.approx(val[ablation] - val[full])
         for ablation, full in [
             ("mmrec-no-longterm", "mmrec"),
-            ("mmrec-no-longterm+memory_read=gated", "mmrec+memory_read=gated"),
+            ("mmrec-no-longterm+persistent_slots=8", "mmrec+persistent_slots=8"),
         ]
-    }
-
-
-def test_quality_report_keeps_carried_rows_apart_and_pairs_each_ablation_with_its_own(tmp_path):
-    carry = ("--carry-chunks", "2")
-    assert run_seed0_rows(
-        tmp_path, [("mmrec", ()), ("mmrec", carry), ("mmrec-no-longterm", carry), ("transformer", carry)]
-    ) == [
-        "mmrec+carry2-seed0.json",
-        "mmrec-no-longterm+carry2-seed0.json",
-        "mmrec-seed0.json",
-        "transformer+carry2-seed0.json",
-    ]
-    row = json.loads((tmp_path / "mmrec+carry2-seed0.json").read_text())
-    assert row["settings"]["carry_chunks"] == 2 and row["tokens"] == 6 * 2 * 128
-    table = finished(run_quality("report", str(tmp_path)))
-    assert "| mmrec+carry2 | 1 |" in table and "| mmrec | 1 |" in table and "| transformer+carry2 | 1 |" in table
-    assert "Rows labelled +carryK" in table and "differ in settings" not in table
-    deltas, val = ablation_deltas(tmp_path)
-    assert deltas == {
-        ("mmrec-no-longterm+carry2", "mmrec+carry2"): pytest.approx(
-            val["mmrec-no-longterm+carry2"] - val["mmrec+carry2"]
-        )
     }
 
 
@@ -293,30 +277,26 @@ def test_quality_report_keeps_windows_apart_and_pairs_each_ablation_with_its_own
 
 
 def training_calls(arch: str, settings: Settings, corpus: Corpus, monkeypatch) -> list[tuple]:
-    """(inputs, targets, the state's position or None) of every step of quality.py's train()."""
+    """(inputs, targets) of every step of quality.py's train()."""
     calls = []
 
-    def spy(model, inputs, targets, state, *rest):
-        calls.append((inputs, targets, None if state is None else int(state.position)))
-        return train_step_carried(model, inputs, targets, state, *rest)
+    def spy(model, inputs, targets, *rest):
+        calls.append((inputs, targets))
+        return train_step(model, inputs, targets, *rest)
 
-    monkeypatch.setattr("bench.quality.train_step_carried", spy)
+    monkeypatch.setattr("bench.quality.train_step", spy)
     train(build_model(model_config(arch, settings), 0, torch.device("cpu")), corpus, settings, 0, None)
     return calls
 
 
-def test_quality_training_carries_mmrec_state_through_a_group_and_feeds_every_arch_the_same_chunks(monkeypatch):
-    settings = dataclasses.replace(SMOKE, steps=7, seq_len=16, carry_chunks=3, log_every=7)
+def test_quality_training_feeds_every_arch_the_same_windows(monkeypatch):
+    settings = dataclasses.replace(SMOKE, steps=7, seq_len=16, log_every=7)
     stream = torch.randint(0, 256, (4000,), dtype=torch.uint8)
     corpus = Corpus(train=stream[:3000], val=stream[3000:], source="random bytes", sha256="")
     mmrec, transformer = (training_calls(arch, settings, corpus, monkeypatch) for arch in ("mmrec", "transformer"))
-    # Each group of 3 steps starts from no state, then carries the state of the chunks before.
-    assert [position for _, _, position in mmrec] == [None, 16, 32, None, 16, 32, None]
-    assert [position for _, _, position in transformer] == [None] * 7
-    for (inputs, targets, _), (other_inputs, other_targets, _) in zip(mmrec, transformer):
+    assert len(mmrec) == len(transformer) == 7
+    for (inputs, targets), (other_inputs, other_targets) in zip(mmrec, transformer):
         assert torch.equal(inputs, other_inputs) and torch.equal(targets, other_targets)
-    for step in (0, 1, 3, 4):  # within a group, a chunk's last target is the next chunk's first input
-        assert torch.equal(mmrec[step][1][:, -1], mmrec[step + 1][0][:, 0])
 
 
 def test_quality_final_phase_trains_its_last_steps_on_long_windows_of_the_same_bytes(monkeypatch):
@@ -326,9 +306,8 @@ def test_quality_final_phase_trains_its_last_steps_on_long_windows_of_the_same_b
     stream = torch.randint(0, 256, (4000,), dtype=torch.uint8)
     corpus = Corpus(train=stream[:3000], val=stream[3000:], source="random bytes", sha256="")
     calls = training_calls("mmrec", settings, corpus, monkeypatch)
-    assert [tuple(inputs.shape) for inputs, _, _ in calls] == [(4, 16)] * 3 + [(2, 32)] * 2
-    assert all(position is None for _, _, position in calls)
-    for inputs, targets, _ in calls:  # each window is consecutive bytes of the corpus, targets one ahead
+    assert [tuple(inputs.shape) for inputs, _ in calls] == [(4, 16)] * 3 + [(2, 32)] * 2
+    for inputs, targets in calls:  # each window is consecutive bytes of the corpus, targets one ahead
         assert torch.equal(inputs[:, 1:], targets[:, :-1])
 
 
@@ -366,10 +345,6 @@ def test_quality_report_keeps_final_phase_rows_apart_and_pairs_each_ablation_wit
         (("--final-steps", "7", "--final-seq-len", "256"), "--final-steps: expected 0 to --steps (6), got 7"),
         (("--final-steps", "2"), "--final-seq-len: expected a divisor of --batch-size x --seq-len (256)"),
         (("--final-steps", "2", "--final-seq-len", "100"), "--final-seq-len: expected a divisor"),
-        (
-            ("--final-steps", "2", "--final-seq-len", "128", "--carry-chunks", "2"),
-            "--final-steps: expected --carry-chunks 1",
-        ),
     ],
 )
 def test_quality_refuses_a_final_phase_it_cannot_train(tmp_path, options, expected):
@@ -460,10 +435,10 @@ def test_probe_offsets_spread_the_passages_and_leave_room_for_the_farthest_copy(
 
 
 def test_quality_config_reaches_every_mmrec_arch_and_the_ablation_keeps_its_field():
-    settings = Settings(preset="tiny", config={"memory_read": "gated", "n_levels": 1})
+    settings = Settings(preset="tiny", config={"persistent_slots": 8, "n_levels": 1})
     assert model_config("mmrec", settings).n_levels == 1
     ablation = model_config("mmrec-no-longterm", settings)
-    assert ablation.n_levels == 0 and ablation.memory_read == "gated"
+    assert ablation.n_levels == 0 and ablation.persistent_slots == 8
     assert model_config("transformer", settings).window is None
 
 
