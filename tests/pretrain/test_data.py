@@ -1,4 +1,4 @@
-"""mmrec_model.data: the embedded corpus, --data sources, the split and the batches."""
+"""mmrec_model.training.data: the embedded corpus, --data sources, the split and the batches."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import os
 import pytest
 import torch
 
-from mmrec_model import data as D
+from mmrec_model.training import data as D
 
 pytestmark = pytest.mark.pretrain
 

@@ -1,5 +1,5 @@
-"""The learning-rate schedule, the optimizer's groups, a training step, and atomic
-checkpoint files."""
+"""The learning-rate schedule, the optimizer's groups, a training step, the training loop
+(its checkpoints and exact resume), and atomic checkpoint files."""
 
 from __future__ import annotations
 
@@ -10,15 +10,10 @@ import os
 import pytest
 import torch
 
-from mmrec_model import checkpoint as C
-from mmrec_model.pretrain import TrainConfig, UsageError, resumed_config
-from mmrec_model.training import (
-    MIN_LR_RATIO,
-    lr_factor,
-    make_optimizer,
-    make_scheduler,
-    train_step,
-)
+from mmrec_model.pretrain import PretrainSettings, UsageError, resumed_config
+from mmrec_model.training import Trainer, TrainSettings, make_optimizer, make_scheduler, train_step
+from mmrec_model.training import checkpoint as C
+from mmrec_model.training.optim import MIN_LR_RATIO, lr_factor
 
 pytestmark = pytest.mark.pretrain
 
@@ -60,8 +55,40 @@ def test_a_model_of_logits_alone_trains():
     assert loss.shape == () and loss.grad_fn is None
 
 
+def bigram_trainer(steps: int) -> Trainer:
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Embedding(256, 8), torch.nn.Linear(8, 256))
+    return Trainer(model, TrainSettings(steps=steps, batch_size=2, seq_len=8, lr=1e-2))
+
+
+def random_batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    ids = torch.randint(0, 256, (2, 9), generator=torch.Generator().manual_seed(step))
+    return ids[:, :-1], ids[:, 1:]
+
+
+def test_the_loop_saves_every_n_steps_and_at_its_stop():
+    trainer, saved = bigram_trainer(steps=12), []
+    trainer.train(random_batch, 9, save=saved.append, save_every=6)
+    assert saved == [6, 9] and trainer.step == 9 and len(trainer.progress.losses) == 9
+    trainer.train(random_batch, 12, save=saved.append, save_every=4)
+    assert saved == [6, 9, 12] and len(trainer.progress.losses) == 12
+
+
+def test_the_loop_resumed_from_its_checkpoint_continues_exactly():
+    straight = bigram_trainer(steps=6)
+    straight.train(random_batch, 6)
+    first = bigram_trainer(steps=6)
+    first.train(random_batch, 3)
+    resumed = bigram_trainer(steps=6)
+    resumed.restore(first.checkpoint(), "test")
+    resumed.train(random_batch, 6)
+    torch.testing.assert_close(resumed.model.state_dict(), straight.model.state_dict(), rtol=0, atol=0)
+    assert torch.equal(resumed.progress.losses, straight.progress.losses)
+    assert resumed.scheduler.state_dict() == straight.scheduler.state_dict()
+
+
 def test_resumed_run_keeps_its_settings_and_takes_where_to_run():
-    saved = TrainConfig(lr=1e-3, steps=40, eval_every=5)
+    saved = PretrainSettings(lr=1e-3, steps=40, eval_every=5)
     checkpoint = {"train_config": vars(saved)}
     resumed = resumed_config({"lr": 1e-3, "eval_every": 7, "device": "cpu", "stop_at": 30}, checkpoint)
     assert (resumed.lr, resumed.steps, resumed.eval_every, resumed.device, resumed.stop_at) == (1e-3, 40, 7, "cpu", 30)

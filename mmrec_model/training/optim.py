@@ -1,5 +1,4 @@
-"""The training library beneath the command lines (`mmrec_model.pretrain`, `bench/quality.py`,
-`bench/model_*.py`): the loss, the schedule, the optimizer, a training step and evaluation.
+"""The loss, the learning-rate schedule, the optimizer and one training step.
 
 A window of bytes gives inputs x [B, T] and targets y [B, T] (y[:, t] = x[:, t + 1]); a
 model maps x to logits [B, T, 256]. The loss of window b is its mean next-byte cross-entropy
@@ -24,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .data import windows
+from .device import autocast
 
 MIN_LR_RATIO = 0.1
 ADAM_BETAS = (0.9, 0.95)
@@ -82,42 +81,6 @@ def make_optimizer(
     return torch.optim.AdamW(groups, lr=lr, betas=ADAM_BETAS, fused=fused)
 
 
-class DeviceError(ValueError):
-    """A --device that this machine cannot give, with the message to show."""
-
-
-def pick_device(name: str, local_rank: int = 0) -> torch.device:
-    """The device of a command's --device: 'cpu', 'cuda' (GPU ``local_rank``, the
-    process's under torchrun) or 'auto' (CUDA when available). The one way the
-    commands and benches pick it."""
-    if name not in ("auto", "cpu", "cuda"):
-        raise DeviceError(f"--device: expected auto, cpu or cuda, got {name!r}")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise DeviceError("--device cuda: no CUDA device is available here")
-    if name == "cpu" or not torch.cuda.is_available():
-        return torch.device("cpu")
-    return torch.device("cuda", local_rank)
-
-
-def default_autocast_dtype(device: torch.device) -> torch.dtype | None:
-    """bfloat16 on a GPU that supports it; None (float32) elsewhere."""
-    gpu_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
-    return torch.bfloat16 if gpu_bf16 else None
-
-
-def autocast(device: torch.device | str, dtype: torch.dtype | None):
-    """Autocast to `dtype` on `device`'s type; None: a context that changes nothing (float32)."""
-    device_type = torch.device(device).type
-    return torch.autocast(device_type, dtype=dtype or torch.bfloat16, enabled=dtype is not None)
-
-
-def all_reduce_sum(value: Tensor, world_size: int) -> Tensor:
-    """The sum of `value` over the torchrun processes (in place); itself in a single process."""
-    if world_size > 1:
-        torch.distributed.all_reduce(value)
-    return value
-
-
 def train_step(
     net: torch.nn.Module,
     inputs: Tensor,
@@ -141,34 +104,3 @@ def train_step(
     optimizer.step()
     scheduler.step()
     return loss.detach()
-
-
-@torch.no_grad()
-def evaluate(
-    model: torch.nn.Module,
-    split: Tensor,
-    offsets: Tensor,
-    seq_len: int,
-    batch_size: int,
-    autocast_dtype: torch.dtype | None = None,
-    rank: int = 0,
-    world_size: int = 1,
-) -> float:
-    """Mean next-byte loss (nats per byte) over the windows of `seq_len` + 1 bytes of
-    `split` starting at `offsets`, in eval mode (the model's mode is restored after).
-
-    Shared among `world_size` torchrun processes: rank r takes windows r, r + world_size, ...,
-    batch_size / world_size at a time (batch_size is the global batch), and the float64
-    sums are all-reduced, so every rank returns the same mean.
-    """
-    device = next(model.parameters()).device
-    total = torch.zeros((), dtype=torch.float64, device=device)
-    was_training = model.training
-    model.eval()
-    for chunk in offsets[rank::world_size].split(batch_size // world_size):
-        inputs, targets = (t.to(device) for t in windows(split, chunk, seq_len))
-        with autocast(device, autocast_dtype):
-            output = model(inputs)
-        total += next_byte_loss(logits_of(output), targets).sum().double()
-    model.train(was_training)
-    return all_reduce_sum(total, world_size).item() / len(offsets)
