@@ -1,9 +1,9 @@
 """The multi-memory read alone, forward and forward+backward, by kernel, beside the
 Transformer's causal attention over the same tokens.
 
-    python bench/read.py --out bench/results/read_cuda_h100          # CUDA: bf16
-    python bench/read.py --device cpu --seq-lens 2048 --tokens 8192  # CPU: float32
-    python bench/read.py --smoke --device cpu                        # tiny shapes, checks the script
+    python -m bench.read --out bench/results/read_cuda_h100          # CUDA: bf16
+    python -m bench.read --device cpu --seq-lens 2048 --tokens 8192  # CPU: float32
+    python -m bench.read --smoke --device cpu                        # tiny shapes, checks the script
 
 For each --seq-lens T, --tokens tokens in sequences of T (batch = tokens / T), the read of
 one MMRecBlock of the --preset as its forward computes it in a chunk with no state (the
@@ -23,18 +23,15 @@ from __future__ import annotations
 
 import argparse
 import functools
-import sys
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from bench.common import apply_smoke, forward_backward, markdown_table, median_time_ms, versions, write_results  # noqa: E402
-from mmrec_model import MMRecConfig  # noqa: E402
-from mmrec_model.attention import op_blocked_attention, sdpa_blocked_attention, window_keys  # noqa: E402
-from mmrec_model.memory import memory_layout  # noqa: E402
+from bench.common import apply_smoke, forward_backward, markdown_table, median_time_ms, versions, write_results
+from mmrec_model import MMRecConfig
+from mmrec_model.attention import op_blocked_attention, sdpa_blocked_attention, window_keys
+from mmrec_model.memory import memory_layout
 
 READS = ("causal-sdpa", "memory_read", "blocked-sdpa")
 SMOKE = dict(preset="tiny", seq_lens=[200], tokens=400, warmup=1, repeats=2)

@@ -1,7 +1,7 @@
 """Benchmark of torch.ops.mmrec.scan against the memory floor and baselines, side by side.
 
-    python bench/scan.py                       # CPU, [4, 4096, 8, 64] float32
-    python bench/scan.py --device cuda         # CUDA, [8, 4096, 16, 64] bfloat16 and float32
+    python -m bench.scan                       # CPU, [4, 4096, 8, 64] float32
+    python -m bench.scan --device cuda         # CUDA, [8, 4096, 16, 64] bfloat16 and float32
 
 Rows: the memory floor (a device copy moving the same bytes the scan must
 read and write), mmrec.scan in [B, T, H, d] and as a transposed [B, H, T, d]
@@ -39,10 +39,8 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-import mmrec_ops  # noqa: E402
-from bench.common import (  # noqa: E402
+import mmrec_ops
+from bench.common import (
     forward_backward,
     graph_time_ms,
     keep_freed_memory,
@@ -52,7 +50,7 @@ from bench.common import (  # noqa: E402
     versions,
     write_results,
 )
-from mmrec_ops.reference import scan_reference  # noqa: E402
+from mmrec_ops.reference import scan_reference
 
 
 def copy_floor(numel: int, dtype, device):
