@@ -15,11 +15,10 @@ kernel, through autograd too (each in its own layout, same element count), and
 accelerated-scan as a caller with [B, T, D] tensors uses it (inputs transposed).
 Forward and forward+backward; median times. Below the table, forward+backward
 through autograd against the ops called directly, sampled in turn (the CPU
-goal of issue 19: within 1.1x). On CUDA each
-timing comes twice: eager (back-to-back calls; where the host is slower than
-the kernels, as it can be through autograd, its time is what shows) and
-replayed from a CUDA graph of the same calls (device time alone, as under
-torch.compile's CUDA graphs).
+goal: within 1.1x). On CUDA each timing comes twice: eager (back-to-back
+calls; where the host is slower than the kernels, as it can be through
+autograd, its time is what shows) and replayed from a CUDA graph of the same
+calls (device time alone, as under torch.compile's CUDA graphs).
 Prints a Markdown table and writes it, with the raw numbers, device and
 versions, to --out (.md and .json).
 

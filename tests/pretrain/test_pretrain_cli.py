@@ -242,7 +242,7 @@ sys.meta_path[:] = [f for f in sys.meta_path if "editable" not in getattr(f, "__
 
 @pytest.mark.parametrize("module", ["mmrec_model.pretrain", "mmrec_model.generate"])
 def test_missing_compiled_library_stops_the_command_with_the_build_commands(tmp_path, module):
-    """mmrec_model imports mmrec_ops at the top (issue 18), so the library's own ImportError
+    """mmrec_model imports mmrec_ops at the top, so the library's own ImportError
     is what the command ends with: it says what is missing and how to build it."""
     for package in ("mmrec_ops", "mmrec_model"):
         shutil.copytree(REPO / package, tmp_path / package, ignore=shutil.ignore_patterns("_C*.so", "__pycache__"))
