@@ -1,9 +1,9 @@
 """Decoding speed: time per new token of MM-Rec's paths and of a same-size Transformer with
 a KV cache, after a prompt of each context length, at each batch size, side by side.
 
-    python bench/generate.py --device cpu --out bench/results/generate_cpu
-    python bench/generate.py --device cuda --presets base --batches 1 --contexts 2048 32768 131072
-    python bench/generate.py --device cpu --smoke                  # tiny shapes, checks the script
+    python -m bench.generate --device cpu --out bench/results/generate_cpu
+    python -m bench.generate --device cuda --presets base --batches 1 --contexts 2048 32768 131072
+    python -m bench.generate --device cpu --smoke                  # tiny shapes, checks the script
 
 Paths:
   mmrec-graphs             what ``MMRecModel.generate`` runs on CUDA: the Decoder's step replayed
@@ -13,7 +13,7 @@ Paths:
                            place, launched op by op
   mmrec-step               ``model(token, state)``, the functional one-token step
                            (``MMRecBlock.step``)
-  transformer-kv           bench/transformer.py's GPT (the preset's width, depth, heads), its
+  transformer-kv           bench.transformer's GPT (the preset's width, depth, heads), its
                            keys and values cached, eager
   transformer-kv-compiled  the same GPT's ``StaticDecoder`` (static cache, position a tensor)
                            under ``torch.compile(mode="reduce-overhead")``: one CUDA graph a token
@@ -34,14 +34,12 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from bench.common import apply_smoke, markdown_table, synchronize, versions, write_results  # noqa: E402
-from bench.transformer import KVCache, StaticDecoder, Transformer, TransformerConfig  # noqa: E402
-from mmrec_model import MMRecConfig, MMRecModel  # noqa: E402
-from mmrec_model.decode import Decoder  # noqa: E402
-from mmrec_model.memory import MemoryState, span_len  # noqa: E402
-from mmrec_model.training import pick_device  # noqa: E402
+from bench.common import apply_smoke, markdown_table, synchronize, versions, write_results
+from bench.transformer import KVCache, StaticDecoder, Transformer, TransformerConfig
+from mmrec_model import MMRecConfig, MMRecModel
+from mmrec_model.decode import Decoder
+from mmrec_model.memory import MemoryState, span_len
+from mmrec_model.training import pick_device
 
 MMREC_PATHS = ("mmrec-graphs", "mmrec-decoder", "mmrec-step")
 TRANSFORMER_PATHS = ("transformer-kv", "transformer-kv-compiled")

@@ -1,6 +1,6 @@
 """Throughput of MMRecModel on CPU: tokens/s of forward and forward+backward.
 
-    python bench/model_cpu.py --out bench/results/model_cpu
+    python -m bench.model_cpu --out bench/results/model_cpu
 
 Rows: presets tiny and small, modes exact and parallel, eager and
 torch.compile(fullgraph=True) (inductor). Forward is inference (no_grad);
@@ -25,11 +25,9 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from bench.common import keep_freed_memory, markdown_table, versions, write_results  # noqa: E402
-from mmrec_model import MMRecConfig, MMRecModel  # noqa: E402
-from mmrec_model.training import next_byte_loss  # noqa: E402
+from bench.common import keep_freed_memory, markdown_table, versions, write_results
+from mmrec_model import MMRecConfig, MMRecModel
+from mmrec_model.training import next_byte_loss
 
 
 def next_token_loss(model, ids):

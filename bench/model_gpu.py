@@ -1,11 +1,11 @@
 """MM-Rec against a Transformer of the same width and depth on one GPU, side by side.
 
-    python bench/model_gpu.py --out bench/results/model_cuda_h100        # all sections
-    python bench/model_gpu.py --sections train --seq-lens 2048 8192      # a part
-    python bench/model_gpu.py --smoke --device cpu                       # tiny shapes, checks the script
+    python -m bench.model_gpu --out bench/results/model_cuda_h100        # all sections
+    python -m bench.model_gpu --sections train --seq-lens 2048 8192      # a part
+    python -m bench.model_gpu --smoke --device cpu                       # tiny shapes, checks the script
 
 Contenders: MMRecModel ``base`` (12 layers, width 768, its 1024-token window) in modes parallel
-(mmrec.scan) and exact (mmrec.recurrence), and bench/transformer.py's GPT
+(mmrec.scan) and exact (mmrec.recurrence), and bench.transformer's GPT
 (12 layers, width 768, PyTorch SDPA with is_causal), each eager and compiled;
 bf16 autocast, float32 parameters, fused AdamW. "Compiled" is regional
 compilation: ``torch.compile`` of each block (they share one graph), the way
@@ -22,7 +22,7 @@ Sections:
             cache (Transformer) the next token reads.
 
 How well each model learns (validation and long-context bits per byte after equal
-training, over seeds, with ablations) is bench/quality.py's; the quality section that
+training, over seeds, with ablations) is bench.quality's; the quality section that
 bench/results/model_cuda_h100.md records was this script's before it moved there.
 
 Writes a Markdown table per section, the raw numbers (JSON) and a PNG of
@@ -41,9 +41,7 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from bench.common import (  # noqa: E402
+from bench.common import (
     compile_blocks,
     markdown_table,
     model_logits,
@@ -51,9 +49,9 @@ from bench.common import (  # noqa: E402
     versions,
     write_results,
 )
-from bench.transformer import KVCache, Transformer, TransformerConfig  # noqa: E402
-from mmrec_model import MMRecConfig, MMRecModel  # noqa: E402
-from mmrec_model.training import autocast, next_byte_loss  # noqa: E402
+from bench.transformer import KVCache, Transformer, TransformerConfig
+from mmrec_model import MMRecConfig, MMRecModel
+from mmrec_model.training import autocast, next_byte_loss
 
 ARCHS = ("transformer", "mmrec-parallel", "mmrec-exact")
 

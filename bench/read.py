@@ -1,9 +1,9 @@
 """The multi-memory read alone, forward and forward+backward, by kernel, beside the
 Transformer's causal attention over the same tokens.
 
-    python bench/read.py --out bench/results/read_cuda_h100          # CUDA: bf16
-    python bench/read.py --device cpu --seq-lens 2048 --tokens 8192  # CPU: float32
-    python bench/read.py --smoke --device cpu                        # tiny shapes, checks the script
+    python -m bench.read --out bench/results/read_cuda_h100          # CUDA: bf16
+    python -m bench.read --device cpu --seq-lens 2048 --tokens 8192  # CPU: float32
+    python -m bench.read --smoke --device cpu                        # tiny shapes, checks the script
 
 For each --seq-lens T, --tokens tokens in sequences of T (batch = tokens / T), the read of
 one MMRecBlock of the --preset as its forward computes it in a chunk with no state (the
@@ -14,10 +14,6 @@ layout from ``memory_layout``, random queries, long-term groups and window token
                        group and its window in place in one pass (the model's default)
   blocked-sdpa         ``sdpa_blocked_attention``: each block of queries over a copy of its
                        keys, masked (eager, and compiled)
-  flex                 ``flex_blocked_attention``: each block's group dense, the window
-                       through flex_attention over the tokens in place, merged by their
-                       log-sum-exps (compiled, CUDA only: flex_attention on the CPU has no
-                       backward and no compiled log-sum-exp)
 
 Times are medians (CUDA: 10 calls between two events per sample) of the forward, and of
 the forward with the gradients of every input.
@@ -27,20 +23,17 @@ from __future__ import annotations
 
 import argparse
 import functools
-import sys
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bench.common import apply_smoke, forward_backward, markdown_table, median_time_ms, versions, write_results
+from mmrec_model import MMRecConfig
+from mmrec_model.attention import op_blocked_attention, sdpa_blocked_attention, window_keys
+from mmrec_model.memory import memory_layout
 
-from bench.common import apply_smoke, forward_backward, markdown_table, median_time_ms, versions, write_results  # noqa: E402
-from mmrec_model import MMRecConfig  # noqa: E402
-from mmrec_model.attention import flex_blocked_attention, op_blocked_attention, sdpa_blocked_attention, window_keys  # noqa: E402
-from mmrec_model.memory import memory_layout  # noqa: E402
-
-READS = ("causal-sdpa", "memory_read", "blocked-sdpa", "flex")
+READS = ("causal-sdpa", "memory_read", "blocked-sdpa")
 SMOKE = dict(preset="tiny", seq_lens=[200], tokens=400, warmup=1, repeats=2)
 
 
@@ -62,7 +55,7 @@ def read_inputs(config: MMRecConfig, batch: int, T: int, device, dtype):
     return q, group, tokens, layout.read_mask, layout.first_token
 
 
-def variants(config: MMRecConfig, mask: torch.Tensor, first_token: torch.Tensor, device) -> dict:
+def variants(config: MMRecConfig, mask: torch.Tensor, first_token: torch.Tensor) -> dict:
     """name -> read of (q, group, tokens)."""
     n_blocks, Q, _ = mask.shape
     W = config.window
@@ -70,20 +63,14 @@ def variants(config: MMRecConfig, mask: torch.Tensor, first_token: torch.Tensor,
     def blocked(q, group, tokens):
         return sdpa_blocked_attention(q, group, window_keys(tokens, n_blocks, Q, W), mask)
 
-    def flex(q, group, tokens):
-        return flex_blocked_attention(q, group, tokens, mask, W)
-
     def memory_read(q, group, tokens):
         return op_blocked_attention(q, group, tokens, mask, W, first_token)
 
-    reads = {
+    return {
         "memory_read op": memory_read,
         "blocked-sdpa eager": blocked,
         "blocked-sdpa compiled": torch.compile(blocked, fullgraph=True),
     }
-    if device.type == "cuda":
-        reads["flex compiled"] = torch.compile(flex, fullgraph=True)
-    return reads
 
 
 def rows_of(config: MMRecConfig, T: int, args, device, dtype) -> list[dict]:
@@ -93,7 +80,7 @@ def rows_of(config: MMRecConfig, T: int, args, device, dtype) -> list[dict]:
     q, group, tokens, mask, first_token = read_inputs(config, batch, T, device, dtype)
     qkv = [torch.randn(batch, H, T, d, device=device, dtype=dtype) for _ in range(3)]
     reads = {"causal-sdpa": (causal_read, qkv)}
-    reads.update({name: (fn, (q, group, tokens)) for name, fn in variants(config, mask, first_token, device).items()})
+    reads.update({name: (fn, (q, group, tokens)) for name, fn in variants(config, mask, first_token).items()})
     if args.reads:
         reads = {name: read for name, read in reads.items() if name.split()[0] in args.reads}
     rows = []

@@ -1,7 +1,7 @@
 """Benchmark of torch.ops.mmrec.recurrence against recurrent baselines, side by side.
 
-    python bench/recurrence.py                       # CPU, float32 [B, T, H, d] = [4, 512, 8, 64]
-    python bench/recurrence.py --device cuda         # CUDA, bfloat16 [16, 1024, 12, 64] and [8, 1024, 16, 64]
+    python -m bench.recurrence                       # CPU, float32 [B, T, H, d] = [4, 512, 8, 64]
+    python -m bench.recurrence --device cuda         # CUDA, bfloat16 [16, 1024, 12, 64] and [8, 1024, 16, 64]
 
 Rows, forward and forward+backward (gradients of every input), median times:
 mmrec.recurrence through the op, eagerly through autograd as a user's model
@@ -28,10 +28,8 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-import mmrec_ops  # noqa: E402
-from bench.common import (  # noqa: E402
+import mmrec_ops
+from bench.common import (
     forward_backward,
     keep_freed_memory,
     markdown_table,
@@ -40,7 +38,7 @@ from bench.common import (  # noqa: E402
     versions,
     write_results,
 )
-from mmrec_ops.reference import recurrence_reference  # noqa: E402
+from mmrec_ops.reference import recurrence_reference
 
 CPU_SHAPES = [[4, 512, 8, 64]]
 ACCELERATED_SCAN_BLOCK = 2048  # accelerated_scan.scalar's BLOCK (0.3.1)
@@ -292,7 +290,7 @@ def main() -> None:
 
     device = args.device
     if device == "cpu":
-        keep_freed_memory()  # see bench/scan.py: every row runs under the same allocator setting
+        keep_freed_memory()  # see bench.scan: every row runs under the same allocator setting
     shapes = args.shape or (CPU_SHAPES if device == "cpu" else CUDA_SHAPES)
     dtypes = args.dtype or (["float32"] if device == "cpu" else ["bfloat16"])
     info = versions(device)

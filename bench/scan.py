@@ -1,7 +1,7 @@
 """Benchmark of torch.ops.mmrec.scan against the memory floor and baselines, side by side.
 
-    python bench/scan.py                       # CPU, [4, 4096, 8, 64] float32
-    python bench/scan.py --device cuda         # CUDA, [8, 4096, 16, 64] bfloat16 and float32
+    python -m bench.scan                       # CPU, [4, 4096, 8, 64] float32
+    python -m bench.scan --device cuda         # CUDA, [8, 4096, 16, 64] bfloat16 and float32
 
 Rows: the memory floor (a device copy moving the same bytes the scan must
 read and write), mmrec.scan in [B, T, H, d] and as a transposed [B, H, T, d]
@@ -15,11 +15,10 @@ kernel, through autograd too (each in its own layout, same element count), and
 accelerated-scan as a caller with [B, T, D] tensors uses it (inputs transposed).
 Forward and forward+backward; median times. Below the table, forward+backward
 through autograd against the ops called directly, sampled in turn (the CPU
-goal of issue 19: within 1.1x). On CUDA each
-timing comes twice: eager (back-to-back calls; where the host is slower than
-the kernels, as it can be through autograd, its time is what shows) and
-replayed from a CUDA graph of the same calls (device time alone, as under
-torch.compile's CUDA graphs).
+goal: within 1.1x). On CUDA each timing comes twice: eager (back-to-back
+calls; where the host is slower than the kernels, as it can be through
+autograd, its time is what shows) and replayed from a CUDA graph of the same
+calls (device time alone, as under torch.compile's CUDA graphs).
 Prints a Markdown table and writes it, with the raw numbers, device and
 versions, to --out (.md and .json).
 
@@ -39,10 +38,8 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-import mmrec_ops  # noqa: E402
-from bench.common import (  # noqa: E402
+import mmrec_ops
+from bench.common import (
     forward_backward,
     graph_time_ms,
     keep_freed_memory,
@@ -52,7 +49,7 @@ from bench.common import (  # noqa: E402
     versions,
     write_results,
 )
-from mmrec_ops.reference import scan_reference  # noqa: E402
+from mmrec_ops.reference import scan_reference
 
 
 def copy_floor(numel: int, dtype, device):

@@ -1,6 +1,6 @@
 """mmrec::skinny_addmm against cuBLAS's addmm on a GPU, at a decoder's products.
 
-    python bench/skinny_addmm.py --out bench/results/skinny_addmm_cuda_h100
+    python -m bench.skinny_addmm --out bench/results/skinny_addmm_cuda_h100
 
 The products of a `base` decoder's block (float32, bias + x W, W [K, N]): the input
 projection 768 -> 3456, MDI's second layers 384 -> 1536, the output projection 768 -> 768,
@@ -19,10 +19,8 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-import mmrec_ops  # noqa: E402
-from bench.common import graph_time_ms, markdown_table, versions, write_results  # noqa: E402
+import mmrec_ops
+from bench.common import graph_time_ms, markdown_table, versions, write_results
 
 # (name, K, N) of a base block's products.
 PRODUCTS = [

@@ -1,10 +1,10 @@
 """Where a training step's time goes: MM-Rec, each of its memories taken out, and the
 Transformer, timed alike, plus the kernels that fill the step.
 
-    python bench/train_breakdown.py --out bench/results/train_breakdown_small_h100
-    python bench/train_breakdown.py --smoke --device cpu        # tiny shapes, checks the script
+    python -m bench.train_breakdown --out bench/results/train_breakdown_small_h100
+    python -m bench.train_breakdown --smoke --device cpu        # tiny shapes, checks the script
 
-Every variant is bench/quality.py's model for its arch (the preset's width, depth, heads and
+Every variant is bench.quality's model for its arch (the preset's width, depth, heads and
 window), built with seed 0, compiled (each block alone, regional compilation, or with
 --compile model the whole model; --cuda-graphs adds torch.compile's CUDA graphs), trained on random
 bytes: --tokens-per-step tokens a step in sequences of --seq-len, bf16 autocast on CUDA,
@@ -27,21 +27,18 @@ import torch
 from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bench.common import compile_blocks, markdown_table, model_logits, synchronize, versions, write_results
+from bench.quality.run import build_model
+from bench.quality.settings import Settings, model_config
+from mmrec_model.training import autocast, next_byte_loss
 
-from bench.common import compile_blocks, markdown_table, model_logits, synchronize, versions, write_results  # noqa: E402
-from bench.quality import Settings, build_model, model_config  # noqa: E402
-from mmrec_model.training import autocast, next_byte_loss  # noqa: E402
-
-# variant: (bench/quality.py arch, MMRecConfig overrides)
+# variant: (bench.quality arch, MMRecConfig overrides)
 VARIANTS = {
     "transformer": ("transformer", {}),
     "mmrec": ("mmrec", {}),
     "mmrec-parallel": ("mmrec", {"mode": "parallel"}),
     "mmrec-sdpa": ("mmrec", {"read_kernel": "sdpa"}),
     "mmrec-parallel-sdpa": ("mmrec", {"mode": "parallel", "read_kernel": "sdpa"}),
-    "mmrec-flex": ("mmrec", {"read_kernel": "flex"}),
-    "mmrec-parallel-flex": ("mmrec", {"mode": "parallel", "read_kernel": "flex"}),
     "mmrec-no-window": ("mmrec-no-window", {}),
     "mmrec-no-longterm": ("mmrec-no-longterm", {}),
     "mmrec-parallel-no-longterm": ("mmrec-no-longterm", {"mode": "parallel"}),

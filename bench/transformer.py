@@ -1,4 +1,4 @@
-"""The Transformer that bench/model_gpu.py and bench/quality.py compare MM-Rec with: a
+"""The Transformer that bench.model_gpu and bench.quality compare MM-Rec with: a
 GPT of the same width and depth (byte vocabulary, rotary position embeddings, PyTorch
 SDPA, RMSNorm, GELU FFN, tied head).
 

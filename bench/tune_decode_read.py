@@ -1,6 +1,6 @@
 """Sweep of decode_read's Triton launch knobs on a GPU (a development tool).
 
-    python bench/tune_decode_read.py --out bench/results/tune_decode_read_h100
+    python -m bench.tune_decode_read --out bench/results/tune_decode_read_h100
 
 At a `base` decoder's cache (q [B, 12, 64]; keys and values [B, 12, 1136, 64], views of
 one [2, B, 12, 1136, 64] tensor; some slots masked), batch 1 and 16, float32: each
@@ -12,16 +12,13 @@ from a CUDA graph. The chosen one goes into the module's constants by hand.
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from bench.common import graph_time_ms, markdown_table, versions, write_results  # noqa: E402
-from mmrec_ops.reference import decode_read_reference  # noqa: E402
-from mmrec_ops.triton import decode_read as triton_read  # noqa: E402
+from bench.common import graph_time_ms, markdown_table, versions, write_results
+from mmrec_ops.reference import decode_read_reference
+from mmrec_ops.triton import decode_read as triton_read
 
 HEADS, SLOTS, HEAD_DIM = 12, 1136, 64
 # (BLOCK_K, PROGRAMS_PER_SM, NUM_WARPS); the first is the shipped setting.

@@ -1,6 +1,6 @@
 """Sweep of the Triton scan's launch knobs on a GPU (a development tool).
 
-    python bench/tune_scan.py --out tune.json
+    python -m bench.tune_scan --out tune.json
 
 For each dtype and kernel (forward, backward), each candidate _Tuning of
 mmrec_ops/triton/scan.py (steps per thread R, warps, tile size, pipeline
@@ -15,16 +15,13 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import sys
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-import mmrec_ops  # noqa: E402,F401  (registers the ops the check uses)
-from bench.common import median_time_ms, versions  # noqa: E402
-from mmrec_ops.triton import scan as triton_scan  # noqa: E402
+import mmrec_ops  # noqa: F401  (registers the ops the check uses)
+from bench.common import median_time_ms, versions
+from mmrec_ops.triton import scan as triton_scan
 
 # Candidates per (dtype, kernel): R, num_warps, tile elements, stages, programs
 # per SM; the first of each is the shipped setting.
@@ -104,7 +101,7 @@ def main():
         info = {
             **versions("cuda"),
             "shape": args.shape,
-            "command": "python bench/tune_scan.py",
+            "command": "python -m bench.tune_scan",
             "how": "launchers alone, bench.common.median_time_ms; err_vs_cpu: relative error (norm) of the "
             "outputs against the C++ CPU kernel on the same inputs",
         }

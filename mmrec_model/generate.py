@@ -23,8 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .checkpoint import load_model
-from .training import pick_device
+from .training import load_model, pick_device
 
 PROG = "mmrec-generate"
 

@@ -14,8 +14,9 @@ with AdamW (weight decay on matrices only), gradient-norm clipping, and a
 learning rate that warms up linearly for `warmup` steps, then follows a cosine
 down to lr / 10 at `steps`. Validation reports the same loss on fixed
 windows of the held-out split, and bits per byte = loss / ln 2 (a token is a byte).
-The loss, schedule, optimizer, step and evaluation are `mmrec_model.training`'s;
-this module is the command line, the run folder, checkpoints and torchrun around them.
+The settings, loss, schedule, optimizer, loop, checkpoints and evaluation are
+`mmrec_model.training`'s; this module is the command line, the run folder and torchrun
+around them.
 
 The run folder (`--out`) receives, from rank 0 only: checkpoint.pt (atomic),
 metrics.jsonl, loss.png, config.json and sample.txt, and .lock, which the run
@@ -27,8 +28,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
-import fcntl
-import json
+import functools
 import math
 import os
 import re
@@ -38,43 +38,28 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from matplotlib.figure import Figure
 from tqdm import tqdm
 
-from .checkpoint import (
-    CHECKPOINT_FORMAT,
+from mmrec_model import MMRecConfig, MMRecModel
+
+from .generate import Sampling, generate_text
+from .training import Trainer, TrainSettings, bits_per_byte, evaluate
+from .training.checkpoint import (
     CHECKPOINT_NAME,
     CheckpointError,
     atomic_write,
     checkpoint_path,
-    is_temporary_name,
     load_checkpoint,
     model_from_checkpoint,
     non_finite_entries,
-    restore_rng_states,
-    rng_states,
     save_checkpoint,
 )
-from .config import MMRecConfig
-from .data import Corpus, DataError, check_window_fits, load_corpus, train_batch, validation_offsets
-from .generate import Sampling, generate_text
-from .model import MMRecModel
-from .training import (
-    DeviceError,
-    all_reduce_sum,
-    bits_per_byte,
-    default_autocast_dtype,
-    evaluate,
-    make_optimizer,
-    make_scheduler,
-    pick_device,
-    train_step,
-)
+from .training.data import Corpus, DataError, check_window_fits, load_corpus, train_batch, validation_offsets
+from .training.device import DeviceError, all_reduce_sum, default_autocast_dtype, pick_device
+from .training.run_folder import METRICS_NAME, RunFolder, RunFolderError, file_stamp
+from .training.settings import SettingsError
 
 PROG = "mmrec-pretrain"
-METRICS_NAME = "metrics.jsonl"
-# The lock a run holds on its folder while it runs (fcntl.flock, released when the process ends).
-LOCK_NAME = ".lock"
 
 
 class UsageError(ValueError):
@@ -86,13 +71,10 @@ class Diverged(Exception):
 
 
 @dataclass
-class TrainConfig:
-    """Settings of a pretraining run (the command line's options, one field each).
-
-    The defaults are the README's demo: `tiny` on 2 CPU cores in about five
-    minutes (1200 steps of 8 x 256 bytes; among the learning rates, batch
-    shapes and modes tried, this gave the lowest validation loss in that time).
-    """
+class PretrainSettings(TrainSettings):
+    """Settings of a pretraining run (the command line's options, one field each): the
+    training's (TrainSettings, whose defaults are this command's) and the model's, the
+    data's, the validation's, the run folder's and the sample's."""
 
     preset: str = "tiny"
     data: str | None = None
@@ -100,29 +82,15 @@ class TrainConfig:
     dim: int | None = None
     n_layers: int | None = None
     n_heads: int | None = None
-    steps: int = 1200
-    batch_size: int = 8
-    seq_len: int = 256
-    lr: float = 5e-3
-    warmup: int | None = None
-    weight_decay: float = 0.1
-    grad_clip: float = 1.0
     seed: int = 0
-    device: str = "auto"
     dtype: str = "auto"
-    compile: bool = False
     eval_every: int = 100
     eval_batches: int = 8
-    log_every: int = 10
     stop_at: int | None = None
     out: str | None = None
     sample_prompt: str = "def "
     sample_tokens: int = 400
     dist_timeout: float = 600.0
-
-    @property
-    def warmup_steps(self) -> int:
-        return self.steps // 20 if self.warmup is None else self.warmup
 
     def model_overrides(self) -> dict:
         fields = ("mode", "dim", "n_layers", "n_heads")
@@ -149,7 +117,7 @@ FIXED_ON_RESUME = (
 )
 
 HELP = {
-    "preset": "model size: tiny, small or base (DESIGN 2.3)",
+    "preset": "model size: tiny, small or base (docs/design.md)",
     "data": "training text: a text file, a JSONL file (field 'text') or a folder of text files; "
     "default: the Python standard library's source. The last 5% of the bytes are the validation split",
     "mode": "recurrence: 'exact' (gate reads the state) or 'parallel' (gate reads the input); default: the preset's",
@@ -188,7 +156,8 @@ def build_parser() -> argparse.ArgumentParser:
         argument_default=argparse.SUPPRESS,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    for field in dataclasses.fields(TrainConfig):
+    fields = {field.name: field for field in dataclasses.fields(PretrainSettings)}
+    for field in (fields[name] for name in HELP):
         flag = "--" + field.name.replace("_", "-")
         default = field.default
         help_text = HELP[field.name] + ("" if default is None else f" (default: {default})")
@@ -204,40 +173,25 @@ def build_parser() -> argparse.ArgumentParser:
 # --- checking the command line before anything is written -------------------
 
 
-@dataclass
-class Training:
-    """What an optimizer step changes, and a checkpoint holds."""
-
-    model: torch.nn.Module
-    optimizer: torch.optim.AdamW
-    scheduler: torch.optim.lr_scheduler.LambdaLR
-
-
-def build_training(model_config, config: TrainConfig, device: torch.device, checkpoint: dict | None) -> Training:
-    """Model, optimizer and scheduler: new from the seed, or restored from the checkpoint."""
+def build_trainer(model_config, config: PretrainSettings, device, autocast_dtype, checkpoint: dict | None) -> Trainer:
+    """The model, its optimizer and schedule: new from the seed, or the checkpoint's run."""
     torch.manual_seed(config.seed)
     if checkpoint:
         model = model_from_checkpoint(checkpoint, device, "--resume").train()
     else:
         model = MMRecModel(model_config).to(device)
-    optimizer = make_optimizer(model, config.lr, config.weight_decay)
-    scheduler = make_scheduler(optimizer, config.warmup_steps, config.steps)
+    trainer = Trainer(model, config, autocast_dtype)
     if checkpoint:
-        try:
-            optimizer.load_state_dict(checkpoint["optimizer"])
-            scheduler.load_state_dict(checkpoint["scheduler"])
-        except (KeyError, RuntimeError, ValueError) as err:
-            reason = str(err).strip().splitlines()[0]
-            raise CheckpointError(f"--resume: the checkpoint's states do not fit its model_config ({reason})") from None
-    return Training(model, optimizer, scheduler)
+        trainer.restore(checkpoint, "--resume")
+    return trainer
 
 
 @dataclass
 class Run:
     """Everything a run needs, checked: nothing is written before it exists."""
 
-    config: TrainConfig
-    model_config: object
+    config: PretrainSettings
+    model_config: MMRecConfig
     corpus: Corpus
     out: Path
     device: torch.device
@@ -245,7 +199,7 @@ class Run:
     checkpoint: dict | None
     world_size: int
     rank: int
-    training: Training
+    trainer: Trainer
     checkpoint_stamp: tuple | None  # the identity of out's checkpoint file when the run was prepared
 
     @property
@@ -268,10 +222,10 @@ def resolved_data(data: str | None) -> str | None:
         return data
 
 
-def resumed_config(given: dict, checkpoint: dict) -> TrainConfig:
+def resumed_config(given: dict, checkpoint: dict) -> PretrainSettings:
     """The checkpoint's settings, with the options given that a resumed run may change."""
     try:
-        saved = TrainConfig(**checkpoint["train_config"])
+        saved = PretrainSettings(**checkpoint["train_config"])
     except TypeError as err:
         raise CheckpointError(f"--resume: the checkpoint's train_config does not fit this version ({err})") from None
     changed = [name for name in FIXED_ON_RESUME if name in given and given[name] != getattr(saved, name)]
@@ -284,20 +238,15 @@ def resumed_config(given: dict, checkpoint: dict) -> TrainConfig:
     return dataclasses.replace(saved, **{**this_invocation, **changeable})
 
 
-def check_sizes(config: TrainConfig, world_size: int, start_step: int) -> None:
-    positive = ("steps", "batch_size", "seq_len", "eval_every", "eval_batches", "log_every", "sample_tokens")
-    for name in positive:
+def check_sizes(config: PretrainSettings, world_size: int, start_step: int) -> None:
+    config.check()
+    for name in ("eval_every", "eval_batches", "sample_tokens"):
         if getattr(config, name) < 1:
             raise UsageError(f"--{name.replace('_', '-')}: expected a positive integer, got {getattr(config, name)}")
-    for name in ("lr", "grad_clip", "dist_timeout"):
-        if not getattr(config, name) > 0:
-            raise UsageError(f"--{name.replace('_', '-')}: expected a positive number, got {getattr(config, name)}")
+    if not config.dist_timeout > 0:
+        raise UsageError(f"--dist-timeout: expected a positive number, got {config.dist_timeout}")
     if not config.sample_prompt:
         raise UsageError("--sample-prompt: expected at least one character for the sample to continue")
-    if config.weight_decay < 0:
-        raise UsageError(f"--weight-decay: expected a number >= 0, got {config.weight_decay}")
-    if not 0 <= config.warmup_steps <= config.steps:
-        raise UsageError(f"--warmup: expected 0 .. --steps ({config.steps}), got {config.warmup_steps}")
     if config.batch_size % world_size:
         raise UsageError(
             f"--batch-size {config.batch_size}: expected a multiple of the number of processes ({world_size})"
@@ -328,7 +277,7 @@ def pick_autocast_dtype(name: str, device: torch.device) -> torch.dtype | None:
     return torch.bfloat16 if name == "bfloat16" else None
 
 
-def pick_out(config: TrainConfig, resume: str | None) -> Path:
+def pick_out(config: PretrainSettings, resume: str | None) -> Path:
     if config.out is not None:
         return Path(config.out)
     if resume is not None:
@@ -351,16 +300,7 @@ def check_out(out: Path, resume: str | None) -> None:
         )
 
 
-def file_stamp(path: Path) -> tuple | None:
-    """The identity of the file at `path` (an atomic write makes a new one); None when there is none."""
-    try:
-        status = path.stat()
-    except FileNotFoundError:
-        return None
-    return status.st_ino, status.st_size, status.st_mtime_ns
-
-
-def build_model_config(config: TrainConfig, checkpoint: dict | None):
+def build_model_config(config: PretrainSettings, checkpoint: dict | None):
     try:
         if checkpoint is not None:
             return MMRecConfig(**checkpoint["model_config"])
@@ -377,7 +317,7 @@ def prepare(argv: list[str] | None) -> Run:
     if "data" in given:
         given["data"] = resolved_data(given["data"])
     checkpoint = load_checkpoint(resume) if resume is not None else None
-    config = resumed_config(given, checkpoint) if checkpoint else TrainConfig(**given)
+    config = resumed_config(given, checkpoint) if checkpoint else PretrainSettings(**given)
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     start_step = checkpoint["step"] if checkpoint else 0
     check_sizes(config, world_size, start_step)
@@ -392,7 +332,7 @@ def prepare(argv: list[str] | None) -> Run:
     if checkpoint and checkpoint["data"]["sha256"] != corpus.sha256:
         saved = checkpoint["data"]["source"]
         raise UsageError(f"--resume: the checkpoint was trained on other data ({saved}) than {corpus.source}")
-    training = build_training(model_config, config, device, checkpoint)
+    trainer = build_trainer(model_config, config, device, autocast_dtype, checkpoint)
     rank = int(os.environ.get("RANK", "0"))
     return Run(
         config,
@@ -404,7 +344,7 @@ def prepare(argv: list[str] | None) -> Run:
         checkpoint,
         world_size,
         rank,
-        training,
+        trainer,
         checkpoint_stamp,
     )
 
@@ -417,7 +357,7 @@ def validation_loss(run: Run) -> float:
     config = run.config
     offsets = validation_offsets(run.corpus, config.eval_batches * config.batch_size, config.seq_len)
     return evaluate(
-        run.training.model,
+        run.trainer.model,
         run.corpus.val,
         offsets,
         config.seq_len,
@@ -428,131 +368,23 @@ def validation_loss(run: Run) -> float:
     )
 
 
-def run_step(net: torch.nn.Module, run: Run, step: int) -> float:
-    """One optimizer step on this rank's share of step `step`'s global batch; returns the global mean loss."""
-    config, training = run.config, run.training
-    share = train_batch(run.corpus, step, config.seed, config.batch_size, config.seq_len, run.rank, run.world_size)
-    inputs, targets = (t.to(run.device) for t in share)
-    loss = train_step(
-        net, inputs, targets, training.optimizer, training.scheduler, config.grad_clip, run.autocast_dtype
+def step_batch(run: Run, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """This rank's share of step `step`'s global batch."""
+    config = run.config
+    return train_batch(run.corpus, step, config.seed, config.batch_size, config.seq_len, run.rank, run.world_size)
+
+
+def checkpoint_dict(run: Run) -> dict:
+    return run.trainer.checkpoint(
+        model_config=dataclasses.asdict(run.model_config),
+        train_config=dataclasses.asdict(run.config),
+        data={"sha256": run.corpus.sha256, "source": run.corpus.source},
     )
-    return all_reduce_sum(loss.double(), run.world_size).item() / run.world_size
 
 
-def checkpoint_dict(run: Run, step: int) -> dict:
-    return {
-        "format": CHECKPOINT_FORMAT,
-        "step": step,
-        "model": run.training.model.state_dict(),
-        "model_config": dataclasses.asdict(run.model_config),
-        "train_config": dataclasses.asdict(run.config),
-        "optimizer": run.training.optimizer.state_dict(),
-        "scheduler": run.training.scheduler.state_dict(),
-        "rng": rng_states(),
-        "data": {"sha256": run.corpus.sha256, "source": run.corpus.source},
-    }
-
-
-class RunFolder:
-    """The files of the run folder; only rank 0 makes one.
-
-    It holds the folder's lock from its creation to the end of the process, so
-    that no other run writes the folder meanwhile, and checks under the lock
-    that the folder is still as `prepare` found it.
-    """
-
-    def __init__(self, run: Run):
-        self.out = run.out
-        self.out.mkdir(parents=True, exist_ok=True)
-        self.lock = lock_folder(self.out)
-        if file_stamp(self.out / CHECKPOINT_NAME) != run.checkpoint_stamp:
-            raise UsageError(
-                f"--out {self.out}: another run wrote its {CHECKPOINT_NAME} while this one started; run the command again"
-            )
-        self.remove_leftovers()
-        self.metrics = self.out / METRICS_NAME
-        self.records = self.kept_records(run.start_step)
-        atomic_write(self.metrics, lambda f: f.writelines((json.dumps(r) + "\n").encode() for r in self.records))
-        config = {"train": dataclasses.asdict(run.config), "model": dataclasses.asdict(run.model_config)}
-        atomic_write(self.out / "config.json", lambda f: f.write(json.dumps(config, indent=2).encode()))
-
-    def remove_leftovers(self) -> None:
-        """Removes the temporary files of writers killed mid-write: under the lock no other writer is active."""
-        for path in self.out.iterdir():
-            if is_temporary_name(path.name):
-                path.unlink()
-
-    def kept_records(self, start_step: int) -> list[dict]:
-        """A resumed run keeps the metrics up to its checkpoint and drops any logged after it,
-        and a last line cut short (by a crash or a full disk): the file is rewritten without it."""
-        if start_step == 0 or not self.metrics.exists():
-            return []
-        lines = self.metrics.read_text(errors="replace").splitlines()
-        records = []
-        for number, line in enumerate(lines, start=1):
-            record = parse_record(line)
-            if record is not None:
-                records.append(record)
-            elif number < len(lines) and line.strip():
-                raise UsageError(f"--resume: {self.metrics}: line {number} is not a metrics record; mend or delete it")
-        return [r for r in records if r["step"] <= start_step]
-
-    def log(self, record: dict) -> None:
-        self.records.append(record)
-        with self.metrics.open("a") as f:
-            f.write(json.dumps(record) + "\n")
-
-    def sync(self) -> None:
-        """Makes the metrics logged so far durable, before a checkpoint that follows them."""
-        with self.metrics.open("a") as f:
-            os.fsync(f.fileno())
-
-    def plot(self) -> None:
-        fig = Figure(figsize=(7, 4.5))
-        ax = fig.subplots()
-        for split, style in (("train", "-"), ("val", "o-")):
-            points = [(r["step"], r["bpb"]) for r in self.records if r["split"] == split]
-            if points:
-                ax.plot(*zip(*points), style, label=f"{split}", markersize=4)
-        ax.set_xlabel("step")
-        ax.set_ylabel("bits per byte")
-        ax.set_title(f"MM-Rec pretraining: {self.out.name}")
-        ax.grid(alpha=0.3)
-        ax.legend()
-        fig.tight_layout()
-        atomic_write(self.out / "loss.png", lambda f: fig.savefig(f, format="png", dpi=100))
-
-
-def lock_folder(out: Path):
-    """The run folder's lock file, locked; refuses (UsageError) when another process holds it.
-
-    The lock (fcntl.flock) lasts while the returned file stays open, and ends
-    with the process, however it ends.
-    """
-    lock = open(out / LOCK_NAME, "a+")
-    try:
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        lock.seek(0)
-        holder = lock.read().strip() or "unknown"
-        lock.close()
-        raise UsageError(
-            f"--out {out}: another run (process {holder}) is writing this folder; "
-            "wait until it ends or choose another --out"
-        ) from None
-    lock.truncate(0)
-    lock.write(f"{os.getpid()}\n")
-    lock.flush()
-    return lock
-
-
-def parse_record(line: str) -> dict | None:
-    """The metrics record of a line of metrics.jsonl, or None if it is not one."""
-    try:
-        record = json.loads(line)
-    except json.JSONDecodeError:
-        return None
-    return record if isinstance(record, dict) and isinstance(record.get("step"), int) else None
+def make_run_folder(run: Run) -> RunFolder:
+    config = {"train": dataclasses.asdict(run.config), "model": dataclasses.asdict(run.model_config)}
+    return RunFolder(run.out, run.checkpoint_stamp, run.start_step, config)
 
 
 def setup_distributed(run: Run) -> None:
@@ -565,7 +397,7 @@ def setup_distributed(run: Run) -> None:
 
 def training_module(run: Run) -> torch.nn.Module:
     """The module that training steps call: the model, in DDP across processes, compiled if asked."""
-    net = run.training.model
+    net = run.trainer.model
     if run.world_size > 1:
         ids = [run.device.index] if run.device.type == "cuda" else None
         net = torch.nn.parallel.DistributedDataParallel(net, device_ids=ids)
@@ -586,7 +418,7 @@ def progress_bar(run: Run):
 
 def describe(run: Run) -> str:
     mc, config = run.model_config, run.config
-    n_params = sum(p.numel() for p in run.training.model.parameters())
+    n_params = sum(p.numel() for p in run.trainer.model.parameters())
     precision = " with bf16 autocast" if run.autocast_dtype else ""
     return (
         f"{PROG}: {run.corpus.describe()}\n"
@@ -598,7 +430,7 @@ def describe(run: Run) -> str:
 def write_sample(run: Run) -> None:
     config = run.config
     prompt, length = config.sample_prompt, config.sample_tokens
-    sample = generate_text(run.training.model, prompt, length, Sampling(seed=config.seed))
+    sample = generate_text(run.trainer.model, prompt, length, Sampling(seed=config.seed))
     atomic_write(run.out / "sample.txt", lambda f: f.write(sample.encode("utf-8")))
     print(f"\n--- sample (prompt {config.sample_prompt!r}, {config.sample_tokens} bytes) ---\n{sample}\n---")
     finished = run.stop_step == config.steps
@@ -615,7 +447,7 @@ def check_finite(run: Run, step: int, saved_step: int, loss: float, what: str, w
     """Stops the run (Diverged) when `loss` (the `what`) or, with `weights`, the model's
     weights are not finite: nothing is saved after that, so the last checkpoint
     stays the last finite one."""
-    non_finite = non_finite_entries(run.training.model.state_dict()) if weights else []
+    non_finite = non_finite_entries(run.trainer.model.state_dict()) if weights else []
     problem = None
     if not math.isfinite(loss):
         problem = f"the {what} is {loss}"
@@ -629,11 +461,10 @@ def check_finite(run: Run, step: int, saved_step: int, loss: float, what: str, w
 
 
 def train(run: Run, folder: RunFolder | None) -> None:
-    """The training loop: steps, periodic validation + checkpoint + plot, a sample at the end.
-    `folder`: the run folder on rank 0, None on the others."""
-    config, is_writer = run.config, run.rank == 0
-    if run.checkpoint:
-        restore_rng_states(run.checkpoint["rng"])
+    """The training loop (the Trainer's) with this command's hooks: the loss of each step
+    read and checked, logged every --log-every steps; validation + checkpoint + plot every
+    --eval-every steps; a sample at the end. `folder`: the run folder on rank 0, None on the others."""
+    config, trainer, is_writer = run.config, run.trainer, run.rank == 0
     net = training_module(run)
     if is_writer:
         print(describe(run), flush=True)
@@ -647,32 +478,27 @@ def train(run: Run, folder: RunFolder | None) -> None:
         if is_writer:
             folder.log({"step": step, "split": "val", "loss": val_loss, "bpb": bits_per_byte(val_loss)})
             folder.sync()
-            save_checkpoint(run.out / CHECKPOINT_NAME, checkpoint_dict(run, step))
+            save_checkpoint(run.out / CHECKPOINT_NAME, checkpoint_dict(run))
             folder.plot()
             bar.write(f"step {step:>6}: val loss {val_loss:.4f}, val bits/byte {bits_per_byte(val_loss):.3f}")
         saved_step = step
 
-    if run.start_step == 0:
-        validate_and_save(0)
-    tokens_per_step, rate = config.batch_size * config.seq_len, None
-    for step in range(run.start_step, run.stop_step):
-        started = time.perf_counter()
-        loss = run_step(net, run, step)
-        check_finite(run, step + 1, saved_step, loss, "training loss")
-        seconds = time.perf_counter() - started
-        # The first step of a process pays for warm-up (and compilation): it is not a rate.
-        if step > run.start_step:
-            rate = tokens_per_step / seconds if rate is None else 0.9 * rate + 0.1 * tokens_per_step / seconds
-        done = step + 1
+    def log_step(done: int, step_loss: torch.Tensor) -> None:
+        loss = all_reduce_sum(step_loss.double(), run.world_size).item() / run.world_size
+        check_finite(run, done, saved_step, loss, "training loss")
+        rate = trainer.tokens_per_s()
         tok_s = "-" if rate is None else f"{rate:,.0f}"
         bar.set_postfix(loss=f"{loss:.3f}", bpb=f"{bits_per_byte(loss):.2f}", tok_s=tok_s, refresh=False)
         bar.update()
         if is_writer and (done % config.log_every == 0 or done == run.stop_step):
-            lr = run.training.scheduler.get_last_lr()[0]
+            lr = trainer.scheduler.get_last_lr()[0]
             record = {"step": done, "split": "train", "loss": loss, "bpb": bits_per_byte(loss), "lr": lr}
             folder.log({**record, "tokens_per_s": rate})
-        if done % config.eval_every == 0 or done == run.stop_step:
-            validate_and_save(done)
+
+    if run.start_step == 0:
+        validate_and_save(0)
+    batches = functools.partial(step_batch, run)
+    trainer.train(batches, run.stop_step, net, log_step, validate_and_save, config.eval_every)
     bar.close()
     if is_writer:
         write_sample(run)
@@ -698,8 +524,8 @@ def is_peer_timeout(err: RuntimeError, world_size: int) -> bool:
 def main(argv: list[str] | None = None) -> int:
     try:
         run = prepare(argv)
-        folder = RunFolder(run) if run.rank == 0 else None
-    except (UsageError, DataError, CheckpointError, DeviceError) as err:
+        folder = make_run_folder(run) if run.rank == 0 else None
+    except (UsageError, SettingsError, DataError, CheckpointError, DeviceError, RunFolderError) as err:
         return fail(err)
     except OSError as err:  # the run folder cannot be made or written (read-only, full, ...)
         return fail(write_failure(err))

@@ -19,4 +19,4 @@ python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', tr
 python3 setup.py build_ext --inplace > "$OUT/build.log" 2>&1 || { tail -30 "$OUT/build.log"; exit 1; }
 python3 -m mmrec_ops.check | tee "$OUT/check.txt"
 python3 -m pytest -q -x -m "gpu or triton" -p no:cacheprovider ${1:+-k "$1"} 2>&1 | tail -25 | tee "$OUT/tests.txt"
-python3 bench/scan.py --device cuda --out "$OUT/scan_cuda" 2>"$OUT/bench.log"
+python3 -m bench.scan --device cuda --out "$OUT/scan_cuda" 2>"$OUT/bench.log"

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Trains bench/quality.py rows side by side on one GPU machine: every (arch, seed) pair
+# Trains bench.quality rows side by side on one GPU machine: every (arch, seed) pair
 # (each arch with each seed, or an ARCH:SEED item alone)
 # in its own process (they share the GPU, so their tokens/s are not the model's alone),
 # each row's log in LOGS/<arch>-seed<S>.log (LOGS defaults to DIR), then the report of
@@ -23,12 +23,12 @@ done
 pids=()
 for row in "${rows[@]}"; do
     arch=${row%%:*} seed=${row#*:}
-    python3 bench/quality.py run --arch "$arch" --seed "$seed" --out "$dir" --compile "$@" \
+    python3 -m bench.quality run --arch "$arch" --seed "$seed" --out "$dir" --compile "$@" \
         > "$logs/$arch-seed$seed.log" 2>&1 &
     pids+=($!)
 done
 failed=0
 for pid in "${pids[@]}"; do wait "$pid" || failed=1; done
 tail -n 2 "$logs"/*.log
-python3 bench/quality.py report "$dir" --out "$logs/report"
+python3 -m bench.quality report "$dir" --out "$logs/report"
 exit $failed

@@ -14,22 +14,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from bench.quality import (
-    SMOKE,
-    Resume,
-    Settings,
-    build_model,
-    check_final_windows_fit,
-    model_config,
-    past_first_band_bpb,
-    past_first_band_label,
-    probe_offsets,
-    recall_sequence,
-    train,
-)
+from bench.quality.measure import probe_offsets, recall_sequence
+from bench.quality.report import past_first_band_bpb, past_first_band_label
+from bench.quality.run import build_model, train
+from bench.quality.settings import SMOKE, Settings, check_final_windows_fit, model_config, row_label
 from bench.transformer import KVCache, StaticDecoder, Transformer, TransformerConfig
-from mmrec_model.data import Corpus
-from mmrec_model.training import train_step_carried
+from mmrec_model.training import Corpus, train_step
 from tests.helpers import FLOAT32_ACCUMULATION, assert_close_rel
 
 pytestmark = pytest.mark.bench
@@ -41,7 +31,7 @@ def test_model_gpu_smoke(tmp_path):
     out = tmp_path / "model"
     args = ["--smoke", "--device", "cpu", "--seq-lens", "128", "--contexts", "64", "--out", str(out)]
     result = subprocess.run(
-        [sys.executable, "bench/model_gpu.py", *args], cwd=ROOT, capture_output=True, text=True, timeout=900
+        [sys.executable, "-m", "bench.model_gpu", *args], cwd=ROOT, capture_output=True, text=True, timeout=900
     )
     assert result.returncode == 0, result.stderr[-3000:]
     results = json.loads(out.with_suffix(".json").read_text())["results"]
@@ -56,12 +46,12 @@ def test_model_gpu_smoke(tmp_path):
 
 @pytest.mark.parametrize("op, shape", [("scan", ["2", "16", "2", "8"]), ("recurrence", ["2", "8", "2", "8"])])
 def test_op_benchmark_smoke(tmp_path, op, shape):
-    """bench/scan.py and bench/recurrence.py on a tiny shape: every CPU row, and
+    """bench.scan and bench.recurrence on a tiny shape: every CPU row, and
     the ratio of forward+backward through autograd to the ops called directly."""
     out = tmp_path / op
     args = ["--shape", *shape, "--repeats", "2", "--skip-slow", "--out", str(out)]
     result = subprocess.run(
-        [sys.executable, f"bench/{op}.py", *args], cwd=ROOT, capture_output=True, text=True, timeout=300
+        [sys.executable, "-m", f"bench.{op}", *args], cwd=ROOT, capture_output=True, text=True, timeout=300
     )
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(out.with_suffix(".json").read_text())
@@ -103,7 +93,11 @@ def test_transformer_static_decoder_matches_full_forward():
 
 def run_quality(*args: str) -> subprocess.Popen:
     return subprocess.Popen(
-        [sys.executable, "bench/quality.py", *args], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        [sys.executable, "-m", "bench.quality", *args],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
 
 
@@ -154,27 +148,20 @@ def test_quality_row_stopped_and_continued_is_the_row_of_one_run(tmp_path):
     assert continued["tokens_per_s"] > 0 and not checkpoint.exists()
 
 
-def test_row_checkpoints_fall_at_the_end_of_carry_groups_and_never_at_the_last_step(tmp_path):
-    settings = dataclasses.replace(SMOKE, steps=12, carry_chunks=3)
-    resume = Resume(tmp_path / "row.ckpt.pt", {}, every=6, stop_at=9)
-    assert [done for done in range(1, 13) if resume.due(done, settings)] == [6, 9]
-    assert [done for done in range(1, 13) if Resume(tmp_path, {}, every=3).due(done, settings)] == [3, 6, 9]
-
-
 def test_quality_refuses_the_checkpoint_of_another_row(tmp_path):
     row = ("run", "--smoke", "--arch", "transformer", "--seed", "0", "--out", str(tmp_path), "--stop-at", "2")
     finished(run_quality(*row))
     process = run_quality(*row, "--lr", "0.01")
     _, stderr = process.communicate(timeout=300)
     assert process.returncode == 1
-    assert stderr.strip().splitlines()[-1].startswith("quality.py run: error: ") and "differs in lr" in stderr
+    assert stderr.strip().splitlines()[-1].startswith("bench.quality run: error: ") and "differs in lr" in stderr
     process = run_quality(*row[:-2], "--stop-at", "6")
     _, stderr = process.communicate(timeout=300)
     assert process.returncode == 1 and "--stop-at: expected" in stderr.strip().splitlines()[-1]
 
 
 def run_seed0_rows(folder, rows) -> list[str]:
-    """quality.py --smoke rows (arch, options), seed 0, side by side into folder: the names of
+    """bench.quality --smoke rows (arch, options), seed 0, side by side into folder: the names of
     the row files there, sorted."""
     runs = [
         run_quality("run", "--smoke", "--arch", arch, "--seed", "0", "--out", str(folder), *options)
@@ -209,114 +196,108 @@ def test_past_first_band_weighs_each_band_by_its_positions():
     assert past_first_band_bpb(nothing) is None and past_first_band_label(nothing) is None
 
 
+def test_recorded_rows_of_carried_chunks_keep_their_label():
+    row = {"arch": "mmrec", "settings": {"carry_chunks": 2, "config": {}, "window": None}}
+    assert row_label(row) == "mmrec+carry2"
+    assert row_label({**row, "settings": {}}) == "mmrec"
+
+
 def report_deltas(folder, name: str) -> dict:
     """The folder's report's deltas `name` ('past_delta', 'first_delta') {(ablation, full): mean}."""
     report = json.loads((folder / "report.json").read_text())
     return {(a["arch"], a["full"]): a[name]["mean"] for a in report["summary"]["ablations"]}
 
 
-def test_quality_report_keeps_configurations_apart_and_pairs_each_ablation_with_its_own(tmp_path):
-    gated = ("--config", "memory_read=gated")
-    assert run_seed0_rows(
-        tmp_path, [(arch, config) for arch in ("mmrec", "mmrec-no-longterm") for config in ((), gated)]
-    ) == [
-        "mmrec+memory_read=gated-seed0.json",
-        "mmrec-no-longterm+memory_read=gated-seed0.json",
-        "mmrec-no-longterm-seed0.json",
-        "mmrec-seed0.json",
-    ]
-    table = finished(run_quality("report", str(tmp_path)))
-    assert "| mmrec+memory_read=gated | 1 |" in table and "differ in settings" not in table
-    deltas, val = ablation_deltas(tmp_path)
-    assert deltas == {
-        (ablation, full): pytest.approx(val[ablation] - val[full])
-        for ablation, full in [
+SLOTS, WINDOW, FINAL = (
+    ("--config", "persistent_slots=8"),
+    ("--window", "8"),
+    ("--final-steps", "2", "--final-seq-len", "256"),
+)
+
+# A study: rows (arch, options) of seed 0 in one folder; the row files expected; lines of the
+# report's table; the settings and model configuration of one row; the (ablation, full) pairs.
+REPORT_STUDIES = [
+    pytest.param(
+        [(arch, options) for arch in ("mmrec", "mmrec-no-longterm") for options in ((), SLOTS)],
+        [
+            "mmrec+persistent_slots=8-seed0.json",
+            "mmrec-no-longterm+persistent_slots=8-seed0.json",
+            "mmrec-no-longterm-seed0.json",
+            "mmrec-seed0.json",
+        ],
+        ["| mmrec+persistent_slots=8 | 1 |"],
+        ("mmrec+persistent_slots=8", {"config": {"persistent_slots": 8}}, {"persistent_slots": 8}),
+        [
             ("mmrec-no-longterm", "mmrec"),
-            ("mmrec-no-longterm+memory_read=gated", "mmrec+memory_read=gated"),
-        ]
-    }
+            ("mmrec-no-longterm+persistent_slots=8", "mmrec+persistent_slots=8"),
+        ],
+        id="configurations",
+    ),
+    pytest.param(
+        [("mmrec", ()), ("mmrec", WINDOW), ("mmrec-no-longterm", WINDOW), ("transformer", WINDOW)],
+        [
+            "mmrec+window=8-seed0.json",
+            "mmrec-no-longterm+window=8-seed0.json",
+            "mmrec-seed0.json",
+            "transformer-seed0.json",
+        ],
+        ["| mmrec+window=8 | 1 |", "| mmrec | 1 |", "(64-1K)", "Δ first occurrence"],
+        ("mmrec+window=8", {"window": 8}, {"window": 8}),
+        [("mmrec-no-longterm+window=8", "mmrec+window=8")],
+        id="windows",
+    ),
+    pytest.param(
+        [("mmrec", ()), ("mmrec", FINAL), ("mmrec-no-longterm", FINAL)],
+        ["mmrec+final256x2-seed0.json", "mmrec-no-longterm+final256x2-seed0.json", "mmrec-seed0.json"],
+        ["| mmrec+final256x2 | 1 |", "Rows labelled +finalLxN"],
+        ("mmrec+final256x2", {"final_steps": 2}, {}),
+        [("mmrec-no-longterm+final256x2", "mmrec+final256x2")],
+        id="final_phase",
+    ),
+]
 
 
-def test_quality_report_keeps_carried_rows_apart_and_pairs_each_ablation_with_its_own(tmp_path):
-    carry = ("--carry-chunks", "2")
-    assert run_seed0_rows(
-        tmp_path, [("mmrec", ()), ("mmrec", carry), ("mmrec-no-longterm", carry), ("transformer", carry)]
-    ) == [
-        "mmrec+carry2-seed0.json",
-        "mmrec-no-longterm+carry2-seed0.json",
-        "mmrec-seed0.json",
-        "transformer+carry2-seed0.json",
-    ]
-    row = json.loads((tmp_path / "mmrec+carry2-seed0.json").read_text())
-    assert row["settings"]["carry_chunks"] == 2 and row["tokens"] == 6 * 2 * 128
+@pytest.mark.parametrize("rows, files, lines, row_settings, pairs", REPORT_STUDIES)
+def test_quality_report_keeps_studies_apart_and_pairs_each_ablation_with_its_own(
+    tmp_path, rows, files, lines, row_settings, pairs
+):
+    assert run_seed0_rows(tmp_path, rows) == files
+    label, settings, model = row_settings
+    row = json.loads((tmp_path / f"{label}-seed0.json").read_text())
+    assert {name: row["settings"][name] for name in settings} == settings
+    assert {name: row["model_config"][name] for name in model} == model and row["tokens"] == 6 * 2 * 128
     table = finished(run_quality("report", str(tmp_path)))
-    assert "| mmrec+carry2 | 1 |" in table and "| mmrec | 1 |" in table and "| transformer+carry2 | 1 |" in table
-    assert "Rows labelled +carryK" in table and "differ in settings" not in table
+    assert all(line in table for line in lines) and "differ in settings" not in table
     deltas, val = ablation_deltas(tmp_path)
-    assert deltas == {
-        ("mmrec-no-longterm+carry2", "mmrec+carry2"): pytest.approx(
-            val["mmrec-no-longterm+carry2"] - val["mmrec+carry2"]
-        )
-    }
-
-
-def test_quality_report_keeps_windows_apart_and_pairs_each_ablation_with_its_own(tmp_path):
-    window = ("--window", "8")
-    assert run_seed0_rows(
-        tmp_path, [("mmrec", ()), ("mmrec", window), ("mmrec-no-longterm", window), ("transformer", window)]
-    ) == [
-        "mmrec+window=8-seed0.json",
-        "mmrec-no-longterm+window=8-seed0.json",
-        "mmrec-seed0.json",
-        "transformer-seed0.json",
-    ]
-    row = json.loads((tmp_path / "mmrec+window=8-seed0.json").read_text())
-    assert row["settings"]["window"] == 8 and row["model_config"]["window"] == 8
-    table = finished(run_quality("report", str(tmp_path)))
-    assert "| mmrec+window=8 | 1 |" in table and "| mmrec | 1 |" in table and "differ in settings" not in table
-    deltas, val = ablation_deltas(tmp_path)
-    assert deltas == {
-        ("mmrec-no-longterm+window=8", "mmrec+window=8"): pytest.approx(
-            val["mmrec-no-longterm+window=8"] - val["mmrec+window=8"]
-        )
-    }
-    rows = {
-        label: json.loads((tmp_path / f"{label}-seed0.json").read_text())
-        for label in ("mmrec+window=8", "mmrec-no-longterm+window=8")
-    }
-    pair = ("mmrec-no-longterm+window=8", "mmrec+window=8")
-    past = {label: past_first_band_bpb(row) for label, row in rows.items()}
-    assert report_deltas(tmp_path, "past_delta") == {pair: pytest.approx(past[pair[0]] - past[pair[1]])}
-    first = {label: row["recall"]["first_bpb"] for label, row in rows.items()}
-    assert report_deltas(tmp_path, "first_delta") == {pair: pytest.approx(first[pair[0]] - first[pair[1]])}
-    assert "(64-1K)" in table and "Δ first occurrence" in table
+    assert deltas == {(a, f): pytest.approx(val[a] - val[f]) for a, f in pairs}
+    labelled = {label: json.loads((tmp_path / f"{label}-seed0.json").read_text()) for pair in pairs for label in pair}
+    past = {label: past_first_band_bpb(r) for label, r in labelled.items()}
+    assert report_deltas(tmp_path, "past_delta") == {(a, f): pytest.approx(past[a] - past[f]) for a, f in pairs}
+    first = {label: r["recall"]["first_bpb"] for label, r in labelled.items()}
+    assert report_deltas(tmp_path, "first_delta") == {(a, f): pytest.approx(first[a] - first[f]) for a, f in pairs}
 
 
 def training_calls(arch: str, settings: Settings, corpus: Corpus, monkeypatch) -> list[tuple]:
-    """(inputs, targets, the state's position or None) of every step of quality.py's train()."""
+    """(inputs, targets) of every step of bench.quality's train()."""
     calls = []
 
-    def spy(model, inputs, targets, state, *rest):
-        calls.append((inputs, targets, None if state is None else int(state.position)))
-        return train_step_carried(model, inputs, targets, state, *rest)
+    def spy(model, inputs, targets, *rest):
+        calls.append((inputs, targets))
+        return train_step(model, inputs, targets, *rest)
 
-    monkeypatch.setattr("bench.quality.train_step_carried", spy)
+    monkeypatch.setattr("mmrec_model.training.loop.train_step", spy)
     train(build_model(model_config(arch, settings), 0, torch.device("cpu")), corpus, settings, 0, None)
     return calls
 
 
-def test_quality_training_carries_mmrec_state_through_a_group_and_feeds_every_arch_the_same_chunks(monkeypatch):
-    settings = dataclasses.replace(SMOKE, steps=7, seq_len=16, carry_chunks=3, log_every=7)
+def test_quality_training_feeds_every_arch_the_same_windows(monkeypatch):
+    settings = dataclasses.replace(SMOKE, steps=7, seq_len=16, log_every=7)
     stream = torch.randint(0, 256, (4000,), dtype=torch.uint8)
     corpus = Corpus(train=stream[:3000], val=stream[3000:], source="random bytes", sha256="")
     mmrec, transformer = (training_calls(arch, settings, corpus, monkeypatch) for arch in ("mmrec", "transformer"))
-    # Each group of 3 steps starts from no state, then carries the state of the chunks before.
-    assert [position for _, _, position in mmrec] == [None, 16, 32, None, 16, 32, None]
-    assert [position for _, _, position in transformer] == [None] * 7
-    for (inputs, targets, _), (other_inputs, other_targets, _) in zip(mmrec, transformer):
+    assert len(mmrec) == len(transformer) == 7
+    for (inputs, targets), (other_inputs, other_targets) in zip(mmrec, transformer):
         assert torch.equal(inputs, other_inputs) and torch.equal(targets, other_targets)
-    for step in (0, 1, 3, 4):  # within a group, a chunk's last target is the next chunk's first input
-        assert torch.equal(mmrec[step][1][:, -1], mmrec[step + 1][0][:, 0])
 
 
 def test_quality_final_phase_trains_its_last_steps_on_long_windows_of_the_same_bytes(monkeypatch):
@@ -326,9 +307,8 @@ def test_quality_final_phase_trains_its_last_steps_on_long_windows_of_the_same_b
     stream = torch.randint(0, 256, (4000,), dtype=torch.uint8)
     corpus = Corpus(train=stream[:3000], val=stream[3000:], source="random bytes", sha256="")
     calls = training_calls("mmrec", settings, corpus, monkeypatch)
-    assert [tuple(inputs.shape) for inputs, _, _ in calls] == [(4, 16)] * 3 + [(2, 32)] * 2
-    assert all(position is None for _, _, position in calls)
-    for inputs, targets, _ in calls:  # each window is consecutive bytes of the corpus, targets one ahead
+    assert [tuple(inputs.shape) for inputs, _ in calls] == [(4, 16)] * 3 + [(2, 32)] * 2
+    for inputs, targets in calls:  # each window is consecutive bytes of the corpus, targets one ahead
         assert torch.equal(inputs[:, 1:], targets[:, :-1])
 
 
@@ -343,33 +323,12 @@ def test_quality_refuses_final_windows_longer_than_the_training_split():
         check_final_windows_fit(corpus, dataclasses.replace(SMOKE, final_steps=2, final_seq_len=256))
 
 
-def test_quality_report_keeps_final_phase_rows_apart_and_pairs_each_ablation_with_its_own(tmp_path):
-    final = ("--final-steps", "2", "--final-seq-len", "256")
-    assert run_seed0_rows(tmp_path, [("mmrec", ()), ("mmrec", final), ("mmrec-no-longterm", final)]) == [
-        "mmrec+final256x2-seed0.json",
-        "mmrec-no-longterm+final256x2-seed0.json",
-        "mmrec-seed0.json",
-    ]
-    row = json.loads((tmp_path / "mmrec+final256x2-seed0.json").read_text())
-    assert row["settings"]["final_steps"] == 2 and row["tokens"] == 6 * 2 * 128
-    table = finished(run_quality("report", str(tmp_path)))
-    assert "| mmrec+final256x2 | 1 |" in table and "Rows labelled +finalLxN" in table
-    assert "differ in settings" not in table
-    deltas, val = ablation_deltas(tmp_path)
-    pair = ("mmrec-no-longterm+final256x2", "mmrec+final256x2")
-    assert deltas == {pair: pytest.approx(val[pair[0]] - val[pair[1]])}
-
-
 @pytest.mark.parametrize(
     "options, expected",
     [
         (("--final-steps", "7", "--final-seq-len", "256"), "--final-steps: expected 0 to --steps (6), got 7"),
         (("--final-steps", "2"), "--final-seq-len: expected a divisor of --batch-size x --seq-len (256)"),
         (("--final-steps", "2", "--final-seq-len", "100"), "--final-seq-len: expected a divisor"),
-        (
-            ("--final-steps", "2", "--final-seq-len", "128", "--carry-chunks", "2"),
-            "--final-steps: expected --carry-chunks 1",
-        ),
     ],
 )
 def test_quality_refuses_a_final_phase_it_cannot_train(tmp_path, options, expected):
@@ -399,7 +358,7 @@ def test_train_breakdown_smoke(tmp_path):
     out = tmp_path / "breakdown"
     args = ["--smoke", "--device", "cpu", "--variants", "transformer", "mmrec", "--profile", "mmrec", "--out", str(out)]
     result = subprocess.run(
-        [sys.executable, "bench/train_breakdown.py", *args], cwd=ROOT, capture_output=True, text=True, timeout=600
+        [sys.executable, "-m", "bench.train_breakdown", *args], cwd=ROOT, capture_output=True, text=True, timeout=600
     )
     assert result.returncode == 0, result.stderr[-3000:]
     rows = json.loads(out.with_suffix(".json").read_text())["results"]
@@ -411,7 +370,7 @@ def test_train_breakdown_smoke(tmp_path):
 def test_read_bench_smoke(tmp_path):
     out = tmp_path / "read"
     result = subprocess.run(
-        [sys.executable, "bench/read.py", "--smoke", "--device", "cpu", "--out", str(out)],
+        [sys.executable, "-m", "bench.read", "--smoke", "--device", "cpu", "--out", str(out)],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -427,7 +386,7 @@ def test_read_bench_picks_reads(tmp_path):
     out = tmp_path / "read"
     args = ["--smoke", "--device", "cpu", "--reads", "memory_read", "--out", str(out)]
     result = subprocess.run(
-        [sys.executable, "bench/read.py", *args], cwd=ROOT, capture_output=True, text=True, timeout=600
+        [sys.executable, "-m", "bench.read", *args], cwd=ROOT, capture_output=True, text=True, timeout=600
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert [r["read"] for r in json.loads(out.with_suffix(".json").read_text())["results"]] == ["memory_read op"]
@@ -439,7 +398,7 @@ def test_quality_refuses_probe_beyond_long_windows(tmp_path):
     )
     _, stderr = process.communicate(timeout=300)
     assert process.returncode == 1 and stderr.strip().splitlines()[-1].startswith(
-        "quality.py run: error: --probe-distances"
+        "bench.quality run: error: --probe-distances"
     )
     assert not list(tmp_path.iterdir())
 
@@ -460,17 +419,17 @@ def test_probe_offsets_spread_the_passages_and_leave_room_for_the_farthest_copy(
 
 
 def test_quality_config_reaches_every_mmrec_arch_and_the_ablation_keeps_its_field():
-    settings = Settings(preset="tiny", config={"memory_read": "gated", "n_levels": 1})
+    settings = Settings(preset="tiny", config={"persistent_slots": 8, "n_levels": 1})
     assert model_config("mmrec", settings).n_levels == 1
     ablation = model_config("mmrec-no-longterm", settings)
-    assert ablation.n_levels == 0 and ablation.memory_read == "gated"
+    assert ablation.n_levels == 0 and ablation.persistent_slots == 8
     assert model_config("transformer", settings).window is None
 
 
 def test_generate_bench_smoke(tmp_path):
     out = tmp_path / "generate"
     result = subprocess.run(
-        [sys.executable, "bench/generate.py", "--device", "cpu", "--smoke", "--out", str(out)],
+        [sys.executable, "-m", "bench.generate", "--device", "cpu", "--smoke", "--out", str(out)],
         cwd=ROOT,
         capture_output=True,
         text=True,

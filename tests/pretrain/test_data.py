@@ -1,4 +1,4 @@
-"""mmrec_model.data: the embedded corpus, --data sources, the split and the batches."""
+"""mmrec_model.training.data: the embedded corpus, --data sources, the split and the batches."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import os
 import pytest
 import torch
 
-from mmrec_model import data as D
+from mmrec_model.training import data as D
 
 pytestmark = pytest.mark.pretrain
 
@@ -191,53 +191,20 @@ def test_ranks_share_the_global_batch(fresh_seed, world_size):
     assert torch.equal(torch.cat(shares), whole)
 
 
-@pytest.mark.parametrize("carry_chunks, seq_len", [(1, 19), (2, 9), (4, 4)])
-def test_windows_reach_the_last_byte_and_never_beyond(carry_chunks, seq_len):
-    corpus = synthetic_corpus(n=300 + carry_chunks * seq_len + 1)  # streams as long as the split: one offset only
-    first = D.train_batch(corpus, step=0, seed=0, batch_size=3, seq_len=seq_len, carry_chunks=carry_chunks)[0]
-    last = D.train_batch(corpus, carry_chunks - 1, 0, 3, seq_len, carry_chunks=carry_chunks)[1]
-    assert torch.equal(first[:, 0], torch.zeros(3, dtype=torch.long))
-    assert torch.equal(last[:, -1], torch.full((3,), carry_chunks * seq_len))
+@pytest.mark.parametrize("seq_len", [19, 4])
+def test_windows_reach_the_last_byte_and_never_beyond(seq_len):
+    corpus = synthetic_corpus(n=300 + seq_len + 1)  # windows as long as the split: one offset only
+    inputs, targets = D.train_batch(corpus, step=0, seed=0, batch_size=3, seq_len=seq_len)
+    assert torch.equal(inputs[:, 0], torch.zeros(3, dtype=torch.long))
+    assert torch.equal(targets[:, -1], torch.full((3,), seq_len))
 
 
-def group_streams(corpus: D.Corpus, group: int, seed: int, batch_size: int, length: int) -> torch.Tensor:
-    """The streams [batch_size, length + 1] (int64) that train_batch's docstring gives a group."""
-    offsets = D.random_offsets(corpus.train, batch_size, length, D.step_generator(seed, group))
-    return corpus.train[offsets[:, None] + torch.arange(length + 1)].long()
-
-
-@pytest.mark.parametrize("carry_chunks", [2, 5])
-def test_the_chunks_of_a_group_are_consecutive_bytes_of_its_streams(fresh_seed, carry_chunks):
-    corpus, seq_len, group = synthetic_corpus(), 13, 3
-    steps = range(group * carry_chunks, (group + 1) * carry_chunks)
-    chunks = [D.train_batch(corpus, step, fresh_seed, 4, seq_len, carry_chunks=carry_chunks) for step in steps]
-    streams = group_streams(corpus, group, fresh_seed, 4, carry_chunks * seq_len)
-    assert torch.equal(torch.cat([inputs for inputs, _ in chunks], dim=1), streams[:, :-1])
-    assert torch.equal(torch.cat([targets for _, targets in chunks], dim=1), streams[:, 1:])
-    for (_, targets), (next_inputs, _) in zip(chunks, chunks[1:]):
-        assert torch.equal(targets[:, -1], next_inputs[:, 0])  # chunk c's last target is chunk c + 1's first input
-    following = D.train_batch(corpus, steps[-1] + 1, fresh_seed, 4, seq_len, carry_chunks=carry_chunks)[0]
-    assert not torch.equal(following[:, 0], chunks[-1][1][:, -1])  # the next group starts new streams
-
-
-def test_one_chunk_per_group_is_a_fresh_window_every_step(fresh_seed):
+def test_every_step_draws_fresh_windows_from_its_own_generator(fresh_seed):
     corpus = synthetic_corpus()
     for step in range(3):
         offsets = D.random_offsets(corpus.train, 6, 9, D.step_generator(fresh_seed, step))
         expected = D.windows(corpus.train, offsets, 9)
-        batch = D.train_batch(corpus, step, fresh_seed, 6, 9, carry_chunks=1)
-        assert all(torch.equal(a, b) for a, b in zip(batch, expected))
         assert all(torch.equal(a, b) for a, b in zip(D.train_batch(corpus, step, fresh_seed, 6, 9), expected))
-
-
-@pytest.mark.parametrize("world_size", [2, 3])
-def test_ranks_share_every_chunk_of_a_group(fresh_seed, world_size):
-    corpus = synthetic_corpus()
-    for step in range(6, 9):  # the chunks of group 2 of 3 chunks
-        whole = D.train_batch(corpus, step, fresh_seed, 6, 11, carry_chunks=3)
-        shares = [D.train_batch(corpus, step, fresh_seed, 6, 11, rank, world_size, 3) for rank in range(world_size)]
-        assert torch.equal(torch.cat([inputs for inputs, _ in shares]), whole[0])
-        assert torch.equal(torch.cat([targets for _, targets in shares]), whole[1])
 
 
 def test_validation_windows_are_fixed_whatever_the_seed(fresh_seed):

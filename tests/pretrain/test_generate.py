@@ -8,8 +8,8 @@ import re
 import pytest
 import torch
 
-from mmrec_model.checkpoint import load_model
 from mmrec_model.generate import Sampling, decode, encode, generate_text, print_stream
+from mmrec_model.training import load_model
 from tests.pretrain.cli import generate, succeeded
 
 pytestmark = pytest.mark.pretrain

@@ -242,7 +242,7 @@ sys.meta_path[:] = [f for f in sys.meta_path if "editable" not in getattr(f, "__
 
 @pytest.mark.parametrize("module", ["mmrec_model.pretrain", "mmrec_model.generate"])
 def test_missing_compiled_library_stops_the_command_with_the_build_commands(tmp_path, module):
-    """mmrec_model imports mmrec_ops at the top (issue 18), so the library's own ImportError
+    """mmrec_model imports mmrec_ops at the top, so the library's own ImportError
     is what the command ends with: it says what is missing and how to build it."""
     for package in ("mmrec_ops", "mmrec_model"):
         shutil.copytree(REPO / package, tmp_path / package, ignore=shutil.ignore_patterns("_C*.so", "__pycache__"))
@@ -315,7 +315,7 @@ def test_a_folder_that_another_run_writes_is_refused(tmp_path, corpus_file, fres
 # the checkpoint's temporary file takes 1000 bytes, then its writes fail with ENOSPC.
 FULL_DISK_AT_SAVE = """
 import builtins, errno, os, sys
-from mmrec_model import checkpoint
+from mmrec_model.training import checkpoint
 from mmrec_model.pretrain import main
 class FullDisk:
     def __init__(self, file):
@@ -435,12 +435,12 @@ def test_a_hand_edited_checkpoint_is_refused_in_one_line(tmp_path, trained_run, 
 HANG_AT_STEP_2 = """
 import sys, time
 from mmrec_model import pretrain
-real_run_step = pretrain.run_step
-def hang_on_rank_1(net, run, step):
+real_step_batch = pretrain.step_batch
+def hang_on_rank_1(run, step):
     if run.rank == 1 and step == 2:
         time.sleep(3600)  # hung, not dead: its socket stays open
-    return real_run_step(net, run, step)
-pretrain.run_step = hang_on_rank_1
+    return real_step_batch(run, step)
+pretrain.step_batch = hang_on_rank_1
 sys.exit(pretrain.main(sys.argv[1:]))
 """
 

@@ -1,5 +1,5 @@
-"""The learning-rate schedule, the optimizer's groups, a training step that carries the
-state from chunk to chunk, and atomic checkpoint files."""
+"""The learning-rate schedule, the optimizer's groups, a training step, the training loop
+(its checkpoints and exact resume), and atomic checkpoint files."""
 
 from __future__ import annotations
 
@@ -10,18 +10,10 @@ import os
 import pytest
 import torch
 
-from mmrec_model import MMRecConfig, MMRecModel
-from mmrec_model import checkpoint as C
-from mmrec_model.pretrain import TrainConfig, UsageError, resumed_config
-from mmrec_model.training import (
-    MIN_LR_RATIO,
-    lr_factor,
-    make_optimizer,
-    make_scheduler,
-    next_byte_loss,
-    train_step_carried,
-)
-from tests.helpers import FLOAT32_ACCUMULATION, assert_close_rel
+from mmrec_model.pretrain import PretrainSettings, UsageError, resumed_config
+from mmrec_model.training import Trainer, TrainSettings, make_optimizer, make_scheduler, train_step
+from mmrec_model.training import checkpoint as C
+from mmrec_model.training.optim import MIN_LR_RATIO, lr_factor
 
 pytestmark = pytest.mark.pretrain
 
@@ -56,43 +48,47 @@ def still_optimizer(model: torch.nn.Module) -> tuple[torch.optim.Optimizer, torc
     return optimizer, make_scheduler(optimizer, warmup=0, steps=2)
 
 
-def flat_grads(loss: torch.Tensor, params: list[torch.Tensor]) -> torch.Tensor:
-    return torch.cat([g.flatten() for g in torch.autograd.grad(loss, params)])
-
-
-def test_carried_step_continues_from_the_state_and_its_gradients_stop_there():
-    # Segments and a window shorter than a chunk: every part of the state reaches the next chunk.
-    config = MMRecConfig.preset("tiny", dim=32, n_layers=2, n_heads=2, window=8, segment_len=4, level_slots=4)
-    model = MMRecModel(config)
-    optimizer, scheduler = still_optimizer(model)  # the references below see the weights each step saw
-    T = 16
-    ids = torch.randint(0, 256, (2, 2 * T + 1))
-    (x0, y0), (x1, y1) = [(ids[:, c * T : (c + 1) * T], ids[:, c * T + 1 : (c + 1) * T + 1]) for c in range(2)]
-    _, state = train_step_carried(model, x0, y0, None, optimizer, scheduler, grad_clip=math.inf)
-    assert not any(t.requires_grad for block in state.blocks for t in block) and int(state.position) == T
-    loss, after = train_step_carried(model, x1, y1, state, optimizer, scheduler, grad_clip=math.inf)
-    assert int(after.position) == 2 * T and after.blocks[0].h.grad_fn is None
-    params = list(model.parameters())
-    step_grads = torch.cat([p.grad.flatten() for p in params])  # the second step's
-    _, live = model(x0)  # chunk 0's state, still in its autograd graph
-    truncated = next_byte_loss(model(x1, live.detach())[0], y1).mean()
-    through = next_byte_loss(model(x1, live)[0], y1).mean()
-    assert_close_rel(loss, truncated.detach(), FLOAT32_ACCUMULATION, what="carried loss")
-    truncated_grads, through_grads = flat_grads(truncated, params), flat_grads(through, params)
-    assert_close_rel(step_grads, truncated_grads, FLOAT32_ACCUMULATION, what="carried gradients")
-    # The gradients that would reach chunk 0 through the state are not small: the check above can fail.
-    assert (through_grads - truncated_grads).norm() > 100 * FLOAT32_ACCUMULATION * truncated_grads.norm()
-
-
-def test_a_model_of_logits_alone_carries_no_state():
+def test_a_model_of_logits_alone_trains():
     model = torch.nn.Sequential(torch.nn.Embedding(256, 8), torch.nn.Linear(8, 256))
     ids = torch.randint(0, 256, (2, 9))
-    loss, state = train_step_carried(model, ids[:, :-1], ids[:, 1:], None, *still_optimizer(model), grad_clip=1.0)
-    assert state is None and loss.shape == () and loss.grad_fn is None
+    loss = train_step(model, ids[:, :-1], ids[:, 1:], *still_optimizer(model), grad_clip=1.0)
+    assert loss.shape == () and loss.grad_fn is None
+
+
+def bigram_trainer(steps: int) -> Trainer:
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Embedding(256, 8), torch.nn.Linear(8, 256))
+    return Trainer(model, TrainSettings(steps=steps, batch_size=2, seq_len=8, lr=1e-2))
+
+
+def random_batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    ids = torch.randint(0, 256, (2, 9), generator=torch.Generator().manual_seed(step))
+    return ids[:, :-1], ids[:, 1:]
+
+
+def test_the_loop_saves_every_n_steps_and_at_its_stop():
+    trainer, saved = bigram_trainer(steps=12), []
+    trainer.train(random_batch, 9, save=saved.append, save_every=6)
+    assert saved == [6, 9] and trainer.step == 9 and len(trainer.progress.losses) == 9
+    trainer.train(random_batch, 12, save=saved.append, save_every=4)
+    assert saved == [6, 9, 12] and len(trainer.progress.losses) == 12
+
+
+def test_the_loop_resumed_from_its_checkpoint_continues_exactly():
+    straight = bigram_trainer(steps=6)
+    straight.train(random_batch, 6)
+    first = bigram_trainer(steps=6)
+    first.train(random_batch, 3)
+    resumed = bigram_trainer(steps=6)
+    resumed.restore(first.checkpoint(), "test")
+    resumed.train(random_batch, 6)
+    torch.testing.assert_close(resumed.model.state_dict(), straight.model.state_dict(), rtol=0, atol=0)
+    assert torch.equal(resumed.progress.losses, straight.progress.losses)
+    assert resumed.scheduler.state_dict() == straight.scheduler.state_dict()
 
 
 def test_resumed_run_keeps_its_settings_and_takes_where_to_run():
-    saved = TrainConfig(lr=1e-3, steps=40, eval_every=5)
+    saved = PretrainSettings(lr=1e-3, steps=40, eval_every=5)
     checkpoint = {"train_config": vars(saved)}
     resumed = resumed_config({"lr": 1e-3, "eval_every": 7, "device": "cpu", "stop_at": 30}, checkpoint)
     assert (resumed.lr, resumed.steps, resumed.eval_every, resumed.device, resumed.stop_at) == (1e-3, 40, 7, "cpu", 30)

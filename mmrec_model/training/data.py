@@ -7,8 +7,7 @@ training split.
 
 Batches are windows of seq_len + 1 bytes at random offsets; input = window[:-1],
 target = window[1:]. The offsets of training step s are drawn from a generator
-seeded by (seed, s) alone (by (seed, s // K) for streams read in K consecutive
-chunks, see train_batch), so the data position of a run is its step count:
+seeded by (seed, s) alone, so the data position of a run is its step count:
 resuming needs no sampler state, and the global batch of a step is the same
 whatever the number of processes that share it (each takes its slice).
 """
@@ -246,26 +245,17 @@ def train_batch(
     seq_len: int,
     rank: int = 0,
     world_size: int = 1,
-    carry_chunks: int = 1,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """This process's share of the global training batch of `step`.
+    """This process's share of the global training batch of `step`: the windows of
+    seq_len + 1 bytes at the batch_size offsets drawn from the generator of (seed, step).
 
-    Steps come in groups of K = carry_chunks: group g = step // K draws batch_size
-    offsets o from the generator of (seed, g), for streams of K * seq_len + 1 bytes,
-    and step s takes chunk c = s % K of each stream, the bytes
-    [o + c * seq_len, o + (c + 1) * seq_len + 1) (inputs = [:-1], targets = [1:]).
-    The K chunks of a group are thus consecutive in the corpus (chunk c's targets run
-    into chunk c + 1's inputs): a model can carry its state from one to the next.
-    K = 1 gives independent windows of seq_len + 1 bytes at fresh offsets every step.
-
-    All processes draw the same `batch_size` offsets; rank r takes streams
+    All processes draw the same `batch_size` offsets; rank r takes windows
     [r * b, (r + 1) * b), b = batch_size / world_size. Returns inputs and
     targets [b, seq_len].
     """
-    group, chunk = divmod(step, carry_chunks)
-    offsets = random_offsets(corpus.train, batch_size, carry_chunks * seq_len, step_generator(seed, group))
+    offsets = random_offsets(corpus.train, batch_size, seq_len, step_generator(seed, step))
     share = batch_size // world_size
-    return windows(corpus.train, offsets[rank * share : (rank + 1) * share] + chunk * seq_len, seq_len)
+    return windows(corpus.train, offsets[rank * share : (rank + 1) * share], seq_len)
 
 
 def validation_offsets(corpus: Corpus, count: int, seq_len: int) -> torch.Tensor:

@@ -6,12 +6,15 @@ A checkpoint is a dict of tensors, numbers, strings, lists and dicts (what
     format         CHECKPOINT_FORMAT
     step           optimizer steps taken (the data position: see data.py)
     model          the model's state_dict
-    model_config   dataclasses.asdict(MMRecConfig)
-    train_config   dataclasses.asdict(TrainConfig)
+    model_config   dataclasses.asdict of the model's configuration
+    train_config   dataclasses.asdict of the run's settings (a TrainSettings)
     optimizer      AdamW state_dict
     scheduler      LambdaLR state_dict
     rng            {"torch": ByteTensor, "cuda": [ByteTensor per device]}
     data           {"sha256": corpus fingerprint, "source": description}
+    progress       (optional) dataclasses.asdict(loop.Progress): the losses and clocks so far
+
+`loop.Trainer.checkpoint` makes one; a caller may add entries of its own.
 """
 
 from __future__ import annotations
@@ -23,8 +26,7 @@ from pathlib import Path
 
 import torch
 
-from .config import MMRecConfig
-from .model import MMRecModel
+from mmrec_model import MMRecConfig, MMRecModel
 
 CHECKPOINT_NAME = "checkpoint.pt"
 CHECKPOINT_FORMAT = 1

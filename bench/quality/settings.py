@@ -1,0 +1,171 @@
+"""The quality bench's archs, its settings and their checks, each arch's model
+configuration, and the labels that name a row by its arch and settings."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from bench.transformer import TransformerConfig
+from mmrec_model import MMRecConfig
+from mmrec_model.training import Corpus, TrainSettings
+
+# Each ablation: the full model with one memory taken out (MMRecConfig overrides).
+ABLATIONS = {
+    "mmrec-no-window": ({"window": 0}, "working memory"),
+    "mmrec-no-longterm": ({"n_levels": 0}, "long-term memory"),
+    "mmrec-no-recurrence": ({"mode": "none"}, "short-term recurrence"),
+}
+MMREC_ARCHS = {"mmrec": {}, **{arch: overrides for arch, (overrides, _) in ABLATIONS.items()}}
+ARCHS = (*MMREC_ARCHS, "transformer", "transformer-window")
+
+
+@dataclass
+class Settings(TrainSettings):
+    """What a row trains and measures, the `run` command's options: the training
+    (TrainSettings, with this bench's defaults), the model (the preset, its sizes, window
+    and --config overrides), a final phase of long windows, and the measurements."""
+
+    steps: int = 2000
+    batch_size: int = 16
+    seq_len: int = 2048
+    lr: float = 1e-3
+    log_every: int = 20
+    device: str = "cuda"
+    preset: str = "small"
+    sizes: dict = field(default_factory=dict)  # MMRecConfig overrides of the preset's sizes (--smoke's)
+    window: int | None = None  # None: the preset's
+    config: dict = field(default_factory=dict)  # MMRecConfig overrides of every MM-Rec arch (--config)
+    final_steps: int = 0
+    final_seq_len: int | None = None
+    val_windows: int = 64
+    long_len: int = 32768
+    long_docs: int = 8
+    chunk_size: int = 4096
+    probe_len: int = 256
+    probe_distances: tuple[int, ...] = (512, 2048, 4096, 8192, 16384)
+    probe_passages: int = 8
+
+
+SMOKE = Settings(
+    preset="tiny",
+    sizes=dict(dim=32, n_layers=2, n_heads=2),
+    steps=6,
+    batch_size=2,
+    seq_len=128,
+    lr=3e-3,
+    log_every=2,
+    val_windows=4,
+    long_len=1024,
+    long_docs=2,
+    chunk_size=256,
+    probe_len=32,
+    probe_distances=(64, 512),
+    probe_passages=2,
+    device="cpu",
+)
+
+OPTIONS = {  # option: (type, help)
+    "preset": (str, "MMRecConfig preset whose width, depth, heads (and window) every arch takes"),
+    "window": (int, "the working memory's window of mmrec, its ablations and transformer-window (None: the preset's)"),
+    "steps": (int, "optimizer steps"),
+    "batch_size": (int, "windows per step"),
+    "seq_len": (int, "bytes per training and validation window"),
+    "final_steps": (
+        int,
+        "N: the last N steps read windows of --final-seq-len bytes (a long-window phase at the "
+        "end, as long-context pretraining ends), the same bytes a step; 0: none",
+    ),
+    "final_seq_len": (
+        int,
+        "bytes per training window of the last --final-steps steps (a divisor of batch_size x seq_len)",
+    ),
+    "lr": (float, "peak learning rate"),
+    "log_every": (int, "steps per point of the training curve"),
+    "val_windows": (int, "validation windows"),
+    "long_len": (int, "bytes of each long-context window"),
+    "long_docs": (int, "most long documents measured"),
+    "chunk_size": (int, "MM-Rec's chunk on the long-context windows"),
+    "probe_len": (int, "bytes of the recalled passage"),
+    "probe_distances": (int, "bytes from a passage to its copy (one or more)"),
+    "probe_passages": (int, "recalled passages per long document"),
+}
+
+
+def check_settings(settings: Settings) -> None:
+    """A ValueError naming the first option that cannot train or measure."""
+    settings.check()
+    for name in ("val_windows", "long_len", "long_docs", "chunk_size", "probe_len", "probe_passages"):
+        if getattr(settings, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')}: expected a positive integer, got {getattr(settings, name)}")
+    longest = 2 * settings.probe_len + max(settings.probe_distances)
+    if min(settings.probe_distances) < settings.probe_len or longest > settings.long_len + 1:
+        raise ValueError(
+            f"--probe-distances: expected each at least --probe-len ({settings.probe_len}) and "
+            f"2 x --probe-len + the largest at most --long-len + 1 ({settings.long_len + 1}), "
+            f"got {list(settings.probe_distances)}"
+        )
+    check_final_phase(settings)
+    if settings.device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda: no CUDA device is available here (--device cpu, or --smoke)")
+
+
+def check_final_phase(settings: Settings) -> None:
+    if not 0 <= settings.final_steps <= settings.steps:
+        raise ValueError(f"--final-steps: expected 0 to --steps ({settings.steps}), got {settings.final_steps}")
+    if not settings.final_steps:
+        return
+    step_bytes = settings.batch_size * settings.seq_len
+    if settings.final_seq_len is None or settings.final_seq_len < 1 or step_bytes % settings.final_seq_len:
+        raise ValueError(
+            f"--final-seq-len: expected a divisor of --batch-size x --seq-len ({step_bytes}) with "
+            f"--final-steps, got {settings.final_seq_len}"
+        )
+
+
+def check_final_windows_fit(corpus: Corpus, settings: Settings) -> None:
+    length = settings.final_seq_len
+    if settings.final_steps and len(corpus.train) < length + 1:
+        raise ValueError(
+            f"--final-seq-len {length} needs windows of {length + 1} bytes, but the training split of "
+            f"{corpus.source} holds only {len(corpus.train)} bytes"
+        )
+
+
+def model_config(arch: str, settings: Settings) -> MMRecConfig | TransformerConfig:
+    """The preset (with settings.sizes) and the arch's overrides; a Transformer takes the
+    preset's width, depth, heads and FFN width, and transformer-window its window."""
+    window = {} if settings.window is None else {"window": settings.window}
+    overrides = {**settings.sizes, **window, **settings.config, **MMREC_ARCHS.get(arch, {})}
+    preset = MMRecConfig.preset(settings.preset, **overrides)
+    if arch in MMREC_ARCHS:
+        return preset
+    window = preset.window if arch == "transformer-window" else None
+    return TransformerConfig(
+        dim=preset.dim, n_layers=preset.n_layers, n_heads=preset.n_heads, ffn_mult=preset.ffn_mult, window=window
+    )
+
+
+def row_label(row: dict) -> str:
+    """The row's arch, with the --config overrides an MM-Rec arch ran with, +window=W for an
+    arch with a window trained with --window W, then +carryK for a recorded row trained on K
+    consecutive chunks with the state carried (a variant no longer trained) and +finalLxN for
+    one whose last N steps read windows of L bytes:
+    'mmrec+level_slots=128', 'mmrec+window=256', 'transformer+carry8', 'mmrec+final16384x500'.
+    Rows of different settings so get different files in one folder, and the report pairs
+    each ablation with the full model of the same settings."""
+    label = row["arch"]
+    if row["arch"] in MMREC_ARCHS:
+        label += "".join(f"+{name}={value}" for name, value in row["settings"].get("config", {}).items())
+    window = row["settings"].get("window")
+    if window is not None and row["arch"] in (*MMREC_ARCHS, "transformer-window"):
+        label += f"+window={window}"
+    carry = row["settings"].get("carry_chunks", 1)
+    label += f"+carry{carry}" if carry != 1 else ""
+    final = row["settings"].get("final_steps", 0)
+    return label + (f"+final{row['settings']['final_seq_len']}x{final}" if final else "")
+
+
+def row_stem(row: dict) -> str:
+    return f"{row_label(row)}-seed{row['seed']}"

@@ -1,0 +1,106 @@
+"""The loss, the learning-rate schedule, the optimizer and one training step.
+
+A window of bytes gives inputs x [B, T] and targets y [B, T] (y[:, t] = x[:, t + 1]); a
+model maps x to logits [B, T, 256]. The loss of window b is its mean next-byte cross-entropy
+
+    loss_b = -1/T sum_t log p(y[b, t] | x[b, :t+1])            (nats per byte)
+    bits per byte = loss / ln 2                               (a token is a byte)
+
+Training: AdamW, betas (0.9, 0.95), weight decay on matrices only; gradient-norm
+clipping; a learning rate that warms up linearly for `warmup` steps, then follows a
+cosine down to lr * MIN_LR_RATIO at `steps`; bf16 autocast where asked.
+
+Models return logits [B, T, V] (a Transformer) or (logits, state) (MMRecModel); every
+function here takes either.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .device import autocast
+
+MIN_LR_RATIO = 0.1
+ADAM_BETAS = (0.9, 0.95)
+
+
+def logits_of(output) -> Tensor:
+    """The logits [B, T, V] of a model's output: the output itself, or the first of (logits, state)."""
+    return output[0] if isinstance(output, tuple) else output
+
+
+def token_losses(logits: Tensor, targets: Tensor) -> Tensor:
+    """-log p(y[b, t]) per position, float32 [B, T], of logits [B, T, V] and targets [B, T]."""
+    per_token = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="none")
+    return per_token.view(targets.shape)
+
+
+def next_byte_loss(logits: Tensor, targets: Tensor) -> Tensor:
+    """Cross-entropy per window, [B]: mean over its T positions of -log p(target)."""
+    return token_losses(logits, targets).mean(dim=1)
+
+
+def bits_per_byte(loss):
+    """A loss in nats per byte (a float or a tensor) in bits per byte: loss / ln 2."""
+    return loss / math.log(2)
+
+
+def lr_factor(step: int, warmup: int, steps: int) -> float:
+    """Multiplier of the peak learning rate at optimizer step `step` (0-based):
+
+    (step + 1) / warmup during the warmup, then
+    r + (1 - r) (1 + cos(pi min(1, (step - warmup) / (steps - warmup)))) / 2,  r = MIN_LR_RATIO.
+    """
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, steps - warmup)
+    return MIN_LR_RATIO + (1 - MIN_LR_RATIO) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, warmup: int, steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """The learning rate of `lr_factor`, one scheduler step per optimizer step."""
+    factor = functools.partial(lr_factor, warmup=warmup, steps=steps)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def make_optimizer(
+    model: torch.nn.Module, lr: float, weight_decay: float, fused: bool | None = None
+) -> torch.optim.AdamW:
+    """AdamW with weight decay on matrices (embeddings, projections) and none on gains and biases;
+    `fused`: PyTorch's fused kernel (None: PyTorch's default)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW(groups, lr=lr, betas=ADAM_BETAS, fused=fused)
+
+
+def train_step(
+    net: torch.nn.Module,
+    inputs: Tensor,
+    targets: Tensor,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    grad_clip: float,
+    autocast_dtype: torch.dtype | None = None,
+) -> Tensor:
+    """One optimizer step on the windows inputs, targets [B, T], each read from its start:
+    the forward net(inputs) under autocast, the mean of next_byte_loss, backward, the
+    gradient norm clipped to `grad_clip`, then the optimizer and the scheduler step.
+    Returns the loss, a detached scalar left on the device (reading it is the caller's
+    host sync)."""
+    with autocast(inputs.device, autocast_dtype):
+        output = net(inputs)
+    loss = next_byte_loss(logits_of(output), targets).mean()
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(net.parameters(), grad_clip)
+    optimizer.step()
+    scheduler.step()
+    return loss.detach()
