@@ -3,7 +3,6 @@ long-term and persistent memory)."""
 
 from __future__ import annotations
 
-import functools
 import math
 
 import torch
@@ -13,7 +12,6 @@ import mmrec_ops
 
 from .attention import MultiMemoryAttention
 from .config import MMRecConfig
-from .entries import BestTokenEntries, LearnedEntries
 from .mdi import MDI
 from .memory import (
     BlockState,
@@ -33,9 +31,6 @@ class MMRecBlock(nn.Module):
         gamma      = MDI(z, k)
         h          = recurrence(z, gamma, W_g, b_g, h0)      per head, [B, T, H, d]
         m          = MultiMemoryAttention(q; working, long-term, persistent memory)
-                     (memory_read 'gated': its two reads mixed by gates sigmoid(u W_r + b_r);
-                     the long-term entries as entry_summary says: means, learned, states,
-                     best tokens)
         y          = x + W_o (h + m)
         out        = y + FFN(RMSNorm(y))
 
@@ -50,21 +45,13 @@ class MMRecBlock(nn.Module):
         D, H, d = config.dim, config.n_heads, config.head_dim
         self.n_heads, self.mode, self.segment_len = H, config.mode, config.segment_len
         self.has_long_term = config.n_levels > 0
-        self.entry_summary = config.entry_summary
         self.norm_mix = nn.RMSNorm(D, eps=config.norm_eps)
         self.w_in = nn.Linear(D, 4 * D, bias=False)
         if self.mode != "none":
             self.mdi = MDI(D)
             self.gate_weight = nn.Parameter(torch.empty(H, d, d))
             self.gate_bias = nn.Parameter(torch.empty(H, d))
-        gated = config.memory_read == "gated"
-        self.memory = MultiMemoryAttention(D, config.persistent_slots, config.window, gated, config.read_kernel)
-        # Per head, the weights of the working memory's read and of the long-term one.
-        self.read_gate = nn.Linear(D, 2 * H) if gated else None
-        learned = self.has_long_term and config.entry_summary == "learned"
-        self.learned_entries = LearnedEntries(D, H, config.segment_len) if learned else None
-        best = self.has_long_term and config.entry_summary == "best"
-        self.best_entries = BestTokenEntries(H, d) if best else None
+        self.memory = MultiMemoryAttention(D, config.persistent_slots, config.window, config.read_kernel)
         self.w_out = nn.Linear(D, D, bias=False)
         self.norm_ffn = nn.RMSNorm(D, eps=config.norm_eps)
         self.ffn = nn.Sequential(nn.Linear(D, config.ffn_mult * D), nn.GELU(), nn.Linear(config.ffn_mult * D, D))
@@ -86,14 +73,6 @@ class MMRecBlock(nn.Module):
         nn.init.normal_(self.ffn[2].weight, std=residual_std)
         nn.init.zeros_(self.ffn[2].bias)
         nn.init.normal_(self.memory.persistent, std=init_std * math.sqrt(self.w_in.in_features))
-        if self.learned_entries is not None:
-            self.learned_entries.init_weights(init_std)
-        if self.best_entries is not None:
-            self.best_entries.init_weights(init_std)
-        if self.read_gate is not None:
-            # Both reads at weight 1/2 at first, whatever the token.
-            nn.init.zeros_(self.read_gate.weight)
-            nn.init.zeros_(self.read_gate.bias)
         if self.mode != "none":
             self.mdi.init_weights(init_std)
             nn.init.normal_(self.gate_weight, std=1 / math.sqrt(self.gate_weight.shape[-1]))
@@ -111,55 +90,16 @@ class MMRecBlock(nn.Module):
         gate = torch.sigmoid(torch.einsum("hoi,bthi->btho", weight, z) + bias)
         return mmrec_ops.scan(gamma, z * gate, h0)
 
-    def update_memory(
-        self, kv: Tensor, h: Tensor | None, state: BlockState, layout: MemoryLayout
-    ) -> tuple[Tensor, Tensor, Tensor]:
-        """``update_long_term`` with entries as ``MMRecConfig.entry_summary`` says, from
-        the chunk's kv ``[B, T, 2, D]`` and recurrence states h ``[B, T, H, d]``."""
-        finish, key = None, None
-        if self.learned_entries is not None:
-            kv, finish = self.learned_entries.weigh(kv, layout.phase), self.learned_entries.finish
-        elif self.best_entries is not None:
-            finish, key = self.best_entries.finish, self.best_entries.key
-        elif self.entry_summary == "state":
-            states = h.flatten(-2)
-
-            def finish(level: int, means: Tensor) -> Tensor:
-                last = states[:, layout.levels[level].last_token].to(means.dtype)
-                return torch.stack([means[:, :, 0], last], dim=2)
-
-        return update_long_term(kv, state.memory, state.sums, layout, self.segment_len, finish, key)
-
-    def update_memory_token(
-        self, kv: Tensor, h: Tensor | None, state: BlockState, layout: TokenLayout
-    ) -> tuple[Tensor, Tensor]:
-        """``update_long_term_token`` with entries as ``MMRecConfig.entry_summary`` says,
-        from one token's kv ``[B, 1, 2, D]`` and state h ``[B, 1, H, d]``."""
-        finish, better = None, None
-        if self.learned_entries is not None:
-            kv = self.learned_entries.weigh(kv, layout.phase)
-            finish = functools.partial(self.learned_entries.finish, 0)
-        elif self.best_entries is not None:
-            finish, better = functools.partial(self.best_entries.finish, 0), self.best_entries.better
-        elif self.entry_summary == "state":
-
-            def finish(means: Tensor) -> Tensor:
-                last = h.flatten(-2).to(means.dtype).expand(-1, means.shape[1], -1)
-                return torch.stack([means[:, :, 0], last], dim=2)
-
-        return update_long_term_token(kv, state.memory, state.sums, layout, finish, better)
-
-    def project(self, x: Tensor, state: BlockState) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
-        """q ``[B, T, H, d]``, kv ``[B, T, 2, D]``, the read's gates ``[B, T, H, 2]`` and
-        the recurrence's h ``[B, T, H, d]`` (None without them) of x ``[B, T, D]``."""
+    def project(self, x: Tensor, state: BlockState) -> tuple[Tensor, Tensor, Tensor | None]:
+        """q ``[B, T, H, d]``, kv ``[B, T, 2, D]`` and the recurrence's h ``[B, T, H, d]``
+        (None without one) of x ``[B, T, D]``."""
         u = self.norm_mix(x)
         q, k, v, z = self.w_in(u).chunk(4, dim=-1)
-        gates = None if self.read_gate is None else torch.sigmoid(self.read_gate(u)).unflatten(-1, (self.n_heads, 2))
         h = None if self.mode == "none" else self.recurrence(z, k, state.h)
         # Contiguous here, in the compiled graph, rather than copied by the read's kernels
         # in its forward and again in its backward (2 eager copies of q a block on CUDA).
         q = q.unflatten(-1, (self.n_heads, -1)).contiguous()
-        return q, torch.stack([k, v], dim=2), gates, h
+        return q, torch.stack([k, v], dim=2), h
 
     def output(self, x: Tensor, m: Tensor, h: Tensor | None, state: BlockState) -> tuple[Tensor, Tensor]:
         """out ``[B, T, D]`` from x, the read m and h ``[B, T, H, d]``, and the new h state."""
@@ -174,24 +114,24 @@ class MMRecBlock(nn.Module):
     def forward(self, x: Tensor, state: BlockState, layout: MemoryLayout) -> tuple[Tensor, BlockState]:
         """x ``[B, T, D]``, state of this block, and the chunk's ``memory_layout`` (which the
         model computes once for all its blocks) -> (out ``[B, T, D]``, new state)."""
-        q, kv, gates, h = self.project(x, state)
+        q, kv, h = self.project(x, state)
         memory, sums, pool = state.memory, state.sums, None
         if self.has_long_term:
-            pool, memory, sums = self.update_memory(kv, h, state, layout)
+            pool, memory, sums = update_long_term(kv, state.memory, state.sums, layout, self.segment_len)
         window = state.window[:, layout.window_order]  # oldest first
-        m = self.memory(q, kv, window, pool, layout, gates)
+        m = self.memory(q, kv, window, pool, layout)
         out, h_last = self.output(x, m, h, state)
         return out, BlockState(h_last, update_window(window, kv, layout), memory, sums)
 
     def step(self, x: Tensor, state: BlockState, layout: TokenLayout) -> tuple[Tensor, BlockState]:
         """``forward`` for one token, x ``[B, 1, D]``, with the token's ``token_layout``:
         the same outputs and state in fewer, smaller ops (decoding's path)."""
-        q, kv, gates, h = self.project(x, state)
+        q, kv, h = self.project(x, state)
         rings = state.memory if self.has_long_term else None
-        m = self.memory.read_token(q, kv, state.window, rings, layout.read_mask, gates)
+        m = self.memory.read_token(q, kv, state.window, rings, layout.read_mask)
         memory, sums = state.memory, state.sums
         if self.has_long_term:
-            memory, sums = self.update_memory_token(kv, h, state, layout)
+            memory, sums = update_long_term_token(kv, state.memory, state.sums, layout)
         out, h_last = self.output(x, m, h, state)
         window = state.window
         if window.shape[1] > 0:

@@ -5,8 +5,7 @@ Per block the decoder keeps a key and value cache ``[2, B, H, K, d]``, K = P + L
 the persistent slots, the long-term rings (level l's entry i in slot l M + i mod M) and
 the working memory as a ring of W slots (the token at position t in slot t mod W). A token
 first writes its key and value into its slot (whose old token, at t - W, it may not see),
-then reads every slot that holds a key (``mask``) in one softmax (two with the gated read),
-then adds itself to the running sums; a long-term entry is written only by the token that
+then reads every slot that holds a key (``mask``) in one softmax, then adds itself to the running sums; a long-term entry is written only by the token that
 completes it, once in S tokens. The position is a Python int: which entries complete, and
 which slots hold keys, are host arithmetic, not ops. ``state`` gives the state back in the
 model's format, equal to what ``MMRecModel.forward`` returns for the same tokens.
@@ -94,7 +93,6 @@ class TokenSlots(NamedTuple):
 
     window: int | Tensor  # its own key and value: P + L M + position mod W
     rings: tuple[int | Tensor, ...]  # the entry completed at each level l < plan.completed
-    phase: int | Tensor  # position mod S, its place in its level-0 span
 
 
 def token_slots(config, position, plan: TokenPlan) -> TokenSlots:
@@ -103,7 +101,7 @@ def token_slots(config, position, plan: TokenPlan) -> TokenSlots:
     P, L, M, W, S = (config.persistent_slots, config.n_levels, config.level_slots, config.window, config.segment_len)
     window = P + L * M + position % W if W > 0 else None
     rings = tuple(P + level * M + ((position + 1) // span_len(S, level) - 1) % M for level in range(plan.completed))
-    return TokenSlots(window, rings, position % S)
+    return TokenSlots(window, rings)
 
 
 def open_slot(mask: Tensor, slot: int | Tensor) -> None:
@@ -144,7 +142,7 @@ class BlockDecoder:
             self.unit_rms = partial(unit_rms, eps=eps)
         else:
             self.unit_rms = partial(unit_rms_cpu, eps=state.h.new_tensor(eps))
-        self.mode, self.gated, self.window = block.mode, block.memory.gated, config.window
+        self.mode, self.window = block.mode, config.window
         self.decay_eps = state.h.new_tensor(EPS)
         self.down_parts = down_parts(B, block.ffn[0].out_features, state.h.device)
         self.addmm = few_rows_product(B, state.h.device)
@@ -158,8 +156,8 @@ class BlockDecoder:
         """The weights as the step reads them: plain attributes (a module's attribute lookup
         costs as much as an op here), transposed once (a row times a contiguous W^T is the
         faster product), each RMSNorm's weight folded into the matrix that reads its output,
-        and one matrix reading u for all that is linear in it: [q, k, v, z], MDI's first
-        layers (through w_in), the read's gate logits. Later calls refresh them in place
+        and one matrix reading u for all that is linear in it: [q, k, v, z] and MDI's first
+        layers (through w_in). Later calls refresh them in place
         (after an optimizer step), so that CUDA graphs that read them stay valid."""
         block, D = self.block, self.config.dim
         rows, biases = [block.w_in.weight], [block.w_in.weight.new_zeros(4 * D)]
@@ -167,8 +165,6 @@ class BlockDecoder:
         if block.mode != "none":
             mdi_rows, mdi_bias, folded["decay_w_t"], folded["decay_b"] = fused_mdi(block.mdi, block.w_in.weight)
             rows, biases = rows + [mdi_rows], biases + [mdi_bias]
-        if block.read_gate is not None:
-            rows, biases = rows + [block.read_gate.weight], biases + [block.read_gate.bias]
         ffn_in, ffn_out = block.ffn[0], block.ffn[2]
         folded.update(
             w_in_t=(torch.cat(rows) * block.norm_mix.weight).t().contiguous(),
@@ -230,14 +226,13 @@ class BlockDecoder:
         kv = projected[:, D : 3 * D].view(B, 2, D)
         if self.window > 0:
             self.write(slots.window, kv)
-        gates = torch.sigmoid(projected[:, 4 * D + self.n_mdi :]).view(B, H, 2) if self.gated else None
-        m = self.read(q, mask, gates)
+        m = mmrec_ops.decode_read(q, self.keys, self.values, mask)
         h = None if self.mode == "none" else self.recurrence(projected[:, 4 * D : 4 * D + self.n_mdi], z)
         y = torch.addmm(x, (m if h is None else h + m).view(B, D), self.w_out_t)
         hidden = F.gelu(self.addmm(self.ffn_b0, self.unit_rms(y), self.ffn_w0_t))
         out = y + self.ffn_down(hidden)
         if self.block.has_long_term:
-            self.add_to_memory(kv, h, plan, slots)
+            self.add_to_memory(kv, plan, slots)
         if h is not None:
             self.h.copy_(h)
         return out
@@ -265,53 +260,22 @@ class BlockDecoder:
         gamma = self.decay(mdi_hidden).view_as(z)
         return torch.addcmul(gamma * self.h, z, gate.transpose(0, 1))
 
-    def read(self, q: Tensor, mask: Tensor, gates: Tensor | None) -> Tensor:
-        """The multi-memory read ``[B, H, d]`` of q ``[B, H, d]`` over the cache
-        (``mmrec_ops.decode_read``: one kernel, split over the slots on CUDA)."""
-        keys, values = self.keys, self.values
-        if not self.gated:
-            return mmrec_ops.decode_read(q, keys, values, mask)
-        n = self.window_start
-        m = gates[..., 1:] * mmrec_ops.decode_read(q, keys[:, :, :n], values[:, :, :n], mask[:n])
-        if self.window > 0:
-            m = m + gates[..., :1] * mmrec_ops.decode_read(q, keys[:, :, n:], values[:, :, n:], mask[n:])
-        return m
-
-    def add_to_memory(self, kv: Tensor, h: Tensor | None, plan: TokenPlan, slots: TokenSlots) -> None:
-        """The running sums after the token's kv ``[B, 2, D]`` (its state h ``[B, H, d]``),
-        and the entries it completes into the rings (``update_long_term_token``'s
-        arithmetic, branching on the plan)."""
-        S, best = self.config.segment_len, self.block.best_entries
-        if self.block.learned_entries is not None:
-            phase = slots.phase if isinstance(slots.phase, Tensor) else torch.tensor([slots.phase], device=kv.device)
-            kv = self.block.learned_entries.weigh(kv.unsqueeze(1), phase)[:, 0]
+    def add_to_memory(self, kv: Tensor, plan: TokenPlan, slots: TokenSlots) -> None:
+        """The running sums after the token's kv ``[B, 2, D]``, and the entries (means) it
+        completes into the rings (``update_long_term_token``'s arithmetic, branching on the
+        plan)."""
+        S = self.config.segment_len
         if plan.starts_span:
             self.span_sum.copy_(kv)
-        elif best is not None:
-            self.span_sum.copy_(best.better(self.span_sum, kv))
         else:
             self.span_sum.add_(kv)
         for level, restart in enumerate(plan.restarts, start=1):
             if restart:
                 self.sums[:, level] = self.sums[:, level - 1]
-            elif best is not None:
-                self.sums[:, level] = best.better(self.sums[:, level], self.sums[:, level - 1])
             else:
                 self.sums[:, level] += self.sums[:, level - 1]
         for level, slot in enumerate(slots.rings):
-            summary = self.sums[:, level : level + 1]
-            self.write(slot, self.entry(summary if best is not None else summary / span_len(S, level), h)[:, 0])
-
-    def entry(self, means: Tensor, h: Tensor | None) -> Tensor:
-        """What an entry of means ``[B, 1, 2, D]`` (the chosen token with ``BestTokenEntries``)
-        holds (``MMRecConfig.entry_summary``), h ``[B, H, d]`` the state of the token that completes it."""
-        if self.block.learned_entries is not None:
-            return self.block.learned_entries.finish(0, means)
-        if self.block.best_entries is not None:
-            return self.block.best_entries.finish(0, means)
-        if self.block.entry_summary == "state":
-            return torch.stack([means[:, :, 0], h.flatten(-2).unsqueeze(1).to(means.dtype)], dim=2)
-        return means
+            self.write(slot, self.sums[:, level] / span_len(S, level))
 
     def state(self, position: int) -> BlockState:
         """This block's ``BlockState`` before the token at ``position``."""

@@ -3,8 +3,7 @@
 Level l of the memory holds entries that each summarise S * 4^l consecutive
 tokens: entry i of level l is the mean of the keys and values of tokens
 [i S 4^l, (i+1) S 4^l). (It equals the mean of four consecutive level-(l-1)
-entries, which is how it is computed; ``mmrec_model.entries`` has the other
-summaries, such as one chosen token.) A level keeps its M most recent
+entries, which is how it is computed.) A level keeps its M most recent
 entries in a ring buffer, entry i in slot i mod M.
 
 Everything about which entry exists, where it lives and who may see it is
@@ -32,7 +31,6 @@ memory, whatever the context.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
@@ -143,8 +141,6 @@ class LevelLayout(NamedTuple):
     last_child:   ``[n]``, levels >= 1: where that running sum holds each entry's total.
     ring_source:  ``[M]``, for each ring slot after the chunk, which new entry it takes ...
     ring_new:     ``[M]``, ... where True (else it keeps its old entry).
-    last_token:   ``[n]``, where in the chunk each candidate entry's span ends (0 where
-                  not valid).
     """
 
     index: Tensor
@@ -153,7 +149,6 @@ class LevelLayout(NamedTuple):
     last_child: Tensor | None
     ring_source: Tensor
     ring_new: Tensor
-    last_token: Tensor
 
 
 class MemoryLayout(NamedTuple):
@@ -171,7 +166,6 @@ class MemoryLayout(NamedTuple):
                  candidates lie in the pool of ``update_long_term``.
     read_mask:   ``[nb, Q, P + K_l + Q + W - 1]``, True where a block's query sees a key:
                  the persistent slots, its long-term candidates, its window keys.
-    phase:       ``[T]``, each token's place in its level-0 span, (position + t) mod S.
     window_order: ``[W - 1]``, the working memory's ring slots, oldest token first.
     window_slots: ``[W - 1]``, for each ring slot after the chunk, which of the last W - 1
                  tokens (the working memory oldest first, then the chunk) it holds.
@@ -186,7 +180,6 @@ class MemoryLayout(NamedTuple):
     levels: tuple[LevelLayout, ...]
     read_source: Tensor
     read_mask: Tensor
-    phase: Tensor
     window_order: Tensor
     window_slots: Tensor
     first_token: Tensor
@@ -201,7 +194,6 @@ class TokenLayout(NamedTuple):
                  the M most recent of which the rings hold), the working memory's slots
                  that hold a token, and the token itself (the last W; none when W = 0).
     window_slot: ``[1]``, p mod (W - 1), the token's slot in the working memory.
-    phase:       ``[1]``, p mod S.
     span_start:  ``[]``, whether the token starts a level-0 span.
     completes:   ``[L]``, whether the token completes the level's current entry ...
     first_child: ``[L]``, ... levels >= 1: whether the level-(l-1) entry it completes
@@ -212,7 +204,6 @@ class TokenLayout(NamedTuple):
 
     read_mask: Tensor
     window_slot: Tensor
-    phase: Tensor
     span_start: Tensor
     completes: Tensor
     first_child: Tensor
@@ -233,7 +224,6 @@ def token_layout(position: Tensor, config: MMRecConfig) -> TokenLayout:
     return TokenLayout(
         read_mask=torch.cat(parts + ([window] if config.window > 0 else [])).view(1, 1, -1),
         window_slot=(position % max(kept, 1)).view(1),
-        phase=(position % S).view(1),
         span_start=position % S == 0,
         completes=end % widths == 0,
         first_child=(end // children - 1) % BRANCHING == 0,
@@ -242,34 +232,18 @@ def token_layout(position: Tensor, config: MMRecConfig) -> TokenLayout:
     )
 
 
-def update_long_term_token(
-    x: Tensor,
-    memory: Tensor,
-    sums: Tensor,
-    layout: TokenLayout,
-    finish: Callable[[Tensor], Tensor] | None = None,
-    better: Callable[[Tensor, Tensor], Tensor] | None = None,
-) -> tuple[Tensor, Tensor]:
+def update_long_term_token(x: Tensor, memory: Tensor, sums: Tensor, layout: TokenLayout) -> tuple[Tensor, Tensor]:
     """HDS after one token (``update_long_term`` for T = 1, in a few ops): the running
     sums gain the token's x ``[B, 1, 2, D]`` (level 0) or the entry it completes (levels
-    >= 1), and each entry it completes, ``finish(means)`` of its level's mean
-    ``[B, L, 2, D]`` (None: the means), goes to its ring slot. With ``better(best, new)``
-    (``BestTokenEntries.better``), sums holds running bests instead, which the token or
-    entry replaces where better, and ``finish`` gets them. -> (memory, sums)."""
+    >= 1), and each entry it completes, its level's mean ``[B, L, 2, D]``, goes to its
+    ring slot. -> (memory, sums)."""
     L = sums.shape[1]
-
-    def gain(running: Tensor, restart: Tensor, new: Tensor) -> Tensor:
-        if better is None:
-            return torch.where(restart, 0, running) + new
-        return torch.where(restart, new, better(running, new))
-
-    new = [gain(sums[:, 0], layout.span_start, x[:, 0].to(sums.dtype))]
+    new = [torch.where(layout.span_start, 0, sums[:, 0]) + x[:, 0].to(sums.dtype)]
     for level in range(1, L):
-        running = gain(sums[:, level], layout.first_child[level], new[-1])
+        running = torch.where(layout.first_child[level], 0, sums[:, level]) + new[-1]
         new.append(torch.where(layout.completes[level - 1], running, sums[:, level]))
     sums = torch.stack(new, dim=1)
-    means = sums / layout.widths.view(1, L, 1, 1) if better is None else sums
-    entries = means if finish is None else finish(means)
+    entries = sums / layout.widths.view(1, L, 1, 1)
     levels = torch.arange(L, device=sums.device)
     kept = memory[:, levels, layout.entry_slot]
     memory = memory.clone()
@@ -366,10 +340,7 @@ def memory_layout(position: Tensor, T: int, config: MMRecConfig) -> MemoryLayout
             last_child = only_valid(BRANCHING * index + BRANCHING - 1 - below.index[0], valid)
         newest = ring_entry_index((position + T) // width, slots)
         ring_new = newest >= index[0]
-        last_token = only_valid((index + 1) * width - 1 - position, valid)
-        below = LevelLayout(
-            index, valid, resets, last_child, only_valid(newest - index[0], ring_new), ring_new, last_token
-        )
+        below = LevelLayout(index, valid, resets, last_child, only_valid(newest - index[0], ring_new), ring_new)
         levels.append(below)
         source, mask = long_term_read(starts, Q, below, width, slots)
         sources.append(source + pool_offset)
@@ -387,7 +358,6 @@ def memory_layout(position: Tensor, T: int, config: MMRecConfig) -> MemoryLayout
         if sources
         else torch.zeros(0, dtype=torch.int64, device=device),
         read_mask=torch.cat([persistent, *masks, *window], dim=2),
-        phase=(position + torch.arange(T, device=device)) % S,
         window_order=window_ring(position, max(config.window - 1, 0)),
         window_slots=window_ring(-(position + T), max(config.window - 1, 0)),
         first_token=(max(config.window - 1, 0) - position).clamp(min=0),
@@ -448,61 +418,12 @@ def summarise(kv: Tensor, sums: Tensor, layout: MemoryLayout, segment_len: int) 
     return level_sums, torch.stack(new_sums, dim=1)
 
 
-def running_best(candidates: Tensor, spans: Tensor, valid: Tensor | None, key: Callable[[Tensor], Tensor]) -> Tensor:
-    """Per head, for each of the candidates ``[B, n, 2, D]`` (in order; ``spans`` ``[n]``,
-    nondecreasing, the span each belongs to), the index ``[B, n, H]`` of the best candidate so
-    far within its span: the last of the highest ``key`` ``[B, n, H]`` (int64 in
-    [-2^31, 2^31)). Candidates where not ``valid`` are never chosen. One running maximum of
-    (span, key), so that each span starts afresh."""
-    rank = spans.view(1, -1, 1) * 2**32 + key(candidates) + 2**31
-    if valid is not None:
-        rank = torch.where(valid.view(1, -1, 1), rank, -1)
-    return torch.cummax(rank, dim=1).indices
-
-
-def gather_heads(candidates: Tensor, index: Tensor) -> Tensor:
-    """Per head, the candidates ``[B, n, 2, D]`` at ``index`` ``[B, m, H]`` -> ``[B, m, 2, D]``."""
-    heads = candidates.unflatten(-1, (index.shape[-1], -1))
-    return heads.gather(1, index[:, :, None, :, None].expand(-1, -1, 2, -1, heads.shape[-1])).flatten(-2)
-
-
-def best_tokens(
-    kv: Tensor, best: Tensor, layout: MemoryLayout, segment_len: int, key: Callable[[Tensor], Tensor]
-) -> tuple[list[Tensor], Tensor]:
-    """``summarise`` for entries that keep one token (``BestTokenEntries``): per level, the
-    chosen kv ``[B, n_l, 2, D]`` of the entries ``layout.levels[l].index`` (garbage where not
-    valid), and the new running bests ``[B, L, 2, D]`` (``best``: the state's, the best of
-    each level's span in progress).
-
-    Level 0 chooses among the tokens, level l among the entries of level l - 1, each after
-    the state's best, whose span is that of the token (entry) before the chunk: a chunk
-    that starts a span leaves it out."""
-    T = kv.shape[1]
-    before = (layout.phase[:1] - 1) % segment_len  # the place of the token before the chunk
-    spans = torch.cat([torch.zeros_like(before), (before + 1 + torch.arange(T, device=kv.device)) // segment_len])
-    candidates = torch.cat([best[:, :1], kv.to(best.dtype)], dim=1)
-    index = running_best(candidates, spans, None, key)
-    chosen = [gather_heads(candidates, index[:, layout.levels[0].last_token + 1])]
-    new_best = [gather_heads(candidates, index[:, -1:])[:, 0]]
-    for level in range(1, best.shape[1]):
-        below, this = layout.levels[level - 1], layout.levels[level]
-        children = torch.cat([below.index[:1] - 1, below.index]) // BRANCHING
-        valid = torch.cat([torch.ones_like(below.valid[:1]), below.valid])
-        candidates = torch.cat([best[:, level : level + 1], chosen[-1]], dim=1)
-        index = running_best(candidates, children - children[:1], valid, key)
-        chosen.append(gather_heads(candidates, index[:, this.last_child + 1]))
-        new_best.append(gather_heads(candidates, index[:, -1:])[:, 0])
-    return chosen, torch.stack(new_best, dim=1)
-
-
 def update_long_term(
     kv: Tensor,
     memory: Tensor,
     sums: Tensor,
     layout: MemoryLayout,
     segment_len: int,
-    finish: Callable[[int, Tensor], Tensor] | None = None,
-    key: Callable[[Tensor], Tensor] | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """One chunk of HDS: the pool of entries its tokens may read, and the new memory.
 
@@ -510,26 +431,17 @@ def update_long_term(
         kv: ``[B, T, 2, D]`` keys and values of the chunk's tokens.
         memory: ``[B, L, M, 2, D]`` ring buffers; sums: ``[B, L, 2, D]``.
         layout: ``memory_layout`` of the chunk.
-        finish: ``finish(level, means)``, what the level's new entries hold given the means
-            ``[B, n_l, 2, D]`` of kv over their spans (None: the means).
-        key: with entries that keep one token (``BestTokenEntries.key``), the score by which
-            ``best_tokens`` picks it; ``sums`` then holds the running bests and ``finish`` gets
-            the chosen tokens instead of the means.
+        segment_len: S.
 
     Returns:
         pool ``[B, sum_l (M + n_l), 2, D]`` (per level: the ring buffer as it was, then
         the ``n_l`` entries ``layout.levels[l].index``, completed in the chunk where
         valid), from which ``layout.read_source`` gathers; and the new memory and sums.
     """
-    if key is None:
-        level_sums, new_sums = summarise(kv, sums, layout, segment_len)
-    else:
-        level_sums, new_sums = best_tokens(kv, sums, layout, segment_len, key)
+    level_sums, new_sums = summarise(kv, sums, layout, segment_len)
     pool, rings = [], []
     for level, (entry_sums, placed) in enumerate(zip(level_sums, layout.levels)):
-        entries = entry_sums / span_len(segment_len, level) if key is None else entry_sums
-        if finish is not None:
-            entries = finish(level, entries)
+        entries = entry_sums / span_len(segment_len, level)
         ring = memory[:, level]
         pool += [ring, entries.to(ring.dtype)]
         rings.append(torch.where(placed.ring_new.view(1, -1, 1, 1), entries[:, placed.ring_source], ring))
