@@ -8,7 +8,8 @@ import torch
 from torch import Tensor
 
 from mmrec_model import MMRecConfig
-from mmrec_model.memory import QUERY_BLOCK, memory_layout
+from mmrec_model.memory import memory_layout
+from mmrec_model.memory.layout import QUERY_BLOCK
 from mmrec_model.training import next_byte_loss
 from mmrec_ops.reference import recurrence_reference, scan_reference
 from tests.helpers import assert_close_rel, grad_tolerance, output_tolerance

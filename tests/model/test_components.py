@@ -9,9 +9,10 @@ import pytest
 import torch
 
 from mmrec_model import MDI, MMRecBlock, MMRecConfig, MMRecModel
-from mmrec_model.attention import op_blocked_attention, sdpa_blocked_attention, sliding_window_attention, window_keys
-from mmrec_model.mdi import EPS, GAMMA_INIT
-from mmrec_model.memory import QUERY_BLOCK, memory_layout, update_long_term
+from mmrec_model.memory import memory_layout, update_long_term
+from mmrec_model.memory.layout import QUERY_BLOCK
+from mmrec_model.model.mdi import EPS, GAMMA_INIT
+from mmrec_model.model.read import op_blocked_attention, sdpa_blocked_attention, sliding_window_attention, window_keys
 from tests.helpers import FLOAT64_ACCUMULATION, assert_close_rel
 from tests.model.models import read_inputs, reference_attention, reference_block, reference_visible, small_config
 

@@ -6,8 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mmrec_model import MMRecModel, decode
+from mmrec_model import MMRecModel
 from mmrec_model.decode import Decoder
+from mmrec_model.decode import decoder as decode
 from tests.helpers import assert_close_rel, output_tolerance
 from tests.model.models import small_config
 

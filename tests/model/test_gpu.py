@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from mmrec_model import MMRecModel
-from mmrec_model.decode import Decoder, token_plan
+from mmrec_model.decode import Decoder
+from mmrec_model.decode.decoder import token_plan
 from tests.helpers import assert_close_rel, output_tolerance
 from tests.model.models import MODES, assert_logits_and_grads_close, next_token_loss, small_config
 

@@ -9,7 +9,8 @@ from torch import Tensor, nn
 
 import mmrec_ops
 
-from .memory import MemoryLayout, block_starts, window_mask
+from ..memory.layout import MemoryLayout, block_starts
+from ..memory.working import window_mask
 
 
 def blocked_attention(q: Tensor, keys_values: Tensor, mask: Tensor) -> Tensor:

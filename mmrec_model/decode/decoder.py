@@ -29,8 +29,9 @@ from torch import Tensor
 
 import mmrec_ops
 
-from .mdi import EPS
-from .memory import BRANCHING, BlockState, MemoryState, span_len
+from ..memory.layout import BRANCHING, span_len
+from ..memory.state import BlockState, MemoryState
+from ..model.mdi import EPS
 
 
 def down_parts(batch: int, hidden: int, device: torch.device) -> int:

@@ -10,10 +10,8 @@ from torch import Tensor, nn
 
 import mmrec_ops
 
-from .attention import MultiMemoryAttention
-from .config import MMRecConfig
-from .mdi import MDI
-from .memory import (
+from ..config import MMRecConfig
+from ..memory import (
     BlockState,
     MemoryLayout,
     TokenLayout,
@@ -21,6 +19,8 @@ from .memory import (
     update_long_term_token,
     update_window,
 )
+from .mdi import MDI
+from .read import MultiMemoryAttention
 
 
 class MMRecBlock(nn.Module):
@@ -121,7 +121,7 @@ class MMRecBlock(nn.Module):
         window = state.window[:, layout.window_order]  # oldest first
         m = self.memory(q, kv, window, pool, layout)
         out, h_last = self.output(x, m, h, state)
-        return out, BlockState(h_last, update_window(window, kv, layout), memory, sums)
+        return out, BlockState(h_last, update_window(window, kv, layout.window_slots), memory, sums)
 
     def step(self, x: Tensor, state: BlockState, layout: TokenLayout) -> tuple[Tensor, BlockState]:
         """``forward`` for one token, x ``[B, 1, D]``, with the token's ``token_layout``:
