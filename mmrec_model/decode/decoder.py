@@ -3,10 +3,11 @@ that each token updates in place, so that a token costs a few ops per block.
 
 Per block the decoder keeps a key and value cache ``[2, B, H, K, d]``, K = P + L M + W:
 the persistent slots, the long-term rings (level l's entry i in slot l M + i mod M) and
-the working memory as a ring of W slots (the token at position t in slot t mod W). A token
-first writes its key and value into its slot (whose old token, at t - W, it may not see),
-then reads every slot that holds a key (``mask``) in one softmax, then adds itself to the running sums; a long-term entry is written only by the token that
-completes it, once in S tokens. The position is a Python int: which entries complete, and
+the working memory's ring of W slots as ``BlockState.recent_kv`` lays it out (the token
+at position t in slot t mod W). A token first writes its key and value into its slot
+(whose old token, at t - W, it may not see), then reads every slot that holds a key
+(``mask``) in one softmax, then adds itself to the running sums; a long-term entry is
+written only by the token that completes it, once in S tokens. The position is a Python int: which entries complete, and
 which slots hold keys, are host arithmetic, not ops. ``state`` gives the state back in the
 model's format, equal to what ``MMRecModel.forward`` returns for the same tokens.
 
@@ -31,6 +32,7 @@ import mmrec_ops
 
 from ..memory.layout import BRANCHING, span_len
 from ..memory.state import BlockState, MemoryState
+from ..memory.working import filled_slots
 from ..model.mdi import EPS
 
 
@@ -92,7 +94,7 @@ class TokenSlots(NamedTuple):
     """Where the token writes, as cache (and mask) slot indices: Python ints on the eager
     path, int64 tensors ``[1]`` on the device in a CUDA graph."""
 
-    window: int | Tensor  # its own key and value: P + L M + position mod W
+    working: int | Tensor  # its own key and value: P + L M + position mod W
     rings: tuple[int | Tensor, ...]  # the entry completed at each level l < plan.completed
 
 
@@ -100,9 +102,9 @@ def token_slots(config, position, plan: TokenPlan) -> TokenSlots:
     """The slots of the token at ``position`` (an int, or a device tensor ``[1]``):
     level l's entry i = (position + 1) // (S 4^l) - 1 sits in ring slot l M + i mod M."""
     P, L, M, W, S = (config.persistent_slots, config.n_levels, config.level_slots, config.window, config.segment_len)
-    window = P + L * M + position % W if W > 0 else None
+    working = P + L * M + position % W if W > 0 else None
     rings = tuple(P + level * M + ((position + 1) // span_len(S, level) - 1) % M for level in range(plan.completed))
-    return TokenSlots(window, rings)
+    return TokenSlots(working, rings)
 
 
 def open_slot(mask: Tensor, slot: int | Tensor) -> None:
@@ -127,17 +129,17 @@ def unit_rms_cpu(x: Tensor, eps: Tensor) -> Tensor:
 class BlockDecoder:
     """One block's buffers (from its ``BlockState``) and its one-token step."""
 
-    def __init__(self, block, state: BlockState, position: int, config):
+    def __init__(self, block, state: BlockState, config):
         B, H, d = state.h.shape
         self.block, self.config, self.heads = block, config, (H, d)
         P, L, M, W = config.persistent_slots, config.n_levels, config.level_slots, config.window
-        self.ring_start, self.window_start = P, P + L * M
+        self.ring_start, self.working_start = P, P + L * M
         # [2, B, H, K, d]: keys, values.
         self.cache = torch.zeros(2, B, H, P + L * M + W, d, dtype=state.h.dtype, device=state.h.device)
         self.keys, self.values = self.cache  # views, kept: unbinding costs an op a token
         self.h, self.sums = torch.empty_like(state.h), torch.empty_like(state.sums)
         self.span_sum = self.sums[:, 0] if block.has_long_term else None  # level 0's running sum, [B, 2, D]
-        self.load(state, position)
+        self.load(state)
         eps = block.norm_mix.eps
         if state.h.is_cuda:
             self.unit_rms = partial(unit_rms, eps=eps)
@@ -189,8 +191,8 @@ class BlockDecoder:
         both = torch.sigmoid(self.addmm(self.decay_b, F.gelu(hidden_in), self.decay_w_t))
         return torch.addcmul(self.decay_eps, both[:, :D], both[:, D:], value=1 - 2 * EPS)
 
-    def load(self, state: BlockState, position: int) -> None:
-        """Fills the buffers, in place, from ``state`` (after ``position`` tokens)."""
+    def load(self, state: BlockState) -> None:
+        """Fills the buffers, in place, from ``state``."""
         block, config, (H, d) = self.block, self.config, self.heads
         B, P, L, M, W = state.h.shape[0], config.persistent_slots, config.n_levels, config.level_slots, config.window
         self.cache.zero_()
@@ -198,11 +200,7 @@ class BlockDecoder:
             self.cache[i][:, :, :P] = block.memory.persistent[:, i].detach().view(P, H, d).transpose(0, 1)
             rings = state.memory[:, :, :, i].reshape(B, L * M, H, d).transpose(1, 2)
             self.cache[i][:, :, P : P + L * M] = rings
-        kept = max(W - 1, 0)
-        tokens = torch.arange(max(position - kept, 0), position, device=state.h.device)  # in the working memory
-        if kept and len(tokens):
-            window = state.window[:, tokens % (W - 1)].view(B, -1, 2, H, d).permute(2, 0, 3, 1, 4)
-            self.cache[:, :, :, self.window_start + tokens % W] = window
+        self.cache[:, :, :, self.working_start :] = state.recent_kv.view(B, W, 2, H, d).permute(2, 0, 3, 1, 4)
         self.h.copy_(state.h)
         self.sums.copy_(state.sums)
 
@@ -226,7 +224,7 @@ class BlockDecoder:
         q, z = projected[:, :D].view(B, H, d), projected[:, 3 * D : 4 * D].view(B, H, d)
         kv = projected[:, D : 3 * D].view(B, 2, D)
         if self.window > 0:
-            self.write(slots.window, kv)
+            self.write(slots.working, kv)
         m = mmrec_ops.decode_read(q, self.keys, self.values, mask)
         h = None if self.mode == "none" else self.recurrence(projected[:, 4 * D : 4 * D + self.n_mdi], z)
         y = torch.addmm(x, (m if h is None else h + m).view(B, D), self.w_out_t)
@@ -278,19 +276,15 @@ class BlockDecoder:
         for level, slot in enumerate(slots.rings):
             self.write(slot, self.sums[:, level] / span_len(S, level))
 
-    def state(self, position: int) -> BlockState:
-        """This block's ``BlockState`` before the token at ``position``."""
+    def state(self) -> BlockState:
+        """This block's ``BlockState``, a copy of the buffers."""
         config, (H, d) = self.config, self.heads
         B, L, M, W = self.h.shape[0], config.n_levels, config.level_slots, config.window
-        rings = torch.stack([c[:, :, self.ring_start : self.window_start] for c in self.cache], dim=2)
+        rings = torch.stack([c[:, :, self.ring_start : self.working_start] for c in self.cache], dim=2)
         memory = rings.permute(0, 3, 2, 1, 4).reshape(B, L, M, 2, H * d)  # [B, H, 2, L M, d] -> [B, L, M, 2, D]
-        kept = max(W - 1, 0)
-        window = self.cache.new_zeros(B, kept, 2, H * d)
-        tokens = torch.arange(max(position - kept, 0), position, device=window.device)
-        if kept and len(tokens):
-            cached = self.cache[:, :, :, self.window_start + tokens % W]  # [2, B, H, n, d]
-            window[:, tokens % (W - 1)] = cached.permute(1, 3, 0, 2, 4).reshape(B, -1, 2, H * d)
-        return BlockState(self.h.clone(), window, memory, self.sums.clone())
+        ring = self.cache[:, :, :, self.working_start :].permute(1, 3, 0, 2, 4)  # [B, W, 2, H, d]
+        recent_kv = ring.clone(memory_format=torch.contiguous_format).view(B, W, 2, H * d)
+        return BlockState(self.h.clone(), recent_kv, memory, self.sums.clone())
 
 
 class Decoder:
@@ -313,7 +307,7 @@ class Decoder:
         self.model, self.config, self.cuda_graphs = model, model.config, cuda_graphs
         self.position = int(state.position)
         with torch.no_grad():
-            self.blocks = [BlockDecoder(b, s, self.position, self.config) for b, s in zip(model.blocks, state.blocks)]
+            self.blocks = [BlockDecoder(b, s, self.config) for b, s in zip(model.blocks, state.blocks)]
         # The read's mask as scores to add, [K]: 0 where a slot holds a key, else -inf; in
         # the caches' dtype, as decode_read takes it.
         self.mask = torch.empty(len(self.initial_mask()), dtype=state.blocks[0].h.dtype, device=device)
@@ -332,8 +326,8 @@ class Decoder:
         """``[K]``: the slots that hold a key before the next token writes its own."""
         c, p = self.config, self.position
         rings = [torch.arange(c.level_slots) < p // span_len(c.segment_len, level) for level in range(c.n_levels)]
-        window = (p - 1 - (p - 1 - torch.arange(c.window)) % max(c.window, 1)) >= 0 if c.window > 0 else []
-        parts = [torch.ones(c.persistent_slots, dtype=torch.bool), *rings, torch.as_tensor(window, dtype=torch.bool)]
+        working = filled_slots(torch.tensor(p - 1), c.window)
+        parts = [torch.ones(c.persistent_slots, dtype=torch.bool), *rings, working]
         return torch.cat(parts)
 
     def load_mask(self) -> None:
@@ -350,14 +344,14 @@ class Decoder:
         self.position = int(state.position)
         for block, block_state in zip(self.blocks, state.blocks):
             block.fold_weights()
-            block.load(block_state, self.position)
+            block.load(block_state)
         self.load_mask()
 
     def advance(self, token: Tensor, plan: TokenPlan, slots: TokenSlots) -> Tensor:
         """The token ``[B, 1]`` through every block -> logits ``[B, V]``."""
         c = self.config
-        if c.window > 0 and (isinstance(slots.window, Tensor) or self.position < c.window):
-            open_slot(self.mask, slots.window)  # later, every window slot holds a key already
+        if c.window > 0 and (isinstance(slots.working, Tensor) or self.position < c.window):
+            open_slot(self.mask, slots.working)  # later, every ring slot holds a key already
         x = self.model.embed(token).squeeze(1)
         for block in self.blocks:
             x = block.step(x, plan, slots, self.mask)
@@ -427,4 +421,4 @@ class Decoder:
 
     def state(self) -> MemoryState:
         position = torch.tensor(self.position, device=self.mask.device)
-        return MemoryState(position, tuple(block.state(self.position) for block in self.blocks))
+        return MemoryState(position, tuple(block.state() for block in self.blocks))

@@ -4,7 +4,7 @@ memory HDS, and the layouts that place a chunk's tokens in them."""
 from .hds import update_long_term, update_long_term_token
 from .layout import MemoryLayout, TokenLayout, memory_layout, span_len, token_layout
 from .state import BlockState, MemoryState
-from .working import update_window
+from .working import update_ring
 
 __all__ = [
     "BlockState",
@@ -16,5 +16,5 @@ __all__ = [
     "token_layout",
     "update_long_term",
     "update_long_term_token",
-    "update_window",
+    "update_ring",
 ]

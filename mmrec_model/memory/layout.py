@@ -30,14 +30,14 @@ import torch
 from torch import Tensor
 
 from ..config import MMRecConfig
-from .working import window_mask, window_ring
+from .working import earlier_tokens, filled_slots, ring_slots, working_mask
 
 # A level-l entry is the mean of this many level-(l-1) entries.
 BRANCHING = 4
 
 
 # Queries per block of the read (one token when decoding): long enough to amortise a
-# block's long-term candidates, short enough that most of its window keys are used.
+# block's long-term candidates, short enough that most of its working keys are used.
 QUERY_BLOCK = 128
 
 
@@ -137,13 +137,13 @@ class MemoryLayout(NamedTuple):
     read_source: ``[nb * K_l]``, for each of the nb query blocks, where its K_l long-term
                  candidates lie in the pool of ``update_long_term``.
     read_mask:   ``[nb, Q, P + K_l + Q + W - 1]``, True where a block's query sees a key:
-                 the persistent slots, its long-term candidates, its window keys.
-    window_order: ``[W - 1]``, the working memory's ring slots, oldest token first.
-    window_slots: ``[W - 1]``, for each ring slot after the chunk, which of the last W - 1
-                 tokens (the working memory oldest first, then the chunk) it holds.
-    first_token: int64 ``[]``, the first of the working memory's tokens (oldest first) then
-                 the chunk's that exists: none before the sequence's first token, so
-                 max(W - 1 - position, 0).
+                 the persistent slots, its long-term candidates, its working keys.
+    working_order: ``[W - 1]``, the ring slots of the W - 1 tokens before the chunk, oldest
+                 first.
+    working_slots: ``[W]``, for each ring slot after the chunk, which of the last W tokens
+                 (those W - 1, then the chunk's) it holds.
+    first_token: int64 ``[]``, the first of those W - 1 tokens then the chunk's that
+                 exists: none before the sequence's first token, so max(W - 1 - position, 0).
     """
 
     in_head: Tensor
@@ -152,8 +152,8 @@ class MemoryLayout(NamedTuple):
     levels: tuple[LevelLayout, ...]
     read_source: Tensor
     read_mask: Tensor
-    window_order: Tensor
-    window_slots: Tensor
+    working_order: Tensor
+    working_slots: Tensor
     first_token: Tensor
 
 
@@ -163,9 +163,10 @@ class TokenLayout(NamedTuple):
 
     read_mask:   ``[1, 1, P + L M + W]``, True where a slot holds a key: the persistent
                  slots, the ring slots written so far (level-l entries i < p // (S 4^l),
-                 the M most recent of which the rings hold), the working memory's slots
-                 that hold a token, and the token itself (the last W; none when W = 0).
-    window_slot: ``[1]``, p mod (W - 1), the token's slot in the working memory.
+                 the M most recent of which the rings hold), and the working memory's ring
+                 slots that hold a token once the token has written its own (tokens
+                 p - W < s <= p; none when W = 0).
+    working_slot: ``[1]``, p mod W, the token's slot in the working memory's ring.
     span_start:  ``[]``, whether the token starts a level-0 span.
     completes:   ``[L]``, whether the token completes the level's current entry ...
     first_child: ``[L]``, ... levels >= 1: whether the level-(l-1) entry it completes
@@ -175,7 +176,7 @@ class TokenLayout(NamedTuple):
     """
 
     read_mask: Tensor
-    window_slot: Tensor
+    working_slot: Tensor
     span_start: Tensor
     completes: Tensor
     first_child: Tensor
@@ -186,16 +187,14 @@ class TokenLayout(NamedTuple):
 def token_layout(position: Tensor, config: MMRecConfig) -> TokenLayout:
     """The ``TokenLayout`` of the token at absolute ``position`` (int64 scalar tensor)."""
     device, S, L, M = position.device, config.segment_len, config.n_levels, config.level_slots
-    kept = max(config.window - 1, 0)
     widths = S * BRANCHING ** torch.arange(L, device=device)
     end = position + 1
     written = torch.arange(M, device=device) < (position // widths).unsqueeze(1)
     children = (widths // BRANCHING).clamp(min=1)  # the width of a level's child (level 0's unused)
-    window = torch.cat([torch.arange(kept, device=device) < position, torch.ones(1, dtype=torch.bool, device=device)])
-    parts = [torch.ones(config.persistent_slots, dtype=torch.bool, device=device), written.flatten()]
+    persistent = torch.ones(config.persistent_slots, dtype=torch.bool, device=device)
     return TokenLayout(
-        read_mask=torch.cat(parts + ([window] if config.window > 0 else [])).view(1, 1, -1),
-        window_slot=(position % max(kept, 1)).view(1),
+        read_mask=torch.cat([persistent, written.flatten(), filled_slots(position, config.window)]).view(1, 1, -1),
+        working_slot=(position % max(config.window, 1)).view(1),
         span_start=position % S == 0,
         completes=end % widths == 0,
         first_child=(end // children - 1) % BRANCHING == 0,
@@ -248,7 +247,8 @@ def memory_layout(position: Tensor, T: int, config: MMRecConfig) -> MemoryLayout
         masks.append(mask)
         pool_offset += slots + index.shape[0]
     persistent = torch.ones(starts.shape[0], Q, config.persistent_slots, dtype=torch.bool, device=device)
-    window = [window_mask(starts, Q, config.window)] if config.window > 0 else []
+    working = [working_mask(starts, Q, config.window)] if config.window > 0 else []
+    earlier = earlier_tokens(config.window)
     head_len = S - position % S
     return MemoryLayout(
         in_head=torch.arange(S, device=device) < head_len,
@@ -258,8 +258,8 @@ def memory_layout(position: Tensor, T: int, config: MMRecConfig) -> MemoryLayout
         read_source=torch.cat(sources, dim=1).flatten()
         if sources
         else torch.zeros(0, dtype=torch.int64, device=device),
-        read_mask=torch.cat([persistent, *masks, *window], dim=2),
-        window_order=window_ring(position, max(config.window - 1, 0)),
-        window_slots=window_ring(-(position + T), max(config.window - 1, 0)),
-        first_token=(max(config.window - 1, 0) - position).clamp(min=0),
+        read_mask=torch.cat([persistent, *masks, *working], dim=2),
+        working_order=ring_slots(position - earlier, earlier, config.window),
+        working_slots=ring_slots(-(position + T), config.window, config.window),
+        first_token=(earlier - position).clamp(min=0),
     )

@@ -10,20 +10,19 @@ from torch import Tensor
 class BlockState(NamedTuple):
     """The memory of one block after some tokens; ``[..., 2, D]`` is (key, value).
 
-    h:      ``[B, H, d]``, the recurrence state h_{t-1}.
-    window: ``[B, W - 1, 2, D]``, the working memory, a ring buffer: the keys and values
-            of the last W - 1 tokens (the only earlier tokens the next one reads), the
-            token at position t in slot t mod (W - 1).
-    memory: ``[B, L, M, 2, D]``, level l's ring buffer: entry i (the mean over its
-            span) in slot i mod M. Which slots hold an entry follows from the position.
-    sums:   ``[B, L, 2, D]``, per level, the running sum over the level's current span
-            (or over the span just completed, until the next one starts): of its
-            tokens' keys and values at level 0, of its completed level-(l-1) entries'
-            sums at level l >= 1.
+    h:         ``[B, H, d]``, the recurrence state h_{t-1}.
+    recent_kv: ``[B, W, 2, D]``, the working memory's ring (``memory.working``): the keys
+               and values of the last W tokens, the token at position t in slot t mod W.
+    memory:    ``[B, L, M, 2, D]``, level l's ring buffer: entry i (the mean over its
+               span) in slot i mod M. Which slots hold an entry follows from the position.
+    sums:      ``[B, L, 2, D]``, per level, the running sum over the level's current span
+               (or over the span just completed, until the next one starts): of its
+               tokens' keys and values at level 0, of its completed level-(l-1) entries'
+               sums at level l >= 1.
     """
 
     h: Tensor
-    window: Tensor
+    recent_kv: Tensor
     memory: Tensor
     sums: Tensor
 

@@ -17,7 +17,7 @@ from ..memory import (
     TokenLayout,
     update_long_term,
     update_long_term_token,
-    update_window,
+    update_ring,
 )
 from .mdi import MDI
 from .read import MultiMemoryAttention
@@ -118,22 +118,22 @@ class MMRecBlock(nn.Module):
         memory, sums, pool = state.memory, state.sums, None
         if self.has_long_term:
             pool, memory, sums = update_long_term(kv, state.memory, state.sums, layout, self.segment_len)
-        window = state.window[:, layout.window_order]  # oldest first
-        m = self.memory(q, kv, window, pool, layout)
+        earlier = state.recent_kv[:, layout.working_order]  # oldest first
+        m = self.memory(q, kv, earlier, pool, layout)
         out, h_last = self.output(x, m, h, state)
-        return out, BlockState(h_last, update_window(window, kv, layout.window_slots), memory, sums)
+        return out, BlockState(h_last, update_ring(earlier, kv, layout.working_slots), memory, sums)
 
     def step(self, x: Tensor, state: BlockState, layout: TokenLayout) -> tuple[Tensor, BlockState]:
         """``forward`` for one token, x ``[B, 1, D]``, with the token's ``token_layout``:
         the same outputs and state in fewer, smaller ops (decoding's path)."""
         q, kv, h = self.project(x, state)
+        ring = state.recent_kv
+        if ring.shape[1] > 0:
+            ring = ring.index_copy(1, layout.working_slot, kv.to(ring.dtype))
         rings = state.memory if self.has_long_term else None
-        m = self.memory.read_token(q, kv, state.window, rings, layout.read_mask)
+        m = self.memory.read_token(q, ring, rings, layout.read_mask)
         memory, sums = state.memory, state.sums
         if self.has_long_term:
             memory, sums = update_long_term_token(kv, state.memory, state.sums, layout)
         out, h_last = self.output(x, m, h, state)
-        window = state.window
-        if window.shape[1] > 0:
-            window = window.index_copy(1, layout.window_slot, kv.to(window.dtype))
-        return out, BlockState(h_last, window, memory, sums)
+        return out, BlockState(h_last, ring, memory, sums)

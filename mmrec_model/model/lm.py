@@ -70,7 +70,7 @@ class MMRecModel(nn.Module):
         dtype = self.embed.weight.dtype
         block = BlockState(
             h=torch.zeros(batch_size, c.n_heads, c.head_dim, device=device, dtype=dtype),
-            window=torch.zeros(batch_size, max(c.window - 1, 0), 2, c.dim, device=device, dtype=dtype),
+            recent_kv=torch.zeros(batch_size, c.window, 2, c.dim, device=device, dtype=dtype),
             memory=torch.zeros(batch_size, c.n_levels, c.level_slots, 2, c.dim, device=device, dtype=dtype),
             sums=torch.zeros(batch_size, c.n_levels, 2, c.dim, device=device, dtype=dtype),
         )

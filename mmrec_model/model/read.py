@@ -10,7 +10,7 @@ from torch import Tensor, nn
 import mmrec_ops
 
 from ..memory.layout import MemoryLayout, block_starts
-from ..memory.working import window_mask
+from ..memory.working import working_mask
 
 
 def blocked_attention(q: Tensor, keys_values: Tensor, mask: Tensor) -> Tensor:
@@ -40,22 +40,22 @@ def op_blocked_attention(
 ) -> Tensor:
     """``sdpa_blocked_attention``'s read through ``mmrec_ops.memory_read``, the group and
     the working memory in one pass, the working memory's keys read in place from
-    ``window_tokens``' tokens ``[B, W - 1 + T, 2, D]``; first_token int64 ``[]``: the first
+    ``working_tokens``' tokens ``[B, W - 1 + T, 2, D]``; first_token int64 ``[]``: the first
     of the tokens that exists. Without a working memory (W = 0, tokens None), SDPA's."""
     if tokens is None:
         return sdpa_blocked_attention(q, group, None, mask)
     return mmrec_ops.memory_read(q, group, mask[..., : group.shape[2]], tokens, first_token, window)[0]
 
 
-def window_tokens(window: Tensor, kv: Tensor) -> Tensor:
-    """``[B, W - 1 + T, 2, D]``: the working memory ``window`` ``[B, W - 1, 2, D]`` (oldest
-    first), then the chunk's ``kv`` ``[B, T, 2, D]``, in kv's dtype."""
-    return torch.cat([window.to(kv.dtype), kv], dim=1)
+def working_tokens(earlier: Tensor, kv: Tensor) -> Tensor:
+    """``[B, W - 1 + T, 2, D]``: the W - 1 tokens before the chunk ``earlier``
+    ``[B, W - 1, 2, D]`` (oldest first), then the chunk's ``kv`` ``[B, T, 2, D]``, in kv's dtype."""
+    return torch.cat([earlier.to(kv.dtype), kv], dim=1)
 
 
-def window_keys(tokens: Tensor, n_blocks: int, Q: int, window: int) -> Tensor:
+def working_keys(tokens: Tensor, n_blocks: int, Q: int, window: int) -> Tensor:
     """``[B, nb, Q + W - 1, 2, D]``: for each block of Q queries, the keys and values of
-    the W - 1 tokens before it and its own, cut from ``window_tokens``'s ``[B, W - 1 + T, 2, D]``
+    the W - 1 tokens before it and its own, cut from ``working_tokens``'s ``[B, W - 1 + T, 2, D]``
     (zero-padded to W - 1 + nb Q tokens)."""
     padding = window - 1 + n_blocks * Q - tokens.shape[1]
     return F.pad(tokens, (0, 0, 0, 0, 0, padding)).unfold(1, Q + window - 1, Q).movedim(-1, 2)
@@ -63,7 +63,7 @@ def window_keys(tokens: Tensor, n_blocks: int, Q: int, window: int) -> Tensor:
 
 def sdpa_blocked_attention(q: Tensor, group: Tensor, working: Tensor | None, mask: Tensor) -> Tensor:
     """``blocked_attention`` over each block's group ``[B, nb, G, 2, D]`` then its
-    ``window_keys`` ``[B, nb, Q + W - 1, 2, D]`` (None: none)."""
+    ``working_keys`` ``[B, nb, Q + W - 1, 2, D]`` (None: none)."""
     return blocked_attention(q, group if working is None else torch.cat([group, working], dim=2), mask)
 
 
@@ -73,8 +73,8 @@ def sliding_window_attention(q: Tensor, k: Tensor, v: Tensor, window: int) -> Te
     B, T, H, d = q.shape
     starts, Q = block_starts(torch.zeros((), dtype=torch.int64, device=q.device), T)
     kv = torch.stack([k.flatten(-2), v.flatten(-2)], dim=2)
-    tokens = window_tokens(kv.new_zeros(B, window - 1, 2, H * d), kv)
-    return blocked_attention(q, window_keys(tokens, starts.shape[0], Q, window), window_mask(starts, Q, window))
+    tokens = working_tokens(kv.new_zeros(B, window - 1, 2, H * d), kv)
+    return blocked_attention(q, working_keys(tokens, starts.shape[0], Q, window), working_mask(starts, Q, window))
 
 
 class MultiMemoryAttention(nn.Module):
@@ -96,28 +96,29 @@ class MultiMemoryAttention(nn.Module):
         self.window, self.kernel = window, kernel
         self.persistent = nn.Parameter(torch.empty(persistent_slots, 2, dim))
 
-    def forward(self, q: Tensor, kv: Tensor, window: Tensor, pool: Tensor | None, layout: MemoryLayout) -> Tensor:
-        """q ``[B, T, H, d]``; kv ``[B, T, 2, D]`` the chunk's keys and values; window
-        ``[B, W - 1, 2, D]`` the working memory before the chunk, oldest first (unused
+    def forward(self, q: Tensor, kv: Tensor, earlier: Tensor, pool: Tensor | None, layout: MemoryLayout) -> Tensor:
+        """q ``[B, T, H, d]``; kv ``[B, T, 2, D]`` the chunk's keys and values; earlier
+        ``[B, W - 1, 2, D]`` the W - 1 tokens before the chunk, oldest first (unused
         when W = 0); pool ``[B, N, 2, D]`` the long-term entries (``update_long_term``;
         None: no long-term memory) -> ``[B, T, H, d]``."""
         n_blocks, Q, _ = layout.read_mask.shape
         entries = None if pool is None else pool.to(q.dtype)[:, layout.read_source].unflatten(1, (n_blocks, -1))
         group = self.group(q, entries, n_blocks)
-        tokens = window_tokens(window, kv.to(q.dtype)) if self.window > 0 else None
+        tokens = working_tokens(earlier, kv.to(q.dtype)) if self.window > 0 else None
         # On the CPU, SDPA's fused attention reads faster than memory_read's block products.
         if self.kernel == "memory_read" or (self.kernel == "auto" and q.is_cuda):
             return op_blocked_attention(q, group, tokens, layout.read_mask, self.window, layout.first_token)
-        working = None if tokens is None else window_keys(tokens, n_blocks, Q, self.window)
+        working = None if tokens is None else working_keys(tokens, n_blocks, Q, self.window)
         return sdpa_blocked_attention(q, group, working, layout.read_mask)
 
-    def read_token(self, q: Tensor, kv: Tensor, window: Tensor, memory: Tensor | None, mask: Tensor) -> Tensor:
-        """One token's read: q ``[B, 1, H, d]``, its kv ``[B, 1, 2, D]``, the working memory
-        ``[B, W - 1, 2, D]`` (any order) and the long-term rings ``[B, L, M, 2, D]`` (None:
-        no long-term memory) as they were before it; mask ``[1, 1, P + L M + W]`` (True:
-        the slot holds a key) -> ``[B, 1, H, d]``."""
+    def read_token(self, q: Tensor, ring: Tensor, memory: Tensor | None, mask: Tensor) -> Tensor:
+        """One token's read: q ``[B, 1, H, d]``, the working memory's ring ``[B, W, 2, D]``
+        with the token's own key and value written, and the long-term rings
+        ``[B, L, M, 2, D]`` (None: no long-term memory) as they were before it; mask
+        ``[1, 1, P + L M + W]`` (``TokenLayout.read_mask``: True where a slot holds a key)
+        -> ``[B, 1, H, d]``."""
         entries = None if memory is None else memory.to(q.dtype).flatten(1, 2).unsqueeze(1)
-        working = torch.cat([window.to(q.dtype), kv.to(q.dtype)], dim=1).unsqueeze(1) if self.window > 0 else None
+        working = ring.to(q.dtype).unsqueeze(1) if self.window > 0 else None
         return sdpa_blocked_attention(q, self.group(q, entries, 1), working, mask)
 
     def group(self, q: Tensor, entries: Tensor | None, n_blocks: int) -> Tensor:

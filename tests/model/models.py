@@ -103,9 +103,9 @@ def reference_block(block, x: Tensor, config: MMRecConfig) -> Tensor:
     m = []
     for p in range(T):
         seen = reference_visible(kv, p, config.segment_len, config.n_levels, config.level_slots)
-        window = kv[:, max(0, p - config.window + 1) : p + 1] if config.window > 0 else kv[:, :0]
+        working = kv[:, max(0, p - config.window + 1) : p + 1] if config.window > 0 else kv[:, :0]
         query = q[:, p].unflatten(-1, (H, d))
-        m.append(reference_attention(query, torch.cat([persistent, seen, window], dim=1)))
+        m.append(reference_attention(query, torch.cat([persistent, seen, working], dim=1)))
     y = x + block.w_out((h + torch.stack(m, dim=1)).flatten(-2))
     return y + block.ffn(block.norm_ffn(y))
 

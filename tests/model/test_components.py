@@ -12,7 +12,7 @@ from mmrec_model import MDI, MMRecBlock, MMRecConfig, MMRecModel
 from mmrec_model.memory import memory_layout, update_long_term
 from mmrec_model.memory.layout import QUERY_BLOCK
 from mmrec_model.model.mdi import EPS, GAMMA_INIT
-from mmrec_model.model.read import op_blocked_attention, sdpa_blocked_attention, sliding_window_attention, window_keys
+from mmrec_model.model.read import op_blocked_attention, sdpa_blocked_attention, sliding_window_attention, working_keys
 from tests.helpers import FLOAT64_ACCUMULATION, assert_close_rel
 from tests.model.models import read_inputs, reference_attention, reference_block, reference_visible, small_config
 
@@ -85,7 +85,7 @@ def test_memory_read_kernel_matches_blocked_sdpa(T, window, position, with_windo
     first_token = memory_layout(torch.tensor(position), T, small_config("exact", window=window)).first_token
     leaves = [t.requires_grad_() for t in (q, group, tokens) if t is not None]
     n_blocks, Q, _ = mask.shape
-    working = None if tokens is None else window_keys(tokens, n_blocks, Q, window)
+    working = None if tokens is None else working_keys(tokens, n_blocks, Q, window)
     expected = sdpa_blocked_attention(q, group, working, mask)
     out = op_blocked_attention(q, group, tokens, mask, window, first_token)
     assert_close_rel(out, expected, FLOAT64_ACCUMULATION)
@@ -189,7 +189,7 @@ def test_block_against_reference(variant):
     for name, g, e in zip(names, grads, expected_grads):
         assert_close_rel(g, e, FLOAT64_ACCUMULATION, f"grad of {name}")
     assert new_state.h.shape == (2, config.n_heads, config.head_dim)
-    assert new_state.window.shape == (2, max(config.window - 1, 0), 2, config.dim)
+    assert new_state.recent_kv.shape == (2, config.window, 2, config.dim)
     assert new_state.memory.shape == (2, config.n_levels, config.level_slots, 2, config.dim)
     assert new_state.sums.shape == (2, config.n_levels, 2, config.dim)
 
