@@ -33,39 +33,23 @@ import mmrec_ops
 from ..memory.layout import BRANCHING, span_len
 from ..memory.state import BlockState, MemoryState
 from ..memory.working import filled_slots
-from ..model.mdi import EPS
 
 
 def down_parts(batch: int, hidden: int, device: torch.device) -> int:
     """In how many parts the FFN's output product splits its inner dimension ``hidden``: 8
-    on CUDA from 16 rows a step (and when 8 divides it). For [16, 4 D] x [4 D, D] in
-    float32 cuBLAS picks a SIMT kernel with D / 128 thread blocks, where the parts as one
-    batched product, summed, spread over the GPU; at one row the split is slower, and
-    between 2 and 15 rows it is not measured (bench/results/generate_graphs_cuda_h100.md)."""
+    on CUDA from 16 rows a step (and when 8 divides it), where cuBLAS's one product of
+    [B, 4 D] x [4 D, D] occupies few of the GPU's cores and the parts as one batched
+    product, summed, spread over them; else 1 (measured in
+    bench/results/generate_graphs_cuda_h100.md)."""
     return 8 if device.type == "cuda" and batch >= 16 and hidden % 8 == 0 else 1
 
 
 def few_rows_product(batch: int, device: torch.device):
     """The product bias + x W of the step's projections: ``mmrec_ops.skinny_addmm`` on
-    CUDA from 2 to 32 rows, where it is 1.3x-2.6x faster than cuBLAS's addmm at a base
-    block's products (16 float32 rows, 768 -> 3456: 10.4 us against 16.6, weights out of
-    L2; bench/results/skinny_addmm_cuda_h100.md), else ``torch.addmm``: at one row
-    cuBLAS's matrix-vector kernel is the faster, beyond 32 rows it is not measured."""
+    CUDA from 2 to 32 rows, where it beats cuBLAS's addmm, else ``torch.addmm`` (at one row
+    cuBLAS's matrix-vector kernel is the faster); measured in
+    bench/results/skinny_addmm_cuda_h100.md."""
     return mmrec_ops.skinny_addmm if device.type == "cuda" and 2 <= batch <= 32 else torch.addmm
-
-
-def fused_mdi(mdi, w_in: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """MDI's gamma = eps + (1 - 2 eps) sigmoid(A(z)) sigmoid(C(k)), both MLPs at once, their
-    first layers folded into the block's input projection ``w_in`` ``[4 D, D]`` (rows q, k,
-    v, z): the rows and bias to append to it, ``[2 hidden, D]`` and ``[2 hidden]`` (A's first
-    layer of z's rows, C's of k's), then the second layers as one block-diagonal product,
-    transposed, ``[2 hidden, 2 D]``, and its bias ``[2 D]`` (``BlockDecoder.decay``)."""
-    A, C = mdi.A, mdi.C
-    D, hidden = w_in.shape[1], A[0].out_features
-    rows = torch.cat([A[0].weight @ w_in[3 * D :], C[0].weight @ w_in[D : 2 * D]])
-    second = A[2].weight.new_zeros(2 * D, 2 * hidden)
-    second[:D, :hidden], second[D:, hidden:] = A[2].weight, C[2].weight
-    return rows, torch.cat([A[0].bias, C[0].bias]), second.t().contiguous(), torch.cat([A[2].bias, C[2].bias])
 
 
 class TokenPlan(NamedTuple):
@@ -127,7 +111,8 @@ def unit_rms_cpu(x: Tensor, eps: Tensor) -> Tensor:
 
 
 class BlockDecoder:
-    """One block's buffers (from its ``BlockState``) and its one-token step."""
+    """One block's buffers (from its ``BlockState``), the block's weights as its
+    ``decode_weights`` folds them, and its one-token step."""
 
     def __init__(self, block, state: BlockState, config):
         B, H, d = state.h.shape
@@ -139,65 +124,43 @@ class BlockDecoder:
         self.keys, self.values = self.cache  # views, kept: unbinding costs an op a token
         self.h, self.sums = torch.empty_like(state.h), torch.empty_like(state.sums)
         self.span_sum = self.sums[:, 0] if block.has_long_term else None  # level 0's running sum, [B, 2, D]
-        self.load(state)
-        eps = block.norm_mix.eps
         if state.h.is_cuda:
-            self.unit_rms = partial(unit_rms, eps=eps)
+            self.unit_rms = partial(unit_rms, eps=block.norm_eps)
         else:
-            self.unit_rms = partial(unit_rms_cpu, eps=state.h.new_tensor(eps))
-        self.mode, self.window = block.mode, config.window
-        self.decay_eps = state.h.new_tensor(EPS)
-        self.down_parts = down_parts(B, block.ffn[0].out_features, state.h.device)
+            self.unit_rms = partial(unit_rms_cpu, eps=state.h.new_tensor(block.norm_eps))
+        self.mode, self.window, self.has_long_term = block.mode, config.window, block.has_long_term
+        self.decay_of_logits = block.decay_of_logits
+        self.down_parts = down_parts(B, config.ffn_mult * config.dim, state.h.device)
         self.addmm = few_rows_product(B, state.h.device)
-        if block.mode != "none":
-            # Per head W_g s + b_g as [H, B, d] @ [H, d, d]^T + [H, 1, d]: views of the parameters.
-            self.gate = (block.gate_bias.unsqueeze(1), block.gate_weight.transpose(1, 2))
         self.fold_weights()
+        self.load(state)
 
     @torch.no_grad()
     def fold_weights(self) -> None:
-        """The weights as the step reads them: plain attributes (a module's attribute lookup
-        costs as much as an op here), transposed once (a row times a contiguous W^T is the
-        faster product), each RMSNorm's weight folded into the matrix that reads its output,
-        and one matrix reading u for all that is linear in it: [q, k, v, z] and MDI's first
-        layers (through w_in). Later calls refresh them in place
-        (after an optimizer step), so that CUDA graphs that read them stay valid."""
-        block, D = self.block, self.config.dim
-        rows, biases = [block.w_in.weight], [block.w_in.weight.new_zeros(4 * D)]
-        folded = {}
-        if block.mode != "none":
-            mdi_rows, mdi_bias, folded["decay_w_t"], folded["decay_b"] = fused_mdi(block.mdi, block.w_in.weight)
-            rows, biases = rows + [mdi_rows], biases + [mdi_bias]
-        ffn_in, ffn_out = block.ffn[0], block.ffn[2]
-        folded.update(
-            w_in_t=(torch.cat(rows) * block.norm_mix.weight).t().contiguous(),
-            b_in=torch.cat(biases),
-            w_out_t=block.w_out.weight.t().contiguous(),
-            ffn_b0=ffn_in.bias.clone(),
-            ffn_w0_t=(ffn_in.weight * block.norm_ffn.weight).t().contiguous(),
-            ffn_b2=ffn_out.bias.clone(),
-            ffn_w2_t=self.split_down(ffn_out.weight.t().contiguous()),
-        )
-        self.n_mdi = folded["decay_w_t"].shape[0] if "decay_w_t" in folded else 0
-        for name, value in folded.items():
+        """The block's ``decode_weights`` as plain attributes (a module's attribute lookup
+        costs as much as an op here), the FFN's output weight in ``down_parts`` slices. Later
+        calls refresh them in place (after an optimizer step), so that CUDA graphs that read
+        them stay valid."""
+        weights = self.block.decode_weights()
+        weights["ffn_w2_t"] = self.split_down(weights["ffn_w2_t"])
+        self.n_mdi = weights["w_in_t"].shape[1] - 4 * self.config.dim
+        for name, value in weights.items():
             if hasattr(self, name):
                 getattr(self, name).copy_(value)
             else:
                 setattr(self, name, value)
 
     def decay(self, hidden_in: Tensor) -> Tensor:
-        """MDI's gamma ``[B, D]`` from its first layers' outputs ``[B, 2 hidden]`` (``fused_mdi``)."""
-        D = self.config.dim
-        both = torch.sigmoid(self.addmm(self.decay_b, F.gelu(hidden_in), self.decay_w_t))
-        return torch.addcmul(self.decay_eps, both[:, :D], both[:, D:], value=1 - 2 * EPS)
+        """MDI's gamma ``[B, D]`` from its first layers' outputs ``[B, 2 hidden]`` (``MDI.folded``)."""
+        return self.decay_of_logits(self.addmm(self.decay_b, F.gelu(hidden_in), self.decay_w_t), self.decay_eps)
 
     def load(self, state: BlockState) -> None:
         """Fills the buffers, in place, from ``state``."""
-        block, config, (H, d) = self.block, self.config, self.heads
+        config, (H, d) = self.config, self.heads
         B, P, L, M, W = state.h.shape[0], config.persistent_slots, config.n_levels, config.level_slots, config.window
         self.cache.zero_()
         for i in (0, 1):
-            self.cache[i][:, :, :P] = block.memory.persistent[:, i].detach().view(P, H, d).transpose(0, 1)
+            self.cache[i][:, :, :P] = self.persistent[:, i].view(P, H, d).transpose(0, 1)
             rings = state.memory[:, :, :, i].reshape(B, L * M, H, d).transpose(1, 2)
             self.cache[i][:, :, P : P + L * M] = rings
         self.cache[:, :, :, self.working_start :] = state.recent_kv.view(B, W, 2, H, d).permute(2, 0, 3, 1, 4)
@@ -230,7 +193,7 @@ class BlockDecoder:
         y = torch.addmm(x, (m if h is None else h + m).view(B, D), self.w_out_t)
         hidden = F.gelu(self.addmm(self.ffn_b0, self.unit_rms(y), self.ffn_w0_t))
         out = y + self.ffn_down(hidden)
-        if self.block.has_long_term:
+        if self.has_long_term:
             self.add_to_memory(kv, plan, slots)
         if h is not None:
             self.h.copy_(h)
@@ -253,9 +216,8 @@ class BlockDecoder:
         """The new state h ``[B, H, d]``: h' = z sigmoid(W_g s + b_g) + gamma h, s = h (mode
         'exact') or z ('parallel'), gamma = MDI(z, k) from its first layers' outputs
         ``[B, 2 hidden]``."""
-        bias, weight_t = self.gate
         gate_input = self.h if self.mode == "exact" else z
-        gate = torch.sigmoid(torch.baddbmm(bias, gate_input.transpose(0, 1), weight_t))
+        gate = torch.sigmoid(torch.baddbmm(self.gate_b, gate_input.transpose(0, 1), self.gate_w_t))
         gamma = self.decay(mdi_hidden).view_as(z)
         return torch.addcmul(gamma * self.h, z, gate.transpose(0, 1))
 

@@ -38,12 +38,19 @@ class MMRecBlock(nn.Module):
     (``mmrec.recurrence``), and in mode 'parallel' the gate reads the input instead,
     h_t = z_t sigmoid(W_g z_t + b_g) + gamma_t h_{t-1} (``mmrec.scan``). Same parameters.
     Mode 'none' (an ablation) has no recurrence: h = 0, and no MDI or gate parameters.
+
+    ``forward`` runs a chunk, ``step`` one token; ``decode_weights`` gives the weights
+    folded as ``decode.BlockDecoder``'s in-place one-token step reads them.
     """
+
+    # A one-token step's gamma from the folded MDI's logits (``decode_weights``): a plain
+    # function, so that a decoder calls it without a module attribute lookup.
+    decay_of_logits = staticmethod(MDI.gamma_of_logits)
 
     def __init__(self, config: MMRecConfig):
         super().__init__()
         D, H, d = config.dim, config.n_heads, config.head_dim
-        self.n_heads, self.mode, self.segment_len = H, config.mode, config.segment_len
+        self.n_heads, self.mode, self.segment_len, self.norm_eps = H, config.mode, config.segment_len, config.norm_eps
         self.has_long_term = config.n_levels > 0
         self.norm_mix = nn.RMSNorm(D, eps=config.norm_eps)
         self.w_in = nn.Linear(D, 4 * D, bias=False)
@@ -111,6 +118,46 @@ class MMRecBlock(nn.Module):
         y = x + self.w_out(mixed.flatten(-2))
         return y + self.ffn(self.norm_ffn(y)), h_last
 
+    @torch.no_grad()
+    def decode_weights(self) -> dict[str, Tensor]:
+        """The block's weights as a one-token step on rows x ``[B, D]`` reads them
+        (``decode.BlockDecoder``), fresh tensors: transposed once (a row times a contiguous
+        W^T is the faster product), each RMSNorm's weight folded into the matrix that reads
+        its output, and one matrix reading u for all that is linear in it:
+
+            w_in_t ``[D, 4 D + 2 D/4]``, b_in: [q, k, v, z] = u W_in^T, then MDI's first
+                layers (``MDI.folded``: decay_w_t, decay_b, decay_eps for the rest)
+            gate_b ``[H, 1, d]``, gate_w_t ``[H, d, d]``: the recurrence's W_g s + b_g per head
+            w_out_t ``[D, D]``; ffn_w0_t ``[D, F]``, ffn_b0, ffn_w2_t ``[F, D]``, ffn_b2: the FFN
+            persistent ``[P, 2, D]``: the persistent slots' keys and values
+
+        (no MDI, decay or gate weights in mode 'none')."""
+        D = self.w_in.in_features
+        rows, biases = [self.w_in.weight], [self.w_in.weight.new_zeros(4 * D)]
+        weights = {}
+        if self.mode != "none":
+            mdi = self.mdi.folded(self.w_in.weight)
+            rows, biases = rows + [mdi["rows"]], biases + [mdi["bias"]]
+            weights.update(
+                decay_w_t=mdi["second_t"],
+                decay_b=mdi["second_bias"],
+                decay_eps=mdi["eps"],
+                gate_b=self.gate_bias.unsqueeze(1).clone(),
+                gate_w_t=self.gate_weight.transpose(1, 2).clone(),
+            )
+        ffn_in, ffn_out = self.ffn[0], self.ffn[2]
+        weights.update(
+            w_in_t=(torch.cat(rows) * self.norm_mix.weight).t().contiguous(),
+            b_in=torch.cat(biases),
+            w_out_t=self.w_out.weight.t().contiguous(),
+            ffn_b0=ffn_in.bias.clone(),
+            ffn_w0_t=(ffn_in.weight * self.norm_ffn.weight).t().contiguous(),
+            ffn_b2=ffn_out.bias.clone(),
+            ffn_w2_t=ffn_out.weight.t().contiguous(),
+            persistent=self.memory.persistent.clone(),
+        )
+        return weights
+
     def forward(self, x: Tensor, state: BlockState, layout: MemoryLayout) -> tuple[Tensor, BlockState]:
         """x ``[B, T, D]``, state of this block, and the chunk's ``memory_layout`` (which the
         model computes once for all its blocks) -> (out ``[B, T, D]``, new state)."""
@@ -125,7 +172,9 @@ class MMRecBlock(nn.Module):
 
     def step(self, x: Tensor, state: BlockState, layout: TokenLayout) -> tuple[Tensor, BlockState]:
         """``forward`` for one token, x ``[B, 1, D]``, with the token's ``token_layout``:
-        the same outputs and state in fewer, smaller ops (decoding's path)."""
+        the same outputs and state in fewer, smaller ops (``MMRecModel``'s functional
+        one-token call; ``decode.BlockDecoder`` runs the same maths in place, on the
+        weights of ``decode_weights``)."""
         q, kv, h = self.project(x, state)
         ring = state.recent_kv
         if ring.shape[1] > 0:
