@@ -30,9 +30,8 @@ from torch import Tensor
 
 import mmrec_ops
 
-from ..memory.layout import BRANCHING, span_len
+from ..memory.layout import BRANCHING, slots_with_keys, span_len
 from ..memory.state import BlockState, MemoryState
-from ..memory.working import filled_slots
 
 
 def down_parts(batch: int, hidden: int, device: torch.device) -> int:
@@ -286,11 +285,7 @@ class Decoder:
 
     def initial_mask(self) -> Tensor:
         """``[K]``: the slots that hold a key before the next token writes its own."""
-        c, p = self.config, self.position
-        rings = [torch.arange(c.level_slots) < p // span_len(c.segment_len, level) for level in range(c.n_levels)]
-        working = filled_slots(torch.tensor(p - 1), c.window)
-        parts = [torch.ones(c.persistent_slots, dtype=torch.bool), *rings, working]
-        return torch.cat(parts)
+        return slots_with_keys(torch.tensor(self.position), self.config, with_token=False)
 
     def load_mask(self) -> None:
         self.mask.zero_().masked_fill_(~self.initial_mask().to(self.mask.device), float("-inf"))

@@ -161,11 +161,8 @@ class TokenLayout(NamedTuple):
     """What one token's read and memory update derive from its position p alone
     (``token_layout``), the same for every block: the lean path of decoding.
 
-    read_mask:   ``[1, 1, P + L M + W]``, True where a slot holds a key: the persistent
-                 slots, the ring slots written so far (level-l entries i < p // (S 4^l),
-                 the M most recent of which the rings hold), and the working memory's ring
-                 slots that hold a token once the token has written its own (tokens
-                 p - W < s <= p; none when W = 0).
+    read_mask:   ``[1, 1, P + L M + W]``, True where a slot holds a key once the token has
+                 written its own (``slots_with_keys``).
     working_slot: ``[1]``, p mod W, the token's slot in the working memory's ring.
     span_start:  ``[]``, whether the token starts a level-0 span.
     completes:   ``[L]``, whether the token completes the level's current entry ...
@@ -184,16 +181,27 @@ class TokenLayout(NamedTuple):
     widths: Tensor
 
 
+def slots_with_keys(position: Tensor, config: MMRecConfig, with_token: bool) -> Tensor:
+    """``[P + L M + W]`` bool: which slots of a one-token read hold a key when the token at
+    absolute ``position`` p (int64 scalar tensor) reads: every persistent slot; level l's
+    ring slots of the entries i < p // (S 4^l) (the M most recent of which the ring holds);
+    the working ring's slots of tokens up to p (``with_token``: its own written) or p - 1."""
+    device, L, M = position.device, config.n_levels, config.level_slots
+    widths = config.segment_len * BRANCHING ** torch.arange(L, device=device)
+    written = torch.arange(M, device=device) < (position // widths).unsqueeze(1)
+    persistent = torch.ones(config.persistent_slots, dtype=torch.bool, device=device)
+    working = filled_slots(position if with_token else position - 1, config.window)
+    return torch.cat([persistent, written.flatten(), working])
+
+
 def token_layout(position: Tensor, config: MMRecConfig) -> TokenLayout:
     """The ``TokenLayout`` of the token at absolute ``position`` (int64 scalar tensor)."""
     device, S, L, M = position.device, config.segment_len, config.n_levels, config.level_slots
     widths = S * BRANCHING ** torch.arange(L, device=device)
     end = position + 1
-    written = torch.arange(M, device=device) < (position // widths).unsqueeze(1)
     children = (widths // BRANCHING).clamp(min=1)  # the width of a level's child (level 0's unused)
-    persistent = torch.ones(config.persistent_slots, dtype=torch.bool, device=device)
     return TokenLayout(
-        read_mask=torch.cat([persistent, written.flatten(), filled_slots(position, config.window)]).view(1, 1, -1),
+        read_mask=slots_with_keys(position, config, with_token=True).view(1, 1, -1),
         working_slot=(position % max(config.window, 1)).view(1),
         span_start=position % S == 0,
         completes=end % widths == 0,
