@@ -7,11 +7,8 @@ logits, state = model(next_ids, state)     # continue; same logits as one long c
 out = model.generate(prompt_ids, 100)      # [B, T0 + 100]
 """
 
-from .attention import MultiMemoryAttention
-from .block import MMRecBlock
 from .config import MMRecConfig
-from .mdi import MDI
 from .memory import BlockState, MemoryState
-from .model import MMRecModel
+from .model import MDI, MMRecBlock, MMRecModel, MultiMemoryAttention
 
 __all__ = ["BlockState", "MDI", "MMRecBlock", "MMRecConfig", "MMRecModel", "MemoryState", "MultiMemoryAttention"]

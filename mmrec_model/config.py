@@ -7,9 +7,7 @@ from dataclasses import dataclass
 
 # 'none' removes the short-term memory: an ablation for bench/quality.py.
 MODES = ("exact", "parallel", "none")
-MEMORY_READS = ("joint", "gated")
-ENTRY_SUMMARIES = ("mean", "learned", "state", "best")
-READ_KERNELS = ("auto", "memory_read", "sdpa", "flex")
+READ_KERNELS = ("auto", "memory_read", "sdpa")
 
 # Chosen by measurement on the project's 2-core CPU (bench/results/model_cpu.md):
 # tiny pretrains usefully there in minutes; base is about 100M parameters.
@@ -42,24 +40,12 @@ class MMRecConfig:
         level_slots: M_l, the most recent entries each level keeps.
         persistent_slots: P >= 1 learned memory slots per block, always visible (so no
             query attends to an empty set).
-        memory_read: 'joint', one softmax over the working, long-term and persistent
-            memories; or 'gated', one softmax over the working memory and another over
-            the long-term and persistent memories, mixed by per-head gates that each
-            token computes from its input.
-        entry_summary: what a long-term entry holds: 'mean', the means of the keys and
-            values over its span; 'learned', place-weighted means and a residual MLP
-            (``LearnedEntries``); 'state', the mean key and, as its value, the recurrence
-            state h at the span's last token (needs a recurrence: mode 'exact' or
-            'parallel'); 'best', per head one token of the span, the one whose key
-            scores highest, its value gated by the score (``BestTokenEntries``).
         read_kernel: how a chunk's read is computed: 'memory_read',
             ``torch.ops.mmrec.memory_read``, one pass per query tile over its group and
-            its window in place (C++ on the CPU, Triton on CUDA); 'sdpa', each block of
-            queries over a copy of its keys, masked (``blocked_attention``); 'flex'
-            (compiled CUDA code only, else 'sdpa'), each block's group dense and its
-            window through flex_attention, merged by their log-sum-exps
-            (``flex_blocked_attention``); or 'auto' (the default), 'memory_read' on CUDA
-            and 'sdpa' on the CPU, the faster on each (``bench/results/read_cpu.md``).
+            its working memory in place (C++ on the CPU, Triton on CUDA); 'sdpa', each
+            block of queries over a copy of its keys, masked (``blocked_attention``); or
+            'auto' (the default), 'memory_read' on CUDA and 'sdpa' on the CPU, the faster
+            on each (``bench/results/read_cpu.md``).
         ffn_mult: hidden width of the feed-forward network, in multiples of D.
         norm_eps: epsilon of the RMSNorms.
         init_std: standard deviation of the embedding and projection weights at init.
@@ -75,8 +61,6 @@ class MMRecConfig:
     n_levels: int = 3
     level_slots: int = 32
     persistent_slots: int = 16
-    memory_read: str = "joint"
-    entry_summary: str = "mean"
     read_kernel: str = "auto"
     ffn_mult: int = 4
     norm_eps: float = 1e-6
@@ -105,16 +89,8 @@ class MMRecConfig:
                 raise ValueError(f"MMRecConfig.{name}: expected a positive float, got {value!r}")
         if self.mode not in MODES:
             raise ValueError(f"MMRecConfig.mode: expected one of {MODES}, got {self.mode!r}")
-        if self.memory_read not in MEMORY_READS:
-            raise ValueError(f"MMRecConfig.memory_read: expected one of {MEMORY_READS}, got {self.memory_read!r}")
-        if self.entry_summary not in ENTRY_SUMMARIES:
-            raise ValueError(
-                f"MMRecConfig.entry_summary: expected one of {ENTRY_SUMMARIES}, got {self.entry_summary!r}"
-            )
         if self.read_kernel not in READ_KERNELS:
             raise ValueError(f"MMRecConfig.read_kernel: expected one of {READ_KERNELS}, got {self.read_kernel!r}")
-        if self.entry_summary == "state" and self.mode == "none":
-            raise ValueError("MMRecConfig.entry_summary: 'state' reads the recurrence, which mode 'none' removes")
         if self.dim % self.n_heads != 0:
             raise ValueError(f"MMRecConfig.dim: expected a multiple of n_heads ({self.n_heads}), got {self.dim}")
         if self.dim < 4:

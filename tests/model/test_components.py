@@ -9,15 +9,10 @@ import pytest
 import torch
 
 from mmrec_model import MDI, MMRecBlock, MMRecConfig, MMRecModel
-from mmrec_model.attention import (
-    flex_blocked_attention,
-    op_blocked_attention,
-    sdpa_blocked_attention,
-    sliding_window_attention,
-    window_keys,
-)
-from mmrec_model.mdi import EPS, GAMMA_INIT
-from mmrec_model.memory import QUERY_BLOCK, memory_layout, update_long_term
+from mmrec_model.memory import memory_layout, update_long_term
+from mmrec_model.memory.layout import QUERY_BLOCK
+from mmrec_model.model.mdi import EPS, GAMMA_INIT
+from mmrec_model.model.read import op_blocked_attention, sdpa_blocked_attention, sliding_window_attention, working_keys
 from tests.helpers import FLOAT64_ACCUMULATION, assert_close_rel
 from tests.model.models import read_inputs, reference_attention, reference_block, reference_visible, small_config
 
@@ -81,32 +76,16 @@ def test_window_edge(window):
 
 
 @pytest.mark.parametrize("T,window,position", [(5, 20, 0), (131, 20, 300), (300, 150, 37)], ids=lambda v: str(v))
-@pytest.mark.parametrize("parts", ["joint", "long-term", "working"])
-@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
-def test_flex_read_matches_blocked_sdpa(T, window, position, parts):
-    """The 'flex' read kernel (the group dense, the window through flex_attention over the
-    tokens in place, merged by their log-sum-exps) against blocked SDPA over per-block
-    copies, for the joint read and each of the gated read's two (eager: flex_attention's
-    unfused reference; its gradients are tests/model/test_gpu.py's: flex_attention has no
-    CPU backward)."""
-    q, group, tokens, mask = read_inputs(T, window, position, torch.float64, parts=parts)
-    n_blocks, Q, _ = mask.shape
-    working = None if tokens is None else window_keys(tokens, n_blocks, Q, window)
-    expected = sdpa_blocked_attention(q, group, working, mask)
-    assert_close_rel(flex_blocked_attention(q, group, tokens, mask, window), expected, FLOAT64_ACCUMULATION)
-
-
-@pytest.mark.parametrize("T,window,position", [(5, 20, 0), (131, 20, 300), (300, 150, 37)], ids=lambda v: str(v))
-@pytest.mark.parametrize("parts", ["joint", "long-term", "working"])
-def test_memory_read_kernel_matches_blocked_sdpa(T, window, position, parts):
+@pytest.mark.parametrize("with_window", [True, False], ids=["with-window", "no-window"])
+def test_memory_read_kernel_matches_blocked_sdpa(T, window, position, with_window):
     """The 'memory_read' read kernel (mmrec_ops.memory_read over the tokens in place) against
-    blocked SDPA over per-block copies, output and every input's gradient, for the joint
-    read and each of the gated read's two."""
-    q, group, tokens, mask = read_inputs(T, window, position, torch.float64, parts=parts)
+    blocked SDPA over per-block copies, output and every input's gradient, with and
+    without the working memory's keys."""
+    q, group, tokens, mask = read_inputs(T, window, position, torch.float64, with_window=with_window)
     first_token = memory_layout(torch.tensor(position), T, small_config("exact", window=window)).first_token
     leaves = [t.requires_grad_() for t in (q, group, tokens) if t is not None]
     n_blocks, Q, _ = mask.shape
-    working = None if tokens is None else window_keys(tokens, n_blocks, Q, window)
+    working = None if tokens is None else working_keys(tokens, n_blocks, Q, window)
     expected = sdpa_blocked_attention(q, group, working, mask)
     out = op_blocked_attention(q, group, tokens, mask, window, first_token)
     assert_close_rel(out, expected, FLOAT64_ACCUMULATION)
@@ -183,13 +162,6 @@ BLOCK_VARIANTS = {
     "no-window": dict(mode="exact", window=0),
     "no-long-term": dict(mode="exact", n_levels=0),
     "no-recurrence": dict(mode="none"),
-    "gated": dict(mode="exact", memory_read="gated"),
-    "gated-no-window": dict(mode="parallel", memory_read="gated", window=0),
-    "gated-no-long-term": dict(mode="exact", memory_read="gated", n_levels=0),
-    "learned-entries": dict(mode="exact", entry_summary="learned"),
-    "state-entries": dict(mode="parallel", entry_summary="state"),
-    "state-entries-gated": dict(mode="exact", entry_summary="state", memory_read="gated"),
-    "best-entries": dict(mode="exact", entry_summary="best"),
 }
 
 
@@ -202,11 +174,6 @@ def test_block_against_reference(variant):
     config = small_config(**{"segment_len": 4, "level_slots": 3, **BLOCK_VARIANTS[variant]})
     model = MMRecModel(config).double()
     block = model.blocks[0]
-    # Random weights where init makes a part the identity or a constant, which would
-    # hide a mistake in it: the gates start at 1/2, learned entries as plain means.
-    for module in (block.read_gate, block.learned_entries, block.best_entries):
-        for parameter in module.parameters() if module is not None else ():
-            torch.nn.init.normal_(parameter)
     T = QUERY_BLOCK + 41
     x = torch.randn(2, T, config.dim, dtype=torch.float64, requires_grad=True)
     state = model.initial_state(2).blocks[0]
@@ -222,7 +189,7 @@ def test_block_against_reference(variant):
     for name, g, e in zip(names, grads, expected_grads):
         assert_close_rel(g, e, FLOAT64_ACCUMULATION, f"grad of {name}")
     assert new_state.h.shape == (2, config.n_heads, config.head_dim)
-    assert new_state.window.shape == (2, max(config.window - 1, 0), 2, config.dim)
+    assert new_state.recent_kv.shape == (2, config.window, 2, config.dim)
     assert new_state.memory.shape == (2, config.n_levels, config.level_slots, 2, config.dim)
     assert new_state.sums.shape == (2, config.n_levels, 2, config.dim)
 

@@ -6,8 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mmrec_model import MMRecModel, decode
+from mmrec_model import MMRecModel
 from mmrec_model.decode import Decoder
+from mmrec_model.decode import decoder as decode
 from tests.helpers import assert_close_rel, output_tolerance
 from tests.model.models import small_config
 
@@ -17,10 +18,7 @@ FLOAT32_TOL = output_tolerance(torch.float32)
 
 CONFIGS = {
     "exact": dict(mode="exact"),
-    "parallel-gated": dict(mode="parallel", memory_read="gated"),
-    "learned-entries": dict(mode="exact", entry_summary="learned"),
-    "state-entries": dict(mode="parallel", entry_summary="state"),
-    "best-entries": dict(mode="exact", entry_summary="best"),
+    "parallel": dict(mode="parallel"),
     "no-window-no-recurrence": dict(mode="none", window=0),
     "window-1": dict(mode="exact", window=1),
     "no-long-term": dict(mode="exact", n_levels=0),
@@ -127,7 +125,7 @@ def test_load_refreshes_the_folded_weights():
     """After the parameters change in place (an optimizer step), a reloaded decoder reads the
     new weights, as a fresh one does."""
     torch.manual_seed(0)
-    model = MMRecModel(small_config(**CONFIGS["parallel-gated"])).eval()
+    model = MMRecModel(small_config(**CONFIGS["parallel"])).eval()
     ids = torch.randint(0, 256, (2, 60))
     with torch.no_grad():
         state = model(ids[:, :20])[1]

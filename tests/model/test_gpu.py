@@ -10,18 +10,10 @@ import pytest
 import torch
 
 from mmrec_model import MMRecModel
-from mmrec_model.attention import flex_blocked_attention, sdpa_blocked_attention, window_keys
-from mmrec_model.decode import Decoder, token_plan
+from mmrec_model.decode import Decoder
+from mmrec_model.decode.decoder import token_plan
 from tests.helpers import assert_close_rel, output_tolerance
-from tests.model.models import (
-    MODES,
-    assert_logits_and_grads_close,
-    compile_noting_ops,
-    next_token_loss,
-    noting_backend,
-    read_inputs,
-    small_config,
-)
+from tests.model.models import MODES, assert_logits_and_grads_close, next_token_loss, small_config
 
 pytestmark = [
     pytest.mark.model,
@@ -73,89 +65,16 @@ def test_cuda_token_by_token(mode):
 
 @pytest.mark.compile
 @pytest.mark.grad
-@pytest.mark.parametrize("mode, entry_summary", [(mode, "mean") for mode in MODES] + [("exact", "best")])
-def test_cuda_compiled_matches_eager(mode, entry_summary):
+@pytest.mark.parametrize("mode", MODES)
+def test_cuda_compiled_matches_eager(mode):
     torch._dynamo.reset()
-    model = MMRecModel(small_config(mode, n_layers=1, entry_summary=entry_summary)).cuda()
+    model = MMRecModel(small_config(mode, n_layers=1)).cuda()
     compiled = torch.compile(model, fullgraph=True)
     for T in (13, 70):
         ids = torch.randint(0, 256, (2, T), device="cuda")
         logits, grads = loss_and_grads(compiled, ids)
         expected_logits, expected_grads = loss_and_grads(model, ids)
         assert_logits_and_grads_close(model, logits, grads, expected_logits, expected_grads, f"T = {T}")
-
-
-@pytest.mark.compile
-@pytest.mark.grad
-@pytest.mark.parametrize("memory_read", ["joint", "gated"])
-def test_cuda_compiled_flex_read_matches_eager(memory_read):
-    """read_kernel 'flex': the compiled model reads with flex_attention, forward and
-    backward, at two lengths (the second compiled for dynamic lengths); eager with
-    blocked SDPA."""
-    torch._dynamo.reset()
-    config = small_config("exact", n_layers=1, memory_read=memory_read, read_kernel="flex")
-    model = MMRecModel(config).cuda()
-    compiled, ops = compile_noting_ops(model, fullgraph=True)
-    for T in (300, 13):
-        ids = torch.randint(0, 256, (2, T), device="cuda")
-        logits, grads = loss_and_grads(compiled, ids)
-        expected_logits, expected_grads = loss_and_grads(model, ids)
-        assert_logits_and_grads_close(model, logits, grads, expected_logits, expected_grads, f"T = {T}")
-    assert any("flex_attention" in op for op in ops), "the compiled model did not read with flex_attention"
-
-
-@pytest.mark.compile
-@pytest.mark.grad
-@pytest.mark.parametrize("memory_read", ["joint", "gated"])
-def test_cuda_regionally_compiled_flex_read_matches_eager(memory_read):
-    """read_kernel 'flex' with each block compiled alone (how training compiles: the read
-    mask is then a graph input), forward and backward, against the eager model's SDPA read."""
-    torch._dynamo.reset()
-    model = MMRecModel(small_config("exact", n_layers=2, memory_read=memory_read, read_kernel="flex")).cuda()
-    compiled, ops = copy.deepcopy(model), []
-    for block in compiled.blocks:
-        block.compile(fullgraph=True, backend=noting_backend(ops))
-    ids = torch.randint(0, 256, (2, 300), device="cuda")
-    logits, grads = loss_and_grads(compiled, ids)
-    expected_logits, expected_grads = loss_and_grads(model, ids)
-    assert_logits_and_grads_close(model, logits, grads, expected_logits, expected_grads, "T = 300")
-    assert any("flex_attention" in op for op in ops), "the compiled blocks did not read with flex_attention"
-
-
-@pytest.mark.compile
-@pytest.mark.grad
-@pytest.mark.parametrize("T,window,position", [(5, 20, 0), (131, 20, 300), (300, 150, 37)], ids=lambda v: str(v))
-@pytest.mark.parametrize("parts", ["joint", "long-term", "working"])
-def test_cuda_compiled_flex_read_matches_blocked_sdpa(T, window, position, parts):
-    """The compiled 'flex' read in float32 (flex_attention's fused kernels, the log-sum-exp
-    merge) against blocked SDPA in float64, output and every input's gradient, for the
-    joint read and each of the gated read's two."""
-    torch._dynamo.reset()
-    q, group, tokens, mask = read_inputs(T, window, position, torch.float32, "cuda", parts)
-    n_blocks, Q, _ = mask.shape
-    names = [name for name, t in (("q", q), ("group", group), ("tokens", tokens)) if t is not None]
-    leaves = [t.requires_grad_() for t in (q, group, tokens) if t is not None]
-
-    def call(read, *tensors):
-        given = dict(zip(names, tensors))
-        return read(given["q"], given.get("group"), given.get("tokens"))
-
-    def blocked(q, group, tokens):
-        working = None if tokens is None else window_keys(tokens, n_blocks, Q, window)
-        return sdpa_blocked_attention(q, group, working, mask)
-
-    flex = torch.compile(
-        lambda q, group, tokens: flex_blocked_attention(q, group, tokens, mask, window), fullgraph=True
-    )
-    reference_leaves = [t.detach().double().requires_grad_() for t in leaves]
-    out, expected = call(flex, *leaves), call(blocked, *reference_leaves)
-    tolerance = output_tolerance(torch.float32)
-    assert_close_rel(out, expected, tolerance)
-    grad_out = torch.randn_like(expected)
-    grads = torch.autograd.grad(out, leaves, grad_out.float())
-    expected_grads = torch.autograd.grad(expected, reference_leaves, grad_out)
-    for name, grad, expected_grad in zip(names, grads, expected_grads):
-        assert_close_rel(grad, expected_grad, tolerance, f"grad of {name}")
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -172,9 +91,8 @@ def test_cuda_bfloat16_autocast(mode):
 
 GRAPH_CONFIGS = {
     "exact": dict(mode="exact"),
-    "parallel-gated-learned": dict(mode="parallel", memory_read="gated", entry_summary="learned"),
+    "parallel": dict(mode="parallel"),
     "no-long-term": dict(mode="exact", n_levels=0),
-    "best-entries": dict(mode="exact", entry_summary="best"),
 }
 
 

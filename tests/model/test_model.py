@@ -11,7 +11,7 @@ import torch.utils._pytree as pytree
 
 from mmrec_model import MemoryState, MMRecConfig, MMRecModel
 from tests.helpers import assert_close_rel, output_tolerance
-from tests.model.models import MODES, VARIANTS, next_token_loss, small_config, variant_config
+from tests.model.models import MODES, next_token_loss, small_config
 
 pytestmark = pytest.mark.model
 
@@ -41,12 +41,12 @@ def test_causality(mode):
     assert not torch.allclose(logits[:, t + 1 :], logits_changed[:, t + 1 :])
 
 
-@pytest.mark.parametrize("variant", ["exact", "parallel", "exact-gated"])
-def test_chunked_and_token_by_token_agree(variant):
+@pytest.mark.parametrize("mode", MODES)
+def test_chunked_and_token_by_token_agree(mode):
     """One call, chunks of 7, 64 and 1000 with the state carried, and token by token:
     the same logits and final state, across many memory segments (S = 8) with every
     level's ring buffer wrapped."""
-    model = MMRecModel(variant_config(variant))
+    model = MMRecModel(small_config(mode))
     ids = torch.randint(0, 256, (2, 1100))
     with torch.no_grad():
         full, full_state = model(ids)
@@ -82,30 +82,10 @@ def test_token_steps_agree_with_one_call_in_every_ablation(ablation):
     assert_states_close(state, full_state)
 
 
-@pytest.mark.parametrize("entry_summary", ["learned", "state", "best"])
-def test_entry_summaries_agree_chunked_and_token_by_token(entry_summary):
-    """Entries from place-weighted means with an MLP, from the recurrence's state, or one
-    chosen token: the same logits in one call, in chunks of 7 and token by token (S = 8,
-    rings wrapped at levels 0 and 1)."""
-    model = MMRecModel(small_config("exact", entry_summary=entry_summary, n_layers=1))
-    ids = torch.randint(0, 256, (2, 300))
-    with torch.no_grad():
-        full, full_state = model(ids)
-        chunked, chunked_state = model(ids, chunk_size=7)
-        state, steps = None, []
-        for t in range(ids.shape[1]):
-            step, state = model(ids[:, t : t + 1], state)
-            steps.append(step)
-    assert_close_rel(chunked, full, FLOAT32_TOL, "logits, chunks of 7")
-    assert_close_rel(torch.cat(steps, dim=1), full, FLOAT32_TOL, "logits, token by token")
-    assert_states_close(chunked_state, full_state)
-    assert_states_close(state, full_state)
-
-
 @pytest.mark.grad
-@pytest.mark.parametrize("variant", list(VARIANTS))
-def test_every_parameter_gets_a_gradient(variant):
-    config = variant_config(variant)
+@pytest.mark.parametrize("mode", MODES)
+def test_every_parameter_gets_a_gradient(mode):
+    config = small_config(mode)
     model = MMRecModel(config)
     ids = torch.randint(0, 256, (2, 5 * config.segment_len + 3))
     next_token_loss(model(ids)[0], ids).backward()

@@ -8,10 +8,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..config import MMRecConfig
+from ..decode import Decoder, check_sampling, sample
+from ..memory import BlockState, MemoryState, memory_layout, token_layout
 from .block import MMRecBlock
-from .config import MMRecConfig
-from .decode import Decoder
-from .memory import BlockState, MemoryState, memory_layout, token_layout
 
 # The dtypes nn.Embedding takes as indices.
 INDEX_DTYPES = (torch.int64, torch.int32)
@@ -70,7 +70,7 @@ class MMRecModel(nn.Module):
         dtype = self.embed.weight.dtype
         block = BlockState(
             h=torch.zeros(batch_size, c.n_heads, c.head_dim, device=device, dtype=dtype),
-            window=torch.zeros(batch_size, max(c.window - 1, 0), 2, c.dim, device=device, dtype=dtype),
+            recent_kv=torch.zeros(batch_size, c.window, 2, c.dim, device=device, dtype=dtype),
             memory=torch.zeros(batch_size, c.n_levels, c.level_slots, 2, c.dim, device=device, dtype=dtype),
             sums=torch.zeros(batch_size, c.n_levels, 2, c.dim, device=device, dtype=dtype),
         )
@@ -197,7 +197,7 @@ class MMRecModel(nn.Module):
         decoder.streaming = True  # a stream started meanwhile (interleaved) gets a decoder of its own
         try:
             for step in range(max_new_tokens):
-                token = _sample(logits, temperature, top_k, top_p, generator)
+                token = sample(logits, temperature, top_k, top_p, generator)
                 yield token
                 if step + 1 < max_new_tokens:
                     logits = decoder.step(token)
@@ -222,36 +222,6 @@ class MMRecModel(nn.Module):
         else:
             decoder.load(state)
         return decoder
-
-
-def check_sampling(max_new_tokens: int, temperature: float, top_k: int | None, top_p: float | None) -> None:
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
-        raise ValueError(f"generate: expected max_new_tokens to be an int >= 0, got {max_new_tokens!r}")
-    if not temperature >= 0:
-        raise ValueError(f"generate: expected temperature >= 0, got {temperature!r}")
-    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
-        raise ValueError(f"generate: expected top_k to be a positive int or None, got {top_k!r}")
-    if top_p is not None and not 0 < top_p <= 1:
-        raise ValueError(f"generate: expected top_p in (0, 1] or None, got {top_p!r}")
-
-
-def _sample(
-    logits: Tensor, temperature: float, top_k: int | None, top_p: float | None, generator: torch.Generator | None
-) -> Tensor:
-    """One token per row of logits ``[B, V]`` -> ``[B, 1]``."""
-    if temperature == 0:
-        return logits.argmax(dim=-1, keepdim=True)
-    logits = logits.float() / temperature
-    if top_k is not None and top_k < logits.shape[-1]:
-        kth = logits.topk(top_k, dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p is not None and top_p < 1:
-        ranked, order = logits.sort(dim=-1, descending=True)
-        probabilities = torch.softmax(ranked, dim=-1)
-        # A token stays if the tokens likelier than it hold less than top_p: the first always does.
-        before = probabilities.cumsum(dim=-1) - probabilities
-        logits = logits.scatter(-1, order, ranked.masked_fill(before >= top_p, float("-inf")))
-    return torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=generator)
 
 
 def _describe(t) -> str:

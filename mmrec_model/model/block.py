@@ -3,7 +3,6 @@ long-term and persistent memory)."""
 
 from __future__ import annotations
 
-import functools
 import math
 
 import torch
@@ -11,18 +10,17 @@ from torch import Tensor, nn
 
 import mmrec_ops
 
-from .attention import MultiMemoryAttention
-from .config import MMRecConfig
-from .entries import BestTokenEntries, LearnedEntries
-from .mdi import MDI
-from .memory import (
+from ..config import MMRecConfig
+from ..memory import (
     BlockState,
     MemoryLayout,
     TokenLayout,
     update_long_term,
     update_long_term_token,
-    update_window,
+    update_ring,
 )
+from .mdi import MDI
+from .read import MultiMemoryAttention
 
 
 class MMRecBlock(nn.Module):
@@ -33,9 +31,6 @@ class MMRecBlock(nn.Module):
         gamma      = MDI(z, k)
         h          = recurrence(z, gamma, W_g, b_g, h0)      per head, [B, T, H, d]
         m          = MultiMemoryAttention(q; working, long-term, persistent memory)
-                     (memory_read 'gated': its two reads mixed by gates sigmoid(u W_r + b_r);
-                     the long-term entries as entry_summary says: means, learned, states,
-                     best tokens)
         y          = x + W_o (h + m)
         out        = y + FFN(RMSNorm(y))
 
@@ -43,28 +38,27 @@ class MMRecBlock(nn.Module):
     (``mmrec.recurrence``), and in mode 'parallel' the gate reads the input instead,
     h_t = z_t sigmoid(W_g z_t + b_g) + gamma_t h_{t-1} (``mmrec.scan``). Same parameters.
     Mode 'none' (an ablation) has no recurrence: h = 0, and no MDI or gate parameters.
+
+    ``forward`` runs a chunk, ``step`` one token; ``decode_weights`` gives the weights
+    folded as ``decode.BlockDecoder``'s in-place one-token step reads them.
     """
+
+    # A one-token step's gamma from the folded MDI's logits (``decode_weights``): a plain
+    # function, so that a decoder calls it without a module attribute lookup.
+    decay_of_logits = staticmethod(MDI.gamma_of_logits)
 
     def __init__(self, config: MMRecConfig):
         super().__init__()
         D, H, d = config.dim, config.n_heads, config.head_dim
-        self.n_heads, self.mode, self.segment_len = H, config.mode, config.segment_len
+        self.n_heads, self.mode, self.segment_len, self.norm_eps = H, config.mode, config.segment_len, config.norm_eps
         self.has_long_term = config.n_levels > 0
-        self.entry_summary = config.entry_summary
         self.norm_mix = nn.RMSNorm(D, eps=config.norm_eps)
         self.w_in = nn.Linear(D, 4 * D, bias=False)
         if self.mode != "none":
             self.mdi = MDI(D)
             self.gate_weight = nn.Parameter(torch.empty(H, d, d))
             self.gate_bias = nn.Parameter(torch.empty(H, d))
-        gated = config.memory_read == "gated"
-        self.memory = MultiMemoryAttention(D, config.persistent_slots, config.window, gated, config.read_kernel)
-        # Per head, the weights of the working memory's read and of the long-term one.
-        self.read_gate = nn.Linear(D, 2 * H) if gated else None
-        learned = self.has_long_term and config.entry_summary == "learned"
-        self.learned_entries = LearnedEntries(D, H, config.segment_len) if learned else None
-        best = self.has_long_term and config.entry_summary == "best"
-        self.best_entries = BestTokenEntries(H, d) if best else None
+        self.memory = MultiMemoryAttention(D, config.persistent_slots, config.window, config.read_kernel)
         self.w_out = nn.Linear(D, D, bias=False)
         self.norm_ffn = nn.RMSNorm(D, eps=config.norm_eps)
         self.ffn = nn.Sequential(nn.Linear(D, config.ffn_mult * D), nn.GELU(), nn.Linear(config.ffn_mult * D, D))
@@ -86,14 +80,6 @@ class MMRecBlock(nn.Module):
         nn.init.normal_(self.ffn[2].weight, std=residual_std)
         nn.init.zeros_(self.ffn[2].bias)
         nn.init.normal_(self.memory.persistent, std=init_std * math.sqrt(self.w_in.in_features))
-        if self.learned_entries is not None:
-            self.learned_entries.init_weights(init_std)
-        if self.best_entries is not None:
-            self.best_entries.init_weights(init_std)
-        if self.read_gate is not None:
-            # Both reads at weight 1/2 at first, whatever the token.
-            nn.init.zeros_(self.read_gate.weight)
-            nn.init.zeros_(self.read_gate.bias)
         if self.mode != "none":
             self.mdi.init_weights(init_std)
             nn.init.normal_(self.gate_weight, std=1 / math.sqrt(self.gate_weight.shape[-1]))
@@ -111,55 +97,16 @@ class MMRecBlock(nn.Module):
         gate = torch.sigmoid(torch.einsum("hoi,bthi->btho", weight, z) + bias)
         return mmrec_ops.scan(gamma, z * gate, h0)
 
-    def update_memory(
-        self, kv: Tensor, h: Tensor | None, state: BlockState, layout: MemoryLayout
-    ) -> tuple[Tensor, Tensor, Tensor]:
-        """``update_long_term`` with entries as ``MMRecConfig.entry_summary`` says, from
-        the chunk's kv ``[B, T, 2, D]`` and recurrence states h ``[B, T, H, d]``."""
-        finish, key = None, None
-        if self.learned_entries is not None:
-            kv, finish = self.learned_entries.weigh(kv, layout.phase), self.learned_entries.finish
-        elif self.best_entries is not None:
-            finish, key = self.best_entries.finish, self.best_entries.key
-        elif self.entry_summary == "state":
-            states = h.flatten(-2)
-
-            def finish(level: int, means: Tensor) -> Tensor:
-                last = states[:, layout.levels[level].last_token].to(means.dtype)
-                return torch.stack([means[:, :, 0], last], dim=2)
-
-        return update_long_term(kv, state.memory, state.sums, layout, self.segment_len, finish, key)
-
-    def update_memory_token(
-        self, kv: Tensor, h: Tensor | None, state: BlockState, layout: TokenLayout
-    ) -> tuple[Tensor, Tensor]:
-        """``update_long_term_token`` with entries as ``MMRecConfig.entry_summary`` says,
-        from one token's kv ``[B, 1, 2, D]`` and state h ``[B, 1, H, d]``."""
-        finish, better = None, None
-        if self.learned_entries is not None:
-            kv = self.learned_entries.weigh(kv, layout.phase)
-            finish = functools.partial(self.learned_entries.finish, 0)
-        elif self.best_entries is not None:
-            finish, better = functools.partial(self.best_entries.finish, 0), self.best_entries.better
-        elif self.entry_summary == "state":
-
-            def finish(means: Tensor) -> Tensor:
-                last = h.flatten(-2).to(means.dtype).expand(-1, means.shape[1], -1)
-                return torch.stack([means[:, :, 0], last], dim=2)
-
-        return update_long_term_token(kv, state.memory, state.sums, layout, finish, better)
-
-    def project(self, x: Tensor, state: BlockState) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
-        """q ``[B, T, H, d]``, kv ``[B, T, 2, D]``, the read's gates ``[B, T, H, 2]`` and
-        the recurrence's h ``[B, T, H, d]`` (None without them) of x ``[B, T, D]``."""
+    def project(self, x: Tensor, state: BlockState) -> tuple[Tensor, Tensor, Tensor | None]:
+        """q ``[B, T, H, d]``, kv ``[B, T, 2, D]`` and the recurrence's h ``[B, T, H, d]``
+        (None without one) of x ``[B, T, D]``."""
         u = self.norm_mix(x)
         q, k, v, z = self.w_in(u).chunk(4, dim=-1)
-        gates = None if self.read_gate is None else torch.sigmoid(self.read_gate(u)).unflatten(-1, (self.n_heads, 2))
         h = None if self.mode == "none" else self.recurrence(z, k, state.h)
         # Contiguous here, in the compiled graph, rather than copied by the read's kernels
         # in its forward and again in its backward (2 eager copies of q a block on CUDA).
         q = q.unflatten(-1, (self.n_heads, -1)).contiguous()
-        return q, torch.stack([k, v], dim=2), gates, h
+        return q, torch.stack([k, v], dim=2), h
 
     def output(self, x: Tensor, m: Tensor, h: Tensor | None, state: BlockState) -> tuple[Tensor, Tensor]:
         """out ``[B, T, D]`` from x, the read m and h ``[B, T, H, d]``, and the new h state."""
@@ -171,29 +118,71 @@ class MMRecBlock(nn.Module):
         y = x + self.w_out(mixed.flatten(-2))
         return y + self.ffn(self.norm_ffn(y)), h_last
 
+    @torch.no_grad()
+    def decode_weights(self) -> dict[str, Tensor]:
+        """The block's weights as a one-token step on rows x ``[B, D]`` reads them
+        (``decode.BlockDecoder``), fresh tensors: transposed once (a row times a contiguous
+        W^T is the faster product), each RMSNorm's weight folded into the matrix that reads
+        its output, and one matrix reading u for all that is linear in it:
+
+            w_in_t ``[D, 4 D + 2 D/4]``, b_in: [q, k, v, z] = u W_in^T, then MDI's first
+                layers (``MDI.folded``: decay_w_t, decay_b, decay_eps for the rest)
+            gate_b ``[H, 1, d]``, gate_w_t ``[H, d, d]``: the recurrence's W_g s + b_g per head
+            w_out_t ``[D, D]``; ffn_w0_t ``[D, F]``, ffn_b0, ffn_w2_t ``[F, D]``, ffn_b2: the FFN
+            persistent ``[P, 2, D]``: the persistent slots' keys and values
+
+        (no MDI, decay or gate weights in mode 'none')."""
+        D = self.w_in.in_features
+        rows, biases = [self.w_in.weight], [self.w_in.weight.new_zeros(4 * D)]
+        weights = {}
+        if self.mode != "none":
+            mdi = self.mdi.folded(self.w_in.weight)
+            rows, biases = rows + [mdi["rows"]], biases + [mdi["bias"]]
+            weights.update(
+                decay_w_t=mdi["second_t"],
+                decay_b=mdi["second_bias"],
+                decay_eps=mdi["eps"],
+                gate_b=self.gate_bias.unsqueeze(1).clone(),
+                gate_w_t=self.gate_weight.transpose(1, 2).clone(),
+            )
+        ffn_in, ffn_out = self.ffn[0], self.ffn[2]
+        weights.update(
+            w_in_t=(torch.cat(rows) * self.norm_mix.weight).t().contiguous(),
+            b_in=torch.cat(biases),
+            w_out_t=self.w_out.weight.t().contiguous(),
+            ffn_b0=ffn_in.bias.clone(),
+            ffn_w0_t=(ffn_in.weight * self.norm_ffn.weight).t().contiguous(),
+            ffn_b2=ffn_out.bias.clone(),
+            ffn_w2_t=ffn_out.weight.t().contiguous(),
+            persistent=self.memory.persistent.clone(),
+        )
+        return weights
+
     def forward(self, x: Tensor, state: BlockState, layout: MemoryLayout) -> tuple[Tensor, BlockState]:
         """x ``[B, T, D]``, state of this block, and the chunk's ``memory_layout`` (which the
         model computes once for all its blocks) -> (out ``[B, T, D]``, new state)."""
-        q, kv, gates, h = self.project(x, state)
+        q, kv, h = self.project(x, state)
         memory, sums, pool = state.memory, state.sums, None
         if self.has_long_term:
-            pool, memory, sums = self.update_memory(kv, h, state, layout)
-        window = state.window[:, layout.window_order]  # oldest first
-        m = self.memory(q, kv, window, pool, layout, gates)
+            pool, memory, sums = update_long_term(kv, state.memory, state.sums, layout, self.segment_len)
+        earlier = state.recent_kv[:, layout.working_order]  # oldest first
+        m = self.memory(q, kv, earlier, pool, layout)
         out, h_last = self.output(x, m, h, state)
-        return out, BlockState(h_last, update_window(window, kv, layout), memory, sums)
+        return out, BlockState(h_last, update_ring(earlier, kv, layout.working_slots), memory, sums)
 
     def step(self, x: Tensor, state: BlockState, layout: TokenLayout) -> tuple[Tensor, BlockState]:
         """``forward`` for one token, x ``[B, 1, D]``, with the token's ``token_layout``:
-        the same outputs and state in fewer, smaller ops (decoding's path)."""
-        q, kv, gates, h = self.project(x, state)
+        the same outputs and state in fewer, smaller ops (``MMRecModel``'s functional
+        one-token call; ``decode.BlockDecoder`` runs the same maths in place, on the
+        weights of ``decode_weights``)."""
+        q, kv, h = self.project(x, state)
+        ring = state.recent_kv
+        if ring.shape[1] > 0:
+            ring = ring.index_copy(1, layout.working_slot, kv.to(ring.dtype))
         rings = state.memory if self.has_long_term else None
-        m = self.memory.read_token(q, kv, state.window, rings, layout.read_mask, gates)
+        m = self.memory.read_token(q, ring, rings, layout.read_mask)
         memory, sums = state.memory, state.sums
         if self.has_long_term:
-            memory, sums = self.update_memory_token(kv, h, state, layout)
+            memory, sums = update_long_term_token(kv, state.memory, state.sums, layout)
         out, h_last = self.output(x, m, h, state)
-        window = state.window
-        if window.shape[1] > 0:
-            window = window.index_copy(1, layout.window_slot, kv.to(window.dtype))
-        return out, BlockState(h_last, window, memory, sums)
+        return out, BlockState(h_last, ring, memory, sums)

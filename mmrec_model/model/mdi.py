@@ -44,3 +44,31 @@ class MDI(nn.Module):
 
     def forward(self, z: Tensor, k: Tensor) -> Tensor:
         return EPS + (1 - 2 * EPS) * torch.sigmoid(self.A(z)) * torch.sigmoid(self.C(k))
+
+    def folded(self, w_in: Tensor) -> dict[str, Tensor]:
+        """Both MLPs at once for a one-token step, their first layers folded into the block's
+        input projection ``w_in`` ``[4 D, D]`` (rows q, k, v, z): the rows and bias to append
+        to it, ``rows`` ``[2 hidden, D]`` and ``bias`` ``[2 hidden]`` (A's first layer of z's
+        rows, C's of k's); the second layers as one block-diagonal product, transposed,
+        ``second_t`` ``[2 hidden, 2 D]``, its bias ``second_bias`` ``[2 D]``; and ``eps``, EPS
+        as a tensor ``[]`` (``gamma_of_logits``)."""
+        A, C = self.A, self.C
+        D, hidden = w_in.shape[1], A[0].out_features
+        second = A[2].weight.new_zeros(2 * D, 2 * hidden)
+        second[:D, :hidden], second[D:, hidden:] = A[2].weight, C[2].weight
+        return dict(
+            rows=torch.cat([A[0].weight @ w_in[3 * D :], C[0].weight @ w_in[D : 2 * D]]),
+            bias=torch.cat([A[0].bias, C[0].bias]),
+            second_t=second.t().contiguous(),
+            second_bias=torch.cat([A[2].bias, C[2].bias]),
+            eps=w_in.new_tensor(EPS),
+        )
+
+    @staticmethod
+    def gamma_of_logits(logits: Tensor, eps: Tensor) -> Tensor:
+        """gamma ``[B, D]`` of the second layers' outputs ``[B, 2 D]`` (A's, then C's; ``folded``),
+        eps + (1 - 2 eps) sigmoid(a) sigmoid(c) in one sigmoid and one addcmul; ``eps``: EPS
+        ``[]`` on logits' device."""
+        both = torch.sigmoid(logits)
+        D = both.shape[-1] // 2
+        return torch.addcmul(eps, both[:, :D], both[:, D:], value=1 - 2 * EPS)

@@ -3,11 +3,11 @@ that each token updates in place, so that a token costs a few ops per block.
 
 Per block the decoder keeps a key and value cache ``[2, B, H, K, d]``, K = P + L M + W:
 the persistent slots, the long-term rings (level l's entry i in slot l M + i mod M) and
-the working memory as a ring of W slots (the token at position t in slot t mod W). A token
-first writes its key and value into its slot (whose old token, at t - W, it may not see),
-then reads every slot that holds a key (``mask``) in one softmax (two with the gated read),
-then adds itself to the running sums; a long-term entry is written only by the token that
-completes it, once in S tokens. The position is a Python int: which entries complete, and
+the working memory's ring of W slots as ``BlockState.recent_kv`` lays it out (the token
+at position t in slot t mod W). A token first writes its key and value into its slot
+(whose old token, at t - W, it may not see), then reads every slot that holds a key
+(``mask``) in one softmax, then adds itself to the running sums; a long-term entry is
+written only by the token that completes it, once in S tokens. The position is a Python int: which entries complete, and
 which slots hold keys, are host arithmetic, not ops. ``state`` gives the state back in the
 model's format, equal to what ``MMRecModel.forward`` returns for the same tokens.
 
@@ -30,40 +30,25 @@ from torch import Tensor
 
 import mmrec_ops
 
-from .mdi import EPS
-from .memory import BRANCHING, BlockState, MemoryState, span_len
+from ..memory.layout import BRANCHING, slots_with_keys, span_len
+from ..memory.state import BlockState, MemoryState
 
 
 def down_parts(batch: int, hidden: int, device: torch.device) -> int:
     """In how many parts the FFN's output product splits its inner dimension ``hidden``: 8
-    on CUDA from 16 rows a step (and when 8 divides it). For [16, 4 D] x [4 D, D] in
-    float32 cuBLAS picks a SIMT kernel with D / 128 thread blocks, where the parts as one
-    batched product, summed, spread over the GPU; at one row the split is slower, and
-    between 2 and 15 rows it is not measured (bench/results/generate_graphs_cuda_h100.md)."""
+    on CUDA from 16 rows a step (and when 8 divides it), where cuBLAS's one product of
+    [B, 4 D] x [4 D, D] occupies few of the GPU's cores and the parts as one batched
+    product, summed, spread over them; else 1 (measured in
+    bench/results/generate_graphs_cuda_h100.md)."""
     return 8 if device.type == "cuda" and batch >= 16 and hidden % 8 == 0 else 1
 
 
 def few_rows_product(batch: int, device: torch.device):
     """The product bias + x W of the step's projections: ``mmrec_ops.skinny_addmm`` on
-    CUDA from 2 to 32 rows, where it is 1.3x-2.6x faster than cuBLAS's addmm at a base
-    block's products (16 float32 rows, 768 -> 3456: 10.4 us against 16.6, weights out of
-    L2; bench/results/skinny_addmm_cuda_h100.md), else ``torch.addmm``: at one row
-    cuBLAS's matrix-vector kernel is the faster, beyond 32 rows it is not measured."""
+    CUDA from 2 to 32 rows, where it beats cuBLAS's addmm, else ``torch.addmm`` (at one row
+    cuBLAS's matrix-vector kernel is the faster); measured in
+    bench/results/skinny_addmm_cuda_h100.md."""
     return mmrec_ops.skinny_addmm if device.type == "cuda" and 2 <= batch <= 32 else torch.addmm
-
-
-def fused_mdi(mdi, w_in: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """MDI's gamma = eps + (1 - 2 eps) sigmoid(A(z)) sigmoid(C(k)), both MLPs at once, their
-    first layers folded into the block's input projection ``w_in`` ``[4 D, D]`` (rows q, k,
-    v, z): the rows and bias to append to it, ``[2 hidden, D]`` and ``[2 hidden]`` (A's first
-    layer of z's rows, C's of k's), then the second layers as one block-diagonal product,
-    transposed, ``[2 hidden, 2 D]``, and its bias ``[2 D]`` (``BlockDecoder.decay``)."""
-    A, C = mdi.A, mdi.C
-    D, hidden = w_in.shape[1], A[0].out_features
-    rows = torch.cat([A[0].weight @ w_in[3 * D :], C[0].weight @ w_in[D : 2 * D]])
-    second = A[2].weight.new_zeros(2 * D, 2 * hidden)
-    second[:D, :hidden], second[D:, hidden:] = A[2].weight, C[2].weight
-    return rows, torch.cat([A[0].bias, C[0].bias]), second.t().contiguous(), torch.cat([A[2].bias, C[2].bias])
 
 
 class TokenPlan(NamedTuple):
@@ -92,18 +77,17 @@ class TokenSlots(NamedTuple):
     """Where the token writes, as cache (and mask) slot indices: Python ints on the eager
     path, int64 tensors ``[1]`` on the device in a CUDA graph."""
 
-    window: int | Tensor  # its own key and value: P + L M + position mod W
+    working: int | Tensor  # its own key and value: P + L M + position mod W
     rings: tuple[int | Tensor, ...]  # the entry completed at each level l < plan.completed
-    phase: int | Tensor  # position mod S, its place in its level-0 span
 
 
 def token_slots(config, position, plan: TokenPlan) -> TokenSlots:
     """The slots of the token at ``position`` (an int, or a device tensor ``[1]``):
     level l's entry i = (position + 1) // (S 4^l) - 1 sits in ring slot l M + i mod M."""
     P, L, M, W, S = (config.persistent_slots, config.n_levels, config.level_slots, config.window, config.segment_len)
-    window = P + L * M + position % W if W > 0 else None
+    working = P + L * M + position % W if W > 0 else None
     rings = tuple(P + level * M + ((position + 1) // span_len(S, level) - 1) % M for level in range(plan.completed))
-    return TokenSlots(window, rings, position % S)
+    return TokenSlots(working, rings)
 
 
 def open_slot(mask: Tensor, slot: int | Tensor) -> None:
@@ -126,86 +110,59 @@ def unit_rms_cpu(x: Tensor, eps: Tensor) -> Tensor:
 
 
 class BlockDecoder:
-    """One block's buffers (from its ``BlockState``) and its one-token step."""
+    """One block's buffers (from its ``BlockState``), the block's weights as its
+    ``decode_weights`` folds them, and its one-token step."""
 
-    def __init__(self, block, state: BlockState, position: int, config):
+    def __init__(self, block, state: BlockState, config):
         B, H, d = state.h.shape
         self.block, self.config, self.heads = block, config, (H, d)
         P, L, M, W = config.persistent_slots, config.n_levels, config.level_slots, config.window
-        self.ring_start, self.window_start = P, P + L * M
+        self.ring_start, self.working_start = P, P + L * M
         # [2, B, H, K, d]: keys, values.
         self.cache = torch.zeros(2, B, H, P + L * M + W, d, dtype=state.h.dtype, device=state.h.device)
         self.keys, self.values = self.cache  # views, kept: unbinding costs an op a token
         self.h, self.sums = torch.empty_like(state.h), torch.empty_like(state.sums)
         self.span_sum = self.sums[:, 0] if block.has_long_term else None  # level 0's running sum, [B, 2, D]
-        self.load(state, position)
-        eps = block.norm_mix.eps
         if state.h.is_cuda:
-            self.unit_rms = partial(unit_rms, eps=eps)
+            self.unit_rms = partial(unit_rms, eps=block.norm_eps)
         else:
-            self.unit_rms = partial(unit_rms_cpu, eps=state.h.new_tensor(eps))
-        self.mode, self.gated, self.window = block.mode, block.memory.gated, config.window
-        self.decay_eps = state.h.new_tensor(EPS)
-        self.down_parts = down_parts(B, block.ffn[0].out_features, state.h.device)
+            self.unit_rms = partial(unit_rms_cpu, eps=state.h.new_tensor(block.norm_eps))
+        self.mode, self.window, self.has_long_term = block.mode, config.window, block.has_long_term
+        self.decay_of_logits = block.decay_of_logits
+        self.down_parts = down_parts(B, config.ffn_mult * config.dim, state.h.device)
         self.addmm = few_rows_product(B, state.h.device)
-        if block.mode != "none":
-            # Per head W_g s + b_g as [H, B, d] @ [H, d, d]^T + [H, 1, d]: views of the parameters.
-            self.gate = (block.gate_bias.unsqueeze(1), block.gate_weight.transpose(1, 2))
         self.fold_weights()
+        self.load(state)
 
     @torch.no_grad()
     def fold_weights(self) -> None:
-        """The weights as the step reads them: plain attributes (a module's attribute lookup
-        costs as much as an op here), transposed once (a row times a contiguous W^T is the
-        faster product), each RMSNorm's weight folded into the matrix that reads its output,
-        and one matrix reading u for all that is linear in it: [q, k, v, z], MDI's first
-        layers (through w_in), the read's gate logits. Later calls refresh them in place
-        (after an optimizer step), so that CUDA graphs that read them stay valid."""
-        block, D = self.block, self.config.dim
-        rows, biases = [block.w_in.weight], [block.w_in.weight.new_zeros(4 * D)]
-        folded = {}
-        if block.mode != "none":
-            mdi_rows, mdi_bias, folded["decay_w_t"], folded["decay_b"] = fused_mdi(block.mdi, block.w_in.weight)
-            rows, biases = rows + [mdi_rows], biases + [mdi_bias]
-        if block.read_gate is not None:
-            rows, biases = rows + [block.read_gate.weight], biases + [block.read_gate.bias]
-        ffn_in, ffn_out = block.ffn[0], block.ffn[2]
-        folded.update(
-            w_in_t=(torch.cat(rows) * block.norm_mix.weight).t().contiguous(),
-            b_in=torch.cat(biases),
-            w_out_t=block.w_out.weight.t().contiguous(),
-            ffn_b0=ffn_in.bias.clone(),
-            ffn_w0_t=(ffn_in.weight * block.norm_ffn.weight).t().contiguous(),
-            ffn_b2=ffn_out.bias.clone(),
-            ffn_w2_t=self.split_down(ffn_out.weight.t().contiguous()),
-        )
-        self.n_mdi = folded["decay_w_t"].shape[0] if "decay_w_t" in folded else 0
-        for name, value in folded.items():
+        """The block's ``decode_weights`` as plain attributes (a module's attribute lookup
+        costs as much as an op here), the FFN's output weight in ``down_parts`` slices. Later
+        calls refresh them in place (after an optimizer step), so that CUDA graphs that read
+        them stay valid."""
+        weights = self.block.decode_weights()
+        weights["ffn_w2_t"] = self.split_down(weights["ffn_w2_t"])
+        self.n_mdi = weights["w_in_t"].shape[1] - 4 * self.config.dim
+        for name, value in weights.items():
             if hasattr(self, name):
                 getattr(self, name).copy_(value)
             else:
                 setattr(self, name, value)
 
     def decay(self, hidden_in: Tensor) -> Tensor:
-        """MDI's gamma ``[B, D]`` from its first layers' outputs ``[B, 2 hidden]`` (``fused_mdi``)."""
-        D = self.config.dim
-        both = torch.sigmoid(self.addmm(self.decay_b, F.gelu(hidden_in), self.decay_w_t))
-        return torch.addcmul(self.decay_eps, both[:, :D], both[:, D:], value=1 - 2 * EPS)
+        """MDI's gamma ``[B, D]`` from its first layers' outputs ``[B, 2 hidden]`` (``MDI.folded``)."""
+        return self.decay_of_logits(self.addmm(self.decay_b, F.gelu(hidden_in), self.decay_w_t), self.decay_eps)
 
-    def load(self, state: BlockState, position: int) -> None:
-        """Fills the buffers, in place, from ``state`` (after ``position`` tokens)."""
-        block, config, (H, d) = self.block, self.config, self.heads
+    def load(self, state: BlockState) -> None:
+        """Fills the buffers, in place, from ``state``."""
+        config, (H, d) = self.config, self.heads
         B, P, L, M, W = state.h.shape[0], config.persistent_slots, config.n_levels, config.level_slots, config.window
         self.cache.zero_()
         for i in (0, 1):
-            self.cache[i][:, :, :P] = block.memory.persistent[:, i].detach().view(P, H, d).transpose(0, 1)
+            self.cache[i][:, :, :P] = self.persistent[:, i].view(P, H, d).transpose(0, 1)
             rings = state.memory[:, :, :, i].reshape(B, L * M, H, d).transpose(1, 2)
             self.cache[i][:, :, P : P + L * M] = rings
-        kept = max(W - 1, 0)
-        tokens = torch.arange(max(position - kept, 0), position, device=state.h.device)  # in the working memory
-        if kept and len(tokens):
-            window = state.window[:, tokens % (W - 1)].view(B, -1, 2, H, d).permute(2, 0, 3, 1, 4)
-            self.cache[:, :, :, self.window_start + tokens % W] = window
+        self.cache[:, :, :, self.working_start :] = state.recent_kv.view(B, W, 2, H, d).permute(2, 0, 3, 1, 4)
         self.h.copy_(state.h)
         self.sums.copy_(state.sums)
 
@@ -229,15 +186,14 @@ class BlockDecoder:
         q, z = projected[:, :D].view(B, H, d), projected[:, 3 * D : 4 * D].view(B, H, d)
         kv = projected[:, D : 3 * D].view(B, 2, D)
         if self.window > 0:
-            self.write(slots.window, kv)
-        gates = torch.sigmoid(projected[:, 4 * D + self.n_mdi :]).view(B, H, 2) if self.gated else None
-        m = self.read(q, mask, gates)
+            self.write(slots.working, kv)
+        m = mmrec_ops.decode_read(q, self.keys, self.values, mask)
         h = None if self.mode == "none" else self.recurrence(projected[:, 4 * D : 4 * D + self.n_mdi], z)
         y = torch.addmm(x, (m if h is None else h + m).view(B, D), self.w_out_t)
         hidden = F.gelu(self.addmm(self.ffn_b0, self.unit_rms(y), self.ffn_w0_t))
         out = y + self.ffn_down(hidden)
-        if self.block.has_long_term:
-            self.add_to_memory(kv, h, plan, slots)
+        if self.has_long_term:
+            self.add_to_memory(kv, plan, slots)
         if h is not None:
             self.h.copy_(h)
         return out
@@ -259,73 +215,37 @@ class BlockDecoder:
         """The new state h ``[B, H, d]``: h' = z sigmoid(W_g s + b_g) + gamma h, s = h (mode
         'exact') or z ('parallel'), gamma = MDI(z, k) from its first layers' outputs
         ``[B, 2 hidden]``."""
-        bias, weight_t = self.gate
         gate_input = self.h if self.mode == "exact" else z
-        gate = torch.sigmoid(torch.baddbmm(bias, gate_input.transpose(0, 1), weight_t))
+        gate = torch.sigmoid(torch.baddbmm(self.gate_b, gate_input.transpose(0, 1), self.gate_w_t))
         gamma = self.decay(mdi_hidden).view_as(z)
         return torch.addcmul(gamma * self.h, z, gate.transpose(0, 1))
 
-    def read(self, q: Tensor, mask: Tensor, gates: Tensor | None) -> Tensor:
-        """The multi-memory read ``[B, H, d]`` of q ``[B, H, d]`` over the cache
-        (``mmrec_ops.decode_read``: one kernel, split over the slots on CUDA)."""
-        keys, values = self.keys, self.values
-        if not self.gated:
-            return mmrec_ops.decode_read(q, keys, values, mask)
-        n = self.window_start
-        m = gates[..., 1:] * mmrec_ops.decode_read(q, keys[:, :, :n], values[:, :, :n], mask[:n])
-        if self.window > 0:
-            m = m + gates[..., :1] * mmrec_ops.decode_read(q, keys[:, :, n:], values[:, :, n:], mask[n:])
-        return m
-
-    def add_to_memory(self, kv: Tensor, h: Tensor | None, plan: TokenPlan, slots: TokenSlots) -> None:
-        """The running sums after the token's kv ``[B, 2, D]`` (its state h ``[B, H, d]``),
-        and the entries it completes into the rings (``update_long_term_token``'s
-        arithmetic, branching on the plan)."""
-        S, best = self.config.segment_len, self.block.best_entries
-        if self.block.learned_entries is not None:
-            phase = slots.phase if isinstance(slots.phase, Tensor) else torch.tensor([slots.phase], device=kv.device)
-            kv = self.block.learned_entries.weigh(kv.unsqueeze(1), phase)[:, 0]
+    def add_to_memory(self, kv: Tensor, plan: TokenPlan, slots: TokenSlots) -> None:
+        """The running sums after the token's kv ``[B, 2, D]``, and the entries (means) it
+        completes into the rings (``update_long_term_token``'s arithmetic, branching on the
+        plan)."""
+        S = self.config.segment_len
         if plan.starts_span:
             self.span_sum.copy_(kv)
-        elif best is not None:
-            self.span_sum.copy_(best.better(self.span_sum, kv))
         else:
             self.span_sum.add_(kv)
         for level, restart in enumerate(plan.restarts, start=1):
             if restart:
                 self.sums[:, level] = self.sums[:, level - 1]
-            elif best is not None:
-                self.sums[:, level] = best.better(self.sums[:, level], self.sums[:, level - 1])
             else:
                 self.sums[:, level] += self.sums[:, level - 1]
         for level, slot in enumerate(slots.rings):
-            summary = self.sums[:, level : level + 1]
-            self.write(slot, self.entry(summary if best is not None else summary / span_len(S, level), h)[:, 0])
+            self.write(slot, self.sums[:, level] / span_len(S, level))
 
-    def entry(self, means: Tensor, h: Tensor | None) -> Tensor:
-        """What an entry of means ``[B, 1, 2, D]`` (the chosen token with ``BestTokenEntries``)
-        holds (``MMRecConfig.entry_summary``), h ``[B, H, d]`` the state of the token that completes it."""
-        if self.block.learned_entries is not None:
-            return self.block.learned_entries.finish(0, means)
-        if self.block.best_entries is not None:
-            return self.block.best_entries.finish(0, means)
-        if self.block.entry_summary == "state":
-            return torch.stack([means[:, :, 0], h.flatten(-2).unsqueeze(1).to(means.dtype)], dim=2)
-        return means
-
-    def state(self, position: int) -> BlockState:
-        """This block's ``BlockState`` before the token at ``position``."""
+    def state(self) -> BlockState:
+        """This block's ``BlockState``, a copy of the buffers."""
         config, (H, d) = self.config, self.heads
         B, L, M, W = self.h.shape[0], config.n_levels, config.level_slots, config.window
-        rings = torch.stack([c[:, :, self.ring_start : self.window_start] for c in self.cache], dim=2)
+        rings = torch.stack([c[:, :, self.ring_start : self.working_start] for c in self.cache], dim=2)
         memory = rings.permute(0, 3, 2, 1, 4).reshape(B, L, M, 2, H * d)  # [B, H, 2, L M, d] -> [B, L, M, 2, D]
-        kept = max(W - 1, 0)
-        window = self.cache.new_zeros(B, kept, 2, H * d)
-        tokens = torch.arange(max(position - kept, 0), position, device=window.device)
-        if kept and len(tokens):
-            cached = self.cache[:, :, :, self.window_start + tokens % W]  # [2, B, H, n, d]
-            window[:, tokens % (W - 1)] = cached.permute(1, 3, 0, 2, 4).reshape(B, -1, 2, H * d)
-        return BlockState(self.h.clone(), window, memory, self.sums.clone())
+        ring = self.cache[:, :, :, self.working_start :].permute(1, 3, 0, 2, 4)  # [B, W, 2, H, d]
+        recent_kv = ring.clone(memory_format=torch.contiguous_format).view(B, W, 2, H * d)
+        return BlockState(self.h.clone(), recent_kv, memory, self.sums.clone())
 
 
 class Decoder:
@@ -348,7 +268,7 @@ class Decoder:
         self.model, self.config, self.cuda_graphs = model, model.config, cuda_graphs
         self.position = int(state.position)
         with torch.no_grad():
-            self.blocks = [BlockDecoder(b, s, self.position, self.config) for b, s in zip(model.blocks, state.blocks)]
+            self.blocks = [BlockDecoder(b, s, self.config) for b, s in zip(model.blocks, state.blocks)]
         # The read's mask as scores to add, [K]: 0 where a slot holds a key, else -inf; in
         # the caches' dtype, as decode_read takes it.
         self.mask = torch.empty(len(self.initial_mask()), dtype=state.blocks[0].h.dtype, device=device)
@@ -365,11 +285,7 @@ class Decoder:
 
     def initial_mask(self) -> Tensor:
         """``[K]``: the slots that hold a key before the next token writes its own."""
-        c, p = self.config, self.position
-        rings = [torch.arange(c.level_slots) < p // span_len(c.segment_len, level) for level in range(c.n_levels)]
-        window = (p - 1 - (p - 1 - torch.arange(c.window)) % max(c.window, 1)) >= 0 if c.window > 0 else []
-        parts = [torch.ones(c.persistent_slots, dtype=torch.bool), *rings, torch.as_tensor(window, dtype=torch.bool)]
-        return torch.cat(parts)
+        return slots_with_keys(torch.tensor(self.position), self.config, with_token=False)
 
     def load_mask(self) -> None:
         self.mask.zero_().masked_fill_(~self.initial_mask().to(self.mask.device), float("-inf"))
@@ -385,14 +301,14 @@ class Decoder:
         self.position = int(state.position)
         for block, block_state in zip(self.blocks, state.blocks):
             block.fold_weights()
-            block.load(block_state, self.position)
+            block.load(block_state)
         self.load_mask()
 
     def advance(self, token: Tensor, plan: TokenPlan, slots: TokenSlots) -> Tensor:
         """The token ``[B, 1]`` through every block -> logits ``[B, V]``."""
         c = self.config
-        if c.window > 0 and (isinstance(slots.window, Tensor) or self.position < c.window):
-            open_slot(self.mask, slots.window)  # later, every window slot holds a key already
+        if c.window > 0 and (isinstance(slots.working, Tensor) or self.position < c.window):
+            open_slot(self.mask, slots.working)  # later, every ring slot holds a key already
         x = self.model.embed(token).squeeze(1)
         for block in self.blocks:
             x = block.step(x, plan, slots, self.mask)
@@ -462,4 +378,4 @@ class Decoder:
 
     def state(self) -> MemoryState:
         position = torch.tensor(self.position, device=self.mask.device)
-        return MemoryState(position, tuple(block.state(self.position) for block in self.blocks))
+        return MemoryState(position, tuple(block.state() for block in self.blocks))

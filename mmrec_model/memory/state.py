@@ -1,0 +1,53 @@
+"""The state of an MMRecModel: what each block remembers after some tokens."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+from torch import Tensor
+
+
+class BlockState(NamedTuple):
+    """The memory of one block after some tokens; ``[..., 2, D]`` is (key, value).
+
+    h:         ``[B, H, d]``, the recurrence state h_{t-1}.
+    recent_kv: ``[B, W, 2, D]``, the working memory's ring (``memory.working``): the keys
+               and values of the last W tokens, the token at position t in slot t mod W.
+    memory:    ``[B, L, M, 2, D]``, level l's ring buffer: entry i (the mean over its
+               span) in slot i mod M. Which slots hold an entry follows from the position.
+    sums:      ``[B, L, 2, D]``, per level, the running sum over the level's current span
+               (or over the span just completed, until the next one starts): of its
+               tokens' keys and values at level 0, of its completed level-(l-1) entries'
+               sums at level l >= 1.
+    """
+
+    h: Tensor
+    recent_kv: Tensor
+    memory: Tensor
+    sums: Tensor
+
+
+class MemoryState(NamedTuple):
+    """The state of an ``MMRecModel``: passed into ``forward`` and returned, never
+    stored on a module. A pytree of tensors, so ``torch.compile`` accepts it.
+
+    position: int64 scalar tensor, the number of tokens seen so far (the absolute
+              position of the next token). A tensor, not an int, so that compiled
+              code does not specialise on it. The number of level-l entries written so
+              far is ``position // (S * 4^l)``.
+    blocks:   one ``BlockState`` per block.
+    """
+
+    position: Tensor
+    blocks: tuple[BlockState, ...]
+
+    def clone(self) -> MemoryState:
+        """A copy of every tensor: for a state that in-place updates (a CUDA graph's
+        outputs, a decoder's buffers) must not change."""
+        blocks = tuple(BlockState(*(t.clone() for t in block)) for block in self.blocks)
+        return MemoryState(self.position.clone(), blocks)
+
+    def detach(self) -> MemoryState:
+        """The same values, cut from the autograd graph (truncated backpropagation
+        through time across calls)."""
+        return MemoryState(self.position, tuple(BlockState(*(t.detach() for t in block)) for block in self.blocks))
