@@ -30,8 +30,8 @@ import torch.nn.functional as F
 
 from bench.common import apply_smoke, forward_backward, markdown_table, median_time_ms, versions, write_results
 from mmrec_model import MMRecConfig
-from mmrec_model.attention import op_blocked_attention, sdpa_blocked_attention, window_keys
 from mmrec_model.memory import memory_layout
+from mmrec_model.model.read import op_blocked_attention, sdpa_blocked_attention, working_keys
 
 READS = ("causal-sdpa", "memory_read", "blocked-sdpa")
 SMOKE = dict(preset="tiny", seq_lens=[200], tokens=400, warmup=1, repeats=2)
@@ -61,7 +61,7 @@ def variants(config: MMRecConfig, mask: torch.Tensor, first_token: torch.Tensor)
     W = config.window
 
     def blocked(q, group, tokens):
-        return sdpa_blocked_attention(q, group, window_keys(tokens, n_blocks, Q, W), mask)
+        return sdpa_blocked_attention(q, group, working_keys(tokens, n_blocks, Q, W), mask)
 
     def memory_read(q, group, tokens):
         return op_blocked_attention(q, group, tokens, mask, W, first_token)
