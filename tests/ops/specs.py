@@ -220,6 +220,24 @@ def check_gradients(spec: OpSpec, sample, args, variant: Variant, dtype, grad_ou
 # mmrec::scan
 
 
+def scan_reference_by_chunks(gamma, x=None, h0=None, reverse=False, steps=64):
+    """scan_reference over chunks of at most `steps` time steps, each started from the
+    state the chunk before it left: the same float64 operations in the same order, so the
+    same result. Autograd through it reads each step out of its chunk rather than out of
+    the whole sequence (a step's select backward fills a gradient of its operand's shape),
+    so its backward costs O(T) rather than O(T^2)."""
+    T = gamma.shape[1]
+    if T <= steps:
+        return scan_reference(gamma, x, h0, reverse)
+    starts = range(0, T, steps)
+    chunks, h = {}, h0
+    for start in reversed(starts) if reverse else starts:
+        part = slice(start, start + steps)
+        chunks[start] = scan_reference(gamma[:, part], None if x is None else x[:, part], h, reverse)
+        h = chunks[start][:, 0] if reverse else chunks[start][:, -1]
+    return torch.cat([chunks[start] for start in starts], dim=1)
+
+
 def scan_bad_inputs(args) -> list[BadInput]:
     g, x, h0 = args
     op = torch.ops.mmrec.scan.default
@@ -256,7 +274,7 @@ SCAN = OpSpec(
     name="scan",
     op=mmrec_ops.scan,
     overload=torch.ops.mmrec.scan.default,
-    reference=scan_reference,
+    reference=scan_reference_by_chunks,
     samples=SCAN_SAMPLES,
     inputs=lambda sample, device, dtype: scan_inputs(sample, device, dtype, True, True),
     arg_names=("gamma", "x", "h0"),
