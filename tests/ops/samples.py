@@ -195,11 +195,12 @@ RECURRENCE_SAMPLES = [
         for shape in [(2, 0, 3, 4), (0, 5, 3, 4), (0, 0, 2, 2), (2, 5, 3, 0), (2, 5, 0, 4)]
     ),
     # The Triton kernels under the interpreter: T = 1, prime T, more than one
-    # batch tile of 16, d = 24 (padded to 32); both parameters or one; strided;
-    # d below the smallest tile and d = 80 (padded to 128); empty.
+    # batch tile of 16 (at d = 64, over more steps than the 4 pipeline stages),
+    # d = 24 (padded to 32); both parameters or one; strided; d below the
+    # smallest tile and d = 80 (padded to 128); empty.
     Sample((1, 1, 2, 16), uses=("triton",)),
     Sample((3, 13, 2, 24), uses=("triton", "triton_bias_or_h0")),
-    Sample((17, 40, 1, 64), uses=("triton",)),
+    Sample((17, 11, 1, 64), uses=("triton",)),
     Sample((17, 7, 2, 24), "strided", ("triton_strided",)),
     Sample((3, 5, 2, 16), uses=("triton_saved_h",)),
     Sample((2, 6, 1, 5), uses=("triton_padded",)),
