@@ -67,35 +67,6 @@ def assert_close_rel(actual, expected, tol: float, what: str = "output") -> None
     assert err <= tol, f"{what}: relative error {err:.3e} exceeds {tol:.3e}"
 
 
-def check_output(op, reference, inputs, dtype: torch.dtype) -> None:
-    """op(*inputs) against the float64 reference on upcast CPU copies: a new contiguous
-    tensor of the reference's shape in dtype (NaN-poisoned: an element never written
-    fails), within output_tolerance. For ops that accumulate in float32 (float64) and
-    round only the stored output."""
-    with nan_poison():
-        out = op(*inputs)
-    expected = reference(*(t.detach().double().cpu() for t in inputs))
-    assert out.dtype == dtype and out.shape == expected.shape and out.is_contiguous()
-    assert_close_rel(out, expected, output_tolerance(dtype))
-
-
-def check_output_and_gradients(op, reference, inputs, names, dtype: torch.dtype) -> None:
-    """op's output and every input's gradient against the float64 reference's, each within
-    output_tolerance: for ops whose backward rounds each gradient once from float32 sums."""
-    leaves = [t.detach().requires_grad_() for t in inputs]
-    with nan_poison():
-        out = op(*leaves)
-        grad_out = torch.randn(out.shape, dtype=torch.float64, device=out.device).to(dtype)
-        grads = torch.autograd.grad(out, leaves, grad_out)
-    ref_leaves = [t.detach().double().cpu().requires_grad_() for t in inputs]
-    ref_out = reference(*ref_leaves)
-    ref_grads = torch.autograd.grad(ref_out, ref_leaves, grad_out.double().cpu())
-    assert_close_rel(out, ref_out.detach(), output_tolerance(dtype))
-    for name, leaf, grad, ref in zip(names, leaves, grads, ref_grads):
-        assert grad.dtype == dtype and grad.shape == leaf.shape
-        assert_close_rel(grad, ref, output_tolerance(dtype), what=f"grad of {name}")
-
-
 @contextlib.contextmanager
 def nan_poison():
     """New tensors from torch.empty/at::empty come filled with NaN inside this
@@ -131,19 +102,3 @@ def call_kernel(op, args, kernel: str):
         with mode:
             return op(*fake_args)
     return op(*args)
-
-
-def assert_compiled_matches_eager(loss_fn, input_sets) -> None:
-    """torch.compile(loss_fn, fullgraph=True, dynamic=True) gives eager's loss
-    and gradients on each set of inputs (all requiring grad): fullgraph makes
-    any graph break an error, and the sets differ in length."""
-    torch._dynamo.reset()
-    compiled = torch.compile(loss_fn, fullgraph=True, dynamic=True)
-    for inputs in input_sets:
-        expected = loss_fn(*inputs)
-        expected_grads = torch.autograd.grad(expected, inputs)
-        actual = compiled(*inputs)
-        actual_grads = torch.autograd.grad(actual, inputs)
-        assert_close_rel(actual.detach(), expected.detach(), 1e-6)
-        for a, e in zip(actual_grads, expected_grads):
-            assert_close_rel(a, e, 1e-6, what="compiled gradient")

@@ -1,18 +1,20 @@
 """The sample inputs of the op tests: one table per op, one function that draws
 an entry's inputs.
 
-Every test of an op (correctness against the float64 references, gradients,
-gradcheck, opcheck, compile, and the Triton kernels under the interpreter)
-takes its sizes and layouts from the op's table and its tensors from the op's
-input function, as pytorch/extension-cpp's sample_inputs feeds its
-correctness, gradient and opcheck tests alike. An entry names the tests that
-use it (`uses`), so that each keeps the sizes its cost allows (gradcheck and
-opcheck small ones, many_tiles a long one). A test's id carries the entry's
+Every test of an op (the common checks of tests/ops/test_contract.py:
+correctness against the float64 references, gradients, gradcheck, opcheck,
+compile, empty and bad inputs; the op's own tests; the Triton kernels under the
+interpreter) takes its sizes and layouts from the op's table and its tensors
+from the op's input function, as pytorch/extension-cpp's sample_inputs feeds
+its correctness, gradient and opcheck tests alike. An entry names the tests
+that use it (`uses`), so that each keeps the sizes its cost allows (gradcheck
+and opcheck small ones, many_tiles a long one); "bad_inputs" is the entry the
+bad-input and device checks alter. A test's id carries the entry's
 sizes and layout, as fla's do: B2-T31-H3-d5, B2-T23-H3-d6-transposed.
 
 Inputs are drawn in float64 and rounded once to the dtype under test, in the
 regime the model runs in: gamma in (0, 1), the rest standard normal, the
-weight of the recurrence of scale 1/sqrt(d) (tests/ops/test_recurrence.py
+weight of the recurrence of scale 1/sqrt(d) (tests/ops/specs.py
 says why).
 """
 
@@ -77,8 +79,6 @@ def draw(shape, device, dtype, kind="normal"):
 # ---------------------------------------------------------------------------
 # mmrec::scan: gamma, x [B, T, ...], h0 [B, ...].
 
-# (name, x given, h0 given): every way scan's defaults combine.
-SCAN_MODES = [("cumprod", False, False), ("x", True, False), ("x_h0", True, True), ("h0", False, True)]
 FORWARD_AND_GRADIENTS = ("forward", "gradients")
 SCAN_SAMPLES = [
     # T = 1, prime T, no channel dims (one tile and several), two channels,
@@ -114,7 +114,7 @@ SCAN_SAMPLES = [
     # Small, for gradcheck (float64), gradgradcheck and opcheck.
     Sample((2, 6, 2, 3), uses=("gradcheck",)),
     Sample((2, 6, 2, 3), "BHTd_transposed", ("gradcheck",)),
-    Sample((2, 5, 3), uses=("gradgradcheck",)),
+    Sample((2, 5, 3), uses=("gradgradcheck", "bad_inputs")),
     Sample((2, 7, 3), uses=("opcheck",)),
     Sample((2, 5, 3, 4), "BHTd_transposed", ("opcheck",)),
     Sample((3, 1, 2), uses=("opcheck",)),
@@ -169,9 +169,6 @@ def scan_inputs(sample: Sample, device, dtype, with_x: bool, with_h0: bool):
 # ---------------------------------------------------------------------------
 # mmrec::recurrence: z, gamma [B, T, H, d], weight [H, d, d], bias [H, d], h0 [B, H, d].
 
-RECURRENCE_NAMES = ("z", "gamma", "weight", "bias", "h0")
-# (name, bias given, h0 given)
-RECURRENCE_MODES = [("plain", False, False), ("bias", True, False), ("h0", False, True), ("bias_h0", True, True)]
 RECURRENCE_SAMPLES = [
     # T = 1, prime T with d = 7, d = 16, d not a power of two, d = 64 (the
     # common case), d > 64.
@@ -191,18 +188,19 @@ RECURRENCE_SAMPLES = [
     Sample((2, 7, 2, 5), uses=("opcheck",)),
     Sample((2, 4, 3, 8), "strided", ("opcheck",)),
     Sample((3, 1, 1, 4), uses=("opcheck",)),
-    Sample((2, 5, 3, 4), uses=("compile",)),
+    Sample((2, 5, 3, 4), uses=("compile", "bad_inputs")),
     Sample((2, 11, 3, 4), uses=("compile",)),
     *(
         Sample(shape, uses=("empty",))
         for shape in [(2, 0, 3, 4), (0, 5, 3, 4), (0, 0, 2, 2), (2, 5, 3, 0), (2, 5, 0, 4)]
     ),
     # The Triton kernels under the interpreter: T = 1, prime T, more than one
-    # batch tile of 16, d = 24 (padded to 32); both parameters or one; strided;
-    # d below the smallest tile and d = 80 (padded to 128); empty.
+    # batch tile of 16 (at d = 64, over more steps than the 4 pipeline stages),
+    # d = 24 (padded to 32); both parameters or one; strided; d below the
+    # smallest tile and d = 80 (padded to 128); empty.
     Sample((1, 1, 2, 16), uses=("triton",)),
     Sample((3, 13, 2, 24), uses=("triton", "triton_bias_or_h0")),
-    Sample((17, 40, 1, 64), uses=("triton",)),
+    Sample((17, 11, 1, 64), uses=("triton",)),
     Sample((17, 7, 2, 24), "strided", ("triton_strided",)),
     Sample((3, 5, 2, 16), uses=("triton_saved_h",)),
     Sample((2, 6, 1, 5), uses=("triton_padded",)),
@@ -247,8 +245,6 @@ def recurrence_grad_output(sample: Sample, device, dtype):
 # ---------------------------------------------------------------------------
 # mmrec::decode_read: q [B, H, d], keys and values [B, H, K, d], mask [K].
 
-DECODE_READ_NAMES = ("q", "keys", "values", "mask")
-
 
 @dataclass(frozen=True)
 class ReadSample:
@@ -280,8 +276,9 @@ DECODE_READ_SAMPLES = [
     # both here and above.
     ReadSample((2, 3, 37, 24), "strided", ("strided", "triton_strided")),
     ReadSample((2, 4, 1031, 24), "strided", ("strided",)),
-    ReadSample((2, 2, 5, 3), uses=("gradcheck", "opcheck")),
-    ReadSample((2, 2, 5, 3), "strided", ("gradcheck", "opcheck")),
+    ReadSample((2, 2, 5, 3), uses=("gradcheck", "gradgradcheck", "opcheck")),
+    ReadSample((2, 2, 5, 3), "strided", ("gradcheck", "gradgradcheck", "opcheck")),
+    ReadSample((2, 3, 5, 4), uses=("bad_inputs",)),
     ReadSample((2, 3, 6, 4), uses=("compile",)),
     ReadSample((2, 3, 19, 4), uses=("compile",)),
     *(ReadSample(shape, uses=("empty",)) for shape in [(0, 3, 5, 4), (2, 0, 5, 4), (2, 3, 5, 0)]),
@@ -320,8 +317,6 @@ def decode_read_inputs(sample: ReadSample, device, dtype):
 # ---------------------------------------------------------------------------
 # mmrec::skinny_addmm: bias [N], x [M, K], weight [K, N].
 
-SKINNY_ADDMM_NAMES = ("bias", "x", "weight")
-
 
 @dataclass(frozen=True)
 class ProductSample:
@@ -349,8 +344,9 @@ SKINNY_ADDMM_SAMPLES = [
     # x every other column of a wider tensor, weight a [N, K] tensor seen through
     # .t() (a linear layer's weight), bias every other element.
     ProductSample((3, 97, 21), "strided", ("strided", "triton_strided")),
-    ProductSample((2, 5, 3), uses=("gradcheck", "opcheck")),
-    ProductSample((2, 5, 3), "strided", ("gradcheck", "opcheck")),
+    ProductSample((2, 5, 3), uses=("gradcheck", "gradgradcheck", "opcheck")),
+    ProductSample((2, 5, 3), "strided", ("gradcheck", "gradgradcheck", "opcheck")),
+    ProductSample((2, 5, 4), uses=("bad_inputs",)),
     ProductSample((2, 6, 4), uses=("compile",)),
     ProductSample((3, 19, 4), uses=("compile",)),
     *(ProductSample(shape, uses=("empty",)) for shape in [(0, 5, 4), (3, 0, 4), (3, 5, 0)]),
@@ -374,8 +370,6 @@ def skinny_addmm_inputs(sample: ProductSample, device, dtype):
 # ---------------------------------------------------------------------------
 # mmrec::memory_read: q [B, T, H, d], group [B, nb, G, 2, H d], group_mask [nb, Q, G],
 # tokens [B, W - 1 + T, 2, H d], first_token [] int64, window W.
-
-MEMORY_READ_NAMES = ("q", "group", "tokens")  # the differentiable inputs
 
 
 @dataclass(frozen=True)
@@ -429,7 +423,7 @@ MEMORY_READ_SAMPLES = [
     MemoryReadSample((3, 1, 2, 16, 4, 16, 4), uses=FORWARD_AND_GRADIENTS),
     MemoryReadSample((2, 37, 3, 24, 5, 16, 9), uses=(*FORWARD_AND_GRADIENTS, "one_output"), missing=3),
     MemoryReadSample((2, 29, 2, 40, 3, 5, 6), uses=FORWARD_AND_GRADIENTS, extra_blocks=2),
-    MemoryReadSample((1, 64, 2, 64, 8, 64, 16), uses=FORWARD_AND_GRADIENTS),
+    MemoryReadSample((1, 64, 2, 64, 8, 64, 16), uses=(*FORWARD_AND_GRADIENTS, "other_device")),
     MemoryReadSample((2, 23, 2, 24, 0, 8, 5), uses=(*FORWARD_AND_GRADIENTS, "one_output"), extra_blocks=1),
     MemoryReadSample((2, 17, 3, 8, 4, 4, 1), uses=FORWARD_AND_GRADIENTS),
     MemoryReadSample((2, 5, 1, 8, 0, 5, 1), uses=FORWARD_AND_GRADIENTS),
@@ -451,7 +445,7 @@ MEMORY_READ_SAMPLES = [
     MemoryReadSample((2, 5, 2, 4, 2, 3, 2), "strided", ("opcheck",)),
     MemoryReadSample((1, 1, 1, 4, 0, 2, 1), uses=("opcheck",)),
     # Two lengths (and block counts) of one graph, for torch.compile(dynamic=True).
-    MemoryReadSample((2, 5, 2, 4, 3, 4, 3), uses=("compile",)),
+    MemoryReadSample((2, 5, 2, 4, 3, 4, 3), uses=("compile", "bad_inputs")),
     MemoryReadSample((2, 11, 2, 4, 3, 4, 3), uses=("compile",)),
     # Empty time (no blocks, or one block past the end), batch or heads.
     MemoryReadSample((2, 0, 2, 4, 3, 4, 3), uses=("empty",)),

@@ -1,4 +1,7 @@
-"""torch.ops.mmrec.scan and scan_backward against the float64 loop reference."""
+"""What the contract (tests/ops/test_contract.py) does not check of torch.ops.mmrec.scan
+and scan_backward: long sequences over several tiles, upstream gradients in other
+layouts, large outputs, offsets past int32, each input in its own layout, pointer
+alignment, and the original system's validations."""
 
 from __future__ import annotations
 
@@ -7,116 +10,15 @@ import torch
 
 import mmrec_ops
 from mmrec_ops.reference import scan_reference
-from tests.helpers import (
-    DEVICES,
-    DTYPES,
-    UNIT_ROUNDOFF,
-    assert_close_rel,
-    assert_compiled_matches_eager,
-    call_kernel,
-    grad_tolerance,
-    nan_poison,
-    output_tolerance,
-)
-from tests.ops.samples import SCAN_MODES, SCAN_SAMPLES, Sample, draw, entries, params, scan_inputs, scan_seq
-
-
-def as_double_leaf(t):
-    return None if t is None else t.detach().double().cpu().requires_grad_()
-
-
-def reference_with_grads(gamma, x, h0, reverse, grad_h):
-    """Output and gradients of the float64 loop reference on upcast copies."""
-    g64, x64, h064 = (as_double_leaf(t) for t in (gamma, x, h0))
-    out = scan_reference(g64, x64, h064, reverse)
-    leaves = [t for t in (g64, x64, h064) if t is not None]
-    grads = (
-        torch.autograd.grad(out, leaves, grad_h.double().cpu())
-        if out.numel()
-        else [torch.zeros_like(t) for t in leaves]
-    )
-    return out.detach(), grads
-
-
-def scan_of_given(inputs, reverse):
-    """(fn, leaves): scan as a function of the inputs that are not None, for gradcheck."""
-    leaves = [t.detach().requires_grad_() for t in inputs if t is not None]
-
-    def fn(*args):
-        given = iter(args)
-        return mmrec_ops.scan(*(next(given) if t is not None else None for t in inputs), reverse=reverse)
-
-    return fn, leaves
-
-
-def opcheck_samples(device, dtype, requires_grad):
-    """(args, kwargs) for opcheck: the table's opcheck entries in every mode and both directions."""
-    samples = []
-    for sample in entries(SCAN_SAMPLES, "opcheck"):
-        for _, with_x, with_h0 in SCAN_MODES:
-            for reverse in (False, True):
-                inputs = scan_inputs(sample, device, dtype, with_x, with_h0)
-                args = [t.requires_grad_(requires_grad) if t is not None else None for t in inputs]
-                samples.append((tuple(args), {"reverse": reverse}))
-    return samples
-
-
-def check_forward(gamma, x, h0, reverse, dtype):
-    """scan (NaN-poisoned outputs) against the float64 loop on upcast copies."""
-    with nan_poison():
-        out = mmrec_ops.scan(gamma, x, h0, reverse=reverse)
-    assert out.dtype == dtype and out.shape == gamma.shape and out.is_contiguous()
-    ref = scan_reference(*(t.double().cpu() if t is not None else None for t in (gamma, x, h0)), reverse=reverse)
-    assert_close_rel(out, ref, output_tolerance(dtype))
-
-
-@pytest.mark.ops
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("reverse", [False, True], ids=["forward", "reverse"])
-@pytest.mark.parametrize("mode", SCAN_MODES, ids=[m[0] for m in SCAN_MODES])
-@pytest.mark.parametrize("sample", params(SCAN_SAMPLES, "forward"))
-def test_scan_matches_reference(sample, mode, reverse, dtype, device):
-    _, with_x, with_h0 = mode
-    check_forward(*scan_inputs(sample, device, dtype, with_x, with_h0), reverse, dtype)
-
-
-@pytest.mark.ops
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("reverse", [False, True], ids=["forward", "reverse"])
-@pytest.mark.parametrize("mode", SCAN_MODES[1:], ids=[m[0] for m in SCAN_MODES[1:]])
-@pytest.mark.parametrize("sample", params(SCAN_SAMPLES, "strided"))
-def test_scan_strided_inputs(sample, mode, reverse, dtype, device):
-    _, with_x, with_h0 = mode
-    gamma, x, h0 = scan_inputs(sample, device, dtype, with_x, with_h0)
-    assert not gamma.is_contiguous()
-    check_forward(gamma, x, h0, reverse, dtype)
+from tests.helpers import DEVICES, DTYPES, UNIT_ROUNDOFF, assert_close_rel, output_tolerance
+from tests.ops import specs
+from tests.ops.samples import SCAN_SAMPLES, Sample, draw, params, scan_inputs, scan_seq
+from tests.ops.specs import SCAN, Variant
 
 
 def check_gradients(gamma, x, h0, reverse, dtype, grad_h):
-    leaves = [t.detach().requires_grad_() if t is not None else None for t in (gamma, x, h0)]
-    with nan_poison():
-        out = mmrec_ops.scan(*leaves, reverse=reverse)
-        grads = torch.autograd.grad(out, [t for t in leaves if t is not None], grad_h)
-    ref_out, ref_grads = reference_with_grads(gamma, x, h0, reverse, grad_h)
-    assert_close_rel(out, ref_out, output_tolerance(dtype))
-    names = [n for n, t in zip(("gamma", "x", "h0"), leaves) if t is not None]
-    for name, grad, ref in zip(names, grads, ref_grads):
-        assert grad.dtype == dtype
-        assert_close_rel(grad, ref, grad_tolerance(dtype), what=f"grad of {name}")
-
-
-@pytest.mark.grad
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("reverse", [False, True], ids=["forward", "reverse"])
-@pytest.mark.parametrize("mode", SCAN_MODES, ids=[m[0] for m in SCAN_MODES])
-@pytest.mark.parametrize("sample", params(SCAN_SAMPLES, "gradients"))
-def test_scan_gradients_match_reference(sample, mode, reverse, dtype, device):
-    _, with_x, with_h0 = mode
-    gamma, x, h0 = scan_inputs(sample, device, dtype, with_x, with_h0)
-    check_gradients(gamma, x, h0, reverse, dtype, draw(gamma.shape, device, dtype))
+    """scan's output and gradients (NaN-poisoned) for grad_h against the float64 loop's."""
+    specs.check_gradients(SCAN, None, (gamma, x, h0), Variant(kwargs={"reverse": reverse}), dtype, (grad_h,))
 
 
 @pytest.mark.grad
@@ -215,86 +117,6 @@ def test_scan_pointer_alignment(sample, dtype, device):
         check_gradients(gamma, x, h0, False, dtype, grad_h)
 
 
-@pytest.mark.grad
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("reverse", [False, True], ids=["forward", "reverse"])
-@pytest.mark.parametrize("mode", SCAN_MODES, ids=[m[0] for m in SCAN_MODES])
-@pytest.mark.parametrize("sample", params(SCAN_SAMPLES, "gradcheck"))
-def test_scan_gradcheck(sample, mode, reverse, device):
-    _, with_x, with_h0 = mode
-    inputs = scan_inputs(sample, device, torch.float64, with_x, with_h0)
-    assert torch.autograd.gradcheck(*scan_of_given(inputs, reverse))
-
-
-@pytest.mark.opcheck
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
-@pytest.mark.parametrize("requires_grad", [False, True], ids=["no_grad", "requires_grad"])
-def test_scan_opcheck(requires_grad, dtype, device):
-    for args, kwargs in opcheck_samples(device, dtype, requires_grad):
-        torch.library.opcheck(torch.ops.mmrec.scan.default, args, kwargs)
-
-
-@pytest.mark.grad
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("reverse", [False, True], ids=["forward", "reverse"])
-@pytest.mark.parametrize("mode", SCAN_MODES, ids=[m[0] for m in SCAN_MODES])
-@pytest.mark.parametrize("sample", params(SCAN_SAMPLES, "gradgradcheck"))
-def test_scan_gradgradcheck(sample, mode, reverse, device):
-    """Second derivatives, through scan_backward's own autograd formula."""
-    _, with_x, with_h0 = mode
-    inputs = scan_inputs(sample, device, torch.float64, with_x, with_h0)
-    assert torch.autograd.gradgradcheck(*scan_of_given(inputs, reverse))
-
-
-@pytest.mark.opcheck
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
-@pytest.mark.parametrize("requires_grad", [False, True], ids=["no_grad", "requires_grad"])
-def test_scan_backward_opcheck(requires_grad, dtype, device):
-    for (gamma, x, h0), kwargs in opcheck_samples(device, dtype, requires_grad=False):
-        h = mmrec_ops.scan(gamma, x, h0, **kwargs)
-        grad_h = torch.randn_like(h)
-        tensors = [t.requires_grad_(requires_grad) if t is not None else None for t in (grad_h, gamma, h, h0)]
-        args = (*tensors, x is not None, kwargs["reverse"])
-        torch.library.opcheck(torch.ops.mmrec.scan_backward.default, args)
-
-
-@pytest.mark.compile
-@pytest.mark.parametrize("device", DEVICES)
-def test_scan_compiles_without_graph_break(device):
-    def loss_fn(gamma, x, h0):
-        h = mmrec_ops.scan(gamma, x, h0)
-        return (h * mmrec_ops.cumprod(gamma, reverse=True)).square().mean()
-
-    assert_compiled_matches_eager(
-        loss_fn,
-        [
-            [t.requires_grad_() for t in scan_inputs(sample, device, torch.float32, True, True)]
-            for sample in entries(SCAN_SAMPLES, "compile")
-        ],
-    )
-
-
-@pytest.mark.ops
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("reverse", [False, True], ids=["forward", "reverse"])
-@pytest.mark.parametrize("sample", params(SCAN_SAMPLES, "empty"))
-def test_scan_empty(sample, reverse, device):
-    """Empty batch, time or channel dims give empty results (an empty channel
-    dim once divided by zero in the CPU kernels' tiling)."""
-    gamma, x, h0 = scan_inputs(sample, device, torch.float32, True, True)
-    for args in ((gamma,), (gamma, x, h0)):
-        leaves = [t.requires_grad_() for t in args]
-        out = mmrec_ops.scan(*leaves, reverse=reverse)
-        assert out.shape == gamma.shape
-        grads = torch.autograd.grad(out, leaves, torch.ones_like(out))
-        for leaf, grad in zip(leaves, grads):
-            assert grad.shape == leaf.shape
-        if len(args) == 3:  # h0 does not reach any output when T = 0
-            assert torch.equal(grads[2], torch.zeros_like(h0))
-
-
 @pytest.mark.ops
 @pytest.mark.parametrize("T", [128, 1024, 8192])
 def test_seed_validation_bf16_cumprod(T):
@@ -337,43 +159,3 @@ def test_scan_float32_accuracy_at_65536_steps():
     out = mmrec_ops.scan(gamma.float(), x.float())
     ref = scan_reference(gamma.float().double(), x.float().double())
     assert_close_rel(out, ref, 1e-5)
-
-
-def bad_scan_inputs():
-    g = torch.rand(2, 5, 3)
-    return [
-        ("int_gamma", (torch.ones(2, 5, 3, dtype=torch.int64),), "gamma to be float32"),
-        ("int_x", (g, torch.ones(2, 5, 3, dtype=torch.int32)), "x to have the dtype of gamma"),
-        ("mixed_dtype", (g, torch.rand(2, 5, 3, dtype=torch.float64)), "x to have the dtype of gamma"),
-        ("gamma_rank1", (torch.rand(5),), r"gamma of shape \[B, T, ...\]"),
-        ("x_shape", (g, torch.rand(2, 4, 3)), r"x of shape \[2, 5, 3\]"),
-        ("h0_shape", (g, torch.rand(2, 5, 3), torch.rand(2, 5, 3)), r"h0 of shape \[2, 3\]"),
-        ("h0_dtype", (g, None, torch.rand(2, 3, dtype=torch.float16)), "h0 to have the dtype of gamma"),
-    ]
-
-
-@pytest.mark.ops
-@pytest.mark.parametrize("kernel", ["cpu", "fake"])
-@pytest.mark.parametrize("case", bad_scan_inputs(), ids=[c[0] for c in bad_scan_inputs()])
-def test_scan_bad_inputs_raise_clear_errors(case, kernel):
-    _, args, message = case
-    with pytest.raises(ValueError, match=message):
-        call_kernel(torch.ops.mmrec.scan, args, kernel)
-
-
-@pytest.mark.ops
-def test_scan_mixed_devices_raise_clear_errors():
-    """A tensor on another device (meta stands in for one on machines without a GPU)."""
-    with pytest.raises(ValueError, match=r"x to be on the device of gamma \(cpu\), got meta"):
-        torch.ops.mmrec.scan(torch.rand(2, 3, 4), torch.rand(2, 3, 4, device="meta"))
-    with pytest.raises(ValueError, match=r"h0 to be on the device of gamma \(meta\), got cpu"):
-        torch.ops.mmrec.scan(torch.rand(2, 3, 4, device="meta"), None, torch.rand(2, 4))
-
-
-@pytest.mark.ops
-def test_scan_backward_bad_inputs():
-    g = torch.rand(2, 5, 3)
-    with pytest.raises(ValueError, match=r"grad_h of shape \[2, 5, 3\]"):
-        torch.ops.mmrec.scan_backward(torch.rand(2, 4, 3), g, g, None, True, False)
-    with pytest.raises(ValueError, match="h to have the dtype of gamma"):
-        torch.ops.mmrec.scan_backward(g, g, g.double(), None, True, False)

@@ -1,8 +1,8 @@
-"""The Triton host layer of both ops (mmrec_ops/triton/_common.py): which
+"""The Triton host layer of the ops (mmrec_ops/triton/_common.py): which
 launch path a Triton version takes, and that a launch runs on its tensors'
 device. Without a GPU, the plan launches fake kernels with fake tensors; the
 interpreter tests run the JITFunction.run path with real kernels; with two
-GPUs, both ops run on the one that is not current."""
+GPUs, tests/ops/test_contract.py runs every op on the one that is not current."""
 
 from __future__ import annotations
 
@@ -11,20 +11,7 @@ import contextlib
 import pytest
 import torch
 
-import mmrec_ops
 from mmrec_ops.triton import _common
-from tests.helpers import assert_close_rel, grad_tolerance, output_tolerance
-from tests.ops.samples import (
-    DECODE_READ_SAMPLES,
-    RECURRENCE_SAMPLES,
-    SCAN_SAMPLES,
-    SKINNY_ADDMM_SAMPLES,
-    decode_read_inputs,
-    entries,
-    recurrence_inputs,
-    scan_inputs,
-    skinny_addmm_inputs,
-)
 
 pytestmark = pytest.mark.triton
 
@@ -152,38 +139,3 @@ def test_direct_path_launches_on_the_tensors_device(devices, device, monkeypatch
     # Another alignment of a pointer is another compiled kernel.
     plan.launch(FakeTensor(device, address=1032), FakeTensor(device, address=1028))
     assert len(kernel.jit_calls) == 2
-
-
-@pytest.mark.gpu
-@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
-def test_ops_run_on_a_gpu_other_than_the_current_one():
-    """Every op, forward and backward, on cuda:1 while cuda:0 is current: the
-    same results as on the CPU."""
-    torch.cuda.set_device(0)
-    (scan_sample,), (recurrence_sample,) = (
-        entries(SCAN_SAMPLES, "other_device"),
-        entries(RECURRENCE_SAMPLES, "other_device"),
-    )
-    (read_sample,), (product_sample,) = (
-        entries(DECODE_READ_SAMPLES, "other_device"),
-        entries(SKINNY_ADDMM_SAMPLES, "other_device"),
-    )
-    cases = [
-        (mmrec_ops.scan, scan_inputs(scan_sample, "cpu", torch.float32, True, True)),
-        (mmrec_ops.recurrence, recurrence_inputs(recurrence_sample, "cpu", torch.float32)),
-        (mmrec_ops.decode_read, decode_read_inputs(read_sample, "cpu", torch.float32)),
-        (mmrec_ops.skinny_addmm, skinny_addmm_inputs(product_sample, "cpu", torch.float32)),
-    ]
-    for op, inputs in cases:
-        results = []
-        for device in ("cpu", "cuda:1"):
-            leaves = [t.detach().to(device).requires_grad_() for t in inputs]
-            out = op(*leaves)
-            grads = torch.autograd.grad(out, leaves, torch.ones_like(out))
-            results.append([out, *grads])
-        assert torch.cuda.current_device() == 0
-        (out, *grads), (out1, *grads1) = results
-        assert out1.device == torch.device("cuda:1")
-        assert_close_rel(out1, out, output_tolerance(torch.float32))
-        for g1, g in zip(grads1, grads):
-            assert_close_rel(g1, g, grad_tolerance(torch.float32), what="gradient")

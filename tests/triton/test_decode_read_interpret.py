@@ -12,9 +12,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mmrec_ops.reference import decode_read_reference
-from tests.helpers import DTYPES, INTERPRETER_ONLY, check_output
+from tests.helpers import DTYPES, INTERPRETER_ONLY
 from tests.ops.samples import DECODE_READ_SAMPLES, decode_read_inputs, params
+from tests.ops.specs import DECODE_READ, Variant, check_forward
 
 pytestmark = [pytest.mark.triton, INTERPRETER_ONLY]
 OP = "decode_read"  # the launchers under test: mmrec_ops.triton.<OP> (the `interpreted` fixture)
@@ -22,7 +22,7 @@ H100_SMS = 132  # what the launchers assume for CPU tensors
 
 
 def check(interpreted, inputs, dtype):
-    check_output(interpreted.decode_read, decode_read_reference, inputs, dtype)
+    check_forward(DECODE_READ, inputs, Variant(), dtype, op=interpreted.decode_read)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)

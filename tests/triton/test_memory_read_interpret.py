@@ -1,6 +1,6 @@
 """The Triton kernels of mmrec::memory_read and memory_read_backward, run by Triton's
 interpreter on CPU tensors (TRITON_INTERPRET=1), against the float64 reference: a broken
-CUDA kernel fails CI, which has no GPU. Tolerances as in tests/ops/test_memory_read.py.
+CUDA kernel fails CI, which has no GPU. Tolerances as in the ops' (tests/ops/specs.py).
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import torch
 
 from tests.helpers import DTYPES, INTERPRETER_ONLY, nan_poison
 from tests.ops.samples import MEMORY_READ_SAMPLES, memory_read_inputs, params
-from tests.ops.test_memory_read import check_gradients_of, upstream_grads
+from tests.ops.specs import MEMORY_READ, Variant, check_against_reference
 
 pytestmark = [pytest.mark.triton, INTERPRETER_ONLY]
 OP = "memory_read"  # the launchers under test: mmrec_ops.triton.<OP> (the `interpreted` fixture)
@@ -19,13 +19,14 @@ OP = "memory_read"  # the launchers under test: mmrec_ops.triton.<OP> (the `inte
 def check_launchers(interpreted, inputs, dtype):
     """The launchers' forward and backward (NaN-poisoned) against the reference."""
     q, group, group_mask, tokens, first_token, window = inputs
-    grad_out, grad_lse = upstream_grads(inputs, dtype)
     with nan_poison():
         out, lse = interpreted.memory_read(*inputs)
+        grad_out, grad_lse = MEMORY_READ.grad_outputs(None, (out, lse))
         grads = interpreted.memory_read_backward(
             grad_out, grad_lse, q, group, group_mask, tokens, first_token, out, lse, window
         )
-    check_gradients_of(inputs, dtype, out, lse, grads, grad_out, grad_lse)
+    grads = dict(zip(MEMORY_READ.differentiable, grads))
+    check_against_reference(MEMORY_READ, inputs, Variant(), dtype, (out, lse), grads, (grad_out, grad_lse))
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)

@@ -36,15 +36,9 @@ import torch
 
 from mmrec_ops.reference import recurrence_reference
 from tests.helpers import DTYPES, INTERPRETER_ONLY, assert_close_rel, grad_tolerance, nan_poison, output_tolerance
-from tests.ops.samples import (
-    RECURRENCE_NAMES,
-    RECURRENCE_SAMPLES,
-    draw,
-    params,
-    recurrence_grad_output,
-    recurrence_inputs,
-)
-from tests.ops.test_recurrence import reference_with_grads, wide_head_inputs
+from tests.ops.samples import RECURRENCE_SAMPLES, draw, params, recurrence_grad_output, recurrence_inputs
+from tests.ops.specs import RECURRENCE, RECURRENCE_NAMES, Variant, reference_gradients
+from tests.ops.test_recurrence import wide_head_inputs
 
 pytestmark = [pytest.mark.triton, INTERPRETER_ONLY]
 OP = "recurrence"  # the launchers under test: mmrec_ops.triton.<OP> (the `interpreted` fixture)
@@ -101,7 +95,7 @@ def check_against_reference(interpreted, inputs, dtype, grad_h=None):
         grad_h = draw(z.shape, "cpu", dtype)
     h, grads = run_both(interpreted, inputs, grad_h)
     assert h.dtype == dtype and h.shape == z.shape and h.is_contiguous()
-    ref_h, ref_grads = reference_with_grads(inputs, grad_h)
+    (ref_h,), ref_grads = reference_gradients(RECURRENCE, inputs, Variant(), (grad_h,))
     assert_close_rel(h, ref_h, output_tolerance(dtype))
 
     for name, grad, ref in zip(RECURRENCE_NAMES, grads, reference_at_saved_state(inputs, h, grad_h)):
@@ -109,8 +103,7 @@ def check_against_reference(interpreted, inputs, dtype, grad_h=None):
         assert_close_rel(grad, ref, output_tolerance(dtype), what=f"grad of {name} (at the saved h)")
     if dtype in (torch.float32, torch.float64):
         actual = dict(zip(RECURRENCE_NAMES, grads))
-        given = [name for name, t in zip(RECURRENCE_NAMES, inputs) if t is not None]
-        for name, ref in zip(given, ref_grads):
+        for name, ref in ref_grads.items():
             assert_close_rel(actual[name], ref, grad_tolerance(dtype), what=f"grad of {name}")
 
 

@@ -12,16 +12,16 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mmrec_ops.reference import skinny_addmm_reference
-from tests.helpers import DTYPES, INTERPRETER_ONLY, check_output
+from tests.helpers import DTYPES, INTERPRETER_ONLY
 from tests.ops.samples import SKINNY_ADDMM_SAMPLES, params, skinny_addmm_inputs
+from tests.ops.specs import SKINNY_ADDMM, Variant, check_forward
 
 pytestmark = [pytest.mark.triton, INTERPRETER_ONLY]
 OP = "skinny_addmm"  # the launchers under test: mmrec_ops.triton.<OP> (the `interpreted` fixture)
 
 
 def check(interpreted, inputs, dtype):
-    check_output(interpreted.skinny_addmm, skinny_addmm_reference, inputs, dtype)
+    check_forward(SKINNY_ADDMM, inputs, Variant(), dtype, op=interpreted.skinny_addmm)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
