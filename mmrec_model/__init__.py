@@ -1,4 +1,4 @@
-"""MM-Rec language model (DESIGN.md section 2).
+"""MM-Rec language model (docs/design.md section 2).
 
 from mmrec_model import MMRecConfig, MMRecModel
 model = MMRecModel(MMRecConfig.preset("tiny", mode="parallel"))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-# 'none' removes the short-term memory: an ablation for bench/quality.py.
+# 'none' removes the short-term memory: an ablation for bench.quality.
 MODES = ("exact", "parallel", "none")
 READ_KERNELS = ("auto", "memory_read", "sdpa")
 
@@ -20,7 +20,7 @@ PRESETS = {
 
 @dataclass
 class MMRecConfig:
-    """Hyperparameters of ``MMRecModel``; see DESIGN.md section 2.
+    """Hyperparameters of ``MMRecModel``; see docs/design.md section 2.
 
     Serialisable: ``MMRecConfig(**dataclasses.asdict(config)) == config``.
 

@@ -1,4 +1,4 @@
-"""HDS, the hierarchical long-term memory (DESIGN.md 2.2).
+"""HDS, the hierarchical long-term memory (docs/design.md 2.2).
 
 Level l of the memory holds entries that each summarise S * 4^l consecutive
 tokens: entry i of level l is the mean of the keys and values of tokens

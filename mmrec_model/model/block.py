@@ -24,7 +24,7 @@ from .read import MultiMemoryAttention
 
 
 class MMRecBlock(nn.Module):
-    """One MM-Rec block (DESIGN.md 2.1), x ``[B, T, D]`` -> ``[B, T, D]``:
+    """One MM-Rec block (docs/design.md 2.1), x ``[B, T, D]`` -> ``[B, T, D]``:
 
         u          = RMSNorm(x)
         q, k, v, z = split(u W_in)

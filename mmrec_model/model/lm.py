@@ -19,7 +19,7 @@ INDEX_DTYPES = (torch.int64, torch.int32)
 
 class MMRecModel(nn.Module):
     """Token embedding, ``n_layers`` MMRecBlocks, final RMSNorm, output head tied to the
-    embedding (DESIGN.md 2.3).
+    embedding (docs/design.md 2.3).
 
         logits, state = model(ids)                       # ids [B, T] -> logits [B, T, V]
         logits, state = model(more_ids, state)           # continues the same sequences

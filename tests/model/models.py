@@ -49,7 +49,7 @@ def assert_logits_and_grads_close(model, logits, grads, expected_logits, expecte
 
 
 def reference_visible(kv: Tensor, p: int, segment_len: int, n_levels: int, slots: int) -> Tensor:
-    """The memory entries token p may read, straight from DESIGN.md 2.2: kv ``[B, N, 2, D]``
+    """The memory entries token p may read, straight from docs/design.md 2.2: kv ``[B, N, 2, D]``
     holds the whole history; level-l entry i is the mean over tokens [i S 4^l, (i+1) S 4^l),
     visible iff floor(j / 4^l) - M <= i < floor(j / 4^l) with j = floor(p / S).
     Returns ``[B, n, 2, D]``."""
@@ -76,7 +76,7 @@ def reference_attention(q: Tensor, kv: Tensor) -> Tensor:
 
 
 def reference_short_term(block, z: Tensor, k: Tensor, config: MMRecConfig) -> Tensor:
-    """h ``[B, T, H, d]`` of DESIGN.md 2.1 with the float64 reference loops (0 in mode 'none')."""
+    """h ``[B, T, H, d]`` of docs/design.md 2.1 with the float64 reference loops (0 in mode 'none')."""
     H, d = config.n_heads, config.head_dim
     if config.mode == "none":
         return z.new_zeros(*z.shape[:2], H, d)
@@ -90,7 +90,7 @@ def reference_short_term(block, z: Tensor, k: Tensor, config: MMRecConfig) -> Te
 
 def reference_block(block, x: Tensor, config: MMRecConfig) -> Tensor:
     """MMRecBlock's forward from an empty state, as loops over time that follow
-    DESIGN.md 2.1-2.2 literally (the block's own submodules supply the weights): token p
+    docs/design.md 2.1-2.2 literally (the block's own submodules supply the weights): token p
     reads the persistent slots, the long-term entries it may see and the keys and values
     of tokens p - W < s <= p, in one softmax."""
     B, T, D = x.shape

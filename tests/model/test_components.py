@@ -1,5 +1,5 @@
 """MDI, multi-memory attention (the working memory's window, HDS's visibility rule) and
-MMRecBlock, each against a float64 reference written from DESIGN.md."""
+MMRecBlock, each against a float64 reference written from docs/design.md."""
 
 from __future__ import annotations
 
@@ -132,7 +132,7 @@ CHUNK_SCHEDULES = {
 
 @pytest.mark.parametrize("schedule", list(CHUNK_SCHEDULES), ids=str)
 def test_hds_visibility_rule(schedule):
-    """Each token sees exactly the long-term entries DESIGN.md 2.2 allows (levels filled
+    """Each token sees exactly the long-term entries docs/design.md 2.2 allows (levels filled
     and wrapped: S = 2, levels of 2/8/32 tokens, M = 3), whatever the chunking: those
     its query block gathers (``read_source``) and its row of ``read_mask`` keeps."""
     S, L, M, B, D, N, P = 2, 3, 3, 2, 5, 600, 2

@@ -151,7 +151,7 @@ def test_seed_validation_extreme_decay(value, dtype):
 @pytest.mark.long
 @pytest.mark.ops
 def test_scan_float32_accuracy_at_65536_steps():
-    """DESIGN 1.1: relative error at most 1e-5 for float32 and T up to 65536,
+    """docs/design.md 1.1: relative error at most 1e-5 for float32 and T up to 65536,
     with gamma close to 1 so that errors carry over many steps."""
     T = 65536
     gamma = 1 - 0.01 * torch.rand(1, T, 16, dtype=torch.float64)
