@@ -20,3 +20,9 @@ def fresh_seed():
     print(f"MMREC_TEST_SEED={seed}")
     torch.manual_seed(seed)
     yield seed
+
+
+def pytest_collection_modifyitems(items):
+    """The `install` test first: it compiles the library in a fresh venv for minutes, so
+    with `-n 2` (scripts/test.sh) one worker builds while the other runs the rest."""
+    items.sort(key=lambda item: item.get_closest_marker("install") is None)
