@@ -191,6 +191,31 @@ def non_finite_entries(state_dict: dict) -> list[str]:
     ]
 
 
+# Fields of older checkpoints' model_config, each with the one value the model still has
+# (its only reading now); any other value names a variant that was removed.
+RETIRED_FIELDS = {"memory_read": "joint", "entry_summary": "mean"}
+RETIRED_VALUES = {"read_kernel": "flex"}
+
+
+def model_config_of(fields: dict, source: str | os.PathLike) -> MMRecConfig:
+    """The MMRecConfig of a checkpoint's ``model_config``, an older checkpoint's too: a
+    retired field at the value the model still has is dropped; a removed variant is a
+    CheckpointError naming it (bench/results/decisions.md says why it was removed)."""
+    fields = dict(fields)
+    for name, kept in RETIRED_FIELDS.items():
+        value = fields.pop(name, kept)
+        if value != kept:
+            raise CheckpointError(
+                f"{source}: the checkpoint's model uses {name}={value!r}, a variant this version removed"
+            )
+    for name, removed in RETIRED_VALUES.items():
+        if fields.get(name) == removed:
+            raise CheckpointError(
+                f"{source}: the checkpoint's model uses {name}={removed!r}, a variant this version removed"
+            )
+    return MMRecConfig(**fields)
+
+
 def model_from_checkpoint(checkpoint: dict, device: torch.device, source: str | os.PathLike) -> torch.nn.Module:
     """The checkpoint's model (its ``model_config`` and weights) on ``device``, in eval
     mode: the one way ``generate``, ``pretrain --resume`` and the benches load a model.
@@ -203,7 +228,7 @@ def model_from_checkpoint(checkpoint: dict, device: torch.device, source: str | 
             f"{', ...' if len(non_finite) > 3 else ''}): it comes from a run that diverged"
         )
     try:
-        model = MMRecModel(MMRecConfig(**checkpoint["model_config"]))
+        model = MMRecModel(model_config_of(checkpoint["model_config"], source))
         model.load_state_dict(checkpoint["model"])
     except (TypeError, ValueError, RuntimeError) as err:
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import math
 import os
@@ -10,6 +11,7 @@ import os
 import pytest
 import torch
 
+from mmrec_model import MMRecConfig, MMRecModel
 from mmrec_model.pretrain import PretrainSettings, UsageError, resumed_config
 from mmrec_model.training import Trainer, TrainSettings, make_optimizer, make_scheduler, train_step
 from mmrec_model.training import checkpoint as C
@@ -218,3 +220,26 @@ def test_non_finite_entries_names_the_tensors_holding_nan_or_inf():
         "n": torch.ones(2, dtype=torch.long),
     }
     assert C.non_finite_entries(state) == ["b", "c"]
+
+
+def older_checkpoint(**retired) -> dict:
+    """A checkpoint of the `tiny` model as an older version wrote it: its model_config with
+    the retired fields."""
+    config = MMRecConfig.preset("tiny")
+    fields = {**dataclasses.asdict(config), **retired}
+    return {**make_checkpoint(), "model": MMRecModel(config).state_dict(), "model_config": fields}
+
+
+def test_an_older_checkpoint_of_the_model_as_it_reads_now_loads():
+    checkpoint = older_checkpoint(memory_read="joint", entry_summary="mean")
+    model = C.model_from_checkpoint(checkpoint, torch.device("cpu"), "old.pt")
+    assert model.config == MMRecConfig.preset("tiny")
+
+
+@pytest.mark.parametrize(
+    "retired", [{"memory_read": "gated"}, {"entry_summary": "best"}, {"read_kernel": "flex"}], ids=str
+)
+def test_an_older_checkpoint_of_a_removed_variant_is_refused_by_name(retired):
+    ((name, value),) = retired.items()
+    with pytest.raises(C.CheckpointError, match=f"old.pt: .*{name}='{value}', a variant this version removed"):
+        C.model_from_checkpoint(older_checkpoint(**retired), torch.device("cpu"), "old.pt")
