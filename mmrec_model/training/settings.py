@@ -25,9 +25,9 @@ class TrainSettings:
     then falls by a cosine to lr * MIN_LR_RATIO at `steps`. log_every: steps per point of
     the training curve; compile: train through torch.compile; device: where.
 
-    The defaults are pretrain's demo: `tiny` on 2 CPU cores in about five minutes (1200
-    steps of 8 x 256 bytes; among the learning rates, batch shapes and modes tried, this
-    gave the lowest validation loss in that time).
+    The defaults are pretrain's demo: `tiny` on 2 CPU cores, 1200 steps of 8 x 256 bytes
+    (among the learning rates, batch shapes and modes tried for a run of a few minutes,
+    this gave the lowest validation loss; its time is in the README).
     """
 
     steps: int = 1200
