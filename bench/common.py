@@ -16,6 +16,7 @@ import torch
 
 import mmrec_ops
 from mmrec_model import MMRecModel
+from mmrec_model.training.loop import synchronize
 
 
 def keep_freed_memory() -> None:
@@ -24,12 +25,6 @@ def keep_freed_memory() -> None:
     m_trim_threshold, m_mmap_threshold = -1, -3
     libc.mallopt(m_mmap_threshold, 1 << 30)
     libc.mallopt(m_trim_threshold, (1 << 31) - 1)
-
-
-def synchronize(device: str) -> None:
-    """Waits for the GPU's queued work when device is 'cuda' (the CPU's is done on return)."""
-    if device == "cuda":
-        torch.cuda.synchronize()
 
 
 def sample_time_ms(fn, device: str) -> float:

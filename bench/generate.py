@@ -34,12 +34,13 @@ from pathlib import Path
 
 import torch
 
-from bench.common import apply_smoke, markdown_table, synchronize, versions, write_results
+from bench.common import apply_smoke, markdown_table, versions, write_results
 from bench.transformer import KVCache, StaticDecoder, Transformer, TransformerConfig
 from mmrec_model import MMRecConfig, MMRecModel
 from mmrec_model.decode import Decoder
 from mmrec_model.memory import MemoryState, span_len
 from mmrec_model.training import pick_device
+from mmrec_model.training.loop import synchronize
 
 MMREC_PATHS = ("mmrec-graphs", "mmrec-decoder", "mmrec-step")
 TRANSFORMER_PATHS = ("transformer-kv", "transformer-kv-compiled")

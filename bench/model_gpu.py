@@ -45,13 +45,13 @@ from bench.common import (
     compile_blocks,
     markdown_table,
     model_logits,
-    synchronize,
     versions,
     write_results,
 )
 from bench.transformer import KVCache, Transformer, TransformerConfig
 from mmrec_model import MMRecConfig, MMRecModel
 from mmrec_model.training import autocast, next_byte_loss
+from mmrec_model.training.loop import synchronize
 
 ARCHS = ("transformer", "mmrec-parallel", "mmrec-exact")
 

@@ -27,10 +27,11 @@ import torch
 from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
-from bench.common import compile_blocks, markdown_table, model_logits, synchronize, versions, write_results
+from bench.common import compile_blocks, markdown_table, model_logits, versions, write_results
 from bench.quality.run import build_model
 from bench.quality.settings import Settings, model_config
 from mmrec_model.training import autocast, next_byte_loss
+from mmrec_model.training.loop import synchronize
 
 # variant: (bench.quality arch, MMRecConfig overrides)
 VARIANTS = {

@@ -41,9 +41,9 @@ class Progress:
         return self.steady_steps * tokens_per_step / self.steady_s if self.steady_steps else None
 
 
-def synchronize(device: torch.device) -> None:
+def synchronize(device: torch.device | str) -> None:
     """Waits for the GPU's queued work (the CPU's is done on return): a clock reads after it."""
-    if device.type == "cuda":
+    if torch.device(device).type == "cuda":
         torch.cuda.synchronize(device)
 
 
