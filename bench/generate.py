@@ -38,7 +38,7 @@ from bench.common import apply_smoke, markdown_table, versions, write_results
 from bench.transformer import KVCache, StaticDecoder, Transformer, TransformerConfig
 from mmrec_model import MMRecConfig, MMRecModel
 from mmrec_model.decode import Decoder
-from mmrec_model.memory import MemoryState, span_len
+from mmrec_model.memory import MemoryState
 from mmrec_model.training import pick_device
 from mmrec_model.training.loop import synchronize
 
@@ -64,10 +64,10 @@ def build(family: str, preset: str, device: torch.device) -> torch.nn.Module:
 
 
 def warm_up_tokens(path: str, config) -> int:
-    """mmrec-graphs: two of the longest span of the long-term memory, so that each plan
-    (which sums restart, which entries complete) has come twice, its graph captured."""
-    if path == "mmrec-graphs" and config.n_levels:
-        return max(WARM_UP, 2 * span_len(config.segment_len, config.n_levels - 1))
+    """mmrec-graphs: two segments of the long-term memory, so that each plan (whether the
+    token starts or completes its segment) has come twice, its graph captured."""
+    if path == "mmrec-graphs" and config.top_k:
+        return max(WARM_UP, 2 * config.segment_len)
     return WARM_UP
 
 

@@ -44,8 +44,8 @@ VARIANTS = {
     "mmrec-no-longterm": ("mmrec-no-longterm", {}),
     "mmrec-parallel-no-longterm": ("mmrec-no-longterm", {"mode": "parallel"}),
     "mmrec-no-recurrence": ("mmrec-no-recurrence", {}),
-    "mmrec-window-only": ("mmrec-no-recurrence", {"n_levels": 0}),
-    "mmrec-window-only-sdpa": ("mmrec-no-recurrence", {"n_levels": 0, "read_kernel": "sdpa"}),
+    "mmrec-window-only": ("mmrec-no-recurrence", {"top_k": 0}),
+    "mmrec-window-only-sdpa": ("mmrec-no-recurrence", {"top_k": 0, "read_kernel": "sdpa"}),
 }
 SMOKE_SIZES = {"dim": 32, "n_layers": 2, "n_heads": 2, "window": 16}
 KERNEL_ROWS = 25

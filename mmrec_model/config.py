@@ -34,10 +34,13 @@ class MMRecConfig:
             an ablation).
         window: W, tokens of the working memory: token t reads the keys and values
             of tokens t - W < s <= t (0: no working memory, an ablation).
-        segment_len: S, tokens per level-0 memory entry.
-        n_levels: L, levels of the hierarchical memory; a level-l entry covers S * 4^l
-            tokens (0: no long-term memory, an ablation).
-        level_slots: M_l, the most recent entries each level keeps.
+        segment_len: S, tokens per segment of the long-term memory (its unit of storage
+            and of retrieval).
+        memory_tokens: raw tokens the long-term store keeps per sequence, a multiple of S
+            (N = memory_tokens / S segment slots, the one in progress included): the most
+            recent N - 1 complete segments are retrievable.
+        top_k: segments each token retrieves from the long-term store, by its index (0: no
+            long-term memory, an ablation).
         persistent_slots: P >= 1 learned memory slots per block, always visible (so no
             query attends to an empty set).
         read_kernel: how a chunk's read is computed: 'memory_read',
@@ -58,8 +61,8 @@ class MMRecConfig:
     mode: str = "exact"
     window: int = 256
     segment_len: int = 64
-    n_levels: int = 3
-    level_slots: int = 32
+    memory_tokens: int = 65536
+    top_k: int = 4
     persistent_slots: int = 16
     read_kernel: str = "auto"
     ffn_mult: int = 4
@@ -74,12 +77,12 @@ class MMRecConfig:
             "n_heads",
             "window",
             "segment_len",
-            "n_levels",
-            "level_slots",
+            "memory_tokens",
+            "top_k",
             "persistent_slots",
             "ffn_mult",
         ):
-            value, least = getattr(self, name), 0 if name in ("window", "n_levels") else 1
+            value, least = getattr(self, name), 0 if name in ("window", "top_k") else 1
             if isinstance(value, bool) or not isinstance(value, int) or value < least:
                 kind = "an int >= 0" if least == 0 else "a positive int"
                 raise ValueError(f"MMRecConfig.{name}: expected {kind}, got {value!r}")
@@ -93,12 +96,22 @@ class MMRecConfig:
             raise ValueError(f"MMRecConfig.read_kernel: expected one of {READ_KERNELS}, got {self.read_kernel!r}")
         if self.dim % self.n_heads != 0:
             raise ValueError(f"MMRecConfig.dim: expected a multiple of n_heads ({self.n_heads}), got {self.dim}")
+        if self.memory_tokens % self.segment_len or self.memory_tokens < 2 * self.segment_len:
+            raise ValueError(
+                f"MMRecConfig.memory_tokens: expected a multiple of segment_len ({self.segment_len}), at least "
+                f"2 segments, got {self.memory_tokens}"
+            )
         if self.dim < 4:
             raise ValueError(f"MMRecConfig.dim: expected at least 4 (MDI's hidden width is dim // 4), got {self.dim}")
 
     @property
     def head_dim(self) -> int:
         return self.dim // self.n_heads
+
+    @property
+    def store_slots(self) -> int:
+        """N: segment slots of the long-term store."""
+        return self.memory_tokens // self.segment_len
 
     @classmethod
     def preset(cls, name: str, **overrides) -> MMRecConfig:

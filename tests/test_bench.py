@@ -419,10 +419,10 @@ def test_probe_offsets_spread_the_passages_and_leave_room_for_the_farthest_copy(
 
 
 def test_quality_config_reaches_every_mmrec_arch_and_the_ablation_keeps_its_field():
-    settings = Settings(preset="tiny", config={"persistent_slots": 8, "n_levels": 1})
-    assert model_config("mmrec", settings).n_levels == 1
+    settings = Settings(preset="tiny", config={"persistent_slots": 8, "top_k": 2})
+    assert model_config("mmrec", settings).top_k == 2
     ablation = model_config("mmrec-no-longterm", settings)
-    assert ablation.n_levels == 0 and ablation.persistent_slots == 8
+    assert ablation.top_k == 0 and ablation.persistent_slots == 8
     assert model_config("transformer", settings).window is None
 
 

@@ -15,7 +15,7 @@ step K; the same command then continues from the checkpoint, to the same row.
 Archs, all with the preset's width, depth and heads:
   mmrec                the preset's MM-Rec
   mmrec-no-window      window = 0: without the working memory
-  mmrec-no-longterm    n_levels = 0: without the long-term memory
+  mmrec-no-longterm    top_k = 0: without the long-term memory
   mmrec-no-recurrence  mode = "none": without the short-term recurrence
   transformer          bench.transformer's GPT, full causal attention
   transformer-window   the same GPT attending to the last `window` tokens (the preset's)
@@ -43,7 +43,7 @@ can learn to keep, it learns where the windows are long. Then, eagerly:
     copies cheaper than a model without that memory reads them at D > window.
 It is written (atomically) to DIR/<label>-seed<S>.json, the label being the arch, for an
 MM-Rec arch its --config overrides, +window=W with --window for an arch that has one, and
-+finalLxN with a final phase (mmrec+level_slots=128, mmrec+window=256,
++finalLxN with a final phase (mmrec+top_k=8, mmrec+window=256,
 mmrec+final16384x500): settings, model configuration,
 parameters, training bytes, time and tokens/s, the training curve (mean bits per byte of
 every --log-every steps), the measurements, device, versions and date.

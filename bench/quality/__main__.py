@@ -49,7 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=argparse.SUPPRESS,
         metavar="FIELD=VALUE",
         help="an MMRecConfig field of every MM-Rec arch (the ablation's own field wins), e.g. "
-        "level_slots=128 or n_levels=2; repeatable",
+        "top_k=8 or memory_tokens=16384; repeatable",
     )
     run.add_argument("--compile", action="store_true", default=argparse.SUPPRESS, help="torch.compile each block")
     run.add_argument("--device", choices=["cuda", "cpu"], default=argparse.SUPPRESS, help="default cuda (--smoke: cpu)")

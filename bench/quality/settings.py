@@ -14,7 +14,7 @@ from mmrec_model.training import Corpus, TrainSettings
 # Each ablation: the full model with one memory taken out (MMRecConfig overrides).
 ABLATIONS = {
     "mmrec-no-window": ({"window": 0}, "working memory"),
-    "mmrec-no-longterm": ({"n_levels": 0}, "long-term memory"),
+    "mmrec-no-longterm": ({"top_k": 0}, "long-term memory"),
     "mmrec-no-recurrence": ({"mode": "none"}, "short-term recurrence"),
 }
 MMREC_ARCHS = {"mmrec": {}, **{arch: overrides for arch, (overrides, _) in ABLATIONS.items()}}

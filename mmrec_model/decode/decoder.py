@@ -1,22 +1,25 @@
 """Decoding one token at a time, lean: ``Decoder`` holds a model's state in fixed buffers
 that each token updates in place, so that a token costs a few ops per block.
 
-Per block the decoder keeps a key and value cache ``[2, B, H, K, d]``, K = P + L M + W:
-the persistent slots, the long-term rings (level l's entry i in slot l M + i mod M) and
-the working memory's ring of W slots as ``BlockState.recent_kv`` lays it out (the token
-at position t in slot t mod W). A token first writes its key and value into its slot
-(whose old token, at t - W, it may not see), then reads every slot that holds a key
-(``mask``) in one softmax, then adds itself to the running sums; a long-term entry is
-written only by the token that completes it, once in S tokens. The position is a Python int: which entries complete, and
-which slots hold keys, are host arithmetic, not ops. ``state`` gives the state back in the
-model's format, equal to what ``MMRecModel.forward`` returns for the same tokens.
+Per block the decoder keeps a key and value cache ``[2, B, H, K, d]``, K = P + k S + W:
+the persistent slots, the tokens of the k = top_k segments the token retrieves from the
+long-term store, and the working memory's ring of W slots as ``BlockState.recent_kv`` lays
+it out (the token at position t in slot t mod W); and the long-term store and its index as
+``BlockState`` holds them. A token first writes its key and value into its ring slot
+(whose old token, at t - W, it may not see) and into the store, then chooses its segments
+by the index and copies their tokens into the cache, then reads every slot that holds a key
+(``mask``) in one softmax; a segment's index key is written by the token that completes it,
+once in S tokens. The position is a Python int: whether a token completes its segment is
+host arithmetic, not an op. ``state`` gives the state back in the model's format, equal to
+what ``MMRecModel.forward`` returns for the same tokens.
 
-On CUDA the step can run as CUDA graphs (``cuda_graphs=True``): the host decisions a
-position makes (which running sums restart, how many entries complete: a ``TokenPlan``)
-pick one of a few graphs, each captured the second time its plan comes (the first runs
-eagerly, the graph's warm-up), and the slots the token writes are computed on the device
-from a position counter that the graph advances, so that one graph serves every position
-with its plan. ``load`` puts another state into the same buffers: the graphs stay valid.
+On CUDA the step can run as CUDA graphs (``cuda_graphs=True``): the host decision a
+position makes (whether the token completes a segment: a ``TokenPlan``) picks one of two
+graphs, each captured the second time its plan comes (the first runs eagerly, the graph's
+warm-up), and the slots the token writes and the segments it may retrieve are computed on
+the device from a position counter that the graph advances, so that one graph serves every
+position with its plan. ``load`` puts another state into the same buffers: the graphs stay
+valid.
 """
 
 from __future__ import annotations
@@ -30,8 +33,9 @@ from torch import Tensor
 
 import mmrec_ops
 
-from ..memory.layout import BRANCHING, slots_with_keys, span_len
+from ..memory.layout import retrieved_slots, slots_with_keys
 from ..memory.state import BlockState, MemoryState
+from ..memory.store import retrievable, select_segments, slot_segments
 
 
 def down_parts(batch: int, hidden: int, device: torch.device) -> int:
@@ -53,41 +57,48 @@ def few_rows_product(batch: int, device: torch.device):
 
 class TokenPlan(NamedTuple):
     """What the token at a position does to the long-term memory, a function of the
-    position alone: the host's branches of a step, one CUDA graph per distinct plan."""
+    position alone: the host's branch of a step, one CUDA graph per distinct plan."""
 
-    starts_span: bool  # position % S == 0: level 0's running sum restarts with this token
-    restarts: tuple[bool, ...]  # levels 1, 2, ... whose child just completed: their sums restart?
-    completed: int  # the entries of levels 0 .. completed - 1 complete with this token
+    starts: bool  # the token starts its segment: the segment's slot and index key are cleared
+    completes: bool  # the token completes its segment: the segment's index key is written
 
 
 def token_plan(config, position: int) -> TokenPlan:
-    """The plan of the token at ``position``: a level-l entry completes at the end of each
-    span of S 4^l tokens; level l's sum restarts with the first of its 4 children."""
-    if config.n_levels == 0:  # no long-term memory: one plan for every position
-        return TokenPlan(False, (), 0)
-    S, end, completed = config.segment_len, position + 1, 0
-    while completed < config.n_levels and end % span_len(S, completed) == 0:
-        completed += 1
-    parents = range(1, min(completed + 1, config.n_levels))
-    restarts = tuple((end // span_len(S, level - 1) - 1) % BRANCHING == 0 for level in parents)
-    return TokenPlan(position % S == 0, restarts, completed)
+    """The plan of the token at ``position``."""
+    S, on = config.segment_len, config.top_k > 0
+    return TokenPlan(on and position % S == 0, on and (position + 1) % S == 0)
 
 
 class TokenSlots(NamedTuple):
-    """Where the token writes, as cache (and mask) slot indices: Python ints on the eager
-    path, int64 tensors ``[1]`` on the device in a CUDA graph."""
+    """Where the token writes and what it may retrieve, from its position: int64 tensors
+    on the device (a CUDA graph's advance with its position counter)."""
 
-    working: int | Tensor  # its own key and value: P + L M + position mod W
-    rings: tuple[int | Tensor, ...]  # the entry completed at each level l < plan.completed
+    working: int | Tensor  # its own key and value: P + k S + position mod W (an int when eager)
+    store_slot: Tensor  # ``[1]``, (position // S) mod N
+    store_offset: Tensor  # ``[1]``, position mod S
+    retrievable: Tensor  # ``[1, N]`` bool, the slots whose segments it may retrieve
+    retrieved: Tensor  # ``[k S]`` bool, which retrieved keys hold a token
 
 
-def token_slots(config, position, plan: TokenPlan) -> TokenSlots:
-    """The slots of the token at ``position`` (an int, or a device tensor ``[1]``):
-    level l's entry i = (position + 1) // (S 4^l) - 1 sits in ring slot l M + i mod M."""
-    P, L, M, W, S = (config.persistent_slots, config.n_levels, config.level_slots, config.window, config.segment_len)
-    working = P + L * M + position % W if W > 0 else None
-    rings = tuple(P + level * M + ((position + 1) // span_len(S, level) - 1) % M for level in range(plan.completed))
-    return TokenSlots(working, rings)
+def token_slots(config, position, device: torch.device) -> TokenSlots:
+    """The slots of the token at ``position`` (an int, or a tensor ``[1]`` on ``device``)."""
+    P, W, S, N = config.persistent_slots, config.window, config.segment_len, config.store_slots
+    at = position if isinstance(position, Tensor) else torch.tensor([position], device=device)
+    working = P + retrieved_keys(config) + position % W if W > 0 else None
+    if config.top_k == 0:
+        return TokenSlots(working, at, at, at, at)
+    return TokenSlots(
+        working,
+        at // S % N,
+        at % S,
+        retrievable(slot_segments(at, config), at, config),
+        retrieved_slots(at, config),
+    )
+
+
+def retrieved_keys(config) -> int:
+    """k S: the cache slots of the retrieved segments' tokens (0 without a long-term memory)."""
+    return min(config.top_k, config.store_slots) * config.segment_len if config.top_k > 0 else 0
 
 
 def open_slot(mask: Tensor, slot: int | Tensor) -> None:
@@ -116,18 +127,18 @@ class BlockDecoder:
     def __init__(self, block, state: BlockState, config):
         B, H, d = state.h.shape
         self.block, self.config, self.heads = block, config, (H, d)
-        P, L, M, W = config.persistent_slots, config.n_levels, config.level_slots, config.window
-        self.ring_start, self.working_start = P, P + L * M
+        P, W = config.persistent_slots, config.window
+        self.retrieved_start, self.working_start = P, P + retrieved_keys(config)
         # [2, B, H, K, d]: keys, values.
-        self.cache = torch.zeros(2, B, H, P + L * M + W, d, dtype=state.h.dtype, device=state.h.device)
+        self.cache = torch.zeros(2, B, H, self.working_start + W, d, dtype=state.h.dtype, device=state.h.device)
         self.keys, self.values = self.cache  # views, kept: unbinding costs an op a token
-        self.h, self.sums = torch.empty_like(state.h), torch.empty_like(state.sums)
-        self.span_sum = self.sums[:, 0] if block.has_long_term else None  # level 0's running sum, [B, 2, D]
+        self.h, self.store, self.index = (torch.empty_like(t) for t in (state.h, state.store, state.index))
+        self.rows = torch.arange(B, device=state.h.device).view(-1, 1)
         if state.h.is_cuda:
             self.unit_rms = partial(unit_rms, eps=block.norm_eps)
         else:
             self.unit_rms = partial(unit_rms_cpu, eps=state.h.new_tensor(block.norm_eps))
-        self.mode, self.window, self.has_long_term = block.mode, config.window, block.has_long_term
+        self.mode, self.window, self.has_long_term = block.mode, config.window, config.top_k > 0
         self.decay_of_logits = block.decay_of_logits
         self.down_parts = down_parts(B, config.ffn_mult * config.dim, state.h.device)
         self.addmm = few_rows_product(B, state.h.device)
@@ -156,15 +167,14 @@ class BlockDecoder:
     def load(self, state: BlockState) -> None:
         """Fills the buffers, in place, from ``state``."""
         config, (H, d) = self.config, self.heads
-        B, P, L, M, W = state.h.shape[0], config.persistent_slots, config.n_levels, config.level_slots, config.window
+        B, P, W = state.h.shape[0], config.persistent_slots, config.window
         self.cache.zero_()
         for i in (0, 1):
             self.cache[i][:, :, :P] = self.persistent[:, i].view(P, H, d).transpose(0, 1)
-            rings = state.memory[:, :, :, i].reshape(B, L * M, H, d).transpose(1, 2)
-            self.cache[i][:, :, P : P + L * M] = rings
         self.cache[:, :, :, self.working_start :] = state.recent_kv.view(B, W, 2, H, d).permute(2, 0, 3, 1, 4)
         self.h.copy_(state.h)
-        self.sums.copy_(state.sums)
+        self.store.copy_(state.store)
+        self.index.copy_(state.index)
 
     def write(self, slot: int | Tensor, kv: Tensor) -> None:
         """kv ``[B, 2, D]`` into cache slot ``slot``."""
@@ -187,13 +197,16 @@ class BlockDecoder:
         kv = projected[:, D : 3 * D].view(B, 2, D)
         if self.window > 0:
             self.write(slots.working, kv)
+        if self.has_long_term:
+            self.retrieve(q, kv, plan, slots)
         m = mmrec_ops.decode_read(q, self.keys, self.values, mask)
         h = None if self.mode == "none" else self.recurrence(projected[:, 4 * D : 4 * D + self.n_mdi], z)
         y = torch.addmm(x, (m if h is None else h + m).view(B, D), self.w_out_t)
         hidden = F.gelu(self.addmm(self.ffn_b0, self.unit_rms(y), self.ffn_w0_t))
         out = y + self.ffn_down(hidden)
-        if self.has_long_term:
-            self.add_to_memory(kv, plan, slots)
+        if plan.completes:
+            key_sum = self.store[:, slots.store_slot, :, 0].sum(2)
+            self.index.index_copy_(1, slots.store_slot, key_sum)
         if h is not None:
             self.h.copy_(h)
         return out
@@ -220,32 +233,27 @@ class BlockDecoder:
         gamma = self.decay(mdi_hidden).view_as(z)
         return torch.addcmul(gamma * self.h, z, gate.transpose(0, 1))
 
-    def add_to_memory(self, kv: Tensor, plan: TokenPlan, slots: TokenSlots) -> None:
-        """The running sums after the token's kv ``[B, 2, D]``, and the entries (means) it
-        completes into the rings (``update_long_term_token``'s arithmetic, branching on the
-        plan)."""
-        S = self.config.segment_len
-        if plan.starts_span:
-            self.span_sum.copy_(kv)
-        else:
-            self.span_sum.add_(kv)
-        for level, restart in enumerate(plan.restarts, start=1):
-            if restart:
-                self.sums[:, level] = self.sums[:, level - 1]
-            else:
-                self.sums[:, level] += self.sums[:, level - 1]
-        for level, slot in enumerate(slots.rings):
-            self.write(slot, self.sums[:, level] / span_len(S, level))
+    def retrieve(self, q: Tensor, kv: Tensor, plan: TokenPlan, slots: TokenSlots) -> None:
+        """The token's kv ``[B, 2, D]`` into the store; the tokens of the segments its query
+        q ``[B, H, d]`` chooses (``store.select_segments``) into the cache."""
+        (H, d), S = self.heads, self.config.segment_len
+        if plan.starts:
+            self.store.index_fill_(1, slots.store_slot, 0)
+            self.index.index_fill_(1, slots.store_slot, 0)
+        self.store[self.rows, slots.store_slot, slots.store_offset] = kv.unsqueeze(1).to(self.store.dtype)
+        chosen, _ = select_segments(q.unsqueeze(1), self.index / S, slots.retrievable, self.config.top_k)
+        tokens = self.store[self.rows, chosen[:, 0]].flatten(1, 2)  # [B, k S, 2, D]
+        B, K = tokens.shape[:2]
+        self.cache[:, :, :, self.retrieved_start : self.working_start] = tokens.view(B, K, 2, H, d).permute(
+            2, 0, 3, 1, 4
+        )
 
     def state(self) -> BlockState:
         """This block's ``BlockState``, a copy of the buffers."""
-        config, (H, d) = self.config, self.heads
-        B, L, M, W = self.h.shape[0], config.n_levels, config.level_slots, config.window
-        rings = torch.stack([c[:, :, self.ring_start : self.working_start] for c in self.cache], dim=2)
-        memory = rings.permute(0, 3, 2, 1, 4).reshape(B, L, M, 2, H * d)  # [B, H, 2, L M, d] -> [B, L, M, 2, D]
+        (H, d), B, W = self.heads, self.h.shape[0], self.config.window
         ring = self.cache[:, :, :, self.working_start :].permute(1, 3, 0, 2, 4)  # [B, W, 2, H, d]
         recent_kv = ring.clone(memory_format=torch.contiguous_format).view(B, W, 2, H * d)
-        return BlockState(self.h.clone(), recent_kv, memory, self.sums.clone())
+        return BlockState(self.h.clone(), recent_kv, self.store.clone(), self.index.clone())
 
 
 class Decoder:
@@ -309,12 +317,12 @@ class Decoder:
         c = self.config
         if c.window > 0 and (isinstance(slots.working, Tensor) or self.position < c.window):
             open_slot(self.mask, slots.working)  # later, every ring slot holds a key already
+        if c.top_k > 0:
+            retrieved = self.mask[c.persistent_slots : c.persistent_slots + retrieved_keys(c)]
+            retrieved.copy_(torch.where(slots.retrieved, 0.0, float("-inf")))
         x = self.model.embed(token).squeeze(1)
         for block in self.blocks:
             x = block.step(x, plan, slots, self.mask)
-        # After every block's read: the entries the token completed are for the next ones.
-        for slot in slots.rings:
-            open_slot(self.mask, slot)
         return self.model.head(x)
 
     @torch.inference_mode()
@@ -324,7 +332,7 @@ class Decoder:
         if self.cuda_graphs:
             logits = self.replay(token, plan)
         else:
-            logits = self.advance(token, plan, token_slots(self.config, self.position, plan))
+            logits = self.advance(token, plan, token_slots(self.config, self.position, self.mask.device))
         self.position += 1
         return logits
 
@@ -345,7 +353,7 @@ class Decoder:
 
     def static_advance(self, plan: TokenPlan) -> Tensor:
         """``self.token`` through ``advance``, then ``device_position`` + 1: a graph's body."""
-        logits = self.advance(self.token, plan, token_slots(self.config, self.device_position, plan))
+        logits = self.advance(self.token, plan, token_slots(self.config, self.device_position, self.mask.device))
         self.device_position.add_(1)
         return logits
 

@@ -1,20 +1,23 @@
 """The model's memories: the state types, the working memory's ring, the long-term
-memory HDS, and the layouts that place a chunk's tokens in them."""
+store, and the layouts that place a chunk's tokens in them."""
 
-from .hds import update_long_term, update_long_term_token
-from .layout import MemoryLayout, TokenLayout, memory_layout, span_len, token_layout
+from .layout import MemoryLayout, TokenLayout, memory_layout, token_layout
 from .state import BlockState, MemoryState
+from .store import StoreLayout, candidate_keys, retrieved_tokens, select_segments, store_layout, update_store
 from .working import update_ring
 
 __all__ = [
     "BlockState",
     "MemoryLayout",
     "MemoryState",
+    "StoreLayout",
     "TokenLayout",
+    "candidate_keys",
     "memory_layout",
-    "span_len",
+    "retrieved_tokens",
+    "select_segments",
+    "store_layout",
     "token_layout",
-    "update_long_term",
-    "update_long_term_token",
     "update_ring",
+    "update_store",
 ]

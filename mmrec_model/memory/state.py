@@ -13,18 +13,18 @@ class BlockState(NamedTuple):
     h:         ``[B, H, d]``, the recurrence state h_{t-1}.
     recent_kv: ``[B, W, 2, D]``, the working memory's ring (``memory.working``): the keys
                and values of the last W tokens, the token at position t in slot t mod W.
-    memory:    ``[B, L, M, 2, D]``, level l's ring buffer: entry i (the mean over its
-               span) in slot i mod M. Which slots hold an entry follows from the position.
-    sums:      ``[B, L, 2, D]``, per level, the running sum over the level's current span
-               (or over the span just completed, until the next one starts): of its
-               tokens' keys and values at level 0, of its completed level-(l-1) entries'
-               sums at level l >= 1.
+    store:     ``[B, N, S, 2, D]``, the long-term store (``memory.store``): segment n (the
+               tokens nS .. nS + S - 1) in slot n mod N, token nS + i at [n mod N, i], the
+               segment in progress included. Which segment a slot holds follows from the
+               position.
+    index:     ``[B, N, D]``, each slot's index key times S: the sum of its segment's keys,
+               written when the segment completes.
     """
 
     h: Tensor
     recent_kv: Tensor
-    memory: Tensor
-    sums: Tensor
+    store: Tensor
+    index: Tensor
 
 
 class MemoryState(NamedTuple):
@@ -33,8 +33,8 @@ class MemoryState(NamedTuple):
 
     position: int64 scalar tensor, the number of tokens seen so far (the absolute
               position of the next token). A tensor, not an int, so that compiled
-              code does not specialise on it. The number of level-l entries written so
-              far is ``position // (S * 4^l)``.
+              code does not specialise on it. The number of complete segments is
+              ``position // S``.
     blocks:   one ``BlockState`` per block.
     """
 

@@ -15,9 +15,11 @@ from ..memory import (
     BlockState,
     MemoryLayout,
     TokenLayout,
-    update_long_term,
-    update_long_term_token,
+    candidate_keys,
+    retrieved_tokens,
+    select_segments,
     update_ring,
+    update_store,
 )
 from .mdi import MDI
 from .read import MultiMemoryAttention
@@ -50,8 +52,8 @@ class MMRecBlock(nn.Module):
     def __init__(self, config: MMRecConfig):
         super().__init__()
         D, H, d = config.dim, config.n_heads, config.head_dim
-        self.n_heads, self.mode, self.segment_len, self.norm_eps = H, config.mode, config.segment_len, config.norm_eps
-        self.has_long_term = config.n_levels > 0
+        self.n_heads, self.mode, self.norm_eps = H, config.mode, config.norm_eps
+        self.config = config
         self.norm_mix = nn.RMSNorm(D, eps=config.norm_eps)
         self.w_in = nn.Linear(D, 4 * D, bias=False)
         if self.mode != "none":
@@ -158,17 +160,42 @@ class MMRecBlock(nn.Module):
         )
         return weights
 
-    def forward(self, x: Tensor, state: BlockState, layout: MemoryLayout) -> tuple[Tensor, BlockState]:
+    def forward(
+        self, x: Tensor, state: BlockState, layout: MemoryLayout, fresh: bool = False
+    ) -> tuple[Tensor, BlockState]:
         """x ``[B, T, D]``, state of this block, and the chunk's ``memory_layout`` (which the
-        model computes once for all its blocks) -> (out ``[B, T, D]``, new state)."""
+        model computes once for all its blocks) -> (out ``[B, T, D]``, new state).
+        ``fresh``: the state is ``initial_state``'s (an empty store), so that the retrieved
+        tokens are read from the chunk alone."""
         q, kv, h = self.project(x, state)
-        memory, sums, pool = state.memory, state.sums, None
-        if self.has_long_term:
-            pool, memory, sums = update_long_term(kv, state.memory, state.sums, layout, self.segment_len)
+        store, index, retrieved = state.store, state.index, None
+        if self.config.top_k > 0:
+            pool = torch.cat([store.flatten(1, 2), kv.to(store.dtype)], dim=1)
+            retrieved = self.retrieve(q, kv, pool, index, layout, fresh)
+            store, index = update_store(pool, index, layout.store)
         earlier = state.recent_kv[:, layout.working_order]  # oldest first
-        m = self.memory(q, kv, earlier, pool, layout)
+        m = self.memory(q, kv, earlier, layout, retrieved)
         out, h_last = self.output(x, m, h, state)
-        return out, BlockState(h_last, update_ring(earlier, kv, layout.working_slots), memory, sums)
+        return out, BlockState(h_last, update_ring(earlier, kv, layout.working_slots), store, index)
+
+    def retrieve(
+        self, q: Tensor, kv: Tensor, pool: Tensor, index: Tensor, layout: MemoryLayout, fresh: bool
+    ) -> tuple[Tensor, Tensor]:
+        """The long-term tokens each query of the chunk reads (``memory.store``), as
+        ``attend``'s keys_values and mask: the top_k segments of its choice among those it
+        may retrieve, from the pool ``[B, N S + T, 2, D]`` (the store before the chunk, then
+        the chunk). Each query's own gathered tokens ``[B, T, k S, 2, D]``; from a fresh
+        state, the chunk's tokens ``[B, T, 2, D]`` shared, masked to the chosen segments."""
+        c, store = self.config, layout.store
+        keys = candidate_keys(pool, index, store, c.segment_len)
+        chosen, ok = select_segments(q, keys, store.retrievable, c.top_k)
+        if fresh:
+            segment_of_token = torch.arange(kv.shape[1], device=kv.device) // c.segment_len
+            segments = store.candidates[chosen].masked_fill(~ok, -1)
+            return kv, (segments.unsqueeze(-1) == segment_of_token).any(-2)
+        tokens, read = retrieved_tokens(chosen, ok, store.candidates, layout.position, kv.shape[1], c)
+        rows = torch.arange(pool.shape[0], device=pool.device).view(-1, 1, 1)
+        return pool[rows, tokens], read
 
     def step(self, x: Tensor, state: BlockState, layout: TokenLayout) -> tuple[Tensor, BlockState]:
         """``forward`` for one token, x ``[B, 1, D]``, with the token's ``token_layout``:
@@ -179,10 +206,28 @@ class MMRecBlock(nn.Module):
         ring = state.recent_kv
         if ring.shape[1] > 0:
             ring = ring.index_copy(1, layout.working_slot, kv.to(ring.dtype))
-        rings = state.memory if self.has_long_term else None
-        m = self.memory.read_token(q, ring, rings, layout.read_mask)
-        memory, sums = state.memory, state.sums
-        if self.has_long_term:
-            memory, sums = update_long_term_token(kv, state.memory, state.sums, layout)
+        store, index, retrieved = state.store, state.index, None
+        if self.config.top_k > 0:
+            store, index, retrieved = self.retrieve_token(q, kv, store, index, layout)
+        m = self.memory.read_token(q, ring, retrieved, layout.read_mask)
         out, h_last = self.output(x, m, h, state)
-        return out, BlockState(h_last, ring, memory, sums)
+        return out, BlockState(h_last, ring, store, index)
+
+    def retrieve_token(
+        self, q: Tensor, kv: Tensor, store: Tensor, index: Tensor, layout: TokenLayout
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """One token's long-term step: its key and value into the store, the tokens of the
+        segments it retrieves ``[B, k S, 2, D]`` (those past the retrievable ones are masked
+        by ``layout.read_mask``), and its segment's index key once it completes it.
+        -> (store, index, retrieved)."""
+        B, S = store.shape[0], self.config.segment_len
+        store = store.clone()
+        # A token that starts a segment clears its slot, and the slot's index key.
+        store[:, layout.store_slot] *= ~layout.starts
+        index = torch.where(layout.starts, index.index_fill(1, layout.store_slot, 0), index)
+        store[:, layout.store_slot, layout.store_offset] = kv.to(store.dtype)
+        chosen, _ = select_segments(q, index / S, layout.retrievable, self.config.top_k)
+        retrieved = store[torch.arange(B, device=store.device).view(-1, 1), chosen[:, 0]].flatten(1, 2)
+        key_sum = store[:, layout.store_slot, :, 0].sum(2)
+        index = torch.where(layout.completes, index.index_copy(1, layout.store_slot, key_sum), index)
+        return store, index, retrieved

@@ -68,11 +68,13 @@ class MMRecModel(nn.Module):
         c = self.config
         device = self.embed.weight.device if device is None else device
         dtype = self.embed.weight.dtype
+        # Without a long-term memory the store is empty: [B, 0, S, 2, D].
+        store_shape = (c.store_slots if c.top_k > 0 else 0, c.segment_len)
         block = BlockState(
             h=torch.zeros(batch_size, c.n_heads, c.head_dim, device=device, dtype=dtype),
             recent_kv=torch.zeros(batch_size, c.window, 2, c.dim, device=device, dtype=dtype),
-            memory=torch.zeros(batch_size, c.n_levels, c.level_slots, 2, c.dim, device=device, dtype=dtype),
-            sums=torch.zeros(batch_size, c.n_levels, 2, c.dim, device=device, dtype=dtype),
+            store=torch.zeros(batch_size, *store_shape, 2, c.dim, device=device, dtype=dtype),
+            index=torch.zeros(batch_size, store_shape[0], c.dim, device=device, dtype=dtype),
         )
         return MemoryState(torch.zeros((), dtype=torch.int64, device=device), tuple(block for _ in self.blocks))
 
@@ -86,28 +88,33 @@ class MMRecModel(nn.Module):
         state (memory then scales with chunk_size, not T); the logits are the same.
         """
         self._check_inputs(ids, state, chunk_size)
-        if state is None:
+        fresh = state is None
+        if fresh:
             state = self.initial_state(ids.shape[0], ids.device)
         if chunk_size is None or ids.shape[1] <= chunk_size:
-            return self._forward_chunk(ids, state)
+            return self._forward_chunk(ids, state, fresh)
         logits = []
         for chunk in ids.split(chunk_size, dim=1):
-            chunk_logits, state = self._forward_chunk(chunk, state)
+            chunk_logits, state = self._forward_chunk(chunk, state, fresh)
             logits.append(chunk_logits)
+            fresh = False
         return torch.cat(logits, dim=1), state
 
-    def _forward_chunk(self, ids: Tensor, state: MemoryState) -> tuple[Tensor, MemoryState]:
+    def _forward_chunk(self, ids: Tensor, state: MemoryState, fresh: bool) -> tuple[Tensor, MemoryState]:
         """The blocks over ids ``[B, T]`` at once; one token per row (T = 1) takes their
-        lean step (``MMRecBlock.step``)."""
+        lean step (``MMRecBlock.step``). ``fresh``: the state is ``initial_state``'s."""
         x = self.embed(ids)
-        if ids.shape[1] == 1:
-            layout, runs = token_layout(state.position, self.config), [block.step for block in self.blocks]
-        else:
-            layout, runs = memory_layout(state.position, ids.shape[1], self.config), list(self.blocks)
         blocks = []
-        for run, block_state in zip(runs, state.blocks):
-            x, block_state = run(x, block_state, layout)
-            blocks.append(block_state)
+        if ids.shape[1] == 1:
+            layout = token_layout(state.position, self.config)
+            for block, block_state in zip(self.blocks, state.blocks):
+                x, block_state = block.step(x, block_state, layout)
+                blocks.append(block_state)
+        else:
+            layout = memory_layout(state.position, ids.shape[1], self.config)
+            for block, block_state in zip(self.blocks, state.blocks):
+                x, block_state = block(x, block_state, layout, fresh)
+                blocks.append(block_state)
         return self.head(x), MemoryState(state.position + ids.shape[1], tuple(blocks))
 
     def head(self, x: Tensor) -> Tensor:

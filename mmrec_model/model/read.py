@@ -1,7 +1,10 @@
 """Multi-memory attention: each token reads its working memory (the last W tokens),
-the long-term memory it may see and the persistent slots, in one softmax."""
+the segments it retrieved from the long-term memory and the persistent slots, in one
+softmax."""
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -67,6 +70,42 @@ def sdpa_blocked_attention(q: Tensor, group: Tensor, working: Tensor | None, mas
     return blocked_attention(q, group if working is None else torch.cat([group, working], dim=2), mask)
 
 
+def attend(q: Tensor, keys_values: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+    """Softmax attention of each query over its visible keys, with its log-sum-exp:
+
+        out_t = sum_c softmax_c(q_t . k_c / sqrt(d) | mask[b, t, c]) v_c
+        lse_t = log sum_c exp(q_t . k_c / sqrt(d)) over the visible c
+
+    q ``[B, T, H, d]``; keys_values ``[B, K, 2, D]`` (keys and values shared by the queries)
+    or ``[B, T, K, 2, D]`` (each query's own); mask ``[B, T, K]`` bool. Returns out
+    ``[B, T, H, d]`` (0 where a query sees no key) and lse ``[B, H, T]`` float32 (float64 for
+    float64 q; -inf there).
+    """
+    B, T, H, d = q.shape
+    kv = keys_values.to(q.dtype).unflatten(-1, (H, d))
+    keys, values = kv.select(-3, 0), kv.select(-3, 1)
+    pattern = "bkhd" if keys.dim() == 4 else "btkhd"
+    accumulate = torch.promote_types(q.dtype, torch.float32)
+    scores = torch.einsum(f"bthd,{pattern}->bhtk", q, keys).to(accumulate) / math.sqrt(d)
+    mask = mask.unsqueeze(1)
+    seen = mask.any(-1)
+    # Rows that see no key are filled with zeros, so that neither they nor their gradients are NaN.
+    scores = torch.where(seen.unsqueeze(-1), scores.masked_fill(~mask, float("-inf")), 0.0)
+    lse = torch.logsumexp(scores, dim=-1)
+    weights = torch.exp(scores - lse.unsqueeze(-1)) * seen.unsqueeze(-1)
+    out = torch.einsum(f"bhtk,{pattern}->bthd", weights.to(q.dtype), values)
+    return out, torch.where(seen, lse, float("-inf"))
+
+
+def merge_reads(out_a: Tensor, lse_a: Tensor, out_b: Tensor, lse_b: Tensor) -> Tensor:
+    """The read over the union of two disjoint sets of keys, from each set's read: out
+    ``[B, T, H, d]`` and lse ``[B, H, T]`` (``attend``'s; lse_a finite, lse_b -inf where b
+    saw nothing), their softmax weights renormalised."""
+    lse = torch.logaddexp(lse_a, lse_b)
+    weight_a, weight_b = (torch.exp(lse_x - lse).transpose(1, 2).unsqueeze(-1) for lse_x in (lse_a, lse_b))
+    return out_a * weight_a.to(out_a.dtype) + out_b * weight_b.to(out_b.dtype)
+
+
 def sliding_window_attention(q: Tensor, k: Tensor, v: Tensor, window: int) -> Tensor:
     """Causal attention over the last ``window`` tokens: token t reads s with
     t - W < s <= t. q, k, v ``[B, T, H, d]`` -> ``[B, T, H, d]``; O(T W) time and memory."""
@@ -80,15 +119,18 @@ def sliding_window_attention(q: Tensor, k: Tensor, v: Tensor, window: int) -> Te
 class MultiMemoryAttention(nn.Module):
     """Multi-head softmax attention of each token over three memories, in one softmax:
     the P persistent (learned) key/value slots, always visible (so no query row is
-    empty); the long-term entries the token may see (HDS); and the working memory, the
-    keys and values of tokens t - W < s <= t:
+    empty); the tokens of the long-term segments it retrieved (``memory.store``); and the
+    working memory, the keys and values of tokens t - W < s <= t:
 
         m_t = sum_c softmax_c(q_t . k_c / sqrt(d) | visible(t, c)) v_c
 
-    Queries go in blocks (``MemoryLayout``), so the cost is O(T (P + L M + Q + W)),
-    never O(T^2). ``kernel`` (``MMRecConfig.read_kernel``) picks how a chunk is read:
-    'memory_read' (``op_blocked_attention``), 'sdpa' (``sdpa_blocked_attention``), or
-    'auto' ('memory_read' on CUDA, 'sdpa' on the CPU).
+    Queries go in blocks (``MemoryLayout``) for the persistent slots and the working
+    memory, so the cost is O(T (P + Q + W + top_k S)), never O(T^2). ``kernel``
+    (``MMRecConfig.read_kernel``) picks how a chunk's persistent slots and working memory
+    are read: 'memory_read' (``op_blocked_attention``), 'sdpa' (``sdpa_blocked_attention``),
+    or 'auto' ('memory_read' on CUDA, 'sdpa' on the CPU). With a long-term memory they are
+    read by ``memory_read`` (which gives their log-sum-exp) and merged with the retrieved
+    tokens' read (``attend``).
     """
 
     def __init__(self, dim: int, persistent_slots: int, window: int, kernel: str = "auto"):
@@ -96,34 +138,47 @@ class MultiMemoryAttention(nn.Module):
         self.window, self.kernel = window, kernel
         self.persistent = nn.Parameter(torch.empty(persistent_slots, 2, dim))
 
-    def forward(self, q: Tensor, kv: Tensor, earlier: Tensor, pool: Tensor | None, layout: MemoryLayout) -> Tensor:
+    def forward(
+        self, q: Tensor, kv: Tensor, earlier: Tensor, layout: MemoryLayout, retrieved: tuple[Tensor, Tensor] | None
+    ) -> Tensor:
         """q ``[B, T, H, d]``; kv ``[B, T, 2, D]`` the chunk's keys and values; earlier
         ``[B, W - 1, 2, D]`` the W - 1 tokens before the chunk, oldest first (unused
-        when W = 0); pool ``[B, N, 2, D]`` the long-term entries (``update_long_term``;
-        None: no long-term memory) -> ``[B, T, H, d]``."""
+        when W = 0); retrieved: the long-term tokens each query reads, ``attend``'s
+        keys_values and mask (None: no long-term memory) -> ``[B, T, H, d]``."""
         n_blocks, Q, _ = layout.read_mask.shape
-        entries = None if pool is None else pool.to(q.dtype)[:, layout.read_source].unflatten(1, (n_blocks, -1))
-        group = self.group(q, entries, n_blocks)
+        group = self.group(q, None, n_blocks)
         tokens = working_tokens(earlier, kv.to(q.dtype)) if self.window > 0 else None
+        if retrieved is not None:
+            near, near_lse = self.read_near(q, group, tokens, layout)
+            return merge_reads(near, near_lse, *attend(q, *retrieved))
         # On the CPU, SDPA's fused attention reads faster than memory_read's block products.
         if self.kernel == "memory_read" or (self.kernel == "auto" and q.is_cuda):
             return op_blocked_attention(q, group, tokens, layout.read_mask, self.window, layout.first_token)
         working = None if tokens is None else working_keys(tokens, n_blocks, Q, self.window)
         return sdpa_blocked_attention(q, group, working, layout.read_mask)
 
-    def read_token(self, q: Tensor, ring: Tensor, memory: Tensor | None, mask: Tensor) -> Tensor:
+    def read_near(self, q: Tensor, group: Tensor, tokens: Tensor | None, layout: MemoryLayout) -> tuple[Tensor, Tensor]:
+        """The read of the persistent slots (``group`` ``[B, nb, P, 2, D]``) and the
+        working memory (``working_tokens``; None: none), and its lse (``attend``'s)."""
+        if tokens is None:
+            B, T = q.shape[:2]
+            persistent = group[:, 0]
+            return attend(q, persistent, torch.ones(B, T, persistent.shape[1], dtype=torch.bool, device=q.device))
+        mask = layout.read_mask[..., : group.shape[2]]
+        return mmrec_ops.memory_read(q, group, mask, tokens, layout.first_token, self.window)
+
+    def read_token(self, q: Tensor, ring: Tensor, retrieved: Tensor | None, mask: Tensor) -> Tensor:
         """One token's read: q ``[B, 1, H, d]``, the working memory's ring ``[B, W, 2, D]``
-        with the token's own key and value written, and the long-term rings
-        ``[B, L, M, 2, D]`` (None: no long-term memory) as they were before it; mask
-        ``[1, 1, P + L M + W]`` (``TokenLayout.read_mask``: True where a slot holds a key)
-        -> ``[B, 1, H, d]``."""
-        entries = None if memory is None else memory.to(q.dtype).flatten(1, 2).unsqueeze(1)
+        with the token's own key and value written, and the tokens of the segments it
+        retrieved ``[B, k S, 2, D]`` (None: no long-term memory); mask ``[1, 1, P + k S + W]``
+        (``TokenLayout.read_mask``: True where a key is read) -> ``[B, 1, H, d]``."""
+        entries = None if retrieved is None else retrieved.to(q.dtype).unsqueeze(1)
         working = ring.to(q.dtype).unsqueeze(1) if self.window > 0 else None
         return sdpa_blocked_attention(q, self.group(q, entries, 1), working, mask)
 
     def group(self, q: Tensor, entries: Tensor | None, n_blocks: int) -> Tensor:
         """``[B, nb, P + K_l, 2, D]``: for each of the nb query blocks, the persistent slots
-        then its long-term candidates ``entries`` ``[B, nb, K_l, 2, D]`` (None: none), in q's
+        then its long-term keys ``entries`` ``[B, nb, K_l, 2, D]`` (None: none), in q's
         dtype."""
         persistent = [self.persistent.to(q.dtype).expand(q.shape[0], n_blocks, -1, -1, -1)]
         return torch.cat(persistent + ([] if entries is None else [entries]), dim=2)

@@ -197,6 +197,22 @@ RETIRED_FIELDS = {"memory_read": "joint", "entry_summary": "mean"}
 RETIRED_VALUES = {"read_kernel": "flex"}
 
 
+def long_term_of(fields: dict, source: str | os.PathLike) -> dict:
+    """An older checkpoint's summary long-term memory (n_levels, level_slots): none at all
+    (n_levels=0) is top_k=0 now; a summary memory was replaced by retrieval, which such a
+    model never learned to read (a CheckpointError)."""
+    if "n_levels" not in fields:
+        return fields
+    n_levels = fields.pop("n_levels")
+    fields.pop("level_slots", None)
+    if n_levels:
+        raise CheckpointError(
+            f"{source}: the checkpoint's model has the summary long-term memory (n_levels={n_levels!r}), "
+            "which this version replaced by retrieval; train it again"
+        )
+    return {**fields, "top_k": 0}
+
+
 def model_config_of(fields: dict, source: str | os.PathLike) -> MMRecConfig:
     """The MMRecConfig of a checkpoint's ``model_config``, an older checkpoint's too: a
     retired field at the value the model still has is dropped; a removed variant is a
@@ -208,6 +224,7 @@ def model_config_of(fields: dict, source: str | os.PathLike) -> MMRecConfig:
             raise CheckpointError(
                 f"{source}: the checkpoint's model uses {name}={value!r}, a variant this version removed"
             )
+    fields = long_term_of(fields, source)
     for name, removed in RETIRED_VALUES.items():
         if fields.get(name) == removed:
             raise CheckpointError(

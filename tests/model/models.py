@@ -19,8 +19,8 @@ MODES = ["exact", "parallel"]
 
 def small_config(mode: str, **overrides) -> MMRecConfig:
     """A fast configuration whose memory fills and wraps within a few hundred tokens:
-    segments of 8 tokens, levels of 8/32/128 tokens, 4 slots per level, a window of
-    20 tokens; d = 24 (not a power of two)."""
+    segments of 8 tokens, a store of 8 segments from which each token retrieves 3, a
+    window of 20 tokens; d = 24 (not a power of two)."""
     fields = dict(
         mode=mode,
         dim=72,
@@ -28,8 +28,8 @@ def small_config(mode: str, **overrides) -> MMRecConfig:
         n_heads=3,
         window=20,
         segment_len=8,
-        n_levels=3,
-        level_slots=4,
+        memory_tokens=64,
+        top_k=3,
         persistent_slots=3,
     )
     return MMRecConfig.preset("tiny", **{**fields, **overrides})
@@ -48,21 +48,21 @@ def assert_logits_and_grads_close(model, logits, grads, expected_logits, expecte
         assert_close_rel(g, e, grad_tolerance(torch.float32), f"grad of {name}, {what}")
 
 
-def reference_visible(kv: Tensor, p: int, segment_len: int, n_levels: int, slots: int) -> Tensor:
-    """The memory entries token p may read, straight from docs/design.md 2.2: kv ``[B, N, 2, D]``
-    holds the whole history; level-l entry i is the mean over tokens [i S 4^l, (i+1) S 4^l),
-    visible iff floor(j / 4^l) - M <= i < floor(j / 4^l) with j = floor(p / S).
-    Returns ``[B, n, 2, D]``."""
-    j = p // segment_len
-    entries = []
-    for level in range(n_levels):
-        width, newest = segment_len * 4**level, j // 4**level
-        for i in range(max(0, newest - slots), newest):
-            span = kv[:, i * width : (i + 1) * width]
-            entries.append(span.mean(1))
-    if not entries:
-        return kv.new_zeros(kv.shape[0], 0, *kv.shape[2:])
-    return torch.stack(entries, dim=1)
+def reference_retrieved(q: Tensor, kv: Tensor, p: int, config: MMRecConfig) -> Tensor:
+    """The long-term tokens token p reads, straight from docs/design.md 2.2: q ``[B, H, d]``;
+    kv ``[B, N, 2, D]`` the whole history. Segment n (tokens nS .. nS + S - 1) may be
+    retrieved iff max(0, p // S - N + 1) <= n < p // S and (n + 1) S <= p - W + 1; row b
+    takes the top_k of them by q . mean of its keys (summed over heads), and reads all
+    their tokens. Returns one ``[K_b, 2, D]`` per row."""
+    S, N, W = config.segment_len, config.store_slots, config.window
+    own = p // S
+    segments = [n for n in range(max(0, own - N + 1), own) if (n + 1) * S <= p - W + 1]
+    rows = []
+    for b in range(kv.shape[0]):
+        scores = [float(q[b].flatten().detach() @ kv[b, n * S : (n + 1) * S, 0].detach().mean(0)) for n in segments]
+        best = sorted(range(len(segments)), key=lambda i: -scores[i])[: config.top_k]
+        rows.append(torch.cat([kv[b, segments[i] * S : (segments[i] + 1) * S] for i in best] + [kv[b, :0]]))
+    return rows
 
 
 def reference_attention(q: Tensor, kv: Tensor) -> Tensor:
@@ -91,8 +91,8 @@ def reference_short_term(block, z: Tensor, k: Tensor, config: MMRecConfig) -> Te
 def reference_block(block, x: Tensor, config: MMRecConfig) -> Tensor:
     """MMRecBlock's forward from an empty state, as loops over time that follow
     docs/design.md 2.1-2.2 literally (the block's own submodules supply the weights): token p
-    reads the persistent slots, the long-term entries it may see and the keys and values
-    of tokens p - W < s <= p, in one softmax."""
+    reads the persistent slots, the tokens of the long-term segments it retrieves and the
+    keys and values of tokens p - W < s <= p, in one softmax."""
     B, T, D = x.shape
     H, d = config.n_heads, config.head_dim
     u = block.norm_mix(x)
@@ -102,17 +102,24 @@ def reference_block(block, x: Tensor, config: MMRecConfig) -> Tensor:
     persistent = block.memory.persistent.unsqueeze(0).expand(B, -1, -1, -1)
     m = []
     for p in range(T):
-        seen = reference_visible(kv, p, config.segment_len, config.n_levels, config.level_slots)
         working = kv[:, max(0, p - config.window + 1) : p + 1] if config.window > 0 else kv[:, :0]
         query = q[:, p].unflatten(-1, (H, d))
-        m.append(reference_attention(query, torch.cat([persistent, seen, working], dim=1)))
+        retrieved = reference_retrieved(query, kv, p, config) if config.top_k > 0 else [kv[b, :0] for b in range(B)]
+        m.append(
+            torch.cat(
+                [
+                    reference_attention(query[b : b + 1], torch.cat([persistent[b], seen, working[b]]).unsqueeze(0))
+                    for b, seen in enumerate(retrieved)
+                ]
+            )
+        )
     y = x + block.w_out((h + torch.stack(m, dim=1)).flatten(-2))
     return y + block.ffn(block.norm_ffn(y))
 
 
 def read_inputs(T: int, window: int, position: int, dtype: torch.dtype, device="cpu", with_window: bool = True):
     """A chunk's read as MultiMemoryAttention.forward sees it, with random keys: q, each
-    query block's long-term group (persistent slots and HDS candidates), the working
+    query block's group (the persistent slots), the working
     memory and chunk tokens, and the chunk's read mask; ``with_window`` False: the read
     without a working memory (tokens None, the mask without their columns)."""
     config = small_config("exact", window=window)

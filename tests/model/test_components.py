@@ -9,12 +9,12 @@ import pytest
 import torch
 
 from mmrec_model import MDI, MMRecBlock, MMRecConfig, MMRecModel
-from mmrec_model.memory import memory_layout, update_long_term
+from mmrec_model.memory import candidate_keys, memory_layout, select_segments, store_layout, update_store
 from mmrec_model.memory.layout import QUERY_BLOCK
 from mmrec_model.model.mdi import EPS, GAMMA_INIT
 from mmrec_model.model.read import op_blocked_attention, sdpa_blocked_attention, sliding_window_attention, working_keys
 from tests.helpers import FLOAT64_ACCUMULATION, assert_close_rel
-from tests.model.models import read_inputs, reference_attention, reference_block, reference_visible, small_config
+from tests.model.models import read_inputs, reference_attention, reference_block, small_config
 
 pytestmark = pytest.mark.model
 
@@ -109,20 +109,6 @@ def test_persistent_slots_learned_and_always_visible():
     assert all(b.memory.persistent.grad.abs().sum() > 0 for b in model.blocks)
 
 
-def match_entries(actual, expected, what):
-    """Assert that the rows of actual and expected ([B, n, 2, D]) are the same set of
-    entries (each row of one equal to exactly one row of the other)."""
-    assert actual.shape[1] == expected.shape[1], (
-        f"{what}: {actual.shape[1]} visible entries, expected {expected.shape[1]}"
-    )
-    if expected.shape[1] == 0:
-        return
-    a = actual.permute(1, 0, 2, 3).flatten(1)
-    e = expected.permute(1, 0, 2, 3).flatten(1)
-    close = torch.cdist(a, e) <= 1e-9 * e.norm(dim=1).max()
-    assert (close.sum(0) == 1).all() and (close.sum(1) == 1).all(), f"{what}: visible entries differ"
-
-
 CHUNK_SCHEDULES = {
     "tokens": [1],
     "mixed": [1, 3, 7, 16, 2, 29, 64],
@@ -130,28 +116,45 @@ CHUNK_SCHEDULES = {
 }
 
 
+def reference_choice(q: torch.Tensor, kv: torch.Tensor, p: int, config: MMRecConfig) -> list[set[int]]:
+    """Per row, the segments token p retrieves (docs/design.md 2.2, written out): those it
+    may retrieve, the top_k by q . mean key."""
+    S, N, W = config.segment_len, config.store_slots, config.window
+    own = p // S
+    segments = [n for n in range(max(0, own - N + 1), own) if (n + 1) * S <= p - W + 1]
+    rows = []
+    for b in range(kv.shape[0]):
+        scores = {n: float(q[b] @ kv[b, n * S : (n + 1) * S, 0].mean(0)) for n in segments}
+        rows.append(set(sorted(segments, key=lambda n: -scores[n])[: config.top_k]))
+    return rows
+
+
 @pytest.mark.parametrize("schedule", list(CHUNK_SCHEDULES), ids=str)
-def test_hds_visibility_rule(schedule):
-    """Each token sees exactly the long-term entries docs/design.md 2.2 allows (levels filled
-    and wrapped: S = 2, levels of 2/8/32 tokens, M = 3), whatever the chunking: those
-    its query block gathers (``read_source``) and its row of ``read_mask`` keeps."""
-    S, L, M, B, D, N, P = 2, 3, 3, 2, 5, 600, 2
-    config = MMRecConfig(dim=4, n_heads=1, window=0, segment_len=S, n_levels=L, level_slots=M, persistent_slots=P)
-    kv = torch.randn(B, N, 2, D, dtype=torch.float64)
-    memory = torch.zeros(B, L, M, 2, D, dtype=torch.float64)
-    sums = torch.zeros(B, L, 2, D, dtype=torch.float64)
+def test_store_retrieves_the_segments_the_design_allows(schedule):
+    """Each token chooses exactly the segments docs/design.md 2.2 gives it (store filled and
+    wrapped: S = 3, N = 5 slots, W = 4, top_k = 2), whatever the chunking: from the
+    candidates of its chunk's ``StoreLayout``, its pool and the carried store and index."""
+    config = MMRecConfig(dim=4, n_heads=1, window=4, segment_len=3, memory_tokens=15, top_k=2, persistent_slots=1)
+    B, T, D = 2, 200, 4
+    kv = torch.randn(B, T, 2, D, dtype=torch.float64)
+    q = torch.randn(B, T, 1, D, dtype=torch.float64)
+    store = torch.zeros(B, config.store_slots, config.segment_len, 2, D, dtype=torch.float64)
+    index = torch.zeros(B, config.store_slots, D, dtype=torch.float64)
     start = 0
     for size in itertools.cycle(CHUNK_SCHEDULES[schedule]):
-        if start >= N:
+        if start >= T:
             break
         chunk = kv[:, start : start + size]
-        layout = memory_layout(torch.tensor(start), chunk.shape[1], config)
-        pool, memory, sums = update_long_term(chunk, memory, sums, layout, S)
-        n_blocks, Q, _ = layout.read_mask.shape
-        gathered = pool[:, layout.read_source].unflatten(1, (n_blocks, -1))
+        layout = store_layout(torch.tensor(start), chunk.shape[1], config)
+        pool = torch.cat([store.flatten(1, 2), chunk], dim=1)
+        keys = candidate_keys(pool, index, layout, config.segment_len)
+        chosen, ok = select_segments(q[:, start : start + size], keys, layout.retrievable, config.top_k)
         for t in range(chunk.shape[1]):
-            seen = layout.read_mask[t // Q, t % Q, P:]
-            match_entries(gathered[:, t // Q, seen], reference_visible(kv, start + t, S, L, M), f"token {start + t}")
+            expected = reference_choice(q[:, start + t, 0], kv, start + t, config)
+            for b in range(B):
+                got = {int(layout.candidates[c]) for c, o in zip(chosen[b, t], ok[b, t]) if o}
+                assert got == expected[b], f"token {start + t}, row {b}: chose {got}, expected {expected[b]}"
+        store, index = update_store(pool, index, layout)
         start += chunk.shape[1]
 
 
@@ -160,7 +163,7 @@ BLOCK_VARIANTS = {
     "parallel": dict(mode="parallel"),
     "parallel-long-window": dict(mode="parallel", window=QUERY_BLOCK + 30),
     "no-window": dict(mode="exact", window=0),
-    "no-long-term": dict(mode="exact", n_levels=0),
+    "no-long-term": dict(mode="exact", top_k=0),
     "no-recurrence": dict(mode="none"),
 }
 
@@ -169,9 +172,9 @@ BLOCK_VARIANTS = {
 @pytest.mark.parametrize("variant", list(BLOCK_VARIANTS))
 def test_block_against_reference(variant):
     """The whole block, outputs and gradients of every parameter and of x, in float64,
-    against the loops of reference_block (T prime and past one query block, memory
-    wrapped: S = 4, M = 3), in both modes and each ablation."""
-    config = small_config(**{"segment_len": 4, "level_slots": 3, **BLOCK_VARIANTS[variant]})
+    against the loops of reference_block (T prime and past one query block, store
+    wrapped: S = 4, N = 6), in both modes and each ablation."""
+    config = small_config(**{"segment_len": 4, "memory_tokens": 24, **BLOCK_VARIANTS[variant]})
     model = MMRecModel(config).double()
     block = model.blocks[0]
     T = QUERY_BLOCK + 41
@@ -190,8 +193,9 @@ def test_block_against_reference(variant):
         assert_close_rel(g, e, FLOAT64_ACCUMULATION, f"grad of {name}")
     assert new_state.h.shape == (2, config.n_heads, config.head_dim)
     assert new_state.recent_kv.shape == (2, config.window, 2, config.dim)
-    assert new_state.memory.shape == (2, config.n_levels, config.level_slots, 2, config.dim)
-    assert new_state.sums.shape == (2, config.n_levels, 2, config.dim)
+    slots = config.store_slots if config.top_k else 0
+    assert new_state.store.shape == (2, slots, config.segment_len, 2, config.dim)
+    assert new_state.index.shape == (2, slots, config.dim)
 
 
 @pytest.mark.parametrize("layout", ["contiguous", "transposed"])

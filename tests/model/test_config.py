@@ -21,7 +21,7 @@ def count_parameters(config: MMRecConfig) -> int:
 def test_preset_round_trips_through_asdict(name):
     config = MMRecConfig.preset(name)
     assert config.vocab_size == 256 and config.mode == "exact"
-    assert (config.segment_len, config.n_levels, config.level_slots, config.persistent_slots) == (64, 3, 32, 16)
+    assert (config.segment_len, config.memory_tokens, config.top_k, config.persistent_slots) == (64, 65536, 4, 16)
     assert MMRecConfig(**dataclasses.asdict(config)) == config
 
 
@@ -46,9 +46,10 @@ BAD_FIELDS = [
     ("n_layers", 0),
     ("n_heads", 2.0),
     ("segment_len", 0),
-    ("n_levels", -1),
+    ("top_k", -1),
     ("window", -2),
-    ("level_slots", True),
+    ("memory_tokens", True),
+    ("memory_tokens", 100),
     ("persistent_slots", 0),
     ("ffn_mult", 0),
     ("norm_eps", 0.0),

@@ -21,7 +21,7 @@ CONFIGS = {
     "parallel": dict(mode="parallel"),
     "no-window-no-recurrence": dict(mode="none", window=0),
     "window-1": dict(mode="exact", window=1),
-    "no-long-term": dict(mode="exact", n_levels=0),
+    "no-long-term": dict(mode="exact", top_k=0),
 }
 
 

@@ -92,7 +92,7 @@ def test_cuda_bfloat16_autocast(mode):
 GRAPH_CONFIGS = {
     "exact": dict(mode="exact"),
     "parallel": dict(mode="parallel"),
-    "no-long-term": dict(mode="exact", n_levels=0),
+    "no-long-term": dict(mode="exact", top_k=0),
 }
 
 

@@ -64,7 +64,7 @@ def test_chunked_and_token_by_token_agree(mode):
 
 @pytest.mark.parametrize(
     "ablation",
-    [dict(window=0), dict(window=1), dict(n_levels=0), dict(mode="none")],
+    [dict(window=0), dict(window=1), dict(top_k=0), dict(mode="none")],
     ids=["no-window", "window-1", "no-long-term", "no-recurrence"],
 )
 def test_token_steps_agree_with_one_call_in_every_ablation(ablation):

@@ -243,3 +243,16 @@ def test_an_older_checkpoint_of_a_removed_variant_is_refused_by_name(retired):
     ((name, value),) = retired.items()
     with pytest.raises(C.CheckpointError, match=f"old.pt: .*{name}='{value}', a variant this version removed"):
         C.model_from_checkpoint(older_checkpoint(**retired), torch.device("cpu"), "old.pt")
+
+
+def test_an_older_checkpoint_without_a_long_term_memory_loads_without_one():
+    checkpoint = older_checkpoint(n_levels=0, level_slots=32)
+    checkpoint["model_config"].pop("memory_tokens"), checkpoint["model_config"].pop("top_k")
+    model = C.model_from_checkpoint(checkpoint, torch.device("cpu"), "old.pt")
+    assert model.config == MMRecConfig.preset("tiny", top_k=0)
+
+
+def test_an_older_checkpoint_of_the_summary_long_term_memory_is_refused():
+    checkpoint = older_checkpoint(n_levels=3, level_slots=32)
+    with pytest.raises(C.CheckpointError, match=r"old.pt: .*summary long-term memory \(n_levels=3\).*retrieval"):
+        C.model_from_checkpoint(checkpoint, torch.device("cpu"), "old.pt")
