@@ -39,6 +39,7 @@ class StoreLayout(NamedTuple):
     retrievable:   ``[T, C]`` which candidates each query may retrieve (the rule above).
     new_keys:      ``[n, S]`` the pool index of each token of the segments the chunk
                    completes (the last C - N candidates), for their index keys.
+    key_candidates: ``[N S + T]`` the candidate each token of the pool belongs to (-1: none).
     written_from:  ``[N S]`` for each store token after the chunk, its pool index ...
     written:       ``[N S]`` ... where it holds a token (else 0: the rest of the segment in
                    progress, so that the state is the same however the tokens came).
@@ -52,6 +53,7 @@ class StoreLayout(NamedTuple):
     from_state: Tensor
     retrievable: Tensor
     new_keys: Tensor
+    key_candidates: Tensor
     written_from: Tensor
     written: Tensor
     completed: Tensor
@@ -97,6 +99,12 @@ def store_layout(position: Tensor, T: int, config: MMRecConfig) -> StoreLayout:
     candidates = torch.cat([torch.where(old_complete, old, -1), torch.where(new_complete, new, -1)])
     queries = position + torch.arange(T, device=device)
     offsets = torch.arange(S, device=device)
+    # A pool token of segment n belongs to slot n mod N's candidate if that segment was
+    # complete before the chunk, else to new candidate n - p // S if the chunk completes it.
+    tokens_new = torch.cat([(old.view(-1, 1) * S + offsets).flatten(), queries]) // S - position // S
+    new_candidate = torch.where(new_complete[tokens_new.clamp(0, T // S + 1)], N + tokens_new, -1)
+    slot_candidate = torch.arange(N, device=device).repeat_interleave(S)
+    in_old_slot = torch.cat([old_complete.repeat_interleave(S), torch.zeros_like(queries, dtype=torch.bool)])
     after = slot_segments(position + T, config)
     tokens = (after.view(-1, 1) * S + offsets).flatten()
     in_chunk = (tokens >= position) & (tokens < position + T)
@@ -105,6 +113,9 @@ def store_layout(position: Tensor, T: int, config: MMRecConfig) -> StoreLayout:
         from_state=torch.cat([old_complete, torch.zeros_like(new_complete)]),
         retrievable=retrievable(candidates, queries, config),
         new_keys=pool_index(new.view(-1, 1) * S + offsets, position, T, config),
+        key_candidates=torch.where(
+            in_old_slot, torch.cat([slot_candidate, queries]), torch.where(tokens_new >= 0, new_candidate, -1)
+        ),
         written_from=torch.where(in_chunk, N * S + tokens - position, torch.arange(N * S, device=device)),
         written=(tokens >= 0) & (tokens < position + T),
         completed=((after + 1) * S <= position + T) & ((after + 1) * S > position),

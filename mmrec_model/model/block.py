@@ -22,7 +22,7 @@ from ..memory import (
     update_store,
 )
 from .mdi import MDI
-from .read import MultiMemoryAttention
+from .read import MultiMemoryAttention, attend, flex_attend
 
 
 class MMRecBlock(nn.Module):
@@ -181,21 +181,30 @@ class MMRecBlock(nn.Module):
     def retrieve(
         self, q: Tensor, kv: Tensor, pool: Tensor, index: Tensor, layout: MemoryLayout, fresh: bool
     ) -> tuple[Tensor, Tensor]:
-        """The long-term tokens each query of the chunk reads (``memory.store``), as
-        ``attend``'s keys_values and mask: the top_k segments of its choice among those it
-        may retrieve, from the pool ``[B, N S + T, 2, D]`` (the store before the chunk, then
-        the chunk). Each query's own gathered tokens ``[B, T, k S, 2, D]``; from a fresh
-        state, the chunk's tokens ``[B, T, 2, D]`` shared, masked to the chosen segments."""
+        """The read of the long-term tokens each query of the chunk retrieves
+        (``memory.store``): the top_k segments of its choice among those it may retrieve, in
+        the pool ``[B, N S + T, 2, D]`` (the store before the chunk, then the chunk); from a
+        fresh state, in the chunk alone. -> out ``[B, T, H, d]``, lse ``[B, H, T]``.
+
+        Compiled on CUDA, flex_attention over the pool, skipping what no query chose;
+        otherwise (eager flex_attention would score every key), from a fresh state,
+        ``attend`` over the chunk masked to the chosen segments, else over each query's own
+        gathered k S tokens (memory O(T k S), not O(T N S))."""
         c, store = self.config, layout.store
         keys = candidate_keys(pool, index, store, c.segment_len)
         chosen, ok = select_segments(q, keys, store.retrievable, c.top_k)
-        if fresh:
-            segment_of_token = torch.arange(kv.shape[1], device=kv.device) // c.segment_len
-            segments = store.candidates[chosen].masked_fill(~ok, -1)
-            return kv, (segments.unsqueeze(-1) == segment_of_token).any(-2)
+        flex = q.is_cuda and torch.compiler.is_compiling()
+        if fresh or flex:
+            picked = torch.zeros_like(store.retrievable).expand(*chosen.shape[:2], -1).scatter(-1, chosen, ok)
+            key_candidates = store.key_candidates[-kv.shape[1] :] if fresh else store.key_candidates
+            shared = kv if fresh else pool
+            if flex:
+                return flex_attend(q, shared, picked, key_candidates)
+            seen = picked.gather(-1, key_candidates.clamp(min=0).expand(*chosen.shape[:2], -1)) & (key_candidates >= 0)
+            return attend(q, shared, seen)
         tokens, read = retrieved_tokens(chosen, ok, store.candidates, layout.position, kv.shape[1], c)
         rows = torch.arange(pool.shape[0], device=pool.device).view(-1, 1, 1)
-        return pool[rows, tokens], read
+        return attend(q, pool[rows, tokens], read)
 
     def step(self, x: Tensor, state: BlockState, layout: TokenLayout) -> tuple[Tensor, BlockState]:
         """``forward`` for one token, x ``[B, 1, D]``, with the token's ``token_layout``:

@@ -9,6 +9,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
 import mmrec_ops
 
@@ -97,6 +98,23 @@ def attend(q: Tensor, keys_values: Tensor, mask: Tensor) -> tuple[Tensor, Tensor
     return out, torch.where(seen, lse, float("-inf"))
 
 
+def flex_attend(q: Tensor, keys_values: Tensor, chosen: Tensor, key_candidates: Tensor) -> tuple[Tensor, Tensor]:
+    """``attend`` over shared keys_values ``[B, K, 2, D]`` where query t sees key j iff
+    ``chosen[b, t, key_candidates[j]]`` (``key_candidates`` ``[K]``, -1: seen by none;
+    chosen ``[B, T, C]`` bool), with flex_attention: the blocks of keys that no query of a
+    block of queries sees are skipped, so a query costs about its chosen keys, not K."""
+    B, T, H, d = q.shape
+
+    def sees(b, h, t, j):
+        candidate = key_candidates[j]
+        return (candidate >= 0) & chosen[b, t, candidate.clamp(min=0)]
+
+    block_mask = create_block_mask(sees, B, None, T, keys_values.shape[1], device=q.device)
+    keys, values = (keys_values[:, :, i].to(q.dtype).unflatten(-1, (H, d)).transpose(1, 2) for i in (0, 1))
+    out, lse = flex_attention(q.transpose(1, 2), keys, values, block_mask=block_mask, return_lse=True)
+    return out.transpose(1, 2), lse
+
+
 def merge_reads(out_a: Tensor, lse_a: Tensor, out_b: Tensor, lse_b: Tensor) -> Tensor:
     """The read over the union of two disjoint sets of keys, from each set's read: out
     ``[B, T, H, d]`` and lse ``[B, H, T]`` (``attend``'s; lse_a finite, lse_b -inf where b
@@ -143,14 +161,14 @@ class MultiMemoryAttention(nn.Module):
     ) -> Tensor:
         """q ``[B, T, H, d]``; kv ``[B, T, 2, D]`` the chunk's keys and values; earlier
         ``[B, W - 1, 2, D]`` the W - 1 tokens before the chunk, oldest first (unused
-        when W = 0); retrieved: the long-term tokens each query reads, ``attend``'s
-        keys_values and mask (None: no long-term memory) -> ``[B, T, H, d]``."""
+        when W = 0); retrieved: the read of the long-term tokens each query retrieved,
+        out and lse as ``attend`` gives them (None: no long-term memory) -> ``[B, T, H, d]``."""
         n_blocks, Q, _ = layout.read_mask.shape
         group = self.group(q, None, n_blocks)
         tokens = working_tokens(earlier, kv.to(q.dtype)) if self.window > 0 else None
         if retrieved is not None:
             near, near_lse = self.read_near(q, group, tokens, layout)
-            return merge_reads(near, near_lse, *attend(q, *retrieved))
+            return merge_reads(near, near_lse, *retrieved)
         # On the CPU, SDPA's fused attention reads faster than memory_read's block products.
         if self.kernel == "memory_read" or (self.kernel == "auto" and q.is_cuda):
             return op_blocked_attention(q, group, tokens, layout.read_mask, self.window, layout.first_token)

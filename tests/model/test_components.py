@@ -12,7 +12,14 @@ from mmrec_model import MDI, MMRecBlock, MMRecConfig, MMRecModel
 from mmrec_model.memory import candidate_keys, memory_layout, select_segments, store_layout, update_store
 from mmrec_model.memory.layout import QUERY_BLOCK
 from mmrec_model.model.mdi import EPS, GAMMA_INIT
-from mmrec_model.model.read import op_blocked_attention, sdpa_blocked_attention, sliding_window_attention, working_keys
+from mmrec_model.model.read import (
+    attend,
+    flex_attend,
+    op_blocked_attention,
+    sdpa_blocked_attention,
+    sliding_window_attention,
+    working_keys,
+)
 from tests.helpers import FLOAT64_ACCUMULATION, assert_close_rel
 from tests.model.models import read_inputs, reference_attention, reference_block, small_config
 
@@ -210,3 +217,22 @@ def test_block_accepts_non_contiguous_input(layout):
     out, _ = block(strided, state, layout)
     expected, _ = block(x, state, layout)
     assert torch.equal(out, expected)
+
+
+@pytest.mark.parametrize("T,K", [(1, 70), (37, 130), (200, 64)])
+def test_flex_read_of_chosen_segments_matches_the_dense_read(T, K):
+    """``flex_attend`` (CUDA's read of the retrieved tokens) against ``attend`` with the
+    same mask written out, forward in float64 (flex_attention has no CPU backward)."""
+    B, H, d, C = 2, 3, 8, 9
+    q = torch.randn(B, T, H, d, dtype=torch.float64)
+    keys_values = torch.randn(B, K, 2, H * d, dtype=torch.float64)
+    chosen = torch.rand(B, T, C) < 0.4
+    key_candidates = torch.randint(-1, C, (K,))
+    seen = chosen.gather(-1, key_candidates.clamp(min=0).expand(B, T, -1)) & (key_candidates >= 0)
+    with torch.no_grad():
+        out, lse = flex_attend(q, keys_values, chosen, key_candidates)
+        expected_out, expected_lse = attend(q, keys_values, seen)
+    assert_close_rel(out, expected_out, FLOAT64_ACCUMULATION, "out")
+    assert torch.equal(lse.isinf(), expected_lse.isinf())
+    finite = expected_lse.isfinite()
+    assert_close_rel(lse[finite], expected_lse[finite], FLOAT64_ACCUMULATION, "lse")
