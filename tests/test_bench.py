@@ -17,7 +17,7 @@ import torch
 from bench.quality.measure import probe_offsets, recall_sequence
 from bench.quality.report import past_first_band_bpb, past_first_band_label
 from bench.quality.run import build_model, train
-from bench.quality.settings import SMOKE, Settings, check_final_windows_fit, model_config, row_label
+from bench.quality.settings import SMOKE, Settings, model_config, row_label
 from bench.transformer import KVCache, StaticDecoder, Transformer, TransformerConfig
 from mmrec_model.training import Corpus, train_step
 from tests.helpers import FLOAT32_ACCUMULATION, assert_close_rel
@@ -310,17 +310,6 @@ def test_quality_final_phase_trains_its_last_steps_on_long_windows_of_the_same_b
     assert [tuple(inputs.shape) for inputs, _ in calls] == [(4, 16)] * 3 + [(2, 32)] * 2
     for inputs, targets in calls:  # each window is consecutive bytes of the corpus, targets one ahead
         assert torch.equal(inputs[:, 1:], targets[:, :-1])
-
-
-def test_quality_refuses_final_windows_longer_than_the_training_split():
-    stream = torch.zeros(300, dtype=torch.uint8)
-    corpus = Corpus(train=stream[:200], val=stream[200:], source="zeros", sha256="")
-    check_final_windows_fit(corpus, dataclasses.replace(SMOKE, final_steps=2, final_seq_len=199))
-    with pytest.raises(
-        ValueError,
-        match="--final-seq-len 256 needs windows of 257 bytes, but the training split of zeros holds only 200 bytes",
-    ):
-        check_final_windows_fit(corpus, dataclasses.replace(SMOKE, final_steps=2, final_seq_len=256))
 
 
 @pytest.mark.parametrize(

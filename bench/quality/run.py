@@ -28,32 +28,27 @@ from mmrec_model.training import (
     validation_offsets,
 )
 from mmrec_model.training.checkpoint import atomic_write
-from mmrec_model.training.data import check_window_fits, corpus_from_documents, read_documents
+from mmrec_model.training.data import (
+    check_final_windows_fit,
+    check_window_fits,
+    corpus_from_documents,
+    read_documents,
+)
 
 from .measure import long_context, recall, size_label
 from .settings import (
     OPTIONS,
     SMOKE,
     Settings,
-    check_final_windows_fit,
     check_settings,
     model_config,
     row_stem,
 )
 
 
-def step_windows(settings: Settings, step: int) -> tuple[int, int]:
-    """(windows, bytes a window) that step `step` trains on: batch_size x seq_len, or in the
-    last final_steps steps batch_size x seq_len / final_seq_len windows of final_seq_len."""
-    if step < settings.steps - settings.final_steps:
-        return settings.batch_size, settings.seq_len
-    return settings.batch_size * settings.seq_len // settings.final_seq_len, settings.final_seq_len
-
-
 def step_batch(corpus: Corpus, settings: Settings, seed: int, step: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The inputs and targets of step `step` (step_windows' shape) from the batches of `seed`."""
-    windows, seq_len = step_windows(settings, step)
-    return train_batch(corpus, step, seed, windows, seq_len)
+    """The inputs and targets of step `step` (settings.step_windows' shape) from the batches of `seed`."""
+    return train_batch(corpus, step, seed, *settings.step_windows(step))
 
 
 @dataclasses.dataclass
@@ -233,7 +228,7 @@ def run_command(args: argparse.Namespace) -> None:
         documents, source = read_documents(None)
         corpus = corpus_from_documents(documents, source)
         check_window_fits(corpus, settings.seq_len)
-        check_final_windows_fit(corpus, settings)
+        check_final_windows_fit(corpus, settings.final_steps, settings.final_seq_len)
         resume = row_resume(args, settings)
     except ValueError as err:
         sys.exit(f"bench.quality run: error: {err}")

@@ -9,7 +9,8 @@ import torch
 
 from bench.transformer import TransformerConfig
 from mmrec_model import MMRecConfig
-from mmrec_model.training import Corpus, TrainSettings
+from mmrec_model.training import TrainSettings
+from mmrec_model.training.settings import FINAL_PHASE_HELP
 
 # Each ablation: the full model with one memory taken out (MMRecConfig overrides).
 ABLATIONS = {
@@ -37,8 +38,6 @@ class Settings(TrainSettings):
     sizes: dict = field(default_factory=dict)  # MMRecConfig overrides of the preset's sizes (--smoke's)
     window: int | None = None  # None: the preset's
     config: dict = field(default_factory=dict)  # MMRecConfig overrides of every MM-Rec arch (--config)
-    final_steps: int = 0
-    final_seq_len: int | None = None
     val_windows: int = 64
     long_len: int = 32768
     long_docs: int = 8
@@ -72,15 +71,8 @@ OPTIONS = {  # option: (type, help)
     "steps": (int, "optimizer steps"),
     "batch_size": (int, "windows per step"),
     "seq_len": (int, "bytes per training and validation window"),
-    "final_steps": (
-        int,
-        "N: the last N steps read windows of --final-seq-len bytes (a long-window phase at the "
-        "end, as long-context pretraining ends), the same bytes a step; 0: none",
-    ),
-    "final_seq_len": (
-        int,
-        "bytes per training window of the last --final-steps steps (a divisor of batch_size x seq_len)",
-    ),
+    "final_steps": (int, FINAL_PHASE_HELP["final_steps"]),
+    "final_seq_len": (int, FINAL_PHASE_HELP["final_seq_len"]),
     "lr": (float, "peak learning rate"),
     "log_every": (int, "steps per point of the training curve"),
     "val_windows": (int, "validation windows"),
@@ -106,31 +98,8 @@ def check_settings(settings: Settings) -> None:
             f"2 x --probe-len + the largest at most --long-len + 1 ({settings.long_len + 1}), "
             f"got {list(settings.probe_distances)}"
         )
-    check_final_phase(settings)
     if settings.device == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda: no CUDA device is available here (--device cpu, or --smoke)")
-
-
-def check_final_phase(settings: Settings) -> None:
-    if not 0 <= settings.final_steps <= settings.steps:
-        raise ValueError(f"--final-steps: expected 0 to --steps ({settings.steps}), got {settings.final_steps}")
-    if not settings.final_steps:
-        return
-    step_bytes = settings.batch_size * settings.seq_len
-    if settings.final_seq_len is None or settings.final_seq_len < 1 or step_bytes % settings.final_seq_len:
-        raise ValueError(
-            f"--final-seq-len: expected a divisor of --batch-size x --seq-len ({step_bytes}) with "
-            f"--final-steps, got {settings.final_seq_len}"
-        )
-
-
-def check_final_windows_fit(corpus: Corpus, settings: Settings) -> None:
-    length = settings.final_seq_len
-    if settings.final_steps and len(corpus.train) < length + 1:
-        raise ValueError(
-            f"--final-seq-len {length} needs windows of {length + 1} bytes, but the training split of "
-            f"{corpus.source} holds only {len(corpus.train)} bytes"
-        )
 
 
 def model_config(arch: str, settings: Settings) -> MMRecConfig | TransformerConfig:
