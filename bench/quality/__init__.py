@@ -38,25 +38,35 @@ can learn to keep, it learns where the windows are long. Then, eagerly:
   - recall: in each long document, --probe-passages passages of --probe-len bytes P, at
     offsets o evenly spaced from P on (so that the farthest copy fits in --long-len), are each
     copied to start D bytes after them (the document's first o + D bytes, then the copy),
-    for each D of --probe-distances; bits per byte on the copies against those on the
-    passages' first occurrences. What a model recalls from beyond its window shows as
-    copies cheaper than a model without that memory reads them at D > window.
+    for each D of --probe-distances (default: those of 512 to 64K whose copy --long-len holds,
+    2 P + D <= L + 1: 16K at L = 32K, 64K from L = 66047); bits per byte on the copies against
+    those on the passages' first occurrences. What a model recalls from beyond its window
+    shows as copies cheaper than a model without that memory reads them at D > window;
+  - passkey: a random 5-digit key stated once (`# pass key: 48213`, a line) at a depth in
+    filler of validation text, and at the end `# pass key: `, at contexts of 512, 1K, 4K, 16K,
+    64K and 256K bytes up to --passkey-max-len, --passkey-trials trials each (depths spread
+    evenly; the same trials for every row); each model reads the prompt as it reads long
+    context and decodes 5 bytes greedily from what that left (MM-Rec's state, the
+    Transformer's KV cache; the windowed Transformer reads all again for each byte): the
+    share of trials with all 5 digits right, and of the digits right.
 It is written (atomically) to DIR/<label>-seed<S>.json, the label being the arch, for an
 MM-Rec arch its --config overrides, +window=W with --window for an arch that has one, and
 +finalLxN with a final phase (mmrec+level_slots=128, mmrec+window=256,
 mmrec+final16384x500): settings, model configuration,
 parameters, training bytes, time and tokens/s, the training curve (mean bits per byte of
-every --log-every steps), the measurements, device, versions and date.
+every --log-every steps), the measurements ("long_context", "recall", "passkey"), device,
+versions and date.
 
 The report reads every DIR/*-seed*.json and gives, per label, the mean over seeds with
 the range [min, max]; each ablation against the full model of the same seed, --config
 overrides and final phase (so that one folder can hold a study of configurations), in
 validation, past the first position band (2K-32K), in the farthest
-band and on the farthest copy; bits per byte by position. It writes STEM.md, STEM.json
-(rows and summary) and STEM.png (training curves and bits per byte by position, means over
-seeds).
+band and on the farthest copy, and its passkey accuracy beside the full model's at the
+longest context; bits per byte by position, the copies by distance, the passkey by context.
+It writes STEM.md, STEM.json (rows and summary) and STEM.png (training curves, bits per byte
+by position, the copies and the passkey accuracy, means over seeds).
 
 The package, by concern: settings.py (the archs, the settings and their checks, the rows'
 labels), run.py (a row: training and its checkpoint), measure.py (long context, recall),
-report.py (the report), __main__.py (the command line).
+passkey.py (the passkey test), report.py (the report), __main__.py (the command line).
 """

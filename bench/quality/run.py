@@ -36,6 +36,7 @@ from mmrec_model.training.data import (
 )
 
 from .measure import long_context, recall, size_label
+from .passkey import check_passkey_fits, passkey
 from .settings import (
     OPTIONS,
     SMOKE,
@@ -171,6 +172,7 @@ def measure_row(
         val_loss = evaluate(model, corpus.val, offsets, settings.seq_len, settings.batch_size, autocast_dtype)
         long = long_context(model, documents, corpus, settings, autocast_dtype)
         recalled = recall(model, documents, corpus, settings, autocast_dtype)
+        passkeys = passkey(model, corpus, settings, autocast_dtype)
     return {
         "arch": arch,
         "seed": seed,
@@ -183,6 +185,7 @@ def measure_row(
         "val_bpb": bits_per_byte(val_loss),
         "long_context": long,
         "recall": recalled,
+        "passkey": passkeys,
         "corpus": corpus.describe(),
         "autocast": str(autocast_dtype).replace("torch.", ""),
         **versions(settings.device),
@@ -229,6 +232,7 @@ def run_command(args: argparse.Namespace) -> None:
         corpus = corpus_from_documents(documents, source)
         check_window_fits(corpus, settings.seq_len)
         check_final_windows_fit(corpus, settings.final_steps, settings.final_seq_len)
+        check_passkey_fits(corpus, settings)
         resume = row_resume(args, settings)
     except ValueError as err:
         sys.exit(f"bench.quality run: error: {err}")
@@ -241,7 +245,8 @@ def run_command(args: argparse.Namespace) -> None:
         resume.path.unlink(missing_ok=True)
     bands = ", ".join(f"{b['band']} {b['bpb']:.3f}" for b in row["long_context"]["bands"]) or "-"
     copies = ", ".join(f"{size_label(d['distance'])} {d['copy_bpb']:.3f}" for d in row["recall"]["distances"]) or "-"
+    keys = ", ".join(f"{size_label(c['context'])} {c['accuracy']:.0%}" for c in row["passkey"]["contexts"])
     print(
         f"{path}: val bits/byte {row['val_bpb']:.4f}; by position {bands}; recalled passage at {copies}; "
-        f"{row['train_s']:.0f} s"
+        f"passkey at {keys}; {row['train_s']:.0f} s"
     )

@@ -20,6 +20,10 @@ ABLATIONS = {
 }
 MMREC_ARCHS = {"mmrec": {}, **{arch: overrides for arch, (overrides, _) in ABLATIONS.items()}}
 ARCHS = (*MMREC_ARCHS, "transformer", "transformer-window")
+# The recall probe's distances (default: those whose copy --long-len holds) and the passkey's
+# contexts (those up to --passkey-max-len), in bytes.
+PROBE_DISTANCES = (512, 2048, 4096, 8192, 16384, 32768, 65536)
+PASSKEY_CONTEXTS = (512, 1024, 4096, 16384, 65536, 262144)
 
 
 @dataclass
@@ -43,8 +47,10 @@ class Settings(TrainSettings):
     long_docs: int = 8
     chunk_size: int = 4096
     probe_len: int = 256
-    probe_distances: tuple[int, ...] = (512, 2048, 4096, 8192, 16384)
+    probe_distances: tuple[int, ...] | None = None  # None: those of PROBE_DISTANCES that long_len holds
     probe_passages: int = 8
+    passkey_max_len: int = 65536
+    passkey_trials: int = 20
 
 
 SMOKE = Settings(
@@ -62,6 +68,8 @@ SMOKE = Settings(
     probe_len=32,
     probe_distances=(64, 512),
     probe_passages=2,
+    passkey_max_len=1024,
+    passkey_trials=2,
     device="cpu",
 )
 
@@ -80,26 +88,67 @@ OPTIONS = {  # option: (type, help)
     "long_docs": (int, "most long documents measured"),
     "chunk_size": (int, "MM-Rec's chunk on the long-context windows"),
     "probe_len": (int, "bytes of the recalled passage"),
-    "probe_distances": (int, "bytes from a passage to its copy (one or more)"),
+    "probe_distances": (
+        int,
+        "bytes from a passage to its copy, one or more (None: those of "
+        f"{' '.join(map(str, PROBE_DISTANCES))} whose copy --long-len holds)",
+    ),
     "probe_passages": (int, "recalled passages per long document"),
+    "passkey_max_len": (
+        int,
+        f"the passkey test's longest context: those of {' '.join(map(str, PASSKEY_CONTEXTS))} bytes up to it",
+    ),
+    "passkey_trials": (int, "passkey trials per context (keys and depths the same for every row)"),
 }
 
 
 def check_settings(settings: Settings) -> None:
     """A ValueError naming the first option that cannot train or measure."""
     settings.check()
-    for name in ("val_windows", "long_len", "long_docs", "chunk_size", "probe_len", "probe_passages"):
+    for name in ("val_windows", "long_len", "long_docs", "chunk_size", "probe_len", "probe_passages", "passkey_trials"):
         if getattr(settings, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')}: expected a positive integer, got {getattr(settings, name)}")
-    longest = 2 * settings.probe_len + max(settings.probe_distances)
-    if min(settings.probe_distances) < settings.probe_len or longest > settings.long_len + 1:
+    check_probe_distances(settings)
+    if settings.passkey_max_len < PASSKEY_CONTEXTS[0]:
         raise ValueError(
-            f"--probe-distances: expected each at least --probe-len ({settings.probe_len}) and "
-            f"2 x --probe-len + the largest at most --long-len + 1 ({settings.long_len + 1}), "
-            f"got {list(settings.probe_distances)}"
+            f"--passkey-max-len: expected at least the shortest context ({PASSKEY_CONTEXTS[0]}), "
+            f"got {settings.passkey_max_len}"
         )
     if settings.device == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda: no CUDA device is available here (--device cpu, or --smoke)")
+
+
+def copy_fits(settings: Settings, distance: int) -> bool:
+    """Whether a passage and its copy `distance` bytes later fit a long window (the first
+    passage starts at --probe-len): 2 x --probe-len + distance <= --long-len + 1."""
+    return 2 * settings.probe_len + distance <= settings.long_len + 1
+
+
+def probe_distances(settings: Settings) -> tuple[int, ...]:
+    """--probe-distances, or those of PROBE_DISTANCES whose copy --long-len holds."""
+    if settings.probe_distances is not None:
+        return settings.probe_distances
+    return tuple(distance for distance in PROBE_DISTANCES if copy_fits(settings, distance))
+
+
+def check_probe_distances(settings: Settings) -> None:
+    distances = probe_distances(settings)
+    if settings.probe_distances is None and not distances:
+        raise ValueError(
+            f"--long-len {settings.long_len}: holds no copy of the probe's default distances (2 x --probe-len + "
+            f"{PROBE_DISTANCES[0]} bytes at least); give --probe-distances"
+        )
+    if min(distances) < settings.probe_len or not copy_fits(settings, max(distances)):
+        raise ValueError(
+            f"--probe-distances: expected each at least --probe-len ({settings.probe_len}) and "
+            f"2 x --probe-len + the largest at most --long-len + 1 ({settings.long_len + 1}), "
+            f"got {list(distances)}"
+        )
+
+
+def passkey_contexts(settings: Settings) -> tuple[int, ...]:
+    """The passkey test's contexts: those of PASSKEY_CONTEXTS up to --passkey-max-len."""
+    return tuple(context for context in PASSKEY_CONTEXTS if context <= settings.passkey_max_len)
 
 
 def model_config(arch: str, settings: Settings) -> MMRecConfig | TransformerConfig:
