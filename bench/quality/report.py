@@ -121,7 +121,9 @@ def arch_summary(rows: list[dict]) -> dict:
     return {
         "seeds": [r["seed"] for r in rows],
         "parameters": rows[0]["parameters"],
-        "tokens": rows[0]["tokens"],
+        "steps": stats([r["settings"]["steps"] for r in rows]),
+        "tokens": stats([r["tokens"] for r in rows]),
+        "train_s": stats([r["train_s"] for r in rows]),
         "tokens_per_s": stats([r["tokens_per_s"] for r in rows if r["tokens_per_s"]]),
         "val_bpb": stats([r["val_bpb"] for r in rows]),
         "bands": {label: stats([b[label] for b in bands if label in b]) for label in labels},
@@ -206,11 +208,15 @@ def header_summary(rows: list[dict]) -> dict:
     """Where and with what the rows ran, and the settings that differ between them."""
     settings = [r["settings"] for r in rows]
     # The labels carry each MM-Rec row's --config overrides, --window and each row's carried
-    # chunks and final phase.
-    labelled = ("config", "window", "carry_chunks", "final_steps", "final_seq_len")
+    # chunks, final phase and time budget (which sets the row's steps).
+    labelled = ("config", "window", "carry_chunks", "final_steps", "final_seq_len", "time_budget")
     differing = sorted(
-        name for name in settings[0] if name not in labelled and len({json.dumps(s.get(name)) for s in settings}) > 1
+        name
+        for name in settings[0]
+        if name not in labelled
+        and len({json.dumps(s.get(name)) for s in settings if name != "steps" or s.get("time_budget") is None}) > 1
     )
+    budgeted = [r for r in rows if r["settings"].get("time_budget") is not None]
     return {
         "rows": len(rows),
         "device": distinct(rows, "device"),
@@ -222,6 +228,8 @@ def header_summary(rows: list[dict]) -> dict:
         "differing_settings": differing,
         "carry_chunks": sorted({s.get("carry_chunks", 1) for s in settings}),
         "final_phase": any(s.get("final_steps", 0) for s in settings),
+        "time_budgets": sorted({r["settings"]["time_budget"] for r in budgeted}),
+        "budget_device": distinct(budgeted, "device") if budgeted else None,
     }
 
 
@@ -276,6 +284,14 @@ def header_lines(summary: dict) -> list[str]:
             "Rows labelled +finalLxN trained their last N steps on windows of L bytes (as many as make "
             "the same bytes a step); validation is on the windows of seq_len bytes for every row."
         )
+    if head.get("time_budgets"):
+        budgets = ", ".join(f"{seconds:g} s" for seconds in head["time_budgets"])
+        lines.append(
+            f"Rows labelled +budgetSs trained for a wall-clock budget of S seconds ({budgets}) on "
+            f"{head['budget_device']}: as many steps as a timed warm-up of each phase said the budget holds "
+            "(compiling and the warm-up not counted), the schedule set for them; their steps and training "
+            "time are in the Validation table."
+        )
     if head["differing_settings"]:
         lines.append(f"**The rows differ in settings: {', '.join(head['differing_settings'])}.**")
     return lines
@@ -283,13 +299,15 @@ def header_lines(summary: dict) -> list[str]:
 
 def validation_lines(archs: dict) -> list[str]:
     return ["", "## Validation", ""] + markdown_table(
-        ["arch", "seeds", "parameters", "training bytes", "tokens/s", "val bits/byte"],
+        ["arch", "seeds", "parameters", "steps", "training bytes", "training s", "tokens/s", "val bits/byte"],
         [
             [
                 arch,
                 str(len(a["seeds"])),
                 f"{a['parameters'] / 1e6:.2f}M",
-                f"{a['tokens'] / 1e6:.1f}M",
+                fmt_stats(a["steps"], ",.0f"),
+                f"{a['tokens']['mean'] / 1e6:.1f}M",
+                fmt_stats(a["train_s"], ",.0f"),
                 fmt_stats(a["tokens_per_s"], ",.0f"),
                 fmt_stats(a["val_bpb"]),
             ]

@@ -51,6 +51,7 @@ class Settings(TrainSettings):
     probe_passages: int = 8
     passkey_max_len: int = 65536
     passkey_trials: int = 20
+    time_budget: float | None = None  # seconds of steady training; sets the steps (bench.quality.budget)
 
 
 SMOKE = Settings(
@@ -77,6 +78,12 @@ OPTIONS = {  # option: (type, help)
     "preset": (str, "MMRecConfig preset whose width, depth, heads (and window) every arch takes"),
     "window": (int, "the working memory's window of mmrec, its ablations and transformer-window (None: the preset's)"),
     "steps": (int, "optimizer steps"),
+    "time_budget": (
+        float,
+        "SECONDS of steady training instead of --steps: a timed warm-up of a few steps of each phase "
+        "(after the one that compiles) sets the steps that fit, and the schedule with them; compiling "
+        "and the warm-up are not counted",
+    ),
     "batch_size": (int, "windows per step"),
     "seq_len": (int, "bytes per training and validation window"),
     "final_steps": (int, FINAL_PHASE_HELP["final_steps"]),
@@ -109,6 +116,8 @@ def check_settings(settings: Settings) -> None:
         if getattr(settings, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')}: expected a positive integer, got {getattr(settings, name)}")
     check_probe_distances(settings)
+    if settings.time_budget is not None and not settings.time_budget > 0:
+        raise ValueError(f"--time-budget: expected a positive number of seconds, got {settings.time_budget}")
     if settings.passkey_max_len < PASSKEY_CONTEXTS[0]:
         raise ValueError(
             f"--passkey-max-len: expected at least the shortest context ({PASSKEY_CONTEXTS[0]}), "
@@ -168,9 +177,10 @@ def model_config(arch: str, settings: Settings) -> MMRecConfig | TransformerConf
 def row_label(row: dict) -> str:
     """The row's arch, with the --config overrides an MM-Rec arch ran with, +window=W for an
     arch with a window trained with --window W, then +carryK for a recorded row trained on K
-    consecutive chunks with the state carried (a variant no longer trained) and +finalLxN for
-    one whose last N steps read windows of L bytes:
-    'mmrec+level_slots=128', 'mmrec+window=256', 'transformer+carry8', 'mmrec+final16384x500'.
+    consecutive chunks with the state carried (a variant no longer trained), +finalLxN for
+    one whose last N steps read windows of L bytes and +budgetSs for one trained for a time
+    budget of S seconds: 'mmrec+level_slots=128', 'mmrec+window=256', 'transformer+carry8',
+    'mmrec+final16384x500', 'transformer+budget600s'.
     Rows of different settings so get different files in one folder, and the report pairs
     each ablation with the full model of the same settings."""
     label = row["arch"]
@@ -182,7 +192,9 @@ def row_label(row: dict) -> str:
     carry = row["settings"].get("carry_chunks", 1)
     label += f"+carry{carry}" if carry != 1 else ""
     final = row["settings"].get("final_steps", 0)
-    return label + (f"+final{row['settings']['final_seq_len']}x{final}" if final else "")
+    label += f"+final{row['settings']['final_seq_len']}x{final}" if final else ""
+    budget = row["settings"].get("time_budget")
+    return label + (f"+budget{budget:g}s" if budget is not None else "")
 
 
 def row_stem(row: dict) -> str:

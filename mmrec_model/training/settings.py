@@ -68,7 +68,7 @@ class TrainSettings:
     def step_windows(self, step: int) -> tuple[int, int]:
         """(windows, bytes a window) of the global batch of step `step`: batch_size x seq_len,
         or in the last final_steps steps batch_size * seq_len / final_seq_len x final_seq_len."""
-        if step < self.steps - self.final_steps:
+        if not self.final_steps or step < self.steps - self.final_steps:
             return self.batch_size, self.seq_len
         return self.tokens_per_step // self.final_seq_len, self.final_seq_len
 

@@ -92,7 +92,7 @@ def test_the_loop_resumed_from_its_checkpoint_continues_exactly():
 def test_the_final_phase_reads_its_long_windows_in_the_last_steps_the_same_bytes_a_step():
     settings = TrainSettings(steps=5, batch_size=4, seq_len=16, final_steps=2, final_seq_len=32)
     assert [settings.step_windows(step) for step in range(5)] == [(4, 16)] * 3 + [(2, 32)] * 2
-    assert TrainSettings(steps=5, batch_size=4, seq_len=16).step_windows(4) == (4, 16)
+    assert [TrainSettings(steps=5, batch_size=4, seq_len=16).step_windows(step) for step in (4, 7)] == [(4, 16)] * 2
 
 
 @pytest.mark.parametrize(
