@@ -220,6 +220,9 @@ def copy_run(trained_run: Path, tmp_path: Path) -> Path:
     [
         pytest.param(["--lr", "0.5"], r"keeps its settings, .* --lr 0.5 \(saved: 0.005\)", id="changed_lr"),
         pytest.param(["--data", "{tmp}/other.txt"], "--data .* \\(saved: ", id="changed_data"),
+        pytest.param(
+            ["--final-steps", "2", "--final-seq-len", "160"], r"--final-steps 2 \(saved: 0\)", id="changed_final_phase"
+        ),
         pytest.param([], r"nothing to train: the checkpoint is at step 6, the end of the run", id="already_finished"),
     ],
 )
