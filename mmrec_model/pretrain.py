@@ -12,8 +12,11 @@ Each step minimises the mean next-byte cross-entropy over a global batch of
 
 with AdamW (weight decay on matrices only), gradient-norm clipping, and a
 learning rate that warms up linearly for `warmup` steps, then follows a cosine
-down to lr / 10 at `steps`. Validation reports the same loss on fixed
-windows of the held-out split, and bits per byte = loss / ln 2 (a token is a byte).
+down to lr / 10 at `steps`. With `--final-steps N --final-seq-len L` the last N
+steps read windows of L bytes instead, as many as make the same bytes a step (a
+long-window phase at the end, as long-context pretraining ends). Validation reports
+the same loss on fixed windows of seq_len bytes of the held-out split, and bits per
+byte = loss / ln 2 (a token is a byte).
 The settings, loss, schedule, optimizer, loop, checkpoints and evaluation are
 `mmrec_model.training`'s; this module is the command line, the run folder and torchrun
 around them.
@@ -54,10 +57,18 @@ from .training.checkpoint import (
     non_finite_entries,
     save_checkpoint,
 )
-from .training.data import Corpus, DataError, check_window_fits, load_corpus, train_batch, validation_offsets
+from .training.data import (
+    Corpus,
+    DataError,
+    check_final_windows_fit,
+    check_window_fits,
+    load_corpus,
+    train_batch,
+    validation_offsets,
+)
 from .training.device import DeviceError, all_reduce_sum, default_autocast_dtype, pick_device
 from .training.run_folder import METRICS_NAME, RunFolder, RunFolderError, file_stamp
-from .training.settings import SettingsError
+from .training.settings import FINAL_PHASE_HELP, SettingsError
 
 PROG = "mmrec-pretrain"
 
@@ -109,6 +120,8 @@ FIXED_ON_RESUME = (
     "steps",
     "batch_size",
     "seq_len",
+    "final_steps",
+    "final_seq_len",
     "lr",
     "warmup",
     "weight_decay",
@@ -127,6 +140,7 @@ HELP = {
     "steps": "optimizer steps of the whole run; the learning rate's cosine ends here",
     "batch_size": "global batch: windows per step, shared among torchrun processes (a multiple of their number)",
     "seq_len": "bytes per window; each window starts from a fresh model state",
+    **FINAL_PHASE_HELP,
     "lr": "peak learning rate of AdamW",
     "warmup": "steps of linear warmup; default: steps / 20",
     "weight_decay": "AdamW weight decay, applied to matrices only",
@@ -251,6 +265,12 @@ def check_sizes(config: PretrainSettings, world_size: int, start_step: int) -> N
         raise UsageError(
             f"--batch-size {config.batch_size}: expected a multiple of the number of processes ({world_size})"
         )
+    final_windows = config.step_windows(config.steps - 1)[0]
+    if config.final_steps and final_windows % world_size:
+        raise UsageError(
+            f"--final-seq-len {config.final_seq_len}: the final phase's {final_windows} windows a step must be a "
+            f"multiple of the number of processes ({world_size})"
+        )
     if start_step >= config.steps:
         raise UsageError(
             f"nothing to train: the checkpoint is at step {start_step}, the end of the run (--steps {config.steps})"
@@ -329,6 +349,7 @@ def prepare(argv: list[str] | None) -> Run:
     checkpoint_stamp = file_stamp(out / CHECKPOINT_NAME)
     corpus = load_corpus(config.data)
     check_window_fits(corpus, config.seq_len)
+    check_final_windows_fit(corpus, config.final_steps, config.final_seq_len)
     if checkpoint and checkpoint["data"]["sha256"] != corpus.sha256:
         saved = checkpoint["data"]["source"]
         raise UsageError(f"--resume: the checkpoint was trained on other data ({saved}) than {corpus.source}")
@@ -369,9 +390,9 @@ def validation_loss(run: Run) -> float:
 
 
 def step_batch(run: Run, step: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """This rank's share of step `step`'s global batch."""
+    """This rank's share of step `step`'s global batch (of the final phase's windows in its last steps)."""
     config = run.config
-    return train_batch(run.corpus, step, config.seed, config.batch_size, config.seq_len, run.rank, run.world_size)
+    return train_batch(run.corpus, step, config.seed, *config.step_windows(step), run.rank, run.world_size)
 
 
 def checkpoint_dict(run: Run) -> dict:

@@ -17,10 +17,11 @@ import torch
 from bench.quality.measure import probe_offsets, recall_sequence
 from bench.quality.report import past_first_band_bpb, past_first_band_label
 from bench.quality.run import build_model, train
-from bench.quality.settings import SMOKE, Settings, check_final_windows_fit, model_config, row_label
+from bench.quality.settings import SMOKE, Settings, model_config, row_label
 from bench.transformer import KVCache, StaticDecoder, Transformer, TransformerConfig
 from mmrec_model.training import Corpus, train_step
 from tests.helpers import FLOAT32_ACCUMULATION, assert_close_rel
+from tests.quality_cli import finished, run_quality
 
 pytestmark = pytest.mark.bench
 
@@ -91,22 +92,6 @@ def test_transformer_static_decoder_matches_full_forward():
     assert_close_rel(torch.stack(steps, dim=1), expected[:, 5:], FLOAT32_ACCUMULATION)
 
 
-def run_quality(*args: str) -> subprocess.Popen:
-    return subprocess.Popen(
-        [sys.executable, "-m", "bench.quality", *args],
-        cwd=ROOT,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-
-
-def finished(process: subprocess.Popen) -> str:
-    stdout, stderr = process.communicate(timeout=300)
-    assert process.returncode == 0, stderr[-3000:]
-    return stdout
-
-
 def test_quality_smoke_rows_in_parallel_then_report(tmp_path):
     rows = tmp_path / "rows"
     runs = [
@@ -123,10 +108,14 @@ def test_quality_smoke_rows_in_parallel_then_report(tmp_path):
     assert [d["distance"] for d in row["recall"]["distances"]] == [64, 512] and row["recall"]["documents"] == 2
     assert row["recall"]["offsets"] == [32, 1025 - 512 - 32]
     assert all(0 < d["copy_bpb"] < 9 for d in row["recall"]["distances"]) and 0 < row["recall"]["first_bpb"] < 9
+    keys = row["passkey"]
+    assert keys["trials"] == 2 and [c["context"] for c in keys["contexts"]] == [512, 1024]
+    assert all(0 <= c["accuracy"] <= c["digit_accuracy"] <= 1 and len(c["digits_right"]) == 2 for c in keys["contexts"])
     stem = tmp_path / "report" / "quality"
     table = finished(run_quality("report", str(rows), "--out", str(stem)))
     assert "| mmrec+window=8 | 1 |" in table and "| transformer | 1 |" in table and "256-1K" in table
     assert "| arch | first | D = 64 | D = 512 |" in table
+    assert "| arch | C = 512 | C = 1K |" in table and "| transformer | 0% (" in table
     assert stem.with_suffix(".md").read_text() == table
     report = json.loads(stem.with_suffix(".json").read_text())
     assert {r["arch"] for r in report["rows"]} == {"mmrec", "transformer"}
@@ -241,7 +230,7 @@ REPORT_STUDIES = [
             "mmrec-seed0.json",
             "transformer-seed0.json",
         ],
-        ["| mmrec+window=8 | 1 |", "| mmrec | 1 |", "(64-1K)", "Δ first occurrence"],
+        ["| mmrec+window=8 | 1 |", "| mmrec | 1 |", "(64-1K)", "Δ first occurrence", "% (1K) |"],
         ("mmrec+window=8", {"window": 8}, {"window": 8}),
         [("mmrec-no-longterm+window=8", "mmrec+window=8")],
         id="windows",
@@ -275,6 +264,12 @@ def test_quality_report_keeps_studies_apart_and_pairs_each_ablation_with_its_own
     assert report_deltas(tmp_path, "past_delta") == {(a, f): pytest.approx(past[a] - past[f]) for a, f in pairs}
     first = {label: r["recall"]["first_bpb"] for label, r in labelled.items()}
     assert report_deltas(tmp_path, "first_delta") == {(a, f): pytest.approx(first[a] - first[f]) for a, f in pairs}
+    keyed = {label: r["passkey"]["contexts"][-1]["accuracy"] for label, r in labelled.items()}
+    report = json.loads((tmp_path / "report.json").read_text())
+    passkeys = {(a["arch"], a["full"]): a["passkey"] for a in report["summary"]["ablations"]}
+    assert {pair: (p["context"], p["full"]["mean"], p["ablation"]["mean"]) for pair, p in passkeys.items()} == {
+        (a, f): (1024, keyed[f], keyed[a]) for a, f in pairs
+    }
 
 
 def training_calls(arch: str, settings: Settings, corpus: Corpus, monkeypatch) -> list[tuple]:
@@ -310,17 +305,6 @@ def test_quality_final_phase_trains_its_last_steps_on_long_windows_of_the_same_b
     assert [tuple(inputs.shape) for inputs, _ in calls] == [(4, 16)] * 3 + [(2, 32)] * 2
     for inputs, targets in calls:  # each window is consecutive bytes of the corpus, targets one ahead
         assert torch.equal(inputs[:, 1:], targets[:, :-1])
-
-
-def test_quality_refuses_final_windows_longer_than_the_training_split():
-    stream = torch.zeros(300, dtype=torch.uint8)
-    corpus = Corpus(train=stream[:200], val=stream[200:], source="zeros", sha256="")
-    check_final_windows_fit(corpus, dataclasses.replace(SMOKE, final_steps=2, final_seq_len=199))
-    with pytest.raises(
-        ValueError,
-        match="--final-seq-len 256 needs windows of 257 bytes, but the training split of zeros holds only 200 bytes",
-    ):
-        check_final_windows_fit(corpus, dataclasses.replace(SMOKE, final_steps=2, final_seq_len=256))
 
 
 @pytest.mark.parametrize(

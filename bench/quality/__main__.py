@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from pathlib import Path
 
 from . import __doc__ as quality_doc
@@ -32,9 +33,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--seed", type=int, required=True, help="seeds the initial weights and the training batches")
     run.add_argument("--out", type=Path, required=True, metavar="DIR", help="folder of the rows")
     run.add_argument("--smoke", action="store_true", help="tiny sizes on the CPU, seconds: checks the script")
+    field_types = {field.name: field.type for field in dataclasses.fields(Settings)}
     for name, (kind, help_text) in OPTIONS.items():
         defaults = f"default {getattr(Settings(), name)}, --smoke {getattr(SMOKE, name)}"
-        several = "+" if isinstance(getattr(Settings(), name), tuple) else None
+        several = "+" if field_types[name].startswith("tuple") else None
         run.add_argument(
             "--" + name.replace("_", "-"),
             type=kind,

@@ -9,7 +9,7 @@ from bench.common import model_logits
 from mmrec_model.training import Corpus, autocast, bits_per_byte, token_losses
 from mmrec_model.training.data import validation_documents
 
-from .settings import Settings
+from .settings import Settings, probe_distances
 
 MIN_LONG_DOCS = 2  # fewer documents than this measure one text, not long context
 
@@ -67,9 +67,9 @@ def recall_sequence(window: torch.Tensor, offset: int, distance: int, passage_le
 
 def probe_offsets(settings: Settings) -> list[int]:
     """Where the recalled passages start: --probe-passages offsets evenly spaced from P on,
-    the last one leaving room for the passage's copy at the largest distance."""
+    the last one leaving room for the passage's copy at the largest distance (probe_distances')."""
     P, count = settings.probe_len, settings.probe_passages
-    last = settings.long_len + 1 - max(settings.probe_distances) - P
+    last = settings.long_len + 1 - max(probe_distances(settings)) - P
     return [P + (last - P) * i // max(count - 1, 1) for i in range(count)]
 
 
@@ -84,7 +84,7 @@ def recall(model, documents: list[bytes], corpus: Corpus, settings: Settings, au
         measured["note"] = f"not measured: {len(windows)} long validation document(s), fewer than {MIN_LONG_DOCS}"
         return measured
     firsts = []
-    for distance in settings.probe_distances:
+    for distance in probe_distances(settings):
         copies = []
         for offset in offsets:
             sequences = [recall_sequence(window, offset, distance, P) for window in windows]

@@ -28,46 +28,45 @@ from mmrec_model.training import (
     validation_offsets,
 )
 from mmrec_model.training.checkpoint import atomic_write
-from mmrec_model.training.data import check_window_fits, corpus_from_documents, read_documents
+from mmrec_model.training.data import (
+    check_final_windows_fit,
+    check_window_fits,
+    corpus_from_documents,
+    read_documents,
+)
 
+from .budget import budgeted_settings, fit_to_budget
 from .measure import long_context, recall, size_label
+from .passkey import check_passkey_fits, passkey
 from .settings import (
     OPTIONS,
     SMOKE,
     Settings,
-    check_final_windows_fit,
     check_settings,
     model_config,
     row_stem,
 )
 
 
-def step_windows(settings: Settings, step: int) -> tuple[int, int]:
-    """(windows, bytes a window) that step `step` trains on: batch_size x seq_len, or in the
-    last final_steps steps batch_size x seq_len / final_seq_len windows of final_seq_len."""
-    if step < settings.steps - settings.final_steps:
-        return settings.batch_size, settings.seq_len
-    return settings.batch_size * settings.seq_len // settings.final_seq_len, settings.final_seq_len
-
-
 def step_batch(corpus: Corpus, settings: Settings, seed: int, step: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The inputs and targets of step `step` (step_windows' shape) from the batches of `seed`."""
-    windows, seq_len = step_windows(settings, step)
-    return train_batch(corpus, step, seed, windows, seq_len)
+    """The inputs and targets of step `step` (settings.step_windows' shape) from the batches of `seed`."""
+    return train_batch(corpus, step, seed, *settings.step_windows(step))
 
 
 @dataclasses.dataclass
 class Resume:
     """A row's training checkpoint: written to `path` every `every` steps (0: never) and at
     `stop_at` (where training then stops; None: at the end of training), with the row's
-    `identity` (arch, seed and settings); `saved`, the checkpoint found at `path` when the
-    row started (read_row_checkpoint), from which it continues, exactly."""
+    `identity` (row_identity); `saved`, the checkpoint found at `path` when the row started
+    (read_row_checkpoint), from which it continues, exactly; `budget`, the record of a row's
+    --time-budget (fit_to_budget's), kept in the checkpoint so that the row keeps its steps."""
 
     path: Path
     identity: dict
     every: int = 0
     stop_at: int | None = None
     saved: dict | None = None
+    budget: dict | None = None
 
 
 def read_row_checkpoint(path: Path, identity: dict) -> dict | None:
@@ -92,6 +91,7 @@ def save_row_checkpoint(trainer: Trainer, resume: Resume, corpus: Corpus) -> Non
         train_config=resume.identity["settings"],
         data={"sha256": corpus.sha256, "source": corpus.source},
         identity=resume.identity,
+        budget=resume.budget,
     )
     resume.path.parent.mkdir(parents=True, exist_ok=True)
     save_checkpoint(resume.path, checkpoint)
@@ -111,7 +111,7 @@ def train(
             trainer.restore(resume.saved, str(resume.path))
             print(f"quality: continuing from step {trainer.step} ({resume.path})", file=sys.stderr, flush=True)
         save, every = (lambda done: save_row_checkpoint(trainer, resume, corpus)), resume.every
-        stop = resume.stop_at or settings.steps
+        stop = min(resume.stop_at or settings.steps, settings.steps)  # a budget may allow fewer steps
     bar = tqdm(total=settings.steps, initial=trainer.step, desc="train", unit="step", mininterval=10, file=sys.stderr)
     batches = functools.partial(step_batch, corpus, settings, seed)
     trainer.train(batches, stop, on_step=lambda done, loss: bar.update(), save=save, save_every=every)
@@ -133,6 +133,14 @@ def build_model(config: MMRecConfig | TransformerConfig, seed: int, device: torc
     return model.to(device)
 
 
+def row_model(config: MMRecConfig | TransformerConfig, seed: int, settings: Settings) -> torch.nn.Module:
+    """The row's model from `seed` on settings.device, each block compiled with settings.compile."""
+    model = build_model(config, seed, torch.device(settings.device))
+    if settings.compile:
+        compile_blocks(model)
+    return model
+
+
 def loss_curve(losses: torch.Tensor, every: int) -> dict:
     """Mean training bits per byte over each `every` steps of the per-step losses [steps]:
     {"every", "step": the last step of each span (1-based), "bpb"}."""
@@ -148,21 +156,21 @@ def measure_row(
     arch: str,
     seed: int,
     settings: Settings,
-    config,
+    model: torch.nn.Module,
     documents: list[bytes],
     corpus: Corpus,
     resume: Resume | None = None,
+    budget: dict | None = None,
 ) -> dict | None:
-    """Trains the arch on the batches of `seed`, then measures it: the row's record (None when
-    training stopped at resume.stop_at)."""
+    """Trains the arch's model (row_model's) on the batches of `seed`, then measures it: the
+    row's record (None when training stopped at resume.stop_at); `budget`: the record of
+    --time-budget (None without one), whose steps are settings.steps."""
     device = torch.device(settings.device)
-    model = build_model(config, seed, device)
-    if settings.compile:
-        compile_blocks(model)
     autocast_dtype = default_autocast_dtype(device)
     parameters = sum(p.numel() for p in model.parameters())
+    within = f" (what --time-budget {settings.time_budget:g} s allows)" if budget else ""
     print(
-        f"quality: {arch} seed {seed}: {parameters:,} parameters, {settings.steps} steps of "
+        f"quality: {arch} seed {seed}: {parameters:,} parameters, {settings.steps} steps{within} of "
         f"{settings.batch_size} x {settings.seq_len} bytes on {device}",
         file=sys.stderr,
         flush=True,
@@ -176,18 +184,21 @@ def measure_row(
         val_loss = evaluate(model, corpus.val, offsets, settings.seq_len, settings.batch_size, autocast_dtype)
         long = long_context(model, documents, corpus, settings, autocast_dtype)
         recalled = recall(model, documents, corpus, settings, autocast_dtype)
+        passkeys = passkey(model, corpus, settings, autocast_dtype)
     return {
         "arch": arch,
         "seed": seed,
         "settings": dataclasses.asdict(settings),
-        "model_config": dataclasses.asdict(config),
+        "model_config": dataclasses.asdict(model.config),
         "parameters": parameters,
         "tokens": settings.steps * settings.batch_size * settings.seq_len,
         **trained,
+        "time_budget": budget,
         "val_loss": val_loss,
         "val_bpb": bits_per_byte(val_loss),
         "long_context": long,
         "recall": recalled,
+        "passkey": passkeys,
         "corpus": corpus.describe(),
         "autocast": str(autocast_dtype).replace("torch.", ""),
         **versions(settings.device),
@@ -209,13 +220,38 @@ def row_resume(args: argparse.Namespace, settings: Settings) -> Resume | None:
         return None
     if every < 0:
         raise ValueError(f"--checkpoint-every: expected a number of steps >= 0, got {every}")
-    if stop_at is not None and not 0 < stop_at < settings.steps:
+    if settings.time_budget is not None and stop_at is not None and stop_at < 1:
+        raise ValueError(f"--stop-at: expected a step > 0, got {stop_at}")
+    if settings.time_budget is None and stop_at is not None and not 0 < stop_at < settings.steps:
         raise ValueError(
             f"--stop-at: expected a step between 0 and --steps ({settings.steps}), exclusive, got {stop_at}"
         )
-    identity = {"arch": args.arch, "seed": args.seed, "settings": dataclasses.asdict(settings)}
+    identity = row_identity(args.arch, args.seed, settings)
     path = args.out / f"{row_stem(identity)}.ckpt.pt"
     return Resume(path, identity, every, stop_at, read_row_checkpoint(path, identity))
+
+
+def row_identity(arch: str, seed: int, settings: Settings) -> dict:
+    """What a row's checkpoint must match: arch, seed and settings, but for the steps that a
+    time budget sets (they come from the checkpoint's budget)."""
+    kept = dataclasses.asdict(settings)
+    if settings.time_budget is not None:
+        del kept["steps"]
+    return {"arch": arch, "seed": seed, "settings": kept}
+
+
+def row_budget(model, corpus: Corpus, settings: Settings, seed: int, resume: Resume | None) -> tuple[Settings, dict]:
+    """The settings with the steps that --time-budget allows and the budget's record: timed
+    now (fit_to_budget), or those of the row's checkpoint when the row continues."""
+    if resume and resume.saved:
+        budget = resume.saved["budget"]
+        settings = budgeted_settings(settings, budget)
+    else:
+        autocast_dtype = default_autocast_dtype(torch.device(settings.device))
+        settings, budget = fit_to_budget(model, corpus, settings, seed, autocast_dtype)
+    if resume:
+        resume.budget = budget
+    return settings, budget
 
 
 def run_command(args: argparse.Namespace) -> None:
@@ -228,16 +264,25 @@ def run_command(args: argparse.Namespace) -> None:
         given["config"] = dict(args.config)
     settings = dataclasses.replace(SMOKE if args.smoke else Settings(), **given)
     try:
+        if "time_budget" in given and "steps" in given:
+            raise ValueError("--time-budget: sets the steps itself; expected --time-budget or --steps, not both")
         check_settings(settings)
         config = model_config(args.arch, settings)
         documents, source = read_documents(None)
         corpus = corpus_from_documents(documents, source)
         check_window_fits(corpus, settings.seq_len)
-        check_final_windows_fit(corpus, settings)
+        check_final_windows_fit(corpus, settings.final_steps, settings.final_seq_len)
+        check_passkey_fits(corpus, settings)
         resume = row_resume(args, settings)
     except ValueError as err:
         sys.exit(f"bench.quality run: error: {err}")
-    row = measure_row(args.arch, args.seed, settings, config, documents, corpus, resume)
+    model, budget = row_model(config, args.seed, settings), None
+    if settings.time_budget is not None:
+        try:
+            settings, budget = row_budget(model, corpus, settings, args.seed, resume)
+        except ValueError as err:
+            sys.exit(f"bench.quality run: error: {err}")
+    row = measure_row(args.arch, args.seed, settings, model, documents, corpus, resume, budget)
     if row is None:
         print(f"{resume.path}: stopped at step {resume.stop_at}; the same command without --stop-at continues")
         return
@@ -246,7 +291,8 @@ def run_command(args: argparse.Namespace) -> None:
         resume.path.unlink(missing_ok=True)
     bands = ", ".join(f"{b['band']} {b['bpb']:.3f}" for b in row["long_context"]["bands"]) or "-"
     copies = ", ".join(f"{size_label(d['distance'])} {d['copy_bpb']:.3f}" for d in row["recall"]["distances"]) or "-"
+    keys = ", ".join(f"{size_label(c['context'])} {c['accuracy']:.0%}" for c in row["passkey"]["contexts"])
     print(
         f"{path}: val bits/byte {row['val_bpb']:.4f}; by position {bands}; recalled passage at {copies}; "
-        f"{row['train_s']:.0f} s"
+        f"passkey at {keys}; {row['train_s']:.0f} s"
     )

@@ -9,7 +9,8 @@ import torch
 
 from bench.transformer import TransformerConfig
 from mmrec_model import MMRecConfig
-from mmrec_model.training import Corpus, TrainSettings
+from mmrec_model.training import TrainSettings
+from mmrec_model.training.settings import FINAL_PHASE_HELP
 
 # Each ablation: the full model with one memory taken out (MMRecConfig overrides).
 ABLATIONS = {
@@ -19,6 +20,10 @@ ABLATIONS = {
 }
 MMREC_ARCHS = {"mmrec": {}, **{arch: overrides for arch, (overrides, _) in ABLATIONS.items()}}
 ARCHS = (*MMREC_ARCHS, "transformer", "transformer-window")
+# The recall probe's distances (default: those whose copy --long-len holds) and the passkey's
+# contexts (those up to --passkey-max-len), in bytes.
+PROBE_DISTANCES = (512, 2048, 4096, 8192, 16384, 32768, 65536)
+PASSKEY_CONTEXTS = (512, 1024, 4096, 16384, 65536, 262144)
 
 
 @dataclass
@@ -37,15 +42,16 @@ class Settings(TrainSettings):
     sizes: dict = field(default_factory=dict)  # MMRecConfig overrides of the preset's sizes (--smoke's)
     window: int | None = None  # None: the preset's
     config: dict = field(default_factory=dict)  # MMRecConfig overrides of every MM-Rec arch (--config)
-    final_steps: int = 0
-    final_seq_len: int | None = None
     val_windows: int = 64
     long_len: int = 32768
     long_docs: int = 8
     chunk_size: int = 4096
     probe_len: int = 256
-    probe_distances: tuple[int, ...] = (512, 2048, 4096, 8192, 16384)
+    probe_distances: tuple[int, ...] | None = None  # None: those of PROBE_DISTANCES that long_len holds
     probe_passages: int = 8
+    passkey_max_len: int = 65536
+    passkey_trials: int = 20
+    time_budget: float | None = None  # seconds of steady training; sets the steps (bench.quality.budget)
 
 
 SMOKE = Settings(
@@ -63,6 +69,8 @@ SMOKE = Settings(
     probe_len=32,
     probe_distances=(64, 512),
     probe_passages=2,
+    passkey_max_len=1024,
+    passkey_trials=2,
     device="cpu",
 )
 
@@ -70,17 +78,16 @@ OPTIONS = {  # option: (type, help)
     "preset": (str, "MMRecConfig preset whose width, depth, heads (and window) every arch takes"),
     "window": (int, "the working memory's window of mmrec, its ablations and transformer-window (None: the preset's)"),
     "steps": (int, "optimizer steps"),
+    "time_budget": (
+        float,
+        "SECONDS of steady training instead of --steps: a timed warm-up of a few steps of each phase "
+        "(after the one that compiles) sets the steps that fit, and the schedule with them; compiling "
+        "and the warm-up are not counted",
+    ),
     "batch_size": (int, "windows per step"),
     "seq_len": (int, "bytes per training and validation window"),
-    "final_steps": (
-        int,
-        "N: the last N steps read windows of --final-seq-len bytes (a long-window phase at the "
-        "end, as long-context pretraining ends), the same bytes a step; 0: none",
-    ),
-    "final_seq_len": (
-        int,
-        "bytes per training window of the last --final-steps steps (a divisor of batch_size x seq_len)",
-    ),
+    "final_steps": (int, FINAL_PHASE_HELP["final_steps"]),
+    "final_seq_len": (int, FINAL_PHASE_HELP["final_seq_len"]),
     "lr": (float, "peak learning rate"),
     "log_every": (int, "steps per point of the training curve"),
     "val_windows": (int, "validation windows"),
@@ -88,49 +95,69 @@ OPTIONS = {  # option: (type, help)
     "long_docs": (int, "most long documents measured"),
     "chunk_size": (int, "MM-Rec's chunk on the long-context windows"),
     "probe_len": (int, "bytes of the recalled passage"),
-    "probe_distances": (int, "bytes from a passage to its copy (one or more)"),
+    "probe_distances": (
+        int,
+        "bytes from a passage to its copy, one or more (None: those of "
+        f"{' '.join(map(str, PROBE_DISTANCES))} whose copy --long-len holds)",
+    ),
     "probe_passages": (int, "recalled passages per long document"),
+    "passkey_max_len": (
+        int,
+        f"the passkey test's longest context: those of {' '.join(map(str, PASSKEY_CONTEXTS))} bytes up to it",
+    ),
+    "passkey_trials": (int, "passkey trials per context (keys and depths the same for every row)"),
 }
 
 
 def check_settings(settings: Settings) -> None:
     """A ValueError naming the first option that cannot train or measure."""
     settings.check()
-    for name in ("val_windows", "long_len", "long_docs", "chunk_size", "probe_len", "probe_passages"):
+    for name in ("val_windows", "long_len", "long_docs", "chunk_size", "probe_len", "probe_passages", "passkey_trials"):
         if getattr(settings, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')}: expected a positive integer, got {getattr(settings, name)}")
-    longest = 2 * settings.probe_len + max(settings.probe_distances)
-    if min(settings.probe_distances) < settings.probe_len or longest > settings.long_len + 1:
+    check_probe_distances(settings)
+    if settings.time_budget is not None and not settings.time_budget > 0:
+        raise ValueError(f"--time-budget: expected a positive number of seconds, got {settings.time_budget}")
+    if settings.passkey_max_len < PASSKEY_CONTEXTS[0]:
         raise ValueError(
-            f"--probe-distances: expected each at least --probe-len ({settings.probe_len}) and "
-            f"2 x --probe-len + the largest at most --long-len + 1 ({settings.long_len + 1}), "
-            f"got {list(settings.probe_distances)}"
+            f"--passkey-max-len: expected at least the shortest context ({PASSKEY_CONTEXTS[0]}), "
+            f"got {settings.passkey_max_len}"
         )
-    check_final_phase(settings)
     if settings.device == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda: no CUDA device is available here (--device cpu, or --smoke)")
 
 
-def check_final_phase(settings: Settings) -> None:
-    if not 0 <= settings.final_steps <= settings.steps:
-        raise ValueError(f"--final-steps: expected 0 to --steps ({settings.steps}), got {settings.final_steps}")
-    if not settings.final_steps:
-        return
-    step_bytes = settings.batch_size * settings.seq_len
-    if settings.final_seq_len is None or settings.final_seq_len < 1 or step_bytes % settings.final_seq_len:
+def copy_fits(settings: Settings, distance: int) -> bool:
+    """Whether a passage and its copy `distance` bytes later fit a long window (the first
+    passage starts at --probe-len): 2 x --probe-len + distance <= --long-len + 1."""
+    return 2 * settings.probe_len + distance <= settings.long_len + 1
+
+
+def probe_distances(settings: Settings) -> tuple[int, ...]:
+    """--probe-distances, or those of PROBE_DISTANCES whose copy --long-len holds."""
+    if settings.probe_distances is not None:
+        return settings.probe_distances
+    return tuple(distance for distance in PROBE_DISTANCES if copy_fits(settings, distance))
+
+
+def check_probe_distances(settings: Settings) -> None:
+    distances = probe_distances(settings)
+    if settings.probe_distances is None and not distances:
         raise ValueError(
-            f"--final-seq-len: expected a divisor of --batch-size x --seq-len ({step_bytes}) with "
-            f"--final-steps, got {settings.final_seq_len}"
+            f"--long-len {settings.long_len}: holds no copy of the probe's default distances (2 x --probe-len + "
+            f"{PROBE_DISTANCES[0]} bytes at least); give --probe-distances"
+        )
+    if min(distances) < settings.probe_len or not copy_fits(settings, max(distances)):
+        raise ValueError(
+            f"--probe-distances: expected each at least --probe-len ({settings.probe_len}) and "
+            f"2 x --probe-len + the largest at most --long-len + 1 ({settings.long_len + 1}), "
+            f"got {list(distances)}"
         )
 
 
-def check_final_windows_fit(corpus: Corpus, settings: Settings) -> None:
-    length = settings.final_seq_len
-    if settings.final_steps and len(corpus.train) < length + 1:
-        raise ValueError(
-            f"--final-seq-len {length} needs windows of {length + 1} bytes, but the training split of "
-            f"{corpus.source} holds only {len(corpus.train)} bytes"
-        )
+def passkey_contexts(settings: Settings) -> tuple[int, ...]:
+    """The passkey test's contexts: those of PASSKEY_CONTEXTS up to --passkey-max-len."""
+    return tuple(context for context in PASSKEY_CONTEXTS if context <= settings.passkey_max_len)
 
 
 def model_config(arch: str, settings: Settings) -> MMRecConfig | TransformerConfig:
@@ -150,9 +177,10 @@ def model_config(arch: str, settings: Settings) -> MMRecConfig | TransformerConf
 def row_label(row: dict) -> str:
     """The row's arch, with the --config overrides an MM-Rec arch ran with, +window=W for an
     arch with a window trained with --window W, then +carryK for a recorded row trained on K
-    consecutive chunks with the state carried (a variant no longer trained) and +finalLxN for
-    one whose last N steps read windows of L bytes:
-    'mmrec+level_slots=128', 'mmrec+window=256', 'transformer+carry8', 'mmrec+final16384x500'.
+    consecutive chunks with the state carried (a variant no longer trained), +finalLxN for
+    one whose last N steps read windows of L bytes and +budgetSs for one trained for a time
+    budget of S seconds: 'mmrec+level_slots=128', 'mmrec+window=256', 'transformer+carry8',
+    'mmrec+final16384x500', 'transformer+budget600s'.
     Rows of different settings so get different files in one folder, and the report pairs
     each ablation with the full model of the same settings."""
     label = row["arch"]
@@ -164,7 +192,9 @@ def row_label(row: dict) -> str:
     carry = row["settings"].get("carry_chunks", 1)
     label += f"+carry{carry}" if carry != 1 else ""
     final = row["settings"].get("final_steps", 0)
-    return label + (f"+final{row['settings']['final_seq_len']}x{final}" if final else "")
+    label += f"+final{row['settings']['final_seq_len']}x{final}" if final else ""
+    budget = row["settings"].get("time_budget")
+    return label + (f"+budget{budget:g}s" if budget is not None else "")
 
 
 def row_stem(row: dict) -> str:

@@ -221,6 +221,16 @@ def check_window_fits(corpus: Corpus, seq_len: int) -> None:
             )
 
 
+def check_final_windows_fit(corpus: Corpus, final_steps: int, final_seq_len: int | None) -> None:
+    """With a final phase (final_steps > 0), the training split must hold one of its windows
+    (final_seq_len + 1 bytes); validation keeps the windows of seq_len."""
+    if final_steps and len(corpus.train) < final_seq_len + 1:
+        raise DataError(
+            f"--final-seq-len {final_seq_len} needs windows of {final_seq_len + 1} bytes, but the training split "
+            f"of {corpus.source} holds only {len(corpus.train)} bytes"
+        )
+
+
 def step_generator(seed: int, step: int) -> torch.Generator:
     """A generator that depends on (seed, step) only: the data position is the step."""
     digest = hashlib.blake2b(f"{seed}:{step}".encode(), digest_size=8).digest()

@@ -145,6 +145,18 @@ def test_window_must_fit_in_both_splits(tmp_path):
         D.check_window_fits(corpus, 50)
 
 
+def test_final_windows_must_fit_in_the_training_split():
+    stream = torch.zeros(300, dtype=torch.uint8)
+    corpus = D.Corpus(train=stream[:200], val=stream[200:], source="zeros", sha256="")
+    D.check_final_windows_fit(corpus, 2, 199)
+    D.check_final_windows_fit(corpus, 0, 4096)  # no final phase: its length is not read
+    with pytest.raises(
+        D.DataError,
+        match="--final-seq-len 256 needs windows of 257 bytes, but the training split of zeros holds only 200 bytes",
+    ):
+        D.check_final_windows_fit(corpus, 2, 256)
+
+
 @pytest.mark.parametrize("sizes", [[30, 0, 45, 7, 12, 9, 3], [400, 5, 6], [1, 1]])
 def test_validation_documents_are_the_documents_wholly_in_the_split(sizes):
     documents = [bytes([65 + i]) * size for i, size in enumerate(sizes)]  # each of its own letter

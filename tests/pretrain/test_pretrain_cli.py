@@ -108,6 +108,23 @@ def test_resume_continues_exactly(tmp_path, corpus_file, fresh_seed):
         torch.testing.assert_close(b[key], a[key], rtol=0, atol=0, msg=key)
 
 
+def test_the_final_phase_trains_the_last_steps_on_long_windows_and_resumes_exactly(tmp_path, corpus_file, fresh_seed):
+    final = ["--final-steps", 3, "--final-seq-len", 160]  # steps 5-7: 2 windows of 160 bytes for 4 of 80
+    plain, straight, split = tmp_path / "plain", tmp_path / "straight", tmp_path / "split"
+    succeeded(pretrain(run_args(corpus_file, fresh_seed, plain, eval_every=4), tmp_path))
+    succeeded(pretrain([*run_args(corpus_file, fresh_seed, straight, eval_every=4), *final], tmp_path))
+    succeeded(pretrain([*run_args(corpus_file, fresh_seed, split, eval_every=4), *final, "--stop-at", 4], tmp_path))
+    succeeded(pretrain(["--resume", split], tmp_path))
+    for split_name in ("train", "val"):  # across the phase's start, every loss to the last bit
+        assert untimed(metrics(split, split_name)) == untimed(metrics(straight, split_name))
+    losses, plain_losses = ([r["loss"] for r in metrics(run, "train")] for run in (straight, plain))
+    assert losses[:5] == plain_losses[:5] and all(a != b for a, b in zip(losses[5:], plain_losses[5:]))
+    a, b = load(straight), load(split)
+    assert a["train_config"]["final_steps"] == 3 and a["train_config"]["final_seq_len"] == 160
+    for key in ("model", "optimizer", "scheduler"):
+        torch.testing.assert_close(b[key], a[key], rtol=0, atol=0, msg=key)
+
+
 # Runs the command with torch.save replaced: its n-th call writes part of a
 # checkpoint and the process is killed (SIGKILL, as by the OOM killer) mid-file.
 KILL_DURING_SAVE = """
@@ -161,6 +178,7 @@ BAD_INPUT = [
     pytest.param(["--steps", "0"], "--steps: expected a positive integer, got 0", id="zero_steps"),
     pytest.param(["--batch-size", "-2"], "--batch-size: expected a positive integer", id="negative_batch"),
     pytest.param(["--lr", "0"], "--lr: expected a positive number", id="zero_lr"),
+    pytest.param(["--final-steps", "2"], "--final-seq-len: expected a divisor of", id="final_phase_without_length"),
     pytest.param(["--stop-at", "50"], r"--stop-at 50: expected a step in \(0, 6\]", id="stop_after_end"),
     pytest.param(["--sample-prompt", ""], "--sample-prompt: expected at least one character", id="empty_prompt"),
     pytest.param(["--device", "tpu"], "--device: expected auto, cpu or cuda", id="unknown_device"),
@@ -202,6 +220,9 @@ def copy_run(trained_run: Path, tmp_path: Path) -> Path:
     [
         pytest.param(["--lr", "0.5"], r"keeps its settings, .* --lr 0.5 \(saved: 0.005\)", id="changed_lr"),
         pytest.param(["--data", "{tmp}/other.txt"], "--data .* \\(saved: ", id="changed_data"),
+        pytest.param(
+            ["--final-steps", "2", "--final-seq-len", "160"], r"--final-steps 2 \(saved: 0\)", id="changed_final_phase"
+        ),
         pytest.param([], r"nothing to train: the checkpoint is at step 6, the end of the run", id="already_finished"),
     ],
 )

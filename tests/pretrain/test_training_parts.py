@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from mmrec_model import MMRecConfig, MMRecModel
-from mmrec_model.pretrain import PretrainSettings, UsageError, resumed_config
-from mmrec_model.training import Trainer, TrainSettings, make_optimizer, make_scheduler, train_step
+from mmrec_model.pretrain import PretrainSettings, UsageError, check_sizes, resumed_config
+from mmrec_model.training import SettingsError, Trainer, TrainSettings, make_optimizer, make_scheduler, train_step
 from mmrec_model.training import checkpoint as C
 from mmrec_model.training.optim import MIN_LR_RATIO, lr_factor
 
@@ -87,6 +87,60 @@ def test_the_loop_resumed_from_its_checkpoint_continues_exactly():
     torch.testing.assert_close(resumed.model.state_dict(), straight.model.state_dict(), rtol=0, atol=0)
     assert torch.equal(resumed.progress.losses, straight.progress.losses)
     assert resumed.scheduler.state_dict() == straight.scheduler.state_dict()
+
+
+def test_the_final_phase_reads_its_long_windows_in_the_last_steps_the_same_bytes_a_step():
+    settings = TrainSettings(steps=5, batch_size=4, seq_len=16, final_steps=2, final_seq_len=32)
+    assert [settings.step_windows(step) for step in range(5)] == [(4, 16)] * 3 + [(2, 32)] * 2
+    assert [TrainSettings(steps=5, batch_size=4, seq_len=16).step_windows(step) for step in (4, 7)] == [(4, 16)] * 2
+
+
+@pytest.mark.parametrize(
+    "final, message",
+    [
+        (dict(final_steps=7, final_seq_len=64), r"--final-steps: expected 0 to --steps \(6\), got 7"),
+        (dict(final_steps=-1), r"--final-steps: expected 0 to --steps \(6\), got -1"),
+        (dict(final_steps=2), r"--final-seq-len: expected a divisor of --batch-size x --seq-len \(64\) .* got None"),
+        (dict(final_steps=2, final_seq_len=24), r"--final-seq-len: expected a divisor .* got 24"),
+        (dict(final_steps=2, final_seq_len=0), r"--final-seq-len: expected a divisor .* got 0"),
+    ],
+)
+def test_a_final_phase_that_cannot_train_is_refused_by_its_option(final, message):
+    TrainSettings(steps=6, batch_size=4, seq_len=16, final_steps=6, final_seq_len=64).check()
+    with pytest.raises(SettingsError, match=message):
+        TrainSettings(steps=6, batch_size=4, seq_len=16, **final).check()
+
+
+def test_the_loop_resumed_in_the_final_phase_continues_exactly():
+    settings = TrainSettings(steps=6, batch_size=2, seq_len=8, lr=1e-2, final_steps=3, final_seq_len=16)
+
+    def trainer() -> Trainer:
+        torch.manual_seed(0)
+        return Trainer(torch.nn.Sequential(torch.nn.Embedding(256, 8), torch.nn.Linear(8, 256)), settings)
+
+    def batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        windows, length = settings.step_windows(step)
+        ids = torch.randint(0, 256, (windows, length + 1), generator=torch.Generator().manual_seed(step))
+        return ids[:, :-1], ids[:, 1:]
+
+    straight = trainer()
+    straight.train(batch, 6)
+    assert straight.progress.steady_steps == 4  # the first step and the phase's first compile
+    for stop in (2, 4):  # before the phase's first step (3), and inside the phase
+        first = trainer()
+        first.train(batch, stop)
+        resumed = trainer()
+        resumed.restore(first.checkpoint(), "test")
+        resumed.train(batch, 6)
+        torch.testing.assert_close(resumed.model.state_dict(), straight.model.state_dict(), rtol=0, atol=0)
+        assert torch.equal(resumed.progress.losses, straight.progress.losses)
+
+
+def test_the_final_phase_shares_its_windows_among_the_processes():
+    settings = PretrainSettings(steps=6, batch_size=6, seq_len=16, final_steps=2, final_seq_len=48)
+    check_sizes(settings, world_size=2, start_step=0)  # 2 windows of 48 bytes a step
+    with pytest.raises(UsageError, match="--final-seq-len 48: the final phase's 2 windows .* processes \\(3\\)"):
+        check_sizes(settings, world_size=3, start_step=0)
 
 
 def test_resumed_run_keeps_its_settings_and_takes_where_to_run():
