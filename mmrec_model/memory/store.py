@@ -133,12 +133,18 @@ def update_store(pool: Tensor, index: Tensor, layout: StoreLayout) -> tuple[Tens
     return store, torch.where(layout.complete.view(1, -1, 1), index, 0)
 
 
-def candidate_keys(pool: Tensor, index: Tensor, layout: StoreLayout, segment_len: int) -> Tensor:
+def candidate_keys(
+    pool: Tensor, index: Tensor | None, layout: StoreLayout, segment_len: int, pool_start: int = 0
+) -> Tensor:
     """``[B, C, D]``, the index key (mean key) of each candidate: from the state's ``index``
-    for the slots, summed from the pool for the segments the chunk completes."""
-    B, N, D = index.shape
-    new_sums = pool[:, layout.new_keys.flatten(), 0].view(B, -1, segment_len, D).sum(2)
-    return torch.cat([index, new_sums], dim=1) / segment_len
+    ``[B, N, D]`` for the slots (None: a fresh state, whose slots hold none), summed from
+    the pool for the segments the chunk completes. ``pool``: the chunk's pool
+    ``[B, N S + T, 2, D]`` from ``pool_start`` on (N S: the chunk's tokens alone)."""
+    B, D = pool.shape[0], pool.shape[-1]
+    N = layout.from_state.shape[0] - layout.new_keys.shape[0]
+    new_sums = pool[:, (layout.new_keys.flatten() - pool_start).clamp(min=0), 0].view(B, -1, segment_len, D).sum(2)
+    slots = pool.new_zeros(B, N, D, dtype=new_sums.dtype) if index is None else index
+    return torch.cat([slots, new_sums], dim=1) / segment_len
 
 
 def select_segments(q: Tensor, keys: Tensor, retrievable: Tensor, top_k: int) -> tuple[Tensor, Tensor]:

@@ -170,39 +170,43 @@ class MMRecBlock(nn.Module):
         q, kv, h = self.project(x, state)
         store, index, retrieved = state.store, state.index, None
         if self.config.top_k > 0:
-            pool = torch.cat([store.flatten(1, 2), kv.to(store.dtype)], dim=1)
-            retrieved = self.retrieve(q, kv, pool, index, layout, fresh)
-            store, index = update_store(pool, index, layout.store)
+            # A fresh chunk reads its own tokens alone; a store of 0 slots is not returned.
+            pool = torch.cat([store.flatten(1, 2), kv.to(store.dtype)], dim=1) if store.shape[1] else None
+            retrieved = self.retrieve(q, kv, pool, None if fresh else index, layout)
+            if pool is not None:
+                store, index = update_store(pool, index, layout.store)
         earlier = state.recent_kv[:, layout.working_order]  # oldest first
         m = self.memory(q, kv, earlier, layout, retrieved)
         out, h_last = self.output(x, m, h, state)
         return out, BlockState(h_last, update_ring(earlier, kv, layout.working_slots), store, index)
 
     def retrieve(
-        self, q: Tensor, kv: Tensor, pool: Tensor, index: Tensor, layout: MemoryLayout, fresh: bool
+        self, q: Tensor, kv: Tensor, pool: Tensor | None, index: Tensor | None, layout: MemoryLayout
     ) -> tuple[Tensor, Tensor]:
         """The read of the long-term tokens each query of the chunk retrieves
         (``memory.store``): the top_k segments of its choice among those it may retrieve, in
-        the pool ``[B, N S + T, 2, D]`` (the store before the chunk, then the chunk); from a
-        fresh state, in the chunk alone. -> out ``[B, T, H, d]``, lse ``[B, H, T]``.
+        the pool ``[B, N S + T, 2, D]`` (the store before the chunk, then the chunk) and by the
+        state's ``index``; from a fresh state (index None), in the chunk ``kv`` alone.
+        -> out ``[B, T, H, d]``, lse ``[B, H, T]``.
 
         Compiled on CUDA, flex_attention over the pool, skipping what no query chose;
         otherwise (eager flex_attention would score every key), from a fresh state,
         ``attend`` over the chunk masked to the chosen segments, else over each query's own
         gathered k S tokens (memory O(T k S), not O(T N S))."""
         c, store = self.config, layout.store
-        keys = candidate_keys(pool, index, store, c.segment_len)
+        fresh, T = index is None, kv.shape[1]
+        shared = kv if fresh else pool
+        keys = candidate_keys(shared, index, store, c.segment_len, c.store_slots * c.segment_len if fresh else 0)
         chosen, ok = select_segments(q, keys, store.retrievable, c.top_k)
         flex = q.is_cuda and torch.compiler.is_compiling()
         if fresh or flex:
             picked = torch.zeros_like(store.retrievable).expand(*chosen.shape[:2], -1).scatter(-1, chosen, ok)
-            key_candidates = store.key_candidates[-kv.shape[1] :] if fresh else store.key_candidates
-            shared = kv if fresh else pool
+            key_candidates = store.key_candidates[-T:] if fresh else store.key_candidates
             if flex:
                 return flex_attend(q, shared, picked, key_candidates)
             seen = picked.gather(-1, key_candidates.clamp(min=0).expand(*chosen.shape[:2], -1)) & (key_candidates >= 0)
             return attend(q, shared, seen)
-        tokens, read = retrieved_tokens(chosen, ok, store.candidates, layout.position, kv.shape[1], c)
+        tokens, read = retrieved_tokens(chosen, ok, store.candidates, layout.position, T, c)
         rows = torch.arange(pool.shape[0], device=pool.device).view(-1, 1, 1)
         return attend(q, pool[rows, tokens], read)
 

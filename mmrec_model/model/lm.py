@@ -62,14 +62,18 @@ class MMRecModel(nn.Module):
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
-    def initial_state(self, batch_size: int, device: torch.device | str | None = None) -> MemoryState:
+    def initial_state(
+        self, batch_size: int, device: torch.device | str | None = None, with_store: bool = True
+    ) -> MemoryState:
         """The state before any token: zeros, position 0. Float32 (the parameters'
-        dtype) whatever the compute dtype, so long sums stay accurate under autocast."""
+        dtype) whatever the compute dtype, so long sums stay accurate under autocast.
+        ``with_store`` False: an empty long-term store (0 slots), for a fresh chunk whose
+        state is not returned."""
         c = self.config
         device = self.embed.weight.device if device is None else device
         dtype = self.embed.weight.dtype
         # Without a long-term memory the store is empty: [B, 0, S, 2, D].
-        store_shape = (c.store_slots if c.top_k > 0 else 0, c.segment_len)
+        store_shape = (c.store_slots if c.top_k > 0 and with_store else 0, c.segment_len)
         block = BlockState(
             h=torch.zeros(batch_size, c.n_heads, c.head_dim, device=device, dtype=dtype),
             recent_kv=torch.zeros(batch_size, c.window, 2, c.dim, device=device, dtype=dtype),
@@ -79,30 +83,42 @@ class MMRecModel(nn.Module):
         return MemoryState(torch.zeros((), dtype=torch.int64, device=device), tuple(block for _ in self.blocks))
 
     def forward(
-        self, ids: Tensor, state: MemoryState | None = None, chunk_size: int | None = None
-    ) -> tuple[Tensor, MemoryState]:
+        self,
+        ids: Tensor,
+        state: MemoryState | None = None,
+        chunk_size: int | None = None,
+        return_state: bool = True,
+    ) -> tuple[Tensor, MemoryState | None]:
         """ids ``[B, T]`` (int, in [0, vocab_size)) and the state after the tokens before them
         (None: start of the sequences) -> (logits ``[B, T, vocab_size]``, state after ids).
 
         ``chunk_size``: run the blocks on at most this many tokens at a time, carrying the
         state (memory then scales with chunk_size, not T); the logits are the same.
+        ``return_state`` False (training on windows read from their start): the state is
+        None, so that a call from a fresh state never builds the long-term store.
         """
         self._check_inputs(ids, state, chunk_size)
         fresh = state is None
+        if fresh and not return_state and 1 < ids.shape[1] <= (chunk_size or ids.shape[1]):
+            return self._forward_chunk(ids, self.initial_state(ids.shape[0], ids.device, with_store=False), True)[
+                0
+            ], None
         if fresh:
             state = self.initial_state(ids.shape[0], ids.device)
         if chunk_size is None or ids.shape[1] <= chunk_size:
-            return self._forward_chunk(ids, state, fresh)
+            logits, state = self._forward_chunk(ids, state, fresh)
+            return logits, state if return_state else None
         logits = []
         for chunk in ids.split(chunk_size, dim=1):
             chunk_logits, state = self._forward_chunk(chunk, state, fresh)
             logits.append(chunk_logits)
             fresh = False
-        return torch.cat(logits, dim=1), state
+        return torch.cat(logits, dim=1), state if return_state else None
 
     def _forward_chunk(self, ids: Tensor, state: MemoryState, fresh: bool) -> tuple[Tensor, MemoryState]:
         """The blocks over ids ``[B, T]`` at once; one token per row (T = 1) takes their
-        lean step (``MMRecBlock.step``). ``fresh``: the state is ``initial_state``'s."""
+        lean step (``MMRecBlock.step``). ``fresh``: the state is ``initial_state``'s (its
+        store may be empty, 0 slots: then the state returned has no store either)."""
         x = self.embed(ids)
         blocks = []
         if ids.shape[1] == 1:

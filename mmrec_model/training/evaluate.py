@@ -7,7 +7,7 @@ from torch import Tensor
 
 from .data import windows
 from .device import all_reduce_sum, autocast
-from .optim import logits_of, next_byte_loss
+from .optim import next_byte_loss, window_logits
 
 
 @torch.no_grad()
@@ -35,7 +35,7 @@ def evaluate(
     for chunk in offsets[rank::world_size].split(batch_size // world_size):
         inputs, targets = (t.to(device) for t in windows(split, chunk, seq_len))
         with autocast(device, autocast_dtype):
-            output = model(inputs)
-        total += next_byte_loss(logits_of(output), targets).sum().double()
+            logits = window_logits(model, inputs)
+        total += next_byte_loss(logits, targets).sum().double()
     model.train(was_training)
     return all_reduce_sum(total, world_size).item() / len(offsets)

@@ -23,14 +23,22 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..model import MMRecModel
 from .device import autocast
 
 MIN_LR_RATIO = 0.1
 ADAM_BETAS = (0.9, 0.95)
 
 
-def logits_of(output) -> Tensor:
-    """The logits [B, T, V] of a model's output: the output itself, or the first of (logits, state)."""
+def window_logits(net: torch.nn.Module, inputs: Tensor) -> Tensor:
+    """The logits [B, T, V] of windows inputs [B, T] read from their start through `net` (a
+    model, or a DDP or compiled wrapper of it): an MMRecModel is asked not to build the state
+    it would return (its long-term store), which training and validation never read; any other
+    model's output is its logits, or a tuple whose first is."""
+    model = getattr(net, "module", net)
+    if isinstance(getattr(model, "_orig_mod", model), MMRecModel):
+        return net(inputs, return_state=False)[0]
+    output = net(inputs)
     return output[0] if isinstance(output, tuple) else output
 
 
@@ -96,8 +104,8 @@ def train_step(
     Returns the loss, a detached scalar left on the device (reading it is the caller's
     host sync)."""
     with autocast(inputs.device, autocast_dtype):
-        output = net(inputs)
-    loss = next_byte_loss(logits_of(output), targets).mean()
+        logits = window_logits(net, inputs)
+    loss = next_byte_loss(logits, targets).mean()
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     torch.nn.utils.clip_grad_norm_(net.parameters(), grad_clip)
