@@ -32,12 +32,12 @@ REQUIRED_KEYS = {
     "scan": ("CPU", "CUDA", "Meta", "Autograd"),
     "scan_backward": ("CPU", "CUDA", "Meta", "Autograd"),
     "recurrence": ("CPU", "CUDA", "Meta", "Autograd"),
-    # No second derivatives of the recurrence: its backward has no Autograd kernel.
-    "recurrence_backward": ("CPU", "CUDA", "Meta"),
+    # The Autograd kernels of recurrence_backward and memory_read_backward
+    # refuse second derivatives by name.
+    "recurrence_backward": ("CPU", "CUDA", "Meta", "Autograd"),
     "decode_read": ("CPU", "CUDA", "Meta", "Autograd"),
     "memory_read": ("CPU", "CUDA", "Meta", "Autograd"),
-    # No second derivatives of the read: its backward has no Autograd kernel.
-    "memory_read_backward": ("CPU", "CUDA", "Meta"),
+    "memory_read_backward": ("CPU", "CUDA", "Meta", "Autograd"),
     "skinny_addmm": ("CPU", "CUDA", "Meta", "Autograd"),
 }
 REPORTED_KEYS = ("CPU", "CUDA", "Meta", "Autograd")

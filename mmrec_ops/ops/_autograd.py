@@ -1,21 +1,27 @@
-"""Autograd kernels of the backward ops, composing with torch.func.
+"""Autograd kernels written in Python, composing with torch.func.
 
 scan and recurrence have C++ autograd kernels (csrc/autograd.h): they are on
-every training step's hot path. Their backward ops, scan_backward and
-recurrence_backward, are differentiated only for second derivatives
-(create_graph=True, torch.func.grad), so their formulas stay here, in Python.
+every training step's hot path. The other ops' autograd kernels, and those of
+the backward ops scan_backward, recurrence_backward and memory_read_backward
+(differentiated only for second derivatives: create_graph=True, nested
+torch.func transforms), are registered here.
 
 `torch.library.register_autograd` (torch 2.11 to 2.13) wraps the formula in an
 autograd.Function whose Python `apply` torch.func refuses ("... must override
 the setup_context staticmethod", pytorch/pytorch#170834), and it runs the op
 below autograd whenever no input requires grad, so a forward-mode tangent is
 silently dropped. `register_autograd` here takes the same backward and
-setup_context functions and registers as the op's Autograd kernel the fix
-proposed upstream: a single-level autograd function. Inside a torch.func
-transform the kernel already runs at one transform level, with that level's
-tensors; the function records one autograd node there, and the levels below
-(vmap, an outer grad) see the ops that forward and backward call, each with its
-own batching rule. Forward mode raises an error that names the op.
+setup_context functions and registers as the op's Autograd kernel a
+single-level autograd function. Inside a torch.func transform the kernel runs
+at one transform level, with that level's tensors; the function records one
+autograd node there, and the levels below (vmap, an outer grad) see the ops
+that forward and backward call, each with its own batching rule. A
+single-level function runs its forward with gradients off; the forward turns
+them back on, as torch.func does for an autograd.Function, so that the levels
+below record the op too (without that, grad(grad(f)) silently gave zeros:
+pytorch/pytorch#191995). Forward mode raises an error that names the op;
+`refuse_second_derivatives` gives the backward of a backward op that has no
+derivative.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ import torch
 from torch import Tensor
 from torch._functorch.utils import enable_single_level_autograd_function
 from torch.autograd import forward_ad
+from torch.autograd.forward_ad import _set_fwd_grad_enabled
 from torch.autograd.function import _SingleLevelFunction
 
 NAMESPACE = "mmrec"
@@ -44,6 +51,31 @@ def refuse_forward_mode(qualname: str) -> Callable:
         )
 
     return jvp
+
+
+def second_derivatives_unsupported(qualname: str, backward_qualname: str) -> str:
+    """The error raised where a derivative of qualname's derivative is asked for."""
+    return (
+        f"{qualname}: second derivatives are not supported, {backward_qualname} has no derivative: "
+        f"torch.func.grad, vjp, jacrev or jacfwd of a function that takes a derivative through {qualname} "
+        f"(grad(grad(f)), jacrev(grad(f)), jacrev(jacrev(f)), hessian), or a second torch.autograd.grad "
+        f"through create_graph=True. First derivatives are supported, also with create_graph=True."
+    )
+
+
+def refuse_second_derivatives(qualname: str, backward_qualname: str) -> None:
+    """Registers the autograd kernel of backward_qualname, the backward op of
+    qualname: it records a node whose backward raises (first derivatives with
+    create_graph=True still work), where a backward op without one would only
+    warn and give zeros."""
+
+    def refuse(ctx, *grads):
+        raise RuntimeError(second_derivatives_unsupported(qualname, backward_qualname))
+
+    def keep_nothing(ctx, inputs, output):
+        pass
+
+    register_autograd(backward_qualname, refuse, setup_context=keep_nothing)
 
 
 def needs_autograd(args) -> bool:
@@ -66,7 +98,8 @@ def register_autograd(qualname: str, backward: Callable, setup_context: Callable
     arguments = op._schema.arguments
 
     def forward(*args):
-        with torch._C._AutoDispatchBelowAutograd():
+        # Gradients back on for the levels below (the module's docstring).
+        with torch._C._AutoDispatchBelowAutograd(), torch.enable_grad(), _set_fwd_grad_enabled(True):
             return op(*args)
 
     function = type(

@@ -2,7 +2,8 @@
 entries and its window of the tokens before it, in one softmax.
 
 Registers, for the schemas in csrc/ops.cpp: the fake kernels, the CUDA kernels (Triton
-launchers, triton/memory_read.py) and the autograd kernel. The CPU kernels are C++
+launchers, triton/memory_read.py) and the autograd kernels (memory_read_backward's refuses
+second derivatives). The CPU kernels are C++
 (csrc/memory_read.cpp).
 """
 
@@ -11,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ._autograd import register_autograd
+from ._autograd import refuse_second_derivatives, register_autograd
 from ._checks import check_floating, check_like, check_shape
 from ._triton import triton_launchers
 
@@ -176,3 +177,4 @@ def _memory_read_backward(ctx, grad_out, grad_lse):
 
 
 register_autograd(MEMORY_READ, _memory_read_backward, setup_context=_memory_read_setup_context)
+refuse_second_derivatives(MEMORY_READ, MEMORY_READ_BACKWARD)
