@@ -1,7 +1,7 @@
 """mmrec::decode_read, the read of one decode step: one query per row against a cache.
 
 Registers, for the schema in csrc/ops.cpp: the fake kernel, the CUDA kernel (Triton
-launchers, triton/decode_read.py) and the autograd kernel, whose backward is composite
+launchers, triton/decode_read.py) the vmap rule and the autograd kernel, whose backward is composite
 (PyTorch ops, so it has second derivatives too). The CPU kernel is C++
 (csrc/decode_read.cpp).
 """
@@ -14,6 +14,7 @@ from torch import Tensor
 from ._autograd import register_autograd
 from ._checks import check_floating, check_like, check_shape
 from ._triton import triton_launchers
+from ._vmap import fold, per_instance, unfold
 
 DECODE_READ = "mmrec::decode_read"
 
@@ -106,3 +107,17 @@ def _decode_read_backward(ctx, grad_out):
 
 
 register_autograd(DECODE_READ, _decode_read_backward, setup_context=_decode_read_setup_context)
+
+
+@torch.library.register_vmap(DECODE_READ)
+def _decode_read_vmap(info, in_dims, q, keys, values, mask):
+    """Every (row, head) reads on its own: V folds into the batch, [V, B, ...] ->
+    [V * B, ...]. The mask is shared by all rows: a vmapped one takes a call per instance."""
+    V = info.batch_size
+    q_dim, keys_dim, values_dim, mask_dim = in_dims
+    if mask_dim is not None:
+        return per_instance(torch.ops.mmrec.decode_read.default, (q, keys, values, mask), in_dims, V)
+    out = torch.ops.mmrec.decode_read.default(
+        fold(q, q_dim, V, into=0), fold(keys, keys_dim, V, into=0), fold(values, values_dim, V, into=0), mask
+    )
+    return unfold(out, 0, V), 0

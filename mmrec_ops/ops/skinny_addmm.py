@@ -1,7 +1,7 @@
 """mmrec::skinny_addmm, a matrix product of a few rows: a decode step's projections.
 
 Registers, for the schema in csrc/ops.cpp: the fake kernel, the CUDA kernel (Triton
-launchers, triton/skinny_addmm.py) and the autograd kernel, whose backward is composite
+launchers, triton/skinny_addmm.py) the vmap rule and the autograd kernel, whose backward is composite
 (PyTorch ops, so it has second derivatives too). The CPU kernel is C++
 (csrc/skinny_addmm.cpp).
 """
@@ -14,6 +14,7 @@ from torch import Tensor
 from ._autograd import register_autograd
 from ._checks import check_floating, check_like, check_shape
 from ._triton import triton_launchers
+from ._vmap import fold, per_instance, unfold
 
 SKINNY_ADDMM = "mmrec::skinny_addmm"
 
@@ -91,3 +92,14 @@ def _skinny_addmm_backward(ctx, grad_out):
 
 
 register_autograd(SKINNY_ADDMM, _skinny_addmm_backward, setup_context=_skinny_addmm_setup_context)
+
+
+@torch.library.register_vmap(SKINNY_ADDMM)
+def _skinny_addmm_vmap(info, in_dims, bias, x, weight):
+    """Rows are independent: V folds into the rows of x, [V, M, K] -> [V * M, K]. A
+    vmapped weight or bias is shared by all rows: it takes a call per instance."""
+    V = info.batch_size
+    bias_dim, x_dim, weight_dim = in_dims
+    if bias_dim is not None or weight_dim is not None:
+        return per_instance(torch.ops.mmrec.skinny_addmm.default, (bias, x, weight), in_dims, V)
+    return unfold(torch.ops.mmrec.skinny_addmm.default(bias, fold(x, x_dim, V, into=0), weight), 0, V), 0
