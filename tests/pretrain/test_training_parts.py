@@ -3,10 +3,13 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import errno
+import functools
 import math
 import os
+import re
 
 import pytest
 import torch
@@ -87,6 +90,95 @@ def test_the_loop_resumed_from_its_checkpoint_continues_exactly():
     torch.testing.assert_close(resumed.model.state_dict(), straight.model.state_dict(), rtol=0, atol=0)
     assert torch.equal(resumed.progress.losses, straight.progress.losses)
     assert resumed.scheduler.state_dict() == straight.scheduler.state_dict()
+
+
+def edited(checkpoint: dict, path: tuple, change) -> dict:
+    """A copy of checkpoint with the entry at `path` (keys into nested dicts and lists)
+    replaced by change(entry)."""
+    checkpoint = copy.deepcopy(checkpoint)
+    *parents, last = path
+    holder = functools.reduce(lambda entry, key: entry[key], parents, checkpoint)
+    holder[last] = change(holder[last])
+    return checkpoint
+
+
+STATE_EDITS = [
+    pytest.param(
+        ("optimizer", "state", 0, "exp_avg"),
+        lambda moment: moment[:1],
+        r"optimizer.state\[0\].exp_avg: expected a torch.float32 tensor of the parameter's shape \[256, 8\]",
+        id="moment_shape",
+    ),
+    pytest.param(
+        ("optimizer", "state", 1, "exp_avg_sq"),
+        lambda moment: moment.double(),
+        r"optimizer.state\[1\].exp_avg_sq: expected a torch.float32 tensor",
+        id="moment_dtype",
+    ),
+    pytest.param(
+        ("optimizer", "state", 0, "step"),
+        lambda step: torch.zeros(2),
+        r"optimizer.state\[0\].step: expected a float tensor of one element",
+        id="step_of_two",
+    ),
+    pytest.param(
+        ("optimizer", "state", 0),
+        lambda state: {"exp_avg": state["exp_avg"]},
+        "optimizer.state\\[0\\]: expected AdamW's step, exp_avg, exp_avg_sq",
+        id="moments_missing",
+    ),
+    pytest.param(
+        ("optimizer", "state"),
+        lambda states: {**states, 7: states[0]},
+        r"optimizer.state\[7\]: no such parameter \(the model has 3\)",
+        id="unknown_parameter",
+    ),
+    pytest.param(
+        ("optimizer", "param_groups", 0, "lr"),
+        lambda lr: "x",
+        r"optimizer.param_groups\[0\].lr: expected a number, got 'x'",
+        id="group_lr_text",
+    ),
+    pytest.param(
+        ("optimizer", "param_groups", 0, "params"),
+        lambda params: params[:1],
+        r"optimizer.param_groups\[0\].params: expected a list of 2, got 1",
+        id="group_params",
+    ),
+    pytest.param(("scheduler", "base_lrs"), lambda lrs: "x", r"scheduler.base_lrs: expected a list, got 'x'", id="lrs"),
+    pytest.param(("progress", "train_s"), lambda s: "1s", r"progress.train_s: expected a number, got '1s'", id="clock"),
+    pytest.param(("progress",), lambda p: {**p, "bogus": 1}, "progress: unknown entries 'bogus'", id="progress_key"),
+]
+
+
+@pytest.mark.parametrize("path, change, message", STATE_EDITS)
+def test_a_resumed_trainer_refuses_states_that_do_not_fit_before_loading_any(path, change, message):
+    """AdamW would fail at its next step (a moment of the wrong shape) or the run at its
+    first report (a clock as text); the trainer refuses at restore, its weights untouched."""
+    first = bigram_trainer(steps=6)
+    first.train(random_batch, 3)
+    resumed = bigram_trainer(steps=6)
+    weights = copy.deepcopy(resumed.model.state_dict())
+    with pytest.raises(C.CheckpointError, match=f"^test: not a usable checkpoint: {message}"):
+        resumed.restore(edited(first.checkpoint(), path, change), "test")
+    torch.testing.assert_close(resumed.model.state_dict(), weights, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(
+    "name, value, message",
+    [
+        ("batch_size", "8", "train_config.batch_size: expected an integer, got '8'"),
+        ("batch_size", True, "train_config.batch_size: expected an integer, got True"),
+        ("lr", "abc", "train_config.lr: expected a number, got 'abc'"),
+        ("warmup", 2.5, "train_config.warmup: expected an integer or None, got 2.5"),
+        ("compile", 1, "train_config.compile: expected a boolean, got 1"),
+        ("tokenizer", "bpe", "train_config: unknown entries 'tokenizer'"),
+    ],
+)
+def test_a_resumed_run_refuses_settings_of_the_wrong_type(name, value, message):
+    checkpoint = {"train_config": {**vars(PretrainSettings()), name: value}}
+    with pytest.raises(C.CheckpointError, match=f"^--resume: not a usable checkpoint: {re.escape(message)}$"):
+        resumed_config({}, checkpoint)
 
 
 def test_resumed_run_keeps_its_settings_and_takes_where_to_run():
