@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, fields
 
 
 class SettingsError(ValueError):
@@ -12,6 +13,15 @@ class SettingsError(ValueError):
 def option(name: str) -> str:
     """The command-line option of a settings field: 'batch_size' -> '--batch-size'."""
     return "--" + name.replace("_", "-")
+
+
+def check_finite(settings) -> None:
+    """A SettingsError naming the first float option (of any settings dataclass) that is
+    NaN or infinite: no size check catches NaN (every comparison with it is false)."""
+    for field in fields(settings):
+        value = getattr(settings, field.name)
+        if "float" in str(field.type) and isinstance(value, float) and not math.isfinite(value):
+            raise SettingsError(f"{option(field.name)}: expected a finite number, got {value}")
 
 
 @dataclass
@@ -51,6 +61,7 @@ class TrainSettings:
 
     def check(self) -> None:
         """A SettingsError naming the first option whose value cannot train."""
+        check_finite(self)
         for name in ("steps", "batch_size", "seq_len", "log_every"):
             if getattr(self, name) < 1:
                 raise SettingsError(f"{option(name)}: expected a positive integer, got {getattr(self, name)}")

@@ -19,6 +19,7 @@ from mmrec_model.pretrain import PretrainSettings, UsageError, resumed_config
 from mmrec_model.training import Trainer, TrainSettings, make_optimizer, make_scheduler, train_step
 from mmrec_model.training import checkpoint as C
 from mmrec_model.training.optim import MIN_LR_RATIO, lr_factor
+from mmrec_model.training.settings import SettingsError
 
 pytestmark = pytest.mark.pretrain
 
@@ -179,6 +180,17 @@ def test_a_resumed_run_refuses_settings_of_the_wrong_type(name, value, message):
     checkpoint = {"train_config": {**vars(PretrainSettings()), name: value}}
     with pytest.raises(C.CheckpointError, match=f"^--resume: not a usable checkpoint: {re.escape(message)}$"):
         resumed_config({}, checkpoint)
+
+
+FLOAT_OPTIONS = [field.name for field in dataclasses.fields(PretrainSettings) if "float" in str(field.type)]
+
+
+@pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf], ids=str)
+@pytest.mark.parametrize("name", FLOAT_OPTIONS)
+def test_every_float_option_refuses_nan_and_inf_by_name(name, value):
+    option = "--" + name.replace("_", "-")
+    with pytest.raises(SettingsError, match=f"^{option}: expected a finite number, got {value}$"):
+        dataclasses.replace(PretrainSettings(), **{name: value}).check()
 
 
 def test_resumed_run_keeps_its_settings_and_takes_where_to_run():
