@@ -139,15 +139,20 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
 
 
 def load_failure(err: Exception) -> str:
-    """Why torch.load refused a file, in one line. Never torch's advice to load it
-    with weights_only=False: that would run whatever code the file pickled."""
+    """Why torch.load refused a file, in one line: the global it found pickled when that
+    is why. Never torch's advice to load it with weights_only=False: that would run
+    whatever code the file pickled."""
     text = str(err)
+    # torch words it "Unsupported global: GLOBAL m.f" or, for a module it blocks (os,
+    # posix, subprocess...), "unsupported GLOBAL m.f whose module m is blocked".
+    refused_global = re.search(r"GLOBAL ([\w.]+)", text)
+    if refused_global:
+        return f"it pickles {refused_global.group(1)}, and a checkpoint holds only tensors and plain data"
     unpickler_error = re.search(r"WeightsUnpickler error:\s*(.+)", text)
     if unpickler_error:
-        refused_global = re.match(r"Unsupported global: GLOBAL (\S+)", unpickler_error.group(1))
-        if refused_global:
-            return f"it pickles {refused_global.group(1)}, and a checkpoint holds only tensors and plain data"
         return f"not a pickle of tensors and plain data: {unpickler_error.group(1).strip()}"
+    if "weights_only" in text:
+        return "not a pickle of tensors and plain data"
     return text.strip().splitlines()[0] if text.strip() else type(err).__name__
 
 

@@ -277,10 +277,22 @@ def test_unusable_checkpoint_is_a_clear_error(tmp_path, damage):
         C.load_checkpoint(path)
 
 
-def test_checkpoint_with_pickled_code_is_refused(tmp_path):
+class SystemCall:
+    """Pickles as a call of os.system, which torch's weights_only unpickler blocks by module."""
+
+    def __reduce__(self):
+        return (os.system, ("exit 3",))
+
+
+@pytest.mark.parametrize(
+    "code, name",
+    [(print, "print"), (SystemCall(), re.escape(os.system.__module__) + r"\.system")],
+    ids=["print", "system"],
+)
+def test_checkpoint_with_pickled_code_is_refused(tmp_path, code, name):
     path = tmp_path / C.CHECKPOINT_NAME
-    torch.save({**make_checkpoint(), "hook": print}, path)  # weights_only=False would import and call
-    with pytest.raises(C.CheckpointError, match="not a readable checkpoint .*it pickles print") as refusal:
+    torch.save({**make_checkpoint(), "hook": code}, path)  # weights_only=False would import and call
+    with pytest.raises(C.CheckpointError, match=f"not a readable checkpoint \\(it pickles {name}, ") as refusal:
         C.load_checkpoint(path)
     message = str(refusal.value)
     assert "weights_only" not in message and "\n" not in message  # never torch's advice to load it anyway
