@@ -62,6 +62,8 @@ def library_report() -> dict:
         "built_version": getattr(lib, "built_version", None),
         "built_with_torch": getattr(lib, "built_with_torch", None),
     }
+    if lib is None and path is not None and path.is_file():  # read from the file that did not load
+        report["built_with_torch"] = _library.recorded_torch_version(path)
     if path is not None and path.exists():
         stat = path.stat()
         report["size_bytes"] = stat.st_size
