@@ -19,9 +19,9 @@ that forward and backward call, each with its own batching rule. A
 single-level function runs its forward with gradients off; the forward turns
 them back on, as torch.func does for an autograd.Function, so that the levels
 below record the op too (without that, grad(grad(f)) silently gave zeros:
-pytorch/pytorch#191995). Forward mode raises an error that names the op;
-`refuse_second_derivatives` gives the backward of a backward op that has no
-derivative.
+pytorch/pytorch#191995). Forward mode takes the op's jvp formula where it has
+one, else raises an error that names the op; `refuse_second_derivatives` gives
+the backward of a backward op that has no derivative.
 """
 
 from __future__ import annotations
@@ -86,12 +86,15 @@ def needs_autograd(args) -> bool:
     return any(forward_ad.unpack_dual(t).tangent is not None for t in tensors)
 
 
-def register_autograd(qualname: str, backward: Callable, setup_context: Callable) -> None:
+def register_autograd(qualname: str, backward: Callable, setup_context: Callable, jvp: Callable | None = None) -> None:
     """Registers the Autograd kernel of `qualname` ("mmrec::<op>").
 
     backward(ctx, *grad_outputs) and setup_context(ctx, inputs, output) are
     those torch.library.register_autograd takes (inputs with every default
-    filled in). Forward mode raises NotImplementedError naming the op.
+    filled in); jvp(ctx, *input_tangents), an autograd.Function's (a tangent
+    None where an input has none; setup_context saves what it reads with
+    ctx.save_for_forward), gives forward mode. Without it forward mode raises
+    NotImplementedError naming the op.
     """
     name = qualname.split("::")[1]
     op = getattr(getattr(torch.ops, NAMESPACE), name).default
@@ -109,7 +112,7 @@ def register_autograd(qualname: str, backward: Callable, setup_context: Callable
             "forward": staticmethod(forward),
             "setup_context": staticmethod(setup_context),
             "backward": staticmethod(backward),
-            "jvp": staticmethod(refuse_forward_mode(qualname)),
+            "jvp": staticmethod(jvp or refuse_forward_mode(qualname)),
         },
     )
 

@@ -400,6 +400,7 @@ DECODE_READ = OpSpec(
     strided={"strided": DECODE_READ_NAMES},
     gradient_tolerance=output_tolerance,
     second_derivatives=True,
+    forward_mode=True,
     compile_loss=lambda q, keys, values, mask: mmrec_ops.decode_read(torch.tanh(q), keys, values, mask).square().mean(),
     bad_inputs=decode_read_bad_inputs,
 )
@@ -440,6 +441,7 @@ SKINNY_ADDMM = OpSpec(
     strided={"strided": SKINNY_ADDMM_NAMES},
     gradient_tolerance=output_tolerance,
     second_derivatives=True,
+    forward_mode=True,
     compile_loss=lambda bias, x, weight: mmrec_ops.skinny_addmm(bias, torch.tanh(x), weight).square().mean(),
     bad_inputs=skinny_addmm_bad_inputs,
 )

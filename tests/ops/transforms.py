@@ -13,9 +13,10 @@ from __future__ import annotations
 import contextlib
 
 import torch
+from torch.autograd import forward_ad
 from torch.func import grad, jacfwd, jacrev, jvp, vjp, vmap
 
-FORWARD_MODE = ("jvp", "jacfwd")
+FORWARD_MODE = ("jvp", "jacfwd", "forward_ad")
 SECOND_ORDER = ("grad(grad)", "jacrev(grad)", "jacrev(jacrev)")
 
 
@@ -68,12 +69,20 @@ def vjp_of(fn, values):
     return outputs, pullback(tuple(ramp(out) for out in outputs))
 
 
+def dual_tangents(fn, values):
+    """The tangents of fn's outputs through torch.autograd.forward_ad (no torch.func)."""
+    with forward_ad.dual_level():
+        outputs = fn(*(forward_ad.make_dual(v, ramp(v)) for v in values))
+        return tuple(forward_ad.unpack_dual(out).tangent for out in outputs)
+
+
 TRANSFORMS = {
     "grad": lambda fn, values: grad(loss_of(fn), every(values))(*values),
     "vjp": vjp_of,
     "jacrev": lambda fn, values: jacrev(fn, every(values))(*values),
     "jvp": lambda fn, values: jvp(fn, values, tuple(ramp(v) for v in values)),
     "jacfwd": lambda fn, values: jacfwd(fn, every(values))(*values),
+    "forward_ad": dual_tangents,
     "vmap": lambda fn, values: vmap(fn)(*instances(values)),
     "grad(grad)": lambda fn, values: grad(gradient_loss(fn), every(values))(*values),
     "jacrev(grad)": lambda fn, values: jacrev(grad(loss_of(fn), every(values)), every(values))(*values),
