@@ -100,10 +100,14 @@ def register_autograd(qualname: str, backward: Callable, setup_context: Callable
     op = getattr(getattr(torch.ops, NAMESPACE), name).default
     arguments = op._schema.arguments
 
+    def below_autograd(*args):
+        with torch._C._AutoDispatchBelowAutograd():
+            return op(*args)
+
     def forward(*args):
         # Gradients back on for the levels below (the module's docstring).
-        with torch._C._AutoDispatchBelowAutograd(), torch.enable_grad(), _set_fwd_grad_enabled(True):
-            return op(*args)
+        with torch.enable_grad(), _set_fwd_grad_enabled(True):
+            return below_autograd(*args)
 
     function = type(
         f"{name}_autograd",
@@ -122,6 +126,6 @@ def register_autograd(qualname: str, backward: Callable, setup_context: Callable
         if needs_autograd(args):
             with enable_single_level_autograd_function():
                 return function.apply(*args)
-        return forward(*args)
+        return below_autograd(*args)
 
     LIBRARY.impl(name, autograd_kernel, "Autograd")
