@@ -249,7 +249,8 @@ ANNOTATED_TYPES = {
 
 
 def is_of(value, annotation: str) -> bool:
-    """Whether `value` fits the annotation (e.g. "int | None"); a bool is no number."""
+    """Whether `value` fits the annotation (e.g. "int | None"); a bool is no number. An
+    annotation naming other types (none of the settings has one) is not checked."""
     checks = {
         "int": lambda v: type(v) is int,
         "float": lambda v: type(v) in (int, float),
