@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import codecs
+import math
 import sys
 import time
 from collections.abc import Iterator
@@ -122,6 +123,9 @@ def check_args(args: argparse.Namespace) -> None:
         raise ValueError("--prompt: expected at least one character to continue")
     if args.max_new_tokens < 0:
         raise ValueError(f"--max-new-tokens: expected >= 0, got {args.max_new_tokens}")
+    for name in ("temperature", "top_p"):  # NaN passes every comparison below
+        if not math.isfinite(getattr(args, name)):
+            raise ValueError(f"--{name.replace('_', '-')}: expected a finite number, got {getattr(args, name)}")
     if args.temperature < 0:
         raise ValueError(f"--temperature: expected >= 0, got {args.temperature}")
     if not 0 <= args.top_k <= 256:

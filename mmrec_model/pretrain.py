@@ -52,6 +52,7 @@ from .training.checkpoint import (
     CheckpointError,
     atomic_write,
     checkpoint_path,
+    fields_problem,
     load_checkpoint,
     model_from_checkpoint,
     non_finite_entries,
@@ -238,10 +239,10 @@ def resolved_data(data: str | None) -> str | None:
 
 def resumed_config(given: dict, checkpoint: dict) -> PretrainSettings:
     """The checkpoint's settings, with the options given that a resumed run may change."""
-    try:
-        saved = PretrainSettings(**checkpoint["train_config"])
-    except TypeError as err:
-        raise CheckpointError(f"--resume: the checkpoint's train_config does not fit this version ({err})") from None
+    problem = fields_problem(PretrainSettings, checkpoint["train_config"], "train_config")
+    if problem:
+        raise CheckpointError(f"--resume: not a usable checkpoint: {problem}")
+    saved = PretrainSettings(**checkpoint["train_config"])
     changed = [name for name in FIXED_ON_RESUME if name in given and given[name] != getattr(saved, name)]
     if changed:
         listing = ", ".join(f"--{n.replace('_', '-')} {given[n]} (saved: {getattr(saved, n)})" for n in changed)
@@ -536,6 +537,14 @@ def write_failure(err: OSError) -> str:
     return f"cannot write {where} ({err.strerror or err})"
 
 
+def what_stopped_run_keeps(run: Run) -> str:
+    """What a run stopped by a failed write leaves in its folder to resume from."""
+    path = run.out / CHECKPOINT_NAME
+    if path.exists():
+        return f"the run stopped, {path} keeps its last checkpoint"
+    return f"the run stopped before its first checkpoint: no {path} was written"
+
+
 def is_peer_timeout(err: RuntimeError, world_size: int) -> bool:
     """Whether `err` is a collective that waited past --dist-timeout for another process.
     gloo raises it as a plain RuntimeError (from DDP's backward too), known by its words."""
@@ -559,7 +568,7 @@ def main(argv: list[str] | None = None) -> int:
     except Diverged as err:
         return fail(err)
     except OSError as err:  # the checkpoint or the metrics could not be written: the previous checkpoint stays
-        return fail(f"{write_failure(err)}; the run stopped, {run.out / CHECKPOINT_NAME} keeps its last checkpoint")
+        return fail(f"{write_failure(err)}; {what_stopped_run_keeps(run)}")
     except RuntimeError as err:
         if not is_peer_timeout(err, run.world_size):
             raise

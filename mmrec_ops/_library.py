@@ -33,6 +33,9 @@ def rebuild_commands() -> str:
     checkout = REPO_DIR if (REPO_DIR / "setup.py").is_file() else "<your MM-Rec source checkout>"
     return f"""\
 Rebuild it against the torch installed for this Python ({python}):
+  first, in a virtual environment without the build tools (pip then fails with
+  "invalid command 'bdist_wheel'"):
+      {python} -m pip install setuptools wheel ninja
   installed package (from its sdist, or the source folder it was installed from):
       {python} -m pip install --no-build-isolation --no-deps --force-reinstall --no-cache-dir mmrec-{__version__}.tar.gz
   source checkout:

@@ -32,12 +32,12 @@ REQUIRED_KEYS = {
     "scan": ("CPU", "CUDA", "Meta", "Autograd"),
     "scan_backward": ("CPU", "CUDA", "Meta", "Autograd"),
     "recurrence": ("CPU", "CUDA", "Meta", "Autograd"),
-    # No second derivatives of the recurrence: its backward has no Autograd kernel.
-    "recurrence_backward": ("CPU", "CUDA", "Meta"),
+    # The Autograd kernels of recurrence_backward and memory_read_backward
+    # refuse second derivatives by name.
+    "recurrence_backward": ("CPU", "CUDA", "Meta", "Autograd"),
     "decode_read": ("CPU", "CUDA", "Meta", "Autograd"),
     "memory_read": ("CPU", "CUDA", "Meta", "Autograd"),
-    # No second derivatives of the read: its backward has no Autograd kernel.
-    "memory_read_backward": ("CPU", "CUDA", "Meta"),
+    "memory_read_backward": ("CPU", "CUDA", "Meta", "Autograd"),
     "skinny_addmm": ("CPU", "CUDA", "Meta", "Autograd"),
 }
 REPORTED_KEYS = ("CPU", "CUDA", "Meta", "Autograd")
@@ -62,6 +62,8 @@ def library_report() -> dict:
         "built_version": getattr(lib, "built_version", None),
         "built_with_torch": getattr(lib, "built_with_torch", None),
     }
+    if lib is None and path is not None and path.is_file():  # read from the file that did not load
+        report["built_with_torch"] = _library.recorded_torch_version(path)
     if path is not None and path.exists():
         stat = path.stat()
         report["size_bytes"] = stat.st_size

@@ -115,6 +115,7 @@ def assert_names_versions_and_commands(message: str, built: str, running: str) -
         in message
     )
     assert f"cd {PACKAGE_DIR.parent} && {sys.executable} -m pip install --no-build-isolation -e ." in message
+    assert f"{sys.executable} -m pip install setuptools wheel ninja" in message  # what a bare venv lacks
 
 
 def test_library_records_the_torch_it_was_built_with():
@@ -185,3 +186,12 @@ def test_undefined_symbol_at_load_is_explained(tmp_path):
     assert "undefined symbol: _ZNR5torch7Library4_def" in result.stderr
     # The version is read from the library file, which did not load.
     assert_names_versions_and_commands(result.stderr, torch.__version__, torch.__version__)
+
+
+def test_check_tool_reads_the_torch_of_a_library_that_did_not_load(tmp_path):
+    (tmp_path / "sitecustomize.py").write_text(UNDEFINED_SYMBOL_ON_LOAD)
+    env = clean_env(PYTHONPATH=os.pathsep.join([str(tmp_path), str(PACKAGE_DIR.parent)]))
+    result = run_python(["-m", "mmrec_ops.check"], cwd=tmp_path, env=env)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "mmrec_ops._C        NOT LOADED" in result.stdout
+    assert f"  built with torch  {torch.__version__}\n" in result.stdout

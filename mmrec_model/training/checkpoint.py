@@ -19,6 +19,7 @@ A checkpoint is a dict of tensors, numbers, strings, lists and dicts (what
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import secrets
@@ -138,15 +139,20 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
 
 
 def load_failure(err: Exception) -> str:
-    """Why torch.load refused a file, in one line. Never torch's advice to load it
-    with weights_only=False: that would run whatever code the file pickled."""
+    """Why torch.load refused a file, in one line: the global it found pickled when that
+    is why. Never torch's advice to load it with weights_only=False: that would run
+    whatever code the file pickled."""
     text = str(err)
+    # torch words it "Unsupported global: GLOBAL m.f" or, for a module it blocks (os,
+    # posix, subprocess...), "unsupported GLOBAL m.f whose module m is blocked".
+    refused_global = re.search(r"GLOBAL ([\w.]+)", text)
+    if refused_global:
+        return f"it pickles {refused_global.group(1)}, and a checkpoint holds only tensors and plain data"
     unpickler_error = re.search(r"WeightsUnpickler error:\s*(.+)", text)
     if unpickler_error:
-        refused_global = re.match(r"Unsupported global: GLOBAL (\S+)", unpickler_error.group(1))
-        if refused_global:
-            return f"it pickles {refused_global.group(1)}, and a checkpoint holds only tensors and plain data"
         return f"not a pickle of tensors and plain data: {unpickler_error.group(1).strip()}"
+    if "weights_only" in text:
+        return "not a pickle of tensors and plain data"
     return text.strip().splitlines()[0] if text.strip() else type(err).__name__
 
 
@@ -179,6 +185,97 @@ def structure_problem(checkpoint: dict) -> str | None:
     data = checkpoint["data"]
     if not all(isinstance(data.get(key), str) and data[key] for key in ("sha256", "source")):
         return "data: expected the corpus' 'sha256' and 'source' (strings)"
+    return None
+
+
+def kind(value) -> str:
+    """What a state's value is, for comparing a saved state with a fresh one: an int and
+    a float are both numbers, a bool is not one."""
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, (int, float)):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    if value is None:
+        return "None"
+    if isinstance(value, (list, tuple)):
+        return "a list"
+    if isinstance(value, dict):
+        return "a dict"
+    if isinstance(value, torch.Tensor):
+        return "a tensor"
+    return type(value).__name__
+
+
+def shown(value) -> str:
+    """A value in an error message: its repr when short and plain, else its kind."""
+    text = repr(value)
+    return text if isinstance(value, (bool, int, float, str)) and len(text) <= 40 else kind(value)
+
+
+def state_difference(saved, fresh, where: str) -> str | None:
+    """Where `saved`, a state read from a checkpoint (a scheduler's, an optimizer's
+    param_groups), differs from `fresh`, the same state as this version makes it, or
+    None: the kind of a value (number, boolean, string, list, dict, tensor), a list's
+    length, a tensor's shape and dtype. Only keys present in both are compared, so that
+    a key another torch adds or drops is no difference."""
+    if kind(saved) != kind(fresh):
+        return f"{where}: expected {kind(fresh)}, got {shown(saved)}"
+    if isinstance(fresh, dict):
+        shared = (key for key in fresh if key in saved)
+        return next(filter(None, (state_difference(saved[k], fresh[k], f"{where}.{k}") for k in shared)), None)
+    if isinstance(fresh, (list, tuple)):
+        if len(saved) != len(fresh):
+            return f"{where}: expected a list of {len(fresh)}, got {len(saved)}"
+        parts = (state_difference(a, b, f"{where}[{i}]") for i, (a, b) in enumerate(zip(saved, fresh)))
+        return next(filter(None, parts), None)
+    if isinstance(fresh, torch.Tensor) and (saved.shape != fresh.shape or saved.dtype != fresh.dtype):
+        return (
+            f"{where}: expected a {fresh.dtype} tensor of shape {list(fresh.shape)}, "
+            f"got {saved.dtype} of shape {list(saved.shape)}"
+        )
+    return None
+
+
+# The values of a dataclass field's annotation, by name (annotations are strings here).
+ANNOTATED_TYPES = {
+    "int": "an integer",
+    "float": "a number",
+    "bool": "a boolean",
+    "str": "a string",
+    "Tensor": "a tensor",
+}
+
+
+def is_of(value, annotation: str) -> bool:
+    """Whether `value` fits the annotation (e.g. "int | None"); a bool is no number. An
+    annotation naming other types (none of the settings has one) is not checked."""
+    checks = {
+        "int": lambda v: type(v) is int,
+        "float": lambda v: type(v) in (int, float),
+        "bool": lambda v: type(v) is bool,
+        "str": lambda v: isinstance(v, str),
+        "None": lambda v: v is None,
+        "Tensor": lambda v: isinstance(v, torch.Tensor),
+    }
+    names = [name.strip() for name in annotation.split("|")]
+    return any(checks[name](value) for name in names if name in checks) or not all(name in checks for name in names)
+
+
+def fields_problem(cls, values: dict, where: str) -> str | None:
+    """What keeps the checkpoint's `values` from making a `cls` (a dataclass): a key that
+    is none of its fields, or a value not of its field's type; or None. A field left out
+    takes its default (a checkpoint of a version that lacked it)."""
+    fields = {field.name: field for field in dataclasses.fields(cls)}
+    unknown = [key for key in values if key not in fields]
+    if unknown:
+        return f"{where}: unknown entries {', '.join(map(repr, unknown))}"
+    for name, value in values.items():
+        annotation = str(fields[name].type)
+        if not is_of(value, annotation):
+            expected = " or ".join(ANNOTATED_TYPES.get(n.strip(), n.strip()) for n in annotation.split("|"))
+            return f"{where}.{name}: expected {expected}, got {shown(value)}"
     return None
 
 

@@ -16,8 +16,15 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from .checkpoint import CHECKPOINT_FORMAT, CheckpointError, restore_rng_states, rng_states
-from .optim import make_optimizer, make_scheduler, train_step
+from .checkpoint import (
+    CHECKPOINT_FORMAT,
+    CheckpointError,
+    fields_problem,
+    restore_rng_states,
+    rng_states,
+    state_difference,
+)
+from .optim import make_optimizer, make_scheduler, optimizer_state_problem, train_step
 from .settings import TrainSettings
 
 Batch = tuple[Tensor, Tensor]
@@ -112,7 +119,17 @@ class Trainer:
     def restore(self, checkpoint: dict, source: str) -> None:
         """Continues the run of a checkpoint (load_checkpoint's): its weights, optimizer and
         scheduler states, step and progress, and its random generators' states when `train`
-        starts. A CheckpointError naming `source` if the states do not fit the model."""
+        starts. A CheckpointError naming `source` if the states do not fit the model: their
+        structure is checked against this trainer's before anything is loaded."""
+        fresh = self.optimizer.state_dict()["param_groups"], self.scheduler.state_dict()
+        problem = (
+            state_difference(checkpoint["optimizer"].get("param_groups"), fresh[0], "optimizer.param_groups")
+            or optimizer_state_problem(checkpoint["optimizer"], self.optimizer)
+            or state_difference(checkpoint["scheduler"], fresh[1], "scheduler")
+            or fields_problem(Progress, checkpoint.get("progress", {}), "progress")
+        )
+        if problem:
+            raise CheckpointError(f"{source}: not a usable checkpoint: {problem}")
         try:
             self.model.load_state_dict(checkpoint["model"])
             self.optimizer.load_state_dict(checkpoint["optimizer"])

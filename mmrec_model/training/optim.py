@@ -89,6 +89,37 @@ def make_optimizer(
     return torch.optim.AdamW(groups, lr=lr, betas=ADAM_BETAS, fused=fused)
 
 
+# What AdamW keeps per parameter: the step count and the two moments, each of the
+# parameter's shape.
+ADAM_STATE = ("step", "exp_avg", "exp_avg_sq")
+
+
+def optimizer_state_problem(saved: dict, optimizer: torch.optim.Optimizer) -> str | None:
+    """What in `saved`, an AdamW state_dict read from a checkpoint, does not fit
+    `optimizer` (make_optimizer's, for the same model): a state of a parameter it does
+    not have, or one without the step count and moments of the parameter's shape and
+    dtype; or None. Checked before loading: AdamW would fail only at its next step."""
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    states = saved.get("state")
+    if not isinstance(states, dict):
+        return "optimizer.state: expected a dict of the parameters' states"
+    for index, state in states.items():
+        where = f"optimizer.state[{index!r}]"
+        if type(index) is not int or not 0 <= index < len(params):
+            return f"{where}: no such parameter (the model has {len(params)})"
+        if not isinstance(state, dict) or sorted(state) != sorted(ADAM_STATE):
+            return f"{where}: expected AdamW's {', '.join(ADAM_STATE)}"
+        param = params[index]
+        step = state["step"]
+        if not (isinstance(step, torch.Tensor) and step.numel() == 1 and step.is_floating_point()):
+            return f"{where}.step: expected a float tensor of one element"
+        for name in ADAM_STATE[1:]:
+            moment = state[name]
+            if not (isinstance(moment, torch.Tensor) and moment.shape == param.shape and moment.dtype == param.dtype):
+                return f"{where}.{name}: expected a {param.dtype} tensor of the parameter's shape {list(param.shape)}"
+    return None
+
+
 def train_step(
     net: torch.nn.Module,
     inputs: Tensor,

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, fields
 
 
 class SettingsError(ValueError):
@@ -21,6 +22,15 @@ FINAL_PHASE_HELP = {
     "final_seq_len": "bytes per training window of the last --final-steps steps "
     "(a divisor of --batch-size x --seq-len)",
 }
+
+
+def check_finite(settings) -> None:
+    """A SettingsError naming the first float option (of any settings dataclass) that is
+    NaN or infinite: no size check catches NaN (every comparison with it is false)."""
+    for field in fields(settings):
+        value = getattr(settings, field.name)
+        if "float" in str(field.type) and isinstance(value, float) and not math.isfinite(value):
+            raise SettingsError(f"{option(field.name)}: expected a finite number, got {value}")
 
 
 @dataclass
@@ -74,6 +84,7 @@ class TrainSettings:
 
     def check(self) -> None:
         """A SettingsError naming the first option whose value cannot train."""
+        check_finite(self)
         for name in ("steps", "batch_size", "seq_len", "log_every"):
             if getattr(self, name) < 1:
                 raise SettingsError(f"{option(name)}: expected a positive integer, got {getattr(self, name)}")

@@ -1,9 +1,9 @@
 """mmrec::decode_read, the read of one decode step: one query per row against a cache.
 
 Registers, for the schema in csrc/ops.cpp: the fake kernel, the CUDA kernel (Triton
-launchers, triton/decode_read.py) and the autograd kernel, whose backward is composite
-(PyTorch ops, so it has second derivatives too). The CPU kernel is C++
-(csrc/decode_read.cpp).
+launchers, triton/decode_read.py), the vmap rule and the autograd kernel, whose backward and
+forward-mode formulas are composite (PyTorch ops, so they have derivatives of their own:
+second derivatives, forward over reverse). The CPU kernel is C++ (csrc/decode_read.cpp).
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from torch import Tensor
 from ._autograd import register_autograd
 from ._checks import check_floating, check_like, check_shape
 from ._triton import triton_launchers
+from ._vmap import fold, per_instance, unfold
 
 DECODE_READ = "mmrec::decode_read"
 
@@ -81,21 +82,29 @@ def _decode_read_cuda(q, keys, values, mask):
 
 def _decode_read_setup_context(ctx, inputs, output):
     ctx.save_for_backward(*inputs)
+    ctx.save_for_forward(*inputs)
+
+
+def _softmax_in_accumulation_dtype(q, keys, values, mask):
+    """(q, keys, values, mask in float32 for bfloat16/float16 (float64 for float64),
+    p = softmax(q k / sqrt(d) + mask), out = p v, the scale 1 / sqrt(d)): the derivatives
+    recompute p and out there, as grad_s and p_t subtract two close terms, which the
+    rounded output would not keep."""
+    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    q, keys, values, mask = (t.to(acc) for t in (q, keys, values, mask))
+    scale = max(q.shape[-1], 1) ** -0.5  # d = 0: no products to scale
+    p = torch.softmax(torch.einsum("bhd,bhkd->bhk", q, keys) * scale + mask, dim=-1)
+    return q, keys, values, mask, p, torch.einsum("bhk,bhkd->bhd", p, values), scale
 
 
 def _decode_read_backward(ctx, grad_out):
     """With s = q k / sqrt(d) + mask, p = softmax(s), out = p v:
     grad_v = p grad_out, grad_s = p (grad_out . v - grad_out . out),
     grad_q = grad_s k / sqrt(d), grad_k = grad_s q / sqrt(d), grad_mask = sum_{b, h} grad_s;
-    in float32 for bfloat16/float16 inputs (float64 for float64), with p and out recomputed
-    there: grad_s subtracts two close terms, which the rounded output would not keep."""
-    q, keys, values, mask = ctx.saved_tensors
-    dtype = q.dtype
-    acc = torch.float64 if dtype == torch.float64 else torch.float32
-    q, keys, values, mask, grad_out = (t.to(acc) for t in (q, keys, values, mask, grad_out))
-    scale = max(q.shape[-1], 1) ** -0.5  # d = 0: no products to scale
-    p = torch.softmax(torch.einsum("bhd,bhkd->bhk", q, keys) * scale + mask, dim=-1)
-    out = torch.einsum("bhk,bhkd->bhd", p, values)
+    in the accumulation dtype, each gradient rounded once to the inputs' dtype."""
+    dtype = ctx.saved_tensors[0].dtype
+    q, keys, values, mask, p, out, scale = _softmax_in_accumulation_dtype(*ctx.saved_tensors)
+    grad_out = grad_out.to(q.dtype)
     grad_values = torch.einsum("bhk,bhd->bhkd", p, grad_out)
     grad_p = torch.einsum("bhd,bhkd->bhk", grad_out, values)
     grad_s = p * (grad_p - (grad_out * out).sum(-1, keepdim=True))
@@ -105,4 +114,38 @@ def _decode_read_backward(ctx, grad_out):
     return tuple(g.to(dtype) for g in (grad_q, grad_keys, grad_values, grad_mask))
 
 
-register_autograd(DECODE_READ, _decode_read_backward, setup_context=_decode_read_setup_context)
+def _decode_read_jvp(ctx, q_t, keys_t, values_t, mask_t):
+    """Forward mode, with s, p and out as above: s_t = (q_t k + q k_t) / sqrt(d) + mask_t,
+    p_t = p (s_t - sum_s p s_t), out_t = p_t v + p v_t (absent tangents left out); in the
+    accumulation dtype, rounded once to the inputs' dtype."""
+    dtype = ctx.saved_tensors[0].dtype
+    q, keys, values, mask, p, out, scale = _softmax_in_accumulation_dtype(*ctx.saved_tensors)
+    s_t = torch.zeros_like(p)
+    if q_t is not None:
+        s_t = s_t + torch.einsum("bhd,bhkd->bhk", q_t.to(q.dtype), keys) * scale
+    if keys_t is not None:
+        s_t = s_t + torch.einsum("bhd,bhkd->bhk", q, keys_t.to(q.dtype)) * scale
+    if mask_t is not None:
+        s_t = s_t + mask_t.to(q.dtype)
+    p_t = p * (s_t - (p * s_t).sum(-1, keepdim=True))
+    out_t = torch.einsum("bhk,bhkd->bhd", p_t, values)
+    if values_t is not None:
+        out_t = out_t + torch.einsum("bhk,bhkd->bhd", p, values_t.to(q.dtype))
+    return out_t.to(dtype)
+
+
+register_autograd(DECODE_READ, _decode_read_backward, setup_context=_decode_read_setup_context, jvp=_decode_read_jvp)
+
+
+@torch.library.register_vmap(DECODE_READ)
+def _decode_read_vmap(info, in_dims, q, keys, values, mask):
+    """Every (row, head) reads on its own: V folds into the batch, [V, B, ...] ->
+    [V * B, ...]. The mask is shared by all rows: a vmapped one takes a call per instance."""
+    V = info.batch_size
+    q_dim, keys_dim, values_dim, mask_dim = in_dims
+    if mask_dim is not None:
+        return per_instance(torch.ops.mmrec.decode_read.default, (q, keys, values, mask), in_dims, V)
+    out = torch.ops.mmrec.decode_read.default(
+        fold(q, q_dim, V, into=0), fold(keys, keys_dim, V, into=0), fold(values, values_dim, V, into=0), mask
+    )
+    return unfold(out, 0, V), 0

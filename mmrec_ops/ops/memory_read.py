@@ -2,7 +2,8 @@
 entries and its window of the tokens before it, in one softmax.
 
 Registers, for the schemas in csrc/ops.cpp: the fake kernels, the CUDA kernels (Triton
-launchers, triton/memory_read.py) and the autograd kernel. The CPU kernels are C++
+launchers, triton/memory_read.py), the vmap rules and the autograd kernels (memory_read_backward's refuses
+second derivatives). The CPU kernels are C++
 (csrc/memory_read.cpp).
 """
 
@@ -11,9 +12,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ._autograd import register_autograd
+from ._autograd import refuse_second_derivatives, register_autograd
 from ._checks import check_floating, check_like, check_shape
 from ._triton import triton_launchers
+from ._vmap import fold, per_instance, unfold
 
 MEMORY_READ = "mmrec::memory_read"
 MEMORY_READ_BACKWARD = "mmrec::memory_read_backward"
@@ -176,3 +178,51 @@ def _memory_read_backward(ctx, grad_out, grad_lse):
 
 
 register_autograd(MEMORY_READ, _memory_read_backward, setup_context=_memory_read_setup_context)
+refuse_second_derivatives(MEMORY_READ, MEMORY_READ_BACKWARD)
+
+
+# vmap: every batch row reads on its own, so the vmapped dimension V folds into the
+# batch, [V, B, ...] -> [V * B, ...], lse's too. group_mask and first_token are shared
+# by all rows: vmapped ones take a call per instance.
+
+
+@torch.library.register_vmap(MEMORY_READ)
+def _memory_read_vmap(info, in_dims, q, group, group_mask, tokens, first_token, window):
+    V = info.batch_size
+    q_dim, group_dim, mask_dim, tokens_dim, first_dim, _ = in_dims
+    if mask_dim is not None or first_dim is not None:
+        args = (q, group, group_mask, tokens, first_token, window)
+        return per_instance(torch.ops.mmrec.memory_read.default, args, in_dims, V)
+    out, lse = torch.ops.mmrec.memory_read.default(
+        fold(q, q_dim, V, into=0),
+        fold(group, group_dim, V, into=0),
+        group_mask,
+        fold(tokens, tokens_dim, V, into=0),
+        first_token,
+        window,
+    )
+    return (unfold(out, 0, V), unfold(lse, 0, V)), (0, 0)
+
+
+@torch.library.register_vmap(MEMORY_READ_BACKWARD)
+def _memory_read_backward_vmap(
+    info, in_dims, grad_out, grad_lse, q, group, group_mask, tokens, first_token, out, lse, window
+):
+    V = info.batch_size
+    args = (grad_out, grad_lse, q, group, group_mask, tokens, first_token, out, lse, window)
+    if in_dims[4] is not None or in_dims[6] is not None:  # group_mask, first_token
+        return per_instance(torch.ops.mmrec.memory_read_backward.default, args, in_dims, V)
+    grad_out_dim, grad_lse_dim, q_dim, group_dim, _, tokens_dim, _, out_dim, lse_dim, _ = in_dims
+    grads = torch.ops.mmrec.memory_read_backward.default(
+        fold(grad_out, grad_out_dim, V, into=0),
+        fold(grad_lse, grad_lse_dim, V, into=0),
+        fold(q, q_dim, V, into=0),
+        fold(group, group_dim, V, into=0),
+        group_mask,
+        fold(tokens, tokens_dim, V, into=0),
+        first_token,
+        fold(out, out_dim, V, into=0),
+        fold(lse, lse_dim, V, into=0),
+        window,
+    )
+    return tuple(unfold(g, 0, V) for g in grads), (0, 0, 0)

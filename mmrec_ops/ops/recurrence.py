@@ -2,8 +2,8 @@
 
 Registers, for the schemas in csrc/ops.cpp: the fake kernels (shapes for
 torch.compile), the CUDA kernels (Triton launchers, triton/recurrence.py), the
-vmap rules and recurrence_backward's autograd kernel (which refuses second
-derivatives). The CPU kernels and recurrence's autograd kernel (off the Python
+vmap rules and recurrence_backward's autograd kernel, which refuses second
+derivatives. The CPU kernels and recurrence's autograd kernel (off the Python
 hot path) are C++ (csrc/recurrence.cpp).
 """
 
@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ._autograd import register_autograd
+from ._autograd import refuse_second_derivatives
 from ._checks import check_floating, check_like, check_shape
 from ._triton import triton_launchers
 from ._vmap import fold, padded, unfold
@@ -118,24 +118,7 @@ def _recurrence_backward_cuda(grad_h, z, gamma, weight, bias, h0, h):
     return triton_launchers("recurrence").recurrence_backward(grad_h, z, gamma, weight, bias, h0, h)
 
 
-SECOND_DERIVATIVES_UNSUPPORTED = (
-    f"{RECURRENCE}: second derivatives (double backward) are not supported, {RECURRENCE_BACKWARD} "
-    "has no derivative; first derivatives are, also with create_graph=True "
-    "(mmrec::scan, the model's mode='parallel', has second derivatives)"
-)
-
-
-def _recurrence_backward_backward(ctx, *grads):
-    """Refuses: without a formula here autograd would only warn and hand back
-    zeros for the second derivatives of the recurrence."""
-    raise RuntimeError(SECOND_DERIVATIVES_UNSUPPORTED)
-
-
-def _keep_nothing(ctx, inputs, output):
-    """The refusal above needs nothing from the forward."""
-
-
-register_autograd(RECURRENCE_BACKWARD, _recurrence_backward_backward, setup_context=_keep_nothing)
+refuse_second_derivatives(RECURRENCE, RECURRENCE_BACKWARD)
 
 
 # vmap. Heads are independent recurrences, each with its own weight, so the

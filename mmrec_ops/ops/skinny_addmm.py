@@ -1,9 +1,9 @@
 """mmrec::skinny_addmm, a matrix product of a few rows: a decode step's projections.
 
 Registers, for the schema in csrc/ops.cpp: the fake kernel, the CUDA kernel (Triton
-launchers, triton/skinny_addmm.py) and the autograd kernel, whose backward is composite
-(PyTorch ops, so it has second derivatives too). The CPU kernel is C++
-(csrc/skinny_addmm.cpp).
+launchers, triton/skinny_addmm.py), the vmap rule and the autograd kernel, whose backward and
+forward-mode formulas are composite (PyTorch ops, so they have derivatives of their own:
+second derivatives, forward over reverse). The CPU kernel is C++ (csrc/skinny_addmm.cpp).
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from torch import Tensor
 from ._autograd import register_autograd
 from ._checks import check_floating, check_like, check_shape
 from ._triton import triton_launchers
+from ._vmap import fold, per_instance, unfold
 
 SKINNY_ADDMM = "mmrec::skinny_addmm"
 
@@ -82,6 +83,7 @@ def _skinny_addmm_cuda(bias, x, weight):
 def _skinny_addmm_setup_context(ctx, inputs, output):
     _, x, weight = inputs
     ctx.save_for_backward(x, weight)
+    ctx.save_for_forward(x, weight)
 
 
 def _skinny_addmm_backward(ctx, grad_out):
@@ -90,4 +92,30 @@ def _skinny_addmm_backward(ctx, grad_out):
     return grad_out.sum(0), grad_out @ weight.t(), x.t() @ grad_out
 
 
-register_autograd(SKINNY_ADDMM, _skinny_addmm_backward, setup_context=_skinny_addmm_setup_context)
+def _skinny_addmm_jvp(ctx, bias_t, x_t, weight_t):
+    """Forward mode: out_t = bias_t + x_t weight + x weight_t, absent tangents left out."""
+    x, weight = ctx.saved_tensors
+    out_t = torch.zeros(x.shape[0], weight.shape[1], dtype=x.dtype, device=x.device)
+    if bias_t is not None:
+        out_t = out_t + bias_t
+    if x_t is not None:
+        out_t = out_t + x_t @ weight
+    if weight_t is not None:
+        out_t = out_t + x @ weight_t
+    return out_t
+
+
+register_autograd(
+    SKINNY_ADDMM, _skinny_addmm_backward, setup_context=_skinny_addmm_setup_context, jvp=_skinny_addmm_jvp
+)
+
+
+@torch.library.register_vmap(SKINNY_ADDMM)
+def _skinny_addmm_vmap(info, in_dims, bias, x, weight):
+    """Rows are independent: V folds into the rows of x, [V, M, K] -> [V * M, K]. A
+    vmapped weight or bias is shared by all rows: it takes a call per instance."""
+    V = info.batch_size
+    bias_dim, x_dim, weight_dim = in_dims
+    if bias_dim is not None or weight_dim is not None:
+        return per_instance(torch.ops.mmrec.skinny_addmm.default, (bias, x, weight), in_dims, V)
+    return unfold(torch.ops.mmrec.skinny_addmm.default(bias, fold(x, x_dim, V, into=0), weight), 0, V), 0

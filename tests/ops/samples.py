@@ -111,10 +111,11 @@ SCAN_SAMPLES = [
     # Outputs over 8 MiB (the CPU kernels' streaming stores), rows unaligned to 16 bytes.
     Sample((2, 1024, 1, 1025), uses=("large",)),
     Sample((2, 1024, 1, 1025), "BHTd_transposed", ("large",)),
-    # Small, for gradcheck (float64), gradgradcheck and opcheck.
+    # Small, for gradcheck (float64), gradgradcheck, opcheck and torch.func.
     Sample((2, 6, 2, 3), uses=("gradcheck",)),
     Sample((2, 6, 2, 3), "BHTd_transposed", ("gradcheck",)),
     Sample((2, 5, 3), uses=("gradgradcheck", "bad_inputs")),
+    Sample((2, 4, 2), uses=("func",)),
     Sample((2, 7, 3), uses=("opcheck",)),
     Sample((2, 5, 3, 4), "BHTd_transposed", ("opcheck",)),
     Sample((3, 1, 2), uses=("opcheck",)),
@@ -182,8 +183,9 @@ RECURRENCE_SAMPLES = [
     Sample((1, 4, 2, 64), "strided", ("strided",)),
     # float32 over 4096 steps.
     Sample((1, 4096, 2, 16), uses=("long",)),
-    # Small, for gradcheck (float64), second derivatives and opcheck.
+    # Small, for gradcheck (float64), second derivatives, opcheck and torch.func.
     Sample((2, 5, 2, 3), uses=("gradcheck", "second_derivatives")),
+    Sample((1, 3, 2, 2), uses=("func",)),
     Sample((2, 5, 2, 3), "strided", ("gradcheck",)),
     Sample((2, 7, 2, 5), uses=("opcheck",)),
     Sample((2, 4, 3, 8), "strided", ("opcheck",)),
@@ -279,6 +281,7 @@ DECODE_READ_SAMPLES = [
     ReadSample((2, 2, 5, 3), uses=("gradcheck", "gradgradcheck", "opcheck")),
     ReadSample((2, 2, 5, 3), "strided", ("gradcheck", "gradgradcheck", "opcheck")),
     ReadSample((2, 3, 5, 4), uses=("bad_inputs",)),
+    ReadSample((1, 2, 3, 2), uses=("func",)),
     ReadSample((2, 3, 6, 4), uses=("compile",)),
     ReadSample((2, 3, 19, 4), uses=("compile",)),
     *(ReadSample(shape, uses=("empty",)) for shape in [(0, 3, 5, 4), (2, 0, 5, 4), (2, 3, 5, 0)]),
@@ -347,6 +350,7 @@ SKINNY_ADDMM_SAMPLES = [
     ProductSample((2, 5, 3), uses=("gradcheck", "gradgradcheck", "opcheck")),
     ProductSample((2, 5, 3), "strided", ("gradcheck", "gradgradcheck", "opcheck")),
     ProductSample((2, 5, 4), uses=("bad_inputs",)),
+    ProductSample((2, 3, 2), uses=("func",)),
     ProductSample((2, 6, 4), uses=("compile",)),
     ProductSample((3, 19, 4), uses=("compile",)),
     *(ProductSample(shape, uses=("empty",)) for shape in [(0, 5, 4), (3, 0, 4), (3, 5, 0)]),
@@ -437,13 +441,14 @@ MEMORY_READ_SAMPLES = [
     # (group_mask every other element of a wider mask too).
     MemoryReadSample((2, 21, 3, 24, 5, 8, 6), "BHTd_transposed", ("strided",), missing=2),
     MemoryReadSample((2, 21, 3, 24, 5, 8, 6), "strided", ("strided",), extra_blocks=1, missing=2),
-    # Small, for gradcheck (float64) and opcheck.
+    # Small, for gradcheck (float64), opcheck and torch.func.
     MemoryReadSample((2, 5, 2, 3, 2, 2, 3), uses=("gradcheck",), extra_blocks=1, missing=1),
     MemoryReadSample((1, 4, 2, 3, 3, 3, 2), "strided", ("gradcheck",)),
     MemoryReadSample((2, 3, 1, 4, 0, 4, 5), uses=("gradcheck",), missing=2),
     MemoryReadSample((2, 7, 2, 4, 3, 4, 3), uses=("opcheck",), extra_blocks=1, missing=1),
     MemoryReadSample((2, 5, 2, 4, 2, 3, 2), "strided", ("opcheck",)),
     MemoryReadSample((1, 1, 1, 4, 0, 2, 1), uses=("opcheck",)),
+    MemoryReadSample((1, 3, 1, 2, 2, 2, 2), uses=("func",)),
     # Two lengths (and block counts) of one graph, for torch.compile(dynamic=True).
     MemoryReadSample((2, 5, 2, 4, 3, 4, 3), uses=("compile", "bad_inputs")),
     MemoryReadSample((2, 11, 2, 4, 3, 4, 3), uses=("compile",)),

@@ -89,9 +89,11 @@ class OpSpec:
     backward is given (the op's, unless its backward reads a rounded saved output);
     `unreached(args)` the gradients that are exactly zero, {name: index}.
     `backward(args, kwargs, outputs)` gives (the backward op, its arguments) for opcheck;
-    `second_derivatives` whether the op has them (gradgradcheck, and opcheck of the
-    backward op with requires_grad). `strided` names, per layout of the table, the
-    arguments that layout leaves non-contiguous.
+    `second_derivatives` whether the op has them (gradgradcheck, opcheck of the backward
+    op with requires_grad, nested torch.func transforms; else they are refused by name);
+    `forward_mode` whether it has forward-mode derivatives (else refused by name).
+    `strided` names, per layout of the table, the arguments that layout leaves
+    non-contiguous.
     """
 
     name: str
@@ -116,6 +118,7 @@ class OpSpec:
     unreached: Callable | None = None
     backward: Callable | None = None
     second_derivatives: bool = False
+    forward_mode: bool = False
 
     def args(self, sample, device, dtype, variant: Variant = Variant()) -> tuple:
         """The sample's arguments, those the variant omits None."""
@@ -290,6 +293,7 @@ SCAN = OpSpec(
     output_names=("h",),
     backward=scan_backward_args,
     second_derivatives=True,
+    forward_mode=True,
     compile_loss=scan_compile_loss,
     bad_inputs=scan_bad_inputs,
 )
@@ -396,6 +400,7 @@ DECODE_READ = OpSpec(
     strided={"strided": DECODE_READ_NAMES},
     gradient_tolerance=output_tolerance,
     second_derivatives=True,
+    forward_mode=True,
     compile_loss=lambda q, keys, values, mask: mmrec_ops.decode_read(torch.tanh(q), keys, values, mask).square().mean(),
     bad_inputs=decode_read_bad_inputs,
 )
@@ -436,6 +441,7 @@ SKINNY_ADDMM = OpSpec(
     strided={"strided": SKINNY_ADDMM_NAMES},
     gradient_tolerance=output_tolerance,
     second_derivatives=True,
+    forward_mode=True,
     compile_loss=lambda bias, x, weight: mmrec_ops.skinny_addmm(bias, torch.tanh(x), weight).square().mean(),
     bad_inputs=skinny_addmm_bad_inputs,
 )

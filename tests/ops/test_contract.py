@@ -4,15 +4,21 @@ Against the float64 reference (outputs NaN-poisoned), gradients against the refe
 strided inputs, gradcheck in float64 (and gradgradcheck where the op has second
 derivatives), opcheck of the op and its backward op, torch.compile(fullgraph=True),
 empty inputs, bad inputs (a ValueError naming the argument, from the CPU kernel and the
-fake one), arguments on different devices, and a GPU other than the current one. A
+fake one), arguments on different devices, a GPU other than the current one, and every
+torch.func transform (tests/ops/transforms.py) right or refused by name. A
 test's id names the op, the sample's sizes and layout, and the variant:
 scan-B2-T13-D7-x_h0-reverse.
 """
 
 from __future__ import annotations
 
+import re
+import warnings
+
 import pytest
 import torch
+from torch.func import vmap
+from torch.utils import _pytree as pytree
 
 from tests.helpers import DEVICES, DTYPES, assert_close_rel, call_kernel, grad_tolerance, output_tolerance
 from tests.ops.samples import entries
@@ -26,6 +32,7 @@ from tests.ops.specs import (
     reference_gradients,
     upcast,
 )
+from tests.ops.transforms import FORWARD_MODE, SECOND_ORDER, TRANSFORMS, without_vmap_fallback
 
 SECOND_DERIVATIVES = [spec for spec in SPECS if spec.second_derivatives]
 WITH_BACKWARD_OP = [spec for spec in SPECS if spec.backward]
@@ -186,6 +193,101 @@ def test_empty(spec, sample, variant, device):
     for (name, leaf), grad in zip(leaves.items(), grads):
         assert grad.shape == leaf.shape, name
         assert torch.equal(upcast(grad), ref_grads[name]), f"grad of {name}"
+
+
+def refusal(spec: OpSpec, transform: str) -> str | None:
+    """The error message (a pattern) `transform` must raise for the op, None where it must
+    give the reference's result: it names the op and the transform."""
+    op = spec.overload.name()
+    if transform in FORWARD_MODE and not spec.forward_mode:
+        return rf"{op} has no forward-mode derivative: torch\.func\.jvp, torch\.func\.jacfwd"
+    if transform in SECOND_ORDER and not spec.second_derivatives:
+        return rf"{op}: second derivatives are not supported.*{re.escape(transform[:-1])}\(f\)\)"
+    return None
+
+
+def of_values(spec: OpSpec, args, op):
+    """op as a function of the values of the differentiable arguments, outputs a tuple."""
+    names = list(spec.differentiable_args(args))
+
+    def fn(*values):
+        return as_tuple(op(*spec.with_args(args, dict(zip(names, values)))))
+
+    return fn
+
+
+@pytest.mark.grad
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("transform", TRANSFORMS)
+@pytest.mark.parametrize("spec", SPECS, ids=lambda spec: spec.name)
+def test_torch_func(spec, transform, device):
+    """Each torch.func transform, and nestings of them, of the op (float64) gives the
+    float64 reference's result under the same transform, with no warning about the op,
+    or raises an error that names the op and the transform: never zeros, never a warning
+    alone."""
+    (sample,) = entries(spec.samples, "func")
+    args = spec.args(sample, device, torch.float64)
+    values = tuple(spec.differentiable_args(args).values())
+    message = refusal(spec, transform)
+    if message is not None:
+        with pytest.raises((RuntimeError, NotImplementedError), match=message):
+            TRANSFORMS[transform](of_values(spec, args, spec.op), values)
+        return
+    with warnings.catch_warnings(record=True) as caught, without_vmap_fallback():
+        warnings.simplefilter("always")
+        actual = TRANSFORMS[transform](of_values(spec, args, spec.op), values)
+    assert not [str(w.message) for w in caught if "mmrec" in str(w.message)]
+    expected = TRANSFORMS[transform](of_values(spec, args, spec.reference), values)
+    actual, expected = pytree.tree_leaves(actual), pytree.tree_leaves(expected)
+    assert len(actual) == len(expected)
+    for i, (a, e) in enumerate(zip(actual, expected)):
+        assert a.shape == e.shape, f"{transform}: part {i}"
+        assert_close_rel(a, e, 1e-12, what=f"{transform}: part {i}")
+
+
+def one_argument_cases() -> list:
+    return [pytest.param(spec, name, id=f"{spec.name}-{name}") for spec in SPECS for name in spec.differentiable]
+
+
+@pytest.mark.ops
+@pytest.mark.parametrize("spec, name", one_argument_cases())
+def test_vmap_of_one_argument(spec, name):
+    """vmap over one argument at its last dim, the others shared: the op's batching rule
+    (folding V into the kernels' rows, or a call per instance of an argument every row
+    shares), never torch's per-sample fallback, against the reference."""
+    (sample,) = entries(spec.samples, "func")
+    args = spec.args(sample, "cpu", torch.float64)
+    value = args[spec.arg_names.index(name)]
+    stacked = torch.stack([value, 0.5 * value], dim=-1)
+
+    def on(op):
+        return lambda v: as_tuple(op(*spec.with_args(args, {name: v})))
+
+    with without_vmap_fallback():
+        actual = vmap(on(spec.op), in_dims=-1)(stacked)
+    expected = vmap(on(spec.reference), in_dims=-1)(stacked)
+    for a, e in zip(actual, expected, strict=True):
+        assert_close_rel(a, e, 1e-12, what=f"vmap over {name}")
+
+
+@pytest.mark.grad
+@pytest.mark.parametrize("spec", [spec for spec in SPECS if not spec.second_derivatives], ids=lambda spec: spec.name)
+def test_second_derivatives_are_refused_by_autograd(spec):
+    """torch.autograd.grad with create_graph=True gives the first derivatives; a second
+    grad through them raises the op's error (without it, autograd would warn and give
+    zeros)."""
+    (sample,) = entries(spec.samples, "func")
+    args = spec.args(sample, "cpu", torch.float64)
+    leaves = spec.leaves(args)
+    outputs = as_tuple(spec.op(*spec.with_args(args, leaves)))
+    grad_outputs = tuple(2 * out.detach() for out in outputs)
+    grads = torch.autograd.grad(outputs, list(leaves.values()), grad_outputs, create_graph=True)
+    _, ref_grads = reference_gradients(spec, args, Variant(), grad_outputs, outputs)
+    for name, g in zip(leaves, grads):
+        assert_close_rel(g, ref_grads[name], grad_tolerance(torch.float64), what=f"grad of {name}")
+    op = spec.overload.name()
+    with pytest.raises(RuntimeError, match=rf"{op}: second derivatives are not supported"):
+        torch.autograd.grad(sum(g.sum() for g in grads), list(leaves.values()))
 
 
 def bad_input_cases() -> list:

@@ -13,6 +13,7 @@ from torch.func import grad, jacfwd, jacrev, jvp, vmap
 import mmrec_ops
 from mmrec_ops.reference import recurrence_reference, scan_reference
 from tests.helpers import DEVICES, assert_close_rel
+from tests.ops.transforms import without_vmap_fallback
 
 pytestmark = pytest.mark.parametrize("device", DEVICES)
 
@@ -67,12 +68,8 @@ def assert_all_close(actual, expected, what):
 
 @pytest.fixture
 def no_vmap_fallback():
-    """vmap may not fall back to running an mmrec op once per sample (what it
-    does, with a warning, for an op without a batching rule): the fallback
-    raises instead."""
-    torch._C._functorch._set_vmap_fallback_enabled(False)
-    yield
-    torch._C._functorch._set_vmap_fallback_enabled(True)
+    with without_vmap_fallback():
+        yield
 
 
 def scan_loss(scan):

@@ -127,6 +127,10 @@ def test_checkpoint_with_non_finite_weights_is_refused(tmp_path, trained_run):
         pytest.param(["--checkpoint", "{tmp}/garbage.pt"], "not a readable checkpoint", id="corrupt_checkpoint"),
         pytest.param(["--prompt", ""], "--prompt: expected at least one character", id="empty_prompt"),
         pytest.param(["--temperature", "-1"], "--temperature: expected >= 0", id="negative_temperature"),
+        pytest.param(
+            ["--temperature", "nan"], "--temperature: expected a finite number, got nan", id="nan_temperature"
+        ),
+        pytest.param(["--top-p", "inf"], "--top-p: expected a finite number, got inf", id="infinite_top_p"),
         pytest.param(["--top-k", "300"], r"--top-k: expected 0 \.\. 256", id="top_k_too_large"),
         pytest.param(["--top-p", "0"], r"--top-p: expected a number in \(0, 1\]", id="top_p_zero"),
         pytest.param(["--num-samples", "0"], "--num-samples: expected a positive integer", id="no_samples"),

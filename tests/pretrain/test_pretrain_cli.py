@@ -179,6 +179,8 @@ BAD_INPUT = [
     pytest.param(["--batch-size", "-2"], "--batch-size: expected a positive integer", id="negative_batch"),
     pytest.param(["--lr", "0"], "--lr: expected a positive number", id="zero_lr"),
     pytest.param(["--final-steps", "2"], "--final-seq-len: expected a divisor of", id="final_phase_without_length"),
+    pytest.param(["--weight-decay", "nan"], "--weight-decay: expected a finite number, got nan", id="nan_decay"),
+    pytest.param(["--dist-timeout", "inf"], "--dist-timeout: expected a finite number, got inf", id="inf_timeout"),
     pytest.param(["--stop-at", "50"], r"--stop-at 50: expected a step in \(0, 6\]", id="stop_after_end"),
     pytest.param(["--sample-prompt", ""], "--sample-prompt: expected at least one character", id="empty_prompt"),
     pytest.param(["--device", "tpu"], "--device: expected auto, cpu or cuda", id="unknown_device"),
@@ -388,6 +390,20 @@ def test_a_full_disk_stops_the_run_in_one_line_and_keeps_the_previous_checkpoint
     assert [r["step"] for r in metrics(out, "val")] == [0, 3, 6, 8]
 
 
+def test_a_disk_full_before_the_first_checkpoint_says_that_none_was_written(tmp_path, corpus_file, fresh_seed):
+    out = tmp_path / "run"
+    command = [sys.executable, "-c", FULL_DISK_AT_SAVE, *map(str, run_args(corpus_file, fresh_seed, out, eval_every=3))]
+    result = subprocess.run(
+        command, cwd=tmp_path, env=environment(FULL_AT_SAVE="1"), capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+    assert result.stderr.endswith(
+        f"mmrec-pretrain: error: cannot write {out}/checkpoint.pt (No space left on device); "
+        f"the run stopped before its first checkpoint: no {out}/checkpoint.pt was written\n"
+    ), result.stderr
+    assert not (out / "checkpoint.pt").exists()
+
+
 @pytest.fixture
 def read_only_folder(tmp_path):
     """A folder nobody may write: a read-only tmpfs for root (whom permissions do not stop), else mode 555."""
@@ -451,6 +467,45 @@ def test_a_hand_edited_checkpoint_is_refused_in_one_line(tmp_path, trained_run, 
         assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
         assert result.stderr.count("\n") == 1 and "weights_only" not in result.stderr
         assert re.search(message, result.stderr), result.stderr
+
+
+@pytest.mark.parametrize(
+    "path, value, message",
+    [
+        pytest.param(
+            ("optimizer", "state", 0, "exp_avg"),
+            torch.zeros(1),
+            r"optimizer.state\[0\].exp_avg: expected a torch.float32 tensor of the parameter's shape \[256, 32\]",
+            id="moment_shape",
+        ),
+        pytest.param(
+            ("train_config", "batch_size"),
+            "8",
+            "train_config.batch_size: expected an integer, got '8'",
+            id="batch_text",
+        ),
+        pytest.param(("train_config", "lr"), "abc", "train_config.lr: expected a number, got 'abc'", id="lr_text"),
+    ],
+)
+def test_a_hand_edited_training_state_is_refused_before_anything_is_written(
+    tmp_path, corpus_file, fresh_seed, path, value, message
+):
+    """What only a resumed run reads (the settings, the optimizer's state) is checked
+    before the run takes its folder: one line, the folder as it was."""
+    out = tmp_path / "run"
+    succeeded(pretrain([*run_args(corpus_file, fresh_seed, out, eval_every=2), "--stop-at", 2], tmp_path))
+    checkpoint = load(out)
+    *parents, last = path
+    holder = checkpoint
+    for key in parents:
+        holder = holder[key]
+    holder[last] = value
+    torch.save(checkpoint, out / "checkpoint.pt")
+    before = snapshot(tmp_path)
+    result = pretrain(["--resume", out], tmp_path)
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+    assert re.fullmatch(rf"mmrec-pretrain: error: --resume: not a usable checkpoint: {message}\n", result.stderr)
+    assert snapshot(tmp_path) == before
 
 
 HANG_AT_STEP_2 = """

@@ -3,10 +3,13 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import errno
+import functools
 import math
 import os
+import re
 
 import pytest
 import torch
@@ -143,6 +146,106 @@ def test_the_final_phase_shares_its_windows_among_the_processes():
         check_sizes(settings, world_size=3, start_step=0)
 
 
+def edited(checkpoint: dict, path: tuple, change) -> dict:
+    """A copy of checkpoint with the entry at `path` (keys into nested dicts and lists)
+    replaced by change(entry)."""
+    checkpoint = copy.deepcopy(checkpoint)
+    *parents, last = path
+    holder = functools.reduce(lambda entry, key: entry[key], parents, checkpoint)
+    holder[last] = change(holder[last])
+    return checkpoint
+
+
+STATE_EDITS = [
+    pytest.param(
+        ("optimizer", "state", 0, "exp_avg"),
+        lambda moment: moment[:1],
+        r"optimizer.state\[0\].exp_avg: expected a torch.float32 tensor of the parameter's shape \[256, 8\]",
+        id="moment_shape",
+    ),
+    pytest.param(
+        ("optimizer", "state", 1, "exp_avg_sq"),
+        lambda moment: moment.double(),
+        r"optimizer.state\[1\].exp_avg_sq: expected a torch.float32 tensor",
+        id="moment_dtype",
+    ),
+    pytest.param(
+        ("optimizer", "state", 0, "step"),
+        lambda step: torch.zeros(2),
+        r"optimizer.state\[0\].step: expected a float tensor of one element",
+        id="step_of_two",
+    ),
+    pytest.param(
+        ("optimizer", "state", 0),
+        lambda state: {"exp_avg": state["exp_avg"]},
+        "optimizer.state\\[0\\]: expected AdamW's step, exp_avg, exp_avg_sq",
+        id="moments_missing",
+    ),
+    pytest.param(
+        ("optimizer", "state"),
+        lambda states: {**states, 7: states[0]},
+        r"optimizer.state\[7\]: no such parameter \(the model has 3\)",
+        id="unknown_parameter",
+    ),
+    pytest.param(
+        ("optimizer", "param_groups", 0, "lr"),
+        lambda lr: "x",
+        r"optimizer.param_groups\[0\].lr: expected a number, got 'x'",
+        id="group_lr_text",
+    ),
+    pytest.param(
+        ("optimizer", "param_groups", 0, "params"),
+        lambda params: params[:1],
+        r"optimizer.param_groups\[0\].params: expected a list of 2, got 1",
+        id="group_params",
+    ),
+    pytest.param(("scheduler", "base_lrs"), lambda lrs: "x", r"scheduler.base_lrs: expected a list, got 'x'", id="lrs"),
+    pytest.param(("progress", "train_s"), lambda s: "1s", r"progress.train_s: expected a number, got '1s'", id="clock"),
+    pytest.param(("progress",), lambda p: {**p, "bogus": 1}, "progress: unknown entries 'bogus'", id="progress_key"),
+]
+
+
+@pytest.mark.parametrize("path, change, message", STATE_EDITS)
+def test_a_resumed_trainer_refuses_states_that_do_not_fit_before_loading_any(path, change, message):
+    """AdamW would fail at its next step (a moment of the wrong shape) or the run at its
+    first report (a clock as text); the trainer refuses at restore, its weights untouched."""
+    first = bigram_trainer(steps=6)
+    first.train(random_batch, 3)
+    resumed = bigram_trainer(steps=6)
+    weights = copy.deepcopy(resumed.model.state_dict())
+    with pytest.raises(C.CheckpointError, match=f"^test: not a usable checkpoint: {message}"):
+        resumed.restore(edited(first.checkpoint(), path, change), "test")
+    torch.testing.assert_close(resumed.model.state_dict(), weights, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(
+    "name, value, message",
+    [
+        ("batch_size", "8", "train_config.batch_size: expected an integer, got '8'"),
+        ("batch_size", True, "train_config.batch_size: expected an integer, got True"),
+        ("lr", "abc", "train_config.lr: expected a number, got 'abc'"),
+        ("warmup", 2.5, "train_config.warmup: expected an integer or None, got 2.5"),
+        ("compile", 1, "train_config.compile: expected a boolean, got 1"),
+        ("tokenizer", "bpe", "train_config: unknown entries 'tokenizer'"),
+    ],
+)
+def test_a_resumed_run_refuses_settings_of_the_wrong_type(name, value, message):
+    checkpoint = {"train_config": {**vars(PretrainSettings()), name: value}}
+    with pytest.raises(C.CheckpointError, match=f"^--resume: not a usable checkpoint: {re.escape(message)}$"):
+        resumed_config({}, checkpoint)
+
+
+FLOAT_OPTIONS = [field.name for field in dataclasses.fields(PretrainSettings) if "float" in str(field.type)]
+
+
+@pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf], ids=str)
+@pytest.mark.parametrize("name", FLOAT_OPTIONS)
+def test_every_float_option_refuses_nan_and_inf_by_name(name, value):
+    option = "--" + name.replace("_", "-")
+    with pytest.raises(SettingsError, match=f"^{option}: expected a finite number, got {value}$"):
+        dataclasses.replace(PretrainSettings(), **{name: value}).check()
+
+
 def test_resumed_run_keeps_its_settings_and_takes_where_to_run():
     saved = PretrainSettings(lr=1e-3, steps=40, eval_every=5)
     checkpoint = {"train_config": vars(saved)}
@@ -227,10 +330,22 @@ def test_unusable_checkpoint_is_a_clear_error(tmp_path, damage):
         C.load_checkpoint(path)
 
 
-def test_checkpoint_with_pickled_code_is_refused(tmp_path):
+class SystemCall:
+    """Pickles as a call of os.system, which torch's weights_only unpickler blocks by module."""
+
+    def __reduce__(self):
+        return (os.system, ("exit 3",))
+
+
+@pytest.mark.parametrize(
+    "code, name",
+    [(print, "print"), (SystemCall(), re.escape(os.system.__module__) + r"\.system")],
+    ids=["print", "system"],
+)
+def test_checkpoint_with_pickled_code_is_refused(tmp_path, code, name):
     path = tmp_path / C.CHECKPOINT_NAME
-    torch.save({**make_checkpoint(), "hook": print}, path)  # weights_only=False would import and call
-    with pytest.raises(C.CheckpointError, match="not a readable checkpoint .*it pickles print") as refusal:
+    torch.save({**make_checkpoint(), "hook": code}, path)  # weights_only=False would import and call
+    with pytest.raises(C.CheckpointError, match=f"not a readable checkpoint \\(it pickles {name}, ") as refusal:
         C.load_checkpoint(path)
     message = str(refusal.value)
     assert "weights_only" not in message and "\n" not in message  # never torch's advice to load it anyway
