@@ -25,6 +25,11 @@ from .mdi import MDI
 from .read import MultiMemoryAttention, attend, flex_attend
 
 
+# The longest fresh chunk whose retrieved tokens an eager read takes from the whole chunk,
+# masked (O(T^2) scores); a longer one gathers each query's own (O(T top_k S) copies).
+DENSE_CHUNK = 4096
+
+
 class MMRecBlock(nn.Module):
     """One MM-Rec block (docs/design.md 2.1), x ``[B, T, D]`` -> ``[B, T, D]``:
 
@@ -190,16 +195,16 @@ class MMRecBlock(nn.Module):
         -> out ``[B, T, H, d]``, lse ``[B, H, T]``.
 
         Compiled on CUDA, flex_attention over the pool, skipping what no query chose;
-        otherwise (eager flex_attention would score every key), from a fresh state,
-        ``attend`` over the chunk masked to the chosen segments, else over each query's own
-        gathered k S tokens (memory O(T k S), not O(T N S))."""
+        otherwise (eager flex_attention would score every key), from a fresh state of at
+        most ``DENSE_CHUNK`` tokens, ``attend`` over the chunk masked to the chosen segments,
+        else over each query's own gathered k S tokens (memory O(T k S), not O(T N S))."""
         c, store = self.config, layout.store
         fresh, T = index is None, kv.shape[1]
-        shared = kv if fresh else pool
-        keys = candidate_keys(shared, index, store, c.segment_len, c.store_slots * c.segment_len if fresh else 0)
+        shared, start = (kv, c.store_slots * c.segment_len) if fresh else (pool, 0)
+        keys = candidate_keys(shared, index, store, c.segment_len, start)
         chosen, ok = select_segments(q, keys, store.retrievable, c.top_k)
         flex = q.is_cuda and torch.compiler.is_compiling()
-        if fresh or flex:
+        if (fresh and T <= DENSE_CHUNK) or flex:
             picked = torch.zeros_like(store.retrievable).expand(*chosen.shape[:2], -1).scatter(-1, chosen, ok)
             key_candidates = store.key_candidates[-T:] if fresh else store.key_candidates
             if flex:
@@ -207,8 +212,8 @@ class MMRecBlock(nn.Module):
             seen = picked.gather(-1, key_candidates.clamp(min=0).expand(*chosen.shape[:2], -1)) & (key_candidates >= 0)
             return attend(q, shared, seen)
         tokens, read = retrieved_tokens(chosen, ok, store.candidates, layout.position, T, c)
-        rows = torch.arange(pool.shape[0], device=pool.device).view(-1, 1, 1)
-        return attend(q, pool[rows, tokens], read)
+        rows = torch.arange(shared.shape[0], device=shared.device).view(-1, 1, 1)
+        return attend(q, shared[rows, (tokens - start).clamp(min=0)], read)
 
     def step(self, x: Tensor, state: BlockState, layout: TokenLayout) -> tuple[Tensor, BlockState]:
         """``forward`` for one token, x ``[B, 1, D]``, with the token's ``token_layout``:

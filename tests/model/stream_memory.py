@@ -30,7 +30,8 @@ def peak_rss_mib() -> float:
 
 def main() -> None:
     n_tokens, chunk = int(sys.argv[1]), int(sys.argv[2])
-    model = MMRecModel(MMRecConfig.preset("tiny"))
+    # A store of 8192 tokens, wrapped many times over.
+    model = MMRecModel(MMRecConfig.preset("tiny", memory_tokens=8192, top_k=2))
     ids = torch.randint(0, 256, (1, n_tokens))
     baseline = peak_rss_mib()
     state = None

@@ -21,9 +21,9 @@ ROOT = Path(__file__).resolve().parents[2]
 
 @pytest.mark.parametrize("mode", ["exact", "parallel"])
 def test_32k_tokens_in_chunks_agree(mode):
-    """The tiny preset (S = 64, M = 32: levels 0, 1 and 2 wrap after 2K, 8K and 32K
-    tokens) over 32,768 tokens in chunks of 4096, 8192 and 16384."""
-    model = MMRecModel(MMRecConfig.preset("tiny", mode=mode))
+    """The tiny preset with a store of 8192 tokens (wrapped 3 times), each token
+    retrieving 2 segments, over 32,768 tokens in chunks of 4096, 8192 and 16384."""
+    model = MMRecModel(MMRecConfig.preset("tiny", mode=mode, memory_tokens=8192, top_k=2))
     ids = torch.randint(0, 256, (1, 32768))
     with torch.no_grad():
         runs = {size: model(ids, chunk_size=size) for size in (4096, 8192, 16384)}
