@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import importlib
 import importlib.abc
-import importlib.machinery
 import importlib.util
 import sys
 import warnings
@@ -20,7 +19,7 @@ HF_MODULE = "mmrec_model.hf"
 
 
 def register_with_transformers() -> None:
-    if "transformers" in sys.modules:
+    if sys.modules.get("transformers") is not None:
         register()
     elif importlib.util.find_spec("transformers") is not None:
         sys.meta_path.insert(0, RegisterAfterImport())
@@ -35,14 +34,14 @@ def register() -> None:
 
 
 class RegisterAfterImport(importlib.abc.MetaPathFinder):
-    """Finds transformers as the next finders would and has its loader call ``register``
-    once the module has run; then leaves ``sys.meta_path``."""
+    """Leaves ``sys.meta_path`` at the first search for transformers, finds it as the other
+    finders do, and has its loader call ``register`` once the module has run."""
 
     def find_spec(self, name, path, target=None):
         if name != "transformers":
             return None
         sys.meta_path.remove(self)
-        spec = importlib.machinery.PathFinder.find_spec(name, path)
+        spec = importlib.util.find_spec(name)
         if spec is None or spec.loader is None:
             return spec
         run_module = spec.loader.exec_module
