@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
 from torch import Tensor, nn
 from transformers import GenerationMixin, PreTrainedModel
 from transformers.utils import ModelOutput
@@ -78,7 +77,6 @@ class MMRecForCausalLM(PreTrainedModel, GenerationMixin):
         # generate starts with no cache; forward makes the MMRecCache (as RWKV and xLSTM).
         return False
 
-    @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
         # MMRecModel's own initialisation, which covers every parameter: transformers
         # calls this on each submodule, children first.
