@@ -105,9 +105,12 @@ class MMRecForCausalLM(PreTrainedModel, GenerationMixin):
         before it (-100: ignored). ``attention_mask`` may not mask a prompt token: a
         recurrent state reads every token, so padded batches are refused. Other inputs
         transformers passes (such as position_ids) are unused: the state holds the position.
+        ``return_dict`` (default: the config's): an MMRecCausalLMOutput, else its tuple.
         """
         if input_ids is None:
             raise ValueError("MMRecForCausalLM: expected input_ids (inputs_embeds are not supported)")
+        if kwargs.get("past_key_values") is not None:
+            raise ValueError("MMRecForCausalLM: expected the state as cache=, got past_key_values=")
         if cache is not None and not isinstance(cache, MMRecCache):
             raise ValueError(
                 f"MMRecForCausalLM: expected cache to be an MMRecCache or None, got {type(cache).__name__}"
@@ -123,4 +126,4 @@ class MMRecForCausalLM(PreTrainedModel, GenerationMixin):
         if labels is not None:
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size)
         output = MMRecCausalLMOutput(loss, logits, None if use_cache is False else MMRecCache(state))
-        return output if return_dict is not False else output.to_tuple()
+        return output if (self.config.return_dict if return_dict is None else return_dict) else output.to_tuple()

@@ -90,6 +90,16 @@ def test_forward_gives_the_models_logits_and_the_next_token_loss(model):
     torch.testing.assert_close(out.loss, expected)
 
 
+def test_forward_continues_from_the_cache_it_returned(model):
+    wrapper = MMRecForCausalLM.from_mmrec(model)
+    ids = prompt_ids(2)
+    first = wrapper(ids[:, :10])
+    assert first.cache.get_seq_length() == 10
+    assert torch.equal(wrapper(ids[:, 10:], cache=first.cache).logits, model(ids[:, 10:], model(ids[:, :10])[1])[0])
+    with pytest.raises(ValueError, match="as cache="):
+        wrapper(ids[:, 10:], past_key_values=first.cache)
+
+
 def test_padded_prompts_are_refused(model):
     ids = prompt_ids(2)
     mask = torch.ones_like(ids)
