@@ -100,8 +100,8 @@ class MMRecForCausalLM(PreTrainedModel, GenerationMixin):
         **kwargs,
     ) -> MMRecCausalLMOutput | tuple:
         """input_ids ``[B, T]`` after the tokens that ``cache`` read (None: the start of the
-        sequences) -> logits ``[B, T, V]`` and the cache after them (None if ``use_cache``
-        is False). ``labels`` ``[B, T]``: the loss of predicting each token from those
+        sequences) -> logits ``[B, T, V]`` and the cache after them: ``cache`` itself,
+        updated, or a new one (None if ``use_cache`` is False). ``labels`` ``[B, T]``: the loss of predicting each token from those
         before it (-100: ignored). ``attention_mask`` may not mask a prompt token: a
         recurrent state reads every token, so padded batches are refused. Other inputs
         transformers passes (such as position_ids) are unused: the state holds the position.
@@ -125,5 +125,11 @@ class MMRecForCausalLM(PreTrainedModel, GenerationMixin):
         loss = None
         if labels is not None:
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size)
-        output = MMRecCausalLMOutput(loss, logits, None if use_cache is False else MMRecCache(state))
+        if use_cache is False:
+            cache = None
+        elif cache is None:
+            cache = MMRecCache(state)
+        else:
+            cache.state = state  # in place, as transformers' caches are
+        output = MMRecCausalLMOutput(loss, logits, cache)
         return output if (self.config.return_dict if return_dict is None else return_dict) else output.to_tuple()

@@ -73,6 +73,14 @@ def test_generate_reads_the_prompt_once_then_one_token_a_step(model):
     assert lengths == [len(PROMPT)] + [1] * 9
 
 
+def test_generate_continues_from_a_returned_cache(model):
+    """A second generate given the first's sequences and cache reads only the token the cache has not seen."""
+    wrapper = MMRecForCausalLM.from_mmrec(model)
+    first = wrapper.generate(prompt_ids(), max_new_tokens=12, do_sample=False, return_dict_in_generate=True)
+    second = wrapper.generate(first.sequences, cache=first.cache, max_new_tokens=18, do_sample=False)
+    assert second.tolist() == wrapper.generate(prompt_ids(), max_new_tokens=30, do_sample=False).tolist()
+
+
 def test_beam_search_with_the_state_equals_beam_search_recomputing_it(model):
     """Beam search reorders the cache's rows; without a cache each step reads the whole sequence."""
     wrapper = MMRecForCausalLM.from_mmrec(model)
@@ -93,11 +101,13 @@ def test_forward_gives_the_models_logits_and_the_next_token_loss(model):
 def test_forward_continues_from_the_cache_it_returned(model):
     wrapper = MMRecForCausalLM.from_mmrec(model)
     ids = prompt_ids(2)
-    first = wrapper(ids[:, :10])
-    assert first.cache.get_seq_length() == 10
-    assert torch.equal(wrapper(ids[:, 10:], cache=first.cache).logits, model(ids[:, 10:], model(ids[:, :10])[1])[0])
+    cache = wrapper(ids[:, :10]).cache
+    assert cache.get_seq_length() == 10
     with pytest.raises(ValueError, match="as cache="):
-        wrapper(ids[:, 10:], past_key_values=first.cache)
+        wrapper(ids[:, 10:], past_key_values=cache)
+    second = wrapper(ids[:, 10:], cache=cache)
+    assert torch.equal(second.logits, model(ids[:, 10:], model(ids[:, :10])[1])[0])
+    assert second.cache is cache and cache.get_seq_length() == ids.shape[1]
 
 
 def test_padded_prompts_are_refused(model):
