@@ -5,10 +5,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 from torch import Tensor, nn
 from transformers import GenerationMixin, PreTrainedModel
 from transformers.utils import ModelOutput
 
+from ..decode import Decoder
 from ..memory import MemoryState
 from ..model import MMRecModel
 from .config import MMRecHFConfig
@@ -18,24 +20,47 @@ class MMRecCache:
     """The model's ``MemoryState`` in the place of transformers' key-value cache.
 
     Its size is fixed whatever the context, so ``generate`` reads the prompt once and each
-    new token then costs one step of O(1) work. It cannot be cropped (assisted decoding
-    needs that); beam search reorders its rows.
+    new token then costs one step of O(1) work: from the first one-token step on, a
+    ``Decoder`` holds the state in fixed buffers that each step updates in place (the
+    model's own generation step, with CUDA graphs on CUDA), and ``state`` reads it back.
+    It cannot be cropped (assisted decoding needs that); beam search reorders its rows.
     """
 
     is_compileable = False
     is_croppable = False
 
     def __init__(self, state: MemoryState):
-        self.state = state
+        self._state: MemoryState | None = state
+        self._decoder: Decoder | None = None
+
+    @property
+    def state(self) -> MemoryState:
+        return self._state if self._decoder is None else self._decoder.state()
+
+    @state.setter
+    def state(self, state: MemoryState) -> None:
+        self._state, self._decoder = state, None
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         """Tokens read so far (the same in every layer)."""
-        return int(self.state.position)
+        return int(self._state.position) if self._decoder is None else self._decoder.position
+
+    def step(self, model: MMRecModel, ids: Tensor) -> Tensor:
+        """ids ``[B, 1]``, one token a row -> logits ``[B, 1, V]``; the state advances in place."""
+        if self._decoder is None:
+            on_cuda = self._state.position.device.type == "cuda"
+            self._decoder, self._state = Decoder(model, self._state, cuda_graphs=on_cuda), None
+        return self._decoder.step(ids).unsqueeze(1)
 
     def reorder_cache(self, beam_idx: Tensor) -> None:
         """Row b of the state becomes row ``beam_idx[b]`` of the old one (beam search)."""
-        blocks = tuple(type(block)(*(t.index_select(0, beam_idx) for t in block)) for block in self.state.blocks)
-        self.state = MemoryState(self.state.position, blocks)
+        state = self.state
+        blocks = tuple(type(block)(*(t.index_select(0, beam_idx) for t in block)) for block in state.blocks)
+        reordered = MemoryState(state.position, blocks)
+        if self._decoder is None:
+            self._state = reordered
+        else:
+            self._decoder.load(reordered)
 
 
 @dataclass
@@ -121,15 +146,19 @@ class MMRecForCausalLM(PreTrainedModel, GenerationMixin):
                 "MMRecForCausalLM: expected an attention_mask of ones (a recurrent model reads every token, so "
                 "padded prompts are not supported); give prompts of equal length"
             )
-        logits, state = self.model(input_ids, None if cache is None else cache.state)
+        if use_cache is False:
+            logits, _ = self.model(input_ids, None if cache is None else cache.state)
+            cache = None
+        elif cache is not None and input_ids.shape[1] == 1 and not torch.is_grad_enabled():
+            logits = cache.step(self.model, input_ids)  # generate's steps
+        else:
+            logits, state = self.model(input_ids, None if cache is None else cache.state)
+            if cache is None:
+                cache = MMRecCache(state)
+            else:
+                cache.state = state  # in place, as transformers' caches are
         loss = None
         if labels is not None:
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size)
-        if use_cache is False:
-            cache = None
-        elif cache is None:
-            cache = MMRecCache(state)
-        else:
-            cache.state = state  # in place, as transformers' caches are
         output = MMRecCausalLMOutput(loss, logits, cache)
         return output if (self.config.return_dict if return_dict is None else return_dict) else output.to_tuple()

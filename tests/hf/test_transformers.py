@@ -66,11 +66,17 @@ def test_each_steps_logits_are_those_of_the_whole_sequence(model):
 
 
 def test_generate_reads_the_prompt_once_then_one_token_a_step(model):
+    """After the prompt, each step is the decoder's, in place: the model's forward (which
+    returns a new state) runs once."""
     wrapper = MMRecForCausalLM.from_mmrec(model)
-    lengths = []
-    wrapper.model.register_forward_pre_hook(lambda module, args: lengths.append(args[0].shape[1]))
+    inputs, model_calls = [], []
+    wrapper.register_forward_pre_hook(
+        lambda m, args, kwargs: inputs.append(kwargs["input_ids"].shape[1]), with_kwargs=True
+    )
+    wrapper.model.register_forward_pre_hook(lambda m, args: model_calls.append(args[0].shape[1]))
     wrapper.generate(prompt_ids(), max_new_tokens=10, do_sample=False)
-    assert lengths == [len(PROMPT)] + [1] * 9
+    assert inputs == [len(PROMPT)] + [1] * 9
+    assert model_calls == [len(PROMPT)]
 
 
 def test_generate_continues_from_a_returned_cache(model):
@@ -99,15 +105,20 @@ def test_forward_gives_the_models_logits_and_the_next_token_loss(model):
 
 
 def test_forward_continues_from_the_cache_it_returned(model):
+    """Chunks through the model's forward and, without gradients, single tokens through the
+    decoder, all continuing one cache, give the logits of one call over the whole sequence."""
     wrapper = MMRecForCausalLM.from_mmrec(model)
     ids = prompt_ids(2)
     cache = wrapper(ids[:, :10]).cache
     assert cache.get_seq_length() == 10
     with pytest.raises(ValueError, match="as cache="):
         wrapper(ids[:, 10:], past_key_values=cache)
-    second = wrapper(ids[:, 10:], cache=cache)
-    assert torch.equal(second.logits, model(ids[:, 10:], model(ids[:, :10])[1])[0])
-    assert second.cache is cache and cache.get_seq_length() == ids.shape[1]
+    with torch.no_grad():
+        pieces = [wrapper(ids[:, t : t + 1], cache=cache) for t in range(10, 13)]
+        pieces.append(wrapper(ids[:, 13:], cache=cache))
+    assert all(piece.cache is cache for piece in pieces) and cache.get_seq_length() == ids.shape[1]
+    logits = torch.cat([piece.logits for piece in pieces], dim=1)
+    assert_close_rel(logits, model(ids)[0][:, 10:], output_tolerance(torch.float32), "logits after the cache")
 
 
 def test_padded_prompts_are_refused(model):
