@@ -16,7 +16,8 @@ VENV=${MMREC_VENV:-.venv}
 PY="$VENV/bin/python"
 
 # True when the package is installed editable from this checkout, with the
-# unconditional requirements of its `test` extra.
+# unconditional requirements of its `test` extra and of the extras of the
+# package that it names (`mmrec[hf]`).
 installed_here() {
     "$PY" - "$PWD" <<'EOF'
 import json
@@ -36,15 +37,25 @@ if url.scheme != "file" or not origin.get("dir_info", {}).get("editable"):
     sys.exit(1)
 if Path(unquote(url.path)).resolve() != Path(sys.argv[1]).resolve():
     sys.exit(1)
-# Requirements of the test extra with no other condition (a platform's, say).
-test_only = re.compile(r';\s*extra\s*==\s*"test"\s*$')
-for requirement in dist.requires or []:
-    if test_only.search(requirement):
-        name = re.match(r"[A-Za-z0-9._-]+", requirement).group(0)
-        try:
-            metadata.distribution(name)
-        except metadata.PackageNotFoundError:
-            sys.exit(1)
+
+
+def requirements_of(extra):
+    """The requirements of an extra with no other condition (a platform's, say)."""
+    only = re.compile(rf';\s*extra\s*==\s*"{extra}"\s*$')
+    return [requirement for requirement in dist.requires or [] if only.search(requirement)]
+
+
+requirements = requirements_of("test")
+for requirement in list(requirements):
+    own_extras = re.match(r"mmrec\[([^\]]+)\]", requirement)
+    if own_extras:
+        requirements += [r for extra in own_extras.group(1).split(",") for r in requirements_of(extra.strip())]
+for requirement in requirements:
+    name = re.match(r"[A-Za-z0-9._-]+", requirement).group(0)
+    try:
+        metadata.distribution(name)
+    except metadata.PackageNotFoundError:
+        sys.exit(1)
 EOF
 }
 
