@@ -24,7 +24,6 @@ from ..memory import (
 from .mdi import MDI
 from .read import MultiMemoryAttention, attend, flex_attend
 
-
 # The longest fresh chunk whose retrieved tokens an eager read takes from the whole chunk,
 # masked (O(T^2) scores); a longer one gathers each query's own (O(T top_k S) copies).
 DENSE_CHUNK = 4096
