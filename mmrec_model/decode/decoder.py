@@ -9,13 +9,13 @@ it out (the token at position t in slot t mod W); and the long-term store and it
 (whose old token, at t - W, it may not see) and into the store, then chooses its segments
 by the index and copies their tokens into the cache, then reads every slot that holds a key
 (``mask``) in one softmax; a segment's index key is written by the token that completes it,
-once in S tokens. The position is a Python int: whether a token completes its segment is
-host arithmetic, not an op. ``state`` gives the state back in the model's format, equal to
+once in S tokens. The position is a Python int: whether a token starts or completes its
+segment is host arithmetic, not an op. ``state`` gives the state back in the model's format, equal to
 what ``MMRecModel.forward`` returns for the same tokens.
 
-On CUDA the step can run as CUDA graphs (``cuda_graphs=True``): the host decision a
-position makes (whether the token completes a segment: a ``TokenPlan``) picks one of two
-graphs, each captured the second time its plan comes (the first runs eagerly, the graph's
+On CUDA the step can run as CUDA graphs (``cuda_graphs=True``): the host decisions a
+position makes (whether the token starts or completes a segment: a ``TokenPlan``) pick one
+of three graphs, each captured the second time its plan comes (the first runs eagerly, the graph's
 warm-up), and the slots the token writes and the segments it may retrieve are computed on
 the device from a position counter that the graph advances, so that one graph serves every
 position with its plan. ``load`` puts another state into the same buffers: the graphs stay
