@@ -96,6 +96,10 @@ class MMRecModel(nn.Module):
         state (memory then scales with chunk_size, not T); the logits are the same.
         ``return_state`` False (training on windows read from their start): the state is
         None, so that a call from a fresh state never builds the long-term store.
+
+        A one-token call (T = 1) returns a new state, so it copies the long-term store
+        (``memory_tokens`` keys and values a block); ``generate`` and ``decode.Decoder``
+        stream without that copy, in place.
         """
         self._check_inputs(ids, state, chunk_size)
         fresh = state is None
