@@ -173,10 +173,13 @@ class MMRecBlock(nn.Module):
         tokens are read from the chunk alone."""
         q, kv, h = self.project(x, state)
         store, index, retrieved = state.store, state.index, None
-        if self.config.top_k > 0:
+        c = self.config
+        if c.top_k > 0:
             # A fresh chunk reads its own tokens alone; a store of 0 slots is not returned.
             pool = torch.cat([store.flatten(1, 2), kv.to(store.dtype)], dim=1) if store.shape[1] else None
-            retrieved = self.retrieve(q, kv, pool, None if fresh else index, layout)
+            # From a fresh state no token before W + S - 1 has a segment to retrieve.
+            if not fresh or x.shape[1] >= c.window + c.segment_len:
+                retrieved = self.retrieve(q, kv, pool, None if fresh else index, layout)
             if pool is not None:
                 store, index = update_store(pool, index, layout.store)
         earlier = state.recent_kv[:, layout.working_order]  # oldest first
