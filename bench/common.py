@@ -151,10 +151,11 @@ def compile_blocks(model: torch.nn.Module, mode: str | None = None, whole: bool 
 
 def model_logits(model: torch.nn.Module, ids: torch.Tensor, chunk_size: int | None = None) -> torch.Tensor:
     """Logits [B, T, V] of ids [B, T] from either architecture: MMRecModel runs the blocks on
-    chunk_size tokens at a time with its state carried (None: all at once); a Transformer
-    reads all T tokens at once."""
+    chunk_size tokens at a time with its state carried (None: all at once), and returns no
+    state (so that a fresh call builds no long-term store); a Transformer reads all T
+    tokens at once."""
     if isinstance(model, MMRecModel):
-        return model(ids, chunk_size=chunk_size)[0]
+        return model(ids, chunk_size=chunk_size, return_state=False)[0]
     return model(ids)
 
 

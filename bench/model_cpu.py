@@ -32,7 +32,7 @@ from mmrec_model.training import next_byte_loss
 
 def next_token_loss(model, ids):
     """The training loss of the bytes ids [B, T]: the mean next-byte loss of ids[:, 1:]."""
-    logits, _ = model(ids)
+    logits, _ = model(ids, return_state=False)
     return next_byte_loss(logits[:, :-1], ids[:, 1:]).mean()
 
 
@@ -41,7 +41,7 @@ def workloads(model, ids):
 
     def forward():
         with torch.no_grad():
-            model(ids)
+            model(ids, return_state=False)
 
     def forward_backward():
         next_token_loss(model, ids).backward()
