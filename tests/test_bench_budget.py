@@ -11,7 +11,7 @@ import torch
 
 from bench.quality.budget import steps_within, time_phases
 from bench.quality.run import build_model
-from bench.quality.settings import SMOKE, model_config
+from bench.quality.settings import SMOKE, check_settings, model_config
 from mmrec_model.training import Corpus
 from tests.quality_cli import finished, refused, run_quality
 
@@ -25,6 +25,14 @@ def test_the_budget_holds_the_final_phase_then_as_many_steps_as_fit():
         steps_within(0.5, 1.0, None, 0)
     with pytest.raises(ValueError, match="of 1 s after the final phase's 3 steps \\(6 s\\)"):
         steps_within(6.5, 1.0, 2.0, 3)
+
+
+def test_a_budget_may_hold_a_final_phase_longer_than_the_default_steps():
+    """Before the budget sets the steps, only the final phase bounds them (not --steps' default)."""
+    settings = dataclasses.replace(SMOKE, final_steps=50, final_seq_len=256)
+    with pytest.raises(ValueError, match="--final-steps: expected 0 to --steps"):
+        check_settings(settings)
+    check_settings(dataclasses.replace(settings, time_budget=600.0))
 
 
 @pytest.mark.parametrize("final_steps", [0, 2])

@@ -3,6 +3,7 @@ configuration, and the labels that name a row by its arch and settings."""
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 import torch
@@ -110,8 +111,10 @@ OPTIONS = {  # option: (type, help)
 
 
 def check_settings(settings: Settings) -> None:
-    """A ValueError naming the first option that cannot train or measure."""
-    settings.check()
+    """A ValueError naming the first option that cannot train or measure. With a time
+    budget the steps are not known yet, only that they outnumber the final phase's."""
+    steps = settings.steps if settings.time_budget is None else max(settings.steps, settings.final_steps + 1)
+    dataclasses.replace(settings, steps=steps).check()
     for name in ("val_windows", "long_len", "long_docs", "chunk_size", "probe_len", "probe_passages", "passkey_trials"):
         if getattr(settings, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')}: expected a positive integer, got {getattr(settings, name)}")
