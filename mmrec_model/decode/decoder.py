@@ -35,7 +35,7 @@ import mmrec_ops
 
 from ..memory.layout import retrieved_slots, slots_with_keys
 from ..memory.state import BlockState, MemoryState
-from ..memory.store import retrievable, select_segments, slot_segments
+from ..memory.store import select_segments, token_retrievable
 
 
 def down_parts(batch: int, hidden: int, device: torch.device) -> int:
@@ -87,13 +87,8 @@ def token_slots(config, position, device: torch.device) -> TokenSlots:
     working = P + retrieved_keys(config) + position % W if W > 0 else None
     if config.top_k == 0:
         return TokenSlots(working, at, at, at, at)
-    return TokenSlots(
-        working,
-        at // S % N,
-        at % S,
-        retrievable(slot_segments(at, config), at, config),
-        retrieved_slots(at, config),
-    )
+    retrievable_slots = token_retrievable(at, config)
+    return TokenSlots(working, at // S % N, at % S, retrievable_slots, retrieved_slots(retrievable_slots, config))
 
 
 def retrieved_keys(config) -> int:

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from ..config import MMRecConfig
-from .store import StoreLayout, retrievable, slot_segments, store_layout
+from .store import StoreLayout, store_layout, token_retrievable
 from .working import earlier_tokens, filled_slots, ring_slots, working_mask
 
 # Queries per block of the read (one token when decoding): long enough to amortise a
@@ -98,11 +98,12 @@ class TokenLayout(NamedTuple):
     retrievable: Tensor
 
 
-def retrieved_slots(position: Tensor, config: MMRecConfig) -> Tensor:
-    """``[k S]`` bool: which of a one-token read's retrieved keys hold a token: the segments
-    of the first min(k, number retrievable) choices."""
-    count = retrievable(slot_segments(position, config), position.view(1), config).sum()
-    chosen = torch.arange(min(config.top_k, config.store_slots), device=position.device) < count
+def retrieved_slots(retrievable_slots: Tensor, config: MMRecConfig) -> Tensor:
+    """``[k S]`` bool: which of a one-token read's retrieved keys hold a token, from the
+    slots it may retrieve ``[1, N]`` (``token_retrievable``): the segments of the first
+    min(k, number retrievable) choices."""
+    count = retrievable_slots.sum()
+    chosen = torch.arange(min(config.top_k, config.store_slots), device=count.device) < count
     return chosen.repeat_interleave(config.segment_len)
 
 
@@ -112,7 +113,7 @@ def slots_with_keys(position: Tensor, config: MMRecConfig, with_token: bool) -> 
     retrieved segments' tokens (``retrieved_slots``; none without a long-term memory); the
     working ring's slots of tokens up to p (``with_token``: its own written) or p - 1."""
     persistent = torch.ones(config.persistent_slots, dtype=torch.bool, device=position.device)
-    retrieved = [retrieved_slots(position, config)] if config.top_k > 0 else []
+    retrieved = [retrieved_slots(token_retrievable(position, config), config)] if config.top_k > 0 else []
     working = filled_slots(position if with_token else position - 1, config.window)
     return torch.cat([persistent, *retrieved, working])
 
@@ -127,7 +128,7 @@ def token_layout(position: Tensor, config: MMRecConfig) -> TokenLayout:
         store_offset=(position % S).view(1),
         starts=position % S == 0,
         completes=(position + 1) % S == 0,
-        retrievable=retrievable(slot_segments(position, config), position.view(1), config),
+        retrievable=token_retrievable(position, config),
     )
 
 

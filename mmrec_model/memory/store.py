@@ -34,8 +34,6 @@ class StoreLayout(NamedTuple):
     candidates:    ``[C]`` segment ids a query of the chunk may retrieve, C = N + T // S + 2:
                    the N slots' segments as they were before the chunk, then the segments
                    p // S, p // S + 1, ... that complete inside it.
-    from_state:    ``[C]`` True where the candidate's index key is in the state (a segment
-                   complete before the chunk), False where the chunk completes it.
     retrievable:   ``[T, C]`` which candidates each query may retrieve (the rule above).
     new_keys:      ``[n, S]`` the pool index of each token of the segments the chunk
                    completes (the last C - N candidates), for their index keys.
@@ -50,7 +48,6 @@ class StoreLayout(NamedTuple):
     """
 
     candidates: Tensor
-    from_state: Tensor
     retrievable: Tensor
     new_keys: Tensor
     key_candidates: Tensor
@@ -67,6 +64,12 @@ def retrievable(segments: Tensor, positions: Tensor, config: MMRecConfig) -> Ten
     n, a = segments.view(1, -1), positions.view(-1, 1)
     own = a // S
     return (n >= 0) & (n >= own - N + 1) & (n < own) & ((n + 1) * S <= a - W + 1)
+
+
+def token_retrievable(position: Tensor, config: MMRecConfig) -> Tensor:
+    """``[1, N]`` bool: which slots' segments the token at absolute ``position`` (int64, 0
+    dims or ``[1]``) may retrieve, the store holding the tokens before it."""
+    return retrievable(slot_segments(position, config), position.view(1), config)
 
 
 def slot_segments(written: Tensor, config: MMRecConfig) -> Tensor:
@@ -110,7 +113,6 @@ def store_layout(position: Tensor, T: int, config: MMRecConfig) -> StoreLayout:
     in_chunk = (tokens >= position) & (tokens < position + T)
     return StoreLayout(
         candidates=candidates,
-        from_state=torch.cat([old_complete, torch.zeros_like(new_complete)]),
         retrievable=retrievable(candidates, queries, config),
         new_keys=pool_index(new.view(-1, 1) * S + offsets, position, T, config),
         key_candidates=torch.where(
@@ -141,7 +143,7 @@ def candidate_keys(
     the pool for the segments the chunk completes. ``pool``: the chunk's pool
     ``[B, N S + T, 2, D]`` from ``pool_start`` on (N S: the chunk's tokens alone)."""
     B, D = pool.shape[0], pool.shape[-1]
-    N = layout.from_state.shape[0] - layout.new_keys.shape[0]
+    N = layout.completed.shape[0]
     new_sums = pool[:, (layout.new_keys.flatten() - pool_start).clamp(min=0), 0].view(B, -1, segment_len, D).sum(2)
     slots = pool.new_zeros(B, N, D, dtype=new_sums.dtype) if index is None else index
     return torch.cat([slots, new_sums], dim=1) / segment_len
