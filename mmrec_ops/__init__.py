@@ -6,6 +6,7 @@
     h = mmrec_ops.recurrence(z, gamma, W) # torch.ops.mmrec.recurrence
     m = mmrec_ops.decode_read(q, k, v, mask)  # one query per row against a cache
     o, lse = mmrec_ops.memory_read(q, group, group_mask, tokens, first_token, W)  # a training step's read
+    o, lse = mmrec_ops.segment_read(q, segments, segment_ids)  # each query over its chosen segments
     y = mmrec_ops.skinny_addmm(b, x, w)   # bias + x @ w for a few rows of x
 
 The compiled library (mmrec_ops._C) is required; importing this package
@@ -22,6 +23,16 @@ if _C is not None:  # None only inside `python -m mmrec_ops.check`, which report
     from .ops.memory_read import memory_read
     from .ops.recurrence import recurrence
     from .ops.scan import cumprod, scan
+    from .ops.segment_read import segment_read
     from .ops.skinny_addmm import skinny_addmm
 
-__all__ = ["__version__", "cumprod", "decode_read", "memory_read", "recurrence", "scan", "skinny_addmm"]
+__all__ = [
+    "__version__",
+    "cumprod",
+    "decode_read",
+    "memory_read",
+    "recurrence",
+    "scan",
+    "segment_read",
+    "skinny_addmm",
+]

@@ -32,12 +32,14 @@ REQUIRED_KEYS = {
     "scan": ("CPU", "CUDA", "Meta", "Autograd"),
     "scan_backward": ("CPU", "CUDA", "Meta", "Autograd"),
     "recurrence": ("CPU", "CUDA", "Meta", "Autograd"),
-    # The Autograd kernels of recurrence_backward and memory_read_backward
-    # refuse second derivatives by name.
+    # The Autograd kernels of recurrence_backward, memory_read_backward and
+    # segment_read_backward refuse second derivatives by name.
     "recurrence_backward": ("CPU", "CUDA", "Meta", "Autograd"),
     "decode_read": ("CPU", "CUDA", "Meta", "Autograd"),
     "memory_read": ("CPU", "CUDA", "Meta", "Autograd"),
     "memory_read_backward": ("CPU", "CUDA", "Meta", "Autograd"),
+    "segment_read": ("CPU", "CUDA", "Meta", "Autograd"),
+    "segment_read_backward": ("CPU", "CUDA", "Meta", "Autograd"),
     "skinny_addmm": ("CPU", "CUDA", "Meta", "Autograd"),
 }
 REPORTED_KEYS = ("CPU", "CUDA", "Meta", "Autograd")

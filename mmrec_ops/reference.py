@@ -93,3 +93,29 @@ def memory_read_reference(
     if not outs:
         return q.new_empty(q.shape), q.new_empty(B, H, 0)
     return torch.stack(outs, dim=1), torch.stack(lses, dim=2)
+
+
+def segment_read_reference(q: Tensor, segments: Tensor, segment_ids: Tensor) -> tuple[Tensor, Tensor]:
+    """Each query's softmax over the tokens of its segments, one query at a time; see
+    ``mmrec_ops.segment_read``. Returns (out ``[B, T, H, d]``, lse ``[B, H, T]``); out 0 and
+    lse -inf for a query with no segment."""
+    B, T, H, d = q.shape
+    M, S = segments.shape[1], segments.shape[2]
+    table = segments if M > 0 else segments.new_zeros(B, 1, *segments.shape[2:])  # every id is -1
+    rows = torch.arange(B, device=q.device).view(B, 1)
+    outs, lses = [], []
+    for t in range(T):
+        ids = segment_ids[:, t]  # [B, k]
+        tokens = table[rows, ids.clamp(min=0)].flatten(1, 2).unflatten(-1, (H, d))  # [B, k S, 2, H, d]
+        read = (ids >= 0).repeat_interleave(S, dim=1).unsqueeze(1)  # [B, 1, k S]
+        seen = read.any(-1, keepdim=True)
+        scores = torch.einsum("bhd,bjhd->bhj", q[:, t], tokens[:, :, 0]) / d**0.5
+        # A query that reads nothing takes scores 0, so that neither it nor its gradients are NaN.
+        scores = torch.where(seen, scores.masked_fill(~read, float("-inf")), 0.0)
+        lse = torch.logsumexp(scores, dim=-1, keepdim=True)
+        weights = torch.exp(scores - lse) * seen
+        outs.append(torch.einsum("bhj,bjhd->bhd", weights, tokens[:, :, 1]))
+        lses.append(torch.where(seen, lse, float("-inf")).squeeze(-1))
+    if not outs:
+        return q.new_empty(q.shape), q.new_empty(B, H, 0)
+    return torch.stack(outs, dim=1), torch.stack(lses, dim=2)

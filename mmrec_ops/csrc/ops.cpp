@@ -53,6 +53,17 @@ TORCH_LIBRARY(mmrec, m) {
       "memory_read_backward(Tensor grad_out, Tensor grad_lse, Tensor q, Tensor group, Tensor group_mask, "
       "Tensor tokens, Tensor first_token, Tensor out, Tensor lse, int window) "
       "-> (Tensor grad_q, Tensor grad_group, Tensor grad_tokens)");
+  // Each query's read of the long-term segments it chose, one softmax per query over the tokens of its
+  // segments: query t reads segments[b, segment_ids[b, t, j]] for each j whose id is not -1.
+  // q: [B, T, H, d]; segments: [B, M, S, 2, H d] (keys, values of M segments of S tokens);
+  // segment_ids: [B, T, k] int64 in [-1, M) (-1: no segment in that place).
+  // out: [B, T, H, d] (0 for a query with no segment); lse: [B, H, T] (-inf there), float32
+  // (float64 for float64).
+  m.def("segment_read(Tensor q, Tensor segments, Tensor segment_ids) -> (Tensor out, Tensor lse)");
+  // Gradients of segment_read from its saved outputs; grad_lse: [B, H, T] in lse's dtype.
+  m.def(
+      "segment_read_backward(Tensor grad_out, Tensor grad_lse, Tensor q, Tensor segments, Tensor segment_ids, "
+      "Tensor out, Tensor lse) -> (Tensor grad_q, Tensor grad_segments)");
   // A matrix product of a few rows (a decode step's projections): out = bias + x @ weight.
   // bias: [N]; x: [M, K]; weight: [K, N].
   m.def("skinny_addmm(Tensor bias, Tensor x, Tensor weight) -> Tensor");

@@ -526,3 +526,97 @@ def memory_read_inputs(sample: MemoryReadSample, device, dtype):
     else:
         raise ValueError(sample.layout)
     return q, group, group_mask, tokens, first_token, W
+
+
+# ---------------------------------------------------------------------------
+# mmrec::segment_read: q [B, T, H, d], segments [B, M, S, 2, H d], segment_ids [B, T, k].
+
+
+@dataclass(frozen=True)
+class SegmentReadSample:
+    """One entry of segment_read's table: sizes (B, T, H, d, M, S, k), layout, the tests
+    that use it; `empty_queries`: queries 0 and T // 2 read no segment (all their ids -1)."""
+
+    shape: tuple[int, int, int, int, int, int, int]
+    layout: str = "contiguous"
+    uses: tuple[str, ...] = ()
+    empty_queries: bool = False
+
+    @property
+    def id(self) -> str:
+        """B2-T13-H3-d24-M7-S5-k3, then -empty (queries without a segment), layout."""
+        parts = [f"{name}{n}" for name, n in zip(("B", "T", "H", "d", "M", "S", "k"), self.shape)]
+        return "-".join(parts + (["empty"] if self.empty_queries else [])) + LAYOUT_SUFFIX[self.layout]
+
+
+SEGMENT_READ_SAMPLES = [
+    # T = 1; prime T with d = 24, S = 5 and k = 3; one token per segment (S = 1), k = 1 and
+    # d = 40; the model's segments of 64 tokens with d = 17; more segments than are read.
+    SegmentReadSample((3, 1, 2, 16, 4, 8, 2), uses=FORWARD_AND_GRADIENTS),
+    SegmentReadSample((2, 13, 3, 24, 7, 5, 3), uses=(*FORWARD_AND_GRADIENTS, "one_output")),
+    SegmentReadSample((2, 7, 2, 40, 3, 1, 1), uses=(*FORWARD_AND_GRADIENTS, "one_output")),
+    SegmentReadSample((1, 5, 2, 17, 2, 64, 2), uses=(*FORWARD_AND_GRADIENTS, "other_device")),
+    # q a [B, H, T, d] tensor seen through .transpose(1, 2), segments a [B, M, 2, S, H d]
+    # one through .transpose(2, 3), segment_ids every other element of a wider tensor.
+    SegmentReadSample((2, 11, 3, 24, 6, 5, 3), "strided", ("strided",)),
+    # Queries that read no segment, among others.
+    SegmentReadSample((2, 9, 2, 8, 5, 3, 2), uses=("no_segment",), empty_queries=True),
+    SegmentReadSample((1, 6, 1, 24, 4, 7, 3), "strided", ("no_segment",), empty_queries=True),
+    # Small, for gradcheck (float64: an lse of -inf has no finite difference), opcheck and
+    # torch.func.
+    SegmentReadSample((2, 4, 2, 3, 4, 3, 2), uses=("gradcheck",)),
+    SegmentReadSample((1, 3, 2, 3, 3, 2, 2), "strided", ("gradcheck",)),
+    SegmentReadSample((2, 5, 2, 4, 4, 3, 2), uses=("opcheck",), empty_queries=True),
+    SegmentReadSample((2, 3, 2, 4, 3, 2, 2), "strided", ("opcheck",)),
+    SegmentReadSample((1, 3, 1, 2, 3, 2, 2), uses=("func",)),
+    # Two lengths of one graph, for torch.compile(dynamic=True).
+    SegmentReadSample((2, 5, 2, 4, 4, 3, 2), uses=("compile", "bad_inputs")),
+    SegmentReadSample((2, 11, 2, 4, 4, 3, 2), uses=("compile",)),
+    # Empty time, batch or heads; no segment to read (k = 0, or M = 0: every id -1).
+    *(
+        SegmentReadSample(shape, uses=("empty",))
+        for shape in [(2, 0, 2, 4, 3, 2, 2), (0, 5, 2, 4, 3, 2, 2), (2, 5, 0, 4, 3, 2, 2), (2, 5, 2, 4, 3, 2, 0)]
+    ),
+    SegmentReadSample((2, 5, 2, 4, 0, 2, 2), uses=("empty",)),
+    # The Triton kernels under the interpreter (tiny): T = 1; S odd with k = 3 and queries
+    # without a segment; S over two tiles of 64 with d = 17; S = 1; strided.
+    SegmentReadSample((1, 1, 1, 16, 2, 4, 1), uses=("triton",)),
+    SegmentReadSample((2, 5, 2, 24, 4, 5, 3), uses=("triton",), empty_queries=True),
+    SegmentReadSample((1, 3, 1, 17, 3, 70, 2), uses=("triton",)),
+    SegmentReadSample((1, 4, 1, 8, 3, 1, 2), uses=("triton",)),
+    SegmentReadSample((1, 5, 2, 16, 4, 3, 2), "strided", ("triton_strided",)),
+]
+
+
+def segment_read_ids(sample: SegmentReadSample, device):
+    """[B, T, k] int64: distinct segments per query (as a top-k choice gives them), each
+    place after the first -1 with probability 1/3; every id -1 for the empty queries
+    (and when there are no segments, M = 0)."""
+    B, T, _, _, M, _, k = sample.shape
+    if M == 0:
+        return torch.full((B, T, k), -1, dtype=torch.int64, device=device)
+    ids = torch.rand((B, T, max(M, k)), device=device).argsort(-1)[..., :k]
+    ids[..., 1:][torch.rand((B, T, max(k - 1, 0)), device=device) < 1 / 3] = -1
+    if sample.empty_queries and T > 0:
+        ids[:, [0, T // 2]] = -1
+    return ids
+
+
+def segment_read_inputs(sample: SegmentReadSample, device, dtype):
+    """(q, segments, segment_ids) of a segment_read sample in its layout: "strided" q a
+    [B, H, T, d] tensor seen through .transpose(1, 2), segments a [B, M, 2, S, H d] one
+    through .transpose(2, 3), segment_ids every other element of a wider tensor."""
+    B, T, H, d, M, S, k = sample.shape
+    ids = segment_read_ids(sample, device)
+    if sample.layout == "contiguous":
+        q = draw((B, T, H, d), device, dtype)
+        segments = draw((B, M, S, 2, H * d), device, dtype)
+    elif sample.layout == "strided":
+        q = draw((B, H, T, d), device, dtype).transpose(1, 2)
+        segments = draw((B, M, 2, S, H * d), device, dtype).transpose(2, 3)
+        wide = torch.zeros((B, T, 2 * k), dtype=torch.int64, device=device)
+        wide[..., ::2] = ids
+        ids = wide[..., ::2]
+    else:
+        raise ValueError(sample.layout)
+    return q, segments, ids

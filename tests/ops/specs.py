@@ -22,6 +22,7 @@ from mmrec_ops.reference import (
     memory_read_reference,
     recurrence_reference,
     scan_reference,
+    segment_read_reference,
     skinny_addmm_reference,
 )
 from tests.helpers import (
@@ -36,6 +37,7 @@ from tests.ops.samples import (
     MEMORY_READ_SAMPLES,
     RECURRENCE_SAMPLES,
     SCAN_SAMPLES,
+    SEGMENT_READ_SAMPLES,
     SKINNY_ADDMM_SAMPLES,
     decode_read_inputs,
     draw,
@@ -44,6 +46,7 @@ from tests.ops.samples import (
     recurrence_grad_output,
     recurrence_inputs,
     scan_inputs,
+    segment_read_inputs,
     skinny_addmm_inputs,
 )
 
@@ -636,4 +639,142 @@ MEMORY_READ = OpSpec(
     bad_inputs=memory_read_bad_inputs,
 )
 
-SPECS = [SCAN, RECURRENCE, DECODE_READ, SKINNY_ADDMM, MEMORY_READ]
+
+# ---------------------------------------------------------------------------
+# mmrec::segment_read. As memory_read's: inputs standard normal, scores, softmax and sums
+# in float32 (float64 for float64), only the stored outputs rounded (out: output_tolerance;
+# lse, never rounded: accumulation_error); the backward reads the saved out through delta,
+# whose rounding the expected gradients account for (memory_read_reference_grad_outputs,
+# the same for both reads), and rounds each gradient once, the segments' after summing
+# over the queries that read them: grad_tolerance. A query with no segment gives lse -inf,
+# which no relative error measures: the common checks' samples have none
+# (tests/ops/test_segment_read.py checks them).
+
+
+def segment_read_unreached(args) -> dict:
+    """The segments no query reads, whose gradients are exactly zero."""
+    _, segments, segment_ids = args
+    B, M = segments.shape[:2]
+    read = torch.zeros((B, M + 1), dtype=torch.bool, device=segments.device)
+    read.scatter_(1, torch.where(segment_ids >= 0, segment_ids, M).flatten(1), True)  # -1: the extra column M
+    return {"segments": ~read[:, :M]}
+
+
+def segment_read_bad_inputs(args) -> list[BadInput]:
+    # B = 2, T = 5, H = 2, d = 4, M = 4, S = 3, k = 2: H d = 8.
+    q, seg, ids = args
+    op = torch.ops.mmrec.segment_read.default
+    backward = torch.ops.mmrec.segment_read_backward.default
+    out, lse = torch.randn_like(q), torch.randn(2, 2, 5)
+    return [
+        BadInput("int_q", op, (q.long(), seg, ids), "q to be float32, float64, bfloat16 or float16"),
+        BadInput("q_rank3", op, (q[0], seg, ids), r"q of shape \[B, T, H, d\] \(4 dims\)"),
+        BadInput("d_0", op, (q[..., :0], seg[..., :0], ids), r"q with d >= 1 channels per head, got d = 0"),
+        BadInput("segments_rank4", op, (q, seg[:, 0], ids), r"segments of shape \[B, M, S, 2, H d\] \(5 dims\)"),
+        BadInput("segments_dtype", op, (q, seg.double(), ids), "segments to have the dtype of q"),
+        BadInput("segments_width", op, (q, seg[..., :6], ids), r"segments of shape \[2, 4, 3, 2, 8\]"),
+        BadInput("segments_batch", op, (q, seg[:1], ids), r"segments of shape \[2, 4, 3, 2, 8\]"),
+        BadInput("segments_pair", op, (q, seg[:, :, :, :1], ids), r"segments of shape \[2, 4, 3, 2, 8\]"),
+        BadInput("segments_no_tokens", op, (q, seg[:, :, :0], ids), r"segments of S >= 1 tokens, got S = 0"),
+        BadInput("ids_int32", op, (q, seg, ids.int()), "segment_ids to be int64, got torch.int32"),
+        BadInput("ids_float", op, (q, seg, ids.float()), "segment_ids to be int64, got torch.float32"),
+        BadInput("ids_rank2", op, (q, seg, ids[0]), r"segment_ids of shape \[B, T, k\] \(3 dims\)"),
+        BadInput("ids_length", op, (q, seg, ids[:, :4]), r"segment_ids of shape \[2, 5, 2\], got \[2, 4, 2\]"),
+        BadInput("ids_batch", op, (q, seg, ids[:1]), r"segment_ids of shape \[2, 5, 2\], got \[1, 5, 2\]"),
+        BadInput(
+            "backward_grad_out_shape",
+            backward,
+            (out[:, :4], lse, q, seg, ids, out, lse),
+            r"grad_out of shape \[2, 5, 2, 4\]",
+        ),
+        BadInput(
+            "backward_grad_out_dtype",
+            backward,
+            (out.double(), lse, q, seg, ids, out, lse),
+            "grad_out to have the dtype of q",
+        ),
+        BadInput(
+            "backward_grad_lse_dtype",
+            backward,
+            (out, lse.double(), q, seg, ids, out, lse),
+            r"grad_lse in torch.float32 on cpu",
+        ),
+        BadInput(
+            "backward_grad_lse_shape",
+            backward,
+            (out, lse[:, :, :4], q, seg, ids, out, lse),
+            r"grad_lse of shape \[2, 2, 5\]",
+        ),
+        BadInput(
+            "backward_out_dtype", backward, (out, lse, q, seg, ids, out.half(), lse), "out to have the dtype of q"
+        ),
+        BadInput(
+            "backward_lse_shape",
+            backward,
+            (out, lse, q, seg, ids, out, lse.transpose(1, 2)),
+            r"lse of shape \[2, 2, 5\]",
+        ),
+        BadInput(
+            "backward_lse_dtype", backward, (out, lse, q, seg, ids, out, lse.half()), r"lse in torch.float32 on cpu"
+        ),
+        BadInput("backward_ids_dtype", backward, (out, lse, q, seg, ids.int(), out, lse), "segment_ids to be int64"),
+    ]
+
+
+def check_reads_with_empty_queries(args, dtype, outputs, grads: dict, grad_outputs) -> None:
+    """check_against_reference for a read some of whose queries read no segment: out 0 and
+    lse -inf for them, and gradients 0 for their q; lse's finite entries, out and every
+    gradient against the reference's."""
+    _, _, segment_ids = args
+    out, lse = (t.detach() for t in outputs)
+    empty = (segment_ids < 0).all(-1)  # [B, T]
+    assert empty.any(), "the sample has no query without a segment"
+    assert (out[empty] == 0).all() and (lse.transpose(1, 2)[empty] == float("-inf")).all()
+    assert (grads["q"][empty] == 0).all()
+    (ref_out, ref_lse), ref_grads = reference_gradients(SEGMENT_READ, args, Variant(), grad_outputs, (out, lse))
+    assert out.dtype == dtype and lse.dtype == lse_dtype(dtype) and out.is_contiguous() and lse.is_contiguous()
+    assert_close_rel(out, ref_out, output_tolerance(dtype), what="out")
+    seen = ~empty.unsqueeze(1).expand_as(lse)
+    assert_close_rel(lse[seen], ref_lse[seen.cpu()], accumulation_error(dtype), what="lse")
+    for name, grad in grads.items():
+        assert grad.dtype == dtype and grad.shape == args[SEGMENT_READ.arg_names.index(name)].shape, name
+        assert_close_rel(grad, ref_grads[name], grad_tolerance(dtype), what=f"grad of {name}")
+
+
+def segment_read_backward_args(args, kwargs, outputs):
+    out, lse = outputs
+    return torch.ops.mmrec.segment_read_backward.default, (
+        torch.randn_like(out),
+        torch.randn_like(lse),
+        *args,
+        *outputs,
+    )
+
+
+def segment_read_compile_loss(q, segments, segment_ids):
+    out, lse = mmrec_ops.segment_read(torch.tanh(q), segments, segment_ids)
+    return out.square().mean() + torch.sin(lse).mean()
+
+
+SEGMENT_READ = OpSpec(
+    name="segment_read",
+    op=mmrec_ops.segment_read,
+    overload=torch.ops.mmrec.segment_read.default,
+    reference=segment_read_reference,
+    samples=SEGMENT_READ_SAMPLES,
+    inputs=segment_read_inputs,
+    arg_names=("q", "segments", "segment_ids"),
+    differentiable=("q", "segments"),
+    device_of="q",
+    strided={"strided": ("q", "segments", "segment_ids")},
+    output_names=("out", "lse"),
+    output_dtypes=lambda dtype: (dtype, lse_dtype(dtype)),
+    output_tolerances=(output_tolerance, accumulation_error),
+    reference_grad_outputs=memory_read_reference_grad_outputs,
+    unreached=segment_read_unreached,
+    backward=segment_read_backward_args,
+    compile_loss=segment_read_compile_loss,
+    bad_inputs=segment_read_bad_inputs,
+)
+
+SPECS = [SCAN, RECURRENCE, DECODE_READ, SKINNY_ADDMM, MEMORY_READ, SEGMENT_READ]
