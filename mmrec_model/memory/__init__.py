@@ -3,7 +3,14 @@ store, and the layouts that place a chunk's tokens in them."""
 
 from .layout import MemoryLayout, TokenLayout, memory_layout, token_layout
 from .state import BlockState, MemoryState
-from .store import StoreLayout, candidate_keys, retrieved_tokens, select_segments, store_layout, update_store
+from .store import (
+    StoreLayout,
+    candidate_keys,
+    candidate_segments,
+    select_segments,
+    store_layout,
+    update_store,
+)
 from .working import update_ring
 
 __all__ = [
@@ -13,8 +20,8 @@ __all__ = [
     "StoreLayout",
     "TokenLayout",
     "candidate_keys",
+    "candidate_segments",
     "memory_layout",
-    "retrieved_tokens",
     "select_segments",
     "store_layout",
     "token_layout",

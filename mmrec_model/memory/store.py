@@ -149,6 +149,19 @@ def candidate_keys(
     return torch.cat([slots, new_sums], dim=1) / segment_len
 
 
+def candidate_segments(pool: Tensor, layout: StoreLayout, segment_len: int, pool_start: int = 0) -> Tensor:
+    """``[B, C, S, 2, D]``: the keys and values of each candidate's S tokens, cut from the
+    chunk's pool ``[B, N S + T, 2, D]`` from ``pool_start`` on (as ``candidate_keys``): a
+    slot's from its place in the store, a segment the chunk completes from
+    ``layout.new_keys`` (it may begin in the store's segment in progress and end in the
+    chunk, so its tokens need not be adjacent in the pool). A candidate no query may
+    retrieve (a slot of a fresh state, a segment the chunk does not complete) holds tokens
+    that are never read."""
+    N = layout.completed.shape[0]
+    slots = torch.arange(N * segment_len, device=pool.device).view(N, segment_len)
+    return pool[:, (torch.cat([slots, layout.new_keys]) - pool_start).clamp(min=0)]
+
+
 def select_segments(q: Tensor, keys: Tensor, retrievable: Tensor, top_k: int) -> tuple[Tensor, Tensor]:
     """The top_k candidates of each query by q . key summed over heads.
 
@@ -163,15 +176,3 @@ def select_segments(q: Tensor, keys: Tensor, retrievable: Tensor, top_k: int) ->
         scores = scores.masked_fill(~retrievable, float("-inf"))
         best, chosen = scores.topk(min(top_k, keys.shape[1]), dim=-1)
     return chosen, best > float("-inf")
-
-
-def retrieved_tokens(
-    chosen: Tensor, ok: Tensor, candidates: Tensor, position: Tensor, T: int, config: MMRecConfig
-) -> tuple[Tensor, Tensor]:
-    """The pool indices of every token of the chosen segments ``[B, T, k S]`` and whether
-    each is read ``[B, T, k S]``, for the T tokens from ``position``."""
-    S = config.segment_len
-    segments = candidates[chosen]  # [B, T, k]
-    tokens = segments.unsqueeze(-1) * S + torch.arange(S, device=chosen.device)
-    index = pool_index(tokens, position, T, config).flatten(-2)
-    return index, ok.unsqueeze(-1).expand(*ok.shape, S).flatten(-2)

@@ -16,7 +16,7 @@ from ..memory import (
     MemoryLayout,
     TokenLayout,
     candidate_keys,
-    retrieved_tokens,
+    candidate_segments,
     select_segments,
     update_ring,
     update_store,
@@ -25,7 +25,7 @@ from .mdi import MDI
 from .read import MultiMemoryAttention, attend, flex_attend
 
 # The longest fresh chunk whose retrieved tokens an eager read takes from the whole chunk,
-# masked (O(T^2) scores); a longer one gathers each query's own (O(T top_k S) copies).
+# masked (O(T^2) scores); a longer one reads each query's chosen segments (segment_read).
 DENSE_CHUNK = 4096
 
 
@@ -199,7 +199,8 @@ class MMRecBlock(nn.Module):
         Compiled on CUDA, flex_attention over the pool, skipping what no query chose;
         otherwise (eager flex_attention would score every key), from a fresh state of at
         most ``DENSE_CHUNK`` tokens, ``attend`` over the chunk masked to the chosen segments,
-        else over each query's own gathered k S tokens (memory O(T k S), not O(T N S))."""
+        else ``mmrec_ops.segment_read`` of each query's chosen segments among the candidates'
+        (``candidate_segments``): memory O(C S) for them, not O(T k S) for gathered copies."""
         c, store = self.config, layout.store
         fresh, T = index is None, kv.shape[1]
         shared, start = (kv, c.store_slots * c.segment_len) if fresh else (pool, 0)
@@ -213,9 +214,8 @@ class MMRecBlock(nn.Module):
                 return flex_attend(q, shared, picked, key_candidates)
             seen = picked.gather(-1, key_candidates.clamp(min=0).expand(*chosen.shape[:2], -1)) & (key_candidates >= 0)
             return attend(q, shared, seen)
-        tokens, read = retrieved_tokens(chosen, ok, store.candidates, layout.position, T, c)
-        rows = torch.arange(shared.shape[0], device=shared.device).view(-1, 1, 1)
-        return attend(q, shared[rows, (tokens - start).clamp(min=0)], read)
+        segments = candidate_segments(shared, store, c.segment_len, start).to(q.dtype)
+        return mmrec_ops.segment_read(q, segments, torch.where(ok, chosen, -1))
 
     def step(self, x: Tensor, state: BlockState, layout: TokenLayout) -> tuple[Tensor, BlockState]:
         """``forward`` for one token, x ``[B, 1, D]``, with the token's ``token_layout``:
