@@ -61,7 +61,6 @@ class MemoryLayout(NamedTuple):
                  (those W - 1, then the chunk's) it holds.
     first_token: int64 ``[]``, the first of those W - 1 tokens then the chunk's that
                  exists: none before the sequence's first token, so max(W - 1 - position, 0).
-    position:    int64 ``[]``, the absolute position of the chunk's first token.
     store:       the chunk's ``StoreLayout`` (None without a long-term memory).
     """
 
@@ -69,7 +68,6 @@ class MemoryLayout(NamedTuple):
     working_order: Tensor
     working_slots: Tensor
     first_token: Tensor
-    position: Tensor
     store: StoreLayout | None
 
 
@@ -144,6 +142,5 @@ def memory_layout(position: Tensor, T: int, config: MMRecConfig) -> MemoryLayout
         working_order=ring_slots(position - earlier, earlier, config.window),
         working_slots=ring_slots(-(position + T), config.window, config.window),
         first_token=(earlier - position).clamp(min=0),
-        position=position,
         store=store_layout(position, T, config) if config.top_k > 0 else None,
     )
