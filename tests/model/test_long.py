@@ -22,16 +22,18 @@ ROOT = Path(__file__).resolve().parents[2]
 @pytest.mark.parametrize("mode", ["exact", "parallel"])
 def test_32k_tokens_in_chunks_agree(mode):
     """The tiny preset with a store of 8192 tokens (wrapped 3 times), each token
-    retrieving 2 segments, over 32,768 tokens in chunks of 4096, 8192 and 16384."""
-    model = MMRecModel(MMRecConfig.preset("tiny", mode=mode, memory_tokens=8192, top_k=2))
+    retrieving 2 segments, over 32,768 tokens in one call and in chunks of 4096. In
+    float64: the choice of segments is discrete, and float32 rounding, which differs
+    between a chunked and a whole call (the carried recurrence), flips a near tie in
+    the top-k about once in 32K tokens; float64's does not."""
+    model = MMRecModel(MMRecConfig.preset("tiny", mode=mode, memory_tokens=8192, top_k=2)).double()
     ids = torch.randint(0, 256, (1, 32768))
     with torch.no_grad():
-        runs = {size: model(ids, chunk_size=size) for size in (4096, 8192, 16384)}
-    logits, state = runs[16384]
+        logits, state = model(ids)
+        chunked, chunked_state = model(ids, chunk_size=4096)
     assert logits.shape == (1, 32768, 256) and logits.isfinite().all()
-    assert state.position.item() == 32768
-    for size in (4096, 8192):
-        assert_close_rel(runs[size][0], logits, output_tolerance(torch.float32), f"logits, chunks of {size}")
+    assert state.position.item() == chunked_state.position.item() == 32768
+    assert_close_rel(chunked, logits, output_tolerance(torch.float64), "logits, chunks of 4096")
 
 
 def streaming_peak_mib(n_tokens: int, chunk: int) -> float:
