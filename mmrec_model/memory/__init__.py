@@ -1,7 +1,7 @@
 """The model's memories: the state types, the working memory's ring, the long-term
 store, and the layouts that place a chunk's tokens in them."""
 
-from .layout import MemoryLayout, TokenLayout, memory_layout, token_layout
+from .layout import MemoryLayout, TokenLayout, document_layout, memory_layout, token_layout
 from .state import BlockState, MemoryState
 from .store import (
     StoreLayout,
@@ -21,6 +21,7 @@ __all__ = [
     "TokenLayout",
     "candidate_keys",
     "candidate_segments",
+    "document_layout",
     "memory_layout",
     "select_segments",
     "store_layout",
