@@ -253,10 +253,10 @@ class BlockDecoder:
 
 def check_one_document(state: MemoryState) -> None:
     """A ValueError for a state of packed documents, which the decoder does not take."""
-    if state.document_start is not None:
+    if not isinstance(state, MemoryState):
         raise ValueError(
-            "Decoder: expected a state without document starts, got one from a call with starts "
-            "(packed documents are read by MMRecModel.forward only)"
+            f"Decoder: expected a MemoryState, got a {type(state).__name__} "
+            "(packed documents, from a call with starts, are read by MMRecModel.forward only)"
         )
 
 
@@ -271,8 +271,7 @@ class Decoder:
     The same logits and state as ``model(token, state)`` token after token (float32
     rounding), in inference mode (its logits are inference tensors). ``cuda_graphs``
     (a model on CUDA): ``step`` replays CUDA graphs of ``static_step``. Rows of packed
-    documents are not decoded: a state from a call with ``starts`` (its
-    ``document_start`` set) is refused.
+    documents are not decoded: a ``PackedState`` (from a call with ``starts``) is refused.
     """
 
     def __init__(self, model, state: MemoryState, cuda_graphs: bool = False):

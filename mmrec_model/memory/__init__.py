@@ -2,7 +2,7 @@
 store, and the layouts that place a chunk's tokens in them."""
 
 from .layout import MemoryLayout, TokenLayout, document_layout, memory_layout, token_layout
-from .state import BlockState, MemoryState
+from .state import BlockState, MemoryState, PackedState
 from .store import (
     StoreLayout,
     candidate_keys,
@@ -17,6 +17,7 @@ __all__ = [
     "BlockState",
     "MemoryLayout",
     "MemoryState",
+    "PackedState",
     "StoreLayout",
     "TokenLayout",
     "candidate_keys",

@@ -36,24 +36,38 @@ class MemoryState(NamedTuple):
               code does not specialise on it. The number of complete segments is
               ``position // S``.
     blocks:   one ``BlockState`` per block.
-    document_start: ``[B]`` int64, the absolute position of the first token of each row's
-              current document, in a state from a call with ``starts`` (rows of packed
-              documents); None: each row is one document from position 0.
     """
 
     position: Tensor
     blocks: tuple[BlockState, ...]
-    document_start: Tensor | None = None
 
     def clone(self) -> MemoryState:
         """A copy of every tensor: for a state that in-place updates (a CUDA graph's
         outputs, a decoder's buffers) must not change."""
         blocks = tuple(BlockState(*(t.clone() for t in block)) for block in self.blocks)
-        start = None if self.document_start is None else self.document_start.clone()
-        return MemoryState(self.position.clone(), blocks, start)
+        return MemoryState(self.position.clone(), blocks)
 
     def detach(self) -> MemoryState:
         """The same values, cut from the autograd graph (truncated backpropagation
         through time across calls)."""
-        blocks = tuple(BlockState(*(t.detach() for t in block)) for block in self.blocks)
-        return MemoryState(self.position, blocks, self.document_start)
+        return MemoryState(self.position, tuple(BlockState(*(t.detach() for t in block)) for block in self.blocks))
+
+
+class PackedState(NamedTuple):
+    """The state after rows of packed documents (``MMRecModel.forward`` with ``starts``):
+    a ``MemoryState``'s position and blocks, and where each row's current document began,
+    so that a later call goes on reading it alone.
+
+    document_start: ``[B]`` int64, the absolute position of the first token of each row's
+                    current document.
+    """
+
+    position: Tensor
+    blocks: tuple[BlockState, ...]
+    document_start: Tensor
+
+    def clone(self) -> PackedState:
+        return PackedState(*MemoryState(self.position, self.blocks).clone(), self.document_start.clone())
+
+    def detach(self) -> PackedState:
+        return PackedState(*MemoryState(self.position, self.blocks).detach(), self.document_start)

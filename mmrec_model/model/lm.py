@@ -10,7 +10,7 @@ from torch import Tensor, nn
 
 from ..config import MMRecConfig
 from ..decode import Decoder, check_sampling, sample
-from ..memory import BlockState, MemoryState, document_layout, memory_layout, token_layout
+from ..memory import BlockState, MemoryState, PackedState, document_layout, memory_layout, token_layout
 from .block import MMRecBlock
 
 # The dtypes nn.Embedding takes as indices.
@@ -85,11 +85,11 @@ class MMRecModel(nn.Module):
     def forward(
         self,
         ids: Tensor,
-        state: MemoryState | None = None,
+        state: MemoryState | PackedState | None = None,
         chunk_size: int | None = None,
         return_state: bool = True,
         starts: Tensor | None = None,
-    ) -> tuple[Tensor, MemoryState | None]:
+    ) -> tuple[Tensor, MemoryState | PackedState | None]:
         """ids ``[B, T]`` (int, in [0, vocab_size)) and the state after the tokens before them
         (None: start of the sequences) -> (logits ``[B, T, vocab_size]``, state after ids).
 
@@ -101,9 +101,9 @@ class MMRecModel(nn.Module):
         document, which starts from an empty state: no token reads anything from before
         its document's first token (recurrence, working memory, long-term segments; a
         segment that straddles a start is retrievable by neither document), only the
-        persistent slots are shared. The state returned remembers where each row's last
-        document began (``MemoryState.document_start``), so a later call continues it;
-        ``generate`` and ``decode.Decoder`` refuse such a state.
+        persistent slots are shared. The state returned is then a ``PackedState``, which
+        remembers where each row's last document began, so that a later call continues
+        it; ``generate`` and ``decode.Decoder`` refuse it.
 
         A one-token call (T = 1) returns a new state, so it copies the long-term store
         (``memory_tokens`` keys and values a block); ``generate`` and ``decode.Decoder``
@@ -130,8 +130,8 @@ class MMRecModel(nn.Module):
         return torch.cat(logits, dim=1), state if return_state else None
 
     def _forward_chunk(
-        self, ids: Tensor, state: MemoryState, fresh: bool, documents: Tensor | None = None
-    ) -> tuple[Tensor, MemoryState]:
+        self, ids: Tensor, state: MemoryState | PackedState, fresh: bool, documents: Tensor | None = None
+    ) -> tuple[Tensor, MemoryState | PackedState]:
         """The blocks over ids ``[B, T]`` at once; one token per row (T = 1) takes their
         lean step (``MMRecBlock.step``). ``fresh``: the state is ``initial_state``'s (its
         store may be empty, 0 slots: then the state returned has no store either).
@@ -151,15 +151,17 @@ class MMRecModel(nn.Module):
             for block, block_state in zip(self.blocks, state.blocks):
                 x, block_state = block(x, block_state, layout, fresh)
                 blocks.append(block_state)
-        document_start = None if documents is None else documents[:, -1]
-        return self.head(x), MemoryState(state.position + ids.shape[1], tuple(blocks), document_start)
+        position = state.position + ids.shape[1]
+        if documents is None:
+            return self.head(x), MemoryState(position, tuple(blocks))
+        return self.head(x), PackedState(position, tuple(blocks), documents[:, -1])
 
     def head(self, x: Tensor) -> Tensor:
         """Logits ``[..., V]`` of the last block's output ``[..., D]``: final norm, tied embedding."""
         return F.linear(self.norm(x), self.embed.weight)
 
     def _check_inputs(
-        self, ids: Tensor, state: MemoryState | None, chunk_size: int | None, starts: Tensor | None = None
+        self, ids: Tensor, state: MemoryState | PackedState | None, chunk_size: int | None, starts: Tensor | None = None
     ) -> None:
         vocab_size = self.config.vocab_size
         if not isinstance(ids, Tensor) or ids.dim() != 2 or ids.dtype not in INDEX_DTYPES:
@@ -191,9 +193,9 @@ class MMRecModel(nn.Module):
             )
         if state is None:
             return
-        if not isinstance(state, MemoryState) or len(state.blocks) != len(self.blocks):
+        if not isinstance(state, (MemoryState, PackedState)) or len(state.blocks) != len(self.blocks):
             raise ValueError(
-                f"MMRecModel: expected state to be a MemoryState with {len(self.blocks)} blocks "
+                f"MMRecModel: expected state to be a MemoryState or PackedState with {len(self.blocks)} blocks "
                 "(from initial_state or a previous call), got " + type(state).__name__
             )
         if state.blocks[0].h.shape[0] != ids.shape[0]:
@@ -277,12 +279,12 @@ class MMRecModel(nn.Module):
         return decoder
 
 
-def document_positions(ids: Tensor, state: MemoryState | None, starts: Tensor | None) -> Tensor | None:
+def document_positions(ids: Tensor, state: MemoryState | PackedState | None, starts: Tensor | None) -> Tensor | None:
     """``[B, T]`` int64: the absolute position of the first token of each token's document,
     the latest start (``starts`` ``[B, T]`` bool) at or before it, else the state's
-    ``document_start`` (0 without one). None where neither the call nor the state has
-    document starts (each row one document)."""
-    carried = None if state is None else state.document_start
+    ``document_start`` (a ``PackedState``'s; 0 for a ``MemoryState``). None where neither
+    the call nor the state has document starts (each row one document)."""
+    carried = state.document_start if isinstance(state, PackedState) else None
     if starts is None and carried is None:
         return None
     B, T = ids.shape

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mmrec_model import MMRecModel
+from mmrec_model import MMRecModel, PackedState
 from mmrec_model.decode import Decoder
 from tests.helpers import assert_close_rel, output_tolerance
 from tests.model.models import assert_logits_and_grads_close, small_config
@@ -66,6 +66,7 @@ def test_packed_rows_match_their_documents_alone(mode, top_k, lengths):
             call_logits, state = model(ids[:, begin:end], state, starts=starts[:, begin:end])
             calls.append(call_logits)
     assert_close_rel(torch.cat(calls, dim=1), alone, FLOAT32_TOL, "logits, three calls")
+    assert isinstance(state, PackedState)
     assert torch.equal(state.document_start, torch.tensor([T - lengths[-1], T - lengths[0]]))
 
 
@@ -130,7 +131,7 @@ def test_bad_starts_and_packed_states_are_named():
             model(ids, starts=starts)
     with torch.no_grad():
         _, state = model(ids, starts=torch.ones(2, 5, dtype=torch.bool))
-    with pytest.raises(ValueError, match="without document starts"):
+    with pytest.raises(ValueError, match="expected a MemoryState, got a PackedState"):
         Decoder(model, state)
-    with pytest.raises(ValueError, match="without document starts"):
+    with pytest.raises(ValueError, match="expected a MemoryState, got a PackedState"):
         model.generate(ids, 2, state=state)
