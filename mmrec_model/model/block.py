@@ -261,6 +261,9 @@ class MMRecBlock(nn.Module):
         return store, index, retrieved
 
 
+# It reads the resets back to cut the chunk: eager under torch.compile (one graph break,
+# rather than a graph for each piece).
+@torch.compiler.disable
 def recurrence_with_resets(
     z: Tensor, gamma: Tensor, weight: Tensor, bias: Tensor, h0: Tensor, resets: Tensor
 ) -> Tensor:

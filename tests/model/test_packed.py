@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from torch._dynamo.testing import CompileCounterWithBackend
 
 from mmrec_model import MMRecModel, PackedState
 from mmrec_model.decode import Decoder
@@ -135,3 +136,18 @@ def test_bad_starts_and_packed_states_are_named():
         Decoder(model, state)
     with pytest.raises(ValueError, match="expected a MemoryState, got a PackedState"):
         model.generate(ids, 2, state=state)
+
+
+@pytest.mark.compile
+def test_compiled_packed_rows_match_eager_in_one_graph():
+    """Mode 'parallel' (the scan's reset is an input, gamma = 0): torch.compile(fullgraph=True)."""
+    torch._dynamo.reset()
+    model = MMRecModel(small_config("parallel", n_layers=1))
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(model, fullgraph=True, backend=counter)
+    ids, starts, _ = rows_and_alone(model, UNALIGNED)
+    with torch.no_grad():
+        logits = compiled(ids, return_state=False, starts=starts)[0]
+        expected = model(ids, return_state=False, starts=starts)[0]
+    assert_close_rel(logits, expected, FLOAT32_TOL, "logits")
+    assert counter.frame_count == 1
