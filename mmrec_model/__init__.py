@@ -12,9 +12,18 @@ With transformers installed, the model is also a transformers model ("mmrec"): s
 
 from .config import MMRecConfig
 from .hf_registration import register_with_transformers
-from .memory import BlockState, MemoryState
+from .memory import BlockState, MemoryState, PackedState
 from .model import MDI, MMRecBlock, MMRecModel, MultiMemoryAttention
 
 register_with_transformers()
 
-__all__ = ["BlockState", "MDI", "MMRecBlock", "MMRecConfig", "MMRecModel", "MemoryState", "MultiMemoryAttention"]
+__all__ = [
+    "BlockState",
+    "MDI",
+    "MMRecBlock",
+    "MMRecConfig",
+    "MMRecModel",
+    "MemoryState",
+    "MultiMemoryAttention",
+    "PackedState",
+]

@@ -65,6 +65,7 @@ from .training.data import (
     check_window_fits,
     load_corpus,
     train_batch,
+    train_starts,
     validation_offsets,
 )
 from .training.device import DeviceError, all_reduce_sum, default_autocast_dtype, pick_device
@@ -90,6 +91,7 @@ class PretrainSettings(TrainSettings):
 
     preset: str = "tiny"
     data: str | None = None
+    reset_at_documents: bool = False
     mode: str | None = None
     dim: int | None = None
     n_layers: int | None = None
@@ -114,6 +116,7 @@ class PretrainSettings(TrainSettings):
 FIXED_ON_RESUME = (
     "preset",
     "data",
+    "reset_at_documents",
     "mode",
     "dim",
     "n_layers",
@@ -134,6 +137,8 @@ HELP = {
     "preset": "model size: tiny, small or base (docs/design.md)",
     "data": "training text: a text file, a JSONL file (field 'text') or a folder of text files; "
     "default: the Python standard library's source. The last 5% of the bytes are the validation split",
+    "reset_at_documents": "read each document of a window from an empty state (the model's memories reset at "
+    "every document's first byte), in training and validation; default: the state runs on across documents",
     "mode": "recurrence: 'exact' (gate reads the state) or 'parallel' (gate reads the input); default: the preset's",
     "dim": "model width D; default: the preset's",
     "n_layers": "number of blocks; default: the preset's",
@@ -387,13 +392,18 @@ def validation_loss(run: Run) -> float:
         run.autocast_dtype,
         run.rank,
         run.world_size,
+        run.corpus.split_starts("val") if config.reset_at_documents else None,
     )
 
 
-def step_batch(run: Run, step: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """This rank's share of step `step`'s global batch (of the final phase's windows in its last steps)."""
+def step_batch(run: Run, step: int) -> tuple[torch.Tensor, ...]:
+    """This rank's share of step `step`'s global batch (of the final phase's windows in its
+    last steps): inputs, targets, and with --reset-at-documents their documents' starts."""
     config = run.config
-    return train_batch(run.corpus, step, config.seed, *config.step_windows(step), run.rank, run.world_size)
+    where = (run.corpus, step, config.seed, *config.step_windows(step), run.rank, run.world_size)
+    if not config.reset_at_documents:
+        return train_batch(*where)
+    return (*train_batch(*where), train_starts(*where))
 
 
 def checkpoint_dict(run: Run) -> dict:

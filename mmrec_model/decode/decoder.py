@@ -251,6 +251,15 @@ class BlockDecoder:
         return BlockState(self.h.clone(), recent_kv, self.store.clone(), self.index.clone())
 
 
+def check_one_document(state: MemoryState) -> None:
+    """A ValueError for a state of packed documents, which the decoder does not take."""
+    if not isinstance(state, MemoryState):
+        raise ValueError(
+            f"Decoder: expected a MemoryState, got a {type(state).__name__} "
+            "(packed documents, from a call with starts, are read by MMRecModel.forward only)"
+        )
+
+
 class Decoder:
     """``model`` decoding from ``state`` (after at least one token), a token at a time:
 
@@ -261,10 +270,12 @@ class Decoder:
 
     The same logits and state as ``model(token, state)`` token after token (float32
     rounding), in inference mode (its logits are inference tensors). ``cuda_graphs``
-    (a model on CUDA): ``step`` replays CUDA graphs of ``static_step``.
+    (a model on CUDA): ``step`` replays CUDA graphs of ``static_step``. Rows of packed
+    documents are not decoded: a ``PackedState`` (from a call with ``starts``) is refused.
     """
 
     def __init__(self, model, state: MemoryState, cuda_graphs: bool = False):
+        check_one_document(state)
         device = state.position.device
         if cuda_graphs and device.type != "cuda":
             raise ValueError(f"Decoder: cuda_graphs needs a model and state on CUDA, got a state on {device}")
@@ -297,6 +308,7 @@ class Decoder:
     def load(self, state: MemoryState) -> None:
         """Decode from ``state`` (of this batch size) on: its values, and the model's weights
         as they are now, into the same buffers."""
+        check_one_document(state)
         if state.blocks[0].h.shape != self.blocks[0].h.shape:
             raise ValueError(
                 f"Decoder.load: expected a state of batch size {self.token.shape[0]}, got {state.blocks[0].h.shape[0]}"

@@ -19,6 +19,7 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from ..config import MMRecConfig
@@ -62,6 +63,11 @@ class MemoryLayout(NamedTuple):
     first_token: int64 ``[]``, the first of those W - 1 tokens then the chunk's that
                  exists: none before the sequence's first token, so max(W - 1 - position, 0).
     store:       the chunk's ``StoreLayout`` (None without a long-term memory).
+    resets:      ``[B, T]`` bool, the tokens that start a document, where the recurrence
+                 restarts from h = 0 (None: no document starts; ``document_layout``).
+
+    A ``document_layout`` (rows of packed documents) has a read_mask per row,
+    ``[B, nb, Q, P + Q + W - 1]``, and a store whose ``retrievable`` is ``[B, T, C]``.
     """
 
     read_mask: Tensor
@@ -69,6 +75,7 @@ class MemoryLayout(NamedTuple):
     working_slots: Tensor
     first_token: Tensor
     store: StoreLayout | None
+    resets: Tensor | None = None
 
 
 class TokenLayout(NamedTuple):
@@ -144,3 +151,29 @@ def memory_layout(position: Tensor, T: int, config: MMRecConfig) -> MemoryLayout
         first_token=(earlier - position).clamp(min=0),
         store=store_layout(position, T, config) if config.top_k > 0 else None,
     )
+
+
+def document_layout(layout: MemoryLayout, position: Tensor, documents: Tensor, config: MMRecConfig) -> MemoryLayout:
+    """``layout`` (``memory_layout``'s, of the T tokens from absolute ``position``) for rows
+    of packed documents: ``documents`` ``[B, T]`` int64, the absolute position of the first
+    token of each token's document. A token reads nothing from before it: no working key
+    at a position < documents[b, t] (read_mask per row, ``[B, nb, Q, P + Q + W - 1]``), no
+    segment that begins before it (store.retrievable per row, ``[B, T, C]``: a segment
+    that straddles a document's start is retrievable by neither document), and the
+    recurrence restarts at each start (resets ``[B, T]``). The persistent slots stay
+    visible to every token."""
+    B, T = documents.shape
+    n_blocks, Q, n_keys = layout.read_mask.shape
+    keys = torch.ones(B, n_blocks, Q, n_keys, dtype=torch.bool, device=documents.device)
+    if config.window > 0:
+        # Working key j of block n is the token at starts[n] - (W - 1) + j (``working_mask``).
+        starts, _ = block_starts(position, T)
+        working = starts.view(-1, 1) - (config.window - 1) + torch.arange(Q + config.window - 1, device=starts.device)
+        first = F.pad(documents, (0, n_blocks * Q - T)).view(B, n_blocks, Q, 1)
+        keys[..., config.persistent_slots :] = working.view(1, n_blocks, 1, -1) >= first
+    store = layout.store
+    if store is not None:
+        begins = store.candidates * config.segment_len
+        store = store._replace(retrievable=store.retrievable & (begins >= documents.unsqueeze(-1)))
+    resets = documents == position + torch.arange(T, device=documents.device)
+    return layout._replace(read_mask=layout.read_mask & keys, store=store, resets=resets)

@@ -51,3 +51,23 @@ class MemoryState(NamedTuple):
         """The same values, cut from the autograd graph (truncated backpropagation
         through time across calls)."""
         return MemoryState(self.position, tuple(BlockState(*(t.detach() for t in block)) for block in self.blocks))
+
+
+class PackedState(NamedTuple):
+    """The state after rows of packed documents (``MMRecModel.forward`` with ``starts``):
+    a ``MemoryState``'s position and blocks, and where each row's current document began,
+    so that a later call goes on reading it alone.
+
+    document_start: ``[B]`` int64, the absolute position of the first token of each row's
+                    current document.
+    """
+
+    position: Tensor
+    blocks: tuple[BlockState, ...]
+    document_start: Tensor
+
+    def clone(self) -> PackedState:
+        return PackedState(*MemoryState(self.position, self.blocks).clone(), self.document_start.clone())
+
+    def detach(self) -> PackedState:
+        return PackedState(*MemoryState(self.position, self.blocks).detach(), self.document_start)

@@ -165,7 +165,8 @@ def candidate_segments(pool: Tensor, layout: StoreLayout, segment_len: int, pool
 def select_segments(q: Tensor, keys: Tensor, retrievable: Tensor, top_k: int) -> tuple[Tensor, Tensor]:
     """The top_k candidates of each query by q . key summed over heads.
 
-    q ``[B, T, H, d]``; keys ``[B, C, D]`` (index keys); retrievable ``[T, C]`` bool.
+    q ``[B, T, H, d]``; keys ``[B, C, D]`` (index keys); retrievable ``[T, C]`` bool, or
+    ``[B, T, C]`` (rows of packed documents, ``document_layout``).
     Returns the chosen candidates ``[B, T, k]`` (k = min(top_k, C)) and whether each is
     retrievable ``[B, T, k]`` (False where fewer than k are). No gradient flows through the
     choice.

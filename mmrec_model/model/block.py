@@ -91,24 +91,32 @@ class MMRecBlock(nn.Module):
             nn.init.normal_(self.gate_weight, std=1 / math.sqrt(self.gate_weight.shape[-1]))
             nn.init.zeros_(self.gate_bias)
 
-    def recurrence(self, z: Tensor, k: Tensor, h0: Tensor) -> Tensor:
+    def recurrence(self, z: Tensor, k: Tensor, h0: Tensor, resets: Tensor | None = None) -> Tensor:
         """h ``[B, T, H, d]`` from z, k ``[B, T, D]`` and h0 ``[B, H, d]``, in z's dtype
-        (autocast leaves the parameters in float32; the ops want one dtype)."""
+        (autocast leaves the parameters in float32; the ops want one dtype). ``resets``
+        ``[B, T]`` bool (None: none): tokens whose h_{t-1} is 0, the start of a document."""
         heads = (self.n_heads, -1)
         gamma = self.mdi(z, k).unflatten(-1, heads).to(z.dtype)
         z = z.unflatten(-1, heads)
         weight, bias, h0 = self.gate_weight.to(z.dtype), self.gate_bias.to(z.dtype), h0.to(z.dtype)
         if self.mode == "exact":
+            if resets is not None:
+                return recurrence_with_resets(z, gamma, weight, bias, h0, resets)
             return mmrec_ops.recurrence(z, gamma, weight, bias, h0)
         gate = torch.sigmoid(torch.einsum("hoi,bthi->btho", weight, z) + bias)
+        if resets is not None:
+            # h_t = gamma_t h_{t-1} + x_t with gamma_t = 0 is x_t: h_{t-1} = 0's.
+            gamma = gamma.masked_fill(resets.view(*resets.shape, 1, 1), 0)
         return mmrec_ops.scan(gamma, z * gate, h0)
 
-    def project(self, x: Tensor, state: BlockState) -> tuple[Tensor, Tensor, Tensor | None]:
+    def project(
+        self, x: Tensor, state: BlockState, resets: Tensor | None = None
+    ) -> tuple[Tensor, Tensor, Tensor | None]:
         """q ``[B, T, H, d]``, kv ``[B, T, 2, D]`` and the recurrence's h ``[B, T, H, d]``
-        (None without one) of x ``[B, T, D]``."""
+        (None without one) of x ``[B, T, D]``; ``resets`` as ``recurrence``'s."""
         u = self.norm_mix(x)
         q, k, v, z = self.w_in(u).chunk(4, dim=-1)
-        h = None if self.mode == "none" else self.recurrence(z, k, state.h)
+        h = None if self.mode == "none" else self.recurrence(z, k, state.h, resets)
         # Contiguous here, in the compiled graph, rather than copied by the read's kernels
         # in its forward and again in its backward (2 eager copies of q a block on CUDA).
         q = q.unflatten(-1, (self.n_heads, -1)).contiguous()
@@ -171,7 +179,7 @@ class MMRecBlock(nn.Module):
         model computes once for all its blocks) -> (out ``[B, T, D]``, new state).
         ``fresh``: the state is ``initial_state``'s (an empty store), so that the retrieved
         tokens are read from the chunk alone."""
-        q, kv, h = self.project(x, state)
+        q, kv, h = self.project(x, state, layout.resets)
         store, index, retrieved = state.store, state.index, None
         c = self.config
         if c.top_k > 0:
@@ -251,3 +259,22 @@ class MMRecBlock(nn.Module):
         key_sum = store[:, layout.store_slot, :, 0].sum(2)
         index = torch.where(layout.completes, index.index_copy(1, layout.store_slot, key_sum), index)
         return store, index, retrieved
+
+
+# It reads the resets back to cut the chunk: eager under torch.compile (one graph break,
+# rather than a graph for each piece).
+@torch.compiler.disable
+def recurrence_with_resets(
+    z: Tensor, gamma: Tensor, weight: Tensor, bias: Tensor, h0: Tensor, resets: Tensor
+) -> Tensor:
+    """``mmrec_ops.recurrence`` (h ``[B, T, H, d]``) where each row restarts from h = 0 at
+    its tokens of ``resets`` ``[B, T]``: the gate reads h_{t-1}, so a reset is no change of
+    the inputs; the chunk is cut at every column where some row restarts, each piece run
+    from the carried state of the rows that go on and 0 for those that restart."""
+    cuts = sorted({0, *resets.any(0).nonzero().flatten().tolist()}) + [z.shape[1]]
+    pieces, h = [], h0
+    for begin, end in zip(cuts[:-1], cuts[1:]):
+        h = h.masked_fill(resets[:, begin].view(-1, 1, 1), 0)
+        pieces.append(mmrec_ops.recurrence(z[:, begin:end], gamma[:, begin:end], weight, bias, h))
+        h = pieces[-1][:, -1]
+    return torch.cat(pieces, dim=1)

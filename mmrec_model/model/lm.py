@@ -10,7 +10,7 @@ from torch import Tensor, nn
 
 from ..config import MMRecConfig
 from ..decode import Decoder, check_sampling, sample
-from ..memory import BlockState, MemoryState, memory_layout, token_layout
+from ..memory import BlockState, MemoryState, PackedState, document_layout, memory_layout, token_layout
 from .block import MMRecBlock
 
 # The dtypes nn.Embedding takes as indices.
@@ -85,10 +85,11 @@ class MMRecModel(nn.Module):
     def forward(
         self,
         ids: Tensor,
-        state: MemoryState | None = None,
+        state: MemoryState | PackedState | None = None,
         chunk_size: int | None = None,
         return_state: bool = True,
-    ) -> tuple[Tensor, MemoryState | None]:
+        starts: Tensor | None = None,
+    ) -> tuple[Tensor, MemoryState | PackedState | None]:
         """ids ``[B, T]`` (int, in [0, vocab_size)) and the state after the tokens before them
         (None: start of the sequences) -> (logits ``[B, T, vocab_size]``, state after ids).
 
@@ -96,52 +97,72 @@ class MMRecModel(nn.Module):
         state (memory then scales with chunk_size, not T); the logits are the same.
         ``return_state`` False (training on windows read from their start): the state is
         None, so that a call from a fresh state never builds the long-term store.
+        ``starts`` ``[B, T]`` bool (rows of packed documents): True at the first token of a
+        document, which starts from an empty state: no token reads anything from before
+        its document's first token (recurrence, working memory, long-term segments; a
+        segment that straddles a start is retrievable by neither document), only the
+        persistent slots are shared. The state returned is then a ``PackedState``, which
+        remembers where each row's last document began, so that a later call continues
+        it; ``generate`` and ``decode.Decoder`` refuse it.
 
         A one-token call (T = 1) returns a new state, so it copies the long-term store
         (``memory_tokens`` keys and values a block); ``generate`` and ``decode.Decoder``
         stream without that copy, in place.
         """
-        self._check_inputs(ids, state, chunk_size)
+        self._check_inputs(ids, state, chunk_size, starts)
+        documents = document_positions(ids, state, starts)
         fresh = state is None
         if fresh and not return_state and 1 < ids.shape[1] <= (chunk_size or ids.shape[1]):
-            return self._forward_chunk(ids, self.initial_state(ids.shape[0], ids.device, with_store=False), True)[
-                0
-            ], None
+            state = self.initial_state(ids.shape[0], ids.device, with_store=False)
+            return self._forward_chunk(ids, state, True, documents)[0], None
         if fresh:
             state = self.initial_state(ids.shape[0], ids.device)
         if chunk_size is None or ids.shape[1] <= chunk_size:
-            logits, state = self._forward_chunk(ids, state, fresh)
+            logits, state = self._forward_chunk(ids, state, fresh, documents)
             return logits, state if return_state else None
         logits = []
-        for chunk in ids.split(chunk_size, dim=1):
-            chunk_logits, state = self._forward_chunk(chunk, state, fresh)
+        chunks = ids.split(chunk_size, dim=1)
+        pieces = [None] * len(chunks) if documents is None else documents.split(chunk_size, dim=1)
+        for chunk, chunk_documents in zip(chunks, pieces):
+            chunk_logits, state = self._forward_chunk(chunk, state, fresh, chunk_documents)
             logits.append(chunk_logits)
             fresh = False
         return torch.cat(logits, dim=1), state if return_state else None
 
-    def _forward_chunk(self, ids: Tensor, state: MemoryState, fresh: bool) -> tuple[Tensor, MemoryState]:
+    def _forward_chunk(
+        self, ids: Tensor, state: MemoryState | PackedState, fresh: bool, documents: Tensor | None = None
+    ) -> tuple[Tensor, MemoryState | PackedState]:
         """The blocks over ids ``[B, T]`` at once; one token per row (T = 1) takes their
         lean step (``MMRecBlock.step``). ``fresh``: the state is ``initial_state``'s (its
-        store may be empty, 0 slots: then the state returned has no store either)."""
+        store may be empty, 0 slots: then the state returned has no store either).
+        ``documents`` ``[B, T]`` int64 (``document_positions``; None: one document a row):
+        where each token's document begins."""
         x = self.embed(ids)
         blocks = []
-        if ids.shape[1] == 1:
+        if ids.shape[1] == 1 and documents is None:
             layout = token_layout(state.position, self.config)
             for block, block_state in zip(self.blocks, state.blocks):
                 x, block_state = block.step(x, block_state, layout)
                 blocks.append(block_state)
         else:
             layout = memory_layout(state.position, ids.shape[1], self.config)
+            if documents is not None:
+                layout = document_layout(layout, state.position, documents, self.config)
             for block, block_state in zip(self.blocks, state.blocks):
                 x, block_state = block(x, block_state, layout, fresh)
                 blocks.append(block_state)
-        return self.head(x), MemoryState(state.position + ids.shape[1], tuple(blocks))
+        position = state.position + ids.shape[1]
+        if documents is None:
+            return self.head(x), MemoryState(position, tuple(blocks))
+        return self.head(x), PackedState(position, tuple(blocks), documents[:, -1])
 
     def head(self, x: Tensor) -> Tensor:
         """Logits ``[..., V]`` of the last block's output ``[..., D]``: final norm, tied embedding."""
         return F.linear(self.norm(x), self.embed.weight)
 
-    def _check_inputs(self, ids: Tensor, state: MemoryState | None, chunk_size: int | None) -> None:
+    def _check_inputs(
+        self, ids: Tensor, state: MemoryState | PackedState | None, chunk_size: int | None, starts: Tensor | None = None
+    ) -> None:
         vocab_size = self.config.vocab_size
         if not isinstance(ids, Tensor) or ids.dim() != 2 or ids.dtype not in INDEX_DTYPES:
             raise ValueError(
@@ -163,11 +184,18 @@ class MMRecModel(nn.Module):
             isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1
         ):
             raise ValueError(f"MMRecModel: expected chunk_size to be a positive int or None, got {chunk_size!r}")
+        if starts is not None and (
+            not isinstance(starts, Tensor) or starts.dtype != torch.bool or starts.shape != ids.shape
+        ):
+            raise ValueError(
+                f"MMRecModel: expected starts to be None or a bool tensor of ids' shape {list(ids.shape)} "
+                f"(True at the first token of a document), got {_describe(starts)}"
+            )
         if state is None:
             return
-        if not isinstance(state, MemoryState) or len(state.blocks) != len(self.blocks):
+        if not isinstance(state, (MemoryState, PackedState)) or len(state.blocks) != len(self.blocks):
             raise ValueError(
-                f"MMRecModel: expected state to be a MemoryState with {len(self.blocks)} blocks "
+                f"MMRecModel: expected state to be a MemoryState or PackedState with {len(self.blocks)} blocks "
                 "(from initial_state or a previous call), got " + type(state).__name__
             )
         if state.blocks[0].h.shape[0] != ids.shape[0]:
@@ -249,6 +277,24 @@ class MMRecModel(nn.Module):
         else:
             decoder.load(state)
         return decoder
+
+
+def document_positions(ids: Tensor, state: MemoryState | PackedState | None, starts: Tensor | None) -> Tensor | None:
+    """``[B, T]`` int64: the absolute position of the first token of each token's document,
+    the latest start (``starts`` ``[B, T]`` bool) at or before it, else the state's
+    ``document_start`` (a ``PackedState``'s; 0 for a ``MemoryState``). None where neither
+    the call nor the state has document starts (each row one document)."""
+    carried = state.document_start if isinstance(state, PackedState) else None
+    if starts is None and carried is None:
+        return None
+    B, T = ids.shape
+    position = torch.zeros((), dtype=torch.int64, device=ids.device) if state is None else state.position
+    if carried is None:
+        carried = torch.zeros(B, dtype=torch.int64, device=ids.device)
+    if starts is None:
+        return carried.view(B, 1).expand(B, T)
+    positions = position + torch.arange(T, device=ids.device)
+    return torch.where(starts, positions, carried.view(B, 1)).cummax(dim=1).values
 
 
 def _describe(t) -> str:

@@ -23,18 +23,22 @@ def blocked_attention(q: Tensor, keys_values: Tensor, mask: Tensor) -> Tensor:
         out_t = sum_c softmax_c(q_t . k_c / sqrt(d) | mask[b, i, c]) v_c,   t = b Q + i
 
     q ``[B, T, H, d]``; keys_values ``[B, nb, K, 2, D]`` (key, value of each block's K
-    candidates; D = H d); mask ``[nb, Q, K]`` bool (True: visible), nb Q >= T; every row
-    must see a key. Returns ``[B, T, H, d]``.
+    candidates; D = H d); mask ``[nb, Q, K]`` bool (True: visible), or ``[B, nb, Q, K]`` (a
+    mask per row), nb Q >= T; every row must see a key. Returns ``[B, T, H, d]``.
 
     SDPA sees the blocks as its batch and the B H (batch row, head) pairs as its heads,
-    so that the mask broadcasts over them instead of being copied B times.
+    so that a mask ``[nb, Q, K]`` broadcasts over them instead of being copied B times.
     """
     B, T, H, d = q.shape
-    nb, Q, K = mask.shape
+    nb, Q, K = mask.shape[-3:]
     queries = F.pad(q, (0, 0, 0, 0, 0, nb * Q - T)).reshape(B, nb, Q, H, d).permute(1, 0, 3, 2, 4)
     keys, values = (keys_values[:, :, :, i].unflatten(-1, (H, d)).permute(1, 0, 3, 2, 4) for i in (0, 1))
+    if mask.dim() == 4:
+        mask = mask.transpose(0, 1).unsqueeze(2).expand(nb, B, H, Q, K).reshape(nb, B * H, Q, K)
+    else:
+        mask = mask.unsqueeze(1)
     out = F.scaled_dot_product_attention(
-        *(t.reshape(nb, B * H, -1, d).to(q.dtype) for t in (queries, keys, values)), attn_mask=mask.unsqueeze(1)
+        *(t.reshape(nb, B * H, -1, d).to(q.dtype) for t in (queries, keys, values)), attn_mask=mask
     )
     return out.view(nb, B, H, Q, d).permute(1, 0, 3, 2, 4).reshape(B, nb * Q, H, d)[:, :T]
 
@@ -49,6 +53,18 @@ def op_blocked_attention(
     if tokens is None:
         return sdpa_blocked_attention(q, group, None, mask)
     return mmrec_ops.memory_read(q, group, mask[..., : group.shape[2]], tokens, first_token, window)[0]
+
+
+def blocked_attend(q: Tensor, keys_values: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+    """``attend`` of queries in blocks, each over its own keys, with a mask per row: q
+    ``[B, T, H, d]``, keys_values ``[B, nb, K, 2, D]``, mask ``[B, nb, Q, K]`` (nb Q >= T)
+    -> out ``[B, T, H, d]``, lse ``[B, H, T]``."""
+    B, T, H, d = q.shape
+    nb, Q, K = mask.shape[1:]
+    queries = F.pad(q, (0, 0, 0, 0, 0, nb * Q - T)).view(B * nb, Q, H, d)
+    out, lse = attend(queries, keys_values.flatten(0, 1), mask.flatten(0, 1))
+    lse = lse.view(B, nb, H, Q).transpose(1, 2).reshape(B, H, nb * Q)
+    return out.reshape(B, nb * Q, H, d)[:, :T], lse[..., :T]
 
 
 def working_tokens(earlier: Tensor, kv: Tensor) -> Tensor:
@@ -163,14 +179,16 @@ class MultiMemoryAttention(nn.Module):
         ``[B, W - 1, 2, D]`` the W - 1 tokens before the chunk, oldest first (unused
         when W = 0); retrieved: the read of the long-term tokens each query retrieved,
         out and lse as ``attend`` gives them (None: no long-term memory) -> ``[B, T, H, d]``."""
-        n_blocks, Q, _ = layout.read_mask.shape
+        n_blocks, Q, _ = layout.read_mask.shape[-3:]
         group = self.group(q, None, n_blocks)
         tokens = working_tokens(earlier, kv.to(q.dtype)) if self.window > 0 else None
         if retrieved is not None:
             near, near_lse = self.read_near(q, group, tokens, layout)
             return merge_reads(near, near_lse, *retrieved)
-        # On the CPU, SDPA's fused attention reads faster than memory_read's block products.
-        if self.kernel == "memory_read" or (self.kernel == "auto" and q.is_cuda):
+        # On the CPU, SDPA's fused attention reads faster than memory_read's block products;
+        # memory_read takes one mask for all rows, not packed documents' mask per row.
+        per_row = layout.read_mask.dim() == 4
+        if not per_row and (self.kernel == "memory_read" or (self.kernel == "auto" and q.is_cuda)):
             return op_blocked_attention(q, group, tokens, layout.read_mask, self.window, layout.first_token)
         working = None if tokens is None else working_keys(tokens, n_blocks, Q, self.window)
         return sdpa_blocked_attention(q, group, working, layout.read_mask)
@@ -182,6 +200,10 @@ class MultiMemoryAttention(nn.Module):
             B, T = q.shape[:2]
             persistent = group[:, 0]
             return attend(q, persistent, torch.ones(B, T, persistent.shape[1], dtype=torch.bool, device=q.device))
+        if layout.read_mask.dim() == 4:
+            n_blocks, Q = layout.read_mask.shape[1:3]
+            keys = torch.cat([group, working_keys(tokens, n_blocks, Q, self.window)], dim=2)
+            return blocked_attend(q, keys, layout.read_mask)
         mask = layout.read_mask[..., : group.shape[2]]
         return mmrec_ops.memory_read(q, group, mask, tokens, layout.first_token, self.window)
 

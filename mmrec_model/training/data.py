@@ -6,7 +6,8 @@ last VAL_FRACTION of the stream is the validation split, the rest is the
 training split.
 
 Batches are windows of seq_len + 1 bytes at random offsets; input = window[:-1],
-target = window[1:]. The offsets of training step s are drawn from a generator
+target = window[1:]; and, for training that resets at documents, the window's starts
+(``window_starts``: True at each document's first byte, MMRecModel.forward's starts). The offsets of training step s are drawn from a generator
 seeded by (seed, s) alone, so the data position of a run is its step count:
 resuming needs no sampler state, and the global batch of a step is the same
 whatever the number of processes that share it (each takes its slice).
@@ -20,7 +21,7 @@ import json
 import os
 import stat
 import sysconfig
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -44,13 +45,21 @@ class Corpus:
     """A byte corpus split for training.
 
     train, val: uint8 tensors [N_train], [N_val]; source: where it came from;
-    sha256: fingerprint of the whole stream (a resumed run checks it).
+    sha256: fingerprint of the whole stream (a resumed run checks it); document_starts:
+    int64 [n], sorted, the stream positions where a document other than the first begins
+    (empty: one document).
     """
 
     train: torch.Tensor
     val: torch.Tensor
     source: str
     sha256: str
+    document_starts: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.int64))
+
+    def split_starts(self, split: str) -> torch.Tensor:
+        """int64 [n]: where a document begins in the split 'train' or 'val' (its positions)."""
+        starts, n_train = self.document_starts, len(self.train)
+        return starts[starts < n_train] if split == "train" else starts[starts >= n_train] - n_train
 
     def describe(self) -> str:
         return f"{self.source}: {len(self.train):,} training bytes, {len(self.val):,} validation bytes"
@@ -173,16 +182,19 @@ def validation_size(stream_bytes: int) -> int:
 
 def corpus_from_documents(documents: list[bytes], source: str) -> Corpus:
     """The corpus of `documents` (empty ones left out) joined by DOC_SEPARATOR, split."""
-    stream = DOC_SEPARATOR.join(doc for doc in documents if doc)
+    kept = [doc for doc in documents if doc]
+    stream = DOC_SEPARATOR.join(kept)
     if not stream:
         raise DataError(f"--data {source}: holds no text")
     n_val = validation_size(len(stream))
     tensor = torch.frombuffer(bytearray(stream), dtype=torch.uint8)
+    sizes = torch.tensor([len(doc) + len(DOC_SEPARATOR) for doc in kept[:-1]], dtype=torch.int64)
     return Corpus(
         train=tensor[:-n_val],
         val=tensor[-n_val:],
         source=source,
         sha256=hashlib.sha256(stream).hexdigest(),
+        document_starts=sizes.cumsum(0),
     )
 
 
@@ -243,6 +255,15 @@ def windows(split: torch.Tensor, offsets: torch.Tensor, seq_len: int) -> tuple[t
     return rows[:, :-1], rows[:, 1:]
 
 
+def window_starts(starts: torch.Tensor, offsets: torch.Tensor, seq_len: int) -> torch.Tensor:
+    """bool [len(offsets), seq_len]: which inputs of the windows at `offsets` begin a
+    document, given the split's sorted document starts `starts` (``Corpus.split_starts``)."""
+    positions = offsets[:, None] + torch.arange(seq_len)
+    if len(starts) == 0:
+        return torch.zeros_like(positions, dtype=torch.bool)
+    return starts[torch.searchsorted(starts, positions).clamp(max=len(starts) - 1)] == positions
+
+
 def random_offsets(split: torch.Tensor, count: int, seq_len: int, generator: torch.Generator) -> torch.Tensor:
     return torch.randint(0, len(split) - seq_len, (count,), generator=generator)
 
@@ -263,9 +284,24 @@ def train_batch(
     [r * b, (r + 1) * b), b = batch_size / world_size. Returns inputs and
     targets [b, seq_len].
     """
+    return windows(corpus.train, train_offsets(corpus, step, seed, batch_size, seq_len, rank, world_size), seq_len)
+
+
+def train_offsets(
+    corpus: Corpus, step: int, seed: int, batch_size: int, seq_len: int, rank: int = 0, world_size: int = 1
+) -> torch.Tensor:
+    """The offsets of `train_batch`'s windows (this process's share)."""
     offsets = random_offsets(corpus.train, batch_size, seq_len, step_generator(seed, step))
     share = batch_size // world_size
-    return windows(corpus.train, offsets[rank * share : (rank + 1) * share], seq_len)
+    return offsets[rank * share : (rank + 1) * share]
+
+
+def train_starts(
+    corpus: Corpus, step: int, seed: int, batch_size: int, seq_len: int, rank: int = 0, world_size: int = 1
+) -> torch.Tensor:
+    """bool [b, seq_len]: the document starts (``window_starts``) of `train_batch`'s inputs."""
+    offsets = train_offsets(corpus, step, seed, batch_size, seq_len, rank, world_size)
+    return window_starts(corpus.split_starts("train"), offsets, seq_len)
 
 
 def validation_offsets(corpus: Corpus, count: int, seq_len: int) -> torch.Tensor:

@@ -27,7 +27,8 @@ from .checkpoint import (
 from .optim import make_optimizer, make_scheduler, optimizer_state_problem, train_step
 from .settings import TrainSettings
 
-Batch = tuple[Tensor, Tensor]
+# Inputs and targets [B, T], and optionally the inputs that begin a document [B, T] bool.
+Batch = tuple[Tensor, ...]
 
 
 @dataclasses.dataclass
@@ -171,7 +172,7 @@ class Trainer:
         save_every: int = 0,
     ) -> None:
         """Optimizer steps from `step` to `stop`: step s trains on batches(s) (inputs and
-        targets [B, T] on the CPU) through `net` (the model, or a DDP or compiled wrapper of
+        targets [B, T] on the CPU, then optionally starts [B, T]: train_step's) through `net` (the model, or a DDP or compiled wrapper of
         it), by optim.train_step. A step whose batch shape differs from the step before's
         compiles anew (a static graph per shape: with settings.compile Dynamo's caches are
         reset), and is left out of the steady clock.
@@ -188,16 +189,23 @@ class Trainer:
         self.clocks = clocks = Clocks(self.progress, self.device, self.step)
         losses, shape = [], None
         for step in range(self.step, stop):
-            inputs, targets = batches(step)
-            compiles = inputs.shape != shape
+            batch = batches(step)
+            compiles = batch[0].shape != shape
             if compiles and shape is not None:
                 clocks.hold(step)
                 if self.settings.compile:
                     torch._dynamo.reset()  # a static graph for the new shape, not a dynamic one for both
-            shape = inputs.shape
-            inputs, targets = to_device((inputs, targets), self.device)
+            shape = batch[0].shape
+            inputs, targets, *starts = to_device(batch, self.device)
             loss = train_step(
-                net, inputs, targets, self.optimizer, self.scheduler, self.settings.grad_clip, self.autocast_dtype
+                net,
+                inputs,
+                targets,
+                self.optimizer,
+                self.scheduler,
+                self.settings.grad_clip,
+                self.autocast_dtype,
+                *starts,
             )
             losses.append(loss)
             if compiles:

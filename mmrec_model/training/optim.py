@@ -30,14 +30,22 @@ MIN_LR_RATIO = 0.1
 ADAM_BETAS = (0.9, 0.95)
 
 
-def window_logits(net: torch.nn.Module, inputs: Tensor) -> Tensor:
+def window_logits(net: torch.nn.Module, inputs: Tensor, starts: Tensor | None = None) -> Tensor:
     """The logits [B, T, V] of windows inputs [B, T] read from their start through `net` (a
     model, or a DDP or compiled wrapper of it): an MMRecModel is asked not to build the state
     it would return (its long-term store), which training and validation never read; any other
-    model's output is its logits, or a tuple whose first is."""
+    model's output is its logits, or a tuple whose first is. `starts` [B, T] bool (None:
+    none): the inputs that begin a document, read from an empty state (MMRecModel only)."""
     model = getattr(net, "module", net)
     if isinstance(getattr(model, "_orig_mod", model), MMRecModel):
-        return net(inputs, return_state=False)[0]
+        if starts is None:
+            return net(inputs, return_state=False)[0]
+        return net(inputs, return_state=False, starts=starts)[0]
+    if starts is not None:
+        raise ValueError(
+            f"window_logits: starts (documents read from an empty state) needs an MMRecModel, "
+            f"got a {type(getattr(model, '_orig_mod', model)).__name__}"
+        )
     output = net(inputs)
     return output[0] if isinstance(output, tuple) else output
 
@@ -128,14 +136,15 @@ def train_step(
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     grad_clip: float,
     autocast_dtype: torch.dtype | None = None,
+    starts: Tensor | None = None,
 ) -> Tensor:
-    """One optimizer step on the windows inputs, targets [B, T], each read from its start:
-    the forward net(inputs) under autocast, the mean of next_byte_loss, backward, the
-    gradient norm clipped to `grad_clip`, then the optimizer and the scheduler step.
-    Returns the loss, a detached scalar left on the device (reading it is the caller's
-    host sync)."""
+    """One optimizer step on the windows inputs, targets [B, T], each read from its start
+    (and from each document's start, `starts`: window_logits'): the forward net(inputs)
+    under autocast, the mean of next_byte_loss, backward, the gradient norm clipped to
+    `grad_clip`, then the optimizer and the scheduler step. Returns the loss, a detached
+    scalar left on the device (reading it is the caller's host sync)."""
     with autocast(inputs.device, autocast_dtype):
-        logits = window_logits(net, inputs)
+        logits = window_logits(net, inputs, starts)
     loss = next_byte_loss(logits, targets).mean()
     optimizer.zero_grad(set_to_none=True)
     loss.backward()

@@ -226,3 +226,23 @@ def test_validation_windows_are_fixed_whatever_the_seed(fresh_seed):
     torch.manual_seed(fresh_seed + 1)
     assert torch.equal(first, D.validation_offsets(corpus, 8, 13))
     assert int(first.max()) <= len(corpus.val) - 14
+
+
+@pytest.mark.parametrize("sizes", [[30, 0, 45, 7, 12, 9, 3], [400, 5, 6]])
+def test_window_starts_mark_each_documents_first_byte(fresh_seed, sizes):
+    """Each document of its own letter: a byte begins a document iff the byte before it
+    is the separator's last (or it is the stream's first, which no window's start marks
+    but the first document's)."""
+    documents = [bytes([65 + i]) * size for i, size in enumerate(sizes)]
+    corpus = D.corpus_from_documents(documents, "letters")
+    stream = torch.cat([corpus.train, corpus.val]).long()
+    begins = torch.zeros_like(stream, dtype=torch.bool)
+    begins[1:] = (stream[1:] != 10) & (stream[:-1] == 10)
+    for split, start in (("train", 0), ("val", len(corpus.train))):
+        expected = begins[start : start + len(getattr(corpus, split))]
+        offsets = torch.arange(len(expected) - 4)
+        starts = D.window_starts(corpus.split_starts(split), offsets, 4)
+        assert torch.equal(starts, expected[offsets[:, None] + torch.arange(4)])
+    inputs = D.train_batch(corpus, 2, fresh_seed, 6, 9)[0]
+    starts = D.train_starts(corpus, 2, fresh_seed, 6, 9)
+    assert torch.equal(starts[:, 1:], (inputs[:, 1:] != 10) & (inputs[:, :-1] == 10))

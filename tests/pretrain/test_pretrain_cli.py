@@ -541,3 +541,23 @@ def test_a_hung_process_stops_the_others_after_the_dist_timeout(tmp_path, corpus
         "(it hung or died); the run stopped at its last checkpoint\n" in result.stderr
     ), result.stderr
     assert "[rank0]: Traceback" not in result.stderr
+
+
+def test_reset_at_documents_reads_each_document_from_an_empty_state(tmp_path, corpus_file, fresh_seed):
+    """The same run with and without the flag on a folder of documents (pieces of 50
+    bytes, so that every window of 80 holds a document's start after its first byte): the
+    same windows and initial weights, other losses from the first validation on."""
+    folder = tmp_path / "documents"
+    folder.mkdir()
+    text = corpus_file.read_bytes()[:20000]
+    for i in range(0, len(text), 50):
+        (folder / f"{i:06d}.txt").write_bytes(text[i : i + 50])
+    runs = {}
+    for flag in ([], ["--reset-at-documents"]):
+        out = tmp_path / f"run{len(flag)}"
+        args = [*SMALL, "--data", folder, "--steps", 1, "--eval-every", 1, "--seed", fresh_seed, "--out", out]
+        succeeded(pretrain([*args, *flag], tmp_path))
+        runs[bool(flag)] = out
+    assert load(runs[True])["train_config"]["reset_at_documents"] is True
+    for split in ("train", "val"):
+        assert metrics(runs[True], split)[0]["loss"] != metrics(runs[False], split)[0]["loss"]

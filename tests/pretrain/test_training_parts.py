@@ -18,7 +18,7 @@ from mmrec_model import MMRecConfig, MMRecModel
 from mmrec_model.pretrain import PretrainSettings, UsageError, check_sizes, resumed_config
 from mmrec_model.training import SettingsError, Trainer, TrainSettings, make_optimizer, make_scheduler, train_step
 from mmrec_model.training import checkpoint as C
-from mmrec_model.training.optim import MIN_LR_RATIO, lr_factor
+from mmrec_model.training.optim import MIN_LR_RATIO, lr_factor, window_logits
 
 pytestmark = pytest.mark.pretrain
 
@@ -425,3 +425,12 @@ def test_an_older_checkpoint_of_the_summary_long_term_memory_is_refused():
     checkpoint = older_checkpoint(n_levels=3, level_slots=32)
     with pytest.raises(C.CheckpointError, match=r"old.pt: .*summary long-term memory \(n_levels=3\).*retrieval"):
         C.model_from_checkpoint(checkpoint, torch.device("cpu"), "old.pt")
+
+
+def test_starts_need_an_mmrec_model():
+    """The Transformer baseline (any model but MMRecModel) cannot read documents from an empty state."""
+    linear = torch.nn.Embedding(256, 256)
+    ids = torch.zeros(1, 4, dtype=torch.int64)
+    assert window_logits(linear, ids).shape == (1, 4, 256)
+    with pytest.raises(ValueError, match="starts .* needs an MMRecModel, got a Embedding"):
+        window_logits(linear, ids, torch.ones(1, 4, dtype=torch.bool))
