@@ -29,6 +29,27 @@ def check_shape(t: Tensor, expected, op: str, name: str) -> None:
         raise ValueError(f"{op}: expected {name} of shape {list(expected)}, got {list(t.shape)}")
 
 
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype a read's scores, sums and lse accumulate in for q's dtype."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def check_read_outputs(op: str, q: Tensor, grad_out: Tensor, out: Tensor, grad_lse: Tensor, lse: Tensor) -> None:
+    """A read's backward: its saved out and lse, and their upstream gradients, match q
+    ``[B, T, H, d]`` (out ``[B, T, H, d]`` in q's dtype, lse ``[B, H, T]`` in
+    ``accumulation_dtype``)."""
+    B, T, H, _ = q.shape
+    for name, t in (("grad_out", grad_out), ("out", out)):
+        check_like(t, q, op, name, "q")
+        check_shape(t, q.shape, op, name)
+    for name, t in (("grad_lse", grad_lse), ("lse", lse)):
+        if t.dtype != accumulation_dtype(q.dtype) or t.device != q.device:
+            raise ValueError(
+                f"{op}: expected {name} in {accumulation_dtype(q.dtype)} on {q.device}, got {t.dtype} on {t.device}"
+            )
+        check_shape(t, (B, H, T), op, name)
+
+
 def step_shape(seq_shape) -> list:
     """Shape of one time step of a [B, T, ...] tensor: [B, ...]."""
     return [seq_shape[0], *seq_shape[2:]]

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from ._autograd import refuse_second_derivatives, register_autograd
-from ._checks import check_floating, check_like, check_shape
+from ._checks import accumulation_dtype, check_floating, check_like, check_read_outputs, check_shape
 from ._triton import triton_launchers
 from ._vmap import fold, per_instance, unfold
 
@@ -59,10 +59,6 @@ def memory_read(
     if isinstance(first_token, int) and not isinstance(first_token, bool):
         first_token = torch.tensor(first_token, device=q.device)
     return torch.ops.mmrec.memory_read.default(q, group, group_mask, tokens, first_token, window)
-
-
-def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def check_memory_read_args(
@@ -131,17 +127,7 @@ def _memory_read_cuda(q, group, group_mask, tokens, first_token, window):
 
 def check_memory_read_backward_args(grad_out, grad_lse, q, group, group_mask, tokens, first_token, out, lse, window):
     check_memory_read_args(q, group, group_mask, tokens, first_token, window)
-    op = MEMORY_READ_BACKWARD
-    B, T, H, _ = q.shape
-    for name, t, like in (("grad_out", grad_out, q), ("out", out, q)):
-        check_like(t, like, op, name, "q")
-        check_shape(t, q.shape, op, name)
-    for name, t in (("grad_lse", grad_lse), ("lse", lse)):
-        if t.dtype != accumulation_dtype(q.dtype) or t.device != q.device:
-            raise ValueError(
-                f"{op}: expected {name} in {accumulation_dtype(q.dtype)} on {q.device}, got {t.dtype} on {t.device}"
-            )
-        check_shape(t, (B, H, T), op, name)
+    check_read_outputs(MEMORY_READ_BACKWARD, q, grad_out, out, grad_lse, lse)
 
 
 @torch.library.register_fake(MEMORY_READ_BACKWARD)

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from ._autograd import refuse_second_derivatives, register_autograd
-from ._checks import check_floating, check_like, check_shape
+from ._checks import accumulation_dtype, check_floating, check_like, check_read_outputs, check_shape
 from ._triton import triton_launchers
 from ._vmap import fold, unfold
 
@@ -53,10 +53,6 @@ def segment_read(q: Tensor, segments: Tensor, segment_ids: Tensor) -> tuple[Tens
         additions, so its rounding may differ from run to run.
     """
     return torch.ops.mmrec.segment_read.default(q, segments, segment_ids)
-
-
-def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def check_segment_read_args(q: Tensor, segments: Tensor, segment_ids: Tensor) -> None:
@@ -114,17 +110,7 @@ def _segment_read_cuda(q, segments, segment_ids):
 
 def check_segment_read_backward_args(grad_out, grad_lse, q, segments, segment_ids, out, lse):
     check_segment_read_args(q, segments, segment_ids)
-    op = SEGMENT_READ_BACKWARD
-    B, T, H, _ = q.shape
-    for name, t in (("grad_out", grad_out), ("out", out)):
-        check_like(t, q, op, name, "q")
-        check_shape(t, q.shape, op, name)
-    for name, t in (("grad_lse", grad_lse), ("lse", lse)):
-        if t.dtype != accumulation_dtype(q.dtype) or t.device != q.device:
-            raise ValueError(
-                f"{op}: expected {name} in {accumulation_dtype(q.dtype)} on {q.device}, got {t.dtype} on {t.device}"
-            )
-        check_shape(t, (B, H, T), op, name)
+    check_read_outputs(SEGMENT_READ_BACKWARD, q, grad_out, out, grad_lse, lse)
 
 
 @torch.library.register_fake(SEGMENT_READ_BACKWARD)
